@@ -1,0 +1,1 @@
+"""Hydra configs for r1core, shipped inside the package as r1core.conf."""

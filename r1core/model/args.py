@@ -1,0 +1,179 @@
+"""Model hyper-parameters with DeepSeek's names (DeepSeek-V3 `inference/model.py`, `ModelArgs`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass
+
+
+class ScoreFunc(str, enum.Enum):
+    softmax = "softmax"
+    sigmoid = "sigmoid"
+
+
+class Impl(str, enum.Enum):
+    """Which implementation of the MoE hot path (routing, permute, expert FFN) runs."""
+
+    ref = "ref"        # pure PyTorch: the numerical specification
+    triton = "triton"  # r1core.kernels (Triton, torch._grouped_mm where faster)
+    cuda = "cuda"      # csrc/ extension for routing and permute, Triton for the rest
+
+
+@dataclass(kw_only=True)
+class ModelArgs:
+    vocab_size: int = 129280
+    dim: int = 7168
+    inter_dim: int = 18432          # dense MLP hidden size (first `n_dense_layers` layers)
+    moe_inter_dim: int = 2048       # per-expert hidden size
+    n_layers: int = 61
+    n_dense_layers: int = 3
+    n_heads: int = 128
+    # MoE
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_activated_experts: int = 8
+    n_expert_groups: int = 8
+    n_limited_groups: int = 4
+    score_func: ScoreFunc = ScoreFunc.sigmoid
+    route_scale: float = 2.5
+    norm_topk_prob: bool = True
+    bias_update_speed: float = 0.001  # aux-loss-free balancing (DeepSeek-V3 §2.1.2, gamma)
+    seq_aux_alpha: float = 0.0001     # sequence-wise balance loss weight (alpha)
+    # MLA
+    q_lora_rank: int = 1536          # 0: queries are not compressed (V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # RoPE / YaRN
+    max_seq_len: int = 163840
+    original_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rope_factor: float = 40.0
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    # multi-token prediction (DeepSeek-V3 §2.2)
+    n_mtp_modules: int = 1
+    mtp_loss_weight: float = 0.3
+    # misc
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    moe_impl: Impl = Impl.ref
+
+    def __post_init__(self) -> None:
+        self.score_func = ScoreFunc(self.score_func)
+        self.moe_impl = Impl(self.moe_impl)
+        problems = []
+        if self.n_routed_experts % max(self.n_expert_groups, 1):
+            problems.append(f"n_routed_experts={self.n_routed_experts} is not divisible by n_expert_groups={self.n_expert_groups}")
+        if not 1 <= self.n_limited_groups <= self.n_expert_groups:
+            problems.append(f"n_limited_groups={self.n_limited_groups} must be in [1, n_expert_groups={self.n_expert_groups}]")
+        per_group = self.n_routed_experts // max(self.n_expert_groups, 1)
+        if self.n_activated_experts > self.n_limited_groups * per_group:
+            problems.append(f"n_activated_experts={self.n_activated_experts} exceeds the {self.n_limited_groups * per_group} experts in the kept groups")
+        if self.n_expert_groups > 1 and self.score_func == ScoreFunc.sigmoid and per_group < 2:
+            problems.append("group-limited sigmoid routing scores a group by its top-2 experts: need >= 2 experts per group")
+        if self.n_dense_layers > self.n_layers:
+            problems.append(f"n_dense_layers={self.n_dense_layers} > n_layers={self.n_layers}")
+        if self.qk_rope_head_dim % 2:
+            problems.append(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
+        if self.max_seq_len > self.original_seq_len and self.rope_factor <= 1:
+            problems.append(f"max_seq_len={self.max_seq_len} exceeds original_seq_len={self.original_seq_len} but rope_factor={self.rope_factor} <= 1")
+        if problems:
+            raise ValueError("invalid ModelArgs: " + "; ".join(problems))
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+    @property
+    def uses_yarn(self) -> bool:
+        return self.rope_factor > 1 and self.max_seq_len > self.original_seq_len
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim ** -0.5
+        if self.uses_yarn and self.mscale_all_dim:
+            m = yarn_mscale(self.rope_factor, self.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def replace(self, **changes) -> "ModelArgs":
+        return dataclasses.replace(self, **changes)
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN attention temperature (Peng et al. 2023, eq. 8 as DeepSeek parameterizes it)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _tiny() -> ModelArgs:
+    # Seconds on a CPU; every code path (q compression, groups, MTP, YaRN) stays on.
+    return ModelArgs(
+        vocab_size=512, dim=128, inter_dim=256, moe_inter_dim=64, n_layers=4, n_dense_layers=1, n_heads=4,
+        n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
+        q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        max_seq_len=1024, original_seq_len=256, rope_factor=4.0, n_mtp_modules=1,
+    )
+
+
+def _small() -> ModelArgs:
+    # ~1.7B total / ~0.5B active: trains on one H100 with room for AdamW state.
+    return ModelArgs(
+        vocab_size=32768, dim=2048, inter_dim=5632, moe_inter_dim=768, n_layers=10, n_dense_layers=1, n_heads=16,
+        n_routed_experts=32, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
+        q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        max_seq_len=16384, original_seq_len=4096, rope_factor=4.0, n_mtp_modules=1,
+    )
+
+
+def _v2_lite() -> ModelArgs:
+    # DeepSeek-V2-Lite: 15.7B total / 2.4B active, softmax routing without groups.
+    return ModelArgs(
+        vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408, n_layers=27, n_dense_layers=1, n_heads=16,
+        n_routed_experts=64, n_shared_experts=2, n_activated_experts=6, n_expert_groups=1, n_limited_groups=1,
+        score_func=ScoreFunc.softmax, route_scale=1.0, norm_topk_prob=False, bias_update_speed=0.0, seq_aux_alpha=0.001,
+        q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        max_seq_len=163840, original_seq_len=4096, rope_factor=40.0, mscale=0.707, mscale_all_dim=0.707,
+        n_mtp_modules=0,
+    )
+
+
+def _v3() -> ModelArgs:
+    return ModelArgs()  # the defaults are the released DeepSeek-V3 / R1 configuration
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "v2_lite": _v2_lite, "v3": _v3}
+
+
+class _Presets(dict):
+    """`presets["v3"]` returns a fresh ModelArgs each time, so callers may mutate it."""
+
+    def __getitem__(self, name: str) -> ModelArgs:
+        if name not in PRESETS:
+            raise KeyError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+        return PRESETS[name]()
+
+    def __iter__(self):
+        return iter(PRESETS)
+
+    def __len__(self):
+        return len(PRESETS)
+
+    def __contains__(self, name):
+        return name in PRESETS
+
+    def keys(self):
+        return PRESETS.keys()
+
+
+presets = _Presets()

@@ -1,0 +1,247 @@
+"""DeepSeekMoE with aux-loss-free balancing (DeepSeek-V3 §2.1.2).
+
+A MoE layer is four swappable steps, each a plain function with a fixed contract so kernels
+(`r1core.kernels`) and expert parallelism (`r1core.parallel`) can replace any of them:
+
+    route    logits_TE, bias_E          -> weights_TK (fp32), idx_TK (int64), counts_E (int64)
+    permute  x_TD, idx_TK, counts_E     -> x_PD (expert-contiguous rows), pos_TK (row of each copy)
+    experts  x_PD, seg_E                -> y_PD (SwiGLU per expert segment)
+    combine  y_PD, pos_TK, weights_TK   -> y_TD (weighted sum of each token's K rows)
+
+The functions here are the numerical specification; every kernel is tested against them.
+
+Legend: T tokens, D model dim, E routed experts, K experts per token, G expert groups,
+P permuted rows (T*K, plus per-expert padding when segments are padded), I expert hidden dim.
+Segment e of x_PD starts at exclusive_cumsum(seg_E)[e] with seg_E = round_up(counts_E, pad);
+rows past a segment's real tokens (padding) and past the last segment are zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import Impl, ModelArgs, ScoreFunc
+from .layers import MLP
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    n_experts: int
+    top_k: int
+    n_groups: int
+    topk_groups: int
+    score_func: ScoreFunc
+    route_scale: float
+    norm_topk_prob: bool
+
+    @classmethod
+    def from_args(cls, args: ModelArgs) -> "RouterSpec":
+        return cls(args.n_routed_experts, args.n_activated_experts, args.n_expert_groups, args.n_limited_groups,
+                   args.score_func, args.route_scale, args.norm_topk_prob)
+
+
+def _topk_lowest_index_first(x: torch.Tensor, k: int) -> torch.Tensor:
+    # A stable descending sort breaks ties toward the lower index: the tie rule every kernel follows.
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def router_scores(logits_TE: torch.Tensor, score_func: ScoreFunc) -> torch.Tensor:
+    logits_TE = logits_TE.float()
+    return logits_TE.sigmoid() if score_func == ScoreFunc.sigmoid else logits_TE.softmax(dim=-1)
+
+
+def route_ref(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: RouterSpec):
+    """Group-limited top-k routing. The bias steers selection only; weights use unbiased scores."""
+    T, E = logits_TE.shape
+    scores_TE = router_scores(logits_TE, spec.score_func)
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
+    if spec.n_groups > 1:
+        grouped_TGe = choice_TE.view(T, spec.n_groups, E // spec.n_groups)
+        if spec.score_func == ScoreFunc.sigmoid:  # V3: a group scores by its two best experts
+            group_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+        else:  # V2: by its best expert
+            group_TG = grouped_TGe.amax(dim=-1)
+        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, _topk_lowest_index_first(group_TG, spec.topk_groups), True)
+        choice_TE = grouped_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
+    idx_TK = _topk_lowest_index_first(choice_TE, spec.top_k)
+    weights_TK = scores_TE.gather(1, idx_TK)
+    if spec.norm_topk_prob:
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    counts_E = torch.bincount(idx_TK.flatten(), minlength=E)
+    return weights_TK * spec.route_scale, idx_TK, counts_E
+
+
+def segment_sizes(counts_E: torch.Tensor, pad_multiple: int = 1) -> torch.Tensor:
+    if pad_multiple == 1:
+        return counts_E
+    return (counts_E + pad_multiple - 1) // pad_multiple * pad_multiple
+
+
+def permuted_rows(n_tokens: int, top_k: int, n_experts: int, pad_multiple: int = 1) -> int:
+    """Static size of x_PD: the worst case over all routings, so no host sync is needed."""
+    return n_tokens * top_k + (n_experts * (pad_multiple - 1) if pad_multiple > 1 else 0)
+
+
+def permute_ref(x_TD: torch.Tensor, idx_TK: torch.Tensor, counts_E: torch.Tensor, pad_multiple: int = 1):
+    T, K = idx_TK.shape
+    E = counts_E.numel()
+    flat = idx_TK.flatten()
+    seg_E = segment_sizes(counts_E, pad_multiple)
+    seg_start_E = torch.cumsum(seg_E, 0) - seg_E
+    tok_start_E = torch.cumsum(counts_E, 0) - counts_E
+    order = torch.argsort(flat, stable=True)  # by expert, then by (token, k)
+    expert_sorted = flat[order]
+    rank = torch.arange(flat.numel(), device=flat.device) - tok_start_E[expert_sorted]
+    pos_flat = torch.empty_like(flat)
+    pos_flat[order] = seg_start_E[expert_sorted] + rank
+    x_PD = x_TD.new_zeros(permuted_rows(T, K, E, pad_multiple), x_TD.shape[1])
+    x_PD = x_PD.index_put((pos_flat,), x_TD.repeat_interleave(K, dim=0))
+    return x_PD, pos_flat.view(T, K)
+
+
+def unpermute_ref(y_PD: torch.Tensor, pos_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    y_TKD = y_PD[pos_TK].float() * weights_TK.float()[..., None]
+    return y_TKD.sum(dim=1).to(y_PD.dtype)
+
+
+def grouped_swiglu_ref(x_PD, w1_EID, w2_EDI, w3_EID, seg_E) -> torch.Tensor:
+    """Per-expert SwiGLU over consecutive row segments; rows past the last segment stay zero."""
+    y_PD = torch.zeros_like(x_PD)
+    start = 0
+    for e, n in enumerate(seg_E.tolist()):
+        if n:
+            xs = x_PD[start:start + n]
+            y = (F.silu(xs @ w1_EID[e].T) * (xs @ w3_EID[e].T)) @ w2_EDI[e].T
+            y_PD = y_PD.index_copy(0, torch.arange(start, start + n, device=x_PD.device), y)
+        start += n
+    return y_PD
+
+
+def seq_balance_loss(logits_BTE: torch.Tensor, idx_BTK: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """Complementary sequence-wise balance loss (DeepSeek-V3 eq. 17-20), without its alpha.
+
+    f_i = E / (K T) * #{t : i in topk_t};  P_i = mean_t s'_{i,t},  s' = s / sum_j s_j;  L = sum_i f_i P_i.
+    Averaged over the sequences of the batch.
+    """
+    B, T, E = logits_BTE.shape
+    scores = router_scores(logits_BTE, spec.score_func)
+    probs_BE = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+    hits_BE = torch.zeros(B, E, device=logits_BTE.device).scatter_add_(
+        1, idx_BTK.reshape(B, -1), torch.ones(B, T * spec.top_k, device=logits_BTE.device))
+    f_BE = hits_BE * (E / (spec.top_k * T))
+    return (f_BE * probs_BE).sum(dim=-1).mean()
+
+
+def _ops(impl: Impl):
+    """(route, permute, unpermute, grouped_swiglu) for an implementation."""
+    if impl == Impl.ref:
+        return route_ref, permute_ref, unpermute_ref, grouped_swiglu_ref
+    from r1core import kernels  # kernels import the model's refs, so import lazily
+
+    return kernels.moe_ops(impl.value)
+
+
+class Gate(nn.Module):
+    """Router weights, the aux-free selection bias and the running per-expert load."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.spec = RouterSpec.from_args(args)
+        self.bias_update_speed = args.bias_update_speed
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        if args.score_func == ScoreFunc.sigmoid:
+            self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+        # Tokens routed to each expert since the last bias update (training only).
+        self.register_buffer("expert_load", torch.zeros(args.n_routed_experts, dtype=torch.float32), persistent=False)
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        # fp32 GEMM: routing decisions must not flip with the activation dtype (as HF and Megatron do).
+        return F.linear(x_TD.float(), self.weight.float())
+
+
+class GroupedExperts(nn.Module):
+    """Routed experts stored as stacked weights, the layout grouped GEMMs want.
+
+    w1/w3: [E, I, D] (gate/up), w2: [E, D, I] (down). Under expert parallelism `r1core.parallel`
+    keeps only this rank's slice and records which global experts it holds.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.impl = Impl.ref
+
+    def forward(self, x_PD: torch.Tensor, seg_E: torch.Tensor) -> torch.Tensor:
+        return _ops(self.impl)[3](x_PD, self.w1, self.w2, self.w3, seg_E)
+
+
+class LocalDispatcher:
+    """Single-device dispatch: permute rows to expert order and back."""
+
+    def __init__(self, n_experts: int, impl: Impl = Impl.ref, pad_multiple: int = 1):
+        self.n_experts = n_experts
+        self.impl = impl
+        self.pad_multiple = pad_multiple
+
+    def dispatch(self, x_TD, idx_TK, counts_E):
+        x_PD, pos_TK = _ops(self.impl)[1](x_TD, idx_TK, counts_E, self.pad_multiple)
+        return x_PD, segment_sizes(counts_E, self.pad_multiple), pos_TK
+
+    def combine(self, y_PD, weights_TK, pos_TK):
+        return _ops(self.impl)[2](y_PD, pos_TK, weights_TK)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.impl = args.moe_impl
+        self.gate = Gate(args)
+        self.experts = GroupedExperts(args.n_routed_experts, args.dim, args.moe_inter_dim)
+        self.experts.impl = args.moe_impl
+        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
+        self.dispatcher = LocalDispatcher(args.n_routed_experts, args.moe_impl)
+
+    def set_impl(self, impl: Impl) -> None:
+        self.impl = self.experts.impl = self.dispatcher.impl = Impl(impl)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, D = x.shape
+        x_TD = x.reshape(-1, D)
+        logits_TE = self.gate.logits(x_TD)
+        weights_TK, idx_TK, counts_E = _ops(self.impl)[0](logits_TE, self.gate.e_score_correction_bias, self.gate.spec)
+        aux = None
+        if self.training:
+            with torch.no_grad():
+                self.gate.expert_load += counts_E.to(self.gate.expert_load.dtype)
+            if self.args.seq_aux_alpha > 0:
+                aux = self.args.seq_aux_alpha * seq_balance_loss(
+                    logits_TE.view(B, T, -1), idx_TK.view(B, T, -1), self.gate.spec)
+        x_PD, seg_E, state = self.dispatcher.dispatch(x_TD, idx_TK, counts_E)
+        y_TD = self.dispatcher.combine(self.experts(x_PD, seg_E), weights_TK, state)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        return y_TD.view(B, T, D), aux
+
+
+@torch.no_grad()
+def update_expert_bias(gate: Gate, load_E: torch.Tensor | None = None) -> torch.Tensor:
+    """Aux-loss-free balancing step: b_i += gamma * sign(mean load - load_i); returns the load used.
+
+    `load_E` overrides the gate's own running load (the parallel trainer passes the load
+    all-reduced over data-parallel ranks so every rank applies the same update).
+    """
+    load_E = gate.expert_load.clone() if load_E is None else load_E
+    if gate.e_score_correction_bias is not None and gate.bias_update_speed:
+        gate.e_score_correction_bias += gate.bias_update_speed * torch.sign(load_E.mean() - load_E)
+    gate.expert_load.zero_()
+    return load_E

@@ -1,0 +1,182 @@
+"""The DeepSeek-V3 transformer: MLA blocks, dense then MoE feed-forwards, multi-token prediction.
+
+Single device, no torch.distributed: `r1core.parallel` shards it after construction. Layers sit
+in a ModuleDict keyed by their global index so a pipeline stage can drop the layers it does not
+own (and `embed` / `norm` / `head` may be None on middle stages) without renumbering anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import Impl, ModelArgs
+from .attention import MLA, AttnMeta, LatentKVCache
+from .layers import MLP, RMSNorm, linear
+from .moe import MoE
+from .rope import rope_cos_sin
+
+IGNORE_INDEX = -100
+
+# (hidden [N, D], head weight [V, D], targets [N]) -> summed CE over targets != IGNORE_INDEX
+CrossEntropyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Reference CE: materializes [N, V] fp32 logits. The trainer swaps in the fused kernel."""
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = MLA(args, layer_id)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        is_dense = layer_id < args.n_dense_layers
+        self.ffn = MLP(args.dim, args.inter_dim) if is_dense else MoE(args)
+
+    def forward(self, x: torch.Tensor, meta: AttnMeta, cache: LatentKVCache | None = None):
+        x = x + self.attn(self.attn_norm(x), meta, cache)
+        h = self.ffn(self.ffn_norm(x))
+        aux = None
+        if isinstance(h, tuple):
+            h, aux = h
+        return x + h, aux
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth: h' = eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]), then a block.
+
+    The concat order (embedding first) and the names follow the released checkpoint
+    (`enorm`, `hnorm`, `eh_proj`, `shared_head.norm`); the embedding and output head are the
+    main model's.
+    """
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.enorm = RMSNorm(args.dim, args.norm_eps)
+        self.hnorm = RMSNorm(args.dim, args.norm_eps)
+        self.eh_proj = linear(2 * args.dim, args.dim)
+        self.block = Block(layer_id, args)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, meta: AttnMeta):
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return self.block(x, meta)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor          # what backward runs on: ce + mtp_weight * mean(mtp) + aux
+    ce: torch.Tensor            # main next-token CE, mean over target tokens
+    mtp: list[torch.Tensor]     # per-depth CE, mean over target tokens
+    aux: torch.Tensor           # sequence-wise balance loss (already scaled by alpha)
+    n_tokens: int
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): Block(i, args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.head = linear(args.dim, args.vocab_size)
+        if args.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.mtp = nn.ModuleList(MTPModule(args.n_layers + k, args) for k in range(args.n_mtp_modules))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.args.init_std
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if name.endswith("norm.weight") or ".enorm." in name or ".hnorm." in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+
+    def set_moe_impl(self, impl: Impl | str) -> None:
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.set_impl(Impl(impl))
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def attn_meta(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                  doc_ids: torch.Tensor | None = None, cached: bool = False) -> AttnMeta:
+        B, T = tokens.shape[:2]
+        fast = positions is None and doc_ids is None and not cached
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        cos, sin = rope_cos_sin(self.args, positions)
+        return AttnMeta(positions=positions, cos=cos, sin=sin, doc_ids=doc_ids, causal_fast_path=fast)
+
+    def forward_layers(self, h: torch.Tensor, meta: AttnMeta, cache: LatentKVCache | None = None):
+        aux_total = h.new_zeros((), dtype=torch.float32)
+        for block in self.layers.values():
+            h, aux = block(h, meta, cache)
+            if aux is not None:
+                aux_total = aux_total + aux
+        return h, aux_total
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                      doc_ids: torch.Tensor | None = None, cache: LatentKVCache | None = None):
+        """Final normalized hidden states [B, T, D] (the head's input) and the summed balance loss."""
+        meta = self.attn_meta(tokens, positions, doc_ids, cached=cache is not None)
+        h, aux = self.forward_layers(self.embed(tokens), meta, cache)
+        return self.norm(h), aux
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, cache: LatentKVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab]. Multi-token prediction is off here (training and speculation use `compute_loss`)."""
+        h, _ = self.hidden_states(tokens, positions, doc_ids, cache)
+        return self.head(h)
+
+    def compute_loss(self, tokens: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                     ce_sum: CrossEntropyFn = cross_entropy_sum) -> LossOutput:
+        """Next-token CE + multi-token prediction (DeepSeek-V3 eq. 21-25) + balance loss.
+
+        labels[b, i] is the target after tokens[b, i] (IGNORE_INDEX to skip). MTP depth k at
+        position i reads the embedding of tokens[i+k] and predicts labels[i+k]; a depth never
+        predicts across a document boundary.
+        """
+        meta = self.attn_meta(tokens, None, doc_ids)
+        h, aux = self.forward_layers(self.embed(tokens), meta)
+        h_main = self.norm(h)
+        n = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        ce = ce_sum(h_main.flatten(0, 1), self.head.weight, labels.flatten()) / n
+        mtp_losses = []
+        h_prev, T = h_main, tokens.shape[1]
+        for k, module in enumerate(self.mtp, start=1):
+            if T <= k:
+                break
+            sub = AttnMeta(positions=meta.positions[:, : T - k], cos=meta.cos[:, : T - k], sin=meta.sin[:, : T - k],
+                           doc_ids=None if doc_ids is None else doc_ids[:, : T - k],
+                           causal_fast_path=meta.causal_fast_path)
+            target = labels[:, k:]
+            if doc_ids is not None:
+                target = target.masked_fill(doc_ids[:, k:] != doc_ids[:, : T - k], IGNORE_INDEX)
+            h_prev, aux_k = module(h_prev[:, : T - k], self.embed(tokens[:, k:]), sub)
+            if aux_k is not None:
+                aux = aux + aux_k
+            n_k = (target != IGNORE_INDEX).sum().clamp(min=1)
+            mtp_losses.append(ce_sum(module.norm(h_prev).flatten(0, 1), self.head.weight, target.flatten()) / n_k)
+        loss = ce + aux
+        if mtp_losses:
+            loss = loss + self.args.mtp_loss_weight * torch.stack(mtp_losses).mean()
+        return LossOutput(loss=loss, ce=ce, mtp=mtp_losses, aux=aux, n_tokens=int(n))
+
+    def new_cache(self, n_rows: int, max_len: int, dtype: torch.dtype | None = None) -> LatentKVCache:
+        p = self.head.weight if self.head is not None else next(self.parameters())
+        return LatentKVCache(self.args, self.args.n_layers, n_rows, max_len, device=p.device, dtype=dtype or p.dtype)
