@@ -1,0 +1,83 @@
+"""Helpers shared by the test suite: the kernel tolerance rule and a gloo multi-process launcher."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def assert_close_to_ref(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Tensor | None = None,
+                        floor: float = 1e-5, name: str = "output") -> None:
+    """flash-attention's rule: |kernel - fp32 ref| <= 2 * |lowp ref - fp32 ref| + floor, elementwise max.
+
+    `ref_lowp` is the PyTorch reference run in the kernel's dtype (None when the kernel runs in
+    fp32: then only the floor applies). The message prints max and mean errors.
+    """
+    out, ref = out.detach().double(), ref_fp32.detach().double()
+    if out.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    if not torch.isfinite(out).all():
+        raise AssertionError(f"{name}: {(~torch.isfinite(out)).sum().item()} non-finite values")
+    err = (out - ref).abs()
+    budget = floor
+    lowp_err = None
+    if ref_lowp is not None:
+        lowp_err = (ref_lowp.detach().double() - ref).abs()
+        budget = 2 * lowp_err.max().item() + floor
+    if err.max().item() > budget:
+        extra = "" if lowp_err is None else f", lowp ref max {lowp_err.max().item():.3e} mean {lowp_err.mean().item():.3e}"
+        raise AssertionError(f"{name}: max err {err.max().item():.3e} mean {err.mean().item():.3e} > budget {budget:.3e}{extra}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        queue.put((rank, fn(rank, world_size, *args), None))
+    except Exception:  # the parent re-raises with the traceback
+        queue.put((rank, None, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
+    """Run fn(rank, world_size, *args) in `world_size` gloo processes; return each rank's result.
+
+    fn must be importable (module level) and return something picklable (move tensors to CPU).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    errors = []
+    try:
+        for _ in range(world_size):
+            rank, value, err = queue.get(timeout=timeout)
+            if err:
+                errors.append(f"rank {rank}:\n{err}")
+            results[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise AssertionError("distributed run failed\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]
