@@ -1,0 +1,75 @@
+"""GRPO configuration (Hydra schema node `rl`)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class AdvantageEstimator(str, enum.Enum):
+    grpo = "grpo"        # (r - mean) / (std + eps) within a group (DeepSeekMath §4.1.2)
+    dr_grpo = "dr_grpo"  # r - mean, no std: removes the difficulty bias (Liu et al. 2025, "Dr. GRPO")
+
+
+class LossAgg(str, enum.Enum):
+    seq_mean_token_mean = "seq_mean_token_mean"          # GRPO paper
+    token_mean = "token_mean"                            # DAPO
+    seq_mean_token_sum_norm = "seq_mean_token_sum_norm"  # Dr. GRPO (constant normalizer)
+
+
+class Overlong(str, enum.Enum):
+    none = "none"
+    filter = "filter"    # truncated responses get no loss (DAPO overlong filtering)
+    penalty = "penalty"  # DAPO soft overlong punishment over the last `overlong_buffer` tokens
+
+
+@dataclass(kw_only=True)
+class GRPOConfig:
+    steps: int = 40
+    prompts_per_step: int = 16
+    group_size: int = 8
+    # sampling
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # advantages and filtering
+    advantage: AdvantageEstimator = AdvantageEstimator.grpo
+    adv_eps: float = 1e-6
+    dynamic_sampling: bool = True   # drop groups whose rewards all agree, then refill (DAPO)
+    max_refill_rounds: int = 2
+    overlong: Overlong = Overlong.none
+    overlong_buffer: int = 8
+    overlong_penalty: float = 1.0
+    # policy loss
+    beta: float = 0.0               # k3 KL weight against the frozen reference; 0 skips the reference pass
+    eps_low: float = 0.2
+    eps_high: float = 0.28          # DAPO clip-higher
+    dual_clip: float | None = None
+    loss_agg: LossAgg = LossAgg.token_mean
+    tis_cap: float | None = 2.0     # truncated importance weight min(pi_old/pi_sampler, cap); None = off
+    # updates per rollout batch
+    minibatches: int = 1            # optimizer steps per rollout batch (old log-probs recomputed first)
+    micro_batch_size: int = 64      # sequences per forward/backward
+    # rewards: name -> weight (r1core.rewards registry)
+    rewards: dict[str, float] = field(default_factory=lambda: {"math_accuracy": 1.0, "format": 0.1})
+    accuracy_reward: str = "math_accuracy"  # which reward counts as "accuracy" in metrics
+    reward_kwargs: dict[str, dict] = field(default_factory=dict)
+    # cadence
+    eval_every: int = 0
+    save_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"rl.group_size={self.group_size}: GRPO needs at least 2 samples per prompt "
+                             "to compute a group baseline")
+        if self.prompts_per_step < 1 or self.steps < 0:
+            raise ValueError(f"rl.prompts_per_step={self.prompts_per_step}, rl.steps={self.steps} must be positive")
+        if not 0 <= self.eps_low < 1 or self.eps_high < 0:
+            raise ValueError(f"rl.eps_low={self.eps_low} must be in [0, 1) and rl.eps_high={self.eps_high} >= 0")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"rl.dual_clip={self.dual_clip} must be > 1")
+        if self.minibatches < 1 or self.micro_batch_size < 1:
+            raise ValueError("rl.minibatches and rl.micro_batch_size must be >= 1")
+        if not self.rewards:
+            raise ValueError("rl.rewards is empty: name at least one reward function")
