@@ -36,6 +36,8 @@ def _add_steps(a: int, b: int) -> list[str]:
     for i in range(max(len(da), len(db))):
         digits = [d[i] for d in (da, db) if i < len(d)]
         s = sum(map(int, digits)) + carry
+        if len(digits) == 1 and not carry:
+            continue  # a digit copied down needs no line
         lines.append("+".join(digits) + ("+1" if carry else "") + f"={s}")
         carry = s // 10
     return lines + [f"{a}+{b}={a + b}"]
