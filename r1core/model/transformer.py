@@ -177,6 +177,12 @@ class Transformer(nn.Module):
             loss = loss + self.args.mtp_loss_weight * torch.stack(mtp_losses).mean()
         return LossOutput(loss=loss, ce=ce, mtp=mtp_losses, aux=aux, n_tokens=int(n))
 
+    def save_pretrained(self, out_dir, **kwargs):
+        """Write an HF DeepSeek-V3 checkpoint directory: see `r1core.checkpoint.hf.save_pretrained`."""
+        from r1core.checkpoint.hf import save_pretrained  # lazy: the model never imports checkpoint code at import time
+
+        return save_pretrained(self, out_dir, **kwargs)
+
     def new_cache(self, n_rows: int, max_len: int, dtype: torch.dtype | None = None) -> LatentKVCache:
         p = self.head.weight if self.head is not None else next(self.parameters())
         return LatentKVCache(self.args, self.args.n_layers, n_rows, max_len, device=p.device, dtype=dtype or p.dtype)
