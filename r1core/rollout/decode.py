@@ -1,0 +1,144 @@
+"""One decode step of the r1core Transformer with no host syncs and static shapes (CUDA-graph safe).
+
+The model's own cached forward is written for eager use: MLA reads `positions.max()` to size
+the key range, and the MoE reference routes with `bincount` and loops experts over
+`seg_E.tolist()`; each is a device-to-host sync that a CUDA graph cannot capture. This module
+walks the same modules (same weights, same `_queries` / `_latents` / `_attend_absorbed` math) with
+a key range S fixed per graph and a mask from each row's position, and offers a dense MoE path.
+
+Dense MoE for decode: a decode batch of T <= ~200 tokens is memory-bound however the experts are
+computed (arithmetic intensity ~T flop/byte against an H100 ridge of ~250), and with T*K >= E
+nearly every expert is visited anyway, so running all E experts as one batched GEMM reads the
+same bytes as a grouped GEMM, needs no permutation, and has static shapes.
+
+Legend: B rows (batch bucket), S key slots (length bucket), D dim, E experts, K top-k, I expert dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from r1core.model import AttnMeta, LatentKVCache, MoE, Transformer
+from r1core.model.moe import RouterSpec, ScoreFunc, _topk_lowest_index_first, router_scores
+from r1core.model.rope import rope_cos_sin
+
+from .sampling import sample
+
+
+def route_dense(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: RouterSpec) -> torch.Tensor:
+    """`route_ref`'s selection and weights scattered into a dense [T, E] fp32 matrix, without bincount."""
+    T, E = logits_TE.shape
+    scores_TE = router_scores(logits_TE, spec.score_func)
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
+    if spec.n_groups > 1:
+        grouped_TGe = choice_TE.view(T, spec.n_groups, E // spec.n_groups)
+        if spec.score_func == ScoreFunc.sigmoid:
+            group_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_TG = grouped_TGe.amax(dim=-1)
+        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, _topk_lowest_index_first(group_TG, spec.topk_groups), True)
+        choice_TE = grouped_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
+    idx_TK = _topk_lowest_index_first(choice_TE, spec.top_k)
+    weights_TK = scores_TE.gather(1, idx_TK)
+    if spec.norm_topk_prob:
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    return torch.zeros_like(scores_TE).scatter_(1, idx_TK, weights_TK * spec.route_scale)
+
+
+def moe_dense(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """MoE output for x [B, T, D], every expert run on every token and weighted by the routing matrix."""
+    B, T, D = x.shape
+    x_TD = x.reshape(-1, D)
+    w_TE = route_dense(moe.gate.logits(x_TD), moe.gate.e_score_correction_bias, moe.gate.spec)
+    ex = moe.experts
+    h_ETI = F.silu(torch.matmul(x_TD, ex.w1.transpose(1, 2))) * torch.matmul(x_TD, ex.w3.transpose(1, 2))
+    y_ETD = torch.bmm(h_ETI, ex.w2.transpose(1, 2))
+    y_TD = torch.einsum("te,etd->td", w_TE, y_ETD.float()).to(x.dtype)  # fp32 combine, as unpermute_ref
+    if moe.shared_experts is not None:
+        y_TD = y_TD + moe.shared_experts(x_TD)
+    return y_TD.view(B, T, D)
+
+
+class DecodeBuffers:
+    """Static per-row state that decode steps (and their CUDA graphs) read and advance in place.
+
+    tokens/positions: the next input token of each cache row and its position; gen_idx: how many
+    tokens the row has sampled (it indexes the row's uniform stream); out_*: the last step's result.
+    """
+
+    def __init__(self, n_rows: int, max_len: int, device):
+        kw = dict(device=device)
+        self.tokens = torch.zeros(n_rows, dtype=torch.long, **kw)
+        self.positions = torch.zeros(n_rows, dtype=torch.long, **kw)
+        self.gen_idx = torch.zeros(n_rows, dtype=torch.long, **kw)
+        self.temperature = torch.ones(n_rows, dtype=torch.float32, **kw)
+        self.top_p = torch.ones(n_rows, dtype=torch.float32, **kw)
+        self.top_k = torch.zeros(n_rows, dtype=torch.long, **kw)
+        self.uniforms = torch.zeros(n_rows, max_len, dtype=torch.float64, **kw)
+        self.out_tokens = torch.zeros(n_rows, dtype=torch.long, **kw)
+        self.out_logprobs = torch.zeros(n_rows, dtype=torch.float32, **kw)
+        self.row_ids = torch.arange(n_rows, **kw)
+        self.slot_ids = torch.arange(max_len, **kw)
+
+    def snapshot(self) -> tuple[torch.Tensor, ...]:
+        return self.tokens.clone(), self.positions.clone(), self.gen_idx.clone()
+
+    def restore(self, snap: tuple[torch.Tensor, ...]) -> None:
+        for dst, src in zip((self.tokens, self.positions, self.gen_idx), snap):
+            dst.copy_(src)
+
+
+class DecodeStep:
+    """Callable `step(B, S, truncate)`: decode rows [0, B) attending to key slots [0, S).
+
+    Writes each row's latent at its position, samples the next token with the row's own uniform,
+    stores it in out_tokens / out_logprobs, then advances tokens, positions and gen_idx, so
+    consecutive calls (or graph replays) need nothing from the host.
+    """
+
+    def __init__(self, model: Transformer, cache: LatentKVCache, bufs: DecodeBuffers, moe_path: str = "dense"):
+        if moe_path not in ("dense", "model"):
+            raise ValueError(f"moe_path={moe_path!r}: choose 'dense' or 'model'")
+        self.model, self.cache, self.bufs, self.moe_path = model, cache, bufs, moe_path
+        cos, sin = rope_cos_sin(model.args, bufs.slot_ids)  # a table, so steps compute no angles on the host
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def _attend(self, attn, h, meta: AttnMeta, mask, B: int, S: int) -> torch.Tensor:
+        q_nope, q_pe = attn._queries(h, meta)
+        kv, k_pe = attn._latents(h, meta)  # [B, 1, C], [B, 1, R]
+        layer, rows, pos = attn.layer_id, self.bufs.row_ids[:B], meta.positions[:, 0]
+        self.cache.kv[layer].index_put_((rows, pos), kv[:, 0].to(self.cache.kv.dtype))
+        self.cache.pe[layer].index_put_((rows, pos), k_pe[:, 0].to(self.cache.pe.dtype))
+        kv_all = self.cache.kv[layer, :B, :S].to(h.dtype)
+        pe_all = self.cache.pe[layer, :B, :S].to(h.dtype)
+        return attn.wo(attn._attend_absorbed(q_nope, q_pe, kv_all, pe_all, mask).flatten(2))
+
+    def _ffn(self, ffn, h: torch.Tensor) -> torch.Tensor:
+        if isinstance(ffn, MoE):
+            return moe_dense(ffn, h) if self.moe_path == "dense" else ffn(h)[0]
+        return ffn(h)
+
+    def logits(self, B: int, S: int) -> torch.Tensor:
+        bufs, model = self.bufs, self.model
+        pos_B = bufs.positions[:B]
+        meta = AttnMeta(positions=pos_B[:, None], cos=self.rope_cos[pos_B][:, None], sin=self.rope_sin[pos_B][:, None])
+        mask = (bufs.slot_ids[None, :S] <= pos_B[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        x = model.embed(bufs.tokens[:B, None])
+        for block in model.layers.values():
+            x = x + self._attend(block.attn, block.attn_norm(x), meta, mask, B, S)
+            x = x + self._ffn(block.ffn, block.ffn_norm(x))
+        return model.head(model.norm(x))[:, 0]
+
+    def __call__(self, B: int, S: int, truncate: bool) -> None:
+        bufs = self.bufs
+        logits_BV = self.logits(B, S)
+        u_B = bufs.uniforms[bufs.row_ids[:B], bufs.gen_idx[:B].clamp(max=bufs.uniforms.shape[1] - 1)]
+        tokens_B, logprobs_B = sample(logits_BV, bufs.temperature[:B], bufs.top_p[:B], bufs.top_k[:B], u_B, truncate)
+        bufs.out_tokens[:B].copy_(tokens_B)
+        bufs.out_logprobs[:B].copy_(logprobs_B)
+        bufs.tokens[:B].copy_(tokens_B)
+        # Rows that finished but still sit in the bucket keep stepping; clamping keeps their writes in the cache.
+        bufs.positions[:B] = (bufs.positions[:B] + 1).clamp_(max=self.cache.max_len - 1)
+        bufs.gen_idx[:B] += 1
