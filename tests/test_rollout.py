@@ -1,0 +1,280 @@
+"""Rollout engines: the built-in engine against a full-recompute reference, seeded sampling,
+continuous batching, stops, weight updates; the SGLang adapter against a fake `sglang` module."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from r1core.model import MoE, Transformer, presets
+from r1core.model.moe import route_ref
+from r1core.rollout import BuiltinEngine, Sample, SamplingParams, request_seed, request_uniforms, sample
+from r1core.rollout.decode import moe_dense, route_dense
+
+PROMPTS = [[5, 17, 99, 3, 250, 8], [42, 7], [300, 301, 302, 303, 304, 305, 306, 307, 308], [11], [60, 61, 62]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls on a shared 2-core machine run ~30x faster without intra-op threading.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(1234)
+    return Transformer(presets["tiny"]).eval()
+
+
+class LetterTokenizer:
+    """Token i decodes to one letter, so text positions and token positions coincide."""
+
+    def __init__(self, eos_id: int = -1):
+        self.eos_id = eos_id
+
+    def decode(self, ids) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@torch.no_grad()
+def reference_greedy(model: Transformer, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """Full recompute: run the whole sequence through model(tokens) at every step, take the argmax."""
+    tokens, logprobs = list(prompt), []
+    for _ in range(steps):
+        logits = model(torch.tensor([tokens]))[0, -1].float()
+        tok = int(logits.argmax())
+        logprobs.append(float(logits.log_softmax(-1)[tok]))
+        tokens.append(tok)
+    return tokens[len(prompt):], logprobs
+
+
+def greedy(max_new=12, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_new_tokens=max_new, **kw)
+
+
+# ---------------------------------------------------------------- sampler
+def test_sampler_frequencies_match_truncated_distribution():
+    torch.manual_seed(0)
+    V, N = 10, 40000
+    logits = torch.randn(V) * 2
+    T, top_k, top_p = 0.7, 6, 0.8
+    probs = (logits / T).softmax(-1).double()
+    order = probs.argsort(descending=True)
+    keep = torch.zeros(V, dtype=torch.bool)
+    mass = 0.0
+    for rank, i in enumerate(order.tolist()):  # smallest top-ranked set reaching top_p, within top_k
+        if rank >= top_k or mass >= top_p:
+            break
+        keep[i], mass = True, mass + float(probs[i])
+    expected = torch.where(keep, probs, 0) / probs[keep].sum()
+    tokens, logprobs = sample(logits.expand(N, V), torch.full((N,), T), torch.full((N,), top_p),
+                              torch.full((N,), top_k), request_uniforms(7, N))
+    freq = torch.bincount(tokens, minlength=V).double() / N
+    assert not freq[~keep].any(), "sampled a token outside top-k / top-p"
+    assert (freq - expected).abs().max() < 0.015, f"freq {freq} vs expected {expected}"
+    # logprobs come from the full temperature-scaled distribution, not the truncated one
+    torch.testing.assert_close(logprobs, (logits / T).log_softmax(-1)[tokens], rtol=0, atol=1e-6)
+
+
+def test_sampler_untruncated_path_matches_sorted_path_without_top_k_top_p():
+    torch.manual_seed(0)
+    B, V = 64, 50
+    logits, u = torch.randn(B, V), request_uniforms(3, B)
+    args = (torch.full((B,), 1.3), torch.ones(B), torch.zeros(B, dtype=torch.long), u)
+    full, lp_full = sample(logits, *args, truncate=False)
+    cdf = (logits / 1.3).softmax(-1).double().cumsum(-1)
+    expected = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    assert torch.equal(full, expected)
+    assert torch.allclose(lp_full, (logits / 1.3).log_softmax(-1).gather(1, full[:, None])[:, 0])
+
+
+def test_sampler_greedy_rows_take_argmax_with_unscaled_logprob():
+    logits = torch.tensor([[0.1, 2.0, 2.0, -1.0], [3.0, 0.0, 0.0, 0.0]])
+    tokens, logprobs = sample(logits, torch.tensor([0.0, 0.0]), torch.tensor([0.5, 1.0]),
+                              torch.tensor([1, 0]), torch.tensor([0.99, 0.99], dtype=torch.float64))
+    assert tokens.tolist() == [1, 0]  # ties go to the lower index
+    torch.testing.assert_close(logprobs, logits.log_softmax(-1)[[0, 1], [1, 0]])
+
+
+def test_request_seed_is_stable_and_distinct():
+    seeds = {request_seed(5, i, j) for i in range(20) for j in range(8)}
+    assert len(seeds) == 160 and all(0 <= s < 2**63 for s in seeds)
+    assert request_seed(5, 3, 2) == request_seed(5, 3, 2) != request_seed(6, 3, 2)
+
+
+def test_sampling_params_reject_invalid_values():
+    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2), dict(max_new_tokens=0),
+                dict(stop=[""])):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError):
+        Sample(prompt_ids=[1], response_ids=[2], logprobs=[], finish_reason="stop")
+
+
+# ---------------------------------------------------------------- graph-safe decode pieces
+def test_route_dense_equals_route_ref_scattered(model):
+    moe = model.moe_layers()[0]
+    torch.manual_seed(0)
+    moe.gate.e_score_correction_bias.normal_(0, 0.05)  # make the bias steer selection
+    try:
+        logits = torch.randn(37, moe.gate.spec.n_experts)
+        w, idx, _ = route_ref(logits, moe.gate.e_score_correction_bias, moe.gate.spec)
+        expected = torch.zeros(37, moe.gate.spec.n_experts).scatter_(1, idx, w)
+        assert torch.equal(route_dense(logits, moe.gate.e_score_correction_bias, moe.gate.spec), expected)
+    finally:
+        moe.gate.e_score_correction_bias.zero_()
+
+
+def test_moe_dense_matches_moe_forward(model):
+    moe: MoE = model.moe_layers()[1]
+    x = torch.randn(3, 5, model.args.dim)
+    with torch.no_grad():
+        torch.testing.assert_close(moe_dense(moe, x), moe(x)[0], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- built-in engine
+@pytest.mark.parametrize("decode_moe", ["dense", "model"])
+def test_greedy_equals_full_recompute_reference_with_continuous_batching(model, decode_moe):
+    # max_batch=2 < 5 prompts: rows are freed and refilled while others decode.
+    engine = BuiltinEngine(model, max_batch=2, max_len=64, decode_moe=decode_moe)
+    samples = engine.generate(PROMPTS, 1, greedy(12))
+    for p, s in zip(PROMPTS, samples):
+        ref_tokens, ref_logprobs = reference_greedy(model, p, 12)
+        assert s.response_ids == ref_tokens
+        torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(ref_logprobs), rtol=0, atol=1e-4)
+        assert s.finish_reason == "length" and s.prompt_ids == p
+    assert engine.stats["prefills"] >= 3
+
+
+def test_sampling_is_reproducible_and_independent_of_batching(model):
+    sp = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=10, seed=2024)
+    runs = [BuiltinEngine(model, max_batch=mb, max_len=64, max_prefill_tokens=chunk).generate(PROMPTS, 3, sp)
+            for mb, chunk in ((16, 4096), (1, 4096), (4, 8))]
+    base = runs[0]
+    assert [(s.prompt_index, s.sample_index) for s in base] == [(i, j) for i in range(5) for j in range(3)]
+    for other in runs[1:]:
+        assert [s.response_ids for s in other] == [s.response_ids for s in base]
+        for a, b in zip(base, other):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+    group = [s.response_ids for s in base[:3]]
+    assert len({tuple(g) for g in group}) == 3, "samples of one prompt must differ"
+    fresh = BuiltinEngine(model, max_batch=4, max_len=64).generate(PROMPTS, 3, SamplingParams(max_new_tokens=10))
+    assert [s.response_ids for s in fresh] != [s.response_ids for s in base]
+
+
+def test_logprobs_are_temperature_scaled_full_distribution(model):
+    sp = SamplingParams(temperature=0.5, top_k=3, max_new_tokens=6, seed=1)
+    s = BuiltinEngine(model, max_batch=2, max_len=64).generate([PROMPTS[0]], 1, sp)[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPTS[0] + s.response_ids]))[0, len(PROMPTS[0]) - 1:-1].float()
+    ranks = (logits > logits.gather(1, torch.tensor(s.response_ids)[:, None])).sum(-1)
+    assert (ranks < 3).all(), "top_k=3 sampled outside the top 3"
+    expected = (logits / 0.5).log_softmax(-1).gather(1, torch.tensor(s.response_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(s.logprobs), expected, rtol=0, atol=1e-4)
+
+
+def test_stop_token_ids_and_tokenizer_eos_end_the_response(model):
+    free_run = BuiltinEngine(model, LetterTokenizer(), max_batch=2, max_len=64).generate([PROMPTS[2]], 1, greedy(12))[0]
+    R = free_run.response_ids
+    stop_tok = R[5]
+    k = R.index(stop_tok)
+    for engine, sp in ((BuiltinEngine(model, LetterTokenizer(), max_batch=2, max_len=64), greedy(12, stop_token_ids=[stop_tok])),
+                       (BuiltinEngine(model, LetterTokenizer(eos_id=stop_tok), max_batch=2, max_len=64), greedy(12))):
+        s = engine.generate([PROMPTS[2]], 1, sp)[0]
+        assert s.response_ids == R[:k + 1] and len(s.logprobs) == k + 1
+        assert s.finish_reason == "stop" and s.metadata["matched_stop"] == stop_tok
+        assert s.response_text == LetterTokenizer().decode(R[:k])
+
+
+def test_stop_string_ends_response_and_is_trimmed_from_text(model):
+    tok = LetterTokenizer()
+    engine = BuiltinEngine(model, tok, max_batch=3, max_len=64)
+    R = engine.generate([PROMPTS[0]], 1, greedy(16))[0].response_ids
+    text = tok.decode(R)
+    stop = text[6:8]
+    i = text.find(stop)
+    s = engine.generate([PROMPTS[0], PROMPTS[1]], 1, greedy(16, stop=["@@", stop]))[0]
+    assert s.response_ids == R[:i + len(stop)]
+    assert s.response_text == text[:i]
+    assert s.finish_reason == "stop" and s.metadata["matched_stop"] == stop
+    with pytest.raises(ValueError, match="tokenizer"):
+        BuiltinEngine(model, max_batch=2, max_len=64).generate([PROMPTS[0]], 1, greedy(4, stop=["x"]))
+
+
+def test_cache_length_caps_generation_and_overlong_prompts_abort(model):
+    engine = BuiltinEngine(model, max_batch=2, max_len=16)
+    long_ok, too_long = list(range(1, 14)), list(range(1, 17))
+    a, b, c = engine.generate([long_ok, too_long, PROMPTS[1]], 1, greedy(8))
+    assert len(a.response_ids) == 3 and a.finish_reason == "length"
+    assert a.response_ids == reference_greedy(model, long_ok, 3)[0]
+    assert b.finish_reason == "abort" and b.response_ids == [] and b.logprobs == []
+    assert c.response_ids == reference_greedy(model, PROMPTS[1], 8)[0]
+
+
+def test_update_weights_private_copy_follows_trainer(model):
+    trainer = Transformer(model.args)
+    trainer.load_state_dict(model.state_dict())
+    engine = BuiltinEngine(trainer, max_batch=2, max_len=64, dtype=torch.float64)  # private copy
+    assert engine.model is not trainer and not engine.model.mtp
+    assert engine.model.layers["1"].ffn.gate.e_score_correction_bias.dtype == torch.float32
+    before = engine.generate(PROMPTS[:2], 1, greedy(6))
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    assert [s.response_ids for s in engine.generate(PROMPTS[:2], 1, greedy(6))] == [s.response_ids for s in before]
+    engine.update_weights(trainer)
+    after = engine.generate(PROMPTS[:2], 1, greedy(6))
+    assert [s.response_ids for s in after] == [reference_greedy(trainer.eval(), p, 6)[0] for p in PROMPTS[:2]]
+    assert after[0].metadata["weight_version"] == 1
+    with pytest.raises(KeyError):
+        engine.update_weights({"embed.weight": trainer.embed.weight})
+
+
+def test_sleep_drops_cache_and_wake_restores_identical_generation(model):
+    engine = BuiltinEngine(model, max_batch=2, max_len=32)
+    sp = SamplingParams(max_new_tokens=5, seed=9)
+    first = engine.generate(PROMPTS, 2, sp)
+    engine.sleep()
+    assert engine._cache is None
+    engine.wake()
+    assert [s.response_ids for s in engine.generate(PROMPTS, 2, sp)] == [s.response_ids for s in first]
+    assert engine.kv_cache_bytes_per_token() == 4 * (32 + 16) * 4  # layers * (kv_lora_rank + rope) * fp32
+
+
+# ---------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_eager_decode_gpu():
+    torch.manual_seed(1234)
+    model = Transformer(presets["tiny"]).cuda().eval()
+    eager = BuiltinEngine(model, max_batch=8, max_len=128, cuda_graphs=False)
+    graphs = BuiltinEngine(model, max_batch=8, max_len=128, cuda_graphs=True)
+    for sp in (greedy(24), SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=24, seed=3),
+               SamplingParams(max_new_tokens=24, seed=4)):
+        a, b = eager.generate(PROMPTS, 2, sp), graphs.generate(PROMPTS, 2, sp)
+        assert [s.response_ids for s in a] == [s.response_ids for s in b]
+        for x, y in zip(a, b):
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=0, atol=1e-4)
+    assert graphs.stats["graphs_captured"] >= 3
+    graphs.sleep()
+    graphs.wake()
+    assert [s.response_ids for s in graphs.generate(PROMPTS, 1, greedy(8))] == \
+           [s.response_ids for s in eager.generate(PROMPTS, 1, greedy(8))]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_greedy_equals_full_recompute_reference_gpu():
+    torch.manual_seed(1234)
+    model = Transformer(presets["tiny"]).cuda().eval()
+    engine = BuiltinEngine(model, max_batch=4, max_len=64)
+    samples = engine.generate(PROMPTS, 1, greedy(16))
+    for p, s in zip(PROMPTS, samples):
+        with torch.no_grad():
+            tokens = list(p)
+            for _ in range(16):
+                tokens.append(int(model(torch.tensor([tokens], device="cuda"))[0, -1].argmax()))
+        assert s.response_ids == tokens[len(p):]
