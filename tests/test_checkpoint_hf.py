@@ -45,6 +45,22 @@ V3_RELEASE = {
     "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
     "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
 }
+# DeepSeek-V2-Lite's released config.json: softmax routing without groups, no q compression, no MTP.
+V2_LITE_RELEASE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
+    "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2,
+    "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27,
+    "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": None, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+    "transformers_version": "4.39.3", "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
+}
 TRAINING_ONLY = ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight", "moe_impl")
 
 
@@ -188,7 +204,8 @@ def test_save_writes_release_layout_and_round_trips_exactly(r1_ckpt):
     path, model = r1_ckpt
     weight_map = _weight_map(path)
     shards = sorted(set(weight_map.values()))
-    assert len(shards) > 1 and shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    n = len(shards)
+    assert n > 1 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     assert sorted(p.name for p in path.iterdir()) == sorted(["config.json", INDEX, *shards])
     mtp = f"model.layers.{LAYERS}."
     for name in ("model.layers.1.mlp.experts.7.down_proj.weight", "model.layers.0.mlp.gate_proj.weight",
@@ -270,7 +287,8 @@ def test_fp8_block_weights_dequantize_exactly(ckpt, block):
     for dtype in (torch.float32, torch.bfloat16):
         model = r1core.from_pretrained(ckpt, dtype=dtype)
         p = dict(model.named_parameters())
-        assert torch.equal(model.layers["1"].attn.wkv_a.weight, refs["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"].to(dtype))
+        wkv_a = refs["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"]
+        assert torch.equal(model.layers["1"].attn.wkv_a.weight, wkv_a.to(dtype))
         assert torch.equal(model.layers["0"].ffn.w2.weight, refs["model.layers.0.mlp.down_proj.weight"].to(dtype))
         assert torch.equal(p["mtp.0.eh_proj.weight"], refs[f"model.layers.{LAYERS}.eh_proj.weight"].to(dtype))
         for e in range(8):
@@ -284,6 +302,11 @@ def test_released_v3_config_is_the_v3_preset():
     args = args_from_hf_config(V3_RELEASE)
     assert args == presets["v3"]
     assert args.max_seq_len == 163840 and args.original_seq_len == 4096 and args.rope_factor == 40
+
+
+def test_released_v2_lite_config_is_the_v2_lite_preset():
+    args = args_from_hf_config(V2_LITE_RELEASE)
+    assert args == presets["v2_lite"].replace(**{f: getattr(args, f) for f in TRAINING_ONLY})
 
 
 @pytest.mark.parametrize("name", ["v3", "v2_lite", "tiny", "small"])
@@ -313,6 +336,8 @@ def test_rope_parameters_and_rope_scaling_are_equivalent():
     ({"sliding_window": 128}, "sliding_window"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
     ({"rope_scaling": {**V3_RELEASE["rope_scaling"], "mscale_all_dim": None}}, "mscale_all_dim"),
+    ({"rope_scaling": {**V3_RELEASE["rope_scaling"], "attention_factor": 1.5}}, "attention_factor"),
+    ({"rope_scaling": {**V3_RELEASE["rope_scaling"], "truncate": False}}, "truncate"),
     ({"n_routed_experts": 250}, "n_group"),
     ({"first_k_dense_replace": 62}, "first_k_dense_replace"),
     ({"topk_group": 9}, "topk_group"),
@@ -387,7 +412,8 @@ def test_fp8_weight_without_scale_is_named(ckpt):
 
 
 def test_fp8_scale_of_wrong_shape_is_named(ckpt):
-    _rewrite(ckpt, _damage_one(EXPERT, lambda t: {EXPERT: t.to(torch.float8_e4m3fn), EXPERT + "_scale_inv": torch.ones(2, 2)}))
+    bad_scale = {EXPERT + "_scale_inv": torch.ones(2, 2)}
+    _rewrite(ckpt, _damage_one(EXPERT, lambda t: {EXPERT: t.to(torch.float8_e4m3fn), **bad_scale}))
     with pytest.raises(CheckpointError, match=rf"{EXPERT}_scale_inv: scale_inv shape \[2, 2\].*expected \[1, 1\]"):
         r1core.from_pretrained(ckpt)
 
@@ -433,3 +459,46 @@ def test_save_replaces_an_existing_checkpoint(r1_ckpt, ckpt):
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"]
     loaded = r1core.from_pretrained(ckpt)
     assert torch.equal(loaded.mtp[0].eh_proj.weight, r1_ckpt[1].mtp[0].eh_proj.weight)
+
+
+def test_rename_failure_restores_the_previous_checkpoint(r1_ckpt, ckpt, monkeypatch):
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    real_rename = hf_ckpt.os.rename
+
+    def rename(src, dst):
+        if Path(src).name.startswith(".ckpt.tmp-"):
+            raise OSError("rename failed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(hf_ckpt.os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        r1_ckpt[1].save_pretrained(ckpt)
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"]
+
+
+def test_load_opens_one_shard_at_a_time_even_with_scales_in_other_shards(ckpt, monkeypatch):
+    refs = _to_fp8_checkpoint(ckpt, [16, 16])
+    moved = EXPERT + "_scale_inv"  # the scale now lives in a shard of its own
+    scale = {moved: load_file(str(ckpt / _weight_map(ckpt)[moved]))[moved]}
+    _rewrite(ckpt, lambda n, t: {} if n == moved else {n: t})
+    _add_shard(ckpt, scale)
+    state = {"open": 0, "max": 0}
+
+    class Tracked:
+        def __init__(self, *args, **kwargs):
+            self.handle = safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            state["open"] += 1
+            state["max"] = max(state["max"], state["open"])
+            return self.handle.__enter__()
+
+        def __exit__(self, *exc):
+            state["open"] -= 1
+            return self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(hf_ckpt, "safe_open", Tracked)
+    model = r1core.from_pretrained(ckpt)
+    assert state == {"open": 0, "max": 1}
+    assert torch.equal(model.layers["1"].ffn.experts.w3[3], refs[EXPERT])

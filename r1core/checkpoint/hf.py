@@ -140,7 +140,8 @@ class _Loader:
         optional = {hf for hf, _ in mtp_copies(self.args)}
         missing = sorted(hf for hf, _, _ in save_plan(self.dest, self.args) if hf not in self.files and hf not in optional)
         if missing:
-            raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+            more = " ..." if len(missing) > 8 else ""
+            raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s): {missing[:8]}{more}")
         return by_file, copies
 
     def _read(self, f, file: Path, hf: str, t: Target, keys: set[str], scale: torch.Tensor | None = None):
@@ -162,7 +163,8 @@ class _Loader:
             except ValueError as e:
                 raise CheckpointError(f"{file}: {hf}{SCALE_SUFFIX}: {e}") from e
         if scale is not None:
-            raise CheckpointError(f"{file}: {hf}{SCALE_SUFFIX} given for a {value.dtype} weight (only float8_e4m3fn is scaled)")
+            raise CheckpointError(f"{file}: {hf}{SCALE_SUFFIX} given for a {value.dtype} weight "
+                                  "(only float8_e4m3fn is scaled)")
         if not value.is_floating_point():
             raise CheckpointError(f"{file}: tensor {hf} has dtype {value.dtype}, expected a floating-point tensor")
         return value
@@ -255,7 +257,12 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)  # put the previous checkpoint back
+        raise
     _fsync(out.parent)
     if old is not None:
         shutil.rmtree(old)

@@ -58,7 +58,6 @@ class HFExtras:
     """What the loader needs beyond ModelArgs."""
 
     weight_block_size: tuple[int, int] = DEFAULT_BLOCK  # FP8 block of one `weight_scale_inv` entry [out, in]
-    quantized: bool = False
 
 
 def _get(config: dict, key: str):
@@ -94,7 +93,8 @@ def _routing(config: dict) -> dict:
     if method not in _TOPK_METHODS:
         raise CheckpointError(f"config.json: topk_method={method!r} is not supported (one of {sorted(_TOPK_METHODS)})")
     if _TOPK_METHODS[method].value != score:
-        raise CheckpointError(f"config.json: topk_method={method!r} needs scoring_func={_TOPK_METHODS[method].value!r}, got {score!r}")
+        raise CheckpointError(f"config.json: topk_method={method!r} needs scoring_func="
+                              f"{_TOPK_METHODS[method].value!r}, got {score!r}")
     if method == "greedy":  # greedy top-k ignores the groups
         n_group = topk_group = 1
     experts = _get(config, "n_routed_experts")
@@ -104,7 +104,8 @@ def _routing(config: dict) -> dict:
         raise CheckpointError(f"config.json: topk_group={topk_group} must be in [1, n_group={n_group}]")
     top_k = _get(config, "num_experts_per_tok")
     if top_k > topk_group * (experts // n_group):
-        raise CheckpointError(f"config.json: num_experts_per_tok={top_k} exceeds the experts in topk_group={topk_group} groups")
+        raise CheckpointError(f"config.json: num_experts_per_tok={top_k} exceeds the experts in "
+                              f"topk_group={topk_group} groups")
     return dict(n_routed_experts=experts, n_activated_experts=top_k, n_expert_groups=n_group,
                 n_limited_groups=topk_group, score_func=ScoreFunc(score),
                 route_scale=float(_get(config, "routed_scaling_factor")),
@@ -122,6 +123,22 @@ def _rope_section(config: dict) -> dict:
     if unknown:
         raise CheckpointError(f"config.json: unknown rope_scaling key(s) {unknown}")
     return rope
+
+
+def _check_cos_sin_scale(factor: float, mscale, mscale_all_dim, attention_factor) -> None:
+    """transformers scales YaRN's cos/sin by attention_factor, else ym(f, mscale) / ym(f, mscale_all_dim) when both
+    are set, else ym(f); r1core by ym(f, mscale) / ym(f, mscale_all_dim) when mscale_all_dim is set, else 1."""
+    hf_scale = attention_factor
+    if hf_scale is None:
+        hf_scale = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
+                    else yarn_mscale(factor, 1.0))
+    r1_scale = 1.0
+    if mscale_all_dim:
+        r1_scale = yarn_mscale(factor, 1.0 if mscale is None else mscale) / yarn_mscale(factor, mscale_all_dim)
+    if not math.isclose(hf_scale, r1_scale, rel_tol=1e-12):
+        raise CheckpointError(f"config.json: rope_scaling mscale={mscale}, mscale_all_dim={mscale_all_dim}, "
+                              f"attention_factor={attention_factor} give a cos/sin scale of {hf_scale} in "
+                              f"transformers but {r1_scale} in r1core; set both mscale and mscale_all_dim")
 
 
 def _rope(config: dict) -> dict:
@@ -147,16 +164,7 @@ def _rope(config: dict) -> dict:
         raise CheckpointError(f"config.json: max_position_embeddings={max_pos} must exceed rope_scaling."
                               f"original_max_position_embeddings={orig} when factor={factor} (r1core's YaRN switch)")
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
-    # transformers' cos/sin scale; r1core's is ym(f, mscale) / ym(f, mscale_all_dim) when mscale_all_dim is set, else 1.
-    hf_scale = rope.get("attention_factor")
-    if hf_scale is None:
-        hf_scale = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
-                    else yarn_mscale(factor, 1.0))
-    r1_scale = yarn_mscale(factor, 1.0 if mscale is None else mscale) / yarn_mscale(factor, mscale_all_dim) if mscale_all_dim else 1.0
-    if not math.isclose(hf_scale, r1_scale, rel_tol=1e-12):
-        raise CheckpointError(f"config.json: rope_scaling mscale={mscale}, mscale_all_dim={mscale_all_dim}, attention_factor="
-                              f"{rope.get('attention_factor')} give a cos/sin scale of {hf_scale} in transformers but "
-                              f"{r1_scale} in r1core; set both mscale and mscale_all_dim")
+    _check_cos_sin_scale(factor, mscale, mscale_all_dim, rope.get("attention_factor"))
     return dict(rope_theta=theta, max_seq_len=max_pos, original_seq_len=orig, rope_factor=factor,
                 beta_fast=rope.get("beta_fast") or 32, beta_slow=rope.get("beta_slow") or 1,
                 mscale=1.0 if mscale is None else float(mscale), mscale_all_dim=float(mscale_all_dim or 0.0))
@@ -170,13 +178,14 @@ def _quant(config: dict) -> HFExtras:
     if unknown:
         raise CheckpointError(f"config.json: unknown quantization_config key(s) {unknown}")
     if quant.get("quant_method") != "fp8":
-        raise CheckpointError(f"config.json: quantization_config.quant_method={quant.get('quant_method')!r} is not supported (fp8)")
+        raise CheckpointError(f"config.json: quantization_config.quant_method={quant.get('quant_method')!r} "
+                              "is not supported (fp8)")
     if quant.get("fmt", "e4m3") != "e4m3":
         raise CheckpointError(f"config.json: quantization_config.fmt={quant['fmt']!r} is not supported (e4m3)")
     block = tuple(quant.get("weight_block_size") or DEFAULT_BLOCK)
     if len(block) != 2 or min(block) < 1:
         raise CheckpointError(f"config.json: quantization_config.weight_block_size={list(block)} must be [out, in] > 0")
-    return HFExtras(weight_block_size=(int(block[0]), int(block[1])), quantized=True)
+    return HFExtras(weight_block_size=(int(block[0]), int(block[1])))
 
 
 def parse_hf_config(config: dict) -> tuple[ModelArgs, HFExtras]:
