@@ -1,0 +1,202 @@
+"""Rollout throughput: r1core's BuiltinEngine vs HF transformers' DeepseekV3ForCausalLM.generate.
+
+Same model and weights for both: an r1core Transformer is exported with `save_pretrained` (HF
+DeepSeek-V3 layout) and loaded back by transformers. Workload (FACTS.md anchor): hidden 1024,
+8 layers, MLA, 32 routed experts top-4, vocab 32768; batch 64, 128-token prompts, 256 new tokens,
+pure sampling (temperature 1, no top-k / top-p, no stop), so every request generates exactly 256
+tokens in both engines. Reported: generated tokens/s per provider, the ratio to HF, peak memory,
+KV-cache bytes per token (ours: the MLA latent; HF: its DynamicCache, measured), and a
+greedy parity check (share of greedy tokens on which the two engines agree).
+
+  python benchmarks/bench_rollout.py            # GPU, the anchor workload
+  python benchmarks/bench_rollout.py --tiny     # CPU smoke run (tiny preset, small batch)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Table, bar_plot, device, finish, out_dir, sync  # noqa: E402
+
+from r1core.model import ModelArgs, Transformer, presets  # noqa: E402
+from r1core.rollout import BuiltinEngine, SamplingParams  # noqa: E402
+
+
+def anchor_args() -> ModelArgs:
+    # 32 experts of 512 + 1 shared expert, all layers MoE: ~0.5B parameters like the megatron anchor.
+    return ModelArgs(
+        vocab_size=32768, dim=1024, inter_dim=2816, moe_inter_dim=512, n_layers=8, n_dense_layers=0, n_heads=16,
+        n_routed_experts=32, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
+        q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+        max_seq_len=4096, original_seq_len=4096, rope_factor=1.0, n_mtp_modules=0,
+    )
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """Median seconds of fn over `repeats` runs, and the last result."""
+    times, out = [], None
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], out
+
+
+def peak_gib(fn) -> tuple[float, object]:
+    if not torch.cuda.is_available():
+        return 0.0, fn()
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    sync()
+    return torch.cuda.max_memory_allocated() / 2**30, out
+
+
+def load_hf(model: Transformer, dtype: torch.dtype, dev: torch.device):
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the tiny preset's MTP layer is "unexpected" to HF
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=dtype)
+    return hf.to(dev).eval()
+
+
+def hf_generate(hf, prompts: torch.Tensor, new_tokens: int, do_sample: bool = True, **kw):
+    # top_k=0 explicitly: older generation configs default to top-k 50. min_new_tokens and no eos:
+    # every row generates exactly new_tokens, as in our engine without a tokenizer.
+    if do_sample:
+        kw.update(temperature=1.0, top_k=0, top_p=1.0)
+    return hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=do_sample,
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None, **kw)
+
+
+def hf_kv_bytes_per_token(hf, prompts: torch.Tensor) -> int:
+    """Bytes of HF's KV cache per token, measured on a short generate."""
+    out = hf_generate(hf, prompts[:1, :8], 2, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    tensors = [t for layer in getattr(cache, "layers", []) for t in (getattr(layer, "keys", None),
+                                                                     getattr(layer, "values", None))
+               if isinstance(t, torch.Tensor)]
+    seq = max(t.shape[-2] for t in tensors)
+    return sum(t.numel() * t.element_size() for t in tensors) // seq
+
+
+def greedy_agreement(engine: BuiltinEngine, hf, prompts: torch.Tensor, steps: int) -> float:
+    """Share of positions where both engines' greedy continuations agree, up to the first divergence."""
+    ours = engine.generate(prompts.tolist(), 1, SamplingParams(temperature=0, max_new_tokens=steps))
+    theirs = hf_generate(hf, prompts, steps, do_sample=False)[:, prompts.shape[1]:].tolist()
+    agree = 0
+    for s, t in zip(ours, theirs):
+        agree += next((i for i, (a, b) in enumerate(zip(s.response_ids, t)) if a != b), steps)
+    return agree / (steps * len(ours))
+
+
+def run_ours(name, engine: BuiltinEngine, prompts: list[list[int]], sp: SamplingParams, repeats: int):
+    warm_s, _ = timed(lambda: engine.generate(prompts, 1, sp), 1)  # captures the CUDA graphs
+    peak, _ = peak_gib(lambda: engine.generate(prompts, 1, sp))
+    sec, samples = timed(lambda: engine.generate(prompts, 1, sp), repeats)
+    n_tok = sum(len(s.response_ids) for s in samples)
+    print(f"[{name}] first call {warm_s:.2f}s, median {sec:.3f}s, {n_tok / sec:,.0f} tok/s, {engine.stats}", flush=True)
+    return {"seconds": sec, "tokens": n_tok, "tokens_per_s": n_tok / sec, "peak_gib": peak,
+            "first_call_s": warm_s, "graphs": engine.stats["graphs_captured"]}
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny preset, small batch: a CPU smoke run")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--variants", default="graphs,eager,triton",
+                    help="ours: graphs (CUDA graphs, dense MoE), eager (no graphs), triton (graphs, model MoE on Triton)")
+    args = ap.parse_args()
+    if args.tiny:
+        args.batch, args.prompt_len, args.new_tokens, args.repeats = 4, 16, 16, 1
+    return args
+
+
+def main() -> None:
+    opts = parse()
+    dev = device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    margs = presets["tiny"] if opts.tiny else anchor_args()
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Transformer(margs).to(dtype).eval()
+    for moe in model.moe_layers():
+        moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
+    prompts = torch.randint(0, margs.vocab_size, (opts.batch, opts.prompt_len), device=dev)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=opts.new_tokens, seed=0)
+    max_len = opts.prompt_len + opts.new_tokens
+    results, record = {}, {"batch": opts.batch, "prompt_len": opts.prompt_len, "new_tokens": opts.new_tokens,
+                           "dtype": str(dtype), "params": sum(p.numel() for p in model.parameters())}
+    variants = opts.variants.split(",")
+    engine = BuiltinEngine(model, max_batch=opts.batch, max_len=max_len)
+    record["kv_bytes_per_token_ours"] = engine.kv_cache_bytes_per_token()
+    if "graphs" in variants:
+        results["r1core graphs"] = run_ours("r1core graphs", engine, prompts.tolist(), sp, opts.repeats)
+    if "eager" in variants:
+        eager = BuiltinEngine(model, max_batch=opts.batch, max_len=max_len, cuda_graphs=False)
+        results["r1core eager"] = run_ours("r1core eager", eager, prompts.tolist(), sp, opts.repeats)
+        del eager
+    if "triton" in variants and dev.type == "cuda":
+        try:
+            model.set_moe_impl("triton")
+            tri = BuiltinEngine(model, max_batch=opts.batch, max_len=max_len, decode_moe="model")
+            results["r1core graphs+triton MoE"] = run_ours("r1core graphs+triton MoE", tri, prompts.tolist(), sp,
+                                                           opts.repeats)
+        except Exception as e:  # kernels missing or not capturable: report, keep going
+            record["triton_variant_error"] = f"{type(e).__name__}: {e}"[:500]
+            print("[triton] failed:", record["triton_variant_error"], flush=True)
+        finally:
+            model.set_moe_impl("ref")
+    if not opts.skip_hf:
+        hf = load_hf(model, dtype, dev)
+        record["hf_experts_implementation"] = str(getattr(hf.config, "_experts_implementation", None))
+        record["kv_bytes_per_token_hf"] = hf_kv_bytes_per_token(hf, prompts)
+        record["greedy_agreement_vs_hf"] = greedy_agreement(engine, hf, prompts[:8], 32)
+        print(f"greedy agreement vs HF: {record['greedy_agreement_vs_hf']:.3f}", flush=True)
+        hf_generate(hf, prompts[:, :16], 4)  # warm-up
+        peak, (sec, out) = peak_gib(lambda: timed(lambda: hf_generate(hf, prompts, opts.new_tokens), 1))
+        n_tok = (out.shape[1] - opts.prompt_len) * out.shape[0]
+        results["HF transformers"] = {"seconds": sec, "tokens": n_tok, "tokens_per_s": n_tok / sec, "peak_gib": peak}
+        print(f"[HF] {sec:.2f}s, {n_tok / sec:,.0f} tok/s", flush=True)
+    report(results, record)
+
+
+def report(results: dict, record: dict) -> None:
+    hf = results.get("HF transformers", {}).get("tokens_per_s")
+    table = Table(f"rollout: batch {record['batch']}, prompt {record['prompt_len']}, {record['new_tokens']} new tokens",
+                  ["provider", "seconds", "tokens/s", "x HF", "peak GiB"])
+    for name, r in results.items():
+        r["x_hf"] = r["tokens_per_s"] / hf if hf else None
+        table.add(name, r["seconds"], r["tokens_per_s"], r["x_hf"] if r["x_hf"] else "-", r["peak_gib"])
+    kv = Table("KV cache bytes per token", ["provider", "bytes/token"])
+    kv.add("r1core (MLA latent)", record["kv_bytes_per_token_ours"])
+    if "kv_bytes_per_token_hf" in record:
+        kv.add("HF DynamicCache (measured)", record["kv_bytes_per_token_hf"])
+    png = os.path.join(out_dir(), "bench_rollout.png")
+    bar_plot(png, "rollout tokens/s", list(results), [r["tokens_per_s"] for r in results.values()], "generated tokens/s")
+    record.update(results=results, png=png)
+    best = max((r["tokens_per_s"] for k, r in results.items() if k.startswith("r1core")), default=0.0)
+    record["speedup_vs_hf"] = best / hf if hf else None
+    finish("bench_rollout", [table, kv], record)
+
+
+if __name__ == "__main__":
+    main()
