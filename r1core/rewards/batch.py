@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import inspect
 import os
 from typing import Any, Sequence
 
@@ -23,9 +24,10 @@ def score_batch(name: str, responses: Sequence, answers: Sequence, *, max_worker
         raise RewardConfigError(f"{len(responses)} responses but {len(answers)} answers")
     if reward.spec.batch is not None:
         try:
-            results = reward.spec.batch(responses, answers, **kwargs)
+            inspect.signature(reward.spec.batch).bind(responses, answers, **kwargs)
         except TypeError as e:
             raise RewardConfigError(f"reward {name!r}: {e}") from None
+        results = reward.spec.batch(responses, answers, **kwargs)
     elif reward.spec.parallel and len(responses) > 1:
         reward.check_kwargs(kwargs)
         results = _pooled(reward, responses, answers, kwargs, max_workers, deadline_s)

@@ -22,6 +22,7 @@ no_function); no_code, non_utf8 (the response), bad_tests (the dataset's tests a
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,16 +117,21 @@ def _run_calls(program: str, suite: CodeTests, limits: SandboxLimits) -> list[st
     return outcomes
 
 
-def _limits(limits: SandboxLimits | dict | None) -> SandboxLimits:
+def _limits(limits: SandboxLimits | Mapping | None) -> SandboxLimits:
     if limits is None or isinstance(limits, SandboxLimits):
         return limits or SandboxLimits()
-    if isinstance(limits, dict):
-        return SandboxLimits(**limits)
-    raise RewardConfigError(f"limits must be SandboxLimits or a dict, got {type(limits).__name__}")
+    if isinstance(limits, Mapping):
+        try:
+            return SandboxLimits(**limits)
+        except (TypeError, ValueError) as e:
+            raise RewardConfigError(f"code reward limits: {e}") from None
+    raise RewardConfigError(f"limits must be SandboxLimits or a mapping, got {type(limits).__name__}")
 
 
 @register("code", parallel=True)
-def code_reward(response, answer, *, mode: str = "fraction", limits: SandboxLimits | dict | None = None) -> tuple[float, str]:
+def code_reward(
+    response, answer, *, mode: str = "fraction", limits: SandboxLimits | Mapping | None = None
+) -> tuple[float, str]:
     if mode not in ("fraction", "all"):
         raise RewardConfigError(f"code reward mode must be 'fraction' or 'all', got {mode!r}")
     limits = _limits(limits)

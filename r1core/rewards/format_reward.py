@@ -34,6 +34,13 @@ def _shape(text: str, think_in_prompt: bool, allow_empty_think: bool) -> tuple[s
     return answer, "ok"
 
 
+def _single_answer_tag(text: str) -> bool:
+    if not (text.startswith("<answer>") and text.endswith("</answer>")):
+        return False
+    inner = text[len("<answer>") : -len("</answer>")]
+    return bool(inner.strip()) and "<answer>" not in inner and "</answer>" not in inner
+
+
 @register("format")
 def format_reward(
     response,
@@ -52,12 +59,8 @@ def format_reward(
     final, reason = _shape(text, think_in_prompt, allow_empty_think)
     if final is None:
         return 0.0, reason
-    if require_answer_tags:
-        stripped = final.strip()
-        inner = stripped[len("<answer>") : -len("</answer>")]
-        if not (stripped.startswith("<answer>") and stripped.endswith("</answer>")) or not inner.strip() \
-                or "<answer>" in inner or "</answer>" in inner:
-            return 0.0, "no_answer_tags"
+    if require_answer_tags and not _single_answer_tag(final.strip()):
+        return 0.0, "no_answer_tags"
     if require_boxed:
         try:
             boxed = last_boxed(final)

@@ -76,7 +76,11 @@ class _MathWorker:
             if self._proc is None or self._proc.poll() is not None:
                 self._start()
             request = json.dumps({"pred": pred, "gold": gold, "timeout_s": timeout_s}) + "\n"
-            self._proc.stdin.write(request.encode())
+            try:
+                self._proc.stdin.write(request.encode())
+            except BrokenPipeError:  # died since the poll above (killed by its memory limit)
+                self.close()
+                return "memory"
             line = self._readline(time.monotonic() + hard_s)
             if line is None:
                 died = self._proc.poll() is not None

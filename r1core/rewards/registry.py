@@ -53,7 +53,8 @@ class RewardStats:
 
     def flat(self, reset: bool = False) -> dict[str, int]:
         """`{"code/timeout": 3, ...}`: the shape metric loggers want."""
-        return {f"{name}/{reason}": n for name, reasons in self.snapshot(reset).items() for reason, n in reasons.items()}
+        snap = self.snapshot(reset)
+        return {f"{name}/{reason}": n for name, reasons in snap.items() for reason, n in reasons.items()}
 
     def reset(self) -> None:
         with self._lock:

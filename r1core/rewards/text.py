@@ -117,6 +117,18 @@ def _tag_content(text: str, open_tag: str, close_tag: str) -> str | None:
     return None if open_ < 0 else text[open_ + len(open_tag) : close]
 
 
+def _first_statement(text: str) -> str:
+    """What follows "the answer is": the math span when it opens with `$`, else the rest of the
+    sentence ("$5$. I hope it is correct." and "5. Done." both give "5")."""
+    line = text.split("\n", 1)[0].strip().lstrip("*").strip()
+    if line.startswith("$"):
+        body = line.lstrip("$")  # `$5$` or `$$5$$`
+        end = body.find("$")
+        if end > 0:
+            return body[:end].strip()
+    return re.split(r"\.\s", line, maxsplit=1)[0].rstrip(_TRAILING).strip("$*").strip()
+
+
 def extract_answer(final: str, max_chars: int = 1000, max_depth: int = 32) -> tuple[str | None, str]:
     """The final answer in `final` (the text after `</think>`) and how it was found.
 
@@ -132,7 +144,7 @@ def extract_answer(final: str, max_chars: int = 1000, max_depth: int = 32) -> tu
     for said in _ANSWER_IS.finditer(final):
         pass
     if said is not None:
-        line = final[said.end() :].split("\n", 1)[0].strip().rstrip(_TRAILING).strip("$*").strip()
+        line = _first_statement(final[said.end() : said.end() + max_chars])
         if line:
             return line, "answer_is"
     number = None
