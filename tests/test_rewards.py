@@ -15,7 +15,7 @@ import pytest
 
 from r1core import rewards
 from r1core.rewards import registry
-from r1core.rewards.language import word_counts
+from r1core.rewards.language import strip_math, word_counts
 from r1core.rewards.sandbox import isolation_layers
 from r1core.rewards.text import TooComplex, extract_answer, extract_code, last_boxed, split_think
 
@@ -218,6 +218,10 @@ def test_format_reward_cases(response, kwargs, expected):
 
 
 # ---------------------------------------------------------------- language_consistency
+
+
+def test_strip_math_removes_closed_spans_and_leaves_unclosed_openers():
+    assert strip_math("a $x$ b $$y$$ c \\(z\\) d \\[w\\] e $ f \\( g") == "a   b   c   d   e $ f \\( g"
 
 
 def test_word_counts_follow_the_documented_definition():

@@ -22,16 +22,41 @@ from r1core.rewards.registry import RewardConfigError, register
 from r1core.rewards.text import as_text, split_think
 
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef\U00030000-\U0003134f]")
-_MATH = re.compile(r"\$\$[^$]*\$\$|\$[^$]*\$|\\\((?:(?!\\\)).)*\\\)|\\\[(?:(?!\\\]).)*\\\]", re.DOTALL)
+_MATH_CLOSE = {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
 _LETTERS = re.compile(r"[^\W\d_]{2,}")
 
 LANGUAGES = ("en", "zh")
 
 
+def strip_math(text: str) -> str:
+    """`text` with every closed math span replaced by a space, in linear time.
+
+    A regex such as `\\((.*?)\\)` rescans to the end for every unclosed opener (quadratic on a
+    hostile CoT); here an opener without a closer retires its kind for the rest of the text."""
+    out, i = [], 0
+    nxt = {o: text.find(o) for o in _MATH_CLOSE}
+    while True:
+        live = [(p, -len(o), o) for o, p in nxt.items() if p >= 0]
+        if not live:
+            break
+        p, _, o = min(live)  # leftmost opener; `$$` before `$` at the same place
+        end = text.find(_MATH_CLOSE[o], p + len(o))
+        if end < 0:
+            nxt[o] = -1  # no closer after p, hence none after any later opener of this kind
+            continue
+        out += [text[i:p], " "]
+        i = end + len(_MATH_CLOSE[o])
+        for kind, q in nxt.items():
+            if 0 <= q < i:
+                nxt[kind] = text.find(kind, i)
+    out.append(text[i:])
+    return "".join(out)
+
+
 def word_counts(text: str) -> dict[str, int]:
     """{"en": ASCII words, "zh": Han characters, "other": other words} per the module doc."""
-    text = _LATEX_COMMAND.sub(" ", _MATH.sub(" ", text))
+    text = _LATEX_COMMAND.sub(" ", strip_math(text))
     zh = len(_HAN.findall(text))
     en = other = 0
     for run in _LETTERS.findall(_HAN.sub(" ", text)):

@@ -1,11 +1,18 @@
 """`math_accuracy`: 1.0 when the final answer after `</think>` equals the gold answer (math-verify).
 
+The answer is read from the text after the last `</think>` only (a response whose think block never
+closes has none): the last `\\boxed{}`, else `<answer>...</answer>`, else "the answer is X", else
+the last number (text.extract_answer). math-verify then decides equality: symbolic, numeric (to 6
+decimals), LaTeX, sets, intervals, equations (`x=3` matches `3`), thousands separators.
+
 Where the check runs (`isolation`):
-- "inline": in this process, bounded by math-verify's own `signal.alarm` timeouts. Only possible on
-  the main thread; it is the cheap path (no IPC) for rollout workers that score in their main loop.
+- "inline": in this process, bounded by math-verify's own `signal.alarm` timeouts (whole seconds;
+  any SIGALRM timer the caller had set is cancelled). Only possible on the main thread; it is the
+  cheap path (no IPC) for rollout workers that score in their main loop.
 - "process": in a long-lived helper interpreter (`_math_worker.py`) under an address-space limit,
   with a hard deadline in this process on top of math-verify's timeouts: the worker is killed and
-  restarted when even those fail (C code that ignores signals). Works from any thread.
+  restarted when even those fail (C code that ignores signals). Works from any thread; one worker
+  per process, so concurrent threads take turns. Its first use costs about a second of startup.
 - "auto" (default): inline on the main thread, process elsewhere.
 Before either, the answer is capped in length and brace depth, so a pathological output is rejected
 in linear time without reaching sympy at all.

@@ -69,30 +69,35 @@ class RunResult:
 
 
 @functools.lru_cache(maxsize=None)
-def _works(*argv: str) -> bool:
+def _layer(name: str) -> list[str] | None:
+    """argv prefix for an isolation layer, or None where it does not work (probed once)."""
+    if name == "netns":
+        exe, args = shutil.which("unshare"), ["-n"]
+    else:
+        exe = shutil.which("setpriv")
+        args = [f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups", "--no-new-privs",
+                "--inh-caps=-all,+dac_read_search", "--ambient-caps=-all,+dac_read_search"]
+    if exe is None:
+        return None
+    true = shutil.which("true") or "/bin/true"
     try:
-        return subprocess.run([*argv, "true"], capture_output=True, timeout=10).returncode == 0
+        ok = subprocess.run([exe, *args, true], capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.SubprocessError):
-        return False
-
-
-def _setpriv_argv() -> list[str]:
-    return ["setpriv", f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups", "--no-new-privs",
-            "--inh-caps=-all,+dac_read_search", "--ambient-caps=-all,+dac_read_search"]
+        ok = False
+    return [exe, *args] if ok else None
 
 
 def isolation_layers(limits: SandboxLimits) -> dict[str, bool]:
-    """Which OS layers a run with `limits` gets on this machine (probed once per process)."""
-    root = os.geteuid() == 0
+    """Which OS layers a run with `limits` gets on this machine."""
     return {
-        "netns": limits.use_netns and shutil.which("unshare") is not None and _works("unshare", "-n"),
-        "drop_root": root and limits.drop_root and shutil.which("setpriv") is not None and _works(*_setpriv_argv()),
+        "netns": limits.use_netns and _layer("netns") is not None,
+        "drop_root": os.geteuid() == 0 and limits.drop_root and _layer("drop_root") is not None,
     }
 
 
 def _command(limits: SandboxLimits, fn_name: str | None) -> tuple[list[str], bool]:
     layers = isolation_layers(limits)
-    prefix = (["unshare", "-n"] if layers["netns"] else []) + (_setpriv_argv() if layers["drop_root"] else [])
+    prefix = (_layer("netns") if layers["netns"] else []) + (_layer("drop_root") if layers["drop_root"] else [])
     config = {"cpu_s": limits.cpu_s, "memory_bytes": limits.memory_mb << 20, "fsize_bytes": limits.fsize_mb << 20,
               "nproc": limits.nproc, "fn_name": fn_name}
     return [*prefix, sys.executable, "-I", _RUNNER, json.dumps(config)], layers["drop_root"]
