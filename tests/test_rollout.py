@@ -278,3 +278,166 @@ def test_cuda_graph_greedy_equals_full_recompute_reference_gpu():
             for _ in range(16):
                 tokens.append(int(model(torch.tensor([tokens], device="cuda"))[0, -1].argmax()))
         assert s.response_ids == tokens[len(p):]
+
+
+# ---------------------------------------------------------------- SGLang adapter (fake sglang module)
+class FakeSGLangEngine:
+    """Records calls with the signatures of sglang/srt/entrypoints/engine.py's Engine."""
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.calls, self.fail_update = kwargs, [], False
+        self.server_args = type("ServerArgs", (), {"enable_weights_cpu_backup":
+                                                   kwargs.get("enable_weights_cpu_backup", False)})()
+        self.outputs = None
+
+    def generate(self, input_ids=None, sampling_params=None, return_logprob=False):
+        self.calls.append(("generate", input_ids, sampling_params, return_logprob))
+        if self.outputs is not None:
+            return self.outputs
+        outs = []
+        for ids, sp in zip(input_ids, sampling_params):
+            toks = [(sp["sampling_seed"] + 7 * k + ids[0]) % 500 for k in range(3)]
+            outs.append({"output_ids": toks, "meta_info": {
+                "output_token_logprobs": [(-0.25 * (k + 1), t, None) for k, t in enumerate(toks)],
+                "finish_reason": {"type": "length", "length": 3}}})
+        return outs
+
+    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
+        self.calls.append(("update", [(n, t.clone()) for n, t in named_tensors], flush_cache))
+        return (False, "shape mismatch") if self.fail_update else (True, "Succeeded")
+
+    def flush_cache(self):
+        self.calls.append(("flush",))
+
+    def release_memory_occupation(self, tags=None):
+        self.calls.append(("release", tags))
+
+    def resume_memory_occupation(self, tags=None):
+        self.calls.append(("resume", tags))
+
+
+@pytest.fixture
+def fake_sglang(monkeypatch):
+    import types
+
+    module = types.ModuleType("sglang")
+    module.Engine = FakeSGLangEngine
+    monkeypatch.setitem(__import__("sys").modules, "sglang", module)
+    return module
+
+
+def _sglang_engine(model, tmp_path, **kw):
+    from r1core.rollout.sglang_engine import SGLangEngine
+
+    return SGLangEngine(model, export_dir=str(tmp_path / "hf"), **kw)
+
+
+def test_sglang_engine_without_sglang_raises_a_clear_error(model, monkeypatch, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, "sglang", None)
+    with pytest.raises(ImportError, match=r"r1core\[sglang\]"):
+        _sglang_engine(model, tmp_path)
+
+
+def test_hf_export_names_shapes_match_checkpoint_writer(model, tmp_path):
+    from safetensors.torch import load_file
+
+    from r1core.rollout.sglang_engine import hf_named_tensors
+
+    model.save_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    on_disk = {}
+    for f in (tmp_path / "ckpt").glob("*.safetensors"):
+        on_disk.update(load_file(str(f)))
+    state = model.state_dict()
+    full = dict(hf_named_tensors(state, model.args, torch.bfloat16, include_mtp=True))
+    assert full.keys() == on_disk.keys()
+    for name, t in full.items():
+        assert t.dtype == on_disk[name].dtype and torch.equal(t, on_disk[name]), name
+    main = dict(hf_named_tensors(state, model.args, torch.bfloat16))
+    L = model.args.n_layers
+    assert main.keys() == {k for k in on_disk if not k.startswith(f"model.layers.{L}.")}
+    assert main["model.layers.1.mlp.experts.5.down_proj.weight"].shape == (model.args.dim, model.args.moe_inter_dim)
+    assert main["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+
+
+def test_buckets_respect_the_byte_bound_and_keep_every_tensor_once():
+    from r1core.rollout.sglang_engine import buckets
+
+    torch.manual_seed(0)
+    named = [(f"t{i}", torch.zeros(int(torch.randint(1, 300, ())))) for i in range(60)] + [("big", torch.zeros(2000))]
+    out = list(buckets(named, max_bytes=1024))
+    assert [n for b in out for n, _ in b] == [n for n, _ in named]
+    for b in out:
+        size = sum(t.numel() * t.element_size() for _, t in b)
+        assert size <= 1024 or len(b) == 1
+    assert any(len(b) == 1 and b[0][0] == "big" for b in out)
+
+
+def test_sglang_update_weights_sends_every_tensor_once_in_bounded_buckets_then_flushes(model, fake_sglang, tmp_path):
+    from r1core.rollout.sglang_engine import hf_named_tensors
+
+    engine = _sglang_engine(model, tmp_path, bucket_bytes=64 << 10)
+    kw = engine.engine.kwargs
+    assert kw["model_path"] == str(tmp_path / "hf") and (tmp_path / "hf" / "config.json").exists()
+    assert kw["skip_tokenizer_init"] and kw["enable_memory_saver"] and kw["dtype"] == "bfloat16"
+    trainer = Transformer(model.args)
+    engine.update_weights(trainer)
+    updates = [c for c in engine.engine.calls if c[0] == "update"]
+    assert len(updates) > 3 and all(flush is False for _, _, flush in updates)
+    assert engine.engine.calls[-1] == ("flush",)
+    for _, bucket, _ in updates:
+        assert sum(t.numel() * t.element_size() for _, t in bucket) <= 64 << 10 or len(bucket) == 1
+    sent = [(n, t) for _, bucket, _ in updates for n, t in bucket]
+    expected = dict(hf_named_tensors(trainer.state_dict(), model.args, torch.bfloat16))
+    assert sorted(n for n, _ in sent) == sorted(expected)
+    assert all(torch.equal(t, expected[n]) for n, t in sent)
+    assert engine.weight_version == 1
+    engine.engine.fail_update = True
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        engine.update_weights(trainer.state_dict())
+
+
+def test_sglang_generate_builds_requests_and_reads_logprobs(model, fake_sglang, tmp_path):
+    engine = _sglang_engine(model, tmp_path, tokenizer=LetterTokenizer())
+    sp = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=3, stop_token_ids=[2], seed=11)
+    samples = engine.generate(PROMPTS[:2], 2, sp)
+    _, input_ids, params, return_logprob = engine.engine.calls[-1]
+    assert return_logprob and input_ids == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    assert params[0] == {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_new_tokens": 3, "no_stop_trim": False,
+                         "stop_token_ids": [2], "sampling_seed": request_seed(11, 0, 0) % 2**31}
+    assert len({p["sampling_seed"] for p in params}) == 4
+    assert [(s.prompt_index, s.sample_index) for s in samples] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    s = samples[3]
+    assert s.response_ids == [(params[3]["sampling_seed"] + 7 * k + PROMPTS[1][0]) % 500 for k in range(3)]
+    assert s.logprobs == [-0.25, -0.5, -0.75] and s.finish_reason == "length"
+    assert s.response_text == LetterTokenizer().decode(s.response_ids)
+    with pytest.raises(ValueError, match="tokenizer_path"):
+        engine.generate(PROMPTS[:1], 1, SamplingParams(stop=["</answer>"]))
+    # A stop-string finish with SGLang's own (already trimmed) text, and an abort.
+    engine.engine.outputs = [
+        {"text": "42", "output_ids": [7, 8, 9], "meta_info": {
+            "output_token_logprobs": [(-1.0, 7, None), (-2.0, 8, None), (-3.0, 9, None)],
+            "finish_reason": {"type": "stop", "matched": "</answer>"}}},
+        {"output_ids": [], "meta_info": {"output_token_logprobs": [], "finish_reason": {"type": "abort", "message": "x"}}}]
+    stop, abort = engine.generate(PROMPTS[:2], 1, SamplingParams(max_new_tokens=3, top_k=5))
+    assert engine.engine.calls[-1][2][0]["top_k"] == 5
+    assert stop.response_text == "42" and stop.finish_reason == "stop" and stop.metadata["matched_stop"] == "</answer>"
+    assert abort.finish_reason == "abort" and abort.response_ids == []
+
+
+def test_sglang_sleep_wake_release_and_resume_memory(model, fake_sglang, tmp_path):
+    engine = _sglang_engine(model, tmp_path)
+    engine.sleep()
+    engine.wake()
+    assert engine.engine.calls[-2:] == [("release", None), ("resume", None)]
+    with pytest.raises(RuntimeError, match="update_weights"):  # weights were dropped, not backed up
+        engine.generate(PROMPTS[:1], 1, SamplingParams(max_new_tokens=2))
+    engine.update_weights(model)
+    assert len(engine.generate(PROMPTS[:1], 1, SamplingParams(max_new_tokens=2))) == 1
+    engine.sleep(tags=["kv_cache"])
+    assert engine.engine.calls[-1] == ("release", ["kv_cache"])
+    engine.wake(tags=["kv_cache"])
+    assert len(engine.generate(PROMPTS[:1], 1, SamplingParams(max_new_tokens=2))) == 1
+    backed_up = _sglang_engine(model, tmp_path, enable_weights_cpu_backup=True)
+    backed_up.sleep()
+    backed_up.wake()
+    assert len(backed_up.generate(PROMPTS[:1], 1, SamplingParams(max_new_tokens=2))) == 1
