@@ -155,7 +155,8 @@ def _tiled_stats_kernel(h_ptr, w_ptr, tgt_ptr, part_ptr, N, V, H, stride_h, stri
         u = alpha * (u + (m - m_new) * s) + tl.sum(e * d, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
-        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        hit = (cols[None, :] == tgt[:, None]) & cmask[None, :]  # a target past v_hi is another split's
+        zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
     out = part_ptr + pid_s * 4 * N + rows
     tl.store(out, m, mask=rmask)
     tl.store(out + N, s, mask=rmask)

@@ -40,6 +40,8 @@ Losses, tiled CE); Liger-Kernel fused linear CE (gradients in the forward).
 
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass
 
 import torch
@@ -137,12 +139,14 @@ def _policy_stats(ratio, kl, adv, mask, cfg: PolicyLossConfig) -> dict:
 # ----------------------------------------------------------------------------- input checks
 
 def _check_head(hidden, weight, targets, op: str, ndim: int) -> None:
+    # the references also take fp64 (a tighter oracle); the kernels take bf16 / fp32
+    dtypes = (torch.bfloat16, torch.float32, torch.float64) if op.endswith("_ref") else (torch.bfloat16, torch.float32)
     if hidden.dim() != ndim:
         raise ValueError(f"{op}: hidden must be {ndim}-D, got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{op}: weight must be [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
-    if hidden.dtype not in (torch.bfloat16, torch.float32) or weight.dtype != hidden.dtype:
-        raise ValueError(f"{op}: hidden and weight must share dtype bf16 or fp32, got {hidden.dtype} / {weight.dtype}")
+    if hidden.dtype not in dtypes or weight.dtype != hidden.dtype:
+        raise ValueError(f"{op}: hidden and weight must share one dtype of {dtypes}, got {hidden.dtype} / {weight.dtype}")
     if targets.shape != hidden.shape[:-1] or targets.dtype != torch.int64:
         raise ValueError(f"{op}: targets must be int64 {tuple(hidden.shape[:-1])}, "
                          f"got {targets.dtype} {tuple(targets.shape)}")
@@ -515,7 +519,8 @@ def grpo_loss_ref(hidden, weight, targets, mask, advantages, old_logprobs=None, 
     B, T, _ = hidden.shape
     mask, adv, old, ref, is_w = _grpo_inputs(mask, advantages, old_logprobs, ref_logprobs, is_weights, B, T,
                                              hidden.device)
-    logp_all = torch.log_softmax(_ref_logits(hidden, weight, vocab_group).float() / temperature, dim=-1)
+    logits = _ref_logits(hidden, weight, vocab_group)
+    logp_all = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, -1)
     logp = logp_all.gather(-1, targets[..., None])[..., 0]
     loss_tok, ratio, kl = policy_terms(logp, adv, old, ref, is_w, cfg)
     stats = {"logprobs": logp.detach(), "entropy": -(logp_all.exp() * logp_all).sum(-1).detach(),
@@ -532,3 +537,15 @@ def linear_cross_entropy_ref(hidden, weight, targets, ignore_index=-100, reducti
     if reduction == "sum":
         return total
     return total / (targets != ignore_index).sum().clamp(min=1)
+
+
+class _CallableModule(types.ModuleType):
+    """`r1core.kernels.grpo_loss` names both this module and its function. Importing the submodule makes
+    Python set the package attribute to the module, whatever kernels/__init__.py exports, so the module
+    forwards calls to the function: `r1core.kernels.grpo_loss(...)` works in any import order."""
+
+    def __call__(self, *args, **kwargs):
+        return grpo_loss(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
