@@ -1,8 +1,23 @@
-"""r1core: DeepSeek-V3-style MoE training and the DeepSeek-R1 recipe."""
+"""r1core: DeepSeek-V3-style MoE training and the DeepSeek-R1 recipe.
 
-from r1core.model import ModelArgs, Transformer, count_parameters, parameter_breakdown, presets
+Top-level names load lazily, so `import r1core.data` or `import r1core.rewards` never pulls in
+the model (rollout workers and data tools stay light).
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "ModelArgs": "r1core.model", "Transformer": "r1core.model", "count_parameters": "r1core.model",
+    "parameter_breakdown": "r1core.model", "presets": "r1core.model",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'r1core' has no attribute {name!r}")
 
 
 def from_pretrained(path, dtype=None, device=None, **kwargs):

@@ -40,9 +40,10 @@ def rope_cos_sin(args: ModelArgs, positions: torch.Tensor) -> tuple[torch.Tensor
     """
     inv_freq = yarn_inv_freq(args).to(positions.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq
-    # YaRN's cos/sin factor; 1.0 whenever mscale == mscale_all_dim (DeepSeek-V3, V2-Lite).
+    # YaRN's cos/sin factor as DeepSeek's reference computes it: ym(f, mscale) / ym(f, mscale_all_dim),
+    # where ym(f, 0) = 1. It is 1.0 whenever mscale == mscale_all_dim (DeepSeek-V3, V2-Lite).
     scale = 1.0
-    if args.uses_yarn and args.mscale_all_dim:
+    if args.uses_yarn:
         scale = yarn_mscale(args.rope_factor, args.mscale) / yarn_mscale(args.rope_factor, args.mscale_all_dim)
     return angles.cos() * scale, angles.sin() * scale
 
