@@ -3,6 +3,7 @@
 Sandbox tests use 1-2 s limits; the whole file is meant to stay well under a minute of CPU.
 """
 
+import ast
 import math
 import os
 import sys
@@ -95,6 +96,22 @@ def test_combine_is_a_weighted_sum_and_rejects_weights_without_rewards():
     assert rewards.combine(computed, {"math_accuracy": 1.0, "format": 2.0}) == 2.0
     with pytest.raises(KeyError, match=r"\['language_consistency'\]"):
         rewards.combine({"format": 1.0}, {"format": 1.0, "language_consistency": 0.1})
+
+
+def test_rewards_package_imports_neither_torch_nor_the_model():
+    # Rewards run in rollout workers; the sandbox runner and math worker run without r1core at all.
+    package = os.path.dirname(rewards.__file__)
+    for name in sorted(os.listdir(package)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(package, name)) as f:
+            tree = ast.parse(f.read())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        roots = {m.split(".")[0] for m in imported}
+        assert "torch" not in roots and not any(m.startswith("r1core.model") for m in imported), name
+        if (name.startswith("_") and name != "__init__.py") or name == "mathcheck.py":
+            assert "r1core" not in roots, name
 
 
 # ---------------------------------------------------------------- answer extraction

@@ -70,6 +70,10 @@ class _MathWorker:
             self.close()
             raise RuntimeError("math-verify worker did not start")
 
+    def forget(self) -> None:
+        """In a forked child: the worker belongs to the parent; start a fresh one on demand."""
+        self._lock, self._proc, self._buf = threading.Lock(), None, b""
+
     def close(self) -> None:
         if self._proc is not None:
             self._proc.kill()
@@ -98,6 +102,8 @@ class _MathWorker:
 
 _WORKER = _MathWorker()
 atexit.register(_WORKER.close)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WORKER.forget)
 
 
 def _run_check(pred: str, gold: str, timeout_s: int, isolation: str) -> str:
