@@ -111,7 +111,8 @@ def run_ours(name, engine: BuiltinEngine, prompts: list[list[int]], sp: Sampling
     n_tok = sum(len(s.response_ids) for s in samples)
     print(f"[{name}] first call {warm_s:.2f}s, median {sec:.3f}s, {n_tok / sec:,.0f} tok/s, {engine.stats}", flush=True)
     return {"seconds": sec, "tokens": n_tok, "tokens_per_s": n_tok / sec, "peak_gib": peak,
-            "first_call_s": warm_s, "graphs": engine.stats["graphs_captured"]}
+            "first_call_s": warm_s, "graphs": engine.stats["graphs_captured"],
+            "graph_error": engine.stats.get("graph_error"), "decode_steps_per_call": engine.stats["decode_steps"] // (repeats + 2)}
 
 
 def parse() -> argparse.Namespace:

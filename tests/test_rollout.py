@@ -259,7 +259,7 @@ def test_cuda_graph_decode_matches_eager_decode_gpu():
         assert [s.response_ids for s in a] == [s.response_ids for s in b]
         for x, y in zip(a, b):
             torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=0, atol=1e-4)
-    assert graphs.stats["graphs_captured"] >= 3
+    assert graphs.stats["graphs_captured"] >= 3 and "graph_error" not in graphs.stats
     graphs.sleep()
     graphs.wake()
     assert [s.response_ids for s in graphs.generate(PROMPTS, 1, greedy(8))] == \

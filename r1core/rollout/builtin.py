@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import heapq
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -359,7 +360,15 @@ class BuiltinEngine(RolloutEngine):
         key = (B, S, truncate)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[key] = self._capture(B, S, truncate)
+            try:
+                graph = self._graphs[key] = self._capture(B, S, truncate)
+            except RuntimeError as e:  # e.g. a MoE path with a host sync (decode_moe="model" on the ref impl)
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly from now on: {e}")
+                self.stats["graph_error"] = str(e)[:300]
+                self.cuda_graphs = False
+                self._graphs.clear()
+                self._step(B, S, truncate)
+                return
         graph.replay()
 
     def _capture(self, B: int, S: int, truncate: bool) -> torch.cuda.CUDAGraph:
