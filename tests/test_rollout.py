@@ -167,6 +167,26 @@ def test_sampling_is_reproducible_and_independent_of_batching(model):
     assert [s.response_ids for s in fresh] != [s.response_ids for s in base]
 
 
+def test_rows_freed_by_early_stops_are_refilled_without_changing_any_sample(model):
+    # ~1 in 7 tokens stops a sequence, so rows free up at different steps and queued requests
+    # are prefilled while other rows are mid-decode.
+    sp = SamplingParams(temperature=1.0, max_new_tokens=12, stop_token_ids=list(range(0, 512, 7)), seed=5)
+    runs = {}
+    for mb in (16, 3, 1):
+        engine = BuiltinEngine(model, max_batch=mb, max_len=64)
+        runs[mb] = engine.generate(PROMPTS, 3, sp)
+        if mb == 3:
+            assert engine.stats["prefills"] >= 5
+    lengths = {len(s.response_ids) for s in runs[16]}
+    assert len(lengths) >= 4, f"want varied finishing steps, got lengths {lengths}"
+    for mb in (3, 1):
+        assert [s.response_ids for s in runs[mb]] == [s.response_ids for s in runs[16]]
+    for s in runs[16]:
+        stops = [i for i, t in enumerate(s.response_ids) if t % 7 == 0]
+        assert stops == ([len(s.response_ids) - 1] if s.finish_reason == "stop" else [])
+        assert s.finish_reason == "stop" or len(s.response_ids) == 12
+
+
 def test_logprobs_are_temperature_scaled_full_distribution(model):
     sp = SamplingParams(temperature=0.5, top_k=3, max_new_tokens=6, seed=1)
     s = BuiltinEngine(model, max_batch=2, max_len=64).generate([PROMPTS[0]], 1, sp)[0]
