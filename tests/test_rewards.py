@@ -21,7 +21,7 @@ from r1core.rewards.sandbox import isolation_layers
 from r1core.rewards.text import TooComplex, extract_answer, extract_code, last_boxed, split_think
 
 FAST = rewards.SandboxLimits(wall_s=5, cpu_s=2, memory_mb=512)
-HOSTILE = rewards.SandboxLimits(wall_s=1.5, cpu_s=1, memory_mb=256, max_output_bytes=10_000)
+HOSTILE = rewards.SandboxLimits(wall_s=1.5, cpu_s=1, memory_mb=256, fsize_mb=1, max_output_bytes=10_000)
 
 
 def scored(name, response, answer=None, **kw):
@@ -320,6 +320,7 @@ def test_code_without_a_program_after_think_is_no_code():
         ("x = bytearray(10**10)", "memory"),
         ("chunks = []\nwhile True:\n    chunks.append(' ' * 10**7)", "memory"),
         ("while True:\n    print('spam' * 100)", "output_limit"),
+        ("open('big.bin', 'wb').write(b'x' * (2 << 20))", "file_size"),
         ("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)", "network"),
         ("import sys\nsys.stdout.buffer.write(b'3\\xff\\xfe\\n')", "non_utf8"),
         ("import ctypes\nctypes.CDLL(None).getpid()", "forbidden"),

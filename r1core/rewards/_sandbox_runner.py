@@ -12,13 +12,14 @@ is the OS (rlimits, a separate uid with RLIMIT_NPROC, the network namespace, the
 process-group kill). Exit statuses are listed in EXIT and mirrored in sandbox.py.
 """
 
+import errno
 import json
 import os
 import resource
 import sys
 
 EXIT = {"syntax_error": 241, "runtime_error": 242, "memory": 243, "network": 244, "process": 245,
-        "forbidden": 246, "no_function": 247}
+        "forbidden": 246, "no_function": 247, "file_size": 248}
 
 _PROCESS_EVENTS = frozenset({
     "os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn", "os.system", "os.startfile",
@@ -110,12 +111,13 @@ def main():
         raise
     except MemoryError:
         os._exit(EXIT["memory"])
-    except BaseException:  # noqa: BLE001 - report, then a distinct status
+    except BaseException as e:  # noqa: BLE001 - report, then a distinct status
         import traceback
 
         traceback.print_exc()
         sys.stderr.flush()
-        os._exit(EXIT["runtime_error"])
+        # Python ignores SIGXFSZ, so RLIMIT_FSIZE surfaces as EFBIG from write().
+        os._exit(EXIT["file_size"] if getattr(e, "errno", None) == errno.EFBIG else EXIT["runtime_error"])
     sys.stdout.flush()
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 _RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_runner.py")
 # Mirrors EXIT in _sandbox_runner.py.
 _EXIT_REASONS = {241: "syntax_error", 242: "runtime_error", 243: "memory", 244: "network", 245: "process",
-                 246: "forbidden", 247: "no_function"}
+                 246: "forbidden", 247: "no_function", 248: "file_size"}
 _NOBODY = 65534
 
 
@@ -147,8 +147,6 @@ def _classify(returncode: int) -> str | None:
         return _EXIT_REASONS[returncode]
     if returncode in (-signal.SIGXCPU, -signal.SIGKILL):
         return "timeout"  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one
-    if returncode == -signal.SIGXFSZ:
-        return "file_size"
     return "crash" if returncode < 0 else "runtime_error"
 
 
