@@ -68,23 +68,32 @@ class RunResult:
     wall_s: float
 
 
+_SETPRIV = [f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups", "--no-new-privs"]
+_CANDIDATES = {
+    "netns": [("unshare", ["-n"])],
+    # Keeping CAP_DAC_READ_SEARCH lets `nobody` read an interpreter under /root; containers that
+    # do not grant it can still drop to `nobody` when the interpreter is world-readable.
+    "drop_root": [("setpriv", [*_SETPRIV, "--inh-caps=-all,+dac_read_search", "--ambient-caps=-all,+dac_read_search"]),
+                  ("setpriv", [*_SETPRIV, "--inh-caps=-all"])],
+}
+
+
 @functools.lru_cache(maxsize=None)
 def _layer(name: str) -> list[str] | None:
-    """argv prefix for an isolation layer, or None where it does not work (probed once)."""
-    if name == "netns":
-        exe, args = shutil.which("unshare"), ["-n"]
-    else:
-        exe = shutil.which("setpriv")
-        args = [f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups", "--no-new-privs",
-                "--inh-caps=-all,+dac_read_search", "--ambient-caps=-all,+dac_read_search"]
-    if exe is None:
-        return None
-    true = shutil.which("true") or "/bin/true"
-    try:
-        ok = subprocess.run([exe, *args, true], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        ok = False
-    return [exe, *args] if ok else None
+    """argv prefix for an isolation layer, or None where it does not work. Probed once per
+    process by starting the real interpreter through it."""
+    for tool, args in _CANDIDATES[name]:
+        exe = shutil.which(tool)
+        if exe is None:
+            continue
+        try:
+            probe = subprocess.run([exe, *args, sys.executable, "-I", "-c", "import json, resource"],
+                                   capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if probe.returncode == 0:
+            return [exe, *args]
+    return None
 
 
 def isolation_layers(limits: SandboxLimits) -> dict[str, bool]:
