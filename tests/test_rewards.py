@@ -6,6 +6,7 @@ Sandbox tests use 1-2 s limits; the whole file is meant to stay well under a min
 import ast
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -112,6 +113,9 @@ def test_rewards_package_imports_neither_torch_nor_the_model():
         assert "torch" not in roots and not any(m.startswith("r1core.model") for m in imported), name
         if (name.startswith("_") and name != "__init__.py") or name == "mathcheck.py":
             assert "r1core" not in roots, name
+    # And at run time (conftest already imported torch here, so ask a fresh interpreter).
+    code = "import sys, r1core.rewards; print(sorted(m for m in ('torch', 'r1core.model') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "[]\n"
 
 
 # ---------------------------------------------------------------- answer extraction
