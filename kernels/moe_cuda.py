@@ -19,8 +19,10 @@ Softmax scores are computed by torch before the kernel (sigmoid is fused into it
 be bit-identical to the reference, and torch's softmax reduction order is not worth replicating for the
 V2-style configuration; the fused sigmoid reproduces torch's instruction sequence (moe_router.cu).
 
-Importing this module never needs CUDA; calling an op without the built extension raises a RuntimeError
-that names the build command.
+Like the refs, the ops accept any memory layout (inputs are made contiguous, a no-op in the model) and
+cast the bias and weights to fp32; the binding (csrc/r1core_ext.cpp) checks everything else with errors
+that name the argument. Importing this module never needs CUDA; calling an op without the built
+extension raises a RuntimeError that names the build command.
 
 Legend: T tokens, D dim, E experts, K experts per token, P permuted rows.
 """
@@ -140,7 +142,8 @@ def moe_route_cuda(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: R
     _ext()
     if logits_TE.dim() != 2 or logits_TE.shape[1] != spec.n_experts:
         raise ValueError(f"logits_TE must be [T, n_experts={spec.n_experts}], got {tuple(logits_TE.shape)}")
-    return _Route.apply(logits_TE, None if bias_E is None else bias_E.float(), spec)
+    bias_E = None if bias_E is None else bias_E.float().contiguous()
+    return _Route.apply(logits_TE.contiguous(), bias_E, spec)
 
 
 def moe_permute_cuda(x_TD: torch.Tensor, idx_TK: torch.Tensor, counts_E: torch.Tensor, pad_multiple: int = 1):
@@ -149,10 +152,10 @@ def moe_permute_cuda(x_TD: torch.Tensor, idx_TK: torch.Tensor, counts_E: torch.T
     Segment sizes are counted on the device from idx_TK (counts_E must be its bincount; only its shape is used).
     """
     _ext()
-    return _Permute.apply(x_TD, idx_TK, counts_E, int(pad_multiple))
+    return _Permute.apply(x_TD.contiguous(), idx_TK.contiguous(), counts_E, int(pad_multiple))
 
 
 def moe_unpermute_cuda(y_PD: torch.Tensor, pos_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
     """y_TD[t] = sum_k weights[t, k] * y_PD[pos[t, k]], accumulated in fp32, returned in y_PD's dtype."""
     _ext()
-    return _Unpermute.apply(y_PD, pos_TK, weights_TK.float())
+    return _Unpermute.apply(y_PD.contiguous(), pos_TK.contiguous(), weights_TK.float().contiguous())
