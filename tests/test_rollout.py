@@ -11,7 +11,7 @@ import torch
 from r1core.model import MoE, Transformer, presets
 from r1core.model.moe import route_ref
 from r1core.rollout import BuiltinEngine, Sample, SamplingParams, request_seed, request_uniforms, sample
-from r1core.rollout.decode import moe_dense, route_dense
+from r1core.rollout.decode import moe_dense, moe_grouped, route_topk
 
 PROMPTS = [[5, 17, 99, 3, 250, 8], [42, 7], [300, 301, 302, 303, 304, 305, 306, 307, 308], [11], [60, 61, 62]]
 
@@ -117,28 +117,30 @@ def test_sampling_params_reject_invalid_values():
 
 
 # ---------------------------------------------------------------- graph-safe decode pieces
-def test_route_dense_equals_route_ref_scattered(model):
+def test_route_topk_equals_route_ref(model):
     moe = model.moe_layers()[0]
     torch.manual_seed(0)
     moe.gate.e_score_correction_bias.normal_(0, 0.05)  # make the bias steer selection
     try:
         logits = torch.randn(37, moe.gate.spec.n_experts)
         w, idx, _ = route_ref(logits, moe.gate.e_score_correction_bias, moe.gate.spec)
-        expected = torch.zeros(37, moe.gate.spec.n_experts).scatter_(1, idx, w)
-        assert torch.equal(route_dense(logits, moe.gate.e_score_correction_bias, moe.gate.spec), expected)
+        w2, idx2 = route_topk(logits, moe.gate.e_score_correction_bias, moe.gate.spec)
+        assert torch.equal(idx2, idx) and torch.equal(w2, w)
     finally:
         moe.gate.e_score_correction_bias.zero_()
 
 
-def test_moe_dense_matches_moe_forward(model):
+@pytest.mark.parametrize("path", [moe_dense, moe_grouped])
+def test_decode_moe_paths_match_moe_forward(model, path):
     moe: MoE = model.moe_layers()[1]
-    x = torch.randn(3, 5, model.args.dim)
-    with torch.no_grad():
-        torch.testing.assert_close(moe_dense(moe, x), moe(x)[0], rtol=1e-5, atol=1e-6)
+    for T in (1, 5, 40):  # T*K below, near and above the expert count
+        x = torch.randn(1, T, model.args.dim)
+        with torch.no_grad():
+            torch.testing.assert_close(path(moe, x), moe(x)[0], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- built-in engine
-@pytest.mark.parametrize("decode_moe", ["dense", "model"])
+@pytest.mark.parametrize("decode_moe", ["dense", "grouped", "model"])
 def test_greedy_equals_full_recompute_reference_with_continuous_batching(model, decode_moe):
     # max_batch=2 < 5 prompts: rows are freed and refilled while others decode.
     engine = BuiltinEngine(model, max_batch=2, max_len=64, decode_moe=decode_moe)
@@ -461,3 +463,23 @@ def test_sglang_sleep_wake_release_and_resume_memory(model, fake_sglang, tmp_pat
     backed_up.sleep()
     backed_up.wake()
     assert len(backed_up.generate(PROMPTS[:1], 1, SamplingParams(max_new_tokens=2))) == 1
+
+
+@pytest.mark.gpu
+def test_grouped_moe_decode_is_graph_safe_and_accurate_in_bf16_gpu():
+    from r1core.testing import assert_close_to_ref
+
+    torch.manual_seed(1234)
+    model = Transformer(presets["tiny"]).cuda().eval()
+    moe = model.moe_layers()[1]
+    x = torch.randn(1, 24, model.args.dim, device="cuda")
+    with torch.no_grad():
+        ref32 = moe(x)[0]
+        model.to(torch.bfloat16)
+        moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
+        ref16 = moe(x.bfloat16())[0]
+        assert_close_to_ref(moe_grouped(moe, x.bfloat16()), ref32, ref16, floor=1e-2, name="moe_grouped bf16")
+    engine = BuiltinEngine(model, max_batch=8, max_len=64, decode_moe="grouped")
+    samples = engine.generate(PROMPTS, 2, SamplingParams(max_new_tokens=16, seed=1))
+    assert engine.stats["graphs_captured"] >= 1 and "graph_error" not in engine.stats
+    assert all(len(s.response_ids) == 16 and all(math.isfinite(lp) for lp in s.logprobs) for s in samples)

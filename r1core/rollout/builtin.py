@@ -120,9 +120,9 @@ class BuiltinEngine(RolloutEngine):
         update_weights is a no-op); otherwise a private copy is made.
     tokenizer: anything with `decode(ids) -> str` and `eos_id` / `eos_token_id`; needed for stop
         strings and response_text, optional otherwise.
-    decode_moe: "dense" (graph-safe all-experts GEMM, see decode.py) or "model" (the model's own
-        MoE implementation, e.g. after `model.set_moe_impl("triton")`; must be host-sync free
-        to be captured).
+    decode_moe: "dense" (all-experts batched GEMM), "grouped" (torch._grouped_mm over routed rows),
+        both graph-safe (see decode.py), or "model" (the model's own MoE implementation, e.g. after
+        `model.set_moe_impl("triton")`; it must be free of host syncs to be captured).
     """
 
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, max_len: int = 4096,

@@ -4,12 +4,15 @@ The model's own cached forward is written for eager use: MLA reads `positions.ma
 the key range, and the MoE reference routes with `bincount` and loops experts over
 `seg_E.tolist()`; each is a device-to-host sync that a CUDA graph cannot capture. This module
 walks the same modules (same weights, same `_queries` / `_latents` / `_attend_absorbed` math) with
-a key range S fixed per graph and a mask from each row's position, and offers a dense MoE path.
+a key range S fixed per graph and a mask from each row's position.
 
-Dense MoE for decode: a decode batch of T <= ~200 tokens is memory-bound however the experts are
-computed (arithmetic intensity ~T flop/byte against an H100 ridge of ~250), and with T*K >= E
-nearly every expert is visited anyway, so running all E experts as one batched GEMM reads the
-same bytes as a grouped GEMM, needs no permutation, and has static shapes.
+MoE for decode has two graph-safe paths besides the model's own ("model"):
+- dense: a decode batch of T <= ~200 tokens is memory-bound however the experts are computed
+  (arithmetic intensity ~T flop/byte against an H100 ridge of ~250), and with T*K >= E nearly every
+  expert is visited anyway, so running all E experts as one batched GEMM reads the same bytes as a
+  grouped GEMM, needs no permutation, and has static shapes;
+- grouped: `torch._grouped_mm` over the T*K routed rows reads only the visited experts, which wins
+  in the tail of a rollout when few rows remain (T*K << E).
 
 Legend: B rows (batch bucket), S key slots (length bucket), D dim, E experts, K top-k, I expert dim.
 """
@@ -26,8 +29,8 @@ from r1core.model.rope import rope_cos_sin
 from .sampling import sample
 
 
-def route_dense(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: RouterSpec) -> torch.Tensor:
-    """`route_ref`'s selection and weights scattered into a dense [T, E] fp32 matrix, without bincount."""
+def route_topk(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: RouterSpec):
+    """`route_ref`'s (weights_TK, idx_TK), without the bincount (a host sync on CUDA) it also returns."""
     T, E = logits_TE.shape
     scores_TE = router_scores(logits_TE, spec.score_func)
     choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
@@ -44,21 +47,51 @@ def route_dense(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: Rout
     weights_TK = scores_TE.gather(1, idx_TK)
     if spec.norm_topk_prob:
         weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-    return torch.zeros_like(scores_TE).scatter_(1, idx_TK, weights_TK * spec.route_scale)
+    return weights_TK * spec.route_scale, idx_TK
+
+
+def _shared(moe: MoE, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
+    return y_TD if moe.shared_experts is None else y_TD + moe.shared_experts(x_TD)
 
 
 def moe_dense(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """MoE output for x [B, T, D], every expert run on every token and weighted by the routing matrix."""
     B, T, D = x.shape
     x_TD = x.reshape(-1, D)
-    w_TE = route_dense(moe.gate.logits(x_TD), moe.gate.e_score_correction_bias, moe.gate.spec)
+    weights_TK, idx_TK = route_topk(moe.gate.logits(x_TD), moe.gate.e_score_correction_bias, moe.gate.spec)
+    w_TE = torch.zeros(x_TD.shape[0], moe.gate.spec.n_experts, device=x.device).scatter_(1, idx_TK, weights_TK)
     ex = moe.experts
     h_ETI = F.silu(torch.matmul(x_TD, ex.w1.transpose(1, 2))) * torch.matmul(x_TD, ex.w3.transpose(1, 2))
     y_ETD = torch.bmm(h_ETI, ex.w2.transpose(1, 2))
     y_TD = torch.einsum("te,etd->td", w_TE, y_ETD.float()).to(x.dtype)  # fp32 combine, as unpermute_ref
-    if moe.shared_experts is not None:
-        y_TD = y_TD + moe.shared_experts(x_TD)
-    return y_TD.view(B, T, D)
+    return _shared(moe, x_TD, y_TD).view(B, T, D)
+
+
+def moe_grouped(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """MoE output for x [B, T, D] through `torch._grouped_mm`: only the visited experts' weights are read.
+
+    Static shapes throughout (T*K rows, E group offsets from a scatter-add, not a bincount), so it is
+    graph-safe; cheaper than moe_dense when T*K is well below E (the tail of a rollout).
+    """
+    B, T, D = x.shape
+    x_TD = x.reshape(-1, D)
+    spec, ex = moe.gate.spec, moe.experts
+    weights_TK, idx_TK = route_topk(moe.gate.logits(x_TD), moe.gate.e_score_correction_bias, spec)
+    flat_P = idx_TK.flatten()
+    order_P = torch.sort(flat_P, stable=True).indices  # rows by expert, then (token, k)
+    counts_E = torch.zeros(spec.n_experts, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat_P, torch.ones_like(flat_P, dtype=torch.int32))
+    offs_E = counts_E.cumsum(0, dtype=torch.int32)
+    x_PD = x_TD[order_P // spec.top_k]
+    h_PI = F.silu(torch._grouped_mm(x_PD, ex.w1.transpose(1, 2), offs=offs_E)) * \
+        torch._grouped_mm(x_PD, ex.w3.transpose(1, 2), offs=offs_E)
+    y_PD = torch._grouped_mm(h_PI, ex.w2.transpose(1, 2), offs=offs_E)
+    y_TKD = torch.empty_like(y_PD).index_copy_(0, order_P, y_PD).view(-1, spec.top_k, D)
+    y_TD = (y_TKD.float() * weights_TK[..., None]).sum(1).to(x.dtype)  # fp32 combine, as unpermute_ref
+    return _shared(moe, x_TD, y_TD).view(B, T, D)
+
+
+MOE_PATHS = {"dense": moe_dense, "grouped": moe_grouped}
 
 
 class DecodeBuffers:
@@ -99,8 +132,8 @@ class DecodeStep:
     """
 
     def __init__(self, model: Transformer, cache: LatentKVCache, bufs: DecodeBuffers, moe_path: str = "dense"):
-        if moe_path not in ("dense", "model"):
-            raise ValueError(f"moe_path={moe_path!r}: choose 'dense' or 'model'")
+        if moe_path not in (*MOE_PATHS, "model"):
+            raise ValueError(f"moe_path={moe_path!r}: choose one of {[*MOE_PATHS, 'model']}")
         self.model, self.cache, self.bufs, self.moe_path = model, cache, bufs, moe_path
         cos, sin = rope_cos_sin(model.args, bufs.slot_ids)  # a table, so steps compute no angles on the host
         self.rope_cos, self.rope_sin = cos, sin
@@ -117,7 +150,7 @@ class DecodeStep:
 
     def _ffn(self, ffn, h: torch.Tensor) -> torch.Tensor:
         if isinstance(ffn, MoE):
-            return moe_dense(ffn, h) if self.moe_path == "dense" else ffn(h)[0]
+            return ffn(h)[0] if self.moe_path == "model" else MOE_PATHS[self.moe_path](ffn, h)
         return ffn(h)
 
     def logits(self, B: int, S: int) -> torch.Tensor:
