@@ -463,3 +463,18 @@ def test_a_failing_reward_model_stops_the_job(no_reward_model):
     rewards.set_reward_model(rewards.ScalarHeadRewardModel(list, lambda ids: 1 / 0))
     with pytest.raises(rewards.RewardModelError, match="ZeroDivisionError"):
         rewards.get("reward_model")("x", None)
+
+
+def test_countdown_reward_checks_the_boxed_expression_against_numbers_and_target():
+    from r1core import rewards
+
+    stats = rewards.RewardStats()
+    r = rewards.get("countdown", stats=stats)
+    assert r("<think>8+3=11</think> \\boxed{(12-4)+(8+3)}", "19", numbers=[12, 8, 3, 4]) == 1.0
+    assert r("<think>..</think> \\boxed{12*4}", "19", numbers=[12, 8, 3, 4]) == 0.0          # wrong value
+    assert r("<think>..</think> \\boxed{12+7}", "19", numbers=[12, 8, 3, 4]) == 0.0          # 7 not given
+    assert r("<think>..</think> \\boxed{__import__('os')}", "19", numbers=[12]) == 0.0       # never executed
+    assert r("<think>\\boxed{(12-4)+(8+3)}</think> no box", "19", numbers=[12, 8, 3, 4]) == 0.0  # only after </think>
+    assert stats.snapshot() == {"countdown": {"correct": 1, "wrong": 3, "no_answer": 1}}
+    with pytest.raises(rewards.RewardConfigError, match="needs numbers"):
+        r("<think>x</think> \\boxed{1}", "1")

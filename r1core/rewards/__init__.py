@@ -13,6 +13,7 @@ rewards run in rollout worker processes.
 """
 
 from r1core.rewards import code_reward as _code_reward  # noqa: F401  (each module registers its reward)
+from r1core.rewards import countdown as _countdown  # noqa: F401
 from r1core.rewards import format_reward as _format_reward  # noqa: F401
 from r1core.rewards import language as _language  # noqa: F401
 from r1core.rewards import math_accuracy as _math_accuracy  # noqa: F401
