@@ -88,15 +88,15 @@ def _row_block(V: int, elem_bytes: int) -> tuple[int, int]:
     return block, 16 if block >= 4096 else 8
 
 
-def row_stats(x: torch.Tensor, targets: torch.Tensor, vocab_start: int, scale: float) -> tuple[torch.Tensor, ...]:
-    """(m, s, u, z_target) fp32 [C] for logits rows x [C, V] (row stride free, unit column stride)."""
+def row_stats(x: torch.Tensor, targets: torch.Tensor, vocab_start: int, scale: float) -> torch.Tensor:
+    """(m, s, u, z_target) fp32 [4, C] for logits rows x [C, V] (row stride free, unit column stride)."""
     C, V = x.shape
     assert x.stride(1) == 1 and targets.shape == (C,) and targets.is_contiguous(), "row_stats: bad layout"
     out = torch.empty(4, C, device=x.device, dtype=torch.float32)
     block, warps = _row_block(V, x.element_size())
     _row_stats_kernel[(C,)](x, x.stride(0), targets, out[0], out[1], out[2], out[3], V, vocab_start, scale,
                             BLOCK_V=block, num_warps=warps)
-    return out[0], out[1], out[2], out[3]
+    return out
 
 
 def row_grad(x: torch.Tensor, g: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,

@@ -244,7 +244,7 @@ def _chunked_pass(h, w, targets, scale, group, coef_fn, need_gh, need_gw, fp32_l
         end = min(start + C, N)
         hc, tc, x = h[start:end], targets[start:end], buf[: end - start]
         _mm_into(hc, w.t(), x)                                                   # [c, V]
-        lse, ent, zt = _finish_lse(torch.stack(tk.row_stats(x, tc, vocab_start, scale)), group)
+        lse, ent, zt = _finish_lse(tk.row_stats(x, tc, vocab_start, scale), group)
         logp[start:end] = zt - lse
         entropy[start:end] = ent
         if not (need_gh or need_gw):
