@@ -1,0 +1,444 @@
+"""Grouped SwiGLU expert FFN over expert-contiguous row segments, forward and backward.
+
+Legend: P permuted rows, D model dim, I expert hidden dim, E experts; segment e is rows
+[start_e, start_e + seg_e) with start = exclusive_cumsum(seg); rows past the last segment are zero.
+
+    h1 = x W1_e^T,  h3 = x W3_e^T,  a = silu(h1) * h3,  y = a W2_e^T          (per segment e)
+    backward (Shazeer 2020, "GLU Variants Improve Transformer", for the SwiGLU derivative):
+    da = dy W2_e;  dh3 = da * silu(h1);  dh1 = da * h3 * sig(h1) * (1 + h1 (1 - sig(h1)))
+    dx = dh1 W1_e + dh3 W3_e;  dW1_e = dh1_e^T x_e;  dW3_e = dh3_e^T x_e;  dW2_e = dy_e^T a_e
+
+Two implementations, chosen at run time by `grouped_swiglu_backend`:
+  * "grouped_mm": `torch._grouped_mm` (CUTLASS sm90 grouped GEMM: 691 TFLOP/s forward at V3 expert
+    shapes, 89% of dense) for the eight GEMMs, Triton for the SwiGLU elementwise steps. Used on
+    Hopper when every operand is bf16, D and I are multiples of 8 (16-byte TMA strides) and E < 1024
+    (the CUTLASS kernel's group limit). Its outputs are torch.empty, so rows past the last segment
+    and the weight grads of experts with no rows are zeroed here.
+  * "triton": Triton grouped GEMMs with SwiGLU fused into the gate/up epilogue (forward) and into
+    the epilogue of da (backward). Everything else: the CPU interpreter, fp32 / fp16, pre-Hopper GPUs.
+h1 and h3 are saved for backward; a is recomputed there rather than kept.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from r1core.model.moe import grouped_swiglu_ref
+
+__all__ = ["grouped_swiglu", "grouped_swiglu_ref", "grouped_swiglu_backend"]
+
+BACKENDS = ("grouped_mm", "triton")
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _tile_rows(pid_m, tile_end_ptr, seg_start_ptr, seg_ptr, P, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Expert and rows of row-tile pid_m: tiles are numbered expert by expert (tile_end = cumsum cdiv(seg, BM))."""
+    ar = tl.arange(0, BLOCK_E)
+    ends = tl.load(tile_end_ptr + ar, mask=ar < E, other=2147483647)
+    e = tl.sum((ends <= pid_m).to(tl.int32), axis=0)
+    e_safe = tl.minimum(e, E - 1)
+    first = tl.load(tile_end_ptr + e_safe - 1, mask=e_safe > 0, other=0)
+    start = tl.load(seg_start_ptr + e_safe)
+    rows = start + (pid_m - first) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = (rows < start + tl.load(seg_ptr + e_safe)) & (rows < P)
+    return e, e_safe.to(tl.int64), rows.to(tl.int64), row_ok
+
+
+@triton.jit
+def _mma(acc, a_ptr, b_ptr, rows, row_ok, cols, col_ok, K, stride_am, stride_bk, stride_bn,
+         BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """acc += A[rows, :K] @ B[:K, cols]; A has unit stride along K."""
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + cols[None, :] * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = k0 + rk < K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _swiglu_bwd_math(da, h1, h3):
+    sig = tl.sigmoid(h1)
+    silu = h1 * sig
+    return da * h3 * sig * (1.0 + h1 * (1.0 - sig)), da * silu, silu * h3  # dh1, dh3, a
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w1_ptr, w3_ptr, h1_ptr, h3_ptr, a_ptr, tile_end_ptr, seg_start_ptr, seg_ptr,
+                    P, D, I, E, stride_we, stride_wk, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr):
+    """h1 = x W1^T, h3 = x W3^T sharing each x tile; epilogue a = silu(h1) * h3 from the rounded h1, h3."""
+    n_tiles = tl.cdiv(I, BLOCK_N)
+    pid_m = tl.program_id(0) // n_tiles
+    e, e64, rows, row_ok = _tile_rows(pid_m, tile_end_ptr, seg_start_ptr, seg_ptr, P, E, BLOCK_M, BLOCK_E)
+    if e >= E:
+        return
+    cols = (tl.program_id(0) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < I
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * D + rk[None, :]
+    w_off = e64 * stride_we + rk[:, None] * stride_wk + cols[None, :] * stride_wn
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = k0 + rk < D
+        xa = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        acc1 = tl.dot(xa, tl.load(w1_ptr + w_off, mask=w_mask, other=0.0), acc1, input_precision=PREC)
+        acc3 = tl.dot(xa, tl.load(w3_ptr + w_off, mask=w_mask, other=0.0), acc3, input_precision=PREC)
+        x_ptrs += BLOCK_K
+        w_off += BLOCK_K * stride_wk
+    out = rows[:, None] * I + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    h1 = acc1.to(h1_ptr.dtype.element_ty)
+    h3 = acc3.to(h1_ptr.dtype.element_ty)
+    tl.store(h1_ptr + out, h1, mask=mask)
+    tl.store(h3_ptr + out, h3, mask=mask)
+    h1f = h1.to(tl.float32)
+    tl.store(a_ptr + out, (h1f * tl.sigmoid(h1f) * h3.to(tl.float32)).to(a_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rows_gemm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, h1_ptr, h3_ptr, dh3_ptr, act_ptr,
+                      tile_end_ptr, seg_start_ptr, seg_ptr, P, K, N, E, stride_be, stride_bk, stride_bn,
+                      DUAL: tl.constexpr, SWIGLU_BWD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr):
+    """C[seg e] = A[seg e] @ B_e (+ A2 @ B2_e when DUAL). With SWIGLU_BWD, C is da and the epilogue
+    writes dh1 to c_ptr, dh3 and the recomputed a, reading the saved h1, h3."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // n_tiles
+    e, e64, rows, row_ok = _tile_rows(pid_m, tile_end_ptr, seg_start_ptr, seg_ptr, P, E, BLOCK_M, BLOCK_E)
+    if e >= E:
+        return
+    cols = (tl.program_id(0) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc = _mma(acc, a_ptr, b_ptr + e64 * stride_be, rows, row_ok, cols, col_ok, K, K, stride_bk, stride_bn,
+               BLOCK_K, PREC)
+    if DUAL:
+        acc = _mma(acc, a2_ptr, b2_ptr + e64 * stride_be, rows, row_ok, cols, col_ok, K, K, stride_bk, stride_bn,
+                   BLOCK_K, PREC)
+    out = rows[:, None] * N + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    dt = c_ptr.dtype.element_ty
+    if SWIGLU_BWD:
+        h1 = tl.load(h1_ptr + out, mask=mask, other=0.0).to(tl.float32)
+        h3 = tl.load(h3_ptr + out, mask=mask, other=0.0).to(tl.float32)
+        dh1, dh3, act = _swiglu_bwd_math(acc.to(dt).to(tl.float32), h1, h3)
+        tl.store(dh3_ptr + out, dh3.to(dt), mask=mask)
+        tl.store(act_ptr + out, act.to(dt), mask=mask)
+        tl.store(c_ptr + out, dh1.to(dt), mask=mask)
+    else:
+        tl.store(c_ptr + out, acc.to(dt), mask=mask)
+
+
+@triton.jit
+def _wgrad_kernel(a_ptr, b_ptr, c_ptr, seg_start_ptr, seg_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """C_e[M, N] = A[seg e]^T @ B[seg e] (A: [P, M], B: [P, N], row-major); an empty segment gives zeros."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    e = tl.program_id(1).to(tl.int64)
+    rm = (tl.program_id(0) // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (tl.program_id(0) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start = tl.load(seg_start_ptr + e).to(tl.int64)
+    n_rows = tl.load(seg_ptr + e)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for r0 in range(0, n_rows, BLOCK_K):
+        r = start + r0 + rk
+        r_ok = r0 + rk < n_rows
+        at = tl.load(a_ptr + r[None, :] * M + rm[:, None], mask=r_ok[None, :] & (rm < M)[:, None], other=0.0)
+        b = tl.load(b_ptr + r[:, None] * N + rn[None, :], mask=r_ok[:, None] & (rn < N)[None, :], other=0.0)
+        acc = tl.dot(at, b, acc, input_precision=PREC)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(c_ptr + e * M * N + rm[:, None] * N + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_ew_kernel(h1_ptr, h3_ptr, da_ptr, a_ptr, dh1_ptr, dh3_ptr, used_ptr, N, stride_m,
+                      BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Elementwise SwiGLU for the grouped_mm path, over the rows of the segments only."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (r < tl.load(used_ptr))[:, None] & (c < N)[None, :]
+    off = r.to(tl.int64)[:, None] * stride_m + c[None, :]
+    h1 = tl.load(h1_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    h3 = tl.load(h3_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    dt = a_ptr.dtype.element_ty
+    if BACKWARD:
+        dh1, dh3, act = _swiglu_bwd_math(tl.load(da_ptr + off, mask=mask, other=0.0).to(tl.float32), h1, h3)
+        tl.store(dh1_ptr + off, dh1.to(dt), mask=mask)
+        tl.store(dh3_ptr + off, dh3.to(dt), mask=mask)
+    else:
+        act = h1 * tl.sigmoid(h1) * h3
+    tl.store(a_ptr + off, act.to(dt), mask=mask)
+
+
+@triton.jit
+def _zero_tail_kernel(out_ptr, used_ptr, P, N, stride_m, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    tail = (r >= tl.load(used_ptr)) & (r < P)
+    if tl.sum(tail.to(tl.int32), axis=0) > 0:  # blocks inside the segments skip the N loop
+        for n0 in range(0, N, BLOCK_N):
+            c = n0 + tl.arange(0, BLOCK_N)
+            zeros = tl.zeros((BLOCK_R, BLOCK_N), out_ptr.dtype.element_ty)
+            tl.store(out_ptr + r.to(tl.int64)[:, None] * stride_m + c[None, :], zeros, mask=tail[:, None] & (c < N)[None, :])
+
+
+@triton.jit
+def _zero_empty_experts_kernel(w_ptr, seg_ptr, numel, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    e = tl.program_id(1).to(tl.int64)
+    if tl.load(seg_ptr + e) == 0:
+        for i0 in range(tl.program_id(0) * CHUNK, (tl.program_id(0) + 1) * CHUNK, BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            tl.store(w_ptr + e * numel + i, tl.zeros((BLOCK,), w_ptr.dtype.element_ty), mask=i < numel)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+_INTERP_BLOCK_M = 16
+
+
+def _configs(x: torch.Tensor) -> dict:
+    """Tile shapes per kernel family. Row-tiled kernels share BLOCK_M (the tile table depends on it).
+
+    prec: tl.dot input precision; "ieee" for fp32 operands, which tl.dot would otherwise round to tf32
+    (it does not apply to bf16 / fp16 operands).
+    """
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    if not x.is_cuda:  # interpreter: N and K tiles are fitted per call in _fit
+        t = dict(BLOCK_M=_INTERP_BLOCK_M, BLOCK_N=128, BLOCK_K=128)
+        return dict(gate_up=t, rows=t, wgrad=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16), prec=prec, fit=True)
+    if x.dtype == torch.float32:
+        t = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
+        return dict(gate_up=t, rows=t, wgrad=t, prec=prec, fit=False)
+    # bf16 / fp16: two fp32 accumulators in gate_up, so half the N tile there.
+    big = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(gate_up=dict(big, BLOCK_N=64), rows=big, wgrad=big, prec=prec, fit=False)
+
+
+def _fit(cfg: dict, family: str, M: int | None, N: int, K: int) -> dict:
+    """The interpreter's tl.dot is an unblocked numpy loop: padded tile FLOPs are its cost, so shrink
+    the tiles to the problem (never below 16, tl.dot's minimum)."""
+    t = dict(cfg[family])
+    if cfg["fit"]:
+        def fit(b, n):
+            return min(b, max(16, triton.next_power_of_2(n)))
+        t["BLOCK_N"], t["BLOCK_K"] = fit(t["BLOCK_N"], N), fit(t["BLOCK_K"], K)
+        if M is not None:
+            t["BLOCK_M"] = fit(t["BLOCK_M"], M)
+    return t
+
+
+class _Segments:
+    """Device-side segment tables (no host sync): int32 sizes, starts, row-tile ends and rows used."""
+
+    def __init__(self, seg_E: torch.Tensor, block_m: int):
+        self.seg = seg_E.to(torch.int32)
+        ends = torch.cumsum(self.seg, 0, dtype=torch.int32)
+        self.offs = ends  # torch._grouped_mm's group ends
+        self.start = ends - self.seg
+        self.tile_end = torch.cumsum((self.seg + block_m - 1) // block_m, 0, dtype=torch.int32)
+        self.used = ends[-1:]
+        self.block_m = block_m
+
+
+def _zero_tail(out: torch.Tensor, segs: _Segments) -> None:
+    P, N = out.shape
+    if P:
+        _zero_tail_kernel[(triton.cdiv(P, 64),)](out, segs.used, P, N, out.stride(0), BLOCK_R=64,
+                                                 BLOCK_N=min(256, triton.next_power_of_2(N)))
+
+
+def _rows_gemm(a, b, out, segs, cfg, b_strides, a2=None, b2=None, swiglu=None):
+    """out[P, N] = a @ B_e per segment (see _rows_gemm_kernel); swiglu = (h1, h3, dh3, act) outputs."""
+    P, K = a.shape
+    N = out.shape[1]
+    E = segs.seg.numel()
+    t = _fit(cfg, "rows", None, N, K)
+    grid = ((triton.cdiv(P, t["BLOCK_M"]) + E) * triton.cdiv(N, t["BLOCK_N"]),)
+    h1, h3, dh3, act = swiglu if swiglu is not None else (out, out, out, out)
+    _rows_gemm_kernel[grid](a, b, a2 if a2 is not None else a, b2 if b2 is not None else b, out, h1, h3, dh3, act,
+                            segs.tile_end, segs.start, segs.seg, P, K, N, E, *b_strides,
+                            DUAL=a2 is not None, SWIGLU_BWD=swiglu is not None,
+                            BLOCK_E=triton.next_power_of_2(E), PREC=cfg["prec"], **t)
+
+
+def _wgrad(a, b, segs, cfg, dtype):
+    """[E, M, N] = a[seg]^T @ b[seg] for every expert."""
+    M, N = a.shape[1], b.shape[1]
+    E = segs.seg.numel()
+    out = torch.empty(E, M, N, device=a.device, dtype=dtype)
+    t = _fit(cfg, "wgrad", M, N, 0)
+    grid = (triton.cdiv(M, t["BLOCK_M"]) * triton.cdiv(N, t["BLOCK_N"]), E)
+    _wgrad_kernel[grid](a, b, out, segs.start, segs.seg, M, N, PREC=cfg["prec"], **t)
+    return out
+
+
+def _fwd_triton(x, w1, w2, w3, segs, cfg):
+    P, D = x.shape
+    E, I, _ = w1.shape
+    h1, h3, act = (torch.empty(P, I, device=x.device, dtype=x.dtype) for _ in range(3))
+    t = _fit(cfg, "gate_up", None, I, D)
+    grid = ((triton.cdiv(P, t["BLOCK_M"]) + E) * triton.cdiv(I, t["BLOCK_N"]),)
+    _gate_up_kernel[grid](x, w1, w3, h1, h3, act, segs.tile_end, segs.start, segs.seg, P, D, I, E,
+                          w1.stride(0), w1.stride(2), w1.stride(1), BLOCK_E=triton.next_power_of_2(E),
+                          PREC=cfg["prec"], **t)
+    y = torch.empty(P, D, device=x.device, dtype=x.dtype)
+    _rows_gemm(act, w2, y, segs, cfg, (w2.stride(0), w2.stride(2), w2.stride(1)))  # B_e[k=i, n=d] = W2_e[d, i]
+    _zero_tail(y, segs)
+    return y, h1, h3
+
+
+def _bwd_triton(dy, x, w1, w2, w3, h1, h3, segs, cfg, needs):
+    P, D = x.shape
+    dh1, dh3, act = (torch.empty_like(h1) for _ in range(3))
+    _rows_gemm(dy, w2, dh1, segs, cfg, (w2.stride(0), w2.stride(1), w2.stride(2)), swiglu=(h1, h3, dh3, act))
+    dx = dw1 = dw2 = dw3 = None
+    if needs[0]:
+        dx = torch.empty(P, D, device=x.device, dtype=x.dtype)
+        _rows_gemm(dh1, w1, dx, segs, cfg, (w1.stride(0), w1.stride(1), w1.stride(2)), a2=dh3, b2=w3)
+        _zero_tail(dx, segs)
+    if needs[1]:
+        dw1 = _wgrad(dh1, x, segs, cfg, w1.dtype)
+    if needs[2]:
+        dw2 = _wgrad(dy, act, segs, cfg, w2.dtype)
+    if needs[3]:
+        dw3 = _wgrad(dh3, x, segs, cfg, w3.dtype)
+    return dx, dw1, dw2, dw3
+
+
+def _swiglu_ew(h1, h3, segs, da=None):
+    P, I = h1.shape
+    act = torch.empty_like(h1)
+    dh1, dh3 = (torch.empty_like(h1), torch.empty_like(h1)) if da is not None else (act, act)
+    if P:
+        block_n = min(256, triton.next_power_of_2(I))
+        _swiglu_ew_kernel[(triton.cdiv(P, 16), triton.cdiv(I, block_n))](
+            h1, h3, da if da is not None else h1, act, dh1, dh3, segs.used, I, h1.stride(0),
+            BACKWARD=da is not None, BLOCK_R=16, BLOCK_N=block_n)
+    return act, dh1, dh3
+
+
+def _zero_empty_experts(w_grad: torch.Tensor, segs: _Segments) -> None:
+    # The CUTLASS kernel may leave a K=0 group's output unwritten (torch.empty storage).
+    E = w_grad.shape[0]
+    numel = w_grad[0].numel()
+    chunk = max(8192, triton.next_power_of_2(triton.cdiv(numel, 32)))
+    _zero_empty_experts_kernel[(triton.cdiv(numel, chunk), E)](w_grad, segs.seg, numel, CHUNK=chunk, BLOCK=4096)
+
+
+def _fwd_grouped_mm(x, w1, w2, w3, segs):
+    gmm = torch._grouped_mm
+    h1 = gmm(x, w1.transpose(-2, -1), offs=segs.offs)
+    h3 = gmm(x, w3.transpose(-2, -1), offs=segs.offs)
+    act, _, _ = _swiglu_ew(h1, h3, segs)
+    y = gmm(act, w2.transpose(-2, -1), offs=segs.offs)
+    _zero_tail(y, segs)
+    return y, h1, h3
+
+
+def _bwd_grouped_mm(dy, x, w1, w2, w3, h1, h3, segs, needs):
+    gmm = torch._grouped_mm
+    offs = segs.offs
+    act, dh1, dh3 = _swiglu_ew(h1, h3, segs, da=gmm(dy, w2, offs=offs))
+    dx = None
+    if needs[0]:
+        dx = gmm(dh1, w1, offs=offs)
+        dx += gmm(dh3, w3, offs=offs)
+        _zero_tail(dx, segs)
+
+    def wgrad(a, b):  # K-grouped: [E, M, N] = a_e^T b_e
+        g = gmm(a.t(), b, offs=offs)
+        _zero_empty_experts(g, segs)
+        return g
+
+    return (dx, wgrad(dh1, x) if needs[1] else None, wgrad(dy, act) if needs[2] else None,
+            wgrad(dh3, x) if needs[3] else None)
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def grouped_swiglu_backend(x_PD: torch.Tensor, w1_EID: torch.Tensor, w2_EDI: torch.Tensor | None = None,
+                           w3_EID: torch.Tensor | None = None) -> str:
+    """The implementation `grouped_swiglu` runs for these operands.
+
+    "grouped_mm" on Hopper (sm90) when x and the weights are bf16 (its only fast path: other dtypes
+    fall back to a per-group loop with a host sync), D and I are multiples of 8 (16-byte TMA
+    strides), E < 1024 (CUTLASS group limit) and the data is 16-byte aligned; "triton" otherwise.
+    """
+    ops = [t for t in (x_PD, w1_EID, w2_EDI, w3_EID) if t is not None]
+    if not (x_PD.is_cuda and hasattr(torch, "_grouped_mm")):
+        return "triton"
+    if any(t.dtype != torch.bfloat16 for t in ops) or torch.cuda.get_device_capability(x_PD.device)[0] != 9:
+        return "triton"
+    E, I, D = w1_EID.shape
+    if D % 8 or I % 8 or E >= 1024 or any(t.data_ptr() % 16 for t in ops):
+        return "triton"
+    return "grouped_mm"
+
+
+def _check(x, w1, w2, w3, seg) -> None:
+    if x.dim() != 2 or w1.dim() != 3:
+        raise ValueError(f"grouped_swiglu: need x_PD [P, D] and w1_EID [E, I, D], got {tuple(x.shape)}, {tuple(w1.shape)}")
+    E, I, D = w1.shape
+    if x.shape[1] != D or w3.shape != w1.shape or w2.shape != (E, D, I):
+        raise ValueError(f"grouped_swiglu: shapes x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, "
+                         f"w3 {tuple(w3.shape)} do not match x [P, D], w1/w3 [E, I, D], w2 [E, D, I]")
+    if seg.shape != (E,) or seg.is_floating_point():
+        raise ValueError(f"grouped_swiglu: seg_E must be an integer tensor of shape [{E}], got {seg.dtype} {tuple(seg.shape)}")
+    if len({t.dtype for t in (x, w1, w2, w3)}) != 1 or not x.is_floating_point():
+        raise ValueError(f"grouped_swiglu: x and weights need one float dtype, got {x.dtype}, {w1.dtype}, {w2.dtype}, {w3.dtype}")
+    if len({t.device for t in (x, w1, w2, w3, seg)}) != 1:
+        raise ValueError("grouped_swiglu: x, weights and seg_E must be on one device")
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, w2, w3, seg_E, backend):
+        cfg = _configs(x)
+        segs = _Segments(seg_E, cfg["rows"]["BLOCK_M"])
+        if backend == "grouped_mm":
+            y, h1, h3 = _fwd_grouped_mm(x, w1, w2, w3, segs)
+        else:
+            y, h1, h3 = _fwd_triton(x, w1, w2, w3, segs, cfg)
+        ctx.save_for_backward(x, w1, w2, w3, h1, h3, seg_E)
+        ctx.backend = backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, w3, h1, h3, seg_E = ctx.saved_tensors
+        cfg = _configs(x)
+        segs = _Segments(seg_E, cfg["rows"]["BLOCK_M"])
+        needs = ctx.needs_input_grad[:4]
+        dy = dy.contiguous()
+        if ctx.backend == "grouped_mm":
+            grads = _bwd_grouped_mm(dy, x, w1, w2, w3, h1, h3, segs, needs)
+        else:
+            grads = _bwd_triton(dy, x, w1, w2, w3, h1, h3, segs, cfg, needs)
+        return (*grads, None, None)
+
+
+def grouped_swiglu(x_PD: torch.Tensor, w1_EID: torch.Tensor, w2_EDI: torch.Tensor, w3_EID: torch.Tensor,
+                   seg_E: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """Per-segment SwiGLU FFN with `grouped_swiglu_ref`'s contract; differentiable in x and the weights.
+
+    `backend` None picks by `grouped_swiglu_backend`; "grouped_mm" / "triton" force one (benchmarks).
+    Precondition (not checked: it would need a host sync): sum(seg_E) <= P.
+    """
+    _check(x_PD, w1_EID, w2_EDI, w3_EID, seg_E)
+    if backend is None:
+        backend = grouped_swiglu_backend(x_PD, w1_EID, w2_EDI, w3_EID)
+    elif backend not in BACKENDS:
+        raise ValueError(f"grouped_swiglu: backend must be one of {BACKENDS} or None, got {backend!r}")
+    if x_PD.shape[0] == 0 or seg_E.numel() == 0:
+        return torch.zeros_like(x_PD)  # as the reference: nothing to compute, nothing to differentiate
+    x_PD, w1_EID, w2_EDI, w3_EID = (t.contiguous() for t in (x_PD, w1_EID, w2_EDI, w3_EID))
+    return _GroupedSwiGLU.apply(x_PD, w1_EID, w2_EDI, w3_EID, seg_E, backend)
