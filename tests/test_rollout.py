@@ -483,3 +483,23 @@ def test_grouped_moe_decode_is_graph_safe_and_accurate_in_bf16_gpu():
     samples = engine.generate(PROMPTS, 2, SamplingParams(max_new_tokens=16, seed=1))
     assert engine.stats["graphs_captured"] >= 1 and "graph_error" not in engine.stats
     assert all(len(s.response_ids) == 16 and all(math.isfinite(lp) for lp in s.logprobs) for s in samples)
+
+
+@pytest.mark.gpu
+def test_sleep_offloads_a_private_copy_and_frees_gpu_memory_gpu():
+    torch.manual_seed(1234)
+    model = Transformer(presets["tiny"]).cuda().eval()
+    shared = BuiltinEngine(model, max_batch=4, max_len=64)
+    with pytest.raises(RuntimeError, match="trainer"):
+        shared.sleep(offload_weights=True)
+    engine = BuiltinEngine(model, max_batch=64, max_len=2048, dtype=torch.bfloat16)  # private bf16 copy
+    before = engine.generate(PROMPTS, 2, SamplingParams(max_new_tokens=8, seed=2))
+    torch.cuda.synchronize()
+    awake = torch.cuda.memory_allocated()
+    engine.sleep(offload_weights=True)
+    asleep = torch.cuda.memory_allocated()
+    assert awake - asleep >= engine.model.args.n_layers * 64 * 2048 * 48 * 2, "KV cache not freed"
+    assert all(p.device.type == "cpu" for p in engine.model.parameters())
+    engine.wake()
+    after = engine.generate(PROMPTS, 2, SamplingParams(max_new_tokens=8, seed=2))
+    assert [s.response_ids for s in after] == [s.response_ids for s in before]
