@@ -56,4 +56,12 @@ inline int widest_access(int64_t row_bytes, std::initializer_list<const void*> p
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Threads per token for the token-major row kernels: about four accesses per thread, 32..max_team
+// threads (whole warps, so a warp never spans two tokens).
+inline int team_size(int64_t n_access, int max_team) {
+  int team = 32;
+  while (team < max_team && int64_t(team) * 4 < n_access) team *= 2;
+  return team;
+}
+
 }  // namespace r1core

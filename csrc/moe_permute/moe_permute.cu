@@ -128,13 +128,6 @@ assign_positions(const int64_t* __restrict__ idx, int64_t N, int E, int64_t chun
   }
 }
 
-// Threads per token for the token-major row kernels: about four accesses per thread, 32..256 threads.
-inline int team_size(int64_t n_access) {
-  int team = 32;
-  while (team < 256 && int64_t(team) * 4 < n_access) team *= 2;
-  return team;
-}
-
 constexpr int kRowThreads = 256;
 constexpr int kUnroll = 4;
 
@@ -196,7 +189,7 @@ zero_unmarked(V* __restrict__ out, const uint8_t* __restrict__ mark, int64_t P, 
 template <typename V>
 cudaError_t launch_scatter(const PermuteArgs& a, cudaStream_t stream) {
   const int64_t n_vec = a.row_bytes / int64_t(sizeof(V));
-  const int team = team_size(n_vec);
+  const int team = team_size(n_vec, kRowThreads);
   const int64_t blocks = ceil_div(a.n_tokens, kRowThreads / team);
   const size_t smem = sizeof(int64_t) * (kRowThreads / team) * a.top_k;
   scatter_rows<V><<<blocks, kRowThreads, smem, stream>>>(static_cast<const V*>(a.x), static_cast<V*>(a.x_out),

@@ -17,12 +17,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kBatch = 8;  // source rows loaded before they are consumed (memory-level parallelism)
 
-inline int team_size(int64_t n_access) {
-  int team = 32;
-  while (team < kThreads && int64_t(team) * 4 < n_access) team *= 2;
-  return team;
-}
-
 // Loads this token's K positions (-1 when outside [0, P)) and weights into shared memory.
 __device__ __forceinline__ void stage_token(const int64_t* pos, const float* w, int64_t t, int64_t T, int K,
                                             int64_t P, int sub, int team, int64_t* my_pos, float* my_w) {
@@ -99,8 +93,12 @@ unpermute_backward_kernel(const T* __restrict__ g, const T* __restrict__ y, cons
   const V* g_row = reinterpret_cast<const V*>(g) + (live ? t : 0) * n_vec;
   for (int k0 = 0; k0 < K; k0 += kBatch) {
     float part[kBatch];
+    unsigned ok = 0;  // bit j: copy k0 + j exists (a bitmask, not 8 live predicates: those would spill)
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) part[j] = 0.f;
+    for (int j = 0; j < kBatch; ++j) {
+      part[j] = 0.f;
+      if (k0 + j < K && my_pos[k0 + j] >= 0) ok |= 1u << j;
+    }
     for (int64_t v = sub; live && v < n_vec; v += team) {
       const V gv = g_row[v];
       float gf[VEC];
@@ -110,24 +108,22 @@ unpermute_backward_kernel(const T* __restrict__ g, const T* __restrict__ y, cons
       if (grad_w != nullptr) {
 #pragma unroll
         for (int j = 0; j < kBatch; ++j) {
-          const int k = k0 + j;
-          if (k < K && my_pos[k] >= 0) buf[j] = reinterpret_cast<const V*>(y)[my_pos[k] * n_vec + v];
+          if ((ok >> j) & 1u) buf[j] = reinterpret_cast<const V*>(y)[my_pos[k0 + j] * n_vec + v];
         }
       }
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
+        if (!((ok >> j) & 1u)) continue;
         const int k = k0 + j;
-        if (k < K && my_pos[k] >= 0) {
-          if (grad_y != nullptr) {
-            V o;
+        if (grad_y != nullptr) {
+          V o;
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) o.v[e] = from_float<T>(__fmul_rn(gf[e], my_w[k]));
-            reinterpret_cast<V*>(grad_y)[my_pos[k] * n_vec + v] = o;
-          }
-          if (grad_w != nullptr) {
+          for (int e = 0; e < VEC; ++e) o.v[e] = from_float<T>(__fmul_rn(gf[e], my_w[k]));
+          reinterpret_cast<V*>(grad_y)[my_pos[k] * n_vec + v] = o;
+        }
+        if (grad_w != nullptr) {
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) part[j] = fmaf(gf[e], to_float(buf[j].v[e]), part[j]);
-          }
+          for (int e = 0; e < VEC; ++e) part[j] = fmaf(gf[e], to_float(buf[j].v[e]), part[j]);
         }
       }
     }
@@ -151,7 +147,7 @@ unpermute_backward_kernel(const T* __restrict__ g, const T* __restrict__ y, cons
 template <typename T, int VEC>
 cudaError_t launch_forward(const UnpermuteArgs& a, cudaStream_t stream) {
   const int64_t n_vec = a.dim / VEC;
-  const int team = team_size(n_vec);
+  const int team = team_size(n_vec, kThreads);
   const int tpb = kThreads / team;
   const size_t smem = (sizeof(int64_t) + sizeof(float)) * size_t(tpb) * a.top_k;
   unpermute_kernel<T, VEC><<<ceil_div(a.n_tokens, tpb), kThreads, smem, stream>>>(
@@ -163,7 +159,7 @@ cudaError_t launch_forward(const UnpermuteArgs& a, cudaStream_t stream) {
 template <typename T, int VEC>
 cudaError_t launch_backward(const UnpermuteBackwardArgs& a, cudaStream_t stream) {
   const int64_t n_vec = a.dim / VEC;
-  const int team = team_size(n_vec);
+  const int team = team_size(n_vec, kThreads);
   const int tpb = kThreads / team;
   const size_t smem = (sizeof(int64_t) + 2 * sizeof(float)) * size_t(tpb) * a.top_k;
   unpermute_backward_kernel<T, VEC><<<ceil_div(a.n_tokens, tpb), kThreads, smem, stream>>>(
