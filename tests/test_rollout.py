@@ -503,3 +503,17 @@ def test_sleep_offloads_a_private_copy_and_frees_gpu_memory_gpu():
     engine.wake()
     after = engine.generate(PROMPTS, 2, SamplingParams(max_new_tokens=8, seed=2))
     assert [s.response_ids for s in after] == [s.response_ids for s in before]
+
+
+@pytest.mark.gpu
+def test_triton_moe_kernels_decode_under_cuda_graphs_gpu():
+    """The model's own MoE on r1core.kernels (set_moe_impl("triton")) must be capturable: no host syncs."""
+    torch.manual_seed(1234)
+    model = Transformer(presets["tiny"]).cuda().eval()
+    dense = BuiltinEngine(model, max_batch=8, max_len=64).generate(PROMPTS, 1, greedy(12))
+    model.set_moe_impl("triton")
+    engine = BuiltinEngine(model, max_batch=8, max_len=64, decode_moe="model")
+    samples = engine.generate(PROMPTS, 1, greedy(12))
+    assert "graph_error" not in engine.stats, engine.stats.get("graph_error")
+    assert engine.stats["graphs_captured"] >= 1
+    assert [s.response_ids for s in samples] == [s.response_ids for s in dense]
