@@ -1,0 +1,101 @@
+"""The language-model training loop shared by pretraining, SFT and distillation.
+
+generate batches -> engine.train_step -> log -> checkpoint, resumable at any step: the engine
+state (model, optimizer, schedule) and the data position are saved together.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+
+from .checkpointing import CheckpointManager
+from .metrics import MetricsLog, progress
+
+
+@dataclass(kw_only=True)
+class LMTrainConfig:
+    steps: int = 300
+    batch_size: int = 32        # sequences per optimizer step (global)
+    micro_batch_size: int = 32  # sequences per forward/backward
+    seq_len: int = 96
+    doc_masking: bool = True    # attention stays inside each packed document
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
+        if min(self.steps, self.seq_len, self.micro_batch_size) < 1:
+            raise ValueError("steps, seq_len and micro_batch_size must be >= 1")
+
+
+class ResumableBatches(Protocol):
+    """A data source yielding micro-batch dicts with state_dict() / load_state_dict()."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def train_lm(engine, data: ResumableBatches, cfg: LMTrainConfig, out_dir: str | Path, objective,
+             desc: str = "train", is_main: bool = True) -> dict:
+    """Run (or resume) `cfg.steps` optimizer steps; returns the last logged metrics."""
+    out_dir = Path(out_dir)
+    ckpts = CheckpointManager(out_dir / "checkpoints", keep=cfg.keep_checkpoints, is_writer=is_main)
+    state = ckpts.load(engine)
+    start = 0
+    if state is not None:
+        start = state["step"]
+        data.load_state_dict(state["data"])
+    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start, enabled=is_main)
+    accum = cfg.batch_size // cfg.micro_batch_size
+    it = iter(data)
+    bar = progress(cfg.steps, start, desc, enabled=is_main)
+    last: dict = {}
+    t0, tokens_seen = time.perf_counter(), 0
+    for step in range(start + 1, cfg.steps + 1):
+        micro = [next(it) for _ in range(accum)]
+        metrics = engine.train_step(micro, objective)
+        tokens_seen += int(metrics.get("n_tokens", 0))
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - t0
+            last = {**metrics, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+            log.log(step, last)
+            t0, tokens_seen = time.perf_counter(), 0
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            ckpts.save(step, engine, {"data": data.state_dict()})
+    bar.close()
+    return last
+
+
+class WindowBatches:
+    """Adapts r1core.data token-shard windows to engine micro-batch dicts."""
+
+    def __init__(self, dataset, micro_batch_size: int, doc_masking: bool = True):
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.doc_masking = doc_masking
+
+    def __iter__(self):
+        from r1core.data.shards import positions_from_doc_ids
+
+        for w in self.dataset.batches(self.micro_batch_size):
+            mb = {"tokens": w.tokens, "labels": w.labels}
+            if self.doc_masking:
+                mb["doc_ids"] = w.doc_ids
+                mb["positions"] = positions_from_doc_ids(w.doc_ids)
+            yield mb
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
