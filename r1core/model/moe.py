@@ -72,7 +72,9 @@ def route_ref(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: Router
     weights_TK = scores_TE.gather(1, idx_TK)
     if spec.norm_topk_prob:
         weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-    counts_E = torch.bincount(idx_TK.flatten(), minlength=E)
+    # scatter_add rather than bincount: no host sync, so routing can sit inside a CUDA graph
+    counts_E = torch.zeros(E, dtype=torch.int64, device=idx_TK.device).scatter_add_(
+        0, idx_TK.flatten(), torch.ones(idx_TK.numel(), dtype=torch.int64, device=idx_TK.device))
     return weights_TK * spec.route_scale, idx_TK, counts_E
 
 
