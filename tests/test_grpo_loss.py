@@ -303,8 +303,8 @@ def test_vocab_parallel_matches_single_process_for_grpo_and_cross_entropy():
 GPU_SHAPES = {"qwen_head": (2, 512, 4096, 151936), "deepseek_v3_head": (2, 512, 7168, 129280)}
 
 
-def _gpu_compare(impl, b, t, h, v, **kw):
-    inputs = make_inputs(b, t, h, v, device="cuda", seed=11)
+def _gpu_compare(impl, b, t, h, v, device="cuda", **kw):
+    inputs = make_inputs(b, t, h, v, device=device, seed=11)
     inputs["hidden"] = inputs["hidden"] / 4  # logits of a few units, like a trained head
     fp32 = dict(inputs)
     lowp = dict(inputs, hidden=inputs["hidden"].bfloat16(), weight=inputs["weight"].bfloat16())
@@ -344,7 +344,7 @@ def test_linear_cross_entropy_bf16_matches_fp32_reference_on_gpu(monkeypatch):
     for dtype, fn in ((torch.float32, linear_cross_entropy_ref), (torch.bfloat16, linear_cross_entropy_ref),
                       (torch.bfloat16, linear_cross_entropy)):
         hid = (inputs["hidden"].reshape(-1, h) / 4).to(dtype).requires_grad_()
-        w = inputs["weight"].to(dtype).requires_grad_()
+        w = inputs["weight"].to(dtype).detach().clone().requires_grad_()
         loss = fn(hid, w, targets, reduction="mean")
         loss.backward()
         outs.append((loss.detach(), hid.grad, w.grad))
