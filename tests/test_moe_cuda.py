@@ -80,7 +80,8 @@ def _check_route(logits, bias, spec):
     w_ref, idx_ref, counts_ref = route_ref(logits, bias, spec)
     assert idx.dtype == torch.int64 and counts.dtype == torch.int64 and w.dtype == torch.float32
     mismatched = (idx != idx_ref).any(-1)
-    assert not mismatched.any(), f"{int(mismatched.sum())} tokens routed differently, first {mismatched.nonzero()[:4].flatten().tolist()}"
+    first = mismatched.nonzero()[:4].flatten().tolist()
+    assert not mismatched.any(), f"{int(mismatched.sum())} tokens routed differently, first {first}"
     assert torch.equal(counts, counts_ref)
     _close(w, _weights_oracle(logits, idx_ref, spec), w_ref, name="weights_TK")
     return w, idx, counts
@@ -172,7 +173,8 @@ def test_ops_reject_bad_inputs_naming_them():
     with pytest.raises(RuntimeError, match="x_TD must be float32, bfloat16 or float16"):
         moe_cuda.moe_permute_cuda(x.double(), torch.zeros(16, 2, device="cuda", dtype=torch.long), counts)
     with pytest.raises(RuntimeError, match=re.escape("weights_TK shape [16, 3] != pos_TK shape [16, 2]")):
-        moe_cuda.moe_unpermute_cuda(x, torch.zeros(16, 2, device="cuda", dtype=torch.long), torch.ones(16, 3, device="cuda"))
+        moe_cuda.moe_unpermute_cuda(x, torch.zeros(16, 2, device="cuda", dtype=torch.long),
+                                    torch.ones(16, 3, device="cuda"))
     # The wrappers make inputs contiguous, as the refs accept any layout; the binding itself insists.
     from r1core import _C
     with pytest.raises(RuntimeError, match="logits_TE must be contiguous"):
@@ -209,7 +211,8 @@ def _case(name, T, D, E, K, dtype):
     elif name == "one_expert_only":
         idx = torch.full((T, K), E // 2, device="cuda", dtype=torch.long)
     elif name == "one_expert_in_every_token":
-        idx = torch.cat([torch.zeros(T, 1, device="cuda", dtype=torch.long), _distinct_experts(T, K - 1, range(1, E))], 1)
+        first = torch.zeros(T, 1, device="cuda", dtype=torch.long)
+        idx = torch.cat([first, _distinct_experts(T, K - 1, range(1, E))], 1)
     else:
         idx = _distinct_experts(T, K, range(E))
     x = torch.randn(T, D, device="cuda").to(dtype)
