@@ -66,6 +66,15 @@ def dloss_dlogp(logp, adv, old, ref, is_w, cfg: PolicyLossConfig) -> torch.Tenso
     return coef
 
 
+def neutralize_unmasked(logp, mask, old, ref, is_w):
+    """Tokens outside the mask must not matter, but their old / ref log-probs are often padding garbage
+    and exp() of it gives inf * 0 = NaN: there they become logp (rho = 1, D = 0) and the IS weight 1."""
+    keep = mask != 0
+    lp = logp.detach()
+    return (None if old is None else torch.where(keep, old, lp), None if ref is None else torch.where(keep, ref, lp),
+            None if is_w is None else torch.where(keep, is_w, 1.0))
+
+
 def agg_weights(mask: torch.Tensor, cfg: PolicyLossConfig) -> torch.Tensor:
     """w [B, T] with loss = sum(w * l); empty rows / batches give zero weight, never NaN."""
     B, T = mask.shape
@@ -165,17 +174,19 @@ class GRPOObjective:
         self.mask, self.adv, self.old, self.ref, self.is_w = map(flat, (mask, adv, old, ref, is_w))
         self.weight = flat(agg_weights(mask, cfg))
 
-    def _slice(self, start, end):
-        return [None if x is None else x[start:end] for x in (self.adv, self.old, self.ref, self.is_w)]
+    def _inputs(self, logp, start, end):
+        """(adv, old, ref, is_w) of tokens start:end, neutralized outside the mask."""
+        sl = [None if x is None else x[start:end] for x in (self.mask, self.adv, self.old, self.ref, self.is_w)]
+        return (sl[1], *neutralize_unmasked(logp, *sl[:1], *sl[2:]))
 
     def coef(self, logp, start, end):
-        return self.weight[start:end] * dloss_dlogp(logp, *self._slice(start, end), self.cfg)
+        return self.weight[start:end] * dloss_dlogp(logp, *self._inputs(logp, start, end), self.cfg)
 
     def value(self, logp):
-        return (self.weight * policy_terms(logp, self.adv, self.old, self.ref, self.is_w, self.cfg)[0]).sum()
+        return (self.weight * policy_terms(logp, *self._inputs(logp, 0, logp.shape[0]), self.cfg)[0]).sum()
 
     def stats(self, logp):
-        _, ratio, kl = policy_terms(logp, self.adv, self.old, self.ref, self.is_w, self.cfg)
+        _, ratio, kl = policy_terms(logp, *self._inputs(logp, 0, logp.shape[0]), self.cfg)
         return policy_stats(ratio, kl, self.adv, self.mask, self.cfg)
 
 

@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from . import _grpo_triton as tk
 from ._grpo_objective import AGGS  # noqa: F401  (re-exported: the aggregation names)
 from ._grpo_objective import (CEObjective, GRPOObjective, PolicyLossConfig, check_head, check_targets_cpu,
-                              grpo_inputs, group_size, policy_stats, policy_terms, vocab_offset)
+                              grpo_inputs, group_size, neutralize_unmasked, policy_stats, policy_terms,
+                              vocab_offset)
 
 IMPLS = ("chunked", "chunked_fp32", "triton", "ref")
 DEFAULT_IMPL = "chunked"
@@ -238,7 +239,7 @@ def grpo_loss(hidden, weight, targets, mask, advantages, old_logprobs=None, ref_
 def token_logprobs(hidden, weight, targets, temperature=1.0, vocab_group=None, impl=DEFAULT_IMPL):
     """(logprobs, entropy) fp32 with targets' shape, for old-policy / reference passes: no autograd graph."""
     check_head(hidden, weight, targets, "token_logprobs", hidden.dim())
-    PolicyLossConfig(temperature=temperature)
+    PolicyLossConfig(temperature=temperature)  # validates the temperature
     check_targets_cpu(targets, weight.shape[0] * group_size(vocab_group), "token_logprobs")
     h = hidden.detach().reshape(-1, hidden.shape[-1]).contiguous()
     t = targets.reshape(-1).contiguous()
@@ -345,7 +346,7 @@ def grpo_loss_ref(hidden, weight, targets, mask, advantages, old_logprobs=None, 
     logits = _ref_logits(hidden, weight, vocab_group)
     logp_all = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, -1)
     logp = logp_all.gather(-1, targets[..., None])[..., 0]
-    loss_tok, ratio, kl = policy_terms(logp, adv, old, ref, is_w, cfg)
+    loss_tok, ratio, kl = policy_terms(logp, adv, *neutralize_unmasked(logp, mask, old, ref, is_w), cfg)
     with torch.no_grad():  # a detached stat: no graph over two more [B, T, V] tensors
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     stats = {"logprobs": logp.detach(), "entropy": entropy,

@@ -105,6 +105,21 @@ def test_grpo_loss_extreme_logits_stay_finite_and_match(impl):
         assert torch.isfinite(x).all()
 
 
+@pytest.mark.parametrize("impl", ["chunked", "triton", "ref"])
+def test_grpo_loss_ignores_garbage_old_ref_and_is_weights_outside_the_mask(impl):
+    inputs = make_inputs(seed=8)
+    clean = run(grpo_loss, inputs, impl=impl, beta=0.1)
+    off = ~inputs["mask"]
+    dirty = dict(inputs, old_logprobs=inputs["old_logprobs"].masked_fill(off, 1e4),
+                 ref_logprobs=inputs["ref_logprobs"].masked_fill(off, 1e4),
+                 is_weights=inputs["is_weights"].masked_fill(off, float("nan")))
+    out = run(grpo_loss, dirty, impl=impl, beta=0.1)
+    for name, i in (("loss", 0), ("grad hidden", 2), ("grad weight", 3)):
+        assert torch.equal(out[i], clean[i]), name
+    for key in STAT_KEYS:
+        assert torch.equal(out[1][key], clean[1][key]), key
+
+
 def two_token_case(ratios, advs, dual_clip=None):
     """1 row, 2 tokens, V = H = 3, W = I, h = 0: p = 1/3 everywhere; old chosen for the given ratios."""
     hidden = torch.zeros(1, 2, 3)
