@@ -438,6 +438,11 @@ def grouped_swiglu(x_PD: torch.Tensor, w1_EID: torch.Tensor, w2_EDI: torch.Tenso
         backend = grouped_swiglu_backend(x_PD, w1_EID, w2_EDI, w3_EID)
     elif backend not in BACKENDS:
         raise ValueError(f"grouped_swiglu: backend must be one of {BACKENDS} or None, got {backend!r}")
+    if not x_PD.is_cuda and x_PD.dtype != torch.float32:
+        # The interpreter's tl.dot multiplies bf16 / fp16 bit patterns as integers: run the CPU in
+        # fp32 through differentiable casts (gradients come back in the callers' dtype).
+        ops = (t.float() for t in (x_PD, w1_EID, w2_EDI, w3_EID))
+        return grouped_swiglu(*ops, seg_E, backend).to(x_PD.dtype)
     if x_PD.shape[0] == 0 or seg_E.numel() == 0:
         return torch.zeros_like(x_PD)  # as the reference: nothing to compute, nothing to differentiate
     x_PD, w1_EID, w2_EDI, w3_EID = (t.contiguous() for t in (x_PD, w1_EID, w2_EDI, w3_EID))
