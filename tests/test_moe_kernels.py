@@ -276,7 +276,8 @@ V3 = dict(T=16384, D=7168, E=256, K=8, I=2048)
 
 def check_route_scores_bitwise(T, spec, device):
     """Unnormalised, unscaled weights are the gathered scores: bit-equal to torch's sigmoid."""
-    logits = torch.randn(T, spec.n_experts, device=device) * 2
+    # bf16-rounded like Gate.logits (a bf16 GEMM): many exactly tied logits per row
+    logits = (torch.randn(T, spec.n_experts, device=device) * 2).bfloat16().float()
     bias = torch.randn(spec.n_experts, device=device) * 1e-3
     _check_route(logits, bias, spec)
     raw = RouterSpec(spec.n_experts, spec.top_k, spec.n_groups, spec.topk_groups, spec.score_func, 1.0, False)
