@@ -50,10 +50,11 @@ def _scan_kernel(hist_ptr, counts_ptr, base_ptr, NB, E, PAD: tl.constexpr, BLOCK
     """base[b, e] = seg_start[e] + sum_{b' < b} hist[b', e] for this program's experts."""
     e_lo = tl.program_id(0) * BLOCK_E
     ar = tl.arange(0, BLOCK_E)
-    before = tl.zeros((), tl.int64)
+    seg_before = tl.zeros((BLOCK_E,), tl.int64)
     for e0 in range(0, e_lo, BLOCK_E):
         c = tl.load(counts_ptr + e0 + ar, mask=e0 + ar < E, other=0)
-        before += tl.sum((c + PAD - 1) // PAD * PAD, axis=0)
+        seg_before += (c + PAD - 1) // PAD * PAD
+    before = tl.sum(seg_before, axis=0)
     cols = e_lo + ar
     seg = (tl.load(counts_ptr + cols, mask=cols < E, other=0) + PAD - 1) // PAD * PAD
     running = before + tl.cumsum(seg, axis=0) - seg
@@ -88,7 +89,7 @@ def _scatter_rows_kernel(src_ptr, pos_ptr, w_ptr, out_ptr, y_ptr, dot_ptr, T, D,
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     t_ok = t < T
     mask = t_ok[:, None] & (d < D)[None, :]
-    src = tl.load(src_ptr + t[:, None] * stride_src + d[None, :], mask=mask, other=0.0)
+    src = tl.load(src_ptr + t.to(tl.int64)[:, None] * stride_src + d[None, :], mask=mask, other=0.0)
     for k in tl.static_range(K):
         p = tl.load(pos_ptr + t * K + k, mask=t_ok, other=0)
         rows = p[:, None] * D + d[None, :]
@@ -118,7 +119,7 @@ def _gather_rows_kernel(src_ptr, pos_ptr, w_ptr, out_ptr, T, D, K: tl.constexpr,
         if HAS_W:
             v = v * tl.load(w_ptr + t * K + k, mask=t_ok, other=0.0).to(tl.float32)[:, None]
         acc += v
-    tl.store(out_ptr + t[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + t.to(tl.int64)[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -129,7 +130,7 @@ def _zero_unmarked_rows_kernel(out_ptr, marks_ptr, P, D, BLOCK_R: tl.constexpr, 
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             zeros = tl.zeros((BLOCK_R, BLOCK_D), out_ptr.dtype.element_ty)
-            tl.store(out_ptr + r[:, None] * D + d[None, :], zeros, mask=empty[:, None] & (d < D)[None, :])
+            tl.store(out_ptr + r.to(tl.int64)[:, None] * D + d[None, :], zeros, mask=empty[:, None] & (d < D)[None, :])
 
 
 def _row_tiles(T: int, D: int) -> tuple[int, int, tuple[int, int]]:
@@ -151,9 +152,10 @@ def _positions(idx_TK: torch.Tensor, counts_E: torch.Tensor, pad_multiple: int) 
     if F == 0:
         return pos_TK
     _hist_kernel[(nb,)](idx_TK, hist, F, E, BLOCK_F=_BLOCK_F, BLOCK_E=min(128, triton.next_power_of_2(E)))
-    scan_e = min(32, triton.next_power_of_2(E))
+    # The scan is latency-bound (a chain of load -> cumsum -> store over the blocks): few, wide trips.
+    scan_e = min(16, triton.next_power_of_2(E))
     _scan_kernel[(triton.cdiv(E, scan_e),)](hist, counts_E, base, nb, E, PAD=pad_multiple,
-                                            BLOCK_B=min(64, triton.next_power_of_2(nb)), BLOCK_E=scan_e)
+                                            BLOCK_B=min(256, triton.next_power_of_2(nb)), BLOCK_E=scan_e)
     _pos_kernel[(nb,)](idx_TK, base, pos_TK, F, E, BLOCK_F=_BLOCK_F)
     return pos_TK
 
