@@ -1,5 +1,55 @@
-"""`r1core` console entry point (placeholder until the pipeline lands)."""
+"""`r1core` command line.
+
+    r1core run [hydra overrides...]        the R1 pipeline (default: r1_zero then r1 on the tiny preset, CPU)
+    r1core run pipeline=r1 model=small rl.group_size=16
+    r1core run --multirun rl.group_size=4,8
+    r1core train [flags]                   the distributed pretraining entry (torchrun -m r1core.train)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
 
 
-def main() -> None:
-    raise SystemExit("r1core run: pipeline not built yet")
+def _run(argv: list[str]) -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    from r1core.pipeline.config import ConfigError, register_configs
+
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path="pkg://r1core.conf", config_name="config")
+    def _main(cfg: DictConfig) -> None:
+        from r1core.pipeline.runner import run_pipeline
+
+        logging.getLogger("r1core").setLevel(logging.INFO)
+        try:
+            run_pipeline(cfg)
+        except ConfigError as e:  # one clear message, no traceback, before any work started
+            logging.getLogger("r1core").error("%s", e)
+            raise SystemExit(2) from None
+
+    sys.argv = ["r1core run"] + argv
+    _main()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "run":
+        _run(rest)
+    elif cmd == "train":
+        from r1core.train.__main__ import main as train_main
+
+        train_main(rest)
+    else:
+        raise SystemExit(f"r1core: unknown command {cmd!r} (run | train); see `r1core --help`")
+
+
+if __name__ == "__main__":
+    main()

@@ -39,7 +39,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, fn, args, queue, done):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -52,6 +52,8 @@ def _worker(rank, world_size, port, fn, args, queue):
         queue.put((rank, None, traceback.format_exc()))
     finally:
         dist.destroy_process_group()
+    # CPU tensors cross the queue as shared memory owned by this process: stay alive until the parent has them.
+    done.wait(600)
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
@@ -60,9 +62,9 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     fn must be importable (module level) and return something picklable (move tensors to CPU).
     """
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue, done = ctx.Queue(), ctx.Event()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, done)) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, object] = {}
@@ -74,6 +76,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
                 errors.append(f"rank {rank}:\n{err}")
             results[rank] = value
     finally:
+        done.set()
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():

@@ -51,10 +51,11 @@ class GRPOConfig:
     # updates per rollout batch
     minibatches: int = 1            # optimizer steps per rollout batch (old log-probs recomputed first)
     micro_batch_size: int = 64      # sequences per forward/backward
-    # rewards: name -> weight (r1core.rewards registry)
-    rewards: dict[str, float] = field(default_factory=lambda: {"math_accuracy": 1.0, "format": 0.1})
-    accuracy_reward: str = "math_accuracy"  # which reward counts as "accuracy" in metrics
+    # rewards: name -> weight (r1core.rewards registry; "accuracy" = the task's own checker)
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
     reward_kwargs: dict[str, dict] = field(default_factory=dict)
+    reward_model_weight: float = 1.0  # all-scenario RL: weight of the reward model on general prompts
+    reward_model_path: str = ""       # scalar-head reward model dir; "" = the built-in reference-overlap judge
     # cadence
     eval_every: int = 0
     save_every: int = 10

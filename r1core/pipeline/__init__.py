@@ -1,0 +1,1 @@
+"""The R1 pipeline: stages under Hydra, a run manifest, resumable runs and reports."""

@@ -1,0 +1,210 @@
+"""The job schema for `r1core run` and its registration in Hydra's ConfigStore.
+
+Only this module and the CLI see Hydra / OmegaConf: `load_job` turns a composed DictConfig into
+typed dataclasses at once, and every stage gets its own resolved JobConfig (the job with that
+stage's `overrides` applied), checked before any work starts.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from r1core.model.args import ModelArgs, presets
+from r1core.parallel.config import ParallelConfig
+from r1core.rl.config import GRPOConfig
+from r1core.rl.evaluate import EvalConfig
+from r1core.train.lm import LMTrainConfig
+from r1core.train.engine import OptimConfig
+
+
+class StageKind(str, enum.Enum):
+    prepare = "prepare"                        # tokenizer + token shards + eval/RL problem sets
+    pretrain = "pretrain"                      # next-token (+ MTP) training on the shards
+    load = "load"                              # start from released HF / FP8 weights instead
+    cold_start_sft = "cold_start_sft"          # long-CoT SFT in the <think> format
+    reasoning_rl = "reasoning_rl"              # GRPO with rule rewards
+    rejection_sampling = "rejection_sampling"  # k samples/prompt, filtered, deduped, mixed -> JSONL
+    sft = "sft"                                # SFT on a dataset (rejection sampling's by default)
+    all_scenario_rl = "all_scenario_rl"        # GRPO: rule rewards + the reward-model hook
+    distill = "distill"                        # SFT a small dense student on teacher samples
+    eval = "eval"                              # pass@1 over k samples and cons@k
+
+
+MODEL_STAGES = {StageKind.pretrain, StageKind.load, StageKind.cold_start_sft, StageKind.reasoning_rl,
+                StageKind.sft, StageKind.all_scenario_rl, StageKind.distill}
+
+
+@dataclass(kw_only=True)
+class StageSpec:
+    name: str
+    kind: StageKind
+    init: str = "previous"   # model to start from: "previous" model stage, a stage name, or "scratch"
+    dataset: str = ""        # stage whose dataset this stage trains on ("" = its kind's default)
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted job keys, e.g. {"rl.steps": 20}
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    name: str = MISSING
+    stages: list[StageSpec] = MISSING
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    tokenizer: str = ""            # tokenizer.json (or its folder); "" trains a BPE on the corpus
+    vocab_size: int = 512          # for a trained tokenizer
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
+    task_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: {"arithmetic": {"digits": 2, "ops": "+-"}})
+    corpus_docs: int = 40000       # built-in pretraining corpus (worked solutions + prose)
+    prose_fraction: float = 0.1
+    pretrain_files: list[str] = field(default_factory=list)  # text / JSONL: replaces the built-in corpus
+    cold_start_jsonl: str = ""     # long-CoT SFT data; "" = generated worked solutions
+    cold_start_examples: int = 2000
+    rl_prompts_jsonl: str = ""     # RL problems; "" = built-in tasks
+    general_prompts_jsonl: str = ""  # all-scenario RL prompts for the reward model
+    eval_jsonl: str = ""           # held-out problems; "" = built-in test split
+    eval_problems: int = 200
+
+
+@dataclass(kw_only=True)
+class RejectionConfig:
+    prompts: int = 256
+    samples_per_prompt: int = 4
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    require_correct: bool = True
+    require_format: bool = True
+    language: str = "en"
+    min_language_share: float = 0.9
+    max_ngram_repeats: int = 4     # a repetition loop: some 4-gram occurs more often than this
+    dedupe: bool = True
+    non_reasoning_ratio: float = 0.25  # share of non-reasoning examples in the written dataset
+    non_reasoning_jsonl: str = ""      # "" = built-in short prose Q/A
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    student: ModelArgs = field(default_factory=lambda: presets["tiny"].replace(n_dense_layers=4, n_mtp_modules=0))
+    prompts: int = 512
+    samples_per_prompt: int = 2
+    temperature: float = 0.7
+    max_new_tokens: int = 64
+    require_correct: bool = True
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"           # auto: cuda when present
+    dtype: str = "auto"            # auto: bf16 on cuda, fp32 on cpu
+    hf_checkpoint: str = ""        # for `load` stages: an HF DeepSeek-V3 directory (bf16 or FP8)
+    model: ModelArgs = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: LMTrainConfig = field(default_factory=LMTrainConfig)
+    sft: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(steps=150, save_every=50))
+    rl: GRPOConfig = field(default_factory=GRPOConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    pipeline: PipelineConfig = MISSING
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="r1core_job", node=JobConfig)
+    for name in presets:
+        cs.store(group="model", name=name, node=presets[name])
+
+
+class ConfigError(ValueError):
+    """A job configuration that cannot run; raised before any work starts."""
+
+
+def to_job(cfg: DictConfig) -> JobConfig:
+    try:
+        return OmegaConf.to_object(cfg)
+    except (OmegaConfBaseException, ValueError, TypeError) as e:
+        raise ConfigError(f"invalid configuration: {e}") from None
+
+
+def stage_job(base: DictConfig, stage: StageSpec) -> JobConfig:
+    """The job as `stage` sees it: `stage.overrides` applied on top of the base config."""
+    cfg = base.copy()
+    OmegaConf.set_struct(cfg, True)
+    for key, value in stage.overrides.items():
+        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            raise ConfigError(f"stage {stage.name!r}: override key {key!r} is not a job setting")
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"stage {stage.name!r}: override {key}={value!r}: {e}") from None
+    try:
+        return to_job(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"stage {stage.name!r}: {e}") from None
+
+
+def config_hash(job: JobConfig, stage: StageSpec) -> str:
+    """What a finished stage's output depends on, so a rerun with a changed config redoes it."""
+    blob = json.dumps({"job": OmegaConf.to_container(OmegaConf.structured(job), resolve=True),
+                       "stage": OmegaConf.to_container(OmegaConf.structured(stage))}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> list[tuple[StageSpec, JobConfig]]:
+    """Every stage resolved and checked: names, references, datasets, layouts. One clear error, before any work."""
+    from r1core.parallel.config import check_layout
+
+    stages = job.pipeline.stages
+    if not stages:
+        raise ConfigError("pipeline.stages is empty")
+    seen: dict[str, StageSpec] = {}
+    resolved = []
+    for i, st in enumerate(stages):
+        if st.name in seen:
+            raise ConfigError(f"pipeline {job.pipeline.name!r}: stage name {st.name!r} appears twice")
+        for ref, what in ((st.init, "init"), (st.dataset, "dataset")):
+            if ref not in ("", "previous", "scratch") and ref not in seen:
+                raise ConfigError(f"stage {st.name!r}: {what}={ref!r} names no earlier stage "
+                                  f"(earlier: {', '.join(seen) or 'none'})")
+        sj = stage_job(base, st)
+        _check_files(st, sj)
+        try:
+            check_layout(sj.model, sj.parallel, world_size)
+        except ValueError as e:
+            raise ConfigError(f"stage {st.name!r}: incompatible parallel layout: {e}") from None
+        if st.kind in (StageKind.reasoning_rl, StageKind.all_scenario_rl) and sj.rl.group_size < 2:
+            raise ConfigError(f"stage {st.name!r}: rl.group_size={sj.rl.group_size} < 2")
+        if st.kind == StageKind.load and not sj.hf_checkpoint:
+            raise ConfigError(f"stage {st.name!r} loads released weights: set hf_checkpoint=<HF directory>")
+        seen[st.name] = st
+        resolved.append((st, sj))
+    if not any(s.kind == StageKind.prepare for s in stages):
+        raise ConfigError(f"pipeline {job.pipeline.name!r} has no prepare stage (it makes the tokenizer and data)")
+    return resolved
+
+
+def _check_files(st: StageSpec, job: JobConfig) -> None:
+    d = job.data
+    paths = {"data.tokenizer": d.tokenizer, "data.cold_start_jsonl": d.cold_start_jsonl,
+             "data.rl_prompts_jsonl": d.rl_prompts_jsonl, "data.general_prompts_jsonl": d.general_prompts_jsonl,
+             "data.eval_jsonl": d.eval_jsonl, "rejection.non_reasoning_jsonl": job.rejection.non_reasoning_jsonl,
+             "hf_checkpoint": job.hf_checkpoint}
+    paths.update({f"data.pretrain_files[{i}]": p for i, p in enumerate(d.pretrain_files)})
+    for key, path in paths.items():
+        if path and not Path(path).exists():
+            raise ConfigError(f"stage {st.name!r}: {key}={path!r} does not exist (missing dataset or checkpoint)")

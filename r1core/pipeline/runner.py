@@ -1,0 +1,131 @@
+"""Run a pipeline: stages in order, finished ones skipped, an interrupted one resumed, then the report.
+
+A stage's identity is the hash of its resolved config chained with every earlier stage's, so
+changing a setting reruns that stage and everything after it, and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from .config import MODEL_STAGES, ConfigError, StageKind, config_hash, to_job, validate_pipeline
+from .manifest import Manifest
+from .report import write_report
+from .stages import STAGES, StageContext
+
+log = logging.getLogger("r1core")
+
+# Stages that only read a model and write files run on rank 0; the others wait for it.
+RANK0_STAGES = {StageKind.prepare, StageKind.eval, StageKind.rejection_sampling, StageKind.load}
+
+
+def _device_dtype(job) -> tuple[torch.device, torch.dtype]:
+    dev = job.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(dev)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    names = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    if job.dtype not in names:
+        raise ConfigError(f"dtype={job.dtype!r}: choose one of {sorted(names)}")
+    return device, names[job.dtype]
+
+
+def _init_distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _resolve_init(spec, last_model: str | None, manifest: Manifest) -> str | None:
+    if spec.init == "scratch" or spec.kind in (StageKind.prepare, StageKind.load):
+        return None
+    if spec.init == "previous":
+        return last_model
+    return manifest.output(spec.init, "model")
+
+
+def run_pipeline(cfg: DictConfig) -> Path:
+    job = to_job(cfg)
+    rank, world = _init_distributed()
+    resolved = validate_pipeline(cfg, job, world)  # every config error surfaces here, before any work
+    device, dtype = _device_dtype(job)
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(run_dir, job.pipeline.name)
+    prepared: dict = {}
+    last_model: str | None = None
+    chain = ""
+    t_start = time.time()
+    for i, (spec, sj) in enumerate(resolved, start=1):
+        chain = hashlib.sha256((chain + config_hash(sj, spec)).encode()).hexdigest()[:16]
+        if world > 1:
+            manifest = Manifest(run_dir, job.pipeline.name)  # rank 0 may have advanced it
+        header = f"[{i}/{len(resolved)}] {spec.name} ({spec.kind.value})"
+        if manifest.is_done(spec.name, chain):
+            outputs = manifest.stage(spec.name)["outputs"]
+            if rank == 0:
+                log.info("%s: done earlier, skipped", header)
+        else:
+            outputs = _run_stage(spec, sj, run_dir, manifest, chain, prepared, last_model, device, dtype, rank, world,
+                                 header)
+        if spec.kind == StageKind.prepare:
+            prepared = outputs
+        if spec.kind in MODEL_STAGES and "model" in outputs:
+            last_model = outputs["model"]
+    if rank == 0:
+        report = write_report(run_dir, Manifest(run_dir, job.pipeline.name), resolved, job)
+        log.info("pipeline %s finished in %.0f s; report: %s", job.pipeline.name, time.time() - t_start, report)
+    if world > 1:
+        dist.barrier()
+    return run_dir
+
+
+def _run_stage(spec, sj, run_dir, manifest, chain, prepared, last_model, device, dtype, rank, world, header) -> dict:
+    ctx = StageContext(spec=spec, job=sj, stage_dir=run_dir / "stages" / spec.name,
+                       init_model=_resolve_init(spec, last_model, manifest),
+                       dataset=manifest.output(spec.dataset, "dataset") if spec.dataset else None,
+                       prepared=prepared, device=device, dtype=dtype, is_main=rank == 0)
+    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    if spec.kind in (StageKind.pretrain, StageKind.cold_start_sft, StageKind.sft, StageKind.reasoning_rl,
+                     StageKind.all_scenario_rl, StageKind.distill) and spec.init == "scratch":
+        ctx.init_model = None
+    only_rank0 = spec.kind in RANK0_STAGES
+    if rank == 0:
+        manifest.start(spec.name, chain)
+        log.info("%s: running -> %s", header, ctx.stage_dir)
+    t0 = time.time()
+    outputs, metrics = {}, {}
+    try:
+        if rank == 0 or not only_rank0:
+            outputs, metrics = STAGES[spec.kind](ctx)
+    except BaseException as e:
+        if rank == 0:
+            manifest.fail(spec.name, f"{type(e).__name__}: {e}", time.time() - t0)
+        raise
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        manifest.finish(spec.name, outputs, metrics, time.time() - t0)
+        log.info("%s: done in %.1f s %s", header, time.time() - t0, _short(metrics))
+    elif only_rank0:
+        outputs = Manifest(run_dir, manifest.data["pipeline"]).stage(spec.name)["outputs"]
+    return outputs
+
+
+def _short(metrics: dict) -> str:
+    keys = ("pass@1", "greedy", "reward/accuracy", "loss", "kept")
+    return " ".join(f"{k}={metrics[k]:.3g}" for k in keys if isinstance(metrics.get(k), (int, float)))

@@ -1,0 +1,255 @@
+"""Stage implementations. Each takes a StageContext and returns (outputs, metrics) for the manifest.
+
+A model stage writes its final weights as an HF DeepSeek-V3 directory (`<stage>/model`), the
+only thing the next stage reads; its own checkpoints (`<stage>/checkpoints`) make it resumable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from r1core.data import ChatFormat, PackedSFTDataset, Tokenizer, TokenShardDataset, load_sft_jsonl, tokenize_sft
+from r1core.train.checkpointing import atomic_write_json, atomic_write_text
+
+from .config import JobConfig, StageKind, StageSpec
+from .prepare import read_problems, run_prepare
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageContext:
+    spec: StageSpec
+    job: JobConfig
+    stage_dir: Path
+    init_model: str | None          # HF directory to start from (None: fresh weights)
+    dataset: str | None             # a dataset produced by an earlier stage
+    prepared: dict                  # the prepare stage's outputs
+    device: torch.device
+    dtype: torch.dtype
+    is_main: bool = True
+
+    @property
+    def model_dir(self) -> Path:
+        return self.stage_dir / "model"
+
+    def tokenizer(self) -> tuple[Tokenizer, ChatFormat]:
+        tok = Tokenizer.from_file(self.prepared["tokenizer"])
+        return tok, ChatFormat.for_tokenizer(tok)
+
+
+# ---------------------------------------------------------------------------- engines
+
+def make_engine(ctx: StageContext, steps: int, model_args=None, init: bool = True):
+    from r1core.train.engine import build_engine
+
+    args = model_args or ctx.job.model
+    optim = dataclasses.replace(ctx.job.optim, total_steps=max(steps, 1))
+    engine = build_engine(args, ctx.job.parallel, optim, device=ctx.device, dtype=ctx.dtype, seed=ctx.job.seed)
+    if init and ctx.init_model:
+        load_hf_weights(engine, ctx.init_model)
+    return engine
+
+
+def load_hf_weights(engine, path: str) -> None:
+    """Start an engine from an HF checkpoint's weights (fresh optimizer state)."""
+    if hasattr(engine, "load_hf"):
+        engine.load_hf(path)
+        return
+    if engine.world_size > 1:
+        raise NotImplementedError("this engine cannot load HF weights into a parallel layout")
+    from r1core.checkpoint.hf import from_pretrained
+
+    src = from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        for name, t in engine.model.state_dict().items():
+            t.copy_(src.state_dict()[name])
+
+
+def make_rollout(ctx: StageContext, engine_or_model, tok: Tokenizer, max_len: int, max_batch: int = 256):
+    from r1core.rollout import BuiltinEngine
+
+    model = getattr(engine_or_model, "model", engine_or_model)
+    return BuiltinEngine(model, tokenizer=tok, max_batch=max_batch, max_len=max_len)
+
+
+def _render(tok: Tokenizer, fmt: ChatFormat):
+    return lambda problem: tok.encode(fmt.render_prompt(problem.prompt))
+
+
+def _export(ctx: StageContext, engine) -> dict:
+    engine.export_hf(ctx.model_dir)
+    if ctx.is_main:  # the next stage finds the tokenizer beside the weights, as in released checkpoints
+        shutil.copy(ctx.prepared["tokenizer"], ctx.model_dir / "tokenizer.json")
+    return {"model": str(ctx.model_dir)}
+
+
+# ---------------------------------------------------------------------------- stages
+
+def stage_prepare(ctx: StageContext):
+    return run_prepare(ctx.job, ctx.stage_dir), {}
+
+
+def stage_load(ctx: StageContext):
+    from r1core.checkpoint.hf_config import args_from_hf_config
+
+    cfg = json.loads((Path(ctx.job.hf_checkpoint) / "config.json").read_text())
+    args = args_from_hf_config(cfg)
+    if (args.dim, args.n_layers, args.n_routed_experts) != (ctx.job.model.dim, ctx.job.model.n_layers,
+                                                            ctx.job.model.n_routed_experts):
+        raise ValueError(f"{ctx.job.hf_checkpoint} holds dim={args.dim}, n_layers={args.n_layers}, "
+                         f"experts={args.n_routed_experts}: choose the matching model=<preset>")
+    return {"model": str(Path(ctx.job.hf_checkpoint).resolve())}, {}
+
+
+def stage_pretrain(ctx: StageContext):
+    from r1core.train.lm import WindowBatches, train_lm
+    from r1core.train.objectives import LMObjective
+
+    cfg = ctx.job.pretrain
+    tok, _ = ctx.tokenizer()
+    engine = make_engine(ctx, cfg.steps)
+    ds = TokenShardDataset(ctx.prepared["shards"], cfg.seq_len, seed=ctx.job.seed, dp_rank=engine.dp_rank,
+                           dp_size=engine.dp_size, tokenizer_hash=tok.hash)
+    data = WindowBatches(ds, cfg.micro_batch_size // engine.dp_size or 1, cfg.doc_masking)
+    metrics = train_lm(engine, data, cfg, ctx.stage_dir, LMObjective(), desc=ctx.spec.name, is_main=ctx.is_main)
+    return _export(ctx, engine), _keep(metrics, "loss", "ce", "mtp", "tokens_per_s")
+
+
+def _sft_data(ctx: StageContext, cfg, examples, tok, fmt, engine) -> "SFTBatches":
+    docs = tokenize_sft(examples, tok, fmt, max_len=cfg.seq_len)
+    ds = PackedSFTDataset(docs, cfg.seq_len, tok.pad_id, seed=ctx.job.seed, dp_rank=engine.dp_rank,
+                          dp_size=engine.dp_size)
+    return SFTBatches(ds, max(cfg.micro_batch_size // engine.dp_size, 1))
+
+
+def _run_sft(ctx: StageContext, cfg, examples, model_args=None, init=True):
+    from r1core.train.lm import train_lm
+    from r1core.train.objectives import LMObjective
+
+    tok, fmt = ctx.tokenizer()
+    engine = make_engine(ctx, cfg.steps, model_args, init)
+    data = _sft_data(ctx, cfg, examples, tok, fmt, engine)
+    metrics = train_lm(engine, data, cfg, ctx.stage_dir, LMObjective(), desc=ctx.spec.name, is_main=ctx.is_main)
+    return engine, _keep(metrics, "loss", "ce", "tokens_per_s")
+
+
+def stage_sft(ctx: StageContext):
+    default = ctx.prepared["cold_start"] if ctx.spec.kind == StageKind.cold_start_sft else None
+    path = ctx.dataset or default
+    if path is None:
+        raise ValueError(f"stage {ctx.spec.name!r}: no dataset (set dataset=<stage> in the pipeline)")
+    examples = load_sft_jsonl(path)
+    engine, metrics = _run_sft(ctx, ctx.job.sft, examples)
+    return _export(ctx, engine), {**metrics, "examples": len(examples)}
+
+
+def stage_rl(ctx: StageContext):
+    from r1core.rl.evaluate import evaluate
+    from r1core.rl.trainer import GRPOTrainer
+
+    cfg = ctx.job.rl
+    tok, fmt = ctx.tokenizer()
+    engine = make_engine(ctx, cfg.steps * cfg.minibatches)
+    ref = None
+    if cfg.beta > 0:
+        ref = make_engine(ctx, 1)
+    problems = read_problems(ctx.prepared["rl_prompts"])
+    scorer = None
+    if ctx.spec.kind == StageKind.all_scenario_rl:
+        from .general import all_scenario_problems, all_scenario_scorer
+
+        problems = all_scenario_problems(problems, ctx.prepared["general_prompts"], ctx.job.seed)
+        scorer = all_scenario_scorer(cfg)
+    render = _render(tok, fmt)
+    max_prompt = max(len(render(p)) for p in problems[:1000])
+    rollout = make_rollout(ctx, engine, tok, max_len=max_prompt + cfg.max_new_tokens + 8)
+    eval_set = read_problems(ctx.prepared["eval"])[: ctx.job.eval.problems]
+    eval_fn = (lambda step: evaluate(rollout, render, eval_set, ctx.job.eval, seed=ctx.job.seed)[0])
+    trainer = GRPOTrainer(cfg, engine, rollout, render, problems, ctx.stage_dir, ref_engine=ref, pad_id=tok.pad_id,
+                          seed=ctx.job.seed, scorer=scorer, eval_fn=eval_fn, is_main=ctx.is_main)
+    metrics = trainer.run()
+    return _export(ctx, engine), _keep(metrics, "reward", "reward/accuracy", "reward/format", "response_len", "kl",
+                                       "entropy", "rollout_tok_s", "train_tok_s")
+
+
+def stage_eval(ctx: StageContext):
+    from r1core.checkpoint.hf import from_pretrained
+    from r1core.rl.evaluate import evaluate
+
+    if ctx.init_model is None:
+        raise ValueError(f"stage {ctx.spec.name!r}: nothing to evaluate (no earlier model stage)")
+    tok, fmt = ctx.tokenizer()
+    model = from_pretrained(ctx.init_model, dtype=ctx.dtype, device=ctx.device)
+    problems = read_problems(ctx.prepared["eval"])[: ctx.job.eval.problems]
+    render = _render(tok, fmt)
+    rollout = make_rollout(ctx, model, tok, max_len=max(len(render(p)) for p in problems) + ctx.job.eval.max_new_tokens + 8)
+    metrics, rows = evaluate(rollout, render, problems, ctx.job.eval, seed=ctx.job.seed)
+    metrics["model"] = ctx.init_model
+    if ctx.is_main:
+        atomic_write_text(ctx.stage_dir / "samples.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+        atomic_write_json(ctx.stage_dir / "eval.json", metrics)
+    return {"eval": str(ctx.stage_dir / "eval.json")}, metrics
+
+
+def stage_rejection_sampling(ctx: StageContext):
+    from .rejection import run_rejection_sampling
+
+    return run_rejection_sampling(ctx)
+
+
+def stage_distill(ctx: StageContext):
+    from .rejection import teacher_dataset
+
+    cfg = ctx.job.distill
+    examples, stats = teacher_dataset(ctx)
+    student = dataclasses.replace(cfg.student, vocab_size=ctx.job.model.vocab_size)
+    engine, metrics = _run_sft(ctx, ctx.job.sft, examples, model_args=student, init=False)
+    return _export(ctx, engine), {**metrics, **stats}
+
+
+STAGES = {
+    StageKind.prepare: stage_prepare, StageKind.load: stage_load, StageKind.pretrain: stage_pretrain,
+    StageKind.cold_start_sft: stage_sft, StageKind.sft: stage_sft, StageKind.reasoning_rl: stage_rl,
+    StageKind.all_scenario_rl: stage_rl, StageKind.rejection_sampling: stage_rejection_sampling,
+    StageKind.distill: stage_distill, StageKind.eval: stage_eval,
+}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+class SFTBatches:
+    """Packed SFT rows as engine micro-batch dicts, resumable."""
+
+    def __init__(self, dataset: PackedSFTDataset, micro_batch_size: int):
+        self.dataset, self.micro_batch_size = dataset, micro_batch_size
+
+    def __iter__(self):
+        rows = iter(self.dataset)
+        while True:
+            batch = [next(rows) for _ in range(self.micro_batch_size)]
+            yield {k: torch.stack([getattr(r, k) for r in batch]) for k in ("tokens", "labels", "doc_ids", "positions")}
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+
+
+def _keep(metrics: dict, *keys: str) -> dict:
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def shuffled(items: list, seed: int) -> list:
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items

@@ -1,0 +1,82 @@
+"""Evaluation as the R1 paper reports it: pass@1 averaged over k samples, and cons@k majority vote.
+
+pass@1 = mean over problems of (correct samples / k), sampled at temperature 0.6, top-p 0.95
+(R1 §3); cons@k = share of problems whose most common final answer is correct. Greedy accuracy
+is reported beside them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from r1core.data.tasks import Problem
+from r1core.rewards.text import TooComplex, extract_answer, split_think
+from r1core.rollout import SamplingParams
+
+from .rewarding import Scorer
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    problems: int = 200
+    k: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    greedy: bool = True
+
+
+def final_answer(response: str) -> str | None:
+    """The answer a response commits to (for voting): the extracted answer after </think>, whitespace-free."""
+    final = split_think(response).final
+    if final is None:
+        return None
+    try:
+        ans, _ = extract_answer(final)
+    except TooComplex:
+        return None
+    return None if ans is None else "".join(ans.split())
+
+
+def majority_correct(answers: Sequence[str | None], correct: Sequence[float]) -> float:
+    """cons@k for one problem: is the most frequent non-empty answer correct? (ties: first seen)"""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return 0.0
+    best = max(votes.items(), key=lambda kv: (kv[1], -answers.index(kv[0])))[0]
+    return float(correct[answers.index(best)])
+
+
+def evaluate(rollout, render: Callable[[Problem], list[int]], problems: Sequence[Problem], cfg: EvalConfig,
+             seed: int = 0, stop: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """(metrics, per-problem rows). Deterministic for a given seed."""
+    scorer = Scorer({"accuracy": 1.0})
+    prompts = [render(p) for p in problems]
+    k = cfg.k
+    samples = rollout.generate(prompts, k, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                                          max_new_tokens=cfg.max_new_tokens, stop=stop or [],
+                                                          seed=seed))
+    rows, pass1, cons, lengths = [], 0.0, 0.0, []
+    for i, p in enumerate(problems):
+        group = samples[i * k:(i + 1) * k]
+        correct = [scorer.score(s.response_text, p)[1]["accuracy"] for s in group]
+        answers = [final_answer(s.response_text) for s in group]
+        c = majority_correct(answers, correct)
+        pass1 += sum(correct) / k
+        cons += c
+        lengths += [len(s.response_ids) for s in group]
+        rows.append({"prompt": p.prompt, "answer": p.answer, "pass1": sum(correct) / k, "cons": c,
+                     "sample": group[0].response_text})
+    n = max(len(problems), 1)
+    metrics = {"pass@1": pass1 / n, f"cons@{k}": cons / n, "response_len": sum(lengths) / max(len(lengths), 1),
+               "problems": len(problems), "k": k}
+    if cfg.greedy:
+        greedy = rollout.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                                                             stop=stop or []))
+        acc = [scorer.score(s.response_text, p)[1]["accuracy"] for s, p in zip(greedy, problems)]
+        metrics["greedy"] = sum(acc) / n
+        for row, a in zip(rows, acc):
+            row["greedy"] = a
+    return metrics, rows

@@ -1,0 +1,56 @@
+"""Scoring rollouts: which reward functions apply to a problem, with which arguments.
+
+`rl.rewards` maps reward names to weights; the name "accuracy" stands for the task's own checker
+(math-verify for arithmetic and equations, the countdown checker, sandboxed tests for code), so one
+config serves mixed task sets. Problem meta fields a reward accepts (e.g. countdown's `numbers`) are
+passed to it; `rl.reward_kwargs[name]` adds fixed settings (e.g. `format: {think_in_prompt: true}`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+from r1core import rewards
+from r1core.data.tasks import Problem
+
+ACCURACY_BY_TASK = {"countdown": "countdown", "code": "code"}  # everything else: math_accuracy
+
+
+def accuracy_reward_name(task: str) -> str:
+    return ACCURACY_BY_TASK.get(task, "math_accuracy")
+
+
+def _accepted(name: str) -> set[str]:
+    params = inspect.signature(rewards.registry.spec(name).fn).parameters
+    return {p for p in list(params)[2:]}
+
+
+class Scorer:
+    def __init__(self, weights: dict[str, float], reward_kwargs: dict[str, dict] | None = None,
+                 think_in_prompt: bool = True):
+        self.weights = dict(weights)
+        self.reward_kwargs = {k: dict(v) for k, v in (reward_kwargs or {}).items()}
+        fmt = self.reward_kwargs.setdefault("format", {})
+        fmt.setdefault("think_in_prompt", think_in_prompt)
+        for name in self.weights:
+            if name != "accuracy":
+                rewards.registry.spec(name)  # unknown names fail here, before any rollout
+
+    def _call(self, name: str, response: str, problem: Problem) -> float:
+        kw = dict(self.reward_kwargs.get(name, {}))
+        accepted = _accepted(name)
+        kw.update({k: v for k, v in problem.meta.items() if k in accepted and k not in kw})
+        return rewards.get(name)(response, problem.answer, **kw)
+
+    def score(self, response: str, problem: Problem) -> tuple[float, dict[str, float]]:
+        """(weighted total, {name: value}); "accuracy" is always computed and reported."""
+        values = {}
+        for name in set(self.weights) | {"accuracy"}:
+            real = accuracy_reward_name(problem.task) if name == "accuracy" else name
+            values[name] = self._call(real, response, problem)
+        total = sum(w * values[k] for k, w in self.weights.items())
+        return total, values
+
+    def score_all(self, responses: Sequence[str], problems: Sequence[Problem]):
+        return [self.score(r, p) for r, p in zip(responses, problems)]

@@ -1,0 +1,239 @@
+"""The GRPO loop. It reads like the algorithm (slime-style):
+
+    for each step:  sample prompts -> generate G responses each -> score -> group advantages
+                    (drop uninformative groups, refill) -> old / reference log-probs
+                    -> minibatch policy updates -> push weights to the rollout engine -> log, checkpoint
+
+Resuming restores the engine (model, optimizer, schedule), the prompt order and the step; rollout
+seeds derive from (run seed, step, refill round), so a resumed run continues exactly as an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from r1core import rewards
+from r1core.data.tasks import Problem
+from r1core.rollout import SamplingParams
+from r1core.train.checkpointing import CheckpointManager
+from r1core.train.metrics import MetricsLog, progress
+
+from .algo import (build_policy_batch, group_advantages, informative_groups, overlong_shaping, split_rows,
+                   truncated_is_weights)
+from .config import GRPOConfig
+from .rewarding import Scorer
+
+
+class PromptSampler:
+    """Epochs over a fixed problem list in a seeded order; resumable."""
+
+    def __init__(self, problems: Sequence[Problem], seed: int):
+        if not problems:
+            raise ValueError("no RL prompts: the problem set is empty")
+        self.problems, self.seed = list(problems), seed
+        self.epoch, self.pos = 0, 0
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.problems)))
+        random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[Problem]:
+        out = []
+        while len(out) < n:
+            order = self._order()
+            while self.pos < len(order) and len(out) < n:
+                out.append(self.problems[order[self.pos]])
+                self.pos += 1
+            if self.pos >= len(order):
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n": len(self.problems)}
+
+    def load_state_dict(self, s: dict) -> None:
+        if s["n"] != len(self.problems) or s["seed"] != self.seed:
+            raise ValueError(f"cannot resume the prompt order: {s['n']} problems / seed {s['seed']} saved, "
+                             f"{len(self.problems)} / {self.seed} now")
+        self.epoch, self.pos = s["epoch"], s["pos"]
+
+
+@dataclass
+class Group:
+    problem: Problem
+    samples: list                   # r1core.rollout.Sample
+    totals: list[float]
+    values: list[dict[str, float]] = field(default_factory=list)
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")
+
+
+class GRPOTrainer:
+    """Single-controller GRPO driver over a TrainEngine (policy), an optional frozen reference engine
+    and a RolloutEngine. `render(problem) -> prompt ids` comes from the chat format."""
+
+    def __init__(self, cfg: GRPOConfig, engine, rollout, render: Callable[[Problem], list[int]],
+                 problems: Sequence[Problem], out_dir: str | Path, *, ref_engine=None, pad_id: int = 0,
+                 seed: int = 0, scorer: Scorer | None = None, stop: list[str] | None = None,
+                 eval_fn: Callable[[int], dict] | None = None, is_main: bool = True):
+        self.cfg, self.engine, self.rollout, self.render = cfg, engine, rollout, render
+        self.ref_engine, self.pad_id, self.seed, self.eval_fn, self.is_main = ref_engine, pad_id, seed, eval_fn, is_main
+        self.sampler = PromptSampler(problems, seed)
+        self.scorer = scorer or Scorer(cfg.rewards, cfg.reward_kwargs)
+        self.out_dir = Path(out_dir)
+        self.stop = stop or []
+        if cfg.beta > 0 and ref_engine is None:
+            raise ValueError(f"rl.beta={cfg.beta} needs a reference model (ref_engine)")
+
+    # ------------------------------------------------------------------ rollout
+    def _sampling(self, step: int, round_: int) -> SamplingParams:
+        c = self.cfg
+        return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens,
+                              stop=self.stop, seed=_seed(self.seed, step, round_))
+
+    def collect(self, step: int) -> tuple[list[Group], dict]:
+        """prompts_per_step informative groups (or what max_refill_rounds allowed), with stats."""
+        c = self.cfg
+        kept: list[Group] = []
+        seen: list[dict[str, float]] = []  # reward values of every sample: unbiased by the filtering
+        n_generated = n_tokens = n_groups = 0
+        for round_ in range(c.max_refill_rounds + 1):
+            need = c.prompts_per_step - len(kept)
+            if need <= 0:
+                break
+            problems = self.sampler.take(need)
+            samples = self.rollout.generate([self.render(p) for p in problems], c.group_size, self._sampling(step, round_))
+            n_generated += len(samples)
+            n_tokens += sum(len(s.response_ids) for s in samples)
+            for i, problem in enumerate(problems):
+                group = samples[i * c.group_size:(i + 1) * c.group_size]
+                scored = self.scorer.score_all([s.response_text for s in group], [problem] * len(group))
+                g = Group(problem, group, [t for t, _ in scored], [v for _, v in scored])
+                seen.extend({"total": t, **v} for t, v in scored)
+                n_groups += 1
+                if not c.dynamic_sampling or bool(informative_groups(torch.tensor([g.totals]))[0]):
+                    kept.append(g)
+            if not c.dynamic_sampling:
+                break
+        stats = {"generated": n_generated, "gen_tokens": n_tokens, "groups_seen": n_groups, "groups_kept": len(kept),
+                 "reward": sum(v["total"] for v in seen) / len(seen)}
+        for name in seen[0]:
+            vals = [v[name] for v in seen if v[name] == v[name]]  # NaN: not applicable to that prompt
+            if name != "total" and vals:
+                stats[f"reward/{name}"] = sum(vals) / len(vals)
+        return kept, stats
+
+    # ------------------------------------------------------------------ batch
+    def make_batch(self, groups: list[Group]) -> tuple[dict, dict]:
+        c = self.cfg
+        samples = [s for g in groups for s in g.samples]
+        totals = torch.tensor([g.totals for g in groups], dtype=torch.float32)  # [N, G]
+        lengths = torch.tensor([len(s.response_ids) for s in samples])
+        truncated = torch.tensor([s.finish_reason == "length" for s in samples])
+        delta, keep = overlong_shaping(lengths, truncated, c.max_new_tokens, c.overlong, c.overlong_buffer,
+                                       c.overlong_penalty)
+        shaped = totals + delta.view_as(totals)
+        adv = group_advantages(shaped, c.advantage, c.adv_eps).flatten()
+        batch = build_policy_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples],
+                                   [s.logprobs for s in samples], adv.tolist(), keep.tolist(), self.pad_id)
+        stats = {"train_reward": shaped.mean().item(), "train_reward_std": shaped.std(dim=1).mean().item(),
+                 "response_len": lengths.float().mean().item(), "response_len_max": int(lengths.max()),
+                 "truncated_frac": truncated.float().mean().item()}
+        return batch, stats
+
+    def _logprobs(self, engine, micro: list[dict]) -> list[torch.Tensor]:
+        from r1core.kernels import token_logprobs
+
+        temp = self.cfg.temperature if self.cfg.temperature > 0 else 1.0
+
+        def fn(hidden, head_weight, vocab_group, mb, model):
+            impl = {"impl": "ref"} if hidden.device.type == "cpu" else {}
+            return token_logprobs(hidden, head_weight, mb["targets"], temperature=temp, vocab_group=vocab_group,
+                                  **impl)[0]
+
+        return engine.forward_only(micro, fn)
+
+    def update(self, batch: dict) -> dict:
+        from r1core.train.objectives import GRPOObjective
+
+        c = self.cfg
+        micro = split_rows(batch, c.micro_batch_size)
+        t0 = time.perf_counter()
+        needs_old = c.minibatches > 1 or c.tis_cap is not None
+        if needs_old:
+            for mb, lp in zip(micro, self._logprobs(self.engine, micro)):
+                mb["old_logprobs"] = lp.float().cpu() * mb["mask"]
+                if c.tis_cap is not None:
+                    mb["is_weights"] = truncated_is_weights(mb["old_logprobs"], mb["sampler_logprobs"], c.tis_cap) * mb["mask"]
+        if c.beta > 0:
+            for mb, lp in zip(micro, self._logprobs(self.ref_engine, micro)):
+                mb["ref_logprobs"] = lp.float().cpu() * mb["mask"]
+        t_logprob = time.perf_counter() - t0
+        objective = GRPOObjective(beta=c.beta, eps_low=c.eps_low, eps_high=c.eps_high, dual_clip=c.dual_clip,
+                                  temperature=c.temperature if c.temperature > 0 else 1.0, agg=c.loss_agg.value,
+                                  norm_len=c.max_new_tokens)
+        for mb in micro:
+            mb.pop("sampler_logprobs", None)
+        n_mini = min(c.minibatches, len(micro))
+        per = -(-len(micro) // n_mini)
+        t1 = time.perf_counter()
+        agg: dict[str, float] = {}
+        for i in range(0, len(micro), per):
+            m = self.engine.train_step(micro[i:i + per], objective)
+            for k, v in m.items():
+                agg[k] = agg.get(k, 0.0) + float(v) / n_mini
+        agg.update(t_logprob_s=t_logprob, t_update_s=time.perf_counter() - t1)
+        return agg
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        c = self.cfg
+        ckpts = CheckpointManager(self.out_dir / "checkpoints", is_writer=self.is_main)
+        state = ckpts.load(self.engine)
+        start = 0
+        if state is not None:
+            start = state["step"]
+            self.sampler.load_state_dict(state["sampler"])
+            self.rollout.update_weights(self.engine.model)
+        log = MetricsLog(self.out_dir / "metrics.jsonl", resume_step=start, enabled=self.is_main)
+        bar = progress(c.steps, start, "grpo", enabled=self.is_main)
+        last: dict = {}
+        rewards.STATS.reset()
+        for step in range(start + 1, c.steps + 1):
+            t0 = time.perf_counter()
+            groups, gen = self.collect(step)
+            t_rollout = time.perf_counter() - t0
+            if not groups:  # every group agreed: nothing to learn from this step (logged, not fatal)
+                metrics = {**gen, "skipped": 1, "t_rollout_s": t_rollout}
+            else:
+                batch, stats = self.make_batch(groups)
+                upd = self.update(batch)
+                self.rollout.update_weights(self.engine.model)
+                n_train = int(batch["mask"].sum())
+                metrics = {**stats, **gen, **upd, "t_rollout_s": t_rollout,
+                           "rollout_tok_s": gen["gen_tokens"] / max(t_rollout, 1e-9),
+                           "train_tok_s": n_train / max(upd["t_update_s"], 1e-9)}
+            metrics.update({f"reason/{k}": v for k, v in rewards.STATS.flat(reset=True).items()})
+            if self.eval_fn is not None and c.eval_every and step % c.eval_every == 0:
+                metrics.update({f"eval/{k}": v for k, v in self.eval_fn(step).items()})
+            metrics["t_step_s"] = time.perf_counter() - t0
+            log.log(step, metrics)
+            last = metrics
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics.get('reward', float('nan')):.3f}",
+                            acc=f"{metrics.get('reward/accuracy', float('nan')):.2f}")
+            if step % c.save_every == 0 or step == c.steps:
+                ckpts.save(step, self.engine, {"sampler": self.sampler.state_dict()})
+        bar.close()
+        return last
