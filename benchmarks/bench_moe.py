@@ -46,7 +46,8 @@ class Shape:
 
 def shapes(tiny: bool) -> list[Shape]:
     if tiny:
-        args = presets["tiny"].replace(n_routed_experts=16, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2)
+        args = presets["tiny"].replace(n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
+                                       n_limited_groups=2)
         return [Shape("tiny", 64, args)]
     return [Shape("v3", 16384, presets["v3"]), Shape("small", 16384, presets["small"])]
 
@@ -111,7 +112,8 @@ def ffn_loop(x, w1, w2, w3, seg_list):
 
 def ffn_grouped_mm(x, w1, w2, w3, offs):
     """torchtitan's GroupedExperts: three torch._grouped_mm calls, SwiGLU and autograd in PyTorch."""
-    h = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs)) * torch._grouped_mm(x, w3.transpose(-2, -1), offs=offs)
+    h1 = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs)
+    h = F.silu(h1) * torch._grouped_mm(x, w3.transpose(-2, -1), offs=offs)
     return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
 
 
@@ -267,7 +269,8 @@ def plain_layer(moe, x_BTD):
     spec = moe.gate.spec
     w, idx, counts = topk_route(moe.gate.logits(x_TD), moe.gate.e_score_correction_bias, spec)
     x_PD, order = torch_permute(x_TD, idx)
-    y_PD = ffn_grouped_mm(x_PD, moe.experts.w1, moe.experts.w2, moe.experts.w3, torch.cumsum(counts, 0, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    y_PD = ffn_grouped_mm(x_PD, moe.experts.w1, moe.experts.w2, moe.experts.w3, offs)
     y = torch.zeros(x_TD.shape, device=x_TD.device).index_add_(
         0, order // spec.top_k, y_PD.float() * w.flatten()[order, None]).to(x_TD.dtype)
     if moe.shared_experts is not None:

@@ -190,7 +190,8 @@ def _zero_tail_kernel(out_ptr, used_ptr, P, N, stride_m, BLOCK_R: tl.constexpr, 
         for n0 in range(0, N, BLOCK_N):
             c = n0 + tl.arange(0, BLOCK_N)
             zeros = tl.zeros((BLOCK_R, BLOCK_N), out_ptr.dtype.element_ty)
-            tl.store(out_ptr + r.to(tl.int64)[:, None] * stride_m + c[None, :], zeros, mask=tail[:, None] & (c < N)[None, :])
+            tl.store(out_ptr + r.to(tl.int64)[:, None] * stride_m + c[None, :], zeros,
+                     mask=tail[:, None] & (c < N)[None, :])
 
 
 @triton.jit
@@ -386,15 +387,18 @@ def grouped_swiglu_backend(x_PD: torch.Tensor, w1_EID: torch.Tensor, w2_EDI: tor
 
 def _check(x, w1, w2, w3, seg) -> None:
     if x.dim() != 2 or w1.dim() != 3:
-        raise ValueError(f"grouped_swiglu: need x_PD [P, D] and w1_EID [E, I, D], got {tuple(x.shape)}, {tuple(w1.shape)}")
+        raise ValueError(f"grouped_swiglu: need x_PD [P, D] and w1_EID [E, I, D], "
+                         f"got {tuple(x.shape)}, {tuple(w1.shape)}")
     E, I, D = w1.shape
     if x.shape[1] != D or w3.shape != w1.shape or w2.shape != (E, D, I):
         raise ValueError(f"grouped_swiglu: shapes x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, "
                          f"w3 {tuple(w3.shape)} do not match x [P, D], w1/w3 [E, I, D], w2 [E, D, I]")
     if seg.shape != (E,) or seg.is_floating_point():
-        raise ValueError(f"grouped_swiglu: seg_E must be an integer tensor of shape [{E}], got {seg.dtype} {tuple(seg.shape)}")
+        raise ValueError(f"grouped_swiglu: seg_E must be an integer tensor of shape [{E}], "
+                         f"got {seg.dtype} {tuple(seg.shape)}")
     if len({t.dtype for t in (x, w1, w2, w3)}) != 1 or not x.is_floating_point():
-        raise ValueError(f"grouped_swiglu: x and weights need one float dtype, got {x.dtype}, {w1.dtype}, {w2.dtype}, {w3.dtype}")
+        raise ValueError(f"grouped_swiglu: x and weights need one float dtype, "
+                         f"got {x.dtype}, {w1.dtype}, {w2.dtype}, {w3.dtype}")
     if len({t.device for t in (x, w1, w2, w3, seg)}) != 1:
         raise ValueError("grouped_swiglu: x, weights and seg_E must be on one device")
 

@@ -198,15 +198,19 @@ def _scatter(src_TD, pos_TK, w_TK, P: int, dtype, y_PD=None):
 
 def _check_permute(x_TD, idx_TK, counts_E, pad_multiple) -> None:
     if x_TD.dim() != 2 or x_TD.stride(-1) != 1:
-        raise ValueError(f"moe_permute: x_TD must be 2-D with unit stride in D, got shape {tuple(x_TD.shape)} strides {x_TD.stride()}")
+        raise ValueError(f"moe_permute: x_TD must be 2-D with unit stride in D, "
+                         f"got shape {tuple(x_TD.shape)} strides {x_TD.stride()}")
     if idx_TK.dim() != 2 or idx_TK.shape[0] != x_TD.shape[0] or idx_TK.dtype != torch.int64:
-        raise ValueError(f"moe_permute: idx_TK must be int64 [T={x_TD.shape[0]}, K], got {idx_TK.dtype} {tuple(idx_TK.shape)}")
+        raise ValueError(f"moe_permute: idx_TK must be int64 [T={x_TD.shape[0]}, K], "
+                         f"got {idx_TK.dtype} {tuple(idx_TK.shape)}")
     if counts_E.dim() != 1 or counts_E.dtype != torch.int64:
-        raise ValueError(f"moe_permute: counts_E must be a 1-D int64 tensor, got {counts_E.dtype} {tuple(counts_E.shape)}")
+        raise ValueError(f"moe_permute: counts_E must be a 1-D int64 tensor, "
+                         f"got {counts_E.dtype} {tuple(counts_E.shape)}")
     if not isinstance(pad_multiple, int) or pad_multiple < 1:
         raise ValueError(f"moe_permute: pad_multiple must be an int >= 1, got {pad_multiple!r}")
     if len({x_TD.device, idx_TK.device, counts_E.device}) != 1:
-        raise ValueError(f"moe_permute: x_TD, idx_TK, counts_E on different devices ({x_TD.device}, {idx_TK.device}, {counts_E.device})")
+        raise ValueError(f"moe_permute: x_TD, idx_TK, counts_E on different devices "
+                         f"({x_TD.device}, {idx_TK.device}, {counts_E.device})")
 
 
 class _Permute(torch.autograd.Function):

@@ -178,15 +178,18 @@ def _tile_shape(E: int) -> tuple[int, int]:
 
 def _check(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: RouterSpec) -> None:
     if logits_TE.dim() != 2 or not logits_TE.is_floating_point():
-        raise ValueError(f"moe_route: logits_TE must be a 2-D float tensor, got {tuple(logits_TE.shape)} {logits_TE.dtype}")
+        raise ValueError(f"moe_route: logits_TE must be a 2-D float tensor, "
+                         f"got {tuple(logits_TE.shape)} {logits_TE.dtype}")
     E = logits_TE.shape[1]
     if E != spec.n_experts:
         raise ValueError(f"moe_route: logits_TE has {E} experts, spec.n_experts={spec.n_experts}")
     if bias_E is not None and (bias_E.shape != (E,) or bias_E.device != logits_TE.device):
-        raise ValueError(f"moe_route: bias_E must be [{E}] on {logits_TE.device}, got {tuple(bias_E.shape)} on {bias_E.device}")
+        raise ValueError(f"moe_route: bias_E must be [{E}] on {logits_TE.device}, "
+                         f"got {tuple(bias_E.shape)} on {bias_E.device}")
     groups = max(spec.n_groups, 1)
     if E % groups or not 1 <= spec.topk_groups <= groups:
-        raise ValueError(f"moe_route: n_experts={E} / n_groups={spec.n_groups} / topk_groups={spec.topk_groups} invalid")
+        raise ValueError(f"moe_route: n_experts={E} / n_groups={spec.n_groups} / "
+                         f"topk_groups={spec.topk_groups} invalid")
     kept = spec.topk_groups * (E // groups) if groups > 1 else E
     if not 1 <= spec.top_k <= kept:
         raise ValueError(f"moe_route: top_k={spec.top_k} must be in [1, {kept}] (experts in the kept groups)")

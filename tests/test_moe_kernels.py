@@ -17,7 +17,7 @@ from r1core.kernels.moe_permute import moe_permute, moe_permute_ref, moe_unpermu
 from r1core.kernels.moe_router import moe_route, moe_route_ref
 from r1core.model import presets
 from r1core.model.args import ScoreFunc
-from r1core.model.moe import RouterSpec, segment_sizes
+from r1core.model.moe import RouterSpec
 from r1core.testing import assert_close_to_ref
 
 SIG, SOFT = ScoreFunc.sigmoid, ScoreFunc.softmax
