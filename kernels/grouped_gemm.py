@@ -216,13 +216,16 @@ def _configs(x: torch.Tensor) -> dict:
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     if not x.is_cuda:  # interpreter: N and K tiles are fitted per call in _fit
         t = dict(BLOCK_M=_INTERP_BLOCK_M, BLOCK_N=128, BLOCK_K=128)
-        return dict(gate_up=t, rows=t, wgrad=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16), prec=prec, fit=True)
+        return dict(gate_up=t, rows=t, swiglu_bwd=t, wgrad=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16), prec=prec,
+                    fit=True)
     if x.dtype == torch.float32:
         t = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
-        return dict(gate_up=t, rows=t, wgrad=t, prec=prec, fit=False)
-    # bf16 / fp16: two fp32 accumulators in gate_up, so half the N tile there.
+        return dict(gate_up=t, rows=t, swiglu_bwd=t, wgrad=t, prec=prec, fit=False)
+    # bf16 / fp16. Half the N tile where the epilogue holds two more fp32 tiles (gate_up's second
+    # accumulator; h1, h3 in the SwiGLU backward): at 128 x 128 the latter spills 1.2 KB (ptxas, sm_90a).
     big = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
-    return dict(gate_up=dict(big, BLOCK_N=64), rows=big, wgrad=big, prec=prec, fit=False)
+    half = dict(big, BLOCK_N=64)
+    return dict(gate_up=half, rows=big, swiglu_bwd=half, wgrad=big, prec=prec, fit=False)
 
 
 def _fit(cfg: dict, family: str, M: int | None, N: int, K: int) -> dict:
@@ -263,7 +266,7 @@ def _rows_gemm(a, b, out, segs, cfg, b_strides, a2=None, b2=None, swiglu=None):
     P, K = a.shape
     N = out.shape[1]
     E = segs.seg.numel()
-    t = _fit(cfg, "rows", None, N, K)
+    t = _fit(cfg, "rows" if swiglu is None else "swiglu_bwd", None, N, K)
     grid = ((triton.cdiv(P, t["BLOCK_M"]) + E) * triton.cdiv(N, t["BLOCK_N"]),)
     h1, h3, dh3, act = swiglu if swiglu is not None else (out, out, out, out)
     _rows_gemm_kernel[grid](a, b, a2 if a2 is not None else a, b2 if b2 is not None else b, out, h1, h3, dh3, act,

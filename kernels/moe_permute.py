@@ -31,6 +31,9 @@ moe_permute_ref = permute_ref
 moe_unpermute_ref = unpermute_ref
 
 _BLOCK_F = 128  # flat entries per histogram / rank block: the in-block rank is a BLOCK_F^2 compare
+# Eight warps for the 128 x 128 rank / histogram tiles and the 16 x 512 row tiles: with four,
+# ptxas (sm_90a) spills in _pos_kernel, _hist_kernel and _gather_rows_kernel.
+_NUM_WARPS = 8
 
 
 @triton.jit
@@ -151,12 +154,13 @@ def _positions(idx_TK: torch.Tensor, counts_E: torch.Tensor, pad_multiple: int) 
     pos_TK = torch.empty(T, K, device=dev, dtype=torch.int64)
     if F == 0:
         return pos_TK
-    _hist_kernel[(nb,)](idx_TK, hist, F, E, BLOCK_F=_BLOCK_F, BLOCK_E=min(128, triton.next_power_of_2(E)))
+    _hist_kernel[(nb,)](idx_TK, hist, F, E, BLOCK_F=_BLOCK_F, BLOCK_E=min(64, triton.next_power_of_2(E)),
+                        num_warps=_NUM_WARPS)
     # The scan is latency-bound (a chain of load -> cumsum -> store over the blocks): few, wide trips.
     scan_e = min(16, triton.next_power_of_2(E))
     _scan_kernel[(triton.cdiv(E, scan_e),)](hist, counts_E, base, nb, E, PAD=pad_multiple,
                                             BLOCK_B=min(256, triton.next_power_of_2(nb)), BLOCK_E=scan_e)
-    _pos_kernel[(nb,)](idx_TK, base, pos_TK, F, E, BLOCK_F=_BLOCK_F)
+    _pos_kernel[(nb,)](idx_TK, base, pos_TK, F, E, BLOCK_F=_BLOCK_F, num_warps=_NUM_WARPS)
     return pos_TK
 
 
@@ -173,7 +177,7 @@ def _gather(src_PD: torch.Tensor, pos_TK: torch.Tensor, w_TK: torch.Tensor | Non
     if T and D:
         block_t, block_d, grid = _row_tiles(T, D)
         _gather_rows_kernel[grid](src_PD, pos_TK, w_TK if w_TK is not None else src_PD, out_TD, T, D, K=K,
-                                  HAS_W=w_TK is not None, BLOCK_T=block_t, BLOCK_D=block_d)
+                                  HAS_W=w_TK is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_NUM_WARPS)
     return out_TD
 
 
@@ -188,7 +192,7 @@ def _scatter(src_TD, pos_TK, w_TK, P: int, dtype, y_PD=None):
         _scatter_rows_kernel[grid](src_TD, pos_TK, w_TK if w_TK is not None else src_TD, out_PD,
                                    y_PD if y_PD is not None else out_PD, dots if dots is not None else out_PD,
                                    T, D, src_TD.stride(0), K=K, HAS_W=w_TK is not None, DOT=y_PD is not None,
-                                   BLOCK_T=block_t, BLOCK_D=block_d)
+                                   BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_NUM_WARPS)
     if P > T * K:  # padding rows and the tail receive no token: zero just them, never a P x D memset
         marks = torch.zeros(P, device=src_TD.device, dtype=torch.int8)
         marks.index_fill_(0, pos_TK.flatten(), 1)

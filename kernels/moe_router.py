@@ -170,6 +170,10 @@ def _route_bwd_kernel(logits_ptr, idx_ptr, gw_ptr, glogits_ptr, T, E, stride_t, 
     tl.store(glogits_ptr + rows[:, None] * E + cols[None, :], grad_l, mask=mask)
 
 
+# Eight warps: with four, the 16 x 256 V3 tile needs 255 registers and spills (ptxas -v, sm_90a).
+_NUM_WARPS = 8
+
+
 def _tile_shape(E: int) -> tuple[int, int]:
     block_e = triton.next_power_of_2(E)
     # ~4K fp32 scores per program: the whole row stays in registers through every top-k round.
@@ -216,7 +220,7 @@ def _route_fwd(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: Route
         HAS_BIAS=bias_E is not None, SIGMOID=spec.score_func == ScoreFunc.sigmoid, N_GROUPS=groups,
         TOPK_GROUPS=spec.topk_groups, GROUP_SIZE=E // groups, K=K, K_PAD=triton.next_power_of_2(K),
         NORM=bool(spec.norm_topk_prob), PRECISE=logits_TE.is_cuda, BLOCK_T=block_t, BLOCK_E=block_e,
-        num_warps=4)
+        num_warps=_NUM_WARPS)
     return weights_TK, idx_TK, counts_E
 
 
@@ -229,7 +233,7 @@ def _route_bwd(logits_TE: torch.Tensor, idx_TK: torch.Tensor, grad_w_TK: torch.T
         _route_bwd_kernel[(triton.cdiv(T, block_t),)](
             logits_TE, idx_TK, grad_w_TK, grad_TE, T, E, logits_TE.stride(0), float(spec.route_scale),
             SIGMOID=spec.score_func == ScoreFunc.sigmoid, K=spec.top_k, NORM=bool(spec.norm_topk_prob),
-            PRECISE=logits_TE.is_cuda, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
+            PRECISE=logits_TE.is_cuda, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=_NUM_WARPS)
     return grad_TE.to(logits_TE.dtype)
 
 
