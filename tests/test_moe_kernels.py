@@ -401,4 +401,6 @@ def test_gpu_grouped_swiglu_v3_layer_shape_bf16(backend):
 
 @pytest.mark.gpu
 def test_gpu_small_preset_model_parity_ref_vs_triton():
-    check_model_parity(presets["small"].replace(n_layers=3), 2, 256, "cuda")
+    # One dense layer, then one MoE layer: both impls route from bit-identical fp32 logits, so the
+    # fp32 comparison never meets a routing flip caused by an earlier layer's rounding.
+    check_model_parity(presets["small"].replace(n_layers=2, n_mtp_modules=0), 2, 512, "cuda")
