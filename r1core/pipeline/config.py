@@ -82,6 +82,7 @@ class RejectionConfig:
     top_p: float = 0.95
     max_new_tokens: int = 64
     require_correct: bool = True
+    require_finished: bool = True
     require_format: bool = True
     language: str = "en"
     min_language_share: float = 0.9
@@ -99,6 +100,7 @@ class DistillConfig:
     temperature: float = 0.7
     max_new_tokens: int = 64
     require_correct: bool = True
+    require_finished: bool = True
 
 
 @dataclass(kw_only=True)

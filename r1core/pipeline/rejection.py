@@ -32,6 +32,7 @@ def max_ngram_repeats(ids: list[int], n: int = 4) -> int:
 @dataclass
 class Filters:
     require_correct: bool = True
+    require_finished: bool = True  # truncated samples (finish_reason "length") are dropped
     require_format: bool = True
     language: str = "en"
     min_language_share: float = 0.0
@@ -41,7 +42,7 @@ class Filters:
 def rejection_reason(sample, problem, full_response: str, scorer: Scorer, f: Filters) -> tuple[str | None, dict]:
     """None when the sample is kept, else the first failed check; plus the reward values."""
     _, values = scorer.score(sample.response_text, problem)
-    if sample.finish_reason != "stop":
+    if f.require_finished and sample.finish_reason != "stop":
         return "truncated", values
     if f.require_correct and values["accuracy"] < 1:
         return "incorrect", values
@@ -95,8 +96,9 @@ def run_rejection_sampling(ctx):
     problems = random.Random(ctx.job.seed + 11).sample(problems, min(cfg.prompts, len(problems)))
     sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                               seed=ctx.job.seed + 12)
-    filters = Filters(cfg.require_correct, cfg.require_format, cfg.language, cfg.min_language_share,
-                      cfg.max_ngram_repeats)
+    filters = Filters(require_correct=cfg.require_correct, require_finished=cfg.require_finished,
+                      require_format=cfg.require_format, language=cfg.language,
+                      min_language_share=cfg.min_language_share, max_ngram_repeats=cfg.max_ngram_repeats)
     rows, stats = sample_and_filter(ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling, filters)
     if not rows:
         raise RuntimeError(f"rejection sampling kept no sample ({stats}): the model is too weak for the filters")
@@ -122,7 +124,8 @@ def teacher_dataset(ctx) -> tuple[list[SFTExample], dict]:
     problems = random.Random(ctx.job.seed + 21).sample(problems, min(cfg.prompts, len(problems)))
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=ctx.job.seed + 22)
     rows, stats = sample_and_filter(ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling,
-                                    Filters(require_correct=cfg.require_correct))
+                                    Filters(require_correct=cfg.require_correct, require_finished=cfg.require_finished,
+                                            require_format=False))
     if not rows:
         raise RuntimeError(f"the teacher produced no usable sample for distillation ({stats})")
     if ctx.is_main:

@@ -232,7 +232,7 @@ class GRPOTrainer:
             last = metrics
             bar.update(1)
             bar.set_postfix(reward=f"{metrics.get('reward', float('nan')):.3f}",
-                            acc=f"{metrics.get('reward/accuracy', float('nan')):.2f}")
+                            acc=f"{metrics.get('reward/accuracy', float('nan')):.2f}", refresh=False)
             if step % c.save_every == 0 or step == c.steps:
                 ckpts.save(step, self.engine, {"sampler": self.sampler.state_dict()})
         bar.close()

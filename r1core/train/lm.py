@@ -64,7 +64,7 @@ def train_lm(engine, data: ResumableBatches, cfg: LMTrainConfig, out_dir: str | 
         metrics = engine.train_step(micro, objective)
         tokens_seen += int(metrics.get("n_tokens", 0))
         bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - t0
             last = {**metrics, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}

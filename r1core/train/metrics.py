@@ -58,8 +58,27 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def progress(total: int, initial: int, desc: str, enabled: bool = True) -> tqdm:
     """A tqdm bar (rate and ETA) that also prints plain periodic lines when stderr is not a terminal."""
+    import sys
+
+    tty = sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
-                mininterval=2.0, smoothing=0.1)
+                mininterval=1.0 if tty else 15.0, smoothing=0.1, ascii=not tty,
+                file=sys.stderr if tty else _Lines(sys.stderr))
+
+
+class _Lines:
+    """tqdm output for logs and pipes: one full line per refresh instead of carriage returns."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").strip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def plot_curves(path: str | os.PathLike, title: str, series: dict[str, tuple[list, list]], xlabel: str = "step",

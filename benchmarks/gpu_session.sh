@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One GPU-machine session: install carried wheels, build the CUDA extension, then run the named parts.
+#   bash benchmarks/gpu_session.sh setup kernels rollout train pipeline
+# Logs and bench JSON/PNG go to $OUT/r (tarred to $OUT/results.tgz at the end); a summary to $OUT/summary.txt.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+R=$OUT/r
+mkdir -p "$R"
+export PYTHONUNBUFFERED=1 R1CORE_BENCH_OUT=$R
+SUMMARY=$OUT/summary.txt
+say() { echo "== $*" | tee -a "$SUMMARY"; }
+run() {  # run NAME TIMEOUT CMD...: log to $R/NAME.log, keep the tail in the summary
+  local name=$1 t=$2; shift 2
+  local t0=$SECONDS
+  timeout "$t" "$@" > "$R/$name.log" 2>&1
+  local rc=$?
+  say "$name rc=$rc $((SECONDS - t0))s"
+  tail -n 25 "$R/$name.log" >> "$SUMMARY"
+}
+
+part_setup() {
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/* > "$R/wheels.log" 2>&1 || tail -5 "$R/wheels.log"
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  if ! python3 -c "import r1core._C" 2>/dev/null; then
+    run build_ext 400 env R1CORE_BUILD_CUDA=1 MAX_JOBS=16 python3 -m pip install -e . --no-build-isolation --no-deps
+  fi
+  python3 -c "import r1core._C, torch, triton; print('ext ok', torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
+    2>&1 | tee -a "$SUMMARY"
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv >> "$SUMMARY" 2>&1
+}
+
+part_kernel_tests() {
+  run test_kernels_gpu 420 python3 -m pytest -q -x -m gpu tests/test_grpo_loss.py tests/test_moe_kernels.py \
+    tests/test_moe_cuda.py tests/test_model.py -rfE
+}
+part_bench_grpo() { run bench_grpo_loss 300 python3 benchmarks/bench_grpo_loss.py; }
+part_bench_moe() { run bench_moe 300 python3 benchmarks/bench_moe.py; }
+part_rollout() {
+  run test_rollout_gpu 200 python3 -m pytest -q -m gpu tests/test_rollout.py -rfE
+  run bench_rollout 300 python3 benchmarks/bench_rollout.py
+}
+part_train() { run bench_train 400 python3 benchmarks/bench_train.py; }
+part_pipeline() {
+  run pipeline_small 560 python3 -m r1core.cli run model=small pipeline=r1_zero run_dir=/tmp/run_small \
+    hydra.run.dir=/tmp/run_small ${PIPELINE_OVERRIDES:-}
+  cp -r /tmp/run_small/report.md /tmp/run_small/*.png /tmp/run_small/manifest.json "$R/" 2>/dev/null
+}
+
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+for part in "$@"; do
+  say "part $part"
+  "part_$part"
+done
+tar -czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$R"
+say "done"

@@ -1,0 +1,227 @@
+"""The R1 pipeline: config validation, stage wiring, resume after a kill, filters and eval metrics."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from safetensors.torch import load_file
+
+from r1core.data import Problem
+from r1core.pipeline.config import ConfigError, register_configs, to_job, validate_pipeline
+from r1core.pipeline.manifest import Manifest
+from r1core.pipeline.rejection import Filters, max_ngram_repeats, rejection_reason
+from r1core.pipeline.runner import run_pipeline
+from r1core.rl.evaluate import EvalConfig, evaluate, final_answer, majority_correct
+from r1core.rl.rewarding import Scorer
+from r1core.rollout import Sample
+
+# Step counts small enough for CI; every stage still trains, samples, filters and evaluates.
+TOY = ["pretrain.steps=6", "pretrain.save_every=3", "pretrain.seq_len=48", "pretrain.batch_size=8",
+       "pretrain.micro_batch_size=8", "sft.steps=3", "sft.save_every=2", "sft.seq_len=64", "sft.batch_size=8",
+       "sft.micro_batch_size=8", "rl.steps=2", "rl.save_every=1", "rl.prompts_per_step=3", "rl.group_size=2",
+       "rl.max_new_tokens=12", "rl.max_refill_rounds=0", "eval.problems=4", "eval.k=2", "eval.max_new_tokens=12",
+       "rejection.prompts=4", "rejection.samples_per_prompt=2", "rejection.max_new_tokens=12",
+       "rejection.require_correct=false", "rejection.require_format=false", "rejection.require_finished=false", "distill.prompts=4",
+       "distill.max_new_tokens=12", "distill.require_correct=false", "distill.require_finished=false", "data.corpus_docs=300",
+       "data.cold_start_examples=40", "data.eval_problems=4"]
+
+
+def _compose(overrides):
+    register_configs()
+    with initialize_config_module(config_module="r1core.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _cfg(tmp_path, *extra, pipeline="default"):
+    return _compose([f"pipeline={pipeline}", f"run_dir={tmp_path}", *TOY, *extra])
+
+
+# ---------------------------------------------------------------- validation before any work
+
+@pytest.mark.parametrize("override, message", [
+    ("rl.group_size=1", "rl.group_size=1"),
+    ("parallel.tp=3", "incompatible parallel layout"),
+    ("data.rl_prompts_jsonl=/nope/problems.jsonl", "data.rl_prompts_jsonl='/nope/problems.jsonl' does not exist"),
+    ("+pipeline.stages.1.overrides={rl.no_such_key: 1}", "override key 'rl.no_such_key' is not a job setting"),
+    ("pipeline.stages.3.init=eval_zero", "init='eval_zero' names no earlier stage"),
+])
+def test_config_errors_fail_before_any_work_with_one_clear_message(tmp_path, override, message):
+    cfg = _cfg(tmp_path / "run", override)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        run_pipeline(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_stage_kind_is_rejected_at_compose_time(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="pipeline.stages.1.kind=pretraining"):
+        _cfg(tmp_path, "pipeline.stages.1.kind=pretraining")
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "r1core.cli", "run", f"run_dir={tmp_path}/x",
+                        f"hydra.run.dir={tmp_path}/x", "rl.group_size=1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "rl.group_size=1" in r.stderr + r.stdout and "Traceback" not in r.stderr
+
+
+def test_every_shipped_pipeline_validates():
+    for name in ("default", "r1", "r1_zero", "distill"):
+        cfg = _compose([f"pipeline={name}", "run_dir=/tmp/unused"])
+        stages = validate_pipeline(cfg, to_job(cfg))
+        assert stages[0][0].kind.value == "prepare"
+
+
+def test_stage_overrides_apply_to_that_stage_only(tmp_path):
+    cfg = _cfg(tmp_path, "+pipeline.stages.3.overrides={rl.steps: 7}")
+    resolved = validate_pipeline(cfg, to_job(cfg))
+    steps = {spec.name: job.rl.steps for spec, job in resolved}
+    assert steps["zero_rl"] == 7 and steps["reasoning_rl"] == 2
+
+
+# ---------------------------------------------------------------- eval metrics and filters
+
+def test_majority_vote_hand_cases():
+    assert majority_correct(["4", "5", "4"], [1, 0, 1]) == 1.0
+    assert majority_correct(["5", "4", "5"], [0, 1, 0]) == 0.0
+    assert majority_correct(["4", "5"], [1, 0]) == 1.0      # tie: the first seen
+    assert majority_correct([None, None], [0, 0]) == 0.0
+    assert final_answer("<think>2+2</think> \\boxed{ 4 }") == "4"
+    assert final_answer("<think>never closed \\boxed{4}") is None
+
+
+class CannedRollout:
+    """Returns fixed responses in the order a real engine would (prompt-major, n per prompt)."""
+
+    def __init__(self, responses):
+        self.responses = responses
+
+    def generate(self, prompts, n, sampling):
+        out = []
+        for i, _ in enumerate(prompts):
+            texts = self.responses[i][:n] if sampling.temperature > 0 else self.responses[i][-1:]
+            out += [Sample(prompt_ids=[1], response_ids=[2], logprobs=[0.0], finish_reason="stop", prompt_index=i,
+                           sample_index=j, response_text=t) for j, t in enumerate(texts)]
+        return out
+
+
+def test_eval_pass_at_1_and_cons_at_k_hand_computed():
+    probs = [Problem(prompt="1+1=", answer="2", task="arithmetic"), Problem(prompt="2+2=", answer="4", task="arithmetic")]
+    box = lambda x: f"<think>x</think> \\boxed{{{x}}}"  # noqa: E731
+    rollout = CannedRollout([[box(2), box(3), box(3), box(2)],   # 1 of 3 sampled right, greedy (last) right
+                             [box(4), box(4), box(5), box(9)]])  # 2 of 3 right, greedy wrong
+    metrics, rows = evaluate(rollout, lambda p: [0], probs, EvalConfig(k=3), seed=0)
+    assert metrics["pass@1"] == pytest.approx((1 / 3 + 2 / 3) / 2)
+    assert metrics["cons@3"] == pytest.approx(0.5)   # problem 1 votes 3 (wrong), problem 2 votes 4
+    assert metrics["greedy"] == pytest.approx(0.5)
+    assert [r["cons"] for r in rows] == [0.0, 1.0]
+
+
+def _sample(text, ids=(5, 6, 7), finish="stop"):
+    return Sample(prompt_ids=[1], response_ids=list(ids), logprobs=[0.0] * len(ids), finish_reason=finish,
+                  response_text=text)
+
+
+def test_rejection_filters_on_hand_written_samples():
+    p = Problem(prompt="3+4=", answer="7", task="arithmetic")
+    f = Filters(require_correct=True, require_format=True, language="en", min_language_share=0.9, max_ngram_repeats=3)
+    sc = Scorer({"accuracy": 1.0})
+    good = "<think>\n3+4=7\n</think>\n\\boxed{7}"
+    cases = {
+        "kept": (_sample(good[len("<think>\n"):]), good),
+        "truncated": (_sample("3+4=", finish="length"), "<think>\n3+4="),
+        "incorrect": (_sample("3+4=8\n</think>\n\\boxed{8}"), "<think>\n3+4=8\n</think>\n\\boxed{8}"),
+        "format": (_sample("\\boxed{7}"), "\\boxed{7} no think"),
+        "language_mixing": (_sample("x"), "<think>\n我们计算 three plus 四 等于七\n</think>\n\\boxed{7}"),
+        "repetition": (_sample("x", ids=[1, 2, 3, 4] * 5), good),
+    }
+    for expected, (sample, full) in cases.items():
+        sample.response_text = full.split("<think>\n", 1)[-1] if expected != "format" else full
+        why, _ = rejection_reason(sample, p, full, sc, f)
+        assert (why or "kept") == expected, (expected, why)
+    assert max_ngram_repeats([1, 2, 3, 4] * 5) == 5 and max_ngram_repeats([1, 2, 3]) == 0
+
+
+# ---------------------------------------------------------------- manifest
+
+def test_manifest_skips_only_done_stages_with_the_same_hash(tmp_path):
+    m = Manifest(tmp_path, "p")
+    out = tmp_path / "out.bin"
+    out.write_text("x")
+    m.start("a", "h1")
+    assert not m.is_done("a", "h1")
+    m.finish("a", {"model": str(out)}, {}, 1.0)
+    assert Manifest(tmp_path, "p").is_done("a", "h1")
+    assert not m.is_done("a", "h2")          # config changed: rerun
+    out.unlink()
+    assert not m.is_done("a", "h1")          # output gone: rerun
+    with pytest.raises(RuntimeError, match="belongs to pipeline 'p'"):
+        Manifest(tmp_path, "other")
+
+
+# ---------------------------------------------------------------- wiring and resume
+
+def test_default_pipeline_wires_every_stage_and_a_rerun_skips_them(tmp_path):
+    cfg = _cfg(tmp_path)
+    run_pipeline(cfg)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    stages = man["stages"]
+    assert all(s["status"] == "done" for s in stages.values()), {k: s["status"] for k, s in stages.items()}
+    for name in ("pretrain", "zero_rl", "cold_start_sft", "reasoning_rl", "sft", "all_scenario_rl", "distill"):
+        assert (Path(stages[name]["outputs"]["model"]) / "config.json").exists(), name
+    assert Path(stages["rejection_sampling"]["outputs"]["dataset"]).exists()
+    rows = [json.loads(x) for x in Path(stages["rejection_sampling"]["outputs"]["dataset"]).read_text().splitlines()]
+    assert all("provenance" in r for r in rows)
+    for name in ("eval_base", "eval_zero", "eval_r1", "eval_student"):
+        assert {"pass@1", "cons@2", "greedy"} <= set(stages[name]["metrics"])
+    # the student is the dense preset: its export has no MoE layer
+    student = json.loads((Path(stages["distill"]["outputs"]["model"]) / "config.json").read_text())
+    assert student["first_k_dense_replace"] == student["num_hidden_layers"]
+    report = (tmp_path / "report.md").read_text()
+    assert "## Evaluation" in report and (tmp_path / "eval.png").exists() and (tmp_path / "zero_rl.png").exists()
+    t0 = time.time()
+    run_pipeline(cfg)
+    assert time.time() - t0 < 30  # nothing reruns
+
+
+def _weights(run_dir, stage):
+    d = Path(run_dir) / "stages" / stage / "model"
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_killed_run_resumes_to_the_same_final_checkpoint(tmp_path):
+    overrides = ["pipeline=r1_zero", *TOY, "pretrain.steps=12", "pretrain.save_every=2", "rl.steps=4"]
+    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "r1core.cli", "run", *overrides]
+    proc = subprocess.Popen(cmd + [f"run_dir={killed_dir}", f"hydra.run.dir={killed_dir}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed_dir / "stages" / "pretrain" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_000004"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-stage, at whatever point it has reached
+    proc.wait()
+    assert latest.exists(), "the run never reached its second checkpoint"
+    man = json.loads((killed_dir / "manifest.json").read_text())
+    assert man["stages"]["pretrain"]["status"] == "running"
+    subprocess.run(cmd + [f"run_dir={killed_dir}", f"hydra.run.dir={killed_dir}"], env=env, check=True,
+                   capture_output=True, timeout=600)
+    subprocess.run(cmd + [f"run_dir={ref_dir}", f"hydra.run.dir={ref_dir}"], env=env, check=True,
+                   capture_output=True, timeout=600)
+    for stage in ("pretrain", "zero_rl"):
+        a, b = _weights(ref_dir, stage), _weights(killed_dir, stage)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{stage}: {k} differs after resume"
