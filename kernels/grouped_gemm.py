@@ -10,7 +10,7 @@ Legend: P permuted rows, D model dim, I expert hidden dim, E experts; segment e 
 
 Two implementations, chosen at run time by `grouped_swiglu_backend`:
   * "grouped_mm": `torch._grouped_mm` (CUTLASS sm90 grouped GEMM: 691 TFLOP/s forward at V3 expert
-    shapes, 89% of dense) for the eight GEMMs, Triton for the SwiGLU elementwise steps. Used on
+    shapes, 89% of dense) for the nine GEMMs (3 forward, 6 backward), Triton for the SwiGLU steps. Used on
     Hopper when every operand is bf16, D and I are multiples of 8 (16-byte TMA strides) and E < 1024
     (the CUTLASS kernel's group limit). Its outputs are torch.empty, so rows past the last segment
     and the weight grads of experts with no rows are zeroed here.
@@ -251,7 +251,6 @@ class _Segments:
         self.start = ends - self.seg
         self.tile_end = torch.cumsum((self.seg + block_m - 1) // block_m, 0, dtype=torch.int32)
         self.used = ends[-1:]
-        self.block_m = block_m
 
 
 def _zero_tail(out: torch.Tensor, segs: _Segments) -> None:
