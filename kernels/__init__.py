@@ -11,13 +11,13 @@ import importlib
 
 _EXPORTS = {
     # fused GRPO loss / fused linear cross-entropy (issue: fused GRPO loss kernel)
-    "grpo_loss": "grpo_loss", "grpo_loss_ref": "grpo_loss",
-    "linear_cross_entropy": "grpo_loss", "linear_cross_entropy_ref": "grpo_loss",
-    "token_logprobs": "grpo_loss",
+    "grpo_loss": "grpo", "grpo_loss_ref": "grpo",
+    "linear_cross_entropy": "grpo", "linear_cross_entropy_ref": "grpo",
+    "token_logprobs": "grpo",
     # MoE hot path (issue: MoE kernels)
     "moe_route": "moe_router", "moe_route_ref": "moe_router",
-    "moe_permute": "moe_permute", "moe_permute_ref": "moe_permute",
-    "moe_unpermute": "moe_permute", "moe_unpermute_ref": "moe_permute",
+    "moe_permute": "permute", "moe_permute_ref": "permute",
+    "moe_unpermute": "permute", "moe_unpermute_ref": "permute",
     "grouped_swiglu": "grouped_gemm", "grouped_swiglu_ref": "grouped_gemm",
 }
 
@@ -32,7 +32,7 @@ def moe_ops(impl: str):
     """(route, permute, unpermute, grouped_swiglu) with the contracts of r1core.model.moe's refs."""
     if impl == "triton":
         from .grouped_gemm import grouped_swiglu
-        from .moe_permute import moe_permute, moe_unpermute
+        from .permute import moe_permute, moe_unpermute
         from .moe_router import moe_route
 
         return moe_route, moe_permute, moe_unpermute, grouped_swiglu

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import r1core.kernels
 from r1core.kernels import _grpo_triton as tk
-from r1core.kernels import grpo_loss as G
-from r1core.kernels.grpo_loss import (grpo_loss, grpo_loss_ref, linear_cross_entropy, linear_cross_entropy_ref,
+from r1core.kernels import grpo as G
+from r1core.kernels.grpo import (grpo_loss, grpo_loss_ref, linear_cross_entropy, linear_cross_entropy_ref,
                                      token_logprobs)
 from r1core.model.transformer import cross_entropy_sum
 from r1core.testing import assert_close_to_ref, run_distributed

@@ -33,7 +33,7 @@ import sys
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__]  # hide the dev checkout
 sys.path.insert(0, {str(target)!r})
 import r1core, r1core.kernels
-from r1core.kernels import grpo_loss, moe_router, grouped_gemm
+from r1core.kernels import grpo, moe_router, permute, grouped_gemm
 from importlib import resources
 assert r1core.kernels.__file__.startswith({str(target)!r}), r1core.kernels.__file__
 assert callable(r1core.kernels.moe_route) and callable(r1core.kernels.grouped_swiglu)

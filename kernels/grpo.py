@@ -44,8 +44,6 @@ Losses, tiled CE); Liger-Kernel fused linear CE (gradients in the forward).
 
 from __future__ import annotations
 
-import sys
-import types
 
 import torch
 import torch.nn.functional as F
@@ -363,15 +361,3 @@ def linear_cross_entropy_ref(hidden, weight, targets, ignore_index=-100, reducti
     if reduction == "sum":
         return total
     return total / (targets != ignore_index).sum().clamp(min=1)
-
-
-class _CallableModule(types.ModuleType):
-    """`r1core.kernels.grpo_loss` names both this module and its function. Importing the submodule makes
-    Python set the package attribute to the module, whatever kernels/__init__.py exports, so the module
-    forwards calls to the function: `r1core.kernels.grpo_loss(...)` works in any import order."""
-
-    def __call__(self, *args, **kwargs):
-        return grpo_loss(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
