@@ -42,10 +42,11 @@ def _cuda_extensions():
         name="r1core._C",
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
+        # No -std flag: BuildExtension picks the standard torch's own headers were built with (C++20
+        # on recent torch); forcing C++17 made c10::Error throws crash across the binding boundary.
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
-                     f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -31,7 +31,7 @@ part_setup() {
 }
 
 part_kernel_tests() {
-  run test_kernels_gpu 420 python3 -m pytest -q -x -m gpu tests/test_grpo_loss.py tests/test_moe_kernels.py \
+  run test_kernels_gpu 420 python3 -m pytest -q -m gpu tests/test_grpo_loss.py tests/test_moe_kernels.py \
     tests/test_moe_cuda.py tests/test_model.py -rfE
 }
 part_bench_grpo() { run bench_grpo_loss 300 python3 benchmarks/bench_grpo_loss.py; }

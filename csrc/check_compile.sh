@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 arch=${R1CORE_CUDA_ARCH:-90}
-nv=(-std=c++17 -O3 --use_fast_math -lineinfo "-gencode=arch=compute_${arch},code=sm_${arch}" -Icsrc -Xcompiler -fPIC
+nv=(-std=c++20 -O3 --use_fast_math -lineinfo "-gencode=arch=compute_${arch},code=sm_${arch}" -Icsrc -Xcompiler -fPIC
     -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
     -D__CUDA_NO_HALF2_OPERATORS__ -Xptxas -warn-spills)
 objs=()
@@ -29,7 +29,7 @@ if [[ "${1:-}" == "--cpp" ]]; then
   torch_inc=$(python -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))')
   echo "g++ csrc/r1core_ext.cpp"
   # shellcheck disable=SC2086
-  g++ -c -fPIC -O1 -std=c++17 -Wall -Wno-c++20-extensions -Icsrc -I"$out/stub" $torch_inc -I"$cuda_home/include" \
+  g++ -c -fPIC -O1 -std=c++20 -Wall -Icsrc -I"$out/stub" $torch_inc -I"$cuda_home/include" \
       $(python3-config --includes) -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
       csrc/r1core_ext.cpp -o "$out/ext.o"
   objs+=("$out/ext.o")

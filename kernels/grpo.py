@@ -27,9 +27,8 @@ Implementations (`impl`):
   holds by construction), halve that traffic against fp32 and double the rows per chunk. C keeps the
   buffer under CHUNK_BYTES (768 MiB: C = 2048 at V = 151936 bf16); fewer, larger chunks matter because
   each chunk re-reads and re-writes grad_W ([V, H]; bf16 accumulation in cuBLAS's addmm, as Liger does).
-- "chunked_fp32": the same with fp32 logits (torch.mm out_dtype; the bf16 gradient is written into the
-  first half of each fp32 row). Log-probs carry no bf16 logit rounding, for 4 more bytes read per
-  logit and half the rows per chunk.
+- "chunked_fp32": the same with fp32 logits (torch.mm out_dtype) and a separate bf16 gradient buffer.
+  Log-probs carry no bf16 logit rounding, for 4 more bytes read per logit and fewer rows per chunk.
 - "triton": pure Triton tiles (tl.dot), logits never stored, not even per chunk; the backward recomputes
   them (8NHV) and accumulates grad_W / grad_h in fp32 buffers. A fallback, not a speed path.
 - "ref": `grpo_loss_ref` (materialized [N, V] logits, autograd).
@@ -111,6 +110,9 @@ def _chunked_pass(h, w, targets, scale, group, coef_fn, need_gh, need_gw, fp32_l
     buf_dtype = torch.float32 if fp32_logits else h.dtype
     C = _chunk_rows(N, V, torch.finfo(buf_dtype).bits // 8)
     buf = torch.empty(C, V, device=h.device, dtype=buf_dtype)
+    # fp32 logits get their own bf16 gradient buffer: writing it in place over the logits raced on the GPU
+    # (the narrow writes of one tile land on logits of earlier tiles that other warps may still read).
+    gbuf = torch.empty(C, V, device=h.device, dtype=h.dtype) if buf_dtype != h.dtype and (need_gh or need_gw) else None
     logp = torch.empty(N, device=h.device, dtype=torch.float32)
     entropy = torch.empty_like(logp)
     gh = torch.empty_like(h) if need_gh else None
@@ -125,7 +127,7 @@ def _chunked_pass(h, w, targets, scale, group, coef_fn, need_gh, need_gw, fp32_l
         if not (need_gh or need_gw):
             continue
         coef = coef_fn(logp[start:end], start, end) * scale
-        g = x if x.dtype == h.dtype else x.view(h.dtype)[:, :V]                  # gradient over the logits
+        g = x if gbuf is None else gbuf[: end - start]                            # gradient over the logits
         tk.row_grad(x, g, tc, lse, coef.contiguous(), vocab_start, scale)
         if need_gh:
             torch.mm(g, w, out=gh[start:end])
