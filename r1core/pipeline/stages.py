@@ -48,11 +48,12 @@ class StageContext:
 
 # ---------------------------------------------------------------------------- engines
 
-def make_engine(ctx: StageContext, steps: int, model_args=None, init: bool = True):
+def make_engine(ctx: StageContext, steps: int, lr: float, model_args=None, init: bool = True):
+    """An engine for this stage: the job's optimizer settings with the stage's own peak LR and length."""
     from r1core.train.engine import build_engine
 
     args = model_args or ctx.job.model
-    optim = dataclasses.replace(ctx.job.optim, total_steps=max(steps, 1))
+    optim = dataclasses.replace(ctx.job.optim, lr=lr, total_steps=max(steps, 1))
     engine = build_engine(args, ctx.job.parallel, optim, device=ctx.device, dtype=ctx.dtype, seed=ctx.job.seed)
     if init and ctx.init_model:
         load_hf_weights(engine, ctx.init_model)
@@ -116,7 +117,7 @@ def stage_pretrain(ctx: StageContext):
 
     cfg = ctx.job.pretrain
     tok, _ = ctx.tokenizer()
-    engine = make_engine(ctx, cfg.steps)
+    engine = make_engine(ctx, cfg.steps, cfg.lr)
     ds = TokenShardDataset(ctx.prepared["shards"], cfg.seq_len, seed=ctx.job.seed, dp_rank=engine.dp_rank,
                            dp_size=engine.dp_size, tokenizer_hash=tok.hash)
     data = WindowBatches(ds, cfg.micro_batch_size // engine.dp_size or 1, cfg.doc_masking)
@@ -136,7 +137,7 @@ def _run_sft(ctx: StageContext, cfg, examples, model_args=None, init=True):
     from r1core.train.objectives import LMObjective
 
     tok, fmt = ctx.tokenizer()
-    engine = make_engine(ctx, cfg.steps, model_args, init)
+    engine = make_engine(ctx, cfg.steps, cfg.lr, model_args, init)
     data = _sft_data(ctx, cfg, examples, tok, fmt, engine)
     metrics = train_lm(engine, data, cfg, ctx.stage_dir, LMObjective(), desc=ctx.spec.name, is_main=ctx.is_main)
     return engine, _keep(metrics, "loss", "ce", "tokens_per_s")
@@ -158,10 +159,10 @@ def stage_rl(ctx: StageContext):
 
     cfg = ctx.job.rl
     tok, fmt = ctx.tokenizer()
-    engine = make_engine(ctx, cfg.steps * cfg.minibatches)
+    engine = make_engine(ctx, cfg.steps * cfg.minibatches, cfg.lr)
     ref = None
     if cfg.beta > 0:
-        ref = make_engine(ctx, 1)
+        ref = make_engine(ctx, 1, cfg.lr)  # frozen: forward passes only, never stepped
     problems = read_problems(ctx.prepared["rl_prompts"])
     scorer = None
     if ctx.spec.kind == StageKind.all_scenario_rl:

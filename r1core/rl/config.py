@@ -26,6 +26,7 @@ class Overlong(str, enum.Enum):
 @dataclass(kw_only=True)
 class GRPOConfig:
     steps: int = 40
+    lr: float = 1e-6                # policy learning rate (DeepSeek-R1: 3e-6 for V3); the schedule is `optim`'s
     prompts_per_step: int = 16
     group_size: int = 8
     # sampling

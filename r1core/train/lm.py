@@ -20,6 +20,7 @@ from .metrics import MetricsLog, progress
 @dataclass(kw_only=True)
 class LMTrainConfig:
     steps: int = 300
+    lr: float = 3e-4            # peak learning rate of this stage (the rest of the schedule: `optim`)
     batch_size: int = 32        # sequences per optimizer step (global)
     micro_batch_size: int = 32  # sequences per forward/backward
     seq_len: int = 96
