@@ -1,0 +1,92 @@
+"""Parallel layout schema (Hydra node `parallel`) and the start-up layout check.
+
+Degrees are `tp, pp, ep, dp`. As in megatron-core, the world is tp × pp × dp and expert
+parallelism is carved out of data parallelism: the `ep` ranks of an expert group hold different
+experts *and* see different tokens, so `ep` must divide `dp`. Routed experts are additionally
+split over TP (megatron's expert_tensor_parallel_size = tp), so experts are sharded over
+ep × tp ranks and replicated over dp / ep "expert data parallel" ranks.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from r1core.model.args import ModelArgs
+
+
+class PPSchedule(str, enum.Enum):
+    one_f_one_b = "1f1b"          # torch Schedule1F1B: one stage per rank
+    interleaved = "interleaved"   # torch ScheduleInterleaved1F1B: `pp_virtual` stages per rank, looped
+    dualpipev = "dualpipev"       # torch ScheduleDualPipeV: two stages per rank in a V (DeepSeek-V3 §3.2.1)
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    dp: int = -1                  # -1: world_size // (tp * pp)
+    pp_schedule: PPSchedule = PPSchedule.one_f_one_b
+    pp_virtual: int = 2           # stages per rank for the interleaved schedule
+    microbatches: int = 1         # each batch dict given to train_step is split into this many along rows
+    sequence_parallel: bool = False
+    zero1: bool = True            # shard optimizer state over the data-parallel ranks
+
+    def __post_init__(self) -> None:
+        self.pp_schedule = PPSchedule(self.pp_schedule)
+        bad = [f"{k}={getattr(self, k)}" for k in ("tp", "pp", "ep", "microbatches", "pp_virtual")
+               if getattr(self, k) < 1]
+        if self.dp == 0 or self.dp < -1:
+            bad.append(f"dp={self.dp}")
+        if bad:
+            raise ValueError(f"invalid ParallelConfig: {', '.join(bad)} (degrees are >= 1; dp=-1 infers it)")
+
+    @property
+    def stages_per_rank(self) -> int:
+        if self.pp == 1:
+            return 1
+        return {PPSchedule.one_f_one_b: 1, PPSchedule.interleaved: self.pp_virtual, PPSchedule.dualpipev: 2}[
+            self.pp_schedule]
+
+    @property
+    def n_stages(self) -> int:
+        return self.pp * self.stages_per_rank
+
+    def resolved(self, world_size: int) -> "ParallelConfig":
+        """A copy with dp filled in (the layout must already be valid)."""
+        import dataclasses
+
+        return dataclasses.replace(self, dp=world_size // (self.tp * self.pp) if self.dp == -1 else self.dp)
+
+
+def check_layout(args: ModelArgs, cfg: ParallelConfig, world_size: int) -> ParallelConfig:
+    """Every reason the layout cannot run, in one ValueError; else the config with dp resolved."""
+    problems = []
+    tp, pp, ep = cfg.tp, cfg.pp, cfg.ep
+    if world_size % (tp * pp):
+        problems.append(f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}")
+        dp = None
+    else:
+        dp = world_size // (tp * pp)
+        if cfg.dp not in (-1, dp):
+            problems.append(f"tp*pp*dp = {tp}*{pp}*{cfg.dp} != world size {world_size}")
+        elif dp % ep:
+            problems.append(f"ep={ep} must divide dp={dp} (expert parallelism is carved out of data parallelism)")
+    if args.n_routed_experts % ep:
+        problems.append(f"n_routed_experts={args.n_routed_experts} is not divisible by ep={ep}")
+    for name, value in (("n_heads", args.n_heads), ("vocab_size", args.vocab_size), ("inter_dim", args.inter_dim),
+                        ("moe_inter_dim", args.moe_inter_dim)):
+        if value % tp:
+            problems.append(f"{name}={value} is not divisible by tp={tp}")
+    if args.n_layers % cfg.n_stages:
+        problems.append(f"n_layers={args.n_layers} is not divisible by the {cfg.n_stages} pipeline stages "
+                        f"(pp={pp} x {cfg.stages_per_rank} per rank for {cfg.pp_schedule.value})")
+    if args.tie_embeddings and tp > 1:
+        problems.append("tie_embeddings is not supported with tp > 1")
+    if cfg.sequence_parallel and tp == 1:
+        problems.append("sequence_parallel needs tp > 1")
+    if problems:
+        raise ValueError(f"bad parallel layout (world size {world_size}, tp={tp} pp={pp} ep={ep} dp={cfg.dp}): "
+                         + "; ".join(problems))
+    return cfg.resolved(world_size)

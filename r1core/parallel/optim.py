@@ -1,0 +1,113 @@
+"""Data parallelism: gradient reduction, the global gradient norm and ZeRO-1 optimizers.
+
+Why ZeRO-1 with torch's `ZeroRedundancyOptimizer` rather than FSDP2: parameters stay plain
+whole-shard tensors, so the TP hooks, the EP dispatcher, the pipeline stages and the model's
+own code (which reshapes weights, e.g. MLA's absorbed path) run unchanged; it needs only
+broadcast, which gloo has; and optimizer state (2/3 of the memory of fp32 AdamW training) is
+what ZeRO-1 removes. Dense and expert parameters are replicated over different groups (dp and
+dp/ep), so each gets its own ZeroRedundancyOptimizer.
+
+Gradients are reduced once per step, after all microbatches (the loss is already normalized by
+global token counts, so the reduction is a sum): one flat all-reduce per group and bucket. torch
+DDP would reduce per backward call and knows one group per module, which fits neither the
+pipeline schedules' many backward calls nor the experts' separate group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .layout import ParamLayout, counts_in_norm
+
+BUCKET_ELEMS = 1 << 27
+
+
+def _all_reduce_flat(tensors: list[torch.Tensor], group) -> None:
+    """All-reduce (sum) in place through flat buckets of at most BUCKET_ELEMS (one tensor may exceed it)."""
+    start = 0
+    while start < len(tensors):
+        end, size = start, 0
+        while end < len(tensors) and (end == start or size + tensors[end].numel() <= BUCKET_ELEMS):
+            size += tensors[end].numel()
+            end += 1
+        bucket = tensors[start:end]
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat, group=group)
+        for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            dst.copy_(src)
+        start = end
+
+
+def reduce_gradients(named_params, layouts: dict[str, ParamLayout], topo, embed_group=None) -> None:
+    """Sum gradients over the ranks that hold the same shard (and over TP for partial ones)."""
+    by_group: dict[str, list[torch.Tensor]] = {"dp": [], "edp": [], "tp_dp": []}
+    shared = []
+    for name, p in named_params:
+        lay = layouts[name]
+        key = "edp" if lay.is_expert else ("tp_dp" if lay.tp_partial else "dp")
+        by_group[key].append(p.grad)
+        if name == "embed.weight" and embed_group is not None:
+            shared.append(p.grad)
+    sizes = {"dp": topo.dp, "edp": topo.edp, "tp_dp": topo.tp * topo.dp}
+    for key, grads in by_group.items():
+        if grads and sizes[key] > 1:
+            _all_reduce_flat(grads, getattr(topo, f"{key}_group"))
+    if shared:
+        _all_reduce_flat(shared, embed_group)
+
+
+def global_grad_norm(named_params, layouts: dict[str, ParamLayout], topo) -> torch.Tensor:
+    """L2 norm of the whole model's gradient, each distinct shard counted once (fp32)."""
+    ranks = {"tp": topo.rank_in("tp"), "dp": topo.rank_in("dp"), "edp": topo.rank_in("edp")}
+    grads = [p.grad for name, p in named_params if counts_in_norm(layouts[name], ranks)]
+    device = topo.device
+    sq = torch.zeros((), device=device, dtype=torch.float32)
+    if grads:
+        sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
+    dist.all_reduce(sq)
+    return sq.sqrt()
+
+
+def clip_(params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    if max_norm and max_norm > 0 and math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+
+
+def param_groups(named_params, weight_decay: float) -> list[dict]:
+    """Decay matrices (and stacked experts), not norms: the usual LM recipe (and DeepSeek's)."""
+    decay = [p for _, p in named_params if p.ndim >= 2]
+    rest = [p for _, p in named_params if p.ndim < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def adamw(named_params, optim_cfg, group=None, group_size: int = 1, zero1: bool = False):
+    """AdamW over `named_params`; its state sharded over `group` (ZeRO-1) when asked and the group has > 1 rank."""
+    groups = param_groups(named_params, optim_cfg.weight_decay)
+    kw = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+    if zero1 and group_size > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=group, **kw)
+    return torch.optim.AdamW(groups, **kw)
+
+
+def local_optimizer(opt) -> torch.optim.Optimizer:
+    """The optimizer that holds this rank's state (ZeRO keeps it in `.optim`)."""
+    return getattr(opt, "optim", opt)
+
+
+@torch.no_grad()
+def init_adam_state_(opt) -> None:
+    """Materialize zero AdamW state for every parameter this rank steps, so a checkpoint can load into it."""
+    inner = local_optimizer(opt)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if not inner.state.get(p):
+                inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                  "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}

@@ -1,0 +1,36 @@
+"""`parallelize(model, topo)`: pipeline split, then tensor and expert parallelism, in place.
+
+The order follows torchtitan (PP outside, then TP, then EP): a rank first drops the layers its
+pipeline stages do not hold, so it never shards weights it will not keep. Data parallelism is
+the engine's (gradient reduction and ZeRO-1 in r1core.parallel.optim).
+"""
+
+from __future__ import annotations
+
+from r1core.model.transformer import Transformer
+
+from .expert import apply_expert_parallel
+from .layout import ParamLayout
+from .pipeline import keep_stages_, rank_stages
+from .tensor import apply_tensor_parallel, tp_layouts
+from .topology import Topology
+
+
+def parallelize(model: Transformer, topo: Topology) -> dict[str, ParamLayout]:
+    """Shard a full, initialized model for this rank; returns the layout of every parameter it keeps."""
+    cfg = topo.cfg
+    layouts = tp_layouts(model, cfg.sequence_parallel)
+    stages = rank_stages(topo.rank_in("pp"), cfg)
+    if cfg.pp > 1:
+        keep_stages_(model, stages, cfg.n_stages)
+    if cfg.tp > 1:
+        apply_tensor_parallel(model, topo, cfg.sequence_parallel)
+    if cfg.tp > 1 or cfg.ep > 1:
+        apply_expert_parallel(model, topo)
+    kept = {}
+    for name, _ in model.named_parameters():
+        lay = layouts[name]
+        if name == "embed.weight" and 0 not in stages:
+            lay = ParamLayout(tp_dim=lay.tp_dim, stage_copy=True)
+        kept[name] = lay
+    return kept

@@ -1,0 +1,427 @@
+"""The training engine: one interface for one device and for any tp × pp × ep × dp layout.
+
+    engine = build_engine(model_args, ParallelConfig(...), OptimConfig(...), device=..., dtype=..., seed=0)
+    metrics = engine.train_step(microbatches, objective)    # grad accumulation / PP schedule, one optimizer step
+    outs = engine.forward_only(microbatches, fn)            # e.g. old-policy or reference log-probs, no grad
+    engine.save(dir); engine.load(dir)                      # DCP: sharded, reshardable, atomic
+    engine.full_state_dict(); engine.export_hf(dir)         # unsharded weights on rank 0
+
+A step: every rank gets its data-parallel shard of the batch as a list of microbatch dicts (each
+split further into `ParallelConfig.microbatches`); the objective's normalizers are summed over all
+microbatches and data-parallel ranks first, so the step is exactly a step on the whole batch on
+one device. Then forward/backward, gradient reduction, global-norm clipping, AdamW with the LR
+schedule, and the aux-free expert-bias update from expert loads summed over the ranks that saw
+different tokens (so every rank keeps routing identically).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from r1core.model import ModelArgs, Transformer, update_expert_bias
+from r1core.parallel.config import ParallelConfig, check_layout
+from r1core.parallel.layout import ParamLayout, to_dtensor
+from r1core.parallel.optim import adamw, clip_, init_adam_state_, local_optimizer
+
+
+class LRSchedule(str, enum.Enum):
+    cosine = "cosine"
+    constant = "constant"
+    linear = "linear"
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    schedule: LRSchedule = LRSchedule.cosine
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0      # max global gradient norm; 0 turns clipping off
+
+    def __post_init__(self) -> None:
+        self.schedule = LRSchedule(self.schedule)
+        problems = []
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr} must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.warmup_steps < 0 or self.total_steps < 1:
+            problems.append(f"warmup_steps={self.warmup_steps} must be >= 0 and total_steps={self.total_steps} >= 1")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas={self.betas} must be two numbers in [0, 1)")
+        if not self.eps > 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            problems.append(f"eps={self.eps} must be > 0, grad_clip={self.grad_clip} and "
+                            f"weight_decay={self.weight_decay} >= 0")
+        if problems:
+            raise ValueError("invalid OptimConfig: " + "; ".join(problems))
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then the schedule down to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == LRSchedule.constant:
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == LRSchedule.linear:
+        return cfg.lr - (cfg.lr - floor) * progress
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def split_microbatches(microbatches: list[dict], n: int) -> list[dict]:
+    """Split every batch dict into n along rows (tensors whose first dim is the batch); others are shared."""
+    if n == 1:
+        return list(microbatches)
+    out = []
+    for mb in microbatches:
+        rows = mb["tokens"].shape[0]
+        if rows % n:
+            raise ValueError(f"a batch of {rows} rows does not split into microbatches={n}")
+        parts = [{} for _ in range(n)]
+        for key, value in mb.items():
+            split = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows
+            for part, chunk in zip(parts, value.chunk(n) if split else [value] * n):
+                part[key] = chunk
+        out += parts
+    return out
+
+
+def _add(acc: dict, new: dict) -> None:
+    for key, value in new.items():
+        value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        acc[key] = acc[key] + value if key in acc else value
+
+
+def init_model(args: ModelArgs, device, dtype: torch.dtype, seed: int) -> Transformer:
+    """Build the full model on `device` in fp32 from `seed` (identical on every rank and layout), then cast."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(args)
+    return model
+
+
+def cast_params_(model: Transformer, dtype: torch.dtype) -> None:
+    # Parameters only: the expert bias and load buffers stay fp32 (updates of 1e-3 vanish in bf16).
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+
+
+class TrainEngine:
+    """One-device engine (LocalEngine) and the base of the parallel one: shared step logic."""
+
+    is_last_stage = True
+    dp_rank, dp_size, rank, world_size = 0, 1, 0, 1
+
+    def __init__(self, args: ModelArgs, parallel: ParallelConfig, optim: OptimConfig, device, dtype, seed: int):
+        self.args, self.parallel, self.optim_cfg = args, parallel, optim
+        self.device, self.dtype = torch.device(device), dtype
+        self.step = 0
+        self.model = init_model(args, self.device, dtype, seed)
+        self.layouts: dict[str, ParamLayout] = {n: ParamLayout() for n, _ in self.model.named_parameters()}
+        with torch.device("meta"):
+            self._full_shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+
+    def _finish_setup(self) -> None:
+        cast_params_(self.model, self.dtype)
+        self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.optimizers = self._build_optimizers()
+        self.model.train()
+
+    # ------------------------------------------------------------------ hooks the parallel engine overrides
+    def _build_optimizers(self) -> list:
+        return [adamw(self.named_params, self.optim_cfg)]
+
+    def _all_reduce(self, t: torch.Tensor, group_name: str) -> torch.Tensor:
+        return t
+
+    def _forward_backward(self, mbs: list[dict], objective, denoms: dict) -> dict:
+        sums: dict = {}
+        for mb in mbs:
+            h, aux = self.model.hidden_states(mb["tokens"], mb.get("positions"), mb.get("doc_ids"))
+            loss, metrics = objective(h, self.model.head.weight, None, mb, self.model, denoms=denoms)
+            aux = aux * (mb["tokens"].shape[0] / denoms["_seqs"])
+            (loss + aux).backward()
+            _add(sums, {**metrics, "aux": aux, "loss": loss + aux})
+        return sums
+
+    def _reduce_grads(self) -> None:
+        pass
+
+    def _grad_norm(self) -> torch.Tensor:
+        grads = [p.grad for _, p in self.named_params]
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0).float()
+
+    def _reduce_metrics(self, sums: dict) -> dict:
+        return {k: float(v) for k, v in sums.items()}
+
+    # ------------------------------------------------------------------ the step
+    def _totals(self, objective, mbs: list[dict]) -> dict[str, torch.Tensor]:
+        sums: dict = {}
+        for mb in mbs:
+            _add(sums, {**objective.totals(mb, self.model), "_seqs": mb["tokens"].shape[0]})
+        keys = sorted(sums)
+        flat = self._all_reduce(torch.stack([sums[k] for k in keys]).to(self.device), "dp")
+        return dict(zip(keys, flat))
+
+    def _zero_grad(self) -> None:
+        # Zeros rather than None: every parameter then steps identically in every layout (AdamW skips None grads).
+        for _, p in self.named_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+
+    def _update_expert_bias(self) -> None:
+        gates = [m.gate for m in self.model.moe_layers()]
+        if not gates:
+            return
+        loads = self._all_reduce(torch.stack([g.expert_load for g in gates]), "dp")
+        for gate, load in zip(gates, loads):
+            update_expert_bias(gate, load)
+
+    def train_step(self, microbatches: list[dict], objective) -> dict:
+        mbs = split_microbatches(microbatches, self.parallel.microbatches)
+        denoms = self._totals(objective, mbs)
+        self._zero_grad()
+        sums = self._forward_backward(mbs, objective, denoms)
+        self._reduce_grads()
+        norm = self._grad_norm()
+        clip_([p for _, p in self.named_params], self.optim_cfg.grad_clip, norm)
+        lr = lr_at(self.step, self.optim_cfg)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+        self.step += 1
+        self._update_expert_bias()
+        metrics = self._reduce_metrics(sums)
+        metrics.update(grad_norm=float(norm), lr=lr, step=self.step)
+        if "tokens" in denoms:
+            metrics["n_tokens"] = int(denoms["tokens"])
+        return metrics
+
+    @torch.no_grad()
+    def forward_only(self, microbatches: list[dict], fn) -> list:
+        """fn(hidden, head_weight, vocab_group, mb, model) per microbatch in eval mode (no balance-loss
+        bookkeeping, no expert-load counting); results on the last pipeline stage, [] elsewhere."""
+        self.model.eval()
+        try:
+            return self._forward_only(microbatches, fn)
+        finally:
+            self.model.train()
+
+    def _forward_only(self, microbatches, fn) -> list:
+        out = []
+        for mb in microbatches:
+            h, _ = self.model.hidden_states(mb["tokens"], mb.get("positions"), mb.get("doc_ids"))
+            out.append(fn(h, self.model.head.weight, None, mb, self.model))
+        return out
+
+    # ------------------------------------------------------------------ state
+    def _dtensor(self, name: str, t: torch.Tensor, as_dtensor: bool):
+        return t
+
+    def _flat_state(self, as_dtensor: bool) -> dict:
+        """Global-name-keyed tensors of this rank: model.<name>, optim.<name>.<stat>, step."""
+        state = {"step": torch.tensor(self.step)}
+        for name, t in self.model.state_dict().items():
+            state[f"model.{name}"] = self._dtensor(name, t, as_dtensor)
+        names = {id(p): n for n, p in self.named_params}
+        for opt in self.optimizers:
+            inner = local_optimizer(opt)
+            for p, st in inner.state.items():
+                for stat, value in st.items():
+                    keep = value if value.dim() == 0 else self._dtensor(names[id(p)], value, as_dtensor)
+                    state[f"optim.{names[id(p)]}.{stat}"] = keep
+        return state
+
+    def state_dict(self) -> dict:
+        """This rank's model + optimizer state and the step (the LR schedule is a function of the step)."""
+        return {k: v.detach().clone() for k, v in self._flat_state(as_dtensor=False).items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Inverse of state_dict for the same layout."""
+        for opt in self.optimizers:
+            init_adam_state_(opt)
+        mine = self._flat_state(as_dtensor=False)
+        missing = sorted(set(mine) - set(state))
+        if missing:
+            raise KeyError(f"state dict lacks {len(missing)} entries, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for key, t in mine.items():
+                if key != "step":
+                    t.copy_(state[key])
+        self.step = int(state["step"])
+
+    def save(self, path) -> None:
+        from r1core.checkpoint import dist as dcp_ckpt
+
+        dcp_ckpt.save(self._flat_state(as_dtensor=True), path)
+
+    def load(self, path) -> None:
+        """Load a checkpoint saved by any layout (or one device) into this engine's layout."""
+        from r1core.checkpoint import dist as dcp_ckpt
+
+        for opt in self.optimizers:
+            init_adam_state_(opt)
+        state = self._flat_state(as_dtensor=True)
+        step = state["step"]
+        dcp_ckpt.load(state, path)
+        self.step = int(step)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's unsharded state dict on rank 0 (None elsewhere); collective."""
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def export_hf(self, path) -> None:
+        """Write the model as an HF DeepSeek-V3 checkpoint directory (rank 0 writes); collective."""
+        from r1core.checkpoint.hf import save_pretrained
+
+        full = self.full_state_dict()
+        if full is not None:
+            with torch.device("meta"):
+                model = Transformer(self.args)
+            model.to_empty(device="cpu")
+            model.load_state_dict({k: v.cpu() for k, v in full.items()})
+            save_pretrained(model, path)
+        if dist.is_initialized():
+            dist.barrier()
+
+
+class LocalEngine(TrainEngine):
+    """Plain single-device training: the reference every parallel layout must match."""
+
+    def __init__(self, args, parallel, optim, device, dtype, seed):
+        super().__init__(args, parallel, optim, device, dtype, seed)
+        self._finish_setup()
+
+
+class ParallelEngine(TrainEngine):
+    """tp × pp × ep × dp on torch.distributed: megatron-core groups, r1core.parallel sharding, torch schedules."""
+
+    def __init__(self, args, parallel, optim, device, dtype, seed):
+        from r1core.parallel.layout import Meshes
+        from r1core.parallel.parallelize import parallelize
+        from r1core.parallel.pipeline import StageRunner
+        from r1core.parallel.topology import init_topology
+
+        super().__init__(args, parallel, optim, device, dtype, seed)
+        self.topo = topo = init_topology(parallel, self.device)
+        self.layouts = parallelize(self.model, topo)
+        self.meshes = Meshes(topo)
+        self.runner = StageRunner(self.model, topo)
+        self.is_last_stage = self.runner.is_last
+        self.rank, self.world_size = topo.rank, topo.world_size
+        self.dp_rank, self.dp_size = topo.rank_in("dp"), topo.dp
+        self.vocab_group = topo.tp_group if topo.tp > 1 else None
+        stages = [s for s, _ in self.runner.stages]
+        # the embedding's copy on the last stage is summed with stage 0's, unless one rank holds both (V shape)
+        self.embed_group = topo.embed_group if (self.model.embed is not None and topo.pp > 1
+                                                and not {0, parallel.n_stages - 1} <= set(stages)) else None
+        self._finish_setup()
+
+    def _build_optimizers(self) -> list:
+        topo, zero = self.topo, self.parallel.zero1
+        dense = [(n, p) for n, p in self.named_params if not self.layouts[n].is_expert]
+        experts = [(n, p) for n, p in self.named_params if self.layouts[n].is_expert]
+        opts = [adamw(dense, self.optim_cfg, topo.dp_group, topo.dp, zero)] if dense else []
+        if experts:
+            opts.append(adamw(experts, self.optim_cfg, topo.edp_group, topo.edp, zero))
+        return opts
+
+    def _all_reduce(self, t: torch.Tensor, group_name: str) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, group=getattr(self.topo, f"{group_name}_group"))
+        return t
+
+    def _forward_backward(self, mbs, objective, denoms) -> dict:
+        from r1core.parallel import comm
+
+        sums: dict = {}
+        head = self.model.head.weight if self.is_last_stage else None
+
+        def loss_fn(h, index):
+            mb = mbs[int(index.reshape(-1)[0])]
+            if self.parallel.sequence_parallel:
+                h = comm.gather_seq_replicated(h, self.topo.tp_group)
+            loss, metrics = objective(h, head, self.vocab_group, mb, self.model, denoms=denoms)
+            _add(sums, {**metrics, "loss": loss})
+            return loss
+
+        weights = [mb["tokens"].shape[0] / float(denoms["_seqs"]) for mb in mbs]
+        self.runner.train(mbs, weights, loss_fn, self.dtype)
+        aux = self.runner.ctx.aux_total
+        if aux is not None:
+            _add(sums, {"aux": aux, "loss": aux})
+        return sums
+
+    def _reduce_grads(self) -> None:
+        from r1core.parallel.optim import reduce_gradients
+
+        reduce_gradients(self.named_params, self.layouts, self.topo, self.embed_group)
+
+    def _grad_norm(self) -> torch.Tensor:
+        from r1core.parallel.optim import global_grad_norm
+
+        return global_grad_norm(self.named_params, self.layouts, self.topo)
+
+    def _reduce_metrics(self, sums: dict) -> dict:
+        keys = sorted(sums)
+        local = {}
+        if keys:
+            flat = self._all_reduce(torch.stack([sums[k] for k in keys]).to(self.device), "dp")
+            local = dict(zip(keys, flat.tolist()))
+        if self.topo.pp == 1:
+            return local
+        stages = [None] * self.topo.pp
+        dist.all_gather_object(stages, local, group=self.topo.pp_group)
+        merged: dict = {}
+        for part in stages:
+            for k, v in part.items():
+                merged[k] = merged.get(k, 0.0) + v
+        return merged
+
+    def _forward_only(self, microbatches, fn) -> list:
+        from r1core.parallel import comm
+
+        hs = self.runner.forward(list(microbatches), self.dtype)
+        out = []
+        for h, mb in zip(hs, microbatches):
+            if self.parallel.sequence_parallel:
+                h = comm.gather_seq_replicated(h, self.topo.tp_group)
+            out.append(fn(h, self.model.head.weight, self.vocab_group, mb, self.model))
+        return out
+
+    def _dtensor(self, name: str, t: torch.Tensor, as_dtensor: bool):
+        base = name.removeprefix("model.")
+        lay = self.layouts.get(base)
+        if not as_dtensor or lay is None:
+            return t
+        return to_dtensor(t, lay, self.meshes, self._full_shapes[base])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        from r1core.parallel.gather import iter_full_state
+
+        local = self.model.state_dict()
+        full = dict(iter_full_state(local, self.layouts, self.meshes, self._full_shapes))
+        return full if self.rank == 0 else None
+
+
+def build_engine(model_args: ModelArgs, parallel: ParallelConfig, optim: OptimConfig, *, device,
+                 dtype: torch.dtype = torch.float32, seed: int = 0) -> TrainEngine:
+    """A LocalEngine when the world has one rank (torch.distributed optional), else the parallel engine."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    parallel = check_layout(model_args, parallel, world)
+    if world == 1:
+        return LocalEngine(model_args, parallel, optim, device, dtype, seed)
+    return ParallelEngine(model_args, parallel, optim, device, dtype, seed)
