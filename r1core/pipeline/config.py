@@ -65,6 +65,7 @@ class DataConfig:
     task_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: {"arithmetic": {"digits": 2, "ops": "+-"}})
     corpus_docs: int = 40000       # built-in pretraining corpus (worked solutions + prose)
     prose_fraction: float = 0.1
+    answer_noise: float = 0.0      # built-in corpus: share of worked solutions whose final answer is corrupted
     pretrain_files: list[str] = field(default_factory=list)  # text / JSONL: replaces the built-in corpus
     cold_start_jsonl: str = ""     # long-CoT SFT data; "" = generated worked solutions
     cold_start_examples: int = 2000
@@ -162,7 +163,9 @@ def stage_job(base: DictConfig, stage: StageSpec) -> JobConfig:
 
 def config_hash(job: JobConfig, stage: StageSpec) -> str:
     """What a finished stage's output depends on, so a rerun with a changed config redoes it."""
-    blob = json.dumps({"job": OmegaConf.to_container(OmegaConf.structured(job), resolve=True),
+    settings = OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
+    settings.pop("run_dir")  # where a run lives does not change what it computes
+    blob = json.dumps({"job": settings,
                        "stage": OmegaConf.to_container(OmegaConf.structured(stage))}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

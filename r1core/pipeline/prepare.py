@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import re
 from pathlib import Path
 
 from r1core.data import (ChatFormat, Problem, Tokenizer, builtin_paragraphs, generate, load_problems_jsonl,
@@ -101,12 +103,27 @@ def _builtin_docs(job, fmt: ChatFormat):
     mix = tuple((t, (1 - d.prose_fraction) / len(d.tasks), (dict(d.task_kwargs.get(t, {})),)) for t in d.tasks)
     mix = mix + (("text", d.prose_fraction, ({},)),)
     paragraphs = set(builtin_paragraphs())
+    rng = random.Random(f"answer-noise/{job.seed}")
     for doc in builtin_corpus(d.corpus_docs, seed=job.seed, mix=mix):
         if doc in paragraphs:
             yield doc + fmt.eos
             continue
         prompt, solution = doc.split(" ", 1)  # pretrain_text: prompt, a space, the worked solution
+        if d.answer_noise and rng.random() < d.answer_noise:
+            solution = corrupt_answer(solution, rng)
         yield fmt.render_prompt(prompt) + fmt.strip_think_prefix(solution) + fmt.eos
+
+
+def corrupt_answer(solution: str, rng: random.Random) -> str:
+    """The same worked solution with a wrong integer result in its last reasoning line and its box.
+
+    A base model pretrained on such data can compute the answer but samples a wrong one part of the
+    time, the situation R1-Zero's verifiable rewards correct (the CPU demo's `data.answer_noise`)."""
+    m = re.search(r"=(-?\d+)\n</think>\n\\boxed\{(-?\d+)\}$", solution)
+    if m is None or m.group(1) != m.group(2):
+        return solution
+    wrong = str(int(m.group(1)) + rng.choice([-1, 1]) * rng.randint(1, 9))
+    return solution[: m.start()] + f"={wrong}\n</think>\n\\boxed{{{wrong}}}"
 
 
 GENERAL_PROMPTS = (

@@ -171,9 +171,13 @@ class GRPOTrainer:
         micro = split_rows(batch, c.micro_batch_size)
         t0 = time.perf_counter()
         needs_old = c.minibatches > 1 or c.tis_cap is not None
+        mismatch, n_tok = 0.0, 0.0
         if needs_old:
             for mb, lp in zip(micro, self._logprobs(self.engine, micro)):
                 mb["old_logprobs"] = lp.float().cpu() * mb["mask"]
+                # how far the sampler's probabilities drift from the trainer's (precision, kernels, staleness)
+                mismatch += ((mb["old_logprobs"] - mb["sampler_logprobs"]).abs() * mb["mask"]).sum().item()
+                n_tok += mb["mask"].sum().item()
                 if c.tis_cap is not None:
                     mb["is_weights"] = truncated_is_weights(mb["old_logprobs"], mb["sampler_logprobs"], c.tis_cap) * mb["mask"]
         if c.beta > 0:
@@ -194,6 +198,8 @@ class GRPOTrainer:
             for k, v in m.items():
                 agg[k] = agg.get(k, 0.0) + float(v) / n_mini
         agg.update(t_logprob_s=t_logprob, t_update_s=time.perf_counter() - t1)
+        if n_tok:
+            agg["sampler_logprob_diff"] = mismatch / n_tok
         return agg
 
     # ------------------------------------------------------------------ loop
