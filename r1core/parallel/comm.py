@@ -2,11 +2,12 @@
 
 copy_to / reduce_from are megatron-core's TP mappings (they run anywhere). megatron's sequence-
 parallel mappings allocate on `torch.cuda.current_device()` and split dim 0 (its [s, b, h]
-layout), so for our batch-first [B, T, D] tensors the sequence-parallel ops below split dim 1:
-the all-gather with a reduce-scatter backward and the reduce-scatter are
-`torch.distributed.nn.functional`'s; neither library has the two small ones written here
-(a gather whose backward only slices, for regions computed redundantly on every TP rank, and
-a slice whose backward all-gathers).
+layout), and torch's autograd collectives do not serve either: torch.distributed.nn.functional
+is deprecated and its all_gather backward fails on gloo subgroups (it passes a group rank as a
+global one), and the _functional_collectives autograd variants hang on gloo (checked with torch
+2.13). So the four sequence-parallel ops for our batch-first [B, T, D] tensors (split along T)
+are small autograd functions over plain all_gather / reduce_scatter here. Expert parallelism's
+variable-split all-to-all is torch.distributed.nn.functional.all_to_all_single (works on both).
 """
 
 from __future__ import annotations
@@ -18,6 +19,43 @@ from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
+
+
+def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    parts = [p.contiguous() for p in x.chunk(dist.get_world_size(group), dim=dim)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+def _slice(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _collective(name: str, fwd, bwd):
+    """An autograd Function running fwd(x, group, dim) forward and bwd(grad, group, dim) backward."""
+
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return fwd(x, group, dim)
+
+    def backward(ctx, g):
+        return bwd(g, ctx.group, ctx.dim), None, None
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
+
+
+_GatherSeq = _collective("_GatherSeq", _gather, _reduce_scatter)
+_ReduceScatterSeq = _collective("_ReduceScatterSeq", _reduce_scatter, _gather)
+_GatherSliceGrad = _collective("_GatherSliceGrad", _gather, _slice)
+_SliceGatherGrad = _collective("_SliceGatherGrad", _slice, _gather)
 
 
 def copy_to(x: torch.Tensor, group) -> torch.Tensor:
@@ -32,42 +70,12 @@ def reduce_from(x: torch.Tensor, group) -> torch.Tensor:
 
 def gather_seq(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     """All-gather sequence shards; backward reduce-scatters (the region after it is tensor-parallel)."""
-    return torch.cat(dist_fn.all_gather(x.contiguous(), group=group), dim=dim)
+    return _GatherSeq.apply(x, group, dim)
 
 
 def reduce_scatter_seq(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     """Sum partial results over the group and keep this rank's sequence shard; backward all-gathers."""
-    n = dist.get_world_size(group)
-    parts = [p.contiguous() for p in x.chunk(n, dim=dim)]
-    return dist_fn.reduce_scatter(torch.empty_like(parts[0]), parts, group=group)
-
-
-class _GatherSliceGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        n, r = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        return g.chunk(n, dim=ctx.dim)[r].contiguous(), None, None
-
-
-class _SliceGatherGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        n, r = dist.get_world_size(group), dist.get_rank(group)
-        return x.chunk(n, dim=dim)[r].contiguous()
-
-    @staticmethod
-    def backward(ctx, g):
-        parts = [torch.empty_like(g) for _ in range(dist.get_world_size(ctx.group))]
-        dist.all_gather(parts, g.contiguous(), group=ctx.group)
-        return torch.cat(parts, dim=ctx.dim), None, None
+    return _ReduceScatterSeq.apply(x, group, dim)
 
 
 def gather_seq_replicated(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:

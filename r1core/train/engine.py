@@ -129,7 +129,9 @@ class TrainEngine:
         self.model = init_model(args, self.device, dtype, seed)
         self.layouts: dict[str, ParamLayout] = {n: ParamLayout() for n, _ in self.model.named_parameters()}
         with torch.device("meta"):
-            self._full_shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+            full = Transformer(args)
+        self._full_shapes = {k: v.shape for k, v in full.state_dict().items()}
+        self._full_param_names = {n for n, p in full.named_parameters() if p.requires_grad}
 
     def _finish_setup(self) -> None:
         cast_params_(self.model, self.dtype)
@@ -283,6 +285,10 @@ class TrainEngine:
         """The whole model's unsharded state dict on rank 0 (None elsewhere); collective."""
         return {k: v.detach() for k, v in self.model.state_dict().items()}
 
+    def full_grads(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's gradients of the last step (reduced, clipped) on rank 0; for checks. Collective."""
+        return {n: p.grad.detach() for n, p in self.named_params}
+
     def export_hf(self, path) -> None:
         """Write the model as an HF DeepSeek-V3 checkpoint directory (rank 0 writes); collective."""
         from r1core.checkpoint.hf import save_pretrained
@@ -414,6 +420,14 @@ class ParallelEngine(TrainEngine):
 
         local = self.model.state_dict()
         full = dict(iter_full_state(local, self.layouts, self.meshes, self._full_shapes))
+        return full if self.rank == 0 else None
+
+    def full_grads(self) -> dict[str, torch.Tensor] | None:
+        from r1core.parallel.gather import iter_full_state
+
+        local = {n: p.grad for n, p in self.named_params}
+        shapes = {n: s for n, s in self._full_shapes.items() if n in self._full_param_names}
+        full = dict(iter_full_state(local, self.layouts, self.meshes, shapes))
         return full if self.rank == 0 else None
 
 
