@@ -282,12 +282,13 @@ class TrainEngine:
         self.step = int(step)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's unsharded state dict on rank 0 (None elsewhere); collective."""
+        """The whole model's unsharded state dict on rank 0 (None elsewhere); collective. On one device
+        the tensors are the live parameters (no copy)."""
         return {k: v.detach() for k, v in self.model.state_dict().items()}
 
     def full_grads(self) -> dict[str, torch.Tensor] | None:
         """The whole model's gradients of the last step (reduced, clipped) on rank 0; for checks. Collective."""
-        return {n: p.grad.detach() for n, p in self.named_params}
+        return {n: p.grad.detach().clone() for n, p in self.named_params}
 
     def export_hf(self, path) -> None:
         """Write the model as an HF DeepSeek-V3 checkpoint directory (rank 0 writes); collective."""
@@ -400,7 +401,9 @@ class ParallelEngine(TrainEngine):
     def _forward_only(self, microbatches, fn) -> list:
         from r1core.parallel import comm
 
-        hs = self.runner.forward(list(microbatches), self.dtype)
+        n = self.parallel.microbatches
+        hs = self.runner.forward(split_microbatches(microbatches, n), self.dtype)
+        hs = [torch.cat(hs[i:i + n]) for i in range(0, len(hs), n)]  # back to the given batches
         out = []
         for h, mb in zip(hs, microbatches):
             if self.parallel.sequence_parallel:

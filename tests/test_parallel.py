@@ -1,0 +1,227 @@
+"""Parallel layouts reproduce the single-device run (r1core.parallel + r1core.train.engine, gloo on CPU).
+
+Every layout trains the tiny preset for two AdamW steps on the same global batch (data-parallel
+ranks take their rows) and must give the single-process run's losses, gradient norms, gathered
+gradients and updated weights within fp32 tolerance. Checkpoints saved at one layout load at
+another (and on one device) with identical logits, and training continues identically.
+
+To keep CI cheap, one 2-process launch runs every 2-rank layout in sequence (megatron-core's
+groups are rebuilt per layout) and one 8-process launch covers TP2 x PP2 x EP2 (+SP); the test
+functions assert on their module-scoped results.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from r1core.model import presets
+from r1core.parallel import ParallelConfig, check_layout
+from r1core.testing import run_distributed
+from r1core.train.engine import LocalEngine, OptimConfig, build_engine
+from r1core.train.objectives import GRPOObjective, LMObjective
+
+ARGS = presets["tiny"]
+OPTIM = OptimConfig(lr=1e-3, grad_clip=1.0, warmup_steps=0, total_steps=10)
+ROWS, SEQ = 4, 16
+LOSS_RTOL = 2e-5
+GRAD_ATOL = 1e-4   # relative to each gradient's largest entry: reordered fp32 sums, not a missing term
+WEIGHT_ATOL = 1e-4  # a tenth of one AdamW step at lr 1e-3 (its first steps are ~lr * sign(g): rounding
+                    # near g = 0 moves a weight by up to ~1e-5; a wrong or missing update moves it by ~1e-3)
+
+
+def lm_batch() -> dict:
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, ARGS.vocab_size, (ROWS, SEQ + 1), generator=g)
+    doc_ids = (torch.arange(SEQ) >= torch.tensor([5, 9, 16, 12])[:, None]).long()  # two packed documents per row
+    labels = data[:, 1:].masked_fill(torch.cat([doc_ids[:, 1:] != doc_ids[:, :-1],
+                                                torch.zeros(ROWS, 1, dtype=torch.bool)], 1), -100)
+    starts = torch.tensor([5, 9, 16, 12])[:, None]
+    positions = torch.where(doc_ids.bool(), torch.arange(SEQ) - starts, torch.arange(SEQ))
+    return {"tokens": data[:, :-1], "labels": labels, "doc_ids": doc_ids, "positions": positions}
+
+
+def grpo_batch() -> dict:
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, ARGS.vocab_size, (ROWS, SEQ), generator=g)
+    mask = (torch.arange(SEQ) >= torch.tensor([3, 6, 8, 16])[:, None]).float()  # the last row has no response
+    return {"tokens": tokens, "targets": tokens.roll(-1, 1), "mask": mask,
+            "advantages": torch.tensor([1.0, -0.5, 0.25, 0.0]),
+            "ref_logprobs": -6.0 + 0.1 * torch.randn(ROWS, SEQ, generator=g)}
+
+
+OBJECTIVES = {"lm": (LMObjective, lm_batch),
+              "grpo": (lambda: GRPOObjective(beta=0.04, eps_high=0.28, agg="token_mean"), grpo_batch)}
+
+
+def _rows(engine, batch: dict) -> dict:
+    n = ROWS // engine.dp_size
+    return {k: v[engine.dp_rank * n:(engine.dp_rank + 1) * n] for k, v in batch.items()}
+
+
+def _steps(engine, kind: str, n: int = 2) -> list[dict]:
+    make_objective, make_batch = OBJECTIVES[kind]
+    mb = _rows(engine, make_batch())
+    return [engine.train_step([mb], make_objective()) for _ in range(n)]
+
+
+def _logits(engine) -> torch.Tensor | None:
+    def fn(h, w, group, mb, model):
+        z = F.linear(h, w)
+        if group is not None:
+            parts = [torch.empty_like(z) for _ in range(torch.distributed.get_world_size(group))]
+            torch.distributed.all_gather(parts, z.contiguous(), group=group)
+            z = torch.cat(parts, -1)
+        return z
+
+    out = engine.forward_only([_rows(engine, lm_batch())], fn)
+    return out[0] if out else None
+
+
+def _np(d):
+    return None if d is None else {k: v.detach().cpu().numpy().copy() for k, v in d.items()}
+
+
+def _two_steps(engine, kind: str) -> dict:
+    """Metrics of two steps, gradients of the first (before AdamW amplifies rounding), weights after both."""
+    metrics = _steps(engine, kind, 1)
+    grads = _np(engine.full_grads())
+    metrics += _steps(engine, kind, 1)
+    return {"metrics": metrics, "grads": grads, "state": _np(engine.full_state_dict())}
+
+
+def _train_layout(kind: str, cfg: dict) -> dict:
+    return _two_steps(build_engine(ARGS, ParallelConfig(**cfg), OPTIM, device="cpu", seed=0), kind)
+
+
+def _reshard(save_cfg: dict, load_cfg: dict, path: str) -> dict:
+    """Train at one layout, save, load into another (built from a different seed), compare going on."""
+    a = build_engine(ARGS, ParallelConfig(**save_cfg), OPTIM, device="cpu", seed=0)
+    _steps(a, "lm")
+    a.save(path)
+    out = {"logits_a": _logits(a), "step3_a": _steps(a, "lm", 1)}
+    out["state_a"] = _np(a.full_state_dict())
+    b = build_engine(ARGS, ParallelConfig(**load_cfg), OPTIM, device="cpu", seed=123)
+    b.load(path)
+    out.update(logits_b=_logits(b), step3_b=_steps(b, "lm", 1), state_b=_np(b.full_state_dict()))
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+
+def _run_layouts(rank, world, layouts, reshard, path):
+    results = {name: _train_layout(kind, cfg) for name, (kind, cfg) in layouts.items()}
+    results["reshard"] = _reshard(*reshard, path)
+    return results
+
+
+TWO_RANK = {
+    "tp2": ("lm", dict(tp=2)),
+    "ep2": ("lm", dict(ep=2)),
+    "dp2_zero1": ("lm", dict()),
+    "tp2_sp": ("lm", dict(tp=2, sequence_parallel=True)),
+    "pp2_1f1b": ("lm", dict(pp=2, microbatches=2)),
+    "pp2_interleaved": ("lm", dict(pp=2, pp_schedule="interleaved", microbatches=2)),
+    "pp2_dualpipev": ("lm", dict(pp=2, pp_schedule="dualpipev", microbatches=4)),
+    "tp2_grpo": ("grpo", dict(tp=2)),
+    "dp2_grpo_no_zero": ("grpo", dict(zero1=False)),
+}
+EIGHT_RANK = {"tp2_pp2_ep2_sp": ("lm", dict(tp=2, pp=2, ep=2, microbatches=2, sequence_parallel=True))}
+
+
+def _merge(per_rank: list[dict]) -> dict:
+    """Rank 0's gathered results; logits from whichever rank holds the last pipeline stage."""
+    out = per_rank[0]
+    for key in ("logits_a", "logits_b"):
+        out["reshard"][key] = next(r["reshard"][key] for r in per_rank if r["reshard"][key] is not None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Single-device runs of each objective, plus logits of the LM run's weights."""
+    out = {}
+    for kind in OBJECTIVES:
+        out[kind] = _two_steps(LocalEngine(ARGS, ParallelConfig(), OPTIM, "cpu", torch.float32, 0), kind)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_rank(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ckpt2") / "tp2")
+    reshard = (dict(tp=2), dict(pp=2, microbatches=2))
+    return _merge(run_distributed(_run_layouts, 2, TWO_RANK, reshard, path, timeout=600)), path
+
+
+@pytest.fixture(scope="module")
+def eight_rank(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ckpt8") / "tp2_pp2_ep2")
+    reshard = (EIGHT_RANK["tp2_pp2_ep2_sp"][1], dict(tp=4, ep=2))
+    return _merge(run_distributed(_run_layouts, 8, EIGHT_RANK, reshard, path, timeout=600)), path
+
+
+def _assert_matches(run: dict, ref: dict, name: str) -> None:
+    for step, (got, want) in enumerate(zip(run["metrics"], ref["metrics"]), start=1):
+        for key in ("loss", "grad_norm", "ce", "policy_loss", "aux"):
+            if key in want:
+                np.testing.assert_allclose(got[key], want[key], rtol=LOSS_RTOL, err_msg=f"{name} step {step} {key}")
+    assert set(run["grads"]) == set(ref["grads"]), name
+    for key, want in ref["grads"].items():
+        atol = GRAD_ATOL * max(np.abs(want).max(), 1e-8)
+        np.testing.assert_allclose(run["grads"][key], want, rtol=0, atol=atol, err_msg=f"{name} grad {key}")
+    for key, want in ref["state"].items():
+        np.testing.assert_allclose(run["state"][key], want, rtol=0, atol=WEIGHT_ATOL, err_msg=f"{name} weight {key}")
+
+
+@pytest.mark.parametrize("name", sorted(TWO_RANK))
+def test_two_rank_layout_matches_single_device(two_rank, reference, name):
+    results, _ = two_rank
+    _assert_matches(results[name], reference[TWO_RANK[name][0]], name)
+
+
+def test_tp2_pp2_ep2_with_sequence_parallel_matches_single_device(eight_rank, reference):
+    results, _ = eight_rank
+    _assert_matches(results["tp2_pp2_ep2_sp"], reference["lm"], "tp2_pp2_ep2_sp")
+
+
+def _assert_reshard(res: dict, path: str) -> None:
+    np.testing.assert_allclose(res["logits_b"], res["logits_a"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(res["step3_b"][0]["loss"], res["step3_a"][0]["loss"], rtol=LOSS_RTOL)
+    for key, want in res["state_a"].items():  # optimizer moments resharded too: the next step agrees
+        np.testing.assert_allclose(res["state_b"][key], want, rtol=0, atol=WEIGHT_ATOL, err_msg=key)
+    local = LocalEngine(ARGS, ParallelConfig(), OPTIM, "cpu", torch.float32, 7)
+    local.load(path)
+    rows = len(res["logits_a"])  # the parallel logits are data-parallel rank 0's rows
+    np.testing.assert_allclose(_logits(local).numpy()[:rows], res["logits_a"], rtol=0, atol=1e-5)
+
+
+def test_checkpoint_saved_at_tp2_loads_at_pp2_and_on_one_device(two_rank):
+    results, path = two_rank
+    _assert_reshard(results["reshard"], path)
+
+
+def test_checkpoint_saved_at_tp2_pp2_ep2_loads_at_tp4_ep2_and_on_one_device(eight_rank):
+    results, path = eight_rank
+    _assert_reshard(results["reshard"], path)
+
+
+@pytest.mark.parametrize("cfg, world, words", [
+    (dict(tp=3), 6, ["n_heads=4 is not divisible by tp=3", "vocab_size=512"]),
+    (dict(tp=2, pp=2), 6, ["world size 6 is not divisible by tp*pp"]),
+    (dict(ep=3), 3, ["n_routed_experts=8 is not divisible by ep=3"]),
+    (dict(ep=4), 2, ["ep=4 must divide dp=2"]),
+    (dict(pp=3), 3, ["n_layers=4 is not divisible by the 3 pipeline stages"]),
+    (dict(pp=2, pp_schedule="interleaved", pp_virtual=4), 2, ["8 pipeline stages"]),
+    (dict(tp=2, dp=2), 2, ["tp*pp*dp = 2*1*2 != world size 2"]),
+    (dict(sequence_parallel=True), 1, ["sequence_parallel needs tp > 1"]),
+])
+def test_bad_layout_fails_at_start_with_one_message_naming_every_problem(cfg, world, words):
+    with pytest.raises(ValueError, match="bad parallel layout") as err:
+        check_layout(ARGS, ParallelConfig(**cfg), world)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_build_engine_on_one_process_rejects_a_parallel_layout():
+    with pytest.raises(ValueError, match="world size 1 is not divisible by tp\\*pp = 2\\*1"):
+        build_engine(ARGS, ParallelConfig(tp=2), OPTIM, device="cpu")
