@@ -1,6 +1,8 @@
 import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see r1core/cli.py)
+
+import torch  # noqa: E402
 
 # Triton kernels run under the interpreter on machines without a GPU. This must be set before any
 # kernel module is imported (triton.jit reads it at decoration time).
