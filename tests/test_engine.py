@@ -1,0 +1,193 @@
+"""The one-device training engine and the objectives: exact agreement with the model's own loss,
+microbatch accumulation, the LR schedule, checkpoint round trips, forward-only passes, HF export."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from r1core.model import Transformer, presets
+from r1core.parallel import ParallelConfig
+from r1core.train.engine import LocalEngine, OptimConfig, build_engine, lr_at
+from r1core.train.objectives import GRPOObjective, LMObjective
+
+ARGS = presets["tiny"]
+OPTIM = OptimConfig(lr=1e-3, warmup_steps=0, total_steps=10)
+
+
+def _batch(rows=4, seq=16, seed=1, docs=True) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, ARGS.vocab_size, (rows, seq + 1), generator=g)
+    mb = {"tokens": data[:, :-1], "labels": data[:, 1:].clone()}
+    if docs:
+        mb["doc_ids"] = (torch.arange(seq) >= seq // 2 + torch.arange(rows)[:, None]).long()
+    return mb
+
+
+def _engine(seed=0, **parallel) -> LocalEngine:
+    return LocalEngine(ARGS, ParallelConfig(**parallel), OPTIM, "cpu", torch.float32, seed)
+
+
+def test_engine_step_loss_equals_transformer_compute_loss():
+    engine, mb = _engine(), _batch()
+    model = Transformer(ARGS)
+    model.load_state_dict(engine.model.state_dict())
+    want = model.compute_loss(mb["tokens"], mb["labels"], mb["doc_ids"])
+    got = engine.train_step([mb], LMObjective())
+    assert got["loss"] == pytest.approx(want.loss.item(), rel=1e-6)
+    assert got["ce"] == pytest.approx(want.ce.item(), rel=1e-6)
+    assert got["mtp"] == pytest.approx(torch.stack(want.mtp).mean().item(), rel=1e-6)
+    assert got["n_tokens"] == want.n_tokens
+
+
+@pytest.mark.parametrize("split", ["config", "list"])
+def test_microbatches_accumulate_to_the_whole_batch_gradient(split):
+    mb = _batch()
+    whole = _engine()
+    want = whole.train_step([mb], LMObjective())
+    if split == "config":
+        parts, engine = [mb], _engine(microbatches=4)
+    else:
+        parts, engine = [{k: v[i:i + 1] for k, v in mb.items()} for i in range(4)], _engine()
+    got = engine.train_step(parts, LMObjective())
+    for key in ("loss", "ce", "mtp", "aux", "grad_norm"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    for (name, p), (_, q) in zip(whole.named_params, engine.named_params):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-5 * p.grad.abs().max().item() + 1e-12,
+                                   msg=name)
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    cfg = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=4, total_steps=14)
+    assert [lr_at(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(9, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(14, cfg) == pytest.approx(0.1) and lr_at(100, cfg) == pytest.approx(0.1)
+    linear = OptimConfig(lr=1.0, min_lr_ratio=0.0, total_steps=10, schedule="linear")
+    assert lr_at(5, linear) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("bad", [dict(lr=0), dict(min_lr_ratio=2), dict(betas=(0.9, 1.0)), dict(schedule="step"),
+                                 dict(grad_clip=-1)])
+def test_optim_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        OptimConfig(**bad)
+
+
+def _grpo_mb(rows=4, seq=12, seed=3) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, ARGS.vocab_size, (rows, seq), generator=g)
+    lens = torch.tensor([3, 12, 0, 7])[:rows]
+    return {"tokens": tokens, "targets": tokens.roll(-1, 1), "mask": (torch.arange(seq) < lens[:, None]).float(),
+            "advantages": torch.randn(rows, generator=g), "old_logprobs": -6 + 0.2 * torch.randn(rows, seq, generator=g),
+            "ref_logprobs": -6 + 0.2 * torch.randn(rows, seq, generator=g)}
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
+def test_grpo_objective_over_microbatches_equals_the_whole_batch_loss(agg):
+    from r1core.kernels import grpo_loss
+
+    torch.manual_seed(0)
+    model, mb = Transformer(ARGS), _grpo_mb()
+    obj = GRPOObjective(beta=0.04, eps_low=0.2, eps_high=0.28, dual_clip=3.0, agg=agg, norm_len=12, impl="ref")
+    h = torch.randn(4, 12, ARGS.dim, requires_grad=True)
+    w = model.head.weight
+    want, _ = grpo_loss(h, w, mb["targets"], mb["mask"], mb["advantages"], mb["old_logprobs"], mb["ref_logprobs"],
+                        beta=0.04, eps_high=0.28, dual_clip=3.0, agg=agg, norm_len=12, impl="ref")
+    parts = [{k: v[i:i + 2] for k, v in mb.items()} for i in (0, 2)]
+    denoms = {k: obj.totals(parts[0])[k] + obj.totals(parts[1])[k] for k in obj.totals(mb)}
+    got = sum(obj(h[i:i + 2], w, None, p, model, denoms=denoms)[0] for i, p in zip((0, 2), parts))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    (g_want,) = torch.autograd.grad(want, h)
+    (g_got,) = torch.autograd.grad(got, h)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-8)
+
+
+def test_save_and_load_resume_training_exactly(tmp_path):
+    a, mb = _engine(), _batch()
+    for _ in range(2):
+        a.train_step([mb], LMObjective())
+    a.save(tmp_path / "ckpt")
+    memory = a.state_dict()
+    after_a = a.train_step([mb], LMObjective())
+    from_disk, from_memory = _engine(seed=5), _engine(seed=6)
+    from_disk.load(tmp_path / "ckpt")
+    from_memory.load_state_dict(memory)
+    for b in (from_disk, from_memory):
+        assert b.step == 2
+        after_b = b.train_step([mb], LMObjective())
+        assert after_b["loss"] == after_a["loss"] and after_b["lr"] == after_a["lr"]
+        for (name, p), (_, q) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+            torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+
+
+def test_saving_over_an_existing_checkpoint_replaces_it_whole(tmp_path):
+    engine, mb = _engine(), _batch()
+    engine.save(tmp_path / "ckpt")
+    engine.train_step([mb], LMObjective())
+    engine.save(tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    fresh = _engine(seed=9)
+    fresh.load(tmp_path / "ckpt")
+    assert fresh.step == 1
+    torch.testing.assert_close(fresh.model.head.weight, engine.model.head.weight, rtol=0, atol=0)
+
+
+def test_step_moves_the_expert_bias_and_forward_only_leaves_routing_state_alone():
+    engine, mb = _engine(), _batch()
+    gate = engine.model.moe_layers()[0].gate
+    bias0 = gate.e_score_correction_bias.clone()
+    engine.train_step([mb], LMObjective())
+    moved = gate.e_score_correction_bias - bias0
+    assert moved.abs().max().item() == pytest.approx(ARGS.bias_update_speed)
+    assert gate.expert_load.abs().sum() == 0
+    bias1 = gate.e_score_correction_bias.clone()
+
+    def logprobs(h, w, group, batch, model):
+        return torch.log_softmax(F.linear(h, w).float(), -1).gather(-1, batch["labels"][..., None])[..., 0]
+
+    (lp,) = engine.forward_only([mb], logprobs)
+    assert gate.expert_load.abs().sum() == 0 and torch.equal(gate.e_score_correction_bias, bias1)
+    assert engine.model.training
+    with torch.no_grad():
+        logits = engine.model.eval()(mb["tokens"], doc_ids=mb["doc_ids"])
+    want = torch.log_softmax(logits, -1).gather(-1, mb["labels"][..., None])[..., 0]
+    torch.testing.assert_close(lp, want, rtol=1e-5, atol=1e-5)
+
+
+def test_export_hf_loads_back_with_identical_logits(tmp_path):
+    from r1core.checkpoint.hf import from_pretrained
+
+    engine, mb = _engine(), _batch()
+    engine.train_step([mb], LMObjective())
+    engine.export_hf(tmp_path / "hf")
+    loaded = from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    torch.testing.assert_close(loaded(mb["tokens"]), engine.model(mb["tokens"]), rtol=0, atol=0)
+
+
+def test_build_engine_without_torch_distributed_is_local():
+    assert isinstance(build_engine(ARGS, ParallelConfig(), OPTIM, device="cpu"), LocalEngine)
+
+
+def test_train_entry_runs_synthetic_pretraining_steps(tmp_path):
+    from r1core.train.__main__ import main
+
+    log = main(["--steps", "3", "--seq-len", "16", "--batch", "2", "--out", str(tmp_path / "m.json"),
+                "--save", str(tmp_path / "ckpt")])
+    assert len(log) == 3 and all(math.isfinite(m["loss"]) for m in log)
+    assert (tmp_path / "m.json").exists() and (tmp_path / "ckpt" / ".metadata").exists()
+
+
+@pytest.mark.gpu
+def test_bf16_engine_with_triton_moe_on_gpu_tracks_the_fp32_run():
+    args = ARGS.replace(moe_impl="triton")
+    mb = {k: v.cuda() for k, v in _batch(rows=8, seq=64).items()}
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        engine = LocalEngine(args, ParallelConfig(), OPTIM, "cuda", dtype, 0)
+        runs[dtype] = [engine.train_step([mb], LMObjective())["loss"] for _ in range(5)]
+    assert runs[torch.bfloat16][-1] < runs[torch.bfloat16][0]
+    for lo, hi in zip(runs[torch.bfloat16], runs[torch.float32]):
+        assert lo == pytest.approx(hi, rel=2e-2)
