@@ -191,3 +191,14 @@ def test_bf16_engine_with_triton_moe_on_gpu_tracks_the_fp32_run():
     assert runs[torch.bfloat16][-1] < runs[torch.bfloat16][0]
     for lo, hi in zip(runs[torch.bfloat16], runs[torch.float32]):
         assert lo == pytest.approx(hi, rel=2e-2)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_bias_updates():
+    mb = _batch()
+    plain, ac = _engine(), _engine(activation_checkpointing=True)
+    want, got = plain.train_step([mb], LMObjective()), ac.train_step([mb], LMObjective())
+    assert got["loss"] == want["loss"] and got["grad_norm"] == want["grad_norm"]
+    for (name, p), (_, q) in zip(plain.named_params, ac.named_params):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+    for x, y in zip(plain.model.moe_layers(), ac.model.moe_layers()):
+        assert torch.equal(x.gate.e_score_correction_bias, y.gate.e_score_correction_bias)

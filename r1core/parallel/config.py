@@ -32,6 +32,8 @@ class ParallelConfig:
     microbatches: int = 1         # each batch dict given to train_step is split into this many along rows
     sequence_parallel: bool = False
     zero1: bool = True            # shard optimizer state over the data-parallel ranks
+    activation_checkpointing: bool = False  # recompute every block in backward
+    compile: bool = False         # torch.compile every block
 
     def __post_init__(self) -> None:
         self.pp_schedule = PPSchedule(self.pp_schedule)

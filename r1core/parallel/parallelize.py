@@ -34,3 +34,25 @@ def parallelize(model: Transformer, topo: Topology) -> dict[str, ParamLayout]:
             lay = ParamLayout(tp_dim=lay.tp_dim, stage_copy=True)
         kept[name] = lay
     return kept
+
+
+def apply_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block in backward (non-reentrant torch.utils.checkpoint); names stay unchanged.
+
+    A recomputed MoE forward counts its tokens into the expert load again; every load doubles
+    alike, so the sign-based bias update is unchanged.
+    """
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(model.layers.values()) + [m.block for m in model.mtp]
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def apply_compile(model: Transformer) -> None:
+    """torch.compile each block in place (Module.compile keeps parameter names); graph breaks are allowed
+    where routing needs host values (expert-parallel splits, the reference expert loop)."""
+    for block in list(model.layers.values()) + [m.block for m in model.mtp]:
+        block.compile()

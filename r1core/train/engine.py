@@ -134,7 +134,13 @@ class TrainEngine:
         self._full_param_names = {n for n, p in full.named_parameters() if p.requires_grad}
 
     def _finish_setup(self) -> None:
+        from r1core.parallel.parallelize import apply_activation_checkpointing, apply_compile
+
         cast_params_(self.model, self.dtype)
+        if self.parallel.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if self.parallel.compile:
+            apply_compile(self.model)
         self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizers = self._build_optimizers()
         self.model.train()

@@ -1,0 +1,275 @@
+"""Training-step throughput on one GPU: r1core (small preset, bf16) beside megatron-core's GPTModel.
+
+    python benchmarks/bench_train.py                     # H100: every variant, B4 x T2048
+    python benchmarks/bench_train.py --variants triton_cudnn,megatron --steps 3
+    python benchmarks/bench_train.py --tiny              # CPU smoke run (tiny preset, fp32, no megatron)
+
+One full optimizer step per iteration (forward + backward + AdamW + expert-bias update) through
+r1core's LocalEngine with LMObjective (fused linear cross-entropy, MTP, balance loss). Variants:
+  ref            reference MoE path (per-expert loop), SDPA's default backend
+  triton         r1core.kernels MoE path (fused router, permute kernels, grouped GEMM)
+  triton_cudnn   + cuDNN attention (supports MLA's qk 192 / v 128 head dims; flash does not)
+  triton_padv    + flash attention with v zero-padded to the qk head dim (50% extra P·V work)
+  compile        triton MoE + torch.compile of every block (cuDNN attention)
+  compile_ac     + activation checkpointing of every block (memory)
+  megatron       megatron-core 0.16.1 GPTModel, local spec (no Transformer Engine), standard attention with
+                 kv_channels 160 (so QK^T + PV FLOPs equal MLA's 192 + 128), SequentialMLP experts at the
+                 same MoE shapes, sigmoid group-limited routing with expert bias, torch AdamW
+Model FLOPs per token: 6 × (active matmul parameters, the output head counted again for MTP) + causal
+attention (3 × 2·H·(d_qk + d_v)·(T+1)/2 per layer). MFU divides by the matmul peak measured in this run.
+A per-category breakdown of GPU time (profiler, one step of the fastest r1core variant) is printed.
+Writes bench_train.json / bench_train.png under $OUT; the last line printed is the JSON record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import re
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Ceilings, Table, bar_plot, finish, out_dir, sync  # noqa: E402
+
+from r1core.model import parameter_breakdown, presets  # noqa: E402
+from r1core.parallel import ParallelConfig  # noqa: E402
+from r1core.train.engine import LocalEngine, OptimConfig  # noqa: E402
+from r1core.train.objectives import LMObjective  # noqa: E402
+
+ANCHOR = {"tokens_s": 12.9e3, "peak_gib": 22.3, "mfu": 0.02}  # FACTS.md: megatron GPTModel 516M, B4xT2048, H100
+VARIANTS = {  # name: (moe impl, attention, compile, activation checkpointing)
+    "ref": ("ref", "auto", False, False), "triton": ("triton", "auto", False, False),
+    "triton_cudnn": ("triton", "cudnn", False, False), "triton_padv": ("triton", "flash_padv", False, False),
+    "compile": ("triton", "cudnn", True, False), "compile_ac": ("triton", "cudnn", True, True),
+}
+CATEGORIES = [("attention", r"fmha|flash|attention|cudnn|sdpa|softmax"),
+              ("moe", r"grouped|_gate_up|_rows_gemm|_wgrad|swiglu|permute|route|moe|_zero_"),
+              ("loss (fused CE)", r"lse|_ce_|grpo|cross_entropy|_row_"),
+              ("optimizer", r"adam|foreach|multi_tensor"),
+              ("gemm", r"gemm|cutlass|sm90|sm100|cublas|matmul|xmma|nvjet|wgmma"),
+              ("other", r".")]
+
+
+def flops_per_token(args, T: int) -> float:
+    pc = parameter_breakdown(args)
+    emb = args.vocab_size * args.dim
+    per_expert = 3 * args.dim * args.moe_inter_dim
+    mtp_active = pc.mtp_unique - per_expert * (args.n_routed_experts - args.n_activated_experts) * args.n_mtp_modules
+    matmul = (pc.active - emb) + mtp_active + emb * args.n_mtp_modules
+    attn_layers = args.n_layers + args.n_mtp_modules
+    attention = 3 * 2 * args.n_heads * (args.qk_head_dim + args.v_head_dim) * (T + 1) / 2 * attn_layers
+    return 6 * matmul + attention
+
+
+def _sdpa_padded_v(sdpa):
+    def wrapped(q, k, v, *a, **kw):
+        dv = v.shape[-1]
+        if dv < q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - dv))  # flash needs one head dim for q, k and v
+        return sdpa(q, k, v, *a, **kw)[..., :dv]
+    return wrapped
+
+
+@contextlib.contextmanager
+def attention_backend(kind: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if kind == "auto":
+        yield
+    elif kind == "cudnn":
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            yield
+    else:
+        original = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = _sdpa_padded_v(original)
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                yield
+        finally:
+            F.scaled_dot_product_attention = original
+
+
+def _time_steps(step, warmup: int, steps: int) -> tuple[float, float, float]:
+    """(median step ms, first-step s incl. compile, peak GiB over the timed steps)."""
+    t0 = time.perf_counter()
+    step()
+    sync()
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    sync()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    return sorted(times)[len(times) // 2], first, peak
+
+
+def r1core_step(args, name: str, B: int, T: int, device, dtype):
+    moe, attn, compile_, ac = VARIANTS[name]
+    engine = LocalEngine(args.replace(moe_impl=moe), ParallelConfig(compile=compile_, activation_checkpointing=ac),
+                         OptimConfig(lr=1e-4, warmup_steps=0), device, dtype, 0)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, args.vocab_size, (B, T + 1), generator=g).to(device)
+    mb, objective = {"tokens": data[:, :-1], "labels": data[:, 1:]}, LMObjective()
+    losses = []
+
+    def step():
+        with attention_backend(attn):
+            losses.append(engine.train_step([mb], objective)["loss"])
+    return step, losses, engine
+
+
+def megatron_step(args, B: int, T: int, device):
+    """megatron-core GPTModel at the preset's shapes (local spec: no Transformer Engine)."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    moe_utils.te_general_gemm = None  # FACTS.md: the router raises NameError without Transformer Engine otherwise
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    cfg = TransformerConfig(
+        num_layers=args.n_layers, hidden_size=args.dim, num_attention_heads=args.n_heads,
+        kv_channels=(args.qk_head_dim + args.v_head_dim) // 2, ffn_hidden_size=args.inter_dim,
+        num_moe_experts=args.n_routed_experts, moe_router_topk=args.n_activated_experts,
+        moe_ffn_hidden_size=args.moe_inter_dim, moe_shared_expert_intermediate_size=args.moe_inter_dim,
+        moe_layer_freq=[0] * args.n_dense_layers + [1] * (args.n_layers - args.n_dense_layers),
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_num_groups=args.n_expert_groups, moe_router_group_topk=args.n_limited_groups,
+        moe_router_topk_scaling_factor=args.route_scale, moe_router_load_balancing_type="seq_aux_loss",
+        moe_aux_loss_coeff=args.seq_aux_alpha, moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
+        normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        bf16=True, params_dtype=torch.bfloat16, hidden_dropout=0.0, attention_dropout=0.0)
+    spec = get_gpt_layer_local_spec(num_experts=args.n_routed_experts, moe_grouped_gemm=False,
+                                    normalization="RMSNorm")
+    model = GPTModel(cfg, spec, vocab_size=args.vocab_size, max_sequence_length=T,
+                     position_embedding_type="rope").to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, args.vocab_size, (B, T + 1), device=device)
+    pos = torch.arange(T, device=device).expand(B, T)
+    mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=device), 1)[None, None]
+    losses = []
+
+    def step():
+        loss = model(tokens[:, :-1], pos, mask, labels=tokens[:, 1:]).float().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    n_params = sum(p.numel() for p in model.parameters())
+    per_expert = 3 * args.dim * args.moe_inter_dim
+    active = n_params - per_expert * (args.n_routed_experts - args.n_activated_experts) * (
+        args.n_layers - args.n_dense_layers) - args.vocab_size * args.dim
+    attention = 3 * 2 * args.n_heads * (args.qk_head_dim + args.v_head_dim) * (T + 1) / 2 * args.n_layers
+    return step, losses, model, 6 * active + attention
+
+
+def breakdown(step) -> dict[str, float]:
+    """GPU milliseconds per category for one step (torch.profiler, self device time of each kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync()
+    out = {name: 0.0 for name, _ in CATEGORIES}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if us <= 0:
+            continue
+        name = next(n for n, pat in CATEGORIES if re.search(pat, e.key, re.IGNORECASE))
+        out[name] += us / 1e3
+    return out
+
+
+def measure(name, args, a, device, dtype, peak_tflops) -> dict:
+    row = {"variant": name}
+    try:
+        if name == "megatron":
+            step, losses, keep, fpt = megatron_step(args, a.batch, a.seq, device)
+        else:
+            step, losses, keep = r1core_step(args, name, a.batch, a.seq, device, dtype)
+            fpt = flops_per_token(args, a.seq)
+        ms, first, peak = _time_steps(step, a.warmup, a.steps)
+        tok_s = a.batch * a.seq / (ms / 1e3)
+        row.update(ms=ms, first_step_s=first, tokens_s=tok_s, peak_gib=peak, loss=losses[-1],
+                   model_tflops=fpt * tok_s / 1e12, mfu=fpt * tok_s / (peak_tflops * 1e12),
+                   gflops_per_token=fpt / 1e9)
+        if a.breakdown == name or (a.breakdown == "auto" and name != "megatron" and torch.cuda.is_available()):
+            row["breakdown_ms"] = breakdown(step)
+    except Exception as e:  # report and go on: one failing provider must not hide the others
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        traceback.print_exc()
+    keep = step = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=",".join(list(VARIANTS) + ["megatron"]))
+    p.add_argument("--preset", default="small")
+    p.add_argument("--layers", type=int, default=0, help="override n_layers (0: the preset's)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--breakdown", default="auto", help="variant to profile ('auto': every r1core variant)")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run")
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.preset, a.batch, a.seq, a.steps, a.warmup, a.variants = "tiny", 2, 32, 2, 1, "ref"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args = presets[a.preset]
+    if a.layers:
+        args = args.replace(n_layers=a.layers)
+    ceil = Ceilings.measure()
+    rows = [measure(v, args, a, device, dtype, ceil.matmul_tflops) for v in a.variants.split(",")]
+    table = Table(f"train step, {a.preset} preset, B{a.batch} x T{a.seq}, {dtype}",
+                  ["variant", "ms/step", "tokens/s", "× anchor tok/s", "model TFLOP/s", "MFU %", "peak GiB",
+                   "first step s", "loss"])
+    for r in rows:
+        if "error" in r:
+            table.add(r["variant"], "failed: " + r["error"][:120], "", "", "", "", "", "", "")
+            continue
+        table.add(r["variant"], r["ms"], r["tokens_s"], r["tokens_s"] / ANCHOR["tokens_s"], r["model_tflops"],
+                  100 * r["mfu"], r["peak_gib"], r["first_step_s"], r["loss"])
+    tables = [table]
+    for r in rows:
+        if "breakdown_ms" in r:
+            bt = Table(f"GPU time by category, {r['variant']} (one profiled step)", ["category", "ms", "% of step"])
+            total = sum(r["breakdown_ms"].values()) or 1.0
+            for cat, ms in r["breakdown_ms"].items():
+                bt.add(cat, ms, 100 * ms / total)
+            tables.append(bt)
+    ok = [r for r in rows if "error" not in r]
+    if ok:
+        bar_plot(os.path.join(out_dir(), "bench_train.png"), f"training tokens/s, {a.preset} B{a.batch}xT{a.seq}",
+                 [r["variant"] for r in ok], [r["tokens_s"] for r in ok], "tokens/s")
+    record = {"preset": a.preset, "batch": a.batch, "seq": a.seq, "matmul_peak_tflops": ceil.matmul_tflops,
+              "anchor": ANCHOR, "rows": rows}
+    finish("bench_train", tables, record)
+    return record
+
+
+if __name__ == "__main__":
+    main()
