@@ -101,6 +101,7 @@ def _reshard(save_cfg: dict, load_cfg: dict, path: str) -> dict:
     a = build_engine(ARGS, ParallelConfig(**save_cfg), OPTIM, device="cpu", seed=0)
     _steps(a, "lm")
     a.save(path)
+    a.export_hf(path + "_hf")
     out = {"logits_a": _logits(a), "step3_a": _steps(a, "lm", 1)}
     out["state_a"] = _np(a.full_state_dict())
     b = build_engine(ARGS, ParallelConfig(**load_cfg), OPTIM, device="cpu", seed=123)
@@ -193,14 +194,21 @@ def _assert_reshard(res: dict, path: str) -> None:
     local.load(path)
     rows = len(res["logits_a"])  # the parallel logits are data-parallel rank 0's rows
     np.testing.assert_allclose(_logits(local).numpy()[:rows], res["logits_a"], rtol=0, atol=1e-5)
+    from r1core.checkpoint.hf import from_pretrained
+
+    exported = from_pretrained(path + "_hf", dtype=torch.float32).eval()
+    mb = lm_batch()
+    with torch.no_grad():
+        logits = exported(mb["tokens"], mb["positions"], mb["doc_ids"])
+    np.testing.assert_allclose(logits.numpy()[:rows], res["logits_a"], rtol=0, atol=1e-5)
 
 
-def test_checkpoint_saved_at_tp2_loads_at_pp2_and_on_one_device(two_rank):
+def test_checkpoint_saved_at_tp2_loads_at_pp2_on_one_device_and_as_hf_export(two_rank):
     results, path = two_rank
     _assert_reshard(results["reshard"], path)
 
 
-def test_checkpoint_saved_at_tp2_pp2_ep2_loads_at_tp4_ep2_and_on_one_device(eight_rank):
+def test_checkpoint_saved_at_tp2_pp2_ep2_loads_at_tp4_ep2_on_one_device_and_as_hf_export(eight_rank):
     results, path = eight_rank
     _assert_reshard(results["reshard"], path)
 

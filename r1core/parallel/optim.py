@@ -64,10 +64,9 @@ def global_grad_norm(named_params, layouts: dict[str, ParamLayout], topo) -> tor
     """L2 norm of the whole model's gradient, each distinct shard counted once (fp32)."""
     ranks = {"tp": topo.rank_in("tp"), "dp": topo.rank_in("dp"), "edp": topo.rank_in("edp")}
     grads = [p.grad for name, p in named_params if counts_in_norm(layouts[name], ranks)]
-    device = topo.device
-    sq = torch.zeros((), device=device, dtype=torch.float32)
+    sq = torch.zeros((), device=topo.device, dtype=torch.float32)
     if grads:
-        sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
+        sq = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).square().sum()
     dist.all_reduce(sq)
     return sq.sqrt()
 
@@ -89,6 +88,8 @@ def adamw(named_params, optim_cfg, group=None, group_size: int = 1, zero1: bool 
     """AdamW over `named_params`; its state sharded over `group` (ZeRO-1) when asked and the group has > 1 rank."""
     groups = param_groups(named_params, optim_cfg.weight_decay)
     kw = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+    if named_params and named_params[0][1].is_cuda:
+        kw["fused"] = True  # one kernel for all of AdamW's per-parameter updates
     if zero1 and group_size > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 

@@ -176,7 +176,7 @@ class StageRunner:
         """Forward and backward over all microbatches; loss_fn(h, index) runs on the last stage."""
         self.ctx.microbatches, self.ctx.aux_weight, self.ctx.aux_total = mbs, aux_weight, None
         self._loss_fn = loss_fn
-        index = torch.arange(len(mbs)).view(-1, 1)
+        index = torch.arange(len(mbs), device=self.topo.device).view(-1, 1)
         if self.cfg.pp == 1:
             (_, stage), = self.stages
             for i in index:
@@ -187,7 +187,7 @@ class StageRunner:
     def forward(self, mbs: list[dict], dtype) -> list[torch.Tensor]:
         """Final hidden states per microbatch on the last stage ([] elsewhere); no autograd."""
         self.ctx.microbatches, self.ctx.aux_weight, self.ctx.aux_total = mbs, [0.0] * len(mbs), None
-        index = torch.arange(len(mbs)).view(-1, 1)
+        index = torch.arange(len(mbs), device=self.topo.device).view(-1, 1)
         if self.cfg.pp == 1:
             (_, stage), = self.stages
             return [stage(i, i) for i in index]

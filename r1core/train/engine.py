@@ -96,9 +96,11 @@ def split_microbatches(microbatches: list[dict], n: int) -> list[dict]:
     return out
 
 
-def _add(acc: dict, new: dict) -> None:
+def _add(acc: dict, new: dict, device) -> None:
+    """acc[k] += new[k] as fp32 tensors on `device` (no host sync: metrics stay on the GPU until the step ends)."""
     for key, value in new.items():
-        value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        value = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value,
+                                dtype=torch.float32, device=device)
         acc[key] = acc[key] + value if key in acc else value
 
 
@@ -159,7 +161,7 @@ class TrainEngine:
             loss, metrics = objective(h, self.model.head.weight, None, mb, self.model, denoms=denoms)
             aux = aux * (mb["tokens"].shape[0] / denoms["_seqs"])
             (loss + aux).backward()
-            _add(sums, {**metrics, "aux": aux, "loss": loss + aux})
+            _add(sums, {**metrics, "aux": aux, "loss": loss + aux}, self.device)
         return sums
 
     def _reduce_grads(self) -> None:
@@ -176,9 +178,9 @@ class TrainEngine:
     def _totals(self, objective, mbs: list[dict]) -> dict[str, torch.Tensor]:
         sums: dict = {}
         for mb in mbs:
-            _add(sums, {**objective.totals(mb, self.model), "_seqs": mb["tokens"].shape[0]})
+            _add(sums, {**objective.totals(mb, self.model), "_seqs": mb["tokens"].shape[0]}, self.device)
         keys = sorted(sums)
-        flat = self._all_reduce(torch.stack([sums[k] for k in keys]).to(self.device), "dp")
+        flat = self._all_reduce(torch.stack([sums[k] for k in keys]), "dp")
         return dict(zip(keys, flat))
 
     def _zero_grad(self) -> None:
@@ -368,14 +370,14 @@ class ParallelEngine(TrainEngine):
             if self.parallel.sequence_parallel:
                 h = comm.gather_seq_replicated(h, self.topo.tp_group)
             loss, metrics = objective(h, head, self.vocab_group, mb, self.model, denoms=denoms)
-            _add(sums, {**metrics, "loss": loss})
+            _add(sums, {**metrics, "loss": loss}, self.device)
             return loss
 
         weights = [mb["tokens"].shape[0] / float(denoms["_seqs"]) for mb in mbs]
         self.runner.train(mbs, weights, loss_fn, self.dtype)
         aux = self.runner.ctx.aux_total
         if aux is not None:
-            _add(sums, {"aux": aux, "loss": aux})
+            _add(sums, {"aux": aux, "loss": aux}, self.device)
         return sums
 
     def _reduce_grads(self) -> None:
@@ -392,7 +394,7 @@ class ParallelEngine(TrainEngine):
         keys = sorted(sums)
         local = {}
         if keys:
-            flat = self._all_reduce(torch.stack([sums[k] for k in keys]).to(self.device), "dp")
+            flat = self._all_reduce(torch.stack([sums[k] for k in keys]), "dp")
             local = dict(zip(keys, flat.tolist()))
         if self.topo.pp == 1:
             return local
