@@ -225,3 +225,16 @@ def test_killed_run_resumes_to_the_same_final_checkpoint(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{stage}: {k} differs after resume"
+
+
+def test_stage_hash_covers_only_the_sections_the_stage_reads(tmp_path):
+    from r1core.pipeline.config import config_hash
+
+    def hashes(*extra):
+        cfg = _cfg(tmp_path, *extra)
+        return {spec.name: config_hash(job, spec) for spec, job in validate_pipeline(cfg, to_job(cfg))}
+
+    base, changed = hashes(), hashes("rl.steps=5")
+    assert base["pretrain"] == changed["pretrain"] and base["prepare"] == changed["prepare"]
+    assert base["zero_rl"] != changed["zero_rl"]
+    assert hashes("pretrain.steps=7")["pretrain"] != base["pretrain"]

@@ -161,10 +161,27 @@ def stage_job(base: DictConfig, stage: StageSpec) -> JobConfig:
         raise ConfigError(f"stage {stage.name!r}: {e}") from None
 
 
+_COMMON = ("seed", "device", "dtype", "model", "parallel")
+# The job sections each stage kind reads; its hash covers only these (plus, through the runner's
+# hash chain, every earlier stage), so editing rl.* reruns the RL stages and what follows them only.
+STAGE_SECTIONS = {
+    StageKind.prepare: ("seed", "data", "rejection", "model"),
+    StageKind.load: ("hf_checkpoint", "model"),
+    StageKind.pretrain: _COMMON + ("optim", "pretrain"),
+    StageKind.cold_start_sft: _COMMON + ("optim", "sft"),
+    StageKind.sft: _COMMON + ("optim", "sft"),
+    StageKind.reasoning_rl: _COMMON + ("optim", "rl", "eval"),
+    StageKind.all_scenario_rl: _COMMON + ("optim", "rl", "eval"),
+    StageKind.rejection_sampling: _COMMON + ("rejection",),
+    StageKind.distill: _COMMON + ("optim", "sft", "distill"),
+    StageKind.eval: _COMMON + ("eval",),
+}
+
+
 def config_hash(job: JobConfig, stage: StageSpec) -> str:
     """What a finished stage's output depends on, so a rerun with a changed config redoes it."""
-    settings = OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
-    settings.pop("run_dir")  # where a run lives does not change what it computes
+    full = OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
+    settings = {k: full[k] for k in STAGE_SECTIONS[stage.kind]}
     blob = json.dumps({"job": settings,
                        "stage": OmegaConf.to_container(OmegaConf.structured(stage))}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
