@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from .atomic import fsync_path
+
 
 def _dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -32,14 +34,6 @@ def _barrier() -> None:
 
 def _is_rank0() -> bool:
     return not _dist() or dist.get_rank() == 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
@@ -58,7 +52,7 @@ def save(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
             shutil.rmtree(old, ignore_errors=True)
             out.rename(old)
         tmp.rename(out)
-        _fsync_dir(out.parent)
+        fsync_path(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return out

@@ -32,6 +32,7 @@ from r1core.model.args import ModelArgs
 from r1core.model.moe import Gate
 from r1core.model.transformer import Transformer
 
+from .atomic import fsync_path
 from .fp8 import FP8_DTYPE, dequantize_block_fp8
 from .hf_config import CheckpointError, HFExtras, args_from_hf_config, hf_config_from_args, parse_hf_config
 from .hf_names import IGNORED_HF, Target, hf_to_r1, mtp_copies, save_plan
@@ -238,17 +239,9 @@ def from_pretrained(path, dtype: torch.dtype | None = torch.float32, device=None
 
 # ---------------------------------------------------------------- saving
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    _fsync(path)
+    fsync_path(path)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -263,7 +256,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         if old is not None:
             os.rename(old, out)  # put the previous checkpoint back
         raise
-    _fsync(out.parent)
+    fsync_path(out.parent)
     if old is not None:
         shutil.rmtree(old)
 
@@ -327,11 +320,11 @@ def save_pretrained(model: Transformer, out_dir, max_shard_bytes: int = 5 * 2**3
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file({hf: tensor(key, e) for hf, key, e in shard}, str(tmp / fname), metadata={"format": "pt"})
-            _fsync(tmp / fname)
+            fsync_path(tmp / fname)
             weight_map.update(dict.fromkeys((hf for hf, _, _ in shard), fname))
         total = sum(nbytes(entry) for entry in plan)
         _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _fsync(tmp)
+        fsync_path(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -23,31 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from r1core.model import AttnMeta, LatentKVCache, MoE, Transformer
-from r1core.model.moe import RouterSpec, ScoreFunc, _topk_lowest_index_first, router_scores
+from r1core.model.moe import RouterSpec, route_ref
 from r1core.model.rope import rope_cos_sin
 
 from .sampling import sample
 
 
 def route_topk(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: RouterSpec):
-    """`route_ref`'s (weights_TK, idx_TK), without the bincount (a host sync on CUDA) it also returns."""
-    T, E = logits_TE.shape
-    scores_TE = router_scores(logits_TE, spec.score_func)
-    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
-    if spec.n_groups > 1:
-        grouped_TGe = choice_TE.view(T, spec.n_groups, E // spec.n_groups)
-        if spec.score_func == ScoreFunc.sigmoid:
-            group_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
-        else:
-            group_TG = grouped_TGe.amax(dim=-1)
-        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
-        keep_TG.scatter_(1, _topk_lowest_index_first(group_TG, spec.topk_groups), True)
-        choice_TE = grouped_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
-    idx_TK = _topk_lowest_index_first(choice_TE, spec.top_k)
-    weights_TK = scores_TE.gather(1, idx_TK)
-    if spec.norm_topk_prob:
-        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights_TK * spec.route_scale, idx_TK
+    """`route_ref`'s (weights_TK, idx_TK); route_ref counts with scatter_add, so it is graph-safe."""
+    weights_TK, idx_TK, _ = route_ref(logits_TE, bias_E, spec)
+    return weights_TK, idx_TK
 
 
 def _shared(moe: MoE, x_TD: torch.Tensor, y_TD: torch.Tensor) -> torch.Tensor:
