@@ -12,6 +12,8 @@ r1core's LocalEngine with LMObjective (fused linear cross-entropy, MTP, balance 
   triton_padv    + flash attention with v zero-padded to the qk head dim (50% extra P·V work)
   compile        triton MoE + torch.compile of every block (cuDNN attention)
   compile_ac     + activation checkpointing of every block (memory)
+  compile_master compile with fp32 master weights and AdamW state (what training at small learning rates
+                 needs; every other r1core variant is pure bf16 like the megatron one, for equal footing)
   megatron       megatron-core 0.16.1 GPTModel, local spec (no Transformer Engine), standard attention with
                  kv_channels 160 (so QK^T + PV FLOPs equal MLA's 192 + 128), SequentialMLP experts at the
                  same MoE shapes, sigmoid group-limited routing with expert bias, torch AdamW
@@ -44,10 +46,12 @@ from r1core.train.engine import LocalEngine, OptimConfig  # noqa: E402
 from r1core.train.objectives import LMObjective  # noqa: E402
 
 ANCHOR = {"tokens_s": 12.9e3, "peak_gib": 22.3, "mfu": 0.02}  # FACTS.md: megatron GPTModel 516M, B4xT2048, H100
-VARIANTS = {  # name: (moe impl, attention, compile, activation checkpointing)
-    "ref": ("ref", "auto", False, False), "triton": ("triton", "auto", False, False),
-    "triton_cudnn": ("triton", "cudnn", False, False), "triton_padv": ("triton", "flash_padv", False, False),
-    "compile": ("triton", "cudnn", True, False), "compile_ac": ("triton", "cudnn", True, True),
+VARIANTS = {  # name: (moe impl, attention, compile, activation checkpointing, fp32 master weights)
+    "ref": ("ref", "auto", False, False, False), "triton": ("triton", "auto", False, False, False),
+    "triton_cudnn": ("triton", "cudnn", False, False, False),
+    "triton_padv": ("triton", "flash_padv", False, False, False),
+    "compile": ("triton", "cudnn", True, False, False), "compile_ac": ("triton", "cudnn", True, True, False),
+    "compile_master": ("triton", "cudnn", True, False, True),
 }
 CATEGORIES = [("attention", r"fmha|flash|attention|cudnn|sdpa|softmax"),
               ("moe", r"grouped|_gate_up|_rows_gemm|_wgrad|swiglu|permute|route|moe|_zero_"),
@@ -118,9 +122,9 @@ def _time_steps(step, warmup: int, steps: int) -> tuple[float, float, float]:
 
 
 def r1core_step(args, name: str, B: int, T: int, device, dtype):
-    moe, attn, compile_, ac = VARIANTS[name]
+    moe, attn, compile_, ac, master = VARIANTS[name]
     engine = LocalEngine(args.replace(moe_impl=moe), ParallelConfig(compile=compile_, activation_checkpointing=ac),
-                         OptimConfig(lr=1e-4, warmup_steps=0), device, dtype, 0)
+                         OptimConfig(lr=1e-4, warmup_steps=0, master_weights=master), device, dtype, 0)
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, args.vocab_size, (B, T + 1), generator=g).to(device)
     mb, objective = {"tokens": data[:, :-1], "labels": data[:, 1:]}, LMObjective()

@@ -26,10 +26,11 @@ from r1core.train.objectives import GRPOObjective, LMObjective
 ARGS = presets["tiny"]
 OPTIM = OptimConfig(lr=1e-3, grad_clip=1.0, warmup_steps=0, total_steps=10)
 ROWS, SEQ = 4, 16
-LOSS_RTOL = 2e-5
-GRAD_ATOL = 1e-4   # relative to each gradient's largest entry: reordered fp32 sums, not a missing term
-WEIGHT_ATOL = 1e-4  # a tenth of one AdamW step at lr 1e-3 (its first steps are ~lr * sign(g): rounding
-                    # near g = 0 moves a weight by up to ~1e-5; a wrong or missing update moves it by ~1e-3)
+# (loss rtol, gradient atol relative to each gradient's largest entry, weight atol) per parameter dtype.
+# fp32: reordered sums round differently, not a missing term; AdamW's first steps are ~lr * sign(g), so
+# rounding near g = 0 moves a weight by up to ~1e-5 while a wrong or missing update moves it by ~1e-3.
+# bf16 (fp32 master weights): the model's weights are the masters rounded, one ulp at 1.0 is 7.8e-3.
+TOL = {torch.float32: (2e-5, 1e-4, 1e-4), torch.bfloat16: (1e-3, 2e-2, 8e-3)}
 
 
 def lm_batch() -> dict:
@@ -81,7 +82,7 @@ def _logits(engine) -> torch.Tensor | None:
 
 
 def _np(d):
-    return None if d is None else {k: v.detach().cpu().numpy().copy() for k, v in d.items()}
+    return None if d is None else {k: v.detach().float().cpu().numpy().copy() for k, v in d.items()}
 
 
 def _two_steps(engine, kind: str) -> dict:
@@ -92,8 +93,8 @@ def _two_steps(engine, kind: str) -> dict:
     return {"metrics": metrics, "grads": grads, "state": _np(engine.full_state_dict())}
 
 
-def _train_layout(kind: str, cfg: dict) -> dict:
-    return _two_steps(build_engine(ARGS, ParallelConfig(**cfg), OPTIM, device="cpu", seed=0), kind)
+def _train_layout(kind: str, cfg: dict, dtype=torch.float32) -> dict:
+    return _two_steps(build_engine(ARGS, ParallelConfig(**cfg), OPTIM, device="cpu", dtype=dtype, seed=0), kind)
 
 
 def _reshard(save_cfg: dict, load_cfg: dict, path: str) -> dict:
@@ -111,7 +112,7 @@ def _reshard(save_cfg: dict, load_cfg: dict, path: str) -> dict:
 
 
 def _run_layouts(rank, world, layouts, reshard, path):
-    results = {name: _train_layout(kind, cfg) for name, (kind, cfg) in layouts.items()}
+    results = {name: _train_layout(*layout) for name, layout in layouts.items()}
     results["reshard"] = _reshard(*reshard, path)
     return results
 
@@ -126,6 +127,7 @@ TWO_RANK = {
     "pp2_dualpipev": ("lm", dict(pp=2, pp_schedule="dualpipev", microbatches=4)),
     "tp2_grpo": ("grpo", dict(tp=2)),
     "dp2_grpo_no_zero": ("grpo", dict(zero1=False)),
+    "dp2_bf16_master": ("lm", dict(), torch.bfloat16),  # ZeRO-1 over fp32 master weights of a bf16 model
 }
 EIGHT_RANK = {"tp2_pp2_ep2_sp": ("lm", dict(tp=2, pp=2, ep=2, microbatches=2, sequence_parallel=True))}
 
@@ -142,8 +144,8 @@ def _merge(per_rank: list[dict]) -> dict:
 def reference():
     """Single-device runs of each objective, plus logits of the LM run's weights."""
     out = {}
-    for kind in OBJECTIVES:
-        out[kind] = _two_steps(LocalEngine(ARGS, ParallelConfig(), OPTIM, "cpu", torch.float32, 0), kind)
+    for kind, dtype in [("lm", torch.float32), ("grpo", torch.float32), ("lm", torch.bfloat16)]:
+        out[kind, dtype] = _two_steps(LocalEngine(ARGS, ParallelConfig(), OPTIM, "cpu", dtype, 0), kind)
     return out
 
 
@@ -161,35 +163,39 @@ def eight_rank(tmp_path_factory):
     return _merge(run_distributed(_run_layouts, 8, EIGHT_RANK, reshard, path, timeout=600)), path
 
 
-def _assert_matches(run: dict, ref: dict, name: str) -> None:
+def _assert_matches(run: dict, ref: dict, name: str, dtype=torch.float32) -> None:
+    loss_rtol, grad_atol, weight_atol = TOL[dtype]
     for step, (got, want) in enumerate(zip(run["metrics"], ref["metrics"]), start=1):
         for key in ("loss", "grad_norm", "ce", "policy_loss", "aux"):
             if key in want:
-                np.testing.assert_allclose(got[key], want[key], rtol=LOSS_RTOL, err_msg=f"{name} step {step} {key}")
+                np.testing.assert_allclose(got[key], want[key], rtol=loss_rtol, err_msg=f"{name} step {step} {key}")
     assert set(run["grads"]) == set(ref["grads"]), name
     for key, want in ref["grads"].items():
-        atol = GRAD_ATOL * max(np.abs(want).max(), 1e-8)
+        atol = grad_atol * max(np.abs(want).max(), 1e-8)
         np.testing.assert_allclose(run["grads"][key], want, rtol=0, atol=atol, err_msg=f"{name} grad {key}")
     for key, want in ref["state"].items():
-        np.testing.assert_allclose(run["state"][key], want, rtol=0, atol=WEIGHT_ATOL, err_msg=f"{name} weight {key}")
+        np.testing.assert_allclose(run["state"][key], want, rtol=0, atol=weight_atol, err_msg=f"{name} weight {key}")
 
 
 @pytest.mark.parametrize("name", sorted(TWO_RANK))
 def test_two_rank_layout_matches_single_device(two_rank, reference, name):
     results, _ = two_rank
-    _assert_matches(results[name], reference[TWO_RANK[name][0]], name)
+    kind, _, *dtype = TWO_RANK[name]
+    dtype = dtype[0] if dtype else torch.float32
+    _assert_matches(results[name], reference[kind, dtype], name, dtype)
 
 
 def test_tp2_pp2_ep2_with_sequence_parallel_matches_single_device(eight_rank, reference):
     results, _ = eight_rank
-    _assert_matches(results["tp2_pp2_ep2_sp"], reference["lm"], "tp2_pp2_ep2_sp")
+    _assert_matches(results["tp2_pp2_ep2_sp"], reference["lm", torch.float32], "tp2_pp2_ep2_sp")
 
 
 def _assert_reshard(res: dict, path: str) -> None:
     np.testing.assert_allclose(res["logits_b"], res["logits_a"], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(res["step3_b"][0]["loss"], res["step3_a"][0]["loss"], rtol=LOSS_RTOL)
+    loss_rtol, _, weight_atol = TOL[torch.float32]
+    np.testing.assert_allclose(res["step3_b"][0]["loss"], res["step3_a"][0]["loss"], rtol=loss_rtol)
     for key, want in res["state_a"].items():  # optimizer moments resharded too: the next step agrees
-        np.testing.assert_allclose(res["state_b"][key], want, rtol=0, atol=WEIGHT_ATOL, err_msg=key)
+        np.testing.assert_allclose(res["state_b"][key], want, rtol=0, atol=weight_atol, err_msg=key)
     local = LocalEngine(ARGS, ParallelConfig(), OPTIM, "cpu", torch.float32, 7)
     local.load(path)
     rows = len(res["logits_a"])  # the parallel logits are data-parallel rank 0's rows

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from r1core.model import ModelArgs, Transformer, update_expert_bias
 from r1core.parallel.config import ParallelConfig, check_layout
 from r1core.parallel.layout import ParamLayout, to_dtensor
-from r1core.parallel.optim import adamw, clip_, init_adam_state_, local_optimizer
+from r1core.parallel.optim import MasterWeights, adamw, clip_, grad_norm_sq, init_adam_state_, local_optimizer
 
 
 class LRSchedule(str, enum.Enum):
@@ -46,6 +46,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0      # max global gradient norm; 0 turns clipping off
+    master_weights: bool = True # fp32 master weights and AdamW state when the model's dtype is lower
 
     def __post_init__(self) -> None:
         self.schedule = LRSchedule(self.schedule)
@@ -104,8 +105,8 @@ def _add(acc: dict, new: dict, device) -> None:
         acc[key] = acc[key] + value if key in acc else value
 
 
-def init_model(args: ModelArgs, device, dtype: torch.dtype, seed: int) -> Transformer:
-    """Build the full model on `device` in fp32 from `seed` (identical on every rank and layout), then cast."""
+def init_model(args: ModelArgs, device, seed: int) -> Transformer:
+    """The full model on `device` in fp32 from `seed`: identical on every rank and in every layout."""
     torch.manual_seed(seed)
     with torch.device(device):
         model = Transformer(args)
@@ -128,7 +129,7 @@ class TrainEngine:
         self.args, self.parallel, self.optim_cfg = args, parallel, optim
         self.device, self.dtype = torch.device(device), dtype
         self.step = 0
-        self.model = init_model(args, self.device, dtype, seed)
+        self.model = init_model(args, self.device, seed)
         self.layouts: dict[str, ParamLayout] = {n: ParamLayout() for n, _ in self.model.named_parameters()}
         with torch.device("meta"):
             full = Transformer(args)
@@ -144,12 +145,20 @@ class TrainEngine:
         if self.parallel.compile:
             apply_compile(self.model)
         self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.master = None
+        if self.optim_cfg.master_weights and self.dtype != torch.float32:
+            self.master = MasterWeights(self.named_params)
         self.optimizers = self._build_optimizers()
         self.model.train()
 
+    @property
+    def optimized_params(self) -> list[tuple[str, torch.Tensor]]:
+        """What the optimizers step: the fp32 masters when there are any, else the model's parameters."""
+        return self.master.named if self.master is not None else self.named_params
+
     # ------------------------------------------------------------------ hooks the parallel engine overrides
     def _build_optimizers(self) -> list:
-        return [adamw(self.named_params, self.optim_cfg)]
+        return [adamw(self.optimized_params, self.optim_cfg)]
 
     def _all_reduce(self, t: torch.Tensor, group_name: str) -> torch.Tensor:
         return t
@@ -168,8 +177,7 @@ class TrainEngine:
         pass
 
     def _grad_norm(self) -> torch.Tensor:
-        grads = [p.grad for _, p in self.named_params]
-        return torch.nn.utils.get_total_norm(grads, norm_type=2.0).float()
+        return grad_norm_sq([p.grad for _, p in self.named_params], self.device).sqrt()
 
     def _reduce_metrics(self, sums: dict) -> dict:
         return {k: float(v) for k, v in sums.items()}
@@ -200,18 +208,24 @@ class TrainEngine:
             update_expert_bias(gate, load)
 
     def train_step(self, microbatches: list[dict], objective) -> dict:
+        """One optimizer step on this rank's microbatches; returns the whole batch's metrics (every rank):
+        loss, the objective's metrics, aux, grad_norm (before clipping), lr, step, n_tokens."""
         mbs = split_microbatches(microbatches, self.parallel.microbatches)
         denoms = self._totals(objective, mbs)
         self._zero_grad()
         sums = self._forward_backward(mbs, objective, denoms)
         self._reduce_grads()
         norm = self._grad_norm()
-        clip_([p for _, p in self.named_params], self.optim_cfg.grad_clip, norm)
+        if self.master is not None:
+            self.master.grads_in()
+        clip_([p for _, p in self.optimized_params], self.optim_cfg.grad_clip, norm)
         lr = lr_at(self.step, self.optim_cfg)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()
+        if self.master is not None:
+            self.master.weights_out()
         self.step += 1
         self._update_expert_bias()
         metrics = self._reduce_metrics(sums)
@@ -244,9 +258,11 @@ class TrainEngine:
     def _flat_state(self, as_dtensor: bool) -> dict:
         """Global-name-keyed tensors of this rank: model.<name>, optim.<name>.<stat>, step."""
         state = {"step": torch.tensor(self.step)}
+        masters = dict(self.master.named) if self.master is not None else {}
         for name, t in self.model.state_dict().items():
-            state[f"model.{name}"] = self._dtensor(name, t, as_dtensor)
-        names = {id(p): n for n, p in self.named_params}
+            # with master weights the checkpoint holds them (fp32), not their rounded copies
+            state[f"model.{name}"] = self._dtensor(name, masters.get(name, t), as_dtensor)
+        names = {id(p): n for n, p in self.optimized_params}
         for opt in self.optimizers:
             inner = local_optimizer(opt)
             for p, st in inner.state.items():
@@ -272,6 +288,8 @@ class TrainEngine:
                 if key != "step":
                     t.copy_(state[key])
         self.step = int(state["step"])
+        if self.master is not None:
+            self.master.weights_out()
 
     def save(self, path) -> None:
         from r1core.checkpoint import dist as dcp_ckpt
@@ -288,6 +306,8 @@ class TrainEngine:
         step = state["step"]
         dcp_ckpt.load(state, path)
         self.step = int(step)
+        if self.master is not None:
+            self.master.weights_out()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's unsharded state dict on rank 0 (None elsewhere); collective. On one device
@@ -347,8 +367,8 @@ class ParallelEngine(TrainEngine):
 
     def _build_optimizers(self) -> list:
         topo, zero = self.topo, self.parallel.zero1
-        dense = [(n, p) for n, p in self.named_params if not self.layouts[n].is_expert]
-        experts = [(n, p) for n, p in self.named_params if self.layouts[n].is_expert]
+        dense = [(n, p) for n, p in self.optimized_params if not self.layouts[n].is_expert]
+        experts = [(n, p) for n, p in self.optimized_params if self.layouts[n].is_expert]
         opts = [adamw(dense, self.optim_cfg, topo.dp_group, topo.dp, zero)] if dense else []
         if experts:
             opts.append(adamw(experts, self.optim_cfg, topo.edp_group, topo.edp, zero))
