@@ -111,9 +111,21 @@ def _reshard(save_cfg: dict, load_cfg: dict, path: str) -> dict:
     return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
+def _sp_rejects_odd_length() -> str:
+    engine = build_engine(ARGS, ParallelConfig(tp=2, sequence_parallel=True), OPTIM, device="cpu")
+    mb = {k: v[:, :15] for k, v in lm_batch().items()}
+    try:
+        engine.train_step([mb], LMObjective())
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
 def _run_layouts(rank, world, layouts, reshard, path):
     results = {name: _train_layout(*layout) for name, layout in layouts.items()}
     results["reshard"] = _reshard(*reshard, path)
+    if world == 2:
+        results["sp_odd_length"] = _sp_rejects_odd_length()
     return results
 
 
@@ -239,3 +251,8 @@ def test_bad_layout_fails_at_start_with_one_message_naming_every_problem(cfg, wo
 def test_build_engine_on_one_process_rejects_a_parallel_layout():
     with pytest.raises(ValueError, match="world size 1 is not divisible by tp\\*pp = 2\\*1"):
         build_engine(ARGS, ParallelConfig(tp=2), OPTIM, device="cpu")
+
+
+def test_sequence_parallel_rejects_a_length_tp_does_not_divide(two_rank):
+    results, _ = two_rank
+    assert "sequence lengths [15] must be multiples of it" in results["sp_odd_length"]

@@ -155,14 +155,17 @@ class StageRunner:
         self._schedules: dict = {}
         self._loss_fn = None
 
-    def _act_shape(self, mbs: list[dict]) -> tuple[int, ...]:
+    def _check(self, mbs: list[dict]) -> None:
         shapes = {tuple(mb["tokens"].shape) for mb in mbs}
-        if len(shapes) > 1:
+        if self.cfg.pp > 1 and len(shapes) > 1:
             raise ValueError(f"pipeline parallelism needs microbatches of one shape, got {sorted(shapes)}")
-        (rows, seq), = shapes
-        if self.cfg.sequence_parallel:
-            seq //= self.cfg.tp
-        return rows, seq, self.dim
+        if self.cfg.sequence_parallel and any(seq % self.cfg.tp for _, seq in shapes):
+            raise ValueError(f"sequence parallelism splits sequences over tp={self.cfg.tp} ranks: sequence lengths "
+                             f"{sorted({seq for _, seq in shapes})} must be multiples of it")
+
+    def _act_shape(self, mbs: list[dict]) -> tuple[int, ...]:
+        rows, seq = mbs[0]["tokens"].shape
+        return rows, seq // self.cfg.tp if self.cfg.sequence_parallel else seq, self.dim
 
     def _schedule(self, mbs, dtype, train: bool):
         key = (len(mbs), self._act_shape(mbs), dtype, train)
@@ -174,6 +177,7 @@ class StageRunner:
 
     def train(self, mbs: list[dict], aux_weight: list[float], loss_fn, dtype) -> None:
         """Forward and backward over all microbatches; loss_fn(h, index) runs on the last stage."""
+        self._check(mbs)
         self.ctx.microbatches, self.ctx.aux_weight, self.ctx.aux_total = mbs, aux_weight, None
         self._loss_fn = loss_fn
         index = torch.arange(len(mbs), device=self.topo.device).view(-1, 1)
@@ -186,6 +190,7 @@ class StageRunner:
 
     def forward(self, mbs: list[dict], dtype) -> list[torch.Tensor]:
         """Final hidden states per microbatch on the last stage ([] elsewhere); no autograd."""
+        self._check(mbs)
         self.ctx.microbatches, self.ctx.aux_weight, self.ctx.aux_total = mbs, [0.0] * len(mbs), None
         index = torch.arange(len(mbs), device=self.topo.device).view(-1, 1)
         if self.cfg.pp == 1:
