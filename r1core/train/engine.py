@@ -180,7 +180,8 @@ class TrainEngine:
         return grad_norm_sq([p.grad for _, p in self.named_params], self.device).sqrt()
 
     def _reduce_metrics(self, sums: dict) -> dict:
-        return {k: float(v) for k, v in sums.items()}
+        keys = sorted(sums)
+        return dict(zip(keys, torch.stack([sums[k] for k in keys]).tolist())) if keys else {}  # one host sync
 
     # ------------------------------------------------------------------ the step
     def _totals(self, objective, mbs: list[dict]) -> dict[str, torch.Tensor]:
@@ -196,8 +197,7 @@ class TrainEngine:
         for _, p in self.named_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            else:
-                p.grad.zero_()
+        torch._foreach_zero_([p.grad for _, p in self.named_params])
 
     def _update_expert_bias(self) -> None:
         gates = [m.gate for m in self.model.moe_layers()]
@@ -309,10 +309,17 @@ class TrainEngine:
         if self.master is not None:
             self.master.weights_out()
 
+    def iter_full_state(self):
+        """(name, whole tensor) one at a time on rank 0, (name, None) elsewhere; collective. For pushing
+        weights into a rollout engine in buckets without holding the whole model twice."""
+        for name, t in self.model.state_dict().items():
+            yield name, t.detach()
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's unsharded state dict on rank 0 (None elsewhere); collective. On one device
         the tensors are the live parameters (no copy)."""
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+        full = dict(self.iter_full_state())
+        return full if self.rank == 0 else None
 
     def full_grads(self) -> dict[str, torch.Tensor] | None:
         """The whole model's gradients of the last step (reduced, clipped) on rank 0; for checks. Collective."""
@@ -446,12 +453,10 @@ class ParallelEngine(TrainEngine):
             return t
         return to_dtensor(t, lay, self.meshes, self._full_shapes[base])
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def iter_full_state(self):
         from r1core.parallel.gather import iter_full_state
 
-        local = self.model.state_dict()
-        full = dict(iter_full_state(local, self.layouts, self.meshes, self._full_shapes))
-        return full if self.rank == 0 else None
+        yield from iter_full_state(self.model.state_dict(), self.layouts, self.meshes, self._full_shapes)
 
     def full_grads(self) -> dict[str, torch.Tensor] | None:
         from r1core.parallel.gather import iter_full_state
