@@ -167,6 +167,19 @@ def test_export_hf_loads_back_with_identical_logits(tmp_path):
     torch.testing.assert_close(loaded(mb["tokens"]), engine.model(mb["tokens"]), rtol=0, atol=0)
 
 
+def test_load_hf_starts_an_engine_from_exported_weights(tmp_path):
+    source, mb = _engine(seed=4), _batch()
+    source.export_hf(tmp_path / "hf")
+    for dtype in (torch.float32, torch.bfloat16):
+        engine = LocalEngine(ARGS, ParallelConfig(), OPTIM, "cpu", dtype, 0)
+        engine.load_hf(tmp_path / "hf")
+        torch.testing.assert_close(engine.model.layers["1"].ffn.experts.w2.float(),
+                                   source.model.layers["1"].ffn.experts.w2.to(dtype).float(), rtol=0, atol=0)
+        if engine.master is not None:  # the fp32 masters hold the checkpoint's exact values
+            torch.testing.assert_close(dict(engine.master.named)["head.weight"], source.model.head.weight,
+                                       rtol=0, atol=0)
+
+
 def test_build_engine_without_torch_distributed_is_local():
     assert isinstance(build_engine(ARGS, ParallelConfig(), OPTIM, device="cpu"), LocalEngine)
 

@@ -121,11 +121,19 @@ def _sp_rejects_odd_length() -> str:
     return "no error"
 
 
-def _run_layouts(rank, world, layouts, reshard, path):
+def _hf_logits(cfg: dict, hf_dir: str):
+    engine = build_engine(ARGS, ParallelConfig(**cfg), OPTIM, device="cpu", seed=5)
+    engine.load_hf(hf_dir)
+    logits = _logits(engine)
+    return None if logits is None else logits.numpy()
+
+
+def _run_layouts(rank, world, layouts, reshard, path, hf_dir=None):
     results = {name: _train_layout(*layout) for name, layout in layouts.items()}
     results["reshard"] = _reshard(*reshard, path)
     if world == 2:
         results["sp_odd_length"] = _sp_rejects_odd_length()
+        results["hf_tp2_logits"] = _hf_logits(dict(tp=2), hf_dir)
     return results
 
 
@@ -163,9 +171,14 @@ def reference():
 
 @pytest.fixture(scope="module")
 def two_rank(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("ckpt2") / "tp2")
+    root = tmp_path_factory.mktemp("ckpt2")
+    path, hf_dir = str(root / "tp2"), str(root / "hf_in")
+    source = LocalEngine(ARGS, ParallelConfig(), OPTIM, "cpu", torch.float32, 11)
+    source.export_hf(hf_dir)
     reshard = (dict(tp=2), dict(pp=2, microbatches=2))
-    return _merge(run_distributed(_run_layouts, 2, TWO_RANK, reshard, path, timeout=600)), path
+    results = _merge(run_distributed(_run_layouts, 2, TWO_RANK, reshard, path, hf_dir, timeout=600))
+    results["hf_source_logits"] = _logits(source).numpy()
+    return results, path
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +269,8 @@ def test_build_engine_on_one_process_rejects_a_parallel_layout():
 def test_sequence_parallel_rejects_a_length_tp_does_not_divide(two_rank):
     results, _ = two_rank
     assert "sequence lengths [15] must be multiples of it" in results["sp_odd_length"]
+
+
+def test_hf_weights_load_into_a_tensor_parallel_engine(two_rank):
+    results, _ = two_rank
+    np.testing.assert_allclose(results["hf_tp2_logits"], results["hf_source_logits"], rtol=0, atol=1e-5)

@@ -78,3 +78,12 @@ def counts_in_norm(layout: ParamLayout, ranks: dict[str, int]) -> bool:
     if layout.is_expert:
         return ranks["edp"] == 0
     return ranks["dp"] == 0 and (layout.tp_dim is not None or ranks["tp"] == 0)
+
+
+def local_shard(full: torch.Tensor, layout: ParamLayout, ranks: dict[str, int], sizes: dict[str, int]) -> torch.Tensor:
+    """This rank's piece of a whole tensor: split over EP, then over TP (the inverse of to_dtensor)."""
+    if layout.ep_dim is not None:
+        full = full.chunk(sizes["ep"], dim=layout.ep_dim)[ranks["ep"]]
+    if layout.tp_dim is not None:
+        full = full.chunk(sizes["tp"], dim=layout.tp_dim)[ranks["tp"]]
+    return full

@@ -321,6 +321,22 @@ class TrainEngine:
         full = dict(self.iter_full_state())
         return full if self.rank == 0 else None
 
+    def _shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        return full
+
+    @torch.no_grad()
+    def load_hf(self, path) -> None:
+        """Start from an HF DeepSeek-V3 checkpoint's weights; every rank reads it and keeps its shard.
+        The optimizer state and step are left as they are (fresh for a new stage)."""
+        from r1core.checkpoint.hf import from_pretrained
+
+        source = from_pretrained(path, dtype=torch.float32, device="cpu").state_dict()
+        masters = dict(self.master.named) if self.master is not None else {}
+        for name, t in self.model.state_dict().items():
+            masters.get(name, t).copy_(self._shard_of(name, source[name]))
+        if self.master is not None:
+            self.master.weights_out()
+
     def full_grads(self) -> dict[str, torch.Tensor] | None:
         """The whole model's gradients of the last step (reduced, clipped) on rank 0; for checks. Collective."""
         return {n: p.grad.detach().clone() for n, p in self.named_params}
@@ -452,6 +468,13 @@ class ParallelEngine(TrainEngine):
         if not as_dtensor or lay is None:
             return t
         return to_dtensor(t, lay, self.meshes, self._full_shapes[base])
+
+    def _shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        from r1core.parallel.layout import local_shard
+
+        topo = self.topo
+        ranks = {"ep": topo.rank_in("ep"), "tp": topo.rank_in("tp")}
+        return local_shard(full, self.layouts.get(name, ParamLayout()), ranks, {"ep": topo.ep, "tp": topo.tp})
 
     def iter_full_state(self):
         from r1core.parallel.gather import iter_full_state
