@@ -1,6 +1,6 @@
 """Training-step throughput on one GPU: r1core (small preset, bf16) beside megatron-core's GPTModel.
 
-    python benchmarks/bench_train.py                     # H100: every variant, B4 x T2048
+    python benchmarks/bench_train.py                     # H100: every variant, B4 x T2048, ~200 s budget
     python benchmarks/bench_train.py --variants triton_cudnn,megatron --steps 3
     python benchmarks/bench_train.py --tiny              # CPU smoke run (tiny preset, fp32, no megatron)
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import os
 import re
 import sys
@@ -229,12 +230,14 @@ def measure(name, args, a, device, dtype, peak_tflops) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", default=",".join(list(VARIANTS) + ["megatron"]))
+    p.add_argument("--variants", default="triton_cudnn,compile,megatron,ref,triton,triton_padv,compile_ac,"
+                                         "compile_master")
+    p.add_argument("--budget-s", type=float, default=200.0, help="skip the remaining variants after this long")
     p.add_argument("--preset", default="small")
     p.add_argument("--layers", type=int, default=0, help="override n_layers (0: the preset's)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--breakdown", default="auto", help="variant to profile ('auto': every r1core variant)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run")
@@ -246,8 +249,14 @@ def main(argv=None) -> dict:
     args = presets[a.preset]
     if a.layers:
         args = args.replace(n_layers=a.layers)
-    ceil = Ceilings.measure()
-    rows = [measure(v, args, a, device, dtype, ceil.matmul_tflops) for v in a.variants.split(",")]
+    ceil, t0, rows = Ceilings.measure(), time.perf_counter(), []
+    for v in a.variants.split(","):
+        if time.perf_counter() - t0 > a.budget_s:
+            rows.append({"variant": v, "error": f"skipped: the {a.budget_s:.0f} s budget was spent"})
+            continue
+        rows.append(measure(v, args, a, device, dtype, ceil.matmul_tflops))
+        with open(os.path.join(out_dir(), "bench_train.partial.json"), "w") as f:  # survives a killed run
+            json.dump(rows, f, indent=1)
     table = Table(f"train step, {a.preset} preset, B{a.batch} x T{a.seq}, {dtype}",
                   ["variant", "ms/step", "tokens/s", "× anchor tok/s", "model TFLOP/s", "MFU %", "peak GiB",
                    "first step s", "loss"])
