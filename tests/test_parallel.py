@@ -121,6 +121,12 @@ def _sp_rejects_odd_length() -> str:
     return "no error"
 
 
+def _no_mtp_losses(build, cfg: dict) -> list[float]:
+    """Without MTP the last pipeline stage holds no embedding copy (and must not wait for its gradient)."""
+    engine = build(ARGS.replace(n_mtp_modules=0), ParallelConfig(**cfg), OPTIM, device="cpu", seed=0)
+    return [m["loss"] for m in _steps(engine, "lm")]
+
+
 def _hf_logits(cfg: dict, hf_dir: str):
     engine = build_engine(ARGS, ParallelConfig(**cfg), OPTIM, device="cpu", seed=5)
     engine.load_hf(hf_dir)
@@ -133,6 +139,7 @@ def _run_layouts(rank, world, layouts, reshard, path, hf_dir=None):
     results["reshard"] = _reshard(*reshard, path)
     if world == 2:
         results["sp_odd_length"] = _sp_rejects_odd_length()
+        results["pp2_no_mtp"] = _no_mtp_losses(build_engine, dict(pp=2, microbatches=2))
         results["hf_tp2_logits"] = _hf_logits(dict(tp=2), hf_dir)
     return results
 
@@ -274,3 +281,9 @@ def test_sequence_parallel_rejects_a_length_tp_does_not_divide(two_rank):
 def test_hf_weights_load_into_a_tensor_parallel_engine(two_rank):
     results, _ = two_rank
     np.testing.assert_allclose(results["hf_tp2_logits"], results["hf_source_logits"], rtol=0, atol=1e-5)
+
+
+def test_pipeline_without_mtp_matches_single_device(two_rank):
+    results, _ = two_rank
+    local = lambda args, cfg, optim, device, seed: LocalEngine(args, cfg, optim, device, torch.float32, seed)  # noqa: E731
+    np.testing.assert_allclose(results["pp2_no_mtp"], _no_mtp_losses(local, {}), rtol=TOL[torch.float32][0])

@@ -370,7 +370,7 @@ class ParallelEngine(TrainEngine):
     def __init__(self, args, parallel, optim, device, dtype, seed):
         from r1core.parallel.layout import Meshes
         from r1core.parallel.parallelize import parallelize
-        from r1core.parallel.pipeline import StageRunner
+        from r1core.parallel.pipeline import StageRunner, needs_embed_on_last
         from r1core.parallel.topology import init_topology
 
         super().__init__(args, parallel, optim, device, dtype, seed)
@@ -382,10 +382,11 @@ class ParallelEngine(TrainEngine):
         self.rank, self.world_size = topo.rank, topo.world_size
         self.dp_rank, self.dp_size = topo.rank_in("dp"), topo.dp
         self.vocab_group = topo.tp_group if topo.tp > 1 else None
-        stages = [s for s, _ in self.runner.stages]
-        # the embedding's copy on the last stage is summed with stage 0's, unless one rank holds both (V shape)
-        self.embed_group = topo.embed_group if (self.model.embed is not None and topo.pp > 1
-                                                and not {0, parallel.n_stages - 1} <= set(stages)) else None
+        stages = {s for s, _ in self.runner.stages}
+        # the embedding's copy on the last stage (MTP, tied head) is summed with stage 0's, unless one rank
+        # holds both ends (V shape)
+        shared = needs_embed_on_last(self.model) and topo.pp > 1 and self.model.embed is not None
+        self.embed_group = topo.embed_group if shared and not {0, parallel.n_stages - 1} <= stages else None
         self._finish_setup()
 
     def _build_optimizers(self) -> list:
