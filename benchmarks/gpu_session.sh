@@ -22,7 +22,7 @@ part_setup() {
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/* > "$R/wheels.log" 2>&1 || tail -5 "$R/wheels.log"
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-  run install 400 env R1CORE_BUILD_CUDA=${BUILD_EXT:-1} MAX_JOBS=16 python3 -m pip install -e . --no-build-isolation --no-deps
+  run install 300 env R1CORE_BUILD_CUDA=${BUILD_EXT:-1} MAX_JOBS=16 python3 -m pip install -e . --no-build-isolation --no-deps
   python3 -c "import torch, triton; import r1core.kernels.moe_cuda as m; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(), 'ext built', m.is_built())" \
     2>&1 | tee -a "$SUMMARY"
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv >> "$SUMMARY" 2>&1
@@ -32,7 +32,7 @@ part_gpu_tests() {
   run gpu_tests 240 python3 -m pytest -q -m gpu tests/test_grpo_loss.py tests/test_moe_cuda.py tests/test_engine.py \
     tests/test_rollout.py -rfE -p no:cacheprovider
 }
-part_rollout_bench() { run bench_rollout 300 python3 benchmarks/bench_rollout.py; }
+part_rollout_bench() { run bench_rollout 150 python3 benchmarks/bench_rollout.py --repeats 2 --variants graphs,grouped,triton; }
 part_kernel_tests() {
   run test_kernels_gpu 420 python3 -m pytest -q -m gpu tests/test_grpo_loss.py tests/test_moe_kernels.py \
     tests/test_moe_cuda.py tests/test_model.py -rfE
@@ -47,18 +47,23 @@ part_train() { run bench_train 320 python3 benchmarks/bench_train.py; }
 # GRPO end to end on the small preset (briefly pretrained on the built-in corpus): stage times and the
 # rollout / log-prob / update split of each RL step. Dynamic sampling is off so every step updates.
 part_pipeline() {
-  run pipeline_small 330 python3 -m r1core.cli run model=small pipeline=r1_zero run_dir=/tmp/run_small \
-    hydra.run.dir=/tmp/run_small model.moe_impl=triton pretrain.steps=120 pretrain.seq_len=256 \
-    pretrain.batch_size=32 pretrain.micro_batch_size=16 pretrain.lr=1e-3 pretrain.save_every=120 optim.warmup_steps=10 \
-    data.corpus_docs=12000 rl.steps=8 rl.lr=1e-6 rl.save_every=8 rl.dynamic_sampling=false rl.prompts_per_step=32 \
-    rl.micro_batch_size=64 eval.problems=64 ${PIPELINE_OVERRIDES:-}
+  run pipeline_small 170 python3 -m r1core.cli run model=small pipeline=r1_zero run_dir=/tmp/run_small \
+    hydra.run.dir=/tmp/run_small model.moe_impl=triton pretrain.steps=60 pretrain.seq_len=256 \
+    pretrain.batch_size=32 pretrain.micro_batch_size=16 pretrain.lr=1e-3 pretrain.save_every=60 optim.warmup_steps=10 \
+    data.corpus_docs=8000 rl.steps=6 rl.lr=1e-6 rl.save_every=6 rl.dynamic_sampling=false rl.prompts_per_step=32 \
+    rl.micro_batch_size=64 eval.problems=32 ${PIPELINE_OVERRIDES:-}
   cp -r /tmp/run_small/report.md /tmp/run_small/*.png /tmp/run_small/manifest.json "$R/" 2>/dev/null
 }
 
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+part_grpo_tests() { run grpo_tests 90 python3 -m pytest -q -m gpu tests/test_grpo_loss.py -rfE -p no:cacheprovider; }
+# 2 GPUs: TP2 / EP2 / DP2 / TP2+SP / PP2 against the single-GPU run, with NCCL (see run_nccl_2gpu.sh)
+part_nccl() { run nccl 230 env OUT="$R" bash benchmarks/run_nccl_2gpu.sh; }
+
 for part in "$@"; do
   say "part $part"
   "part_$part"
+  tar -czf "$OUT/results.tgz" -C "$OUT" r  # after every part: a timeout later loses nothing
 done
-tar -czf "$OUT/results.tgz" -C "$OUT" r && rm -rf "$R"
+rm -rf "$R"
 say "done"

@@ -137,11 +137,32 @@ class _Unpermute(torch.autograd.Function):
         return grad_y_PD, None, grad_w_TK
 
 
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise RuntimeError(message)
+
+
+def _check_cuda(t: torch.Tensor, name: str) -> None:
+    # Checked here before the extension: a TORCH_CHECK failure inside r1core._C crashed the process on the
+    # GPU machine (torch 2.11, CUDA 13.0) instead of raising, so no bad input may reach the binding.
+    _require(t.is_cuda, f"{name} must be a CUDA tensor, got device {t.device}")
+
+
 def moe_route_cuda(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: RouterSpec):
     """Group-limited top-k routing -> (weights_TK fp32, idx_TK int64, counts_E int64); see the module docstring."""
     _ext()
+    _check_cuda(logits_TE, "logits_TE")
+    _require(logits_TE.dtype in _FLOATS, f"logits_TE must be float32, bfloat16 or float16, got {logits_TE.dtype}")
     if logits_TE.dim() != 2 or logits_TE.shape[1] != spec.n_experts:
         raise ValueError(f"logits_TE must be [T, n_experts={spec.n_experts}], got {tuple(logits_TE.shape)}")
+    if bias_E is not None:
+        _check_cuda(bias_E, "bias_E")
+        _require(bias_E.device == logits_TE.device, f"bias_E is on {bias_E.device}, logits_TE on {logits_TE.device}")
+        _require(bias_E.dim() == 1 and bias_E.numel() == spec.n_experts,
+                 f"bias_E has {bias_E.numel()} entries for {spec.n_experts} experts")
     bias_E = None if bias_E is None else bias_E.float().contiguous()
     return _Route.apply(logits_TE.contiguous(), bias_E, spec)
 
@@ -152,10 +173,24 @@ def moe_permute_cuda(x_TD: torch.Tensor, idx_TK: torch.Tensor, counts_E: torch.T
     Segment sizes are counted on the device from idx_TK (counts_E must be its bincount; only its shape is used).
     """
     _ext()
+    for t, name in ((x_TD, "x_TD"), (idx_TK, "idx_TK"), (counts_E, "counts_E")):
+        _check_cuda(t, name)
+    _require(x_TD.dtype in _FLOATS, f"x_TD must be float32, bfloat16 or float16, got {x_TD.dtype}")
+    _require(idx_TK.dtype == torch.int64, f"idx_TK must be Long (int64), got {idx_TK.dtype}")
+    _require(x_TD.dim() == 2 and idx_TK.dim() == 2, f"x_TD and idx_TK must be 2-D, got {tuple(x_TD.shape)}, "
+             f"{tuple(idx_TK.shape)}")
+    _require(idx_TK.shape[0] == x_TD.shape[0], f"idx_TK has {idx_TK.shape[0]} rows for {x_TD.shape[0]} tokens")
+    _require(int(pad_multiple) >= 1, f"pad_multiple must be >= 1, got {pad_multiple}")
     return _Permute.apply(x_TD.contiguous(), idx_TK.contiguous(), counts_E, int(pad_multiple))
 
 
 def moe_unpermute_cuda(y_PD: torch.Tensor, pos_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
     """y_TD[t] = sum_k weights[t, k] * y_PD[pos[t, k]], accumulated in fp32, returned in y_PD's dtype."""
     _ext()
+    for t, name in ((y_PD, "y_PD"), (pos_TK, "pos_TK"), (weights_TK, "weights_TK")):
+        _check_cuda(t, name)
+    _require(y_PD.dtype in _FLOATS, f"y_PD must be float32, bfloat16 or float16, got {y_PD.dtype}")
+    _require(pos_TK.dtype == torch.int64, f"pos_TK must be Long (int64), got {pos_TK.dtype}")
+    _require(weights_TK.shape == pos_TK.shape,
+             f"weights_TK shape {list(weights_TK.shape)} != pos_TK shape {list(pos_TK.shape)}")
     return _Unpermute.apply(y_PD.contiguous(), pos_TK.contiguous(), weights_TK.float().contiguous())
