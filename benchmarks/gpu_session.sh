@@ -56,6 +56,7 @@ part_pipeline() {
 }
 
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+part_cuda_tests() { run cuda_tests 60 python3 -m pytest -q -m gpu tests/test_moe_cuda.py -rfE -p no:cacheprovider; }
 part_grpo_tests() { run grpo_tests 90 python3 -m pytest -q -m gpu tests/test_grpo_loss.py -rfE -p no:cacheprovider; }
 # 2 GPUs: TP2 / EP2 / DP2 / TP2+SP / PP2 against the single-GPU run, with NCCL (see run_nccl_2gpu.sh)
 part_nccl() { run nccl 230 env OUT="$R" bash benchmarks/run_nccl_2gpu.sh; }
