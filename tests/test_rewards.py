@@ -36,11 +36,11 @@ def scored(name, response, answer=None, **kw):
 
 
 def test_names_lists_every_registered_reward():
-    assert rewards.names() == ["code", "format", "language_consistency", "math_accuracy", "reward_model"]
+    assert rewards.names() == ["code", "countdown", "format", "language_consistency", "math_accuracy", "reward_model"]
 
 
 def test_unknown_reward_raises_keyerror_listing_registered_names():
-    with pytest.raises(KeyError, match="unknown reward 'nope'; registered: code, format, language_consistency"):
+    with pytest.raises(KeyError, match="unknown reward 'nope'; registered: code, countdown, format, language_consistency"):
         rewards.get("nope")
 
 

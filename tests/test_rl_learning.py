@@ -21,7 +21,7 @@ def test_grpo_raises_held_out_accuracy_of_a_pretrained_tiny_model(tmp_path):
     with initialize_config_module(config_module="r1core.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "pipeline=default", f"run_dir={tmp_path}", R1_ZERO_STAGES,
-            "pretrain.steps=400", "rl.steps=30", "eval.problems=200"])
+            "rl.steps=30", "eval.problems=200"])
     run_pipeline(cfg)
     stages = json.loads((tmp_path / "manifest.json").read_text())["stages"]
     before, after = stages["eval_base"]["metrics"], stages["eval_zero"]["metrics"]

@@ -1,20 +1,38 @@
 """Data layer: built-in verifiable tasks, R1-format solutions, tokenizer and chat format, token
-shards for pretraining, SFT loading and packing, RL prompt loading. Never imports r1core.model."""
+shards for pretraining, SFT loading and packing, RL prompt loading. Never imports r1core.model.
 
-from r1core.data.corpus import builtin_corpus, builtin_paragraphs
-from r1core.data.jsonl import RecordError, SkipStats
-from r1core.data.sft import (PackedRow, PackedSFTDataset, SFTDoc, SFTExample, load_problems_jsonl, load_sft_jsonl,
-                             pack_row, tokenize_sft)
-from r1core.data.shards import (IGNORE_INDEX, TokenShardDataset, Window, iter_documents, positions_from_doc_ids,
-                                prepare, prepare_shards)
-from r1core.data.solutions import THINK_CLOSE, THINK_OPEN, extract_boxed, pretrain_text, worked_solution
-from r1core.data.tasks import TASKS, Problem, check_countdown, difficulty_knobs, generate, split_of
-from r1core.data.tokenizer import ChatFormat, Tokenizer
+Exports resolve lazily (PEP 562), so `r1core.data.tasks` (used by the torch-free reward package)
+can be imported without pulling in torch through the shard and SFT modules.
+"""
 
-__all__ = [
-    "builtin_corpus", "builtin_paragraphs", "RecordError", "SkipStats", "PackedRow", "PackedSFTDataset", "SFTDoc",
-    "SFTExample", "load_problems_jsonl", "load_sft_jsonl", "pack_row", "tokenize_sft", "IGNORE_INDEX",
-    "TokenShardDataset", "Window", "iter_documents", "positions_from_doc_ids", "prepare", "prepare_shards",
-    "THINK_CLOSE", "THINK_OPEN", "extract_boxed", "pretrain_text", "worked_solution", "TASKS", "Problem",
-    "check_countdown", "difficulty_knobs", "generate", "split_of", "ChatFormat", "Tokenizer",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "corpus": ["builtin_corpus", "builtin_paragraphs"],
+    "jsonl": ["RecordError", "SkipStats"],
+    "sft": ["PackedRow", "PackedSFTDataset", "SFTDoc", "SFTExample", "load_problems_jsonl", "load_sft_jsonl",
+            "pack_row", "tokenize_sft"],
+    "shards": ["IGNORE_INDEX", "TokenShardDataset", "Window", "iter_documents", "positions_from_doc_ids", "prepare",
+               "prepare_shards"],
+    "solutions": ["THINK_CLOSE", "THINK_OPEN", "extract_boxed", "pretrain_text", "worked_solution"],
+    "tasks": ["TASKS", "Problem", "check_countdown", "difficulty_knobs", "generate", "split_of"],
+    "tokenizer": ["ChatFormat", "Tokenizer"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = [name for names in _EXPORTS.values() for name in names]
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'r1core.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"r1core.data.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
