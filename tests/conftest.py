@@ -16,6 +16,10 @@ import pytest  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+    if torch.cuda.is_available():  # GPU tests at real head sizes: give the cache back between tests
+        import gc
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -318,8 +318,25 @@ def test_vocab_parallel_matches_single_process_for_grpo_and_cross_entropy():
 GPU_SHAPES = {"qwen_head": (2, 512, 4096, 151936), "deepseek_v3_head": (2, 512, 7168, 129280)}
 
 
+def _away_from_clip_edges(inputs: dict, seed: int = 5) -> dict:
+    """Old log-probs whose ratios sit >= 0.13 (in log space) from both clip edges (eps 0.2).
+
+    bf16 inputs move a log-prob by ~1e-2, so a token whose ratio lies on an edge flips between
+    clipped and unclipped, and its whole gradient row appears or vanishes: a discontinuity of the
+    objective, not a kernel error. The CPU tests keep straddling ratios (fp32 vs fp64)."""
+    with torch.no_grad():
+        logits = torch.einsum("bth,vh->btv", inputs["hidden"], inputs["weight"])
+        logp = torch.log_softmax(logits, -1).gather(-1, inputs["targets"][..., None])[..., 0]
+        del logits
+    g = torch.Generator(device=logp.device).manual_seed(seed)
+    offsets = torch.tensor([-0.6, -0.05, 0.05, 0.6], device=logp.device)
+    pick = torch.randint(0, 4, logp.shape, generator=g, device=logp.device)
+    return dict(inputs, old_logprobs=logp - offsets[pick])  # log ratio = offset
+
+
 def _gpu_compare(impl, b, t, h, v, device="cuda", **kw):
     inputs = make_inputs(b, t, h, v, device=device, hidden_scale=0.25, seed=11)  # logits ~ N(0, 1)
+    inputs = _away_from_clip_edges(inputs)
     fp32 = dict(inputs)
     lowp = dict(inputs, hidden=inputs["hidden"].bfloat16(), weight=inputs["weight"].bfloat16())
     ref32 = run(grpo_loss_ref, fp32, beta=0.04, **kw)

@@ -97,6 +97,11 @@ def split_microbatches(microbatches: list[dict], n: int) -> list[dict]:
     return out
 
 
+def _on_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on the engine's device (data loaders build them on the CPU)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def _add(acc: dict, new: dict, device) -> None:
     """acc[k] += new[k] as fp32 tensors on `device` (no host sync: metrics stay on the GPU until the step ends)."""
     for key, value in new.items():
@@ -210,7 +215,7 @@ class TrainEngine:
     def train_step(self, microbatches: list[dict], objective) -> dict:
         """One optimizer step on this rank's microbatches; returns the whole batch's metrics (every rank):
         loss, the objective's metrics, aux, grad_norm (before clipping), lr, step, n_tokens."""
-        mbs = split_microbatches(microbatches, self.parallel.microbatches)
+        mbs = split_microbatches([_on_device(mb, self.device) for mb in microbatches], self.parallel.microbatches)
         denoms = self._totals(objective, mbs)
         self._zero_grad()
         sums = self._forward_backward(mbs, objective, denoms)
@@ -240,7 +245,7 @@ class TrainEngine:
         bookkeeping, no expert-load counting); results on the last pipeline stage, [] elsewhere."""
         self.model.eval()
         try:
-            return self._forward_only(microbatches, fn)
+            return self._forward_only([_on_device(mb, self.device) for mb in microbatches], fn)
         finally:
             self.model.train()
 
