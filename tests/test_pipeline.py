@@ -80,6 +80,15 @@ def test_every_shipped_pipeline_validates():
         assert stages[0][0].kind.value == "prepare"
 
 
+def test_generating_stages_under_several_processes_are_refused_by_name(tmp_path):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(ConfigError, match=r"stage 'zero_rl' \(reasoning_rl\) runs in one process"):
+        validate_pipeline(cfg, to_job(cfg), world_size=2)
+    pretrain_only = _cfg(tmp_path, "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]")
+    assert [s.name for s, _ in validate_pipeline(pretrain_only, to_job(pretrain_only), world_size=2)] == [
+        "prepare", "pretrain"]
+
+
 def test_stage_overrides_apply_to_that_stage_only(tmp_path):
     cfg = _cfg(tmp_path, "+pipeline.stages.3.overrides={rl.steps: 7}")
     resolved = validate_pipeline(cfg, to_job(cfg))

@@ -187,6 +187,10 @@ def config_hash(job: JobConfig, stage: StageSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# Stages that generate with the training model (RL) or a teacher (distill) on every rank.
+SINGLE_PROCESS_STAGES = frozenset({StageKind.reasoning_rl, StageKind.all_scenario_rl, StageKind.distill})
+
+
 def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> list[tuple[StageSpec, JobConfig]]:
     """Every stage resolved and checked: names, references, datasets, layouts. One clear error, before any work."""
     from r1core.parallel.config import check_layout
@@ -209,6 +213,12 @@ def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> 
             check_layout(sj.model, sj.parallel, world_size)
         except ValueError as e:
             raise ConfigError(f"stage {st.name!r}: incompatible parallel layout: {e}") from None
+        if st.kind in SINGLE_PROCESS_STAGES and world_size > 1:
+            raise ConfigError(
+                f"stage {st.name!r} ({st.kind.value}) runs in one process in this release: its rollout engine "
+                f"needs the whole model on one device, and pushing sharded weights to it is not wired up. "
+                f"Run the pretrain/SFT stages under torchrun (world size {world_size}) and this stage and "
+                f"those after it without torchrun; the run directory resumes from the finished stages.")
         if st.kind in (StageKind.reasoning_rl, StageKind.all_scenario_rl) and sj.rl.group_size < 2:
             raise ConfigError(f"stage {st.name!r}: rl.group_size={sj.rl.group_size} < 2")
         if st.kind == StageKind.load and not sj.hf_checkpoint:
