@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import queue as queue_mod
 import socket
+import time
 import traceback
 
 import torch
@@ -69,9 +71,21 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
         p.start()
     results: dict[int, object] = {}
     errors = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, value, err = queue.get(timeout=timeout)
+        while len(results) < world_size:
+            try:
+                rank, value, err = queue.get(timeout=1.0)
+            except queue_mod.Empty:
+                # a rank that died without reporting (segfault, OOM kill) would leave the others hanging in a collective
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+                if dead:
+                    raise AssertionError("distributed run failed: " + ", ".join(
+                        f"rank {r} exited with code {code} before reporting" for r, code in dead)) from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"distributed run timed out after {timeout:.0f} s; ranks that reported: "
+                                         f"{sorted(results)}") from None
+                continue
             if err:
                 errors.append(f"rank {rank}:\n{err}")
             results[rank] = value

@@ -12,6 +12,9 @@ functions assert on their module-scoped results.
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -287,3 +290,19 @@ def test_pipeline_without_mtp_matches_single_device(two_rank):
     results, _ = two_rank
     local = lambda args, cfg, optim, device, seed: LocalEngine(args, cfg, optim, device, torch.float32, seed)  # noqa: E731
     np.testing.assert_allclose(results["pp2_no_mtp"], _no_mtp_losses(local, {}), rtol=TOL[torch.float32][0])
+
+
+def _rank1_dies(rank, world_size):
+    import torch.distributed as dist
+
+    if rank == 1:
+        os._exit(7)  # no report, no exception: what a segfault or an OOM kill looks like to the launcher
+    dist.barrier()
+    return rank
+
+
+def test_launcher_names_a_rank_that_died_without_reporting():
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match="rank 1 exited with code 7 before reporting"):
+        run_distributed(_rank1_dies, 2, timeout=120)
+    assert time.monotonic() - t0 < 60  # reported when it happens, not at the timeout
