@@ -247,3 +247,19 @@ def test_stage_hash_covers_only_the_sections_the_stage_reads(tmp_path):
     assert base["pretrain"] == changed["pretrain"] and base["prepare"] == changed["prepare"]
     assert base["zero_rl"] != changed["zero_rl"]
     assert hashes("pretrain.steps=7")["pretrain"] != base["pretrain"]
+
+
+def test_a_changed_stage_config_starts_fresh_and_keeps_the_old_directory(tmp_path):
+    stages = "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]"
+    run_pipeline(_cfg(tmp_path, stages))                      # pretrain.steps=6, checkpoints at 3 and 6
+    old_hash = json.loads((tmp_path / "manifest.json").read_text())["stages"]["pretrain"]["config_hash"]
+    run_pipeline(_cfg(tmp_path, stages, "pretrain.steps=4"))  # must not resume from the 6-step checkpoint
+    def steps(stage_dir):
+        return ([json.loads(r)["step"] for r in (stage_dir / "metrics.jsonl").read_text().splitlines()],
+                sorted(p.name for p in (stage_dir / "checkpoints").glob("step_*")))
+
+    logged, ckpts = steps(tmp_path / "stages" / "pretrain")
+    assert logged[-1] == 4 and "step_000006" not in ckpts and "step_000004" in ckpts, (logged, ckpts)
+    logged, ckpts = steps(tmp_path / "stages" / f"pretrain.stale-{old_hash}")  # the earlier run's work is kept
+    assert logged[-1] == 6 and "step_000006" in ckpts, (logged, ckpts)
+    assert not (tmp_path / "stages" / "prepare.stale-").exists() and not list((tmp_path / "stages").glob("prepare.*"))

@@ -94,11 +94,29 @@ def run_pipeline(cfg: DictConfig) -> Path:
     return run_dir
 
 
+def _set_aside_stale(stage_dir: Path, recorded_hash: str | None, chain: str) -> None:
+    """A stage directory left by a different config (its checkpoints, samples, model) must not be
+    resumed from: move it aside (never delete work) so the stage starts fresh."""
+    if recorded_hash == chain or not stage_dir.is_dir() or not any(stage_dir.iterdir()):
+        return
+    dest = stage_dir.with_name(f"{stage_dir.name}.stale-{recorded_hash or 'unrecorded'}")
+    n = 1
+    while dest.exists():
+        dest, n = stage_dir.with_name(f"{stage_dir.name}.stale-{recorded_hash or 'unrecorded'}-{n}"), n + 1
+    stage_dir.rename(dest)
+    log.info("stage %s: its config changed since %s was written; that directory was moved to %s",
+             stage_dir.name, stage_dir, dest)
+
+
 def _run_stage(spec, sj, run_dir, manifest, chain, prepared, last_model, device, dtype, rank, world, header) -> dict:
     ctx = StageContext(spec=spec, job=sj, stage_dir=run_dir / "stages" / spec.name,
                        init_model=_resolve_init(spec, last_model, manifest),
                        dataset=manifest.output(spec.dataset, "dataset") if spec.dataset else None,
                        prepared=prepared, device=device, dtype=dtype, is_main=rank == 0)
+    if rank == 0:
+        _set_aside_stale(ctx.stage_dir, manifest.stage(spec.name).get("config_hash"), chain)
+    if world > 1:
+        dist.barrier()
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)
     if spec.kind in (StageKind.pretrain, StageKind.cold_start_sft, StageKind.sft, StageKind.reasoning_rl,
                      StageKind.all_scenario_rl, StageKind.distill) and spec.init == "scratch":
