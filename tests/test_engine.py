@@ -76,6 +76,14 @@ def test_optim_config_rejects_bad_values(bad):
         OptimConfig(**bad)
 
 
+@pytest.mark.parametrize("bad, message", [(dict(agg="sum"), "agg='sum'"), (dict(eps_low=1.0), "eps_low=1.0"),
+                                          (dict(dual_clip=0.5), "dual_clip=0.5"),
+                                          (dict(temperature=0.0), "temperature=0.0")])
+def test_grpo_objective_rejects_what_the_kernel_rejects_when_built(bad, message):
+    with pytest.raises(ValueError, match=message):
+        GRPOObjective(**bad)
+
+
 def _grpo_mb(rows=4, seq=12, seed=3) -> dict:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, ARGS.vocab_size, (rows, seq), generator=g)

@@ -136,9 +136,13 @@ class GRPOObjective:
     impl: str | None = None
 
     def __post_init__(self) -> None:
+        from r1core.kernels._grpo_objective import PolicyLossConfig
+
         self.agg = getattr(self.agg, "value", self.agg)
-        if self.agg not in _AGG_TOTAL:
-            raise ValueError(f"agg={self.agg!r}: choose one of {sorted(_AGG_TOTAL)}")
+        # the kernel's own rules (agg, clip range, dual clip, temperature), checked once here rather than
+        # at the first microbatch
+        PolicyLossConfig(self.beta, self.eps_low, self.eps_high, self.dual_clip, self.temperature, self.agg,
+                         self.norm_len)
 
     def totals(self, mb: dict, model: Transformer | None = None) -> dict[str, torch.Tensor]:
         mask = mb["mask"].float()
