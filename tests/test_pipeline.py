@@ -194,6 +194,9 @@ def test_default_pipeline_wires_every_stage_and_a_rerun_skips_them(tmp_path):
     # the student is the dense preset: its export has no MoE layer
     student = json.loads((Path(stages["distill"]["outputs"]["model"]) / "config.json").read_text())
     assert student["first_k_dense_replace"] == student["num_hidden_layers"]
+    # the export is the last save: no full optimizer checkpoint after the last step (6 steps, every 3)
+    assert sorted(p.name for p in (tmp_path / "stages" / "pretrain" / "checkpoints").glob("step_*")) == ["step_000003"]
+    assert sorted(p.name for p in (tmp_path / "stages" / "zero_rl" / "checkpoints").glob("step_*")) == ["step_000001"]
     report = (tmp_path / "report.md").read_text()
     assert "## Evaluation" in report and (tmp_path / "eval.png").exists() and (tmp_path / "zero_rl.png").exists()
     t0 = time.time()
@@ -250,10 +253,11 @@ def test_stage_hash_covers_only_the_sections_the_stage_reads(tmp_path):
 
 
 def test_a_changed_stage_config_starts_fresh_and_keeps_the_old_directory(tmp_path):
-    stages = "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]"
-    run_pipeline(_cfg(tmp_path, stages))                      # pretrain.steps=6, checkpoints at 3 and 6
+    stages = ("pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]",
+              "pretrain.last_save_model_only=false")           # full checkpoints at the last step too
+    run_pipeline(_cfg(tmp_path, *stages))                     # pretrain.steps=6, checkpoints at 3 and 6
     old_hash = json.loads((tmp_path / "manifest.json").read_text())["stages"]["pretrain"]["config_hash"]
-    run_pipeline(_cfg(tmp_path, stages, "pretrain.steps=4"))  # must not resume from the 6-step checkpoint
+    run_pipeline(_cfg(tmp_path, *stages, "pretrain.steps=4"))  # must not resume from the 6-step checkpoint
     def steps(stage_dir):
         return ([json.loads(r)["step"] for r in (stage_dir / "metrics.jsonl").read_text().splitlines()],
                 sorted(p.name for p in (stage_dir / "checkpoints").glob("step_*")))
@@ -263,3 +267,45 @@ def test_a_changed_stage_config_starts_fresh_and_keeps_the_old_directory(tmp_pat
     logged, ckpts = steps(tmp_path / "stages" / f"pretrain.stale-{old_hash}")  # the earlier run's work is kept
     assert logged[-1] == 6 and "step_000006" in ckpts, (logged, ckpts)
     assert not (tmp_path / "stages" / "prepare.stale-").exists() and not list((tmp_path / "stages").glob("prepare.*"))
+
+
+class _Killed(BaseException):
+    pass
+
+
+def test_rl_stage_killed_mid_run_resumes_with_identical_continuation(tmp_path, monkeypatch):
+    """Data order, sampling seeds, optimizer state and the reference model all come back: the resumed
+    RL stage logs the same step-3/4 metrics and ends with the same weights as an uninterrupted run."""
+    from r1core.train import metrics as metrics_mod
+
+    extra = ("rl.steps=4", "rl.save_every=2", "rl.beta=0.01")
+    run_pipeline(_cfg(tmp_path / "ref", *extra, pipeline="r1_zero"))
+    real_log = metrics_mod.MetricsLog.log
+
+    def dying_log(self, step, row):
+        if step == 3 and "zero_rl" in str(self.path):
+            raise _Killed  # after the step-2 checkpoint, with step 3's update already applied in memory
+        return real_log(self, step, row)
+
+    monkeypatch.setattr(metrics_mod.MetricsLog, "log", dying_log)
+    with pytest.raises(_Killed):
+        run_pipeline(_cfg(tmp_path / "killed", *extra, pipeline="r1_zero"))
+    monkeypatch.setattr(metrics_mod.MetricsLog, "log", real_log)
+    ckpts = tmp_path / "killed" / "stages" / "zero_rl" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_000002"
+    run_pipeline(_cfg(tmp_path / "killed", *extra, pipeline="r1_zero"))
+
+    def rows(run):
+        lines = (tmp_path / run / "stages" / "zero_rl" / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r for r in map(json.loads, lines)}
+
+    ref, resumed = rows("ref"), rows("killed")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("reward", "gen_tokens", "train_reward", "loss", "kl"):
+            if key in ref[step]:
+                assert resumed[step][key] == ref[step][key], (step, key)
+    a, b = _weights(tmp_path / "ref", "zero_rl"), _weights(tmp_path / "killed", "zero_rl")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"

@@ -60,6 +60,7 @@ class GRPOConfig:
     # cadence
     eval_every: int = 0
     save_every: int = 10
+    last_save_model_only: bool = True  # see LMTrainConfig: the stage's model export is the last save
 
     def __post_init__(self) -> None:
         if self.group_size < 2:

@@ -23,7 +23,7 @@ import torch
 from r1core import rewards
 from r1core.data.tasks import Problem
 from r1core.rollout import SamplingParams
-from r1core.train.checkpointing import CheckpointManager
+from r1core.train.checkpointing import CheckpointManager, save_due
 from r1core.train.metrics import MetricsLog, progress
 
 from .algo import (build_policy_batch, group_advantages, informative_groups, overlong_shaping, split_rows,
@@ -239,7 +239,7 @@ class GRPOTrainer:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics.get('reward', float('nan')):.3f}",
                             acc=f"{metrics.get('reward/accuracy', float('nan')):.2f}", refresh=False)
-            if step % c.save_every == 0 or step == c.steps:
+            if save_due(step, c.steps, c.save_every, c.last_save_model_only):
                 ckpts.save(step, self.engine, {"sampler": self.sampler.state_dict()})
         bar.close()
         return last

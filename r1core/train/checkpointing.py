@@ -19,6 +19,15 @@ from pathlib import Path
 from r1core.checkpoint.atomic import atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 
 
+def save_due(step: int, last_step: int, every: int, last_save_model_only: bool) -> bool:
+    """Whether a training loop writes its full checkpoint after `step`: every `every` steps, and at the
+    last step only when the caller does not export the final model itself (last_save_model_only=False).
+    A kill between the last step and the export then loses at most `every` steps, like any other."""
+    if step == last_step:
+        return not last_save_model_only
+    return step % every == 0
+
+
 class CheckpointManager:
     def __init__(self, root: str | os.PathLike, keep: int = 2, is_writer: bool = True):
         self.root = Path(root)

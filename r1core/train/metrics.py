@@ -30,7 +30,9 @@ class MetricsLog:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
+        # the engine's own counter (optimizer steps) is kept apart: in RL a skipped step makes no update
+        row = {"step": step, "time": round(time.time(), 3),
+               **{("optim_step" if k == "step" else k): _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
