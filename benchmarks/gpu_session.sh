@@ -55,6 +55,20 @@ part_pipeline() {
   cp -r /tmp/run_small/report.md /tmp/run_small/*.png /tmp/run_small/manifest.json "$R/" 2>/dev/null
 }
 
+# The README's main job (`r1core run`: R1-Zero then R1 then distillation, conf/pipeline/default.yaml) on the
+# small preset: a longer pretraining with bigger batches; periodic full checkpoints off (save_every past
+# the last step) so the run measures the stages, not the disk; each stage's export is still written.
+part_demo_small() {
+  local d=/tmp/demo_small
+  run demo_small "${DEMO_T:-500}" python3 -m r1core.cli run model=small run_dir=$d hydra.run.dir=$d \
+    model.moe_impl=triton pretrain.steps=${DEMO_PRETRAIN_STEPS:-200} pretrain.batch_size=64 pretrain.micro_batch_size=64 \
+    pretrain.lr=1e-3 pretrain.save_every=100000 sft.save_every=100000 rl.save_every=100000 rl.steps=12 rl.lr=5e-6 \
+    rl.prompts_per_step=32 rl.micro_batch_size=64 eval.problems=100 ${DEMO_OVERRIDES:-}
+  mkdir -p "$R/demo_small"
+  cp $d/report.md $d/*.png $d/manifest.json "$R/demo_small/" 2>/dev/null
+  for s in $d/stages/*/; do [ -f "$s/metrics.jsonl" ] && cp "$s/metrics.jsonl" "$R/demo_small/$(basename "$s").metrics.jsonl"; done
+}
+
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 part_cuda_tests() { run cuda_tests 60 python3 -m pytest -q -m gpu tests/test_moe_cuda.py -rfE -p no:cacheprovider; }
 part_grpo_tests() { run grpo_tests 90 python3 -m pytest -q -m gpu tests/test_grpo_loss.py -rfE -p no:cacheprovider; }
