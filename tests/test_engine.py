@@ -244,3 +244,40 @@ def test_bf16_master_weights_keep_updates_below_bf16_resolution_and_checkpoint_f
     fp32.load(tmp_path / "ckpt")
     torch.testing.assert_close(fp32.model.get_parameter(name), dict(engine.master.named)[name].detach(),
                                rtol=0, atol=0)
+
+
+class _PoisonOnce(LMObjective):
+    """The LM loss, made inf on the calls listed (a bf16 overflow, a kernel bug)."""
+
+    def __init__(self, bad_calls):
+        super().__init__()
+        self.bad_calls, self.calls = set(bad_calls), 0
+
+    def __call__(self, h, *args, **kwargs):
+        self.calls += 1
+        if self.calls in self.bad_calls:
+            h = h * float("inf")
+        return super().__call__(h, *args, **kwargs)
+
+
+def test_nonfinite_gradient_skips_the_step_and_too_many_in_a_row_stop_training(caplog):
+    a, b, mb = _engine(), _engine(), _batch()
+    a.train_step([mb], LMObjective())
+    b.train_step([mb], LMObjective())
+    before = {k: v.clone() for k, v in b.model.state_dict().items()}
+    with caplog.at_level("WARNING", logger="r1core.train.engine"):
+        m = b.train_step([mb], _PoisonOnce({1}))
+    assert m["skipped_nonfinite"] == 1 and not math.isfinite(m["grad_norm"]) and b.step == 1
+    assert "skipped optimizer step 2" in caplog.text and "non-finite gradients" in caplog.text
+    for k, v in b.model.state_dict().items():  # nothing moved, the expert-score bias included
+        assert torch.equal(v, before[k]), k
+    # the skipped step left no trace: the next finite step equals a clean engine's
+    want, got = a.train_step([mb], LMObjective()), b.train_step([mb], LMObjective())
+    assert got["loss"] == want["loss"] and got["lr"] == want["lr"] and "skipped_nonfinite" not in got
+    for (name, p), (_, q) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+    poison = _PoisonOnce(range(1, 100))
+    for _ in range(OPTIM.max_nonfinite_steps):
+        b.train_step([mb], poison)
+    with pytest.raises(FloatingPointError, match=r"4 consecutive optimizer steps \(after step 2\).*non-finite"):
+        b.train_step([mb], poison)

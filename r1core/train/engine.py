@@ -17,6 +17,7 @@ different tokens (so every rank keeps routing identically).
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ from r1core.model import ModelArgs, Transformer, update_expert_bias
 from r1core.parallel.config import ParallelConfig, check_layout
 from r1core.parallel.layout import ParamLayout, to_dtensor
 from r1core.parallel.optim import MasterWeights, adamw, clip_, grad_norm_sq, init_adam_state_, local_optimizer
+
+_log = logging.getLogger(__name__)
 
 
 class LRSchedule(str, enum.Enum):
@@ -47,6 +50,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0      # max global gradient norm; 0 turns clipping off
     master_weights: bool = True # fp32 master weights and AdamW state when the model's dtype is lower
+    # A step whose global gradient norm is inf/NaN is skipped (no update, no expert-bias change, the LR
+    # schedule does not advance), logged with the parameters whose gradients were non-finite; this many
+    # in a row stop training with an error instead of carrying on with a broken model. 0: stop at once.
+    max_nonfinite_steps: int = 3
 
     def __post_init__(self) -> None:
         self.schedule = LRSchedule(self.schedule)
@@ -59,6 +66,8 @@ class OptimConfig:
             problems.append(f"warmup_steps={self.warmup_steps} must be >= 0 and total_steps={self.total_steps} >= 1")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             problems.append(f"betas={self.betas} must be two numbers in [0, 1)")
+        if self.max_nonfinite_steps < 0:
+            problems.append(f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 0")
         if not self.eps > 0 or self.grad_clip < 0 or self.weight_decay < 0:
             problems.append(f"eps={self.eps} must be > 0, grad_clip={self.grad_clip} and "
                             f"weight_decay={self.weight_decay} >= 0")
@@ -220,11 +229,17 @@ class TrainEngine:
         self._zero_grad()
         sums = self._forward_backward(mbs, objective, denoms)
         self._reduce_grads()
-        norm = self._grad_norm()
+        norm = self._grad_norm()  # global: every rank takes the same branch below
+        lr = lr_at(self.step, self.optim_cfg)
+        metrics = self._reduce_metrics(sums)
+        if not math.isfinite(float(norm)):
+            self._skip_nonfinite_step(metrics, float(norm))
+            metrics.update(grad_norm=float(norm), lr=lr, step=self.step, skipped_nonfinite=1)
+            return metrics
+        self.nonfinite_streak = 0
         if self.master is not None:
             self.master.grads_in()
         clip_([p for _, p in self.optimized_params], self.optim_cfg.grad_clip, norm)
-        lr = lr_at(self.step, self.optim_cfg)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -233,11 +248,26 @@ class TrainEngine:
             self.master.weights_out()
         self.step += 1
         self._update_expert_bias()
-        metrics = self._reduce_metrics(sums)
         metrics.update(grad_norm=float(norm), lr=lr, step=self.step)
         if "tokens" in denoms:
             metrics["n_tokens"] = int(denoms["tokens"])
         return metrics
+
+    def _skip_nonfinite_step(self, metrics: dict, norm: float) -> None:
+        """No update from a non-finite gradient (megatron's found-inf skip); stop after too many in a row."""
+        self.nonfinite_streak = getattr(self, "nonfinite_streak", 0) + 1
+        bad = [n for n, p in self.named_params if p.grad is not None and not torch.isfinite(p.grad).all()]
+        self._zero_grad()
+        for gate in (m.gate for m in self.model.moe_layers()):  # this forward's expert loads are not applied
+            gate.expert_load.zero_()
+        what = (f"loss={metrics.get('loss', float('nan')):.4g}, grad_norm={norm}; "
+                f"non-finite gradients on this rank in {len(bad)} tensors, e.g. {bad[:5]}")
+        if self.nonfinite_streak > self.optim_cfg.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self.nonfinite_streak} consecutive optimizer steps (after step {self.step}) had a non-finite "
+                f"gradient norm ({what}); the weights are still those of the last finite step. Lower the learning "
+                "rate, raise optim.warmup_steps, or check the data; optim.max_nonfinite_steps sets the tolerance")
+        _log.warning("skipped optimizer step %d: %s", self.step + 1, what)
 
     @torch.no_grad()
     def forward_only(self, microbatches: list[dict], fn) -> list:
