@@ -12,11 +12,13 @@ Legend: B batch, T query tokens, S key tokens, H heads, C kv_lora_rank, R rope d
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .args import ModelArgs
 from .layers import RMSNorm, linear
@@ -48,6 +50,19 @@ class AttnMeta:
         if self.doc_ids is not None:
             allowed = allowed & (self.doc_ids[:, :, None] == self.doc_ids[:, None, :])
         return allowed.unsqueeze(1)
+
+
+# With an explicit mask, cuDNN's SDPA backward (the default on H100 since torch 2.11) returns NaN in
+# dQ when T % 128 == 64 and a row's logsumexp is below ln(FLT_MAX) ~ -88.7: the padded half of the last
+# key tile is scored 0 instead of -inf (pytorch/pytorch#196678). Masked attention therefore runs on the
+# memory-efficient kernel (or math); the mask-free causal path keeps every backend.
+MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """F.scaled_dot_product_attention on [B, H, T, *]: causal when `mask` is None, else boolean `mask`."""
+    with sdpa_kernel(MASKED_SDPA_BACKENDS) if mask is not None and q.is_cuda else nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
 
 
 class LatentKVCache:
@@ -139,10 +154,7 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [B, S, H, *]
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
-        )
+        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.softmax_scale)
         return out.transpose(1, 2)  # [B, T, H, V]
 
     def _attend_absorbed(self, q_nope, q_pe, kv, k_pe, mask):
