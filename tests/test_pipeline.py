@@ -199,6 +199,11 @@ def test_default_pipeline_wires_every_stage_and_a_rerun_skips_them(tmp_path):
     assert sorted(p.name for p in (tmp_path / "stages" / "zero_rl" / "checkpoints").glob("step_*")) == ["step_000001"]
     report = (tmp_path / "report.md").read_text()
     assert "## Evaluation" in report and (tmp_path / "eval.png").exists() and (tmp_path / "zero_rl.png").exists()
+    base = stages["eval_base"]["metrics"]["pass@1"]
+    assert f"pass@1 against the base model (eval_base: {base:.3f}):" in report
+    for name in ("eval_zero", "eval_r1", "eval_student"):
+        p1 = stages[name]["metrics"]["pass@1"]
+        assert f"- {name}: {p1:.3f} ({p1 - base:+.3f}, {'above' if p1 > base else 'NOT above'} the base)" in report
     t0 = time.time()
     run_pipeline(cfg)
     assert time.time() - t0 < 30  # nothing reruns

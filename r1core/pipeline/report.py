@@ -76,11 +76,12 @@ def write_report(run_dir: Path, manifest, resolved, job) -> Path:
                   "| --- | " + " | ".join("---" for _ in keys) + " |"]
         lines += [f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in keys) + " |" for name, m in evals]
         base = evals[0][1].get("pass@1")
-        best = max(evals[1:], key=lambda e: e[1].get("pass@1", -1), default=None)
-        if base is not None and best is not None:
-            verdict = "above" if best[1]["pass@1"] > base else "NOT above"
-            lines += ["", f"pass@1 after RL ({best[0]}: {best[1]['pass@1']:.3f}) is {verdict} "
-                          f"the base model's ({evals[0][0]}: {base:.3f})."]
+        if base is not None and len(evals) > 1:  # every later model against the first evaluated one
+            lines += ["", f"pass@1 against the base model ({evals[0][0]}: {base:.3f}):"]
+            for name, m in evals[1:]:
+                p1 = m.get("pass@1")
+                if p1 is not None:
+                    lines.append(f"- {name}: {p1:.3f} ({p1 - base:+.3f}, {'above' if p1 > base else 'NOT above'} the base)")
         _eval_plot(run_dir / "eval.png", evals)
         plots.insert(0, "eval.png")
         lines.append("")
