@@ -7,6 +7,7 @@ stage's `overrides` applied), checked before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
@@ -187,8 +188,6 @@ def config_hash(job: JobConfig, stage: StageSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# Stages that generate with the training model (RL) or a teacher (distill) on every rank.
-SINGLE_PROCESS_STAGES = frozenset({StageKind.reasoning_rl, StageKind.all_scenario_rl, StageKind.distill})
 
 
 def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> list[tuple[StageSpec, JobConfig]]:
@@ -213,12 +212,13 @@ def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> 
             check_layout(sj.model, sj.parallel, world_size)
         except ValueError as e:
             raise ConfigError(f"stage {st.name!r}: incompatible parallel layout: {e}") from None
-        if st.kind in SINGLE_PROCESS_STAGES and world_size > 1:
-            raise ConfigError(
-                f"stage {st.name!r} ({st.kind.value}) runs in one process in this release: its rollout engine "
-                f"needs the whole model on one device, and pushing sharded weights to it is not wired up. "
-                f"Run the pretrain/SFT stages under torchrun (world size {world_size}) and this stage and "
-                f"those after it without torchrun; the run directory resumes from the finished stages.")
+        if st.kind == StageKind.distill:
+            student = dataclasses.replace(sj.distill.student, vocab_size=sj.model.vocab_size)
+            try:
+                check_layout(student, sj.parallel, world_size)
+            except ValueError as e:
+                raise ConfigError(f"stage {st.name!r}: the student (distill.student) does not fit the parallel "
+                                  f"layout: {e}") from None
         if st.kind in (StageKind.reasoning_rl, StageKind.all_scenario_rl) and sj.rl.group_size < 2:
             raise ConfigError(f"stage {st.name!r}: rl.group_size={sj.rl.group_size} < 2")
         if st.kind == StageKind.load and not sj.hf_checkpoint:

@@ -13,6 +13,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
+
 from r1core import rewards
 from r1core.data import SFTExample, load_sft_jsonl
 from r1core.rl.rewarding import Scorer
@@ -123,9 +125,16 @@ def teacher_dataset(ctx) -> tuple[list[SFTExample], dict]:
     problems = read_problems(ctx.prepared["rl_prompts"])
     problems = random.Random(ctx.job.seed + 21).sample(problems, min(cfg.prompts, len(problems)))
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=ctx.job.seed + 22)
-    rows, stats = sample_and_filter(ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling,
-                                    Filters(require_correct=cfg.require_correct, require_finished=cfg.require_finished,
-                                            require_format=False))
+    sampled = None
+    if ctx.is_main:  # under torchrun rank 0 samples and the student's ranks get its rows
+        sampled = sample_and_filter(ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling,
+                                    Filters(require_correct=cfg.require_correct,
+                                            require_finished=cfg.require_finished, require_format=False))
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [sampled]
+        torch.distributed.broadcast_object_list(box, src=0)
+        sampled = box[0]
+    rows, stats = sampled
     if not rows:
         raise RuntimeError(f"the teacher produced no usable sample for distillation ({stats})")
     if ctx.is_main:

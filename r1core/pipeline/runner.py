@@ -134,13 +134,14 @@ def _run_stage(spec, sj, run_dir, manifest, chain, prepared, last_model, device,
         if rank == 0:
             manifest.fail(spec.name, f"{type(e).__name__}: {e}", time.time() - t0)
         raise
-    if world > 1:
-        dist.barrier()
     if rank == 0:
         manifest.finish(spec.name, outputs, metrics, time.time() - t0)
         log.info("%s: done in %.1f s %s", header, time.time() - t0, _short(metrics))
-    elif only_rank0:
-        outputs = Manifest(run_dir, manifest.data["pipeline"]).stage(spec.name)["outputs"]
+    if world > 1:  # rank 0's outputs (the only ones for rank-0 stages), once the manifest records them
+        box = [outputs]
+        dist.broadcast_object_list(box, src=0)
+        if only_rank0:
+            outputs = box[0]
     return outputs
 
 

@@ -172,7 +172,14 @@ def stage_rl(ctx: StageContext):
         scorer = all_scenario_scorer(cfg)
     render = _render(tok, fmt)
     max_prompt = max(len(render(p)) for p in problems[:1000])
-    rollout = make_rollout(ctx, engine, tok, max_len=max_prompt + cfg.max_new_tokens + 8)
+    max_len = max_prompt + cfg.max_new_tokens + 8
+    if engine.world_size > 1:  # rank 0 generates with a whole-model copy refreshed from the shards
+        from r1core.rollout.gathered import GatheredRollout
+
+        rollout = GatheredRollout(engine, ctx.job.model, lambda m: make_rollout(ctx, m, tok, max_len),
+                                  device=ctx.device, dtype=ctx.dtype)
+    else:
+        rollout = make_rollout(ctx, engine, tok, max_len=max_len)
     eval_set = read_problems(ctx.prepared["eval"])[: ctx.job.eval.problems]
     eval_fn = (lambda step: evaluate(rollout, render, eval_set, ctx.job.eval, seed=ctx.job.seed)[0])
     trainer = GRPOTrainer(cfg, engine, rollout, render, problems, ctx.stage_dir, ref_engine=ref, pad_id=tok.pad_id,

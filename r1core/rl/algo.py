@@ -79,6 +79,24 @@ def build_policy_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequen
             "advantages": torch.tensor(list(advantages), dtype=torch.float32)}
 
 
+def dp_shard(batch: dict[str, torch.Tensor], dp_rank: int, dp_size: int) -> dict[str, torch.Tensor]:
+    """This data-parallel rank's rows. Every rank gets ceil(B / dp_size) rows, so all run the same number
+    of micro-batches; the last ranks are topped up with copies of row 0 whose mask is zero (they add
+    nothing to the loss, its normalizers or the gradient)."""
+    if dp_size == 1:
+        return batch
+    B = batch["tokens"].shape[0]
+    per = -(-B // dp_size)
+    pad = per * dp_size - B
+    if pad:
+        filler = {k: v[:1].expand(pad, *v.shape[1:]).clone() for k, v in batch.items()}
+        filler["mask"].zero_()
+        filler["advantages"].zero_()
+        batch = {k: torch.cat([v, filler[k]]) for k, v in batch.items()}
+        batch["pad_row"] = torch.arange(B + pad) >= B
+    return {k: v[dp_rank * per:(dp_rank + 1) * per] for k, v in batch.items()}
+
+
 def split_rows(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
     """Split a batch of rows into micro-batches of at most `size` rows (trimming trailing padding)."""
     out = []

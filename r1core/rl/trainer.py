@@ -26,7 +26,7 @@ from r1core.rollout import SamplingParams
 from r1core.train.checkpointing import CheckpointManager, save_due
 from r1core.train.metrics import MetricsLog, progress
 
-from .algo import (build_policy_batch, group_advantages, informative_groups, overlong_shaping, split_rows,
+from .algo import (build_policy_batch, dp_shard, group_advantages, informative_groups, overlong_shaping, split_rows,
                    truncated_is_weights)
 from .config import GRPOConfig
 from .rewarding import Scorer
@@ -90,6 +90,9 @@ class GRPOTrainer:
         self.cfg, self.engine, self.rollout, self.render = cfg, engine, rollout, render
         self.ref_engine, self.pad_id, self.seed, self.eval_fn, self.is_main = ref_engine, pad_id, seed, eval_fn, is_main
         self.sampler = PromptSampler(problems, seed)
+        # Under torchrun only rank 0 generates and scores (a GatheredRollout); the others get its batch.
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.generates = getattr(rollout, "generates", True) and (self.world == 1 or torch.distributed.get_rank() == 0)
         self.scorer = scorer or Scorer(cfg.rewards, cfg.reward_kwargs)
         self.out_dir = Path(out_dir)
         self.stop = stop or []
@@ -168,7 +171,8 @@ class GRPOTrainer:
         from r1core.train.objectives import GRPOObjective
 
         c = self.cfg
-        micro = split_rows(batch, c.micro_batch_size)
+        micro = split_rows(dp_shard(batch, self.engine.dp_rank, self.engine.dp_size),
+                           max(c.micro_batch_size // self.engine.dp_size, 1))
         t0 = time.perf_counter()
         needs_old = c.minibatches > 1 or c.tis_cap is not None
         mismatch, n_tok = 0.0, 0.0
@@ -198,9 +202,20 @@ class GRPOTrainer:
             for k, v in m.items():
                 agg[k] = agg.get(k, 0.0) + float(v) / n_mini
         agg.update(t_logprob_s=t_logprob, t_update_s=time.perf_counter() - t1)
+        if self.engine.dp_size > 1:  # each data-parallel rank saw its own rows
+            mismatch, n_tok = self.engine._all_reduce(torch.tensor([mismatch, n_tok], device=self.engine.device),
+                                                      "dp").tolist()
         if n_tok:
             agg["sampler_logprob_diff"] = mismatch / n_tok
         return agg
+
+    def _from_rank0(self, obj):
+        """Rank 0's rollout result on every rank (the identity in one process)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
@@ -218,20 +233,25 @@ class GRPOTrainer:
         rewards.STATS.reset()
         for step in range(start + 1, c.steps + 1):
             t0 = time.perf_counter()
-            groups, gen = self.collect(step)
-            t_rollout = time.perf_counter() - t0
-            if not groups:  # every group agreed: nothing to learn from this step (logged, not fatal)
+            rolled = None
+            if self.generates:
+                groups, gen = self.collect(step)
+                t_rollout = time.perf_counter() - t0
+                made = self.make_batch(groups) if groups else None
+                rolled = (gen, t_rollout, made, rewards.STATS.flat(reset=True))
+            gen, t_rollout, made, reasons = self._from_rank0(rolled)
+            if made is None:  # every group agreed: nothing to learn from this step (logged, not fatal)
                 metrics = {**gen, "skipped": 1, "t_rollout_s": t_rollout}
             else:
-                batch, stats = self.make_batch(groups)
+                batch, stats = made
                 upd = self.update(batch)
                 self.rollout.update_weights(self.engine.model)
                 n_train = int(batch["mask"].sum())
                 metrics = {**stats, **gen, **upd, "t_rollout_s": t_rollout,
                            "rollout_tok_s": gen["gen_tokens"] / max(t_rollout, 1e-9),
                            "train_tok_s": n_train / max(upd["t_update_s"], 1e-9)}
-            metrics.update({f"reason/{k}": v for k, v in rewards.STATS.flat(reset=True).items()})
-            if self.eval_fn is not None and c.eval_every and step % c.eval_every == 0:
+            metrics.update({f"reason/{k}": v for k, v in reasons.items()})
+            if self.eval_fn is not None and self.generates and c.eval_every and step % c.eval_every == 0:
                 metrics.update({f"eval/{k}": v for k, v in self.eval_fn(step).items()})
             metrics["t_step_s"] = time.perf_counter() - t0
             log.log(step, metrics)

@@ -146,7 +146,10 @@ class GRPOObjective:
 
     def totals(self, mb: dict, model: Transformer | None = None) -> dict[str, torch.Tensor]:
         mask = mb["mask"].float()
-        return {"tokens": mask.sum(), "rows": (mask.sum(1) > 0).sum(), "seqs": torch.tensor(mask.shape[0])}
+        seqs = torch.tensor(mask.shape[0])
+        if "pad_row" in mb:  # rows added only to even out data-parallel shards (rl.algo.dp_shard)
+            seqs = seqs - mb["pad_row"].sum().to(seqs.device)
+        return {"tokens": mask.sum(), "rows": (mask.sum(1) > 0).sum(), "seqs": seqs}
 
     def __call__(self, hidden, head_weight, vocab_group, mb, model: Transformer, denoms=None):
         from r1core.kernels import grpo_loss
@@ -160,8 +163,10 @@ class GRPOObjective:
             mb.get("ref_logprobs"), beta=self.beta, eps_low=self.eps_low, eps_high=self.eps_high,
             dual_clip=self.dual_clip, temperature=self.temperature, agg=self.agg, norm_len=self.norm_len,
             is_weights=mb.get("is_weights"), vocab_group=vocab_group, **kw)
-        # the kernel averages over this microbatch; rescale to this microbatch's share of the batch
-        loss = loss * (own[key] / d[key].clamp(min=1))
+        # the kernel averages over this microbatch (over all its rows for "seqs"); rescale to this
+        # microbatch's share of the batch
+        div = mb["mask"].shape[0] if key == "seqs" else own[key]
+        loss = loss * (div / d[key].clamp(min=1))
         token_share = own["tokens"] / d["tokens"].clamp(min=1)
         mask = mb["mask"].float()
         entropy = (stats["entropy"] * mask).sum() / own["tokens"].clamp(min=1)
