@@ -363,3 +363,20 @@ def test_whole_default_pipeline_runs_under_tensor_parallel_two_processes(tmp_pat
     student = json.loads((tmp_path / "stages" / "distill" / "model" / "config.json").read_text())
     assert student["first_k_dense_replace"] == student["num_hidden_layers"]
     assert "## Evaluation" in (tmp_path / "report.md").read_text()
+
+
+def test_multirun_sweep_gives_each_job_its_own_run_directory(tmp_path):
+    """`r1core run --multirun a=1,2`: Hydra runs one job per value, each in its own run_dir (the sweep subdir)."""
+    cmd = [sys.executable, "-m", "r1core.cli", "run", "--multirun",
+           "pipeline.stages=[{name: prepare, kind: prepare}]", "data.corpus_docs=120,160", "data.eval_problems=8",
+           f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=job${hydra.job.num}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    hashes = []
+    for job in ("job0", "job1"):
+        man = json.loads((tmp_path / job / "manifest.json").read_text())
+        assert man["stages"]["prepare"]["status"] == "done", job
+        hashes.append(man["stages"]["prepare"]["config_hash"])
+    assert hashes[0] != hashes[1]  # each job ran its own value of the swept setting
+    assert not (tmp_path / "job2").exists()
