@@ -263,6 +263,8 @@ def test_checkpoint_saved_at_tp2_pp2_ep2_loads_at_tp4_ep2_on_one_device_and_as_h
     (dict(pp=2, pp_schedule="interleaved", pp_virtual=4), 2, ["8 pipeline stages"]),
     (dict(tp=2, dp=2), 2, ["tp*pp*dp = 2*1*2 != world size 2"]),
     (dict(sequence_parallel=True), 1, ["sequence_parallel needs tp > 1"]),
+    (dict(pp=2), 2, ["pp=2 with 1f1b needs parallel.microbatches >= 2, got 1"]),
+    (dict(pp=2, pp_schedule="dualpipev", microbatches=2), 2, ["needs parallel.microbatches >= 4, got 2"]),
 ])
 def test_bad_layout_fails_at_start_with_one_message_naming_every_problem(cfg, world, words):
     with pytest.raises(ValueError, match="bad parallel layout") as err:

@@ -84,6 +84,15 @@ def check_layout(args: ModelArgs, cfg: ParallelConfig, world_size: int) -> Paral
     if args.n_layers % cfg.n_stages:
         problems.append(f"n_layers={args.n_layers} is not divisible by the {cfg.n_stages} pipeline stages "
                         f"(pp={pp} x {cfg.stages_per_rank} per rank for {cfg.pp_schedule.value})")
+    # torch's schedules: 1F1B needs a micro-batch per stage, DualPipeV one per stage of the V (2 per rank);
+    # interleaved 1F1B runs rounds of pp micro-batches, so their count must split into whole rounds
+    if pp > 1:
+        need = {PPSchedule.one_f_one_b: pp, PPSchedule.dualpipev: cfg.n_stages}.get(cfg.pp_schedule, 1)
+        mb = cfg.microbatches
+        if mb < need:
+            problems.append(f"pp={pp} with {cfg.pp_schedule.value} needs parallel.microbatches >= {need}, got {mb}")
+        elif cfg.pp_schedule == PPSchedule.interleaved and mb % max(1, mb // pp):
+            problems.append(f"interleaved 1F1B needs parallel.microbatches divisible into rounds of pp={pp}, got {mb}")
     if args.tie_embeddings and tp > 1:
         problems.append("tie_embeddings is not supported with tp > 1")
     if cfg.sequence_parallel and tp == 1:
