@@ -329,9 +329,10 @@ def _pipeline_rank(rank, world, run_dir, overrides):
             "weights": _weights(run_dir, "zero_rl")}
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2", "rl.group_size=3"]])
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2", "rl.group_size=3"],
+                                    ["parallel.pp=2", "parallel.microbatches=2"]])
 def test_rl_pipeline_under_two_processes_matches_one_process(tmp_path, layout):
-    """R1-Zero under a 2-rank layout (TP2; DP2 with EP2 and group size 3, so shards get padding rows):
+    """R1-Zero under a 2-rank layout (TP2; DP2 with EP2 and group size 3, so shards get padding rows; PP2):
     rank 0 generates from the gathered weights, every rank trains its shard. Step 1 samples from the
     same weights as one process (same rewards, same tokens); the updates agree to float rounding."""
     from r1core.testing import run_distributed

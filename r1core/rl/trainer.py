@@ -202,9 +202,11 @@ class GRPOTrainer:
             for k, v in m.items():
                 agg[k] = agg.get(k, 0.0) + float(v) / n_mini
         agg.update(t_logprob_s=t_logprob, t_update_s=time.perf_counter() - t1)
-        if self.engine.dp_size > 1:  # each data-parallel rank saw its own rows
-            mismatch, n_tok = self.engine._all_reduce(torch.tensor([mismatch, n_tok], device=self.engine.device),
-                                                      "dp").tolist()
+        if self.world > 1:  # data-parallel ranks saw their own rows, only the last PP stage has log-probs; TP
+            # replicas scale numerator and denominator alike, so a sum over every rank keeps the ratio exact
+            sums = torch.tensor([mismatch, n_tok], dtype=torch.float64, device=self.engine.device)
+            torch.distributed.all_reduce(sums)
+            mismatch, n_tok = sums.tolist()
         if n_tok:
             agg["sampler_logprob_diff"] = mismatch / n_tok
         return agg
