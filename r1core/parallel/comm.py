@@ -21,6 +21,15 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 
+def broadcast_from_rank0(obj):
+    """Rank 0's picklable `obj` on every rank; the identity without torch.distributed or with one rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)

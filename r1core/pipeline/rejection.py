@@ -13,10 +13,9 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
-
 from r1core import rewards
 from r1core.data import SFTExample, load_sft_jsonl
+from r1core.parallel.comm import broadcast_from_rank0
 from r1core.rl.rewarding import Scorer
 from r1core.rollout import SamplingParams
 from r1core.train.checkpointing import atomic_write_text
@@ -130,11 +129,7 @@ def teacher_dataset(ctx) -> tuple[list[SFTExample], dict]:
         sampled = sample_and_filter(ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling,
                                     Filters(require_correct=cfg.require_correct,
                                             require_finished=cfg.require_finished, require_format=False))
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        box = [sampled]
-        torch.distributed.broadcast_object_list(box, src=0)
-        sampled = box[0]
-    rows, stats = sampled
+    rows, stats = broadcast_from_rank0(sampled)
     if not rows:
         raise RuntimeError(f"the teacher produced no usable sample for distillation ({stats})")
     if ctx.is_main:

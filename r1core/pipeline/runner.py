@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from r1core.parallel.comm import broadcast_from_rank0
+
 from .config import MODEL_STAGES, ConfigError, StageKind, config_hash, to_job, validate_pipeline
 from .manifest import Manifest
 from .report import write_report
@@ -137,11 +139,9 @@ def _run_stage(spec, sj, run_dir, manifest, chain, prepared, last_model, device,
     if rank == 0:
         manifest.finish(spec.name, outputs, metrics, time.time() - t0)
         log.info("%s: done in %.1f s %s", header, time.time() - t0, _short(metrics))
-    if world > 1:  # rank 0's outputs (the only ones for rank-0 stages), once the manifest records them
-        box = [outputs]
-        dist.broadcast_object_list(box, src=0)
-        if only_rank0:
-            outputs = box[0]
+    from_rank0 = broadcast_from_rank0(outputs)  # once the manifest records them; also the stage's end barrier
+    if only_rank0:
+        outputs = from_rank0
     return outputs
 
 

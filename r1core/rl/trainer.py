@@ -22,6 +22,7 @@ import torch
 
 from r1core import rewards
 from r1core.data.tasks import Problem
+from r1core.parallel.comm import broadcast_from_rank0
 from r1core.rollout import SamplingParams
 from r1core.train.checkpointing import CheckpointManager, save_due
 from r1core.train.metrics import MetricsLog, progress
@@ -211,14 +212,6 @@ class GRPOTrainer:
             agg["sampler_logprob_diff"] = mismatch / n_tok
         return agg
 
-    def _from_rank0(self, obj):
-        """Rank 0's rollout result on every rank (the identity in one process)."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
         c = self.cfg
@@ -241,7 +234,7 @@ class GRPOTrainer:
                 t_rollout = time.perf_counter() - t0
                 made = self.make_batch(groups) if groups else None
                 rolled = (gen, t_rollout, made, rewards.STATS.flat(reset=True))
-            gen, t_rollout, made, reasons = self._from_rank0(rolled)
+            gen, t_rollout, made, reasons = broadcast_from_rank0(rolled)
             if made is None:  # every group agreed: nothing to learn from this step (logged, not fatal)
                 metrics = {**gen, "skipped": 1, "t_rollout_s": t_rollout}
             else:

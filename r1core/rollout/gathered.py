@@ -40,7 +40,7 @@ class GatheredRollout(RolloutEngine):
         own = self.inner.model.state_dict() if self.inner is not None else None
         seen = set()
         for name, full in self.engine.iter_full_state():
-            if own is None or name.startswith("mtp.") and name not in own:
+            if own is None:
                 continue
             if name not in own:
                 raise KeyError(f"GatheredRollout: the trainer's weight {name!r} has no place in the rollout model")

@@ -143,6 +143,7 @@ class TrainEngine:
         self.args, self.parallel, self.optim_cfg = args, parallel, optim
         self.device, self.dtype = torch.device(device), dtype
         self.step = 0
+        self.nonfinite_streak = 0  # optimizer steps in a row skipped for a non-finite gradient norm
         self.model = init_model(args, self.device, seed)
         self.layouts: dict[str, ParamLayout] = {n: ParamLayout() for n, _ in self.model.named_parameters()}
         with torch.device("meta"):
@@ -230,11 +231,12 @@ class TrainEngine:
         sums = self._forward_backward(mbs, objective, denoms)
         self._reduce_grads()
         norm = self._grad_norm()  # global: every rank takes the same branch below
+        norm_value = float(norm)
         lr = lr_at(self.step, self.optim_cfg)
         metrics = self._reduce_metrics(sums)
-        if not math.isfinite(float(norm)):
-            self._skip_nonfinite_step(metrics, float(norm))
-            metrics.update(grad_norm=float(norm), lr=lr, step=self.step, skipped_nonfinite=1)
+        if not math.isfinite(norm_value):
+            self._skip_nonfinite_step(metrics, norm_value)
+            metrics.update(grad_norm=norm_value, lr=lr, step=self.step, skipped_nonfinite=1)
             return metrics
         self.nonfinite_streak = 0
         if self.master is not None:
@@ -248,14 +250,14 @@ class TrainEngine:
             self.master.weights_out()
         self.step += 1
         self._update_expert_bias()
-        metrics.update(grad_norm=float(norm), lr=lr, step=self.step)
+        metrics.update(grad_norm=norm_value, lr=lr, step=self.step)
         if "tokens" in denoms:
             metrics["n_tokens"] = int(denoms["tokens"])
         return metrics
 
     def _skip_nonfinite_step(self, metrics: dict, norm: float) -> None:
         """No update from a non-finite gradient (megatron's found-inf skip); stop after too many in a row."""
-        self.nonfinite_streak = getattr(self, "nonfinite_streak", 0) + 1
+        self.nonfinite_streak += 1
         bad = [n for n, p in self.named_params if p.grad is not None and not torch.isfinite(p.grad).all()]
         self._zero_grad()
         for gate in (m.gate for m in self.model.moe_layers()):  # this forward's expert loads are not applied
