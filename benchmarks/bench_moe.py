@@ -8,7 +8,11 @@ the r1core refs, torch._grouped_mm (torchtitan's GroupedExperts) and a per-exper
 megatron-core 0.16.1's routing / permute / unpermute functions (no Transformer Engine), ours
 (Triton; `grouped_swiglu` picks torch._grouped_mm on Hopper), and the CUDA extension when built.
 Routing includes the gate GEMM (`Gate.logits`, bf16 GEMM, fp32 scores). Ceilings (bf16 matmul
-TFLOP/s, copy GB/s) are measured in the same run. Writes bench_moe.json and bench_moe.png under
+TFLOP/s, copy GB/s) are measured in the same run; the FFN row adds a dense SwiGLU MLP of the same
+GEMM shapes as the same-run figure for "grouping cost nothing". Providers of a row are timed
+round-robin; "ms" is a call inside a stream of calls (the host ahead, as in a model step), "ms
+isolated" a single call from an idle GPU. FFN and layer rows time a training step: forward, then
+backward into .grad. Writes bench_moe.json and bench_moe.png under
 $OUT (or benchmarks/out); the last line printed is the JSON record.
 """
 
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Ceilings, Table, bar_plot, device, finish, out_dir, peak_extra_bytes, time_ms  # noqa: E402
+from common import Ceilings, Table, bar_plot, device, finish, out_dir, peak_extra_bytes, time_interleaved  # noqa: E402
 
 from r1core.kernels.grouped_gemm import grouped_swiglu, grouped_swiglu_backend  # noqa: E402
 from r1core.kernels.permute import moe_permute, moe_unpermute  # noqa: E402
@@ -125,15 +129,13 @@ class Row:
     nbytes: float = 0.0   # minimal HBM traffic per call, for GB/s
 
 
-def measure(row: Row, providers: dict[str, Callable], ceil: Ceilings, repeats: int) -> dict:
-    results = {}
+def measure(row: Row, providers: dict[str, Callable], ceil: Ceilings, repeats: int, isolated: bool = True) -> dict:
+    """Providers timed round-robin (common.time_interleaved): "ms" is a call's time in a stream of
+    calls, as inside a model step; "ms_isolated" one call from an idle GPU, launch latency included."""
+    results = time_interleaved(providers, warmup=1, repeats=repeats, isolated=isolated)
     for name, fn in providers.items():
-        try:
-            fn()
-            ms = time_ms(fn, warmup=1, repeats=repeats)
-            results[name] = {"ms": ms, "peak_mib": peak_extra_bytes(fn) / 2**20}
-        except Exception as err:  # a provider that cannot run is reported, not fatal
-            results[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+        if "ms" in results.get(name, {}):
+            results[name]["peak_mib"] = peak_extra_bytes(fn) / 2**20
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     for r in results.values():
@@ -149,14 +151,15 @@ def measure(row: Row, providers: dict[str, Callable], ceil: Ceilings, repeats: i
 
 def table(title: str, results: dict) -> Table:
     names = list(results)
-    t = Table(title, ["provider", "ms"] + [f"x vs {n}" for n in names] +
+    t = Table(title, ["provider", "ms", "ms isolated"] + [f"x vs {n}" for n in names] +
               ["TFLOP/s", "% peak", "GB/s", "% copy", "peak MiB"])
     for n, r in results.items():
         if "error" in r:
-            t.add(n, "failed: " + r["error"], *[""] * (len(names) + 5))
+            t.add(n, "failed: " + r["error"], *[""] * (len(names) + 6))
             continue
         ratios = [results[o]["ms"] / r["ms"] if "ms" in results[o] else "" for o in names]
-        t.add(n, r["ms"], *ratios, *(r.get(k, "") for k in ("tflops", "pct_peak", "gbps", "pct_copy")), r["peak_mib"])
+        t.add(n, r["ms"], r.get("ms_isolated", ""), *ratios,
+              *(r.get(k, "") for k in ("tflops", "pct_peak", "gbps", "pct_copy")), r["peak_mib"])
     return t
 
 
@@ -236,6 +239,27 @@ def segments(P: int, E: int, zipf: float | None) -> list[int]:
     return seg
 
 
+def training_step(fn: Callable[[], object], params: list[torch.Tensor], grads):
+    """One forward + backward into .grad, as a training step runs it (grads reset to None first, as
+    zero_grad does): a provider whose weight gradients come back in another memory layout than the
+    weights (torch._grouped_mm of a transposed view) pays the copy AccumulateGrad makes, as it would
+    in training; torch.autograd.grad would hide it."""
+    def run():
+        for p in params:
+            p.grad = None
+        outs = fn()
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        keep = [(o, g) for o, g in zip(outs, grads) if o is not None]
+        torch.autograd.backward([o for o, _ in keep], [g for _, g in keep])
+    return run
+
+
+def dense_swiglu(x, w1, w2, w3):
+    """One dense SwiGLU MLP with the grouped FFN's GEMM shapes and FLOPs (E=1): what the grouped
+    kernels would reach if grouping cost nothing, measured in the same run."""
+    return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+
+
 def ffn_row(moe, T, zipf, ceil, repeats):
     w1, w2, w3 = moe.experts.w1, moe.experts.w2, moe.experts.w3
     E, I, D = w1.shape
@@ -248,7 +272,7 @@ def ffn_row(moe, T, zipf, ceil, repeats):
     ops = [x, w1, w2, w3]
 
     def step(fn):
-        return lambda: torch.autograd.grad(fn(), ops, g)
+        return training_step(fn, ops, [g])
 
     auto = grouped_swiglu_backend(x, w1, w2, w3)
     providers = {
@@ -258,9 +282,17 @@ def ffn_row(moe, T, zipf, ceil, repeats):
     }
     if auto != "triton":
         providers["ours (triton)"] = step(lambda: grouped_swiglu(x, w1, w2, w3, seg, backend="triton"))
+    if zipf is None and x.is_cuda:
+        d1, d3, d2 = (w[0].detach().clone().requires_grad_() for w in (w1, w3, w2))
+        providers["dense SwiGLU MLP, same FLOPs"] = training_step(lambda: dense_swiglu(x, d1, d2, d3),
+                                                                  [x, d1, d2, d3], [g])
     load = "uniform" if zipf is None else f"Zipf s={zipf}, hottest expert {max(seg_list)} rows"
     row = Row(f"expert FFN fwd+bwd, {load}", flops=18.0 * P * D * I)
-    return row, measure(row, providers, ceil, repeats)
+    try:
+        return row, measure(row, providers, ceil, repeats, isolated=False)
+    finally:
+        for p in ops:
+            p.grad = None
 
 
 def plain_layer(moe, x_BTD):
@@ -286,19 +318,22 @@ def layer_row(moe, x, cuda, ceil, repeats):
     g = torch.randn_like(x_BTD)
 
     def step(impl):
-        def run():
+        def fwd():
             if impl != "plain":
                 moe.set_impl(impl)
             y, aux = plain_layer(moe, x_BTD) if impl == "plain" else moe(x_BTD)
-            outs, grads = ([y, aux], [g, torch.ones_like(aux)]) if aux is not None else ([y], [g])
-            return torch.autograd.grad(outs, ops, grads)
-        return run
+            return y, aux
+        return training_step(fwd, ops, [g, torch.ones((), device=x.device)])
 
     providers = {"ref (impl=ref)": step("ref"), "plain torch + _grouped_mm": step("plain"),
                  "triton (impl=triton)": step("triton"), "cuda (impl=cuda)": step("cuda")}
     spec = moe.gate.spec
     row = Row("MoE layer fwd+bwd", flops=18.0 * T * spec.top_k * D * moe.args.moe_inter_dim)
-    return row, measure(row, _available(providers, True, cuda), ceil, repeats)
+    try:
+        return row, measure(row, _available(providers, True, cuda), ceil, repeats, isolated=False)
+    finally:
+        for p in ops:
+            p.grad = None
 
 
 def _available(providers: dict, mu, cuda) -> dict:

@@ -47,6 +47,61 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> flo
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 10,
+                     isolated: bool = True) -> dict[str, dict]:
+    """Median ms per call of several providers, timed round-robin, two ways each.
+
+    "ms": a stream of calls with no host sync between them (CUDA events around each call, as
+    triton.testing.do_bench): the host runs ahead as it does inside a training step, so this is the
+    device time of a call unless launching it takes longer. "ms_isolated": one call from an idle GPU
+    (synchronize, call, synchronize), which adds the host's launch latency. Round-robin order makes
+    clock and thermal drift over the run hit every provider alike. `isolated=False` skips the second
+    pass (calls of many milliseconds, where the launch latency is noise). A provider that raises is reported
+    as {"error": ...} and dropped from later rounds.
+    """
+    out: dict[str, dict] = {}
+    live = dict(fns)
+
+    def guarded(name, fn):
+        try:
+            fn()
+            return True
+        except Exception as err:  # a provider that cannot run is reported, never fatal
+            out[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"}
+            live.pop(name, None)
+            return False
+
+    for _ in range(warmup):
+        for name, fn in list(live.items()):
+            guarded(name, fn)
+    sync()
+    if not torch.cuda.is_available():
+        samples = {n: [] for n in live}
+        for _ in range(repeats):
+            for name, fn in list(live.items()):
+                t0 = time.perf_counter()
+                if guarded(name, fn):
+                    samples[name].append((time.perf_counter() - t0) * 1e3)
+        out.update({n: {"ms": statistics.median(v), "ms_isolated": statistics.median(v)}
+                    for n, v in samples.items() if n in live})
+        return out
+    events = {n: [] for n in live}
+    for _ in range(repeats):
+        for name, fn in list(live.items()):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            ok = guarded(name, fn)
+            end.record()
+            if ok:
+                events[name].append((start, end))
+    sync()
+    for name in live:
+        out[name] = {"ms": statistics.median(s.elapsed_time(e) for s, e in events[name])}
+    for name, fn in list(live.items()) if isolated else ():
+        out[name]["ms_isolated"] = time_ms(fn, warmup=0, repeats=max(3, repeats // 2))
+    return out
+
+
 def peak_extra_bytes(fn: Callable[[], object]) -> int:
     """Peak memory fn allocates beyond what was allocated when it started (GPU only; 0 on CPU)."""
     if not torch.cuda.is_available():

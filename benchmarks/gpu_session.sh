@@ -38,7 +38,8 @@ part_kernel_tests() {
     tests/test_moe_cuda.py tests/test_model.py -rfE
 }
 part_bench_grpo() { run bench_grpo_loss 300 python3 benchmarks/bench_grpo_loss.py; }
-part_bench_moe() { run bench_moe 300 python3 benchmarks/bench_moe.py; }
+part_bench_moe() { run bench_moe 420 python3 benchmarks/bench_moe.py; }
+part_moe_probe() { run moe_probe 240 python3 benchmarks/moe_probe.py ${PROBE_ARGS:-}; }
 part_rollout() {
   run test_rollout_gpu 200 python3 -m pytest -q -m gpu tests/test_rollout.py -rfE
   run bench_rollout 300 python3 benchmarks/bench_rollout.py

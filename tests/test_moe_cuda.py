@@ -226,6 +226,8 @@ PERMUTE_CASES = [  # (case, T, D, E, K, pad, dtype)
     ("one_expert_in_every_token", 77, 200, 32, 3, 1, torch.float32),
     ("random", 2500, 512, 256, 8, 1, torch.bfloat16),  # several chunks per expert
     ("random", 1, 7168, 256, 8, 128, torch.bfloat16),
+    ("random", 33, 1000, 64, 40, 1, torch.bfloat16),   # K > 32 (two shuffle groups); a partial column chunk
+    ("random", 45, 520, 16, 9, 2, torch.float16),      # K not a multiple of the 8-row load batch
 ]
 
 

@@ -4,8 +4,8 @@
 //   backward  grad_y[pos[t, k]] = w[t, k] * g[t]                           rows no token reads: 0
 //             grad_w[t, k]      = sum_d g[t, d] * y_PD[pos[t, k], d]       fp32
 //
-// Token-major: a team of threads owns one token, so g[t] and the output row are touched once while
-// the K source rows stream through with 16-byte loads (8 in flight per thread).
+// Backward: token-major, a team of threads owns one token, so g[t] and the output row are touched once
+// while the K source rows stream through with 16-byte loads (8 in flight per thread).
 #include <algorithm>
 
 #include "common/cuda_helpers.cuh"
@@ -15,7 +15,7 @@ namespace r1core {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kBatch = 8;  // source rows loaded before they are consumed (memory-level parallelism)
+constexpr int kBatch = 4;  // backward: source rows loaded before they are consumed (8 held 128 registers: 2 blocks per SM)
 
 // Loads this token's K positions (-1 when outside [0, P)) and weights into shared memory.
 __device__ __forceinline__ void stage_token(const int64_t* pos, const float* w, int64_t t, int64_t T, int K,
@@ -27,46 +27,65 @@ __device__ __forceinline__ void stage_token(const int64_t* pos, const float* w, 
   }
 }
 
+// Forward: one warp per (token, chunk of 32 vectors of its row), kThreads / 32 tokens per block and a grid
+// column per chunk; a lane holds the positions and weights of up to 32 copies and hands them out by
+// shuffle. Registers bound this kernel, not the loads in flight: at V3 shapes (bf16, D 7168, K 8) one
+// 16-byte vector per lane and batches of 4 rows (80 registers, 3 blocks per SM) run at 2.8 TB/s, while
+// 2 vectors x 8 rows (196 registers, 1 block per SM) or a block per token ran at 1.5 TB/s (scratch
+// variants timed on an H100, benchmarks/RESULTS.md section 2).
+constexpr int kChunkVecs = 32;
+constexpr int kFwdBatch = 4;
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
 unpermute_kernel(const T* __restrict__ y, const int64_t* __restrict__ pos, const float* __restrict__ w,
-                 T* __restrict__ out, int64_t n_tokens, int K, int64_t n_vec, int64_t P, int team) {
+                 T* __restrict__ out, int64_t n_tokens, int K, int64_t n_vec, int64_t P) {
   using V = Vec<T, VEC>;
-  extern __shared__ unsigned char smem_raw[];
-  const int tpb = kThreads / team, slot = threadIdx.x / team, sub = threadIdx.x % team;
-  int64_t* my_pos = reinterpret_cast<int64_t*>(smem_raw) + slot * K;
-  float* my_w = reinterpret_cast<float*>(reinterpret_cast<int64_t*>(smem_raw) + tpb * K) + slot * K;
-  const int64_t t = int64_t(blockIdx.x) * tpb + slot;
-  stage_token(pos, w, t, n_tokens, K, P, sub, team, my_pos, my_w);
-  __syncthreads();
-  if (t >= n_tokens) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t t = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  if (t >= n_tokens) return;  // warp-uniform
+  const int64_t v = int64_t(blockIdx.y) * kChunkVecs + lane;
+  const bool v_ok = v < n_vec;
   const V* rows = reinterpret_cast<const V*>(y);
-  for (int64_t v = sub; v < n_vec; v += team) {
-    float acc[VEC];
+  float acc[VEC];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
-    for (int k0 = 0; k0 < K; k0 += kBatch) {
-      V buf[kBatch];
+  for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
+  for (int kk = 0; kk < K; kk += 32) {
+    int64_t my_p = -1;
+    float my_w = 1.f;
+    if (kk + lane < K) {
+      const int64_t p = pos[t * K + kk + lane];
+      my_p = p >= 0 && p < P ? p : -1;
+      if (w != nullptr) my_w = w[t * K + kk + lane];
+    }
+    const int n = K - kk < 32 ? K - kk : 32;
+    for (int k0 = 0; k0 < n; k0 += kFwdBatch) {
+      V buf[kFwdBatch];
+      int64_t p[kFwdBatch];
+      float wk[kFwdBatch];
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int k = k0 + j;
-        if (k < K && my_pos[k] >= 0) buf[j] = rows[my_pos[k] * n_vec + v];
+      for (int j = 0; j < kFwdBatch; ++j) {
+        p[j] = __shfl_sync(kFullMask, my_p, (k0 + j) & 31);
+        wk[j] = __shfl_sync(kFullMask, my_w, (k0 + j) & 31);
+        if (k0 + j >= n) p[j] = -1;
       }
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int k = k0 + j;
-        if (k < K && my_pos[k] >= 0) {
-          const float wk = my_w[k];
+      for (int j = 0; j < kFwdBatch; ++j) {
+        if (p[j] >= 0 && v_ok) buf[j] = rows[p[j] * n_vec + v];
+      }
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[e] = __fadd_rn(acc[e], __fmul_rn(to_float(buf[j].v[e]), wk));
-        }
+      for (int j = 0; j < kFwdBatch; ++j) {
+        if (p[j] < 0) continue;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[e] = __fadd_rn(acc[e], __fmul_rn(to_float(buf[j].v[e]), wk[j]));
       }
     }
-    V o;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) o.v[e] = from_float<T>(acc[e]);
-    reinterpret_cast<V*>(out)[t * n_vec + v] = o;
   }
+  if (!v_ok) return;
+  V o;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) o.v[e] = from_float<T>(acc[e]);
+  reinterpret_cast<V*>(out)[t * n_vec + v] = o;
 }
 
 template <typename T, int VEC>
@@ -147,12 +166,11 @@ unpermute_backward_kernel(const T* __restrict__ g, const T* __restrict__ y, cons
 template <typename T, int VEC>
 cudaError_t launch_forward(const UnpermuteArgs& a, cudaStream_t stream) {
   const int64_t n_vec = a.dim / VEC;
-  const int team = team_size(n_vec, kThreads);
-  const int tpb = kThreads / team;
-  const size_t smem = (sizeof(int64_t) + sizeof(float)) * size_t(tpb) * a.top_k;
-  unpermute_kernel<T, VEC><<<ceil_div(a.n_tokens, tpb), kThreads, smem, stream>>>(
-      static_cast<const T*>(a.y), a.pos, a.weights, static_cast<T*>(a.out), a.n_tokens, a.top_k, n_vec, a.n_rows,
-      team);
+  const dim3 grid(unsigned(ceil_div(a.n_tokens, kThreads / 32)), unsigned(ceil_div(n_vec, kChunkVecs)));
+  if (grid.y > 65535u) return cudaErrorInvalidConfiguration;
+  unpermute_kernel<T, VEC><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(a.y), a.pos, a.weights,
+                                                          static_cast<T*>(a.out), a.n_tokens, a.top_k, n_vec,
+                                                          a.n_rows);
   return cudaGetLastError();
 }
 

@@ -1,0 +1,33 @@
+"""The benchmark harness's timing (benchmarks/common.py), on the CPU."""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+from common import time_interleaved  # noqa: E402
+
+
+def test_time_interleaved_round_robin_reports_failures_and_keeps_timing_the_rest():
+    calls = []
+
+    def fast():
+        calls.append("fast")
+        time.sleep(0.002)
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.006)
+
+    def broken():
+        calls.append("broken")
+        raise ValueError("shape mismatch in provider")
+
+    out = time_interleaved({"fast": fast, "slow": slow, "broken": broken}, warmup=1, repeats=4)
+    assert out["broken"] == {"error": "ValueError: shape mismatch in provider"}
+    assert calls.count("broken") == 1  # dropped after its first failure
+    timed = [c for c in calls if c != "broken"]
+    assert timed[:6] == ["fast", "slow"] * 3  # round-robin, warmup round included
+    assert 2.0 <= out["fast"]["ms"] < out["slow"]["ms"]
+    assert out["slow"]["ms"] >= 6.0 and out["slow"]["ms_isolated"] >= 6.0
