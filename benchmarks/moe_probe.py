@@ -1,6 +1,6 @@
 """Where the MoE kernels' time goes at DeepSeek-V3 shapes: a per-kernel breakdown for bench_moe's misses.
 
-    python benchmarks/moe_probe.py [--skip-dispatch] [--skip-gemms] [--zipf 1.0]
+    python benchmarks/moe_probe.py [--skip-dispatch] [--skip-gemms] [--zipf 1.0] [--layer]
 
 Prints, for the permute and unpermute providers, each CUDA kernel's share of one call (torch.profiler),
 and for the expert FFN the time and TFLOP/s of every grouped GEMM of the forward and backward, with
@@ -51,7 +51,7 @@ def kernel_table(fn, label: str, calls: int = 5, detail: bool = False) -> None:
         print(f"  {t / calls / 1e3:8.4f} ms  x{n // calls:<3d} {name}")
     if detail:
         for name, t in events[-(len(events) // calls):]:
-            if t > 50:  # us
+            if t > 30:  # us
                 print(f"    {t / 1e3:8.3f} ms  {name[:60]}...{name[-40:]}")
 
 
@@ -150,10 +150,32 @@ def ffn_profile(T, args, dev, zipf):
                      f"FFN plain, {load}, round {rnd}", calls=2, detail=rnd == 1)
 
 
+def layer_profile(T, args, dev):
+    """Kernel breakdown of one V3 MoE layer training step, impl=triton against impl=cuda, alternating."""
+    from bench_moe import Shape, build_layer, training_step
+
+    moe, x = build_layer(Shape("v3", T, args), dev, torch.bfloat16)
+    moe.train()
+    x_BTD = x.view(T // 2048, 2048, -1).requires_grad_()
+    params = [x_BTD] + [p for p in moe.parameters() if p.requires_grad]
+    g = torch.randn_like(x_BTD)
+
+    def step(impl):
+        def fwd():
+            moe.set_impl(impl)
+            return moe(x_BTD)
+        return training_step(fwd, params, [g, torch.ones((), device=dev)])
+
+    for rnd in range(2):
+        for impl in ("triton", "cuda"):
+            kernel_table(step(impl), f"MoE layer step impl={impl}, round {rnd}", calls=2, detail=rnd == 1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-dispatch", action="store_true")
     ap.add_argument("--skip-gemms", action="store_true")
+    ap.add_argument("--layer", action="store_true", help="only the V3 MoE layer step, impl=triton vs impl=cuda")
     ap.add_argument("--zipf", type=float, default=None, help="Zipf exponent of the FFN profile's load (default uniform)")
     opts = ap.parse_args()
     torch.manual_seed(0)
@@ -165,6 +187,9 @@ def main():
         x = torch.randn(T, args.dim, device=dev, dtype=torch.bfloat16)
         dispatch(T, args, x, ceil)
         del x
+    if opts.layer:
+        layer_profile(T, args, dev)
+        return
     ffn_profile(T, args, dev, opts.zipf)
     if not opts.skip_gemms:
         for zipf in (None, 1.0):
