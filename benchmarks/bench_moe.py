@@ -310,23 +310,31 @@ def plain_layer(moe, x_BTD):
     return y.view_as(x_BTD), None
 
 
-def layer_row(moe, x, cuda, ceil, repeats):
+def layer_steps(moe, x, impls):
+    """{impl: one MoE layer training step} on x_TD viewed as sequences of 2048, and the tensors whose .grad
+    the steps set; impl "plain" is `plain_layer`, the others `moe` with that MoE implementation."""
     T, D = x.shape
     seq = 2048 if T % 2048 == 0 else T
     x_BTD = x.view(T // seq, seq, D).detach().requires_grad_()
     ops = [x_BTD] + [p for p in moe.parameters() if p.requires_grad]
-    g = torch.randn_like(x_BTD)
+    grads = [torch.randn_like(x_BTD), torch.ones((), device=x.device)]
 
     def step(impl):
         def fwd():
-            if impl != "plain":
-                moe.set_impl(impl)
-            y, aux = plain_layer(moe, x_BTD) if impl == "plain" else moe(x_BTD)
-            return y, aux
-        return training_step(fwd, ops, [g, torch.ones((), device=x.device)])
+            if impl == "plain":
+                return plain_layer(moe, x_BTD)
+            moe.set_impl(impl)
+            return moe(x_BTD)
+        return training_step(fwd, ops, grads)
 
-    providers = {"ref (impl=ref)": step("ref"), "plain torch + _grouped_mm": step("plain"),
-                 "triton (impl=triton)": step("triton"), "cuda (impl=cuda)": step("cuda")}
+    return {impl: step(impl) for impl in impls}, ops
+
+
+def layer_row(moe, x, cuda, ceil, repeats):
+    T, D = x.shape
+    steps, ops = layer_steps(moe, x, ("ref", "plain", "triton", "cuda"))
+    providers = {"ref (impl=ref)": steps["ref"], "plain torch + _grouped_mm": steps["plain"],
+                 "triton (impl=triton)": steps["triton"], "cuda (impl=cuda)": steps["cuda"]}
     spec = moe.gate.spec
     row = Row("MoE layer fwd+bwd", flops=18.0 * T * spec.top_k * D * moe.args.moe_inter_dim)
     try:

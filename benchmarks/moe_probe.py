@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Ceilings, time_ms  # noqa: E402
 
 from r1core.model import presets  # noqa: E402
-from r1core.model.moe import route_ref  # noqa: E402
+from r1core.model.moe import RouterSpec, route_ref  # noqa: E402
 
 
 def kernel_table(fn, label: str, calls: int = 5, detail: bool = False) -> None:
@@ -61,7 +61,6 @@ def dispatch(T, args, x, ceil):
 
     E, K, D = args.n_routed_experts, args.n_activated_experts, args.dim
     gate_w = torch.randn(E, D, device=x.device, dtype=x.dtype) * 0.02
-    from r1core.model.moe import RouterSpec
     spec = RouterSpec.from_args(args)
     w, idx, counts = route_ref(torch.nn.functional.linear(x, gate_w).float(), None, spec)
     nbytes = (T + T * K) * D * x.element_size()
@@ -72,13 +71,12 @@ def dispatch(T, args, x, ceil):
     kernel_table(lambda: x.index_select(0, src), "index_select gather (same bytes, no index work)")
     y = torch.randn(T * K, D, device=x.device, dtype=x.dtype)
     yg, wg, g = y.clone().requires_grad_(), w.clone().requires_grad_(), torch.randn_like(x)
-    _, pos0 = moe_permute(x, idx, counts)
-    kernel_table(lambda: torch.autograd.grad(moe_unpermute(yg, pos0, wg), (yg, wg), g), "unpermute fwd+bwd triton")
+    _, pos = moe_permute(x, idx, counts)
+    kernel_table(lambda: torch.autograd.grad(moe_unpermute(yg, pos, wg), (yg, wg), g), "unpermute fwd+bwd triton")
     if moe_cuda.is_built():
-        kernel_table(lambda: torch.autograd.grad(moe_cuda.moe_unpermute_cuda(yg, pos0, wg), (yg, wg), g),
+        kernel_table(lambda: torch.autograd.grad(moe_cuda.moe_unpermute_cuda(yg, pos, wg), (yg, wg), g),
                      "unpermute fwd+bwd cuda")
     with torch.no_grad():
-        _, pos = moe_permute(x, idx, counts)
         kernel_table(lambda: moe_permute(x, idx, counts), "permute triton")
         kernel_table(lambda: moe_unpermute(y, pos, w), "unpermute triton")
         if moe_cuda.is_built():
@@ -152,23 +150,14 @@ def ffn_profile(T, args, dev, zipf):
 
 def layer_profile(T, args, dev):
     """Kernel breakdown of one V3 MoE layer training step, impl=triton against impl=cuda, alternating."""
-    from bench_moe import Shape, build_layer, training_step
+    from bench_moe import Shape, build_layer, layer_steps
 
     moe, x = build_layer(Shape("v3", T, args), dev, torch.bfloat16)
     moe.train()
-    x_BTD = x.view(T // 2048, 2048, -1).requires_grad_()
-    params = [x_BTD] + [p for p in moe.parameters() if p.requires_grad]
-    g = torch.randn_like(x_BTD)
-
-    def step(impl):
-        def fwd():
-            moe.set_impl(impl)
-            return moe(x_BTD)
-        return training_step(fwd, params, [g, torch.ones((), device=dev)])
-
+    steps, _ = layer_steps(moe, x, ("triton", "cuda"))
     for rnd in range(2):
-        for impl in ("triton", "cuda"):
-            kernel_table(step(impl), f"MoE layer step impl={impl}, round {rnd}", calls=2, detail=rnd == 1)
+        for impl, step in steps.items():
+            kernel_table(step, f"MoE layer step impl={impl}, round {rnd}", calls=2, detail=rnd == 1)
 
 
 def main():

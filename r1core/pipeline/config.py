@@ -188,8 +188,6 @@ def config_hash(job: JobConfig, stage: StageSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-
-
 def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> list[tuple[StageSpec, JobConfig]]:
     """Every stage resolved and checked: names, references, datasets, layouts. One clear error, before any work."""
     from r1core.parallel.config import check_layout

@@ -92,8 +92,8 @@ class GRPOTrainer:
         self.ref_engine, self.pad_id, self.seed, self.eval_fn, self.is_main = ref_engine, pad_id, seed, eval_fn, is_main
         self.sampler = PromptSampler(problems, seed)
         # Under torchrun only rank 0 generates and scores (a GatheredRollout); the others get its batch.
-        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        self.generates = getattr(rollout, "generates", True) and (self.world == 1 or torch.distributed.get_rank() == 0)
+        self.world = engine.world_size
+        self.generates = getattr(rollout, "generates", True) and engine.rank == 0
         self.scorer = scorer or Scorer(cfg.rewards, cfg.reward_kwargs)
         self.out_dir = Path(out_dir)
         self.stop = stop or []
