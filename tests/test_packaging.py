@@ -45,3 +45,56 @@ print("ok", r1core.kernels.__file__)
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ok" in r.stdout
+
+
+def _run_from_root(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` from the repository root: the root is sys.path[0], as under `python -m pytest`."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_repo_kernels_folder_never_shadows_the_pypi_kernels_package(tmp_path):
+    # A stand-in for the PyPI package `kernels` (transformers >= 5.25 imports it) on a later sys.path entry.
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("CUDAProperties = 'the pypi package'\n")
+    (site / "kernels" / "layers.py").write_text("X = 1\n")
+    r = _run_from_root(f"""
+import sys
+assert sys.path[0] == '', sys.path[:2]
+sys.path.insert(1, {str(site)!r})
+import kernels, kernels.layers
+from kernels import CUDAProperties
+assert CUDAProperties == 'the pypi package' and kernels.layers.X == 1, kernels.__file__
+import r1core.kernels
+assert r1core.kernels.__file__.startswith({str(ROOT / 'kernels')!r}) and callable(r1core.kernels.moe_ops)
+print("ok")
+""")
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_repo_kernels_folder_is_a_missing_module_when_pypi_kernels_is_absent():
+    r = _run_from_root("""
+import sys
+sys.path[:] = [p for p in sys.path if 'packages' not in p]  # no installed packages, the root first
+try:
+    import kernels
+except ModuleNotFoundError as e:
+    assert e.name == 'kernels' and 'kernels' not in sys.modules, e
+    print("ok")
+""")
+    assert r.returncode == 0 and "ok" in r.stdout, (r.stdout, r.stderr[-3000:])
+
+
+def test_transformers_deepseek_v3_builds_from_the_repo_root():
+    # What broke CI when transformers 5.25 began importing `kernels` from its model code.
+    r = _run_from_root("""
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+cfg = DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                       num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2,
+                       n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, q_lora_rank=16,
+                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+model = DeepseekV3ForCausalLM(cfg)
+print("ok", tuple(model(torch.zeros(1, 4, dtype=torch.long)).logits.shape))
+""")
+    assert r.returncode == 0 and "ok (1, 4, 64)" in r.stdout, r.stderr[-3000:]
