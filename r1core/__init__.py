@@ -5,6 +5,11 @@ the model (rollout workers and data tools stay light).
 """
 
 import importlib
+import warnings
+
+# megatron-core warns at import, from several modules, that Transformer Engine and Apex are absent;
+# r1core uses neither (its own kernels and torch optimizers), so the warnings only hide real ones.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", module=r"megatron\.")
 
 __version__ = "0.1.0"
 

@@ -17,6 +17,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+
 def _run(argv: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig
@@ -27,14 +28,21 @@ def _run(argv: list[str]) -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://r1core.conf", config_name="config")
     def _main(cfg: DictConfig) -> None:
-        from r1core.pipeline.runner import run_pipeline
+        from r1core.pipeline.runner import StageFailed, run_pipeline
 
-        logging.getLogger("r1core").setLevel(logging.INFO)
+        log = logging.getLogger("r1core")
+        log.setLevel(logging.INFO)
         try:
             run_pipeline(cfg)
         except ConfigError as e:  # one clear message, no traceback, before any work started
-            logging.getLogger("r1core").error("%s", e)
+            log.error("%s", e)
             raise SystemExit(2) from None
+        except StageFailed as e:  # bad input met inside a stage: the stage and the culprit, no traceback
+            log.error("%s", e)
+            raise SystemExit(1) from None
+        except KeyboardInterrupt as e:  # Ctrl-C: one line; the manifest and checkpoints let a rerun resume
+            log.error("%s", e if str(e) else "interrupted; rerun the same command to resume")
+            raise SystemExit(130) from None
 
     sys.argv = ["r1core run"] + argv
     _main()

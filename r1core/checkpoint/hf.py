@@ -14,6 +14,7 @@ target, fsyncs them, and only then renames it into place.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -37,7 +38,8 @@ from .fp8 import FP8_DTYPE, dequantize_block_fp8
 from .hf_config import CheckpointError, HFExtras, args_from_hf_config, hf_config_from_args, parse_hf_config
 from .hf_names import IGNORED_HF, Target, hf_to_r1, mtp_copies, save_plan
 
-__all__ = ["CheckpointError", "args_from_hf_config", "hf_config_from_args", "from_pretrained", "save_pretrained"]
+__all__ = ["CheckpointError", "args_from_hf_config", "check_pretrained", "hf_config_from_args", "hf_model_args",
+           "from_pretrained", "save_pretrained"]
 
 SCALE_SUFFIX = "_scale_inv"  # `...weight` -> `...weight_scale_inv`
 INDEX_FILE = "model.safetensors.index.json"
@@ -202,6 +204,28 @@ class _Loader:
         self._check_complete()
         self._verify_copies(copies)
 
+    def check(self) -> None:
+        """Every shard's header, and every mapped tensor's presence, shape and dtype; reads no weights."""
+        by_file, copies = self._plan()
+        for hf, t in copies:
+            by_file[self.files[hf]].append((hf, t))
+        for file in sorted(set(self.files.values())):
+            with _open(file) as f:
+                keys = set(f.keys())
+                for hf, t in by_file.get(file, []):
+                    if hf not in keys:
+                        raise CheckpointError(f"{file}: the index lists {hf} but the file lacks it")
+                    info = f.get_slice(hf)
+                    shape, dtype, expected = list(info.get_shape()), info.get_dtype(), list(self._target(t).shape)
+                    if shape != expected:
+                        raise CheckpointError(f"{file}: tensor {hf} has shape {shape}, r1core {t.name} expects "
+                                              f"{expected}")
+                    if dtype not in _WEIGHT_DTYPES:
+                        raise CheckpointError(f"{file}: tensor {hf} has dtype {dtype}, expected one of "
+                                              f"{sorted(_WEIGHT_DTYPES)}")
+                    if dtype == "F8_E4M3" and hf + SCALE_SUFFIX not in self.files:
+                        raise CheckpointError(f"{file}: {hf} is float8_e4m3fn but {hf}{SCALE_SUFFIX} is missing")
+
     def _check_complete(self) -> None:
         bad = [f"{name}[{i}]" if len(c) > 1 else name for name, c in self.count.items() for i, n in enumerate(c) if n != 1]
         if bad:
@@ -216,25 +240,68 @@ class _Loader:
                               f"r1core shares the main model's {t.name}", stacklevel=3)
 
 
-def from_pretrained(path, dtype: torch.dtype | None = torch.float32, device=None, *,
-                    drop_missing_mtp: bool = False) -> Transformer:
-    """A Transformer (in eval mode, like transformers' from_pretrained) from an HF DeepSeek-V3 / V2 directory.
+def hf_model_args(path, drop_missing_mtp: bool = True) -> tuple[ModelArgs, HFExtras, dict[str, Path]]:
+    """The ModelArgs an HF DeepSeek-V3 / V2 directory holds, read from its config.json and its shard index
+    only (no weights): (args, extras, HF name -> shard file).
 
-    FP8 weights are dequantized to `dtype`; `e_score_correction_bias` stays fp32. A checkpoint whose
-    config promises MTP layers but holds none (transformers' own save drops them) fails unless
-    `drop_missing_mtp=True`, which builds the model without MTP and warns.
+    transformers' own `save_pretrained` writes no MTP layer while its config keeps
+    `num_nextn_predict_layers: 1`; such a checkpoint gets `n_mtp_modules=0` and a warning, unless
+    `drop_missing_mtp=False`, in which case the load fails naming the missing tensors.
     """
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (an HF checkpoint is a directory with config.json)")
     args, extras = parse_hf_config(_read_json(path / "config.json"))
     files = _weight_map(path)
     if args.n_mtp_modules and drop_missing_mtp and not any(
             n.startswith(f"model.layers.{args.n_layers}.") for n in files):
         warnings.warn(f"{path}: config has num_nextn_predict_layers={args.n_mtp_modules} but the checkpoint has no "
-                      "MTP weights; loading without multi-token prediction", stacklevel=2)
+                      "MTP weights (transformers does not save them); loading without multi-token prediction",
+                      stacklevel=2)
         args = args.replace(n_mtp_modules=0)
+    return args, extras, files
+
+
+def from_pretrained(path, dtype: torch.dtype | None = torch.float32, device=None, *,
+                    drop_missing_mtp: bool = True) -> Transformer:
+    """A Transformer (in eval mode, like transformers' from_pretrained) from an HF DeepSeek-V3 / V2 directory.
+
+    FP8 weights are dequantized to `dtype`; `e_score_correction_bias` stays fp32. A checkpoint whose
+    config promises MTP layers but holds none (transformers' own save drops them) loads without MTP
+    and warns; `drop_missing_mtp=False` makes that an error instead.
+    """
+    args, extras, files = hf_model_args(path, drop_missing_mtp)
     model = _empty_model(args, dtype or torch.float32, torch.device(device if device is not None else "cpu"))
     _Loader(model, files, extras).run()
     return model.eval()
+
+
+# safetensors dtype names of the tensors a DeepSeek checkpoint may hold
+_WEIGHT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3"})
+
+
+def check_pretrained(path, args: ModelArgs | None = None) -> ModelArgs:
+    """Validate an HF checkpoint directory without reading its weights: config.json, the index, every
+    shard's header (a truncated or corrupt file fails here), every tensor's name, shape and dtype.
+
+    With `args`, the checkpoint must hold exactly that model. Returns the checkpoint's ModelArgs;
+    raises CheckpointError naming the file (and tensor) at fault.
+    """
+    found, extras, files = hf_model_args(path, drop_missing_mtp=args is None or args.n_mtp_modules == 0)
+    if args is not None:
+        shape_of = lambda a: {k: v for k, v in dataclasses.asdict(a).items() if k not in TRAINING_ONLY}  # noqa: E731
+        diff = {k: (v, shape_of(found)[k]) for k, v in shape_of(args).items() if shape_of(found)[k] != v}
+        if diff:
+            raise CheckpointError(f"{Path(path) / 'config.json'}: differs from the job's model in "
+                                  + ", ".join(f"{k} (job {a}, checkpoint {b})" for k, (a, b) in sorted(diff.items())))
+    with torch.device("meta"):
+        model = Transformer(found)
+    _Loader(model, files, extras).check()
+    return found
+
+
+# ModelArgs fields with no config.json key: set by the job, never read from a checkpoint
+TRAINING_ONLY = frozenset({"bias_update_speed", "seq_aux_alpha", "mtp_loss_weight", "moe_impl", "init_std"})
 
 
 # ---------------------------------------------------------------- saving

@@ -71,9 +71,9 @@ def iter_records(path: str | Path, parse: Callable[[Any], T], stats: SkipStats |
             seen += 1
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # else a torn line reads as a control character
             except json.JSONDecodeError as e:
-                reason = f"bad JSON: {e.msg} at column {e.colno}"
+                reason = f"bad JSON: {e.msg} (column {e.colno})"
             else:
                 try:
                     value = parse(obj)

@@ -249,6 +249,16 @@ def _gold_answer(obj: dict) -> str:
     return boxed
 
 
+def parse_problem_record(obj, task: str = "math") -> Problem:
+    """One JSON value -> Problem (see load_problems_jsonl), or RecordError naming what is wrong."""
+    obj = require_object(obj)
+    prompt = pick_string(obj, PROMPT_KEYS, "prompt")
+    answer = _gold_answer(obj)
+    kind = obj.get("task") if isinstance(obj.get("task"), str) and obj["task"].strip() else task
+    meta = {k: v for k, v in obj.items() if k not in PROMPT_KEYS + ("answer", "task")}
+    return Problem(prompt=prompt, answer=answer, task=kind, meta=meta)
+
+
 def load_problems_jsonl(path: str | Path, task: str = "math", stats: SkipStats | None = None) -> list[Problem]:
     """RL prompts with gold answers from JSONL (`prompt|problem|question` + `answer|solution`).
 
@@ -257,15 +267,8 @@ def load_problems_jsonl(path: str | Path, task: str = "math", stats: SkipStats |
     record's other fields go to Problem.meta (reward functions read e.g. numbers/target or tests),
     with meta["source"] = "file:line".
     """
-    def parse(obj) -> Problem:
-        obj = require_object(obj)
-        prompt = pick_string(obj, PROMPT_KEYS, "prompt")
-        answer = _gold_answer(obj)
-        kind = obj.get("task") if isinstance(obj.get("task"), str) and obj["task"].strip() else task
-        meta = {k: v for k, v in obj.items() if k not in PROMPT_KEYS + ("answer", "task")}
-        return Problem(prompt=prompt, answer=answer, task=kind, meta=meta)
-
     out = []
+    parse = lambda obj: parse_problem_record(obj, task)  # noqa: E731
     for lineno, problem in iter_records(path, parse, stats):
         problem.meta["source"] = f"{path}:{lineno}"
         out.append(problem)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from r1core.model.args import ModelArgs, presets
@@ -67,6 +67,8 @@ class DataConfig:
     corpus_docs: int = 40000       # built-in pretraining corpus (worked solutions + prose)
     prose_fraction: float = 0.1
     answer_noise: float = 0.0      # built-in corpus: share of worked solutions whose final answer is corrupted
+    direct_fraction: float = 0.0   # built-in corpus: share of problems answered at once, with an empty think block
+    direct_noise: float = 0.0      # built-in corpus: share of those direct answers that are near misses
     pretrain_files: list[str] = field(default_factory=list)  # text / JSONL: replaces the built-in corpus
     cold_start_jsonl: str = ""     # long-CoT SFT data; "" = generated worked solutions
     cold_start_examples: int = 2000
@@ -74,6 +76,8 @@ class DataConfig:
     general_prompts_jsonl: str = ""  # all-scenario RL prompts for the reward model
     eval_jsonl: str = ""           # held-out problems; "" = built-in test split
     eval_problems: int = 200
+    strict: bool = False           # fail at the first bad line of any data file instead of skipping it
+    max_bad_fraction: float = 0.05  # a data file with a larger share of bad lines fails the pre-flight
 
 
 @dataclass(kw_only=True)
@@ -86,6 +90,7 @@ class RejectionConfig:
     require_correct: bool = True
     require_finished: bool = True
     require_format: bool = True
+    require_boxed: bool = True     # correct means a boxed answer after </think> (R1's rule)
     language: str = "en"
     min_language_share: float = 0.9
     max_ngram_repeats: int = 4     # a repetition loop: some 4-gram occurs more often than this
@@ -103,6 +108,7 @@ class DistillConfig:
     max_new_tokens: int = 64
     require_correct: bool = True
     require_finished: bool = True
+    require_boxed: bool = True
 
 
 @dataclass(kw_only=True)
@@ -136,6 +142,79 @@ def register_configs() -> None:
 
 class ConfigError(ValueError):
     """A job configuration that cannot run; raised before any work starts."""
+
+
+def check_known_keys(cfg: DictConfig, schema: type = None, prefix: str = "") -> None:
+    """Every key of `cfg` is a setting of the typed schema. Hydra's `+key=value` (which its own error hint
+    suggests for a typo'd key) adds keys past the schema's struct flag; they would be ignored silently."""
+    schema = schema or OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return  # a free-form dict setting (task_kwargs, a stage's overrides)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        where = f"{prefix}{key}"
+        node = cfg._get_node(key)
+        if key not in fields:
+            while isinstance(node, DictConfig) and len(node) == 1:  # name the whole key the user typed
+                sub = next(iter(node.keys()))
+                where, node = f"{where}.{sub}", node._get_node(sub)
+            raise ConfigError(f"unknown setting {where!r}: {schema.__name__} has no key {key!r} (a leading '+' does "
+                              "not create settings; `r1core run --cfg job` lists them)")
+        if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+            check_known_keys(node, OmegaConf.get_type(node), where + ".")
+        elif isinstance(node, ListConfig) and not node._is_none() and not node._is_missing():
+            for i, item in enumerate(node):
+                if isinstance(item, DictConfig):
+                    check_known_keys(item, OmegaConf.get_type(item), f"{where}[{i}].")
+
+
+def resolve_job_config(cfg: DictConfig) -> DictConfig:
+    """The composed config made ready to type-check: unknown keys rejected, and with `hf_checkpoint` set,
+    the model's shape, the tokenizer and the start of the pipeline taken from that directory."""
+    check_known_keys(cfg)
+    if cfg.get("hf_checkpoint"):
+        cfg = cfg.copy()
+        apply_hf_checkpoint(cfg)
+    return cfg
+
+
+def apply_hf_checkpoint(cfg: DictConfig) -> None:
+    """Bring your own model: `hf_checkpoint=<dir>` starts from that HF DeepSeek-V3 / V2 directory.
+
+    The model's shape comes from its config.json (training-only settings such as `model.moe_impl`
+    stay the job's), the tokenizer from the directory unless `data.tokenizer` names one, and every
+    `pretrain` stage becomes a `load` stage. A checkpoint saved by transformers, which drops the MTP
+    layers its config promises, runs without multi-token prediction (with a warning).
+    """
+    import logging
+    import warnings
+
+    from r1core.checkpoint.hf import TRAINING_ONLY, CheckpointError, hf_model_args
+
+    log = logging.getLogger("r1core")
+    path = Path(cfg.hf_checkpoint)
+    if not path.exists():
+        raise ConfigError(f"hf_checkpoint={str(path)!r} does not exist")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            args = hf_model_args(path)[0]
+        except CheckpointError as e:
+            raise ConfigError(f"hf_checkpoint={str(path)!r}: {e}") from None
+    for w in caught:
+        log.warning("hf_checkpoint: %s", w.message)
+    user = cfg.model
+    with open_dict(cfg):
+        cfg.model = args.replace(**{k: user[k] for k in TRAINING_ONLY - {"init_std"}})
+        if not cfg.data.tokenizer:
+            if not (path / "tokenizer.json").is_file():
+                raise ConfigError(f"hf_checkpoint={str(path)!r} has no tokenizer.json: set "
+                                  "data.tokenizer=<its tokenizer.json or folder>")
+            cfg.data.tokenizer = str(path)
+        for st in cfg.pipeline.stages:
+            if st.kind == StageKind.pretrain:
+                st.kind = StageKind.load
+                log.info("hf_checkpoint: stage %r loads %s instead of pretraining", st.name, path)
 
 
 def to_job(cfg: DictConfig) -> JobConfig:
@@ -195,6 +274,8 @@ def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> 
     stages = job.pipeline.stages
     if not stages:
         raise ConfigError("pipeline.stages is empty")
+    _check_files(job)
+    base_paths = _job_paths(job)
     seen: dict[str, StageSpec] = {}
     resolved = []
     for i, st in enumerate(stages):
@@ -205,7 +286,7 @@ def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> 
                 raise ConfigError(f"stage {st.name!r}: {what}={ref!r} names no earlier stage "
                                   f"(earlier: {', '.join(seen) or 'none'})")
         sj = stage_job(base, st)
-        _check_files(st, sj)
+        _check_files(sj, st, base_paths)
         try:
             check_layout(sj.model, sj.parallel, world_size)
         except ValueError as e:
@@ -228,13 +309,22 @@ def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> 
     return resolved
 
 
-def _check_files(st: StageSpec, job: JobConfig) -> None:
+def _job_paths(job: JobConfig) -> dict[str, str]:
     d = job.data
     paths = {"data.tokenizer": d.tokenizer, "data.cold_start_jsonl": d.cold_start_jsonl,
              "data.rl_prompts_jsonl": d.rl_prompts_jsonl, "data.general_prompts_jsonl": d.general_prompts_jsonl,
              "data.eval_jsonl": d.eval_jsonl, "rejection.non_reasoning_jsonl": job.rejection.non_reasoning_jsonl,
              "hf_checkpoint": job.hf_checkpoint}
     paths.update({f"data.pretrain_files[{i}]": p for i, p in enumerate(d.pretrain_files)})
-    for key, path in paths.items():
-        if path and not Path(path).exists():
-            raise ConfigError(f"stage {st.name!r}: {key}={path!r} does not exist (missing dataset or checkpoint)")
+    return {k: p for k, p in paths.items() if p}
+
+
+def _check_files(job: JobConfig, st: StageSpec | None = None, base: dict[str, str] | None = None) -> None:
+    """Every file the job names exists. A job-level setting's error names the setting only; a stage is named
+    only when its own `overrides` set the path."""
+    for key, path in _job_paths(job).items():
+        if base is not None and base.get(key) == path:
+            continue  # checked once for the whole job
+        if not Path(path).exists():
+            where = f"stage {st.name!r}: " if st is not None else ""
+            raise ConfigError(f"{where}{key}={path!r} does not exist (missing dataset or checkpoint)")

@@ -16,6 +16,9 @@ from pathlib import Path
 from r1core.data import (ChatFormat, Problem, Tokenizer, builtin_paragraphs, generate, load_problems_jsonl,
                          prepare_shards, worked_solution)
 from r1core.data.corpus import builtin_corpus
+from r1core.data.jsonl import iter_records, require_object
+from r1core.data.preflight import DataFile, parse_general_prompt, preflight
+from r1core.data.sft import load_sft_jsonl, parse_problem_record
 from r1core.train.checkpointing import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -26,19 +29,37 @@ def problems_to_jsonl(path: Path, problems: list[Problem]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def _parse_prepared(obj) -> Problem:
+    """A line written by problems_to_jsonl (it carries "meta"), or any record load_problems_jsonl accepts."""
+    obj = require_object(obj)
+    if isinstance(obj.get("meta"), dict) and isinstance(obj.get("task"), str) and isinstance(obj.get("prompt"), str):
+        return Problem(prompt=obj["prompt"], answer=str(obj.get("answer", "")), task=obj["task"], meta=obj["meta"])
+    return parse_problem_record(obj)
+
+
 def read_problems(path: str | Path) -> list[Problem]:
-    """Problems written by `problems_to_jsonl` (or any JSONL load_problems_jsonl accepts)."""
-    out = []
-    with open(path) as f:
-        first = f.readline()
-    if first and "meta" in json.loads(first):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    r = json.loads(line)
-                    out.append(Problem(prompt=r["prompt"], answer=r["answer"], task=r["task"], meta=r["meta"]))
-        return out
-    return load_problems_jsonl(path)
+    """Problems written by `problems_to_jsonl` (or any JSONL load_problems_jsonl accepts); bad lines are
+    skipped, counted and logged with file:line."""
+    return [p for _, p in iter_records(path, _parse_prepared)]
+
+
+def data_files(job) -> list[DataFile]:
+    """Every user data file the job names, with the parser the stage reading it uses."""
+    d = job.data
+    files = [DataFile(f"data.pretrain_files[{i}]", p, "text") for i, p in enumerate(d.pretrain_files)]
+    for key, path, kind in (("data.cold_start_jsonl", d.cold_start_jsonl, "sft"),
+                            ("data.rl_prompts_jsonl", d.rl_prompts_jsonl, "problems"),
+                            ("data.general_prompts_jsonl", d.general_prompts_jsonl, "general"),
+                            ("data.eval_jsonl", d.eval_jsonl, "problems"),
+                            ("rejection.non_reasoning_jsonl", job.rejection.non_reasoning_jsonl, "sft")):
+        if path:
+            files.append(DataFile(key, path, kind))
+    return files
+
+
+def preflight_data(job) -> None:
+    """The data pre-flight (r1core.data.preflight) over every file the job names; DataError on failure."""
+    preflight(data_files(job), strict=job.data.strict, max_bad_fraction=job.data.max_bad_fraction)
 
 
 def _task_problems(data, n: int, split: str, seed: int) -> list[Problem]:
@@ -75,18 +96,18 @@ def run_prepare(job, stage_dir: Path) -> dict:
     else:
         docs = _builtin_docs(job, fmt)
     shards = stage_dir / "shards"
-    prepare_shards(docs, shards, tok, name="pretrain")
+    prepare_shards(docs, shards, tok, name="pretrain", overwrite=True)  # a failed earlier attempt's shards
     outputs["shards"] = str(shards)
 
-    rl = read_problems(d.rl_prompts_jsonl) if d.rl_prompts_jsonl else _task_problems(d, 20000, "train", seed + 1)
+    rl = load_problems_jsonl(d.rl_prompts_jsonl) if d.rl_prompts_jsonl else _task_problems(d, 20000, "train", seed + 1)
     problems_to_jsonl(stage_dir / "rl_prompts.jsonl", rl)
-    ev = read_problems(d.eval_jsonl) if d.eval_jsonl else _task_problems(d, d.eval_problems, "test", seed + 2)
+    ev = load_problems_jsonl(d.eval_jsonl) if d.eval_jsonl else _task_problems(d, d.eval_problems, "test", seed + 2)
     problems_to_jsonl(stage_dir / "eval.jsonl", ev[: d.eval_problems])
     outputs.update(rl_prompts=str(stage_dir / "rl_prompts.jsonl"), eval=str(stage_dir / "eval.jsonl"))
 
     cold = stage_dir / "cold_start.jsonl"
     if d.cold_start_jsonl:
-        cold.write_bytes(Path(d.cold_start_jsonl).read_bytes())
+        _write_sft(cold, load_sft_jsonl(d.cold_start_jsonl))
     else:
         rows = [{"prompt": p.prompt, "response": worked_solution(p)}
                 for p in _task_problems(d, d.cold_start_examples, "train", seed + 3)]
@@ -96,6 +117,12 @@ def run_prepare(job, stage_dir: Path) -> dict:
     outputs["non_reasoning"] = str(_non_reasoning(job, stage_dir))
     log.info("prepared: %s", outputs)
     return outputs
+
+
+def _write_sft(path: Path, examples) -> None:
+    """The usable examples of a user SFT file, as (prompt, response, system) rows later stages read."""
+    rows = [{"prompt": e.prompt, "response": e.response, "system": e.system} for e in examples]
+    atomic_write_text(path, "\n".join(json.dumps(r) for r in rows) + "\n")
 
 
 def _builtin_docs(job, fmt: ChatFormat):
@@ -109,9 +136,33 @@ def _builtin_docs(job, fmt: ChatFormat):
             yield doc + fmt.eos
             continue
         prompt, solution = doc.split(" ", 1)  # pretrain_text: prompt, a space, the worked solution
-        if d.answer_noise and rng.random() < d.answer_noise:
+        if d.direct_fraction and rng.random() < d.direct_fraction:
+            solution = direct_answer(solution, rng, d.direct_noise)
+        elif d.answer_noise and rng.random() < d.answer_noise:
             solution = corrupt_answer(solution, rng)
         yield fmt.render_prompt(prompt) + fmt.strip_think_prefix(solution) + fmt.eos
+
+
+_FINAL = re.compile(r"=(-?\d+)\n</think>\n\\boxed\{(-?\d+)\}$")
+
+
+def _near_miss(value: str, rng: random.Random) -> str:
+    return str(int(value) + rng.choice([-1, 1]) * rng.randint(1, 9))
+
+
+def direct_answer(solution: str, rng: random.Random, noise: float) -> str:
+    """The problem answered at once: an empty think block and the boxed answer, which is a near miss
+    (off by 1 to 9) with probability `noise`.
+
+    A corpus that mixes these with worked solutions gives a base model two habits, answering at once
+    (short, often wrong) and working it out (longer, more often right); R1-Zero's accuracy reward
+    then has something to choose between, and the mean response length rises as it does
+    (`data.direct_fraction`, `data.direct_noise`)."""
+    m = _FINAL.search(solution)
+    if m is None or m.group(1) != m.group(2):
+        return solution  # not a numeric worked solution (countdown boxes an expression)
+    answer = _near_miss(m.group(2), rng) if rng.random() < noise else m.group(2)
+    return f"<think>\n</think>\n\\boxed{{{answer}}}"
 
 
 def corrupt_answer(solution: str, rng: random.Random) -> str:
@@ -119,10 +170,10 @@ def corrupt_answer(solution: str, rng: random.Random) -> str:
 
     A base model pretrained on such data can compute the answer but samples a wrong one part of the
     time, the situation R1-Zero's verifiable rewards correct (the CPU demo's `data.answer_noise`)."""
-    m = re.search(r"=(-?\d+)\n</think>\n\\boxed\{(-?\d+)\}$", solution)
+    m = _FINAL.search(solution)
     if m is None or m.group(1) != m.group(2):
         return solution
-    wrong = str(int(m.group(1)) + rng.choice([-1, 1]) * rng.randint(1, 9))
+    wrong = _near_miss(m.group(1), rng)
     return solution[: m.start()] + f"={wrong}\n</think>\n\\boxed{{{wrong}}}"
 
 
@@ -135,8 +186,9 @@ GENERAL_PROMPTS = (
 def _general_prompts(d, stage_dir: Path) -> Path:
     """Prompts for the all-scenario stage's reward model (the built-in set when none is given)."""
     path = stage_dir / "general_prompts.jsonl"
-    if d.general_prompts_jsonl:
-        path.write_bytes(Path(d.general_prompts_jsonl).read_bytes())
+    if d.general_prompts_jsonl:  # the usable records only, so the RL stage reads a clean file
+        rows = [row for _, row in iter_records(d.general_prompts_jsonl, parse_general_prompt)]
+        atomic_write_text(path, "\n".join(json.dumps(r) for r in rows) + "\n")
     else:
         atomic_write_text(path, "\n".join(json.dumps({"prompt": p, "answer": ""}) for p in GENERAL_PROMPTS) + "\n")
     return path
@@ -147,7 +199,7 @@ def _non_reasoning(job, stage_dir: Path) -> Path:
     path = stage_dir / "non_reasoning.jsonl"
     src = job.rejection.non_reasoning_jsonl
     if src:
-        path.write_bytes(Path(src).read_bytes())
+        _write_sft(path, load_sft_jsonl(src))
         return path
     rows = []
     for i, para in enumerate(builtin_paragraphs()):

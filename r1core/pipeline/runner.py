@@ -7,6 +7,7 @@ changing a setting reruns that stage and everything after it, and nothing else.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -17,13 +18,31 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from r1core.parallel.comm import broadcast_from_rank0
+from r1core.train.metrics import forget_progress
 
-from .config import MODEL_STAGES, ConfigError, StageKind, config_hash, to_job, validate_pipeline
+from .config import (MODEL_STAGES, ConfigError, StageKind, config_hash, resolve_job_config, to_job,
+                     validate_pipeline)
 from .manifest import Manifest
 from .report import write_report
 from .stages import STAGES, StageContext
 
 log = logging.getLogger("r1core")
+
+
+class StageFailed(RuntimeError):
+    """A stage stopped on bad input (a checkpoint, a data file): the message names the stage and the culprit."""
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage; the message says where and how to resume."""
+
+
+# Errors that name their culprit and need no traceback; anything else is a bug and keeps its traceback.
+def _user_errors() -> tuple[type, ...]:
+    from r1core.checkpoint.hf_config import CheckpointError
+    from r1core.data.preflight import DataError
+
+    return (CheckpointError, DataError, ConfigError)
 
 # Stages that only read a model and write files run on rank 0; the others wait for it.
 RANK0_STAGES = {StageKind.prepare, StageKind.eval, StageKind.rejection_sampling, StageKind.load}
@@ -60,10 +79,31 @@ def _resolve_init(spec, last_model: str | None, manifest: Manifest) -> str | Non
     return manifest.output(spec.init, "model")
 
 
+def _preflight(resolved, rank: int) -> None:
+    """The data pre-flight of every prepare stage's files, on rank 0, before any stage runs."""
+    from r1core.data.preflight import DataError
+
+    from .prepare import preflight_data
+
+    error = None
+    if rank == 0:
+        try:
+            for spec, sj in resolved:
+                if spec.kind == StageKind.prepare:
+                    preflight_data(sj)
+        except DataError as e:
+            error = str(e)
+    error = broadcast_from_rank0(error)
+    if error:
+        raise ConfigError(error)
+
+
 def run_pipeline(cfg: DictConfig) -> Path:
+    cfg = resolve_job_config(cfg)
     job = to_job(cfg)
     rank, world = _init_distributed()
     resolved = validate_pipeline(cfg, job, world)  # every config error surfaces here, before any work
+    _preflight(resolved, rank)
     device, dtype = _device_dtype(job)
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,16 +165,28 @@ def _run_stage(spec, sj, run_dir, manifest, chain, prepared, last_model, device,
         ctx.init_model = None
     only_rank0 = spec.kind in RANK0_STAGES
     if rank == 0:
-        manifest.start(spec.name, chain)
+        manifest.start(spec.name, chain, last_activity=_last_activity(ctx.stage_dir))
         log.info("%s: running -> %s", header, ctx.stage_dir)
+        resume_step = _checkpoint_step(ctx.stage_dir)
+        if resume_step is not None:
+            log.info("resuming %s from step %d", spec.name, resume_step)
     t0 = time.time()
     outputs, metrics = {}, {}
+    forget_progress()
     try:
         if rank == 0 or not only_rank0:
             outputs, metrics = STAGES[spec.kind](ctx)
+    except KeyboardInterrupt:
+        if rank == 0:
+            manifest.fail(spec.name, "interrupted", time.time() - t0)
+        raise StageInterrupted(f"interrupted in stage {spec.name} at step {_step_reached(ctx.stage_dir)}; "
+                               "rerun the same command to resume") from None
     except BaseException as e:
         if rank == 0:
             manifest.fail(spec.name, f"{type(e).__name__}: {e}", time.time() - t0)
+        if isinstance(e, _user_errors()):
+            raise StageFailed(f"stage {spec.name!r} ({spec.kind.value}): {e}") from e
+        log.error("stage %r (%s) failed: %s: %s", spec.name, spec.kind.value, type(e).__name__, e)
         raise
     if rank == 0:
         manifest.finish(spec.name, outputs, metrics, time.time() - t0)
@@ -143,6 +195,34 @@ def _run_stage(spec, sj, run_dir, manifest, chain, prepared, last_model, device,
     if only_rank0:
         outputs = from_rank0
     return outputs
+
+
+def _checkpoint_step(stage_dir: Path) -> int | None:
+    """The step of the stage's latest complete checkpoint, which its trainer resumes from (None: none)."""
+    from r1core.train.checkpointing import CheckpointManager
+
+    if not (stage_dir / "checkpoints" / "latest").exists():
+        return None
+    latest = CheckpointManager(stage_dir / "checkpoints").latest()
+    return json.loads((latest / "trainer_state.json").read_text())["step"]
+
+
+def _step_reached(stage_dir: Path) -> int:
+    """The step the stage's trainer had reached: its progress bar, else its metrics log (0 before the first)."""
+    from r1core.train.metrics import current_step, read_jsonl
+
+    step = current_step()
+    if step is not None:
+        return step
+    path = stage_dir / "metrics.jsonl"
+    rows = read_jsonl(path) if path.exists() else []
+    return int(rows[-1].get("step", 0)) if rows else 0
+
+
+def _last_activity(stage_dir: Path) -> float | None:
+    """When the stage last logged a step or wrote a checkpoint: the end of an attempt that was killed."""
+    times = [p.stat().st_mtime for p in (stage_dir / "metrics.jsonl", stage_dir / "checkpoints" / "latest") if p.exists()]
+    return max(times) if times else None
 
 
 def _short(metrics: dict) -> str:

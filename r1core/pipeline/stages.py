@@ -100,14 +100,17 @@ def stage_prepare(ctx: StageContext):
 
 
 def stage_load(ctx: StageContext):
-    from r1core.checkpoint.hf_config import args_from_hf_config
+    """Start from an HF checkpoint directory: validated here (config, index, every shard's header, every
+    tensor's name, shape and dtype) so a damaged checkpoint fails in this stage, naming the file."""
+    import warnings
 
-    cfg = json.loads((Path(ctx.job.hf_checkpoint) / "config.json").read_text())
-    args = args_from_hf_config(cfg)
-    if (args.dim, args.n_layers, args.n_routed_experts) != (ctx.job.model.dim, ctx.job.model.n_layers,
-                                                            ctx.job.model.n_routed_experts):
-        raise ValueError(f"{ctx.job.hf_checkpoint} holds dim={args.dim}, n_layers={args.n_layers}, "
-                         f"experts={args.n_routed_experts}: choose the matching model=<preset>")
+    from r1core.checkpoint.hf import check_pretrained
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_pretrained(ctx.job.hf_checkpoint, ctx.job.model)
+    for w in caught:
+        log.warning("%s", w.message)
     return {"model": str(Path(ctx.job.hf_checkpoint).resolve())}, {}
 
 

@@ -58,14 +58,30 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+# The newest progress bar of this process: what an interrupted stage reports as its step (Ctrl-C
+# arrives between two steps of whichever trainer is running; the bar is the one counter all share).
+_bars: list[tqdm] = []
+
+
+def current_step() -> int | None:
+    """The step count of the newest progress bar (None: no bar since `forget_progress`)."""
+    return int(_bars[-1].n) if _bars else None
+
+
+def forget_progress() -> None:
+    _bars.clear()
+
+
 def progress(total: int, initial: int, desc: str, enabled: bool = True) -> tqdm:
     """A tqdm bar (rate and ETA) that also prints plain periodic lines when stderr is not a terminal."""
     import sys
 
     tty = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
+    bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
                 mininterval=1.0 if tty else 15.0, smoothing=0.1, ascii=not tty,
                 file=sys.stderr if tty else _Lines(sys.stderr))
+    _bars[:] = [bar]
+    return bar
 
 
 class _Lines:
