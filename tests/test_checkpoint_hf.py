@@ -418,13 +418,13 @@ def test_fp8_scale_of_wrong_shape_is_named(ckpt):
         r1core.from_pretrained(ckpt)
 
 
-def test_missing_mtp_layer_fails_unless_dropped_explicitly(ckpt):
+def test_missing_mtp_layer_loads_without_mtp_and_warns_unless_told_to_fail(ckpt):
     _rewrite(ckpt, lambda n, t: {} if n.startswith(f"model.layers.{LAYERS}.") else {n: t})
-    with pytest.raises(CheckpointError, match=rf"lacks .*model\.layers\.{LAYERS}\."):
-        r1core.from_pretrained(ckpt)
     with pytest.warns(UserWarning, match="without multi-token prediction"):
-        model = r1core.from_pretrained(ckpt, drop_missing_mtp=True)
+        model = r1core.from_pretrained(ckpt)
     assert len(model.mtp) == 0 and model.args.n_mtp_modules == 0
+    with pytest.raises(CheckpointError, match=rf"lacks .*model\.layers\.{LAYERS}\."):
+        r1core.from_pretrained(ckpt, drop_missing_mtp=False)
 
 
 def test_mtp_copy_that_differs_from_main_weight_warns(ckpt):

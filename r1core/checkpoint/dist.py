@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,7 +45,9 @@ def save(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist())
+    with warnings.catch_warnings():  # one process on purpose (no_dist): torch warns about that at every save
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist())
     _barrier()
     if _is_rank0():
         old = out.with_name(out.name + ".old")
@@ -63,7 +66,9 @@ def load(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     path = Path(path).absolute()
     if not (path / ".metadata").exists():
         raise FileNotFoundError(f"{path} is not a distributed checkpoint (no .metadata)")
-    dcp.load(state, checkpoint_id=str(path), no_dist=not _dist())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _dist())
 
 
 def saved_keys(path: str | os.PathLike) -> set[str]:
