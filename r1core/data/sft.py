@@ -242,7 +242,9 @@ def _gold_answer(obj: dict) -> str:
         if not value:
             raise RecordError("empty field: 'answer'")
         return value
-    solution = pick_string(obj, ("solution",), "answer (one of answer, solution)")
+    if "solution" not in obj:
+        raise RecordError("missing field: answer (one of answer, solution)")
+    solution = pick_string(obj, ("solution",), "solution")
     boxed = extract_boxed(solution)
     if not boxed:
         raise RecordError("no answer: 'solution' has no \\boxed{}")
