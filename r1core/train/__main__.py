@@ -43,7 +43,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default="", help="write a distributed checkpoint here at the end")
     p.add_argument("--out", default="", help="write the per-step metrics here as JSON (rank 0)")
+    p.add_argument("--check", action="store_true",
+                   help="validate the layout for --world-size processes and print it as JSON; start nothing")
+    p.add_argument("--world-size", type=int, default=0, help="with --check: the process count (0: $WORLD_SIZE)")
     return p.parse_args(argv)
+
+
+def check(a: argparse.Namespace, args, parallel: ParallelConfig) -> dict:
+    """The layout a launch would use, validated without processes or GPUs (examples/distributed run this)."""
+    import os
+
+    from r1core.model import count_parameters
+    from r1core.parallel import check_layout
+
+    world = a.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        resolved = check_layout(args, parallel, world)
+    except ValueError as e:
+        raise SystemExit(f"--preset {a.preset} on {world} processes: {e}") from None
+    total, active = count_parameters(args)
+    out = {"preset": a.preset, "world_size": world, "tp": resolved.tp, "pp": resolved.pp, "ep": resolved.ep,
+           "dp": resolved.dp, "microbatches": resolved.microbatches, "pp_schedule": resolved.pp_schedule.value,
+           "n_layers": args.n_layers, "params_total": total, "params_active": active,
+           "routed_experts_per_rank": args.n_routed_experts // resolved.ep}
+    print(json.dumps(out), flush=True)
+    return out
 
 
 def synthetic_batches(vocab: int, batch: int, seq_len: int, dp_rank: int, dp_size: int, seed: int):
@@ -67,13 +91,15 @@ def shard_batches(path: str, batch: int, seq_len: int, dp_rank: int, dp_size: in
 
 def main(argv=None) -> list[dict]:
     a = parse_args(argv)
-    device = init_distributed()
     args = presets[a.preset]
     if a.layers:
         args = args.replace(n_layers=a.layers, n_dense_layers=min(args.n_dense_layers, a.layers))
     args = args.replace(moe_impl=a.moe_impl)
     parallel = ParallelConfig(tp=a.tp, pp=a.pp, ep=a.ep, dp=a.dp, pp_schedule=a.pp_schedule,
                               microbatches=a.microbatches, sequence_parallel=a.sp, zero1=not a.no_zero1)
+    if a.check:
+        return [check(a, args, parallel)]
+    device = init_distributed()
     optim = OptimConfig(lr=a.lr, warmup_steps=min(10, a.steps // 10), total_steps=a.steps)
     engine = build_engine(args, parallel, optim, device=device, dtype=DTYPES[a.dtype], seed=a.seed)
     if a.batch % engine.dp_size:
