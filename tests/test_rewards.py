@@ -1,6 +1,7 @@
-"""Rule rewards, their counted failure reasons, the code sandbox and the reward-model hook.
+"""Rule rewards, their counted failure reasons and the reward-model hook.
 
-Sandbox tests use 1-2 s limits; the whole file is meant to stay well under a minute of CPU.
+The code sandbox itself (hostile programs, isolation layers) is tested in test_sandbox.py; code
+reward tests here use 1-2 s limits; the whole file is meant to stay well under a minute of CPU.
 """
 
 import ast
@@ -8,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from fractions import Fraction
@@ -18,11 +18,9 @@ import pytest
 from r1core import rewards
 from r1core.rewards import registry
 from r1core.rewards.language import strip_math, word_counts
-from r1core.rewards.sandbox import isolation_layers
 from r1core.rewards.text import TooComplex, extract_answer, extract_code, last_boxed, split_think
 
 FAST = rewards.SandboxLimits(wall_s=5, cpu_s=2, memory_mb=512)
-HOSTILE = rewards.SandboxLimits(wall_s=1.5, cpu_s=1, memory_mb=256, fsize_mb=1, max_output_bytes=10_000)
 
 
 def scored(name, response, answer=None, **kw):
@@ -312,73 +310,6 @@ def test_code_without_a_program_after_think_is_no_code():
     assert scored("code", "<think>```python\nprint(3)\n```</think> done", SUM_TESTS) == (0.0, {"no_code": 1})
     assert scored("code", "<think>x</think> ```python\n\n```", SUM_TESTS) == (0.0, {"no_code": 1})
     assert scored("code", program("print(3)"), [{"input": "1"}]) == (0.0, {"bad_tests": 1})
-
-
-@pytest.mark.parametrize(
-    "body, reason",
-    [
-        ("def f(:\n  pass", "syntax_error"),
-        ("raise ValueError('boom')", "runtime_error"),
-        ("import os\nwhile True:\n    os.fork()", "process"),
-        ("import subprocess\nsubprocess.run(['true'])", "process"),
-        ("x = bytearray(10**10)", "memory"),
-        ("chunks = []\nwhile True:\n    chunks.append(' ' * 10**7)", "memory"),
-        ("while True:\n    print('spam' * 100)", "output_limit"),
-        ("open('big.bin', 'wb').write(b'x' * (2 << 20))", "file_size"),
-        ("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)", "network"),
-        ("import sys\nsys.stdout.buffer.write(b'3\\xff\\xfe\\n')", "non_utf8"),
-        ("import ctypes\nctypes.CDLL(None).getpid()", "forbidden"),
-        ("x = " + "(" * 5000 + "1" + ")" * 5000, "syntax_error"),
-    ],
-)
-def test_code_hostile_programs_score_zero_with_a_counted_reason(body, reason):
-    start = time.monotonic()
-    assert scored("code", program(body), SUM_TESTS, limits=HOSTILE) == (0.0, {reason: 1})
-    assert time.monotonic() - start < 10
-
-
-def test_code_infinite_loop_is_killed_at_the_time_limit():
-    start = time.monotonic()
-    assert scored("code", program("while True:\n    pass"), SUM_TESTS, limits=HOSTILE) == (0.0, {"timeout": 1})
-    # One run only (a timeout stops the remaining tests), killed at 1.5 s wall / 1 s CPU.
-    assert time.monotonic() - start < 4
-
-
-def test_sandbox_refuses_forks_below_the_audit_hook():
-    # _posixsubprocess.fork_exec raises no audit event: only RLIMIT_NPROC (with a uid that is not
-    # root) stops it. Python 3.11 signature.
-    if sys.version_info[:2] != (3, 11):
-        pytest.skip("fork_exec's argument list is version specific")
-    if os.geteuid() == 0 and not isolation_layers(HOSTILE)["drop_root"]:
-        pytest.skip("root without setpriv: RLIMIT_NPROC cannot apply")
-    src = (
-        "import os, _posixsubprocess\nr, w = os.pipe()\n"
-        "args = ([b'/bin/true'], [b'/bin/true'], True, (w,), None, None, -1, -1, -1, -1, -1, -1, r, w,"
-        " True, False, -1, None, None, None, -1, None, False)\n"
-        "try:\n    _posixsubprocess.fork_exec(*args)\n    print('forked')\n"
-        "except BlockingIOError:\n    print('refused')\n"
-    )
-    result = rewards.run_python(src, b"", HOSTILE)
-    assert (result.reason, result.stdout) == (None, b"refused\n")
-
-
-def test_sandbox_network_namespace_has_only_loopback_when_available():
-    if not isolation_layers(HOSTILE)["netns"]:
-        pytest.skip("unshare -n is not permitted here; the audit hook alone blocks sockets")
-    # /proc/net/dev lists the interfaces of the reader's own network namespace.
-    src = "print([line.split(':')[0].strip() for line in open('/proc/net/dev').readlines()[2:]])"
-    result = rewards.run_python(src, b"", HOSTILE)
-    assert (result.reason, result.stdout) == (None, b"['lo']\n")
-
-
-def test_sandbox_deletes_its_working_directory(monkeypatch):
-    base = tempfile.mkdtemp()  # mode 0700: the sandbox uid reaches its directory through cwd only
-    monkeypatch.setattr(tempfile, "tempdir", base)
-    try:
-        result = rewards.run_python("open('scratch.txt', 'w').write('x')\nprint(open('scratch.txt').read())", b"", FAST)
-        assert (result.reason, result.stdout, os.listdir(base)) == (None, b"x\n", [])
-    finally:
-        os.rmdir(base)
 
 
 def test_code_call_tests_use_fn_name_or_a_solution_class():

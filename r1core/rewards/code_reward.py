@@ -15,8 +15,13 @@ Score: the fraction of tests passed (`mode="fraction"`, default) or 1.0 only whe
 timeout, network, process or forbidden is not run on the remaining tests: the outcome would not
 change and a rollout worker's time matters more than partial credit for a slow program.
 Reasons: passed, or the first failing test's reason (wrong, non_utf8, timeout, memory,
-runtime_error, crash, syntax_error, output_limit, file_size, network, process, forbidden,
-no_function); no_code, non_utf8 (the response), bad_tests (the dataset's tests are malformed).
+runtime_error, crash, syntax_error, output_limit, file_size, write_limit, network, process,
+forbidden, no_function, sandbox_error); no_code, non_utf8 (the response), bad_tests (the dataset's
+tests are malformed).
+
+Isolation: the reward refuses to run (SandboxUnavailable, a RewardConfigError, raised on the first
+call whatever the response) when this machine cannot give the sandbox every layer it asks for,
+unless the limits say `allow_weak_isolation=True`; see sandbox.py.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from r1core.rewards.registry import RewardConfigError, register
-from r1core.rewards.sandbox import SandboxLimits, run_python
+from r1core.rewards.sandbox import SandboxLimits, check_isolation, run_python
 from r1core.rewards.text import as_text, extract_code, split_think
 
-_STOP_EARLY = frozenset({"syntax_error", "timeout", "network", "process", "forbidden", "no_function"})
+_STOP_EARLY = frozenset({"syntax_error", "timeout", "network", "process", "forbidden", "no_function",
+                         "sandbox_error"})
 
 
 class BadTests(ValueError):
@@ -64,6 +70,10 @@ def parse_tests(answer: Any) -> CodeTests:
     if fn_name is not None:
         if not isinstance(fn_name, str) or not all(isinstance(t.get("args"), list) for t in raw):
             raise BadTests("call tests need a str fn_name and an 'args' list per test")
+        try:  # the arguments travel to the sandbox as JSON
+            json.dumps([t["args"] for t in raw])
+        except (TypeError, ValueError) as e:
+            raise BadTests(f"call arguments are not JSON: {e}") from None
         return CodeTests(fn_name, [(t["args"], t["output"]) for t in raw])
     if not all(isinstance(t.get("input", ""), str) and isinstance(t["output"], str) for t in raw):
         raise BadTests("stdin tests need str 'input' and 'output'")
@@ -135,6 +145,7 @@ def code_reward(
     if mode not in ("fraction", "all"):
         raise RewardConfigError(f"code reward mode must be 'fraction' or 'all', got {mode!r}")
     limits = _limits(limits)
+    check_isolation(limits)
     try:
         suite = parse_tests(answer)
     except BadTests:
