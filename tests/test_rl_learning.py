@@ -1,13 +1,11 @@
-"""GRPO learns: in a fixed-seed R1-Zero run on the CPU, the accuracy reward of a pretrained tiny model rises.
+"""R1-Zero works on the CPU: a fixed-seed run of the embedded default's R1-Zero stages lifts held-out
+pass@1 by more than two standard errors of the paired difference, and the response length rises.
 
-A property of the run (the mean accuracy reward of the last third of the GRPO steps against the
-first third), not a timing. The embedded demo's settings (conf/pipeline/default.yaml) on its R1-Zero
-stages, on single-digit addition and subtraction: there the briefly pretrained base is right about
-15% of the time at temperature 1 on every machine we ran it on (2-digit problems give a base
-anywhere from 4% to 20% across machines, as float summation order changes the pretraining
-trajectory, and too few groups carry signal at the low end). Measured: 0.147 -> 0.209 (seed 0,
-30 steps) and 0.162 -> 0.226 (seed 1, 45 steps). Held-out accuracy before/after RL is what the
-demo's report shows.
+Properties of the run, not timings. The built-in corpus (conf/pipeline/default.yaml, the report's
+data section) mixes direct answers, often wrong, with worked solutions, mostly right, so the base
+model's pass@k is far above its pass@1 and most GRPO groups carry signal; the accuracy reward then
+teaches the policy to work problems out, which is longer. These are the demo's settings, so the
+test also guards the embedded default against regressions.
 """
 
 import json
@@ -16,23 +14,33 @@ from hydra import compose, initialize_config_module
 
 from r1core.pipeline.config import register_configs
 from r1core.pipeline.runner import run_pipeline
+from r1core.rl.stats import paired_difference
 
 R1_ZERO_STAGES = ("pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}, "
-                  "{name: zero_rl, kind: reasoning_rl, overrides: {optim.schedule: constant}}]")
-STEPS = 45
+                  "{name: eval_base, kind: eval}, "
+                  "{name: zero_rl, kind: reasoning_rl, init: pretrain, overrides: {optim.schedule: constant}}, "
+                  "{name: eval_zero, kind: eval}]")
 
 
-def test_grpo_raises_the_accuracy_reward_of_a_pretrained_tiny_model(tmp_path):
+def _per_problem(run_dir, stage):
+    ev = json.loads((run_dir / "stages" / stage / "eval.json").read_text())
+    return [c / ev["k"] for c in ev["per_problem_correct"]], ev
+
+
+def test_r1_zero_lifts_held_out_pass_at_1_and_response_length(tmp_path):
     register_configs()
     with initialize_config_module(config_module="r1core.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "pipeline=default", f"run_dir={tmp_path}", R1_ZERO_STAGES,
-            "data.task_kwargs={arithmetic: {digits: 1, ops: '+-'}}", "pretrain.steps=300", f"rl.steps={STEPS}"])
+        cfg = compose(config_name="config", overrides=["pipeline=default", f"run_dir={tmp_path}", R1_ZERO_STAGES])
     run_pipeline(cfg)
+    base, base_ev = _per_problem(tmp_path, "eval_base")
+    zero, zero_ev = _per_problem(tmp_path, "eval_zero")
+    assert base_ev["problems"] == zero_ev["problems"] >= 200
+    diff = paired_difference(base, zero)
+    assert diff.mean > 2 * diff.se and diff.verdict() == "above", (base_ev["pass@1"], zero_ev["pass@1"], diff)
+
     rows = [json.loads(x) for x in (tmp_path / "stages" / "zero_rl" / "metrics.jsonl").read_text().splitlines()]
-    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
-    acc = [r["reward/accuracy"] for r in rows]
-    third = STEPS // 3
-    first, last = sum(acc[:third]) / third, sum(acc[-third:]) / third
-    assert 0.05 < first < 0.9, acc  # the base is neither hopeless nor already solved
-    assert last > first + 0.025, (first, last, acc)
+    lengths = [r["response_len"] for r in rows]
+    first, last = sum(lengths[:5]) / 5, sum(lengths[-5:]) / 5
+    assert last >= 1.1 * first, (first, last, lengths)
+    report = (tmp_path / "report.md").read_text()
+    assert "| eval_zero | eval_base |" in report and "**above**" in report

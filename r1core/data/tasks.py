@@ -212,14 +212,21 @@ def difficulty_knobs(task: str) -> dict[str, object]:
 
 def draw_problem(task: str, rng: random.Random, split: str = "train", test_fraction: float = 0.1,
                  max_attempts: int = 10_000, **difficulty) -> Problem:
-    """One problem of `task` from `split`, drawing from rng until the prompt hashes into it."""
+    """One problem of `task` from `split`, drawing from rng until the prompt hashes into it.
+
+    A difficulty knob given as a list (`n_operands=[2, 3, 4]`) takes one of its values per problem."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    empty = [k for k, v in difficulty.items() if isinstance(v, (list, tuple)) and not v]
+    if empty:
+        raise ValueError(f"task {task!r}: difficulty knob(s) {empty} given as an empty list")
     bad = set(difficulty) - set(difficulty_knobs(task))
     if bad:
         raise ValueError(f"task {task!r} has no difficulty knob {sorted(bad)}; knobs: {difficulty_knobs(task)}")
     for _ in range(max_attempts):
-        p = TASKS[task](rng, **difficulty)
+        # A knob given as a list is drawn per problem: one task set spanning several difficulties.
+        knobs = {k: rng.choice(v) if isinstance(v, (list, tuple)) else v for k, v in difficulty.items()}
+        p = TASKS[task](rng, **knobs)
         if split_of(p.prompt, test_fraction) == split:
             return p
     raise ValueError(f"no {split} problem of {task!r} in {max_attempts} draws (test_fraction={test_fraction})")

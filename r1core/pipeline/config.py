@@ -50,6 +50,7 @@ class StageSpec:
     init: str = "previous"   # model to start from: "previous" model stage, a stage name, or "scratch"
     dataset: str = ""        # stage whose dataset this stage trains on ("" = its kind's default)
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted job keys, e.g. {"rl.steps": 20}
+    baseline: str = ""       # eval stages: an earlier eval stage the report compares this one with (besides the first)
 
 
 @dataclass(kw_only=True)
@@ -281,6 +282,9 @@ def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> 
     for i, st in enumerate(stages):
         if st.name in seen:
             raise ConfigError(f"pipeline {job.pipeline.name!r}: stage name {st.name!r} appears twice")
+        if st.baseline and (st.kind != StageKind.eval or seen.get(st.baseline, st).kind != StageKind.eval):
+            raise ConfigError(f"stage {st.name!r}: baseline={st.baseline!r} must name an earlier eval stage, and "
+                              "only eval stages take one")
         for ref, what in ((st.init, "init"), (st.dataset, "dataset")):
             if ref not in ("", "previous", "scratch") and ref not in seen:
                 raise ConfigError(f"stage {st.name!r}: {what}={ref!r} names no earlier stage "

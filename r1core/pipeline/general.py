@@ -44,8 +44,8 @@ def all_scenario_problems(reasoning: list[Problem], general_path: str, seed: int
 class AllScenarioScorer(Scorer):
     """Rule rewards for reasoning problems; the reward model (weight rl.reward_model_weight) for general ones."""
 
-    def __init__(self, weights, reward_kwargs, rm_weight: float):
-        super().__init__(weights, reward_kwargs)
+    def __init__(self, weights, reward_kwargs, rm_weight: float, require_boxed: bool = True):
+        super().__init__(weights, reward_kwargs, require_boxed=require_boxed)
         self.rm_weight = rm_weight
 
     def score(self, response: str, problem: Problem):
@@ -63,7 +63,7 @@ def all_scenario_scorer(cfg, device="cpu") -> AllScenarioScorer:
         rewards.set_reward_model(TransformerRewardModel(cfg.reward_model_path, device=device))
     else:
         rewards.set_reward_model(ReferenceOverlapJudge.builtin(), transform="clip")
-    return AllScenarioScorer(cfg.rewards, cfg.reward_kwargs, cfg.reward_model_weight)
+    return AllScenarioScorer(cfg.rewards, cfg.reward_kwargs, cfg.reward_model_weight, cfg.require_boxed)
 
 
 class ReferenceOverlapJudge:

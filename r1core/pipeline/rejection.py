@@ -38,6 +38,7 @@ class Filters:
     language: str = "en"
     min_language_share: float = 0.0
     max_ngram_repeats: int = 0   # 0: no repetition filter
+    require_boxed: bool = True   # correct means a boxed answer after </think> (R1's rule)
 
 
 def rejection_reason(sample, problem, full_response: str, scorer: Scorer, f: Filters) -> tuple[str | None, dict]:
@@ -70,7 +71,7 @@ def sample_and_filter(ctx, model_dir: str, problems, k: int, sampling: SamplingP
     render = _render(tok, fmt)
     rollout = make_rollout(ctx, model, tok, max_len=max(len(render(p)) for p in problems) + sampling.max_new_tokens + 8)
     samples = rollout.generate([render(p) for p in problems], k, sampling)
-    scorer = Scorer({"accuracy": 1.0})
+    scorer = Scorer({"accuracy": 1.0}, require_boxed=filters.require_boxed)
     reasons: Counter = Counter()
     rows, seen = [], set()
     for s in samples:
@@ -99,7 +100,8 @@ def run_rejection_sampling(ctx):
                               seed=ctx.job.seed + 12)
     filters = Filters(require_correct=cfg.require_correct, require_finished=cfg.require_finished,
                       require_format=cfg.require_format, language=cfg.language,
-                      min_language_share=cfg.min_language_share, max_ngram_repeats=cfg.max_ngram_repeats)
+                      min_language_share=cfg.min_language_share, max_ngram_repeats=cfg.max_ngram_repeats,
+                      require_boxed=cfg.require_boxed)
     rows, stats = sample_and_filter(ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling, filters)
     if not rows:
         raise RuntimeError(f"rejection sampling kept no sample ({stats}): the model is too weak for the filters")
@@ -128,7 +130,8 @@ def teacher_dataset(ctx) -> tuple[list[SFTExample], dict]:
     if ctx.is_main:  # under torchrun rank 0 samples and the student's ranks get its rows
         sampled = sample_and_filter(ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling,
                                     Filters(require_correct=cfg.require_correct,
-                                            require_finished=cfg.require_finished, require_format=False))
+                                            require_finished=cfg.require_finished, require_format=False,
+                                            require_boxed=cfg.require_boxed))
     rows, stats = broadcast_from_rank0(sampled)
     if not rows:
         raise RuntimeError(f"the teacher produced no usable sample for distillation ({stats})")

@@ -205,9 +205,9 @@ def stage_eval(ctx: StageContext):
     rollout = make_rollout(ctx, model, tok, max_len=max(len(render(p)) for p in problems) + ctx.job.eval.max_new_tokens + 8)
     metrics, rows = evaluate(rollout, render, problems, ctx.job.eval, seed=ctx.job.seed)
     metrics["model"] = ctx.init_model
-    if ctx.is_main:
+    if ctx.is_main:  # per-problem counts let the report compare models problem by problem
         atomic_write_text(ctx.stage_dir / "samples.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
-        atomic_write_json(ctx.stage_dir / "eval.json", metrics)
+        atomic_write_json(ctx.stage_dir / "eval.json", {**metrics, "per_problem_correct": [r["correct"] for r in rows]})
     return {"eval": str(ctx.stage_dir / "eval.json")}, metrics
 
 

@@ -1,7 +1,10 @@
 """`math_accuracy`: 1.0 when the final answer after `</think>` equals the gold answer (math-verify).
 
 The answer is read from the text after the last `</think>` only (a response whose think block never
-closes has none): the last `\\boxed{}`, else `<answer>...</answer>`, else "the answer is X", else
+closes has none). With `require_boxed=True` (R1's rule, the default of the RL stages, rejection
+sampling and evaluation) only the last `\\boxed{}` there counts: a box inside the think block,
+"the answer is X", `<answer>` tags or a bare number score 0 ("no_boxed"). The lenient default of
+this function takes the last `\\boxed{}`, else `<answer>...</answer>`, else "the answer is X", else
 the last number (text.extract_answer). math-verify then decides equality: symbolic, numeric (to 6
 decimals), LaTeX, sets, intervals, equations (`x=3` matches `3`), thousands separators.
 
@@ -147,9 +150,10 @@ def math_accuracy(
     isolation: str = "auto",
     max_answer_chars: int = 1000,
     max_depth: int = 32,
+    require_boxed: bool = False,
 ) -> tuple[float, str]:
-    """Reasons: correct, wrong, no_answer, non_utf8, too_complex, parse_error, timeout, memory,
-    bad_gold (the dataset's answer does not parse: fix the data)."""
+    """Reasons: correct, wrong, no_answer, no_boxed (require_boxed: no box after </think>), non_utf8,
+    too_complex, parse_error, timeout, memory, bad_gold (the dataset's answer does not parse: fix the data)."""
     if isolation not in ("auto", "inline", "process"):
         raise RewardConfigError(f"isolation must be auto, inline or process, got {isolation!r}")
     if not isinstance(timeout_s, int) or timeout_s < 1:
@@ -159,12 +163,16 @@ def math_accuracy(
     if text is None:
         return 0.0, "non_utf8"
     final = split_think(text).final
+    if require_boxed and "</think>" not in text:
+        return 0.0, "no_boxed"  # R1's rule: the answer follows a closed think block
     if final is None:
         return 0.0, "no_answer"
     try:
-        pred, _ = extract_answer(final, max_answer_chars, max_depth)
+        pred, how = extract_answer(final, max_answer_chars, max_depth)
     except TooComplex:
         return 0.0, "too_complex"
+    if require_boxed and how != "boxed":
+        return 0.0, "no_boxed"
     if not pred:
         return 0.0, "no_answer"
     if len(pred) > max_answer_chars or _nesting(pred) > max_depth:

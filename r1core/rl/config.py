@@ -55,6 +55,7 @@ class GRPOConfig:
     # rewards: name -> weight (r1core.rewards registry; "accuracy" = the task's own checker)
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
     reward_kwargs: dict[str, dict] = field(default_factory=dict)
+    require_boxed: bool = True        # math accuracy counts only a \boxed{} answer after </think> (R1's rule)
     reward_model_weight: float = 1.0  # all-scenario RL: weight of the reward model on general prompts
     reward_model_path: str = ""       # scalar-head reward model dir; "" = the built-in reference-overlap judge
     # cadence

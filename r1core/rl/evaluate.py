@@ -1,8 +1,10 @@
 """Evaluation as the R1 paper reports it: pass@1 averaged over k samples, and cons@k majority vote.
 
 pass@1 = mean over problems of (correct samples / k), sampled at temperature 0.6, top-p 0.95
-(R1 §3); cons@k = share of problems whose most common final answer is correct. Greedy accuracy
-is reported beside them.
+(R1 §3), with its standard error and 95 % bootstrap interval over problems (r1core.rl.stats);
+pass@j for j = 2, 4, ... up to k (the unbiased estimator); cons@k = share of problems whose most
+common final answer is correct. Greedy accuracy is reported beside them. The answer must be boxed
+after `</think>` (R1's rule) unless `eval.require_boxed=false`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from r1core.rewards.text import TooComplex, extract_answer, split_think
 from r1core.rollout import SamplingParams
 
 from .rewarding import Scorer
+from .stats import bootstrap_mean, pass_at_k_curve
 
 
 @dataclass(kw_only=True)
@@ -26,6 +29,7 @@ class EvalConfig:
     top_p: float = 0.95
     max_new_tokens: int = 64
     greedy: bool = True
+    require_boxed: bool = True  # only a \boxed{} answer after </think> counts (R1's rule)
 
 
 def final_answer(response: str) -> str | None:
@@ -52,7 +56,7 @@ def majority_correct(answers: Sequence[str | None], correct: Sequence[float]) ->
 def evaluate(rollout, render: Callable[[Problem], list[int]], problems: Sequence[Problem], cfg: EvalConfig,
              seed: int = 0, stop: list[str] | None = None) -> tuple[dict, list[dict]]:
     """(metrics, per-problem rows). Deterministic for a given seed."""
-    scorer = Scorer({"accuracy": 1.0})
+    scorer = Scorer({"accuracy": 1.0}, require_boxed=cfg.require_boxed)
     prompts = [render(p) for p in problems]
     k = cfg.k
     samples = rollout.generate(prompts, k, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
@@ -67,11 +71,16 @@ def evaluate(rollout, render: Callable[[Problem], list[int]], problems: Sequence
         pass1 += sum(correct) / k
         cons += c
         lengths += [len(s.response_ids) for s in group]
-        rows.append({"prompt": p.prompt, "answer": p.answer, "pass1": sum(correct) / k, "cons": c,
-                     "sample": group[0].response_text})
+        rows.append({"prompt": p.prompt, "answer": p.answer, "correct": int(sum(correct)), "pass1": sum(correct) / k,
+                     "cons": c, "sample": group[0].response_text})
     n = max(len(problems), 1)
     metrics = {"pass@1": pass1 / n, f"cons@{k}": cons / n, "response_len": sum(lengths) / max(len(lengths), 1),
                "problems": len(problems), "k": k}
+    if rows:
+        est = bootstrap_mean([r["pass1"] for r in rows], seed=seed)
+        metrics.update({"pass@1_se": est.se, "pass@1_lo": est.lo, "pass@1_hi": est.hi})
+        curve = pass_at_k_curve([r["correct"] for r in rows], k)
+        metrics.update({f"pass@{j}": curve[j] for j in _powers_of_two(k) if j > 1})
     if cfg.greedy:
         greedy = rollout.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens,
                                                              stop=stop or []))
@@ -80,3 +89,11 @@ def evaluate(rollout, render: Callable[[Problem], list[int]], problems: Sequence
         for row, a in zip(rows, acc):
             row["greedy"] = a
     return metrics, rows
+
+
+def _powers_of_two(k: int) -> list[int]:
+    """1, 2, 4, ... up to k, and k itself."""
+    out = [1]
+    while out[-1] * 2 <= k:
+        out.append(out[-1] * 2)
+    return out if out[-1] == k else out + [k]

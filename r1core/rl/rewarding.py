@@ -2,7 +2,8 @@
 
 `rl.rewards` maps reward names to weights; the name "accuracy" stands for the task's own checker
 (math-verify for arithmetic and equations, the countdown checker, sandboxed tests for code), so one
-config serves mixed task sets. Problem meta fields a reward accepts (e.g. countdown's `numbers`) are
+config serves mixed task sets. `require_boxed` applies R1's rule to math answers (a `\\boxed{}`
+after `</think>`, nothing else). Problem meta fields a reward accepts (e.g. countdown's `numbers`) are
 passed to it; `rl.reward_kwargs[name]` adds fixed settings (e.g. `format: {think_in_prompt: true}`).
 """
 
@@ -28,11 +29,13 @@ def _accepted(name: str) -> set[str]:
 
 class Scorer:
     def __init__(self, weights: dict[str, float], reward_kwargs: dict[str, dict] | None = None,
-                 think_in_prompt: bool = True):
+                 think_in_prompt: bool = True, require_boxed: bool = False):
         self.weights = dict(weights)
         self.reward_kwargs = {k: dict(v) for k, v in (reward_kwargs or {}).items()}
         fmt = self.reward_kwargs.setdefault("format", {})
         fmt.setdefault("think_in_prompt", think_in_prompt)
+        # R1's accuracy rule: only a boxed answer after </think> counts (see math_accuracy)
+        self.reward_kwargs.setdefault("math_accuracy", {}).setdefault("require_boxed", require_boxed)
         for name in self.weights:
             if name != "accuracy":
                 rewards.registry.spec(name)  # unknown names fail here, before any rollout

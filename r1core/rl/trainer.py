@@ -94,7 +94,7 @@ class GRPOTrainer:
         # Under torchrun only rank 0 generates and scores (a GatheredRollout); the others get its batch.
         self.world = engine.world_size
         self.generates = getattr(rollout, "generates", True) and engine.rank == 0
-        self.scorer = scorer or Scorer(cfg.rewards, cfg.reward_kwargs)
+        self.scorer = scorer or Scorer(cfg.rewards, cfg.reward_kwargs, require_boxed=cfg.require_boxed)
         self.out_dir = Path(out_dir)
         self.stop = stop or []
         if cfg.beta > 0 and ref_engine is None:

@@ -117,7 +117,7 @@ def plot_curves(path: str | os.PathLike, title: str, series: dict[str, tuple[lis
     for ax, (name, (xs, ys)) in zip(axes.flat, series.items()):
         ax.plot(xs, ys, color="#9db7d5", linewidth=1)
         if smooth > 1 and len(ys) >= smooth:
-            ax.plot(xs[smooth - 1:], _moving_average(ys, smooth), color="#1f4e89", linewidth=1.6)
+            ax.plot(xs[smooth - 1:], moving_average(ys, smooth), color="#1f4e89", linewidth=1.6)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(alpha=0.3)
@@ -129,7 +129,7 @@ def plot_curves(path: str | os.PathLike, title: str, series: dict[str, tuple[lis
     plt.close(fig)
 
 
-def _moving_average(values: Iterable[float], k: int) -> list[float]:
+def moving_average(values: Iterable[float], k: int) -> list[float]:
     values = list(values)
     out, acc = [], sum(values[:k])
     out.append(acc / k)
