@@ -7,14 +7,16 @@
 # The checkpoint is any HF DeepSeek-V3 / V2 directory with a tokenizer.json: a model stage of an earlier
 # `r1core run` (runs/<run>/stages/pretrain/model), a transformers save_pretrained, or released weights.
 # Settings (environment): TRAIN, TEST (problems JSONL, see docs/data.md), RUN_DIR (default
-# runs/continue-rl). Other arguments are `r1core run` overrides.
+# runs/continue-rl), DRY_RUN=1 (print the command). Other arguments are `r1core run` overrides.
 set -euo pipefail
+# DRY_RUN=1 prints the command instead of running it
+run() { if [[ "${DRY_RUN:-0}" == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 CKPT=${1:?usage: run.sh /path/to/hf_checkpoint [r1core run overrides...]}
 shift
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 TRAIN=${TRAIN:-$HERE/data/train.jsonl}
 TEST=${TEST:-$HERE/data/test.jsonl}
 RUN_DIR=${RUN_DIR:-runs/continue-rl}
-r1core run pipeline=r1_zero hf_checkpoint="$CKPT" data.rl_prompts_jsonl="$TRAIN" data.eval_jsonl="$TEST" \
+run r1core run pipeline=r1_zero hf_checkpoint="$CKPT" data.rl_prompts_jsonl="$TRAIN" data.eval_jsonl="$TEST" \
   run_dir="$RUN_DIR" hydra.run.dir="$RUN_DIR" "$@"
-echo "report: $RUN_DIR/report.md"
+[[ "${DRY_RUN:-0}" == 1 ]] || echo "report: $RUN_DIR/report.md"

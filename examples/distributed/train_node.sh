@@ -6,9 +6,12 @@
 #   CHECK=1 PRESET=v3 bash examples/distributed/train_node.sh              # validate the layout, no GPU needed
 #
 # Settings (environment): PRESET (v2_lite | v3 | any r1core preset), NPROC (processes, default 8),
-# LAYOUT (parallel flags; default per preset below), DTYPE (bf16 | fp32), CHECK=1 (validate only).
+# LAYOUT (parallel flags; default per preset below), DTYPE (bf16 | fp32), CHECK=1 (validate only),
+# DRY_RUN=1 (print the command instead).
 # Other arguments go to `python -m r1core.train` (--steps, --batch, --seq-len, --data, --save, --out, ...).
 set -euo pipefail
+# DRY_RUN=1 prints the command instead of running it
+run() { if [[ "${DRY_RUN:-0}" == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 
 PRESET=${PRESET:-v2_lite}
 NPROC=${NPROC:-8}
@@ -24,7 +27,8 @@ esac
 read -r -a LAYOUT_ARGS <<< "${LAYOUT:-$DEFAULT_LAYOUT}"
 
 if [[ "${CHECK:-0}" == 1 ]]; then
-  exec python -m r1core.train --check --world-size "$NPROC" --preset "$PRESET" "${LAYOUT_ARGS[@]}" "$@"
+  run python -m r1core.train --check --world-size "$NPROC" --preset "$PRESET" "${LAYOUT_ARGS[@]}" "$@"
+  exit
 fi
-exec torchrun --standalone --nproc_per_node="$NPROC" -m r1core.train \
+run torchrun --standalone --nproc_per_node="$NPROC" -m r1core.train \
   --preset "$PRESET" "${LAYOUT_ARGS[@]}" --dtype "$DTYPE" "$@"
