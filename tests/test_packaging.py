@@ -45,6 +45,37 @@ print("ok", r1core.kernels.__file__)
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ok" in r.stdout
+    (shipped,) = target.glob("r1core-*.dist-info/licenses/LICENSE")
+    assert shipped.read_text() == (ROOT / "LICENSE").read_text()
+
+
+def test_license_file_is_the_apache_2_license_pyproject_declares():
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]
+    text = (ROOT / "LICENSE").read_text()
+    assert declared == "Apache-2.0"
+    assert text.lstrip().startswith("Apache License\n                           Version 2.0, January 2004")
+    assert "END OF TERMS AND CONDITIONS" in text
+
+
+# top-level entries of the repository a user-facing document may point into
+_REPO_DIRS = ("r1core/", "docs/", "examples/", "benchmarks/", "tests/", "conf/", "kernels/", "csrc/", ".ci/")
+
+
+def _user_docs() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").rglob("*.md")),
+            ROOT / "r1core" / "rewards" / "README.md"]
+
+
+def test_user_docs_point_only_at_files_inside_the_repository():
+    for doc in _user_docs():
+        text = doc.read_text()
+        outside = re.findall(r"\.\./[\w./-]+|/work/[\w./-]+|\bshared/[\w.-]+\.md", text)
+        assert not outside, f"{doc.relative_to(ROOT)} points outside the repository: {outside}"
+        for path in re.findall(r"`((?:%s)[\w./-]*?)[`:]" % "|".join(map(re.escape, _REPO_DIRS)), text):
+            target = ROOT / path.split("::")[0]
+            assert target.exists() or any(ROOT.glob(path)), f"{doc.relative_to(ROOT)} names {path}, which does not exist"
 
 
 def _run_from_root(code: str) -> subprocess.CompletedProcess:

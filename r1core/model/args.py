@@ -23,48 +23,47 @@ class Impl(str, enum.Enum):
 
 @dataclass(kw_only=True)
 class ModelArgs:
-    vocab_size: int = 129280
-    dim: int = 7168
+    vocab_size: int = 129280        # token embedding and output head rows
+    dim: int = 7168                 # hidden size (hidden_size)
     inter_dim: int = 18432          # dense MLP hidden size (first `n_dense_layers` layers)
     moe_inter_dim: int = 2048       # per-expert hidden size
-    n_layers: int = 61
-    n_dense_layers: int = 3
-    n_heads: int = 128
+    n_layers: int = 61              # transformer blocks of the main model (num_hidden_layers; MTP modules come on top)
+    n_dense_layers: int = 3         # the first blocks use a dense MLP instead of MoE (first_k_dense_replace)
+    n_heads: int = 128              # attention heads
     # MoE
-    n_routed_experts: int = 256
-    n_shared_experts: int = 1
-    n_activated_experts: int = 8
-    n_expert_groups: int = 8
-    n_limited_groups: int = 4
-    score_func: ScoreFunc = ScoreFunc.sigmoid
-    route_scale: float = 2.5
-    norm_topk_prob: bool = True
+    n_routed_experts: int = 256     # routed experts per MoE layer
+    n_shared_experts: int = 1       # always-on experts per MoE layer
+    n_activated_experts: int = 8    # routed experts per token (top-k)
+    n_expert_groups: int = 8        # expert groups for group-limited routing (n_group)
+    n_limited_groups: int = 4       # groups a token may route into (topk_group)
+    score_func: ScoreFunc = ScoreFunc.sigmoid # router scores: sigmoid (V3) or softmax (V2)
+    route_scale: float = 2.5        # routing weights are multiplied by this (routed_scaling_factor)
+    norm_topk_prob: bool = True     # renormalize the top-k weights to sum to 1 before route_scale
     bias_update_speed: float = 0.001  # aux-loss-free balancing (DeepSeek-V3 §2.1.2, gamma)
     seq_aux_alpha: float = 0.0001     # sequence-wise balance loss weight (alpha)
     # MLA
     q_lora_rank: int = 1536          # 0: queries are not compressed (V2-Lite)
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
+    kv_lora_rank: int = 512         # compressed key/value latent size (the KV cache per token and layer)
+    qk_nope_head_dim: int = 128     # per-head query/key size without rotary embedding
+    qk_rope_head_dim: int = 64      # per-head query/key size with rotary embedding (even)
+    v_head_dim: int = 128           # per-head value size
     # RoPE / YaRN
-    max_seq_len: int = 163840
-    original_seq_len: int = 4096
-    rope_theta: float = 10000.0
-    rope_factor: float = 40.0
-    beta_fast: int = 32
-    beta_slow: int = 1
-    mscale: float = 1.0
-    mscale_all_dim: float = 1.0
+    max_seq_len: int = 163840       # longest sequence the rotary tables cover (max_position_embeddings)
+    original_seq_len: int = 4096    # pretraining context; YaRN extends beyond it
+    rope_theta: float = 10000.0     # rotary base frequency
+    rope_factor: float = 40.0       # YaRN scaling factor (1: no YaRN)
+    beta_fast: int = 32             # YaRN ramp: dimensions rotating faster than this keep their frequency
+    beta_slow: int = 1              # YaRN ramp: dimensions rotating slower than this are interpolated fully
+    mscale: float = 1.0             # YaRN attention temperature coefficient
+    mscale_all_dim: float = 1.0     # YaRN temperature coefficient applied to the softmax scale (0: off)
     # multi-token prediction (DeepSeek-V3 §2.2)
-    n_mtp_modules: int = 1
-    mtp_loss_weight: float = 0.3
+    n_mtp_modules: int = 1          # multi-token prediction modules (num_nextn_predict_layers; 0: none)
+    mtp_loss_weight: float = 0.3    # weight of the MTP loss in the training loss (lambda)
     # misc
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-    tie_embeddings: bool = False
-    moe_impl: Impl = Impl.ref
-
+    norm_eps: float = 1e-6          # RMSNorm epsilon
+    init_std: float = 0.02          # standard deviation of the initial weights
+    tie_embeddings: bool = False    # the output head shares the embedding matrix
+    moe_impl: Impl = Impl.ref       # MoE hot-path implementation: ref (PyTorch), triton, cuda
     def __post_init__(self) -> None:
         self.score_func = ScoreFunc(self.score_func)
         self.moe_impl = Impl(self.moe_impl)

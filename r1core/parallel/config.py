@@ -23,14 +23,14 @@ class PPSchedule(str, enum.Enum):
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
+    tp: int = 1                     # tensor parallel degree (inside a node)
+    pp: int = 1                     # pipeline parallel stages (layers split evenly)
+    ep: int = 1                     # expert parallel degree, carved out of data parallelism
     dp: int = -1                  # -1: world_size // (tp * pp)
-    pp_schedule: PPSchedule = PPSchedule.one_f_one_b
+    pp_schedule: PPSchedule = PPSchedule.one_f_one_b # pipeline schedule
     pp_virtual: int = 2           # stages per rank for the interleaved schedule
     microbatches: int = 1         # each batch dict given to train_step is split into this many along rows
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False # shard activations along the sequence between TP regions (needs tp > 1)
     zero1: bool = True            # shard optimizer state over the data-parallel ranks
     activation_checkpointing: bool = False  # recompute every block in backward
     compile: bool = False         # torch.compile every block

@@ -45,8 +45,8 @@ MODEL_STAGES = {StageKind.pretrain, StageKind.load, StageKind.cold_start_sft, St
 
 @dataclass(kw_only=True)
 class StageSpec:
-    name: str
-    kind: StageKind
+    name: str                       # unique within the pipeline; the stage's directory name
+    kind: StageKind                 # what the stage does
     init: str = "previous"   # model to start from: "previous" model stage, a stage name, or "scratch"
     dataset: str = ""        # stage whose dataset this stage trains on ("" = its kind's default)
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted job keys, e.g. {"rl.steps": 20}
@@ -55,67 +55,65 @@ class StageSpec:
 
 @dataclass(kw_only=True)
 class PipelineConfig:
-    name: str = MISSING
-    stages: list[StageSpec] = MISSING
-
-
+    name: str = MISSING             # the pipeline's name (the run directory's prefix)
+    stages: list[StageSpec] = MISSING # stages in order
 @dataclass(kw_only=True)
 class DataConfig:
     tokenizer: str = ""            # tokenizer.json (or its folder); "" trains a BPE on the corpus
     vocab_size: int = 512          # for a trained tokenizer
-    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
-    task_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: {"arithmetic": {"digits": 2, "ops": "+-"}})
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic"]) # built-in task sets: arithmetic, equations, countdown
+    task_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: {"arithmetic": {"digits": 2, "ops": "+-"}}) # per-task generator settings, e.g. {arithmetic: {digits: 2, ops: '+-'}}
     corpus_docs: int = 40000       # built-in pretraining corpus (worked solutions + prose)
-    prose_fraction: float = 0.1
+    prose_fraction: float = 0.1     # built-in corpus: share of plain-English paragraphs
     answer_noise: float = 0.0      # built-in corpus: share of worked solutions whose final answer is corrupted
     direct_fraction: float = 0.0   # built-in corpus: share of problems answered at once, with an empty think block
     direct_noise: float = 0.0      # built-in corpus: share of those direct answers that are near misses
     pretrain_files: list[str] = field(default_factory=list)  # text / JSONL: replaces the built-in corpus
     cold_start_jsonl: str = ""     # long-CoT SFT data; "" = generated worked solutions
-    cold_start_examples: int = 2000
+    cold_start_examples: int = 2000 # built-in cold-start set size (without data.cold_start_jsonl)
     rl_prompts_jsonl: str = ""     # RL problems; "" = built-in tasks
     general_prompts_jsonl: str = ""  # all-scenario RL prompts for the reward model
     eval_jsonl: str = ""           # held-out problems; "" = built-in test split
-    eval_problems: int = 200
+    eval_problems: int = 200        # held-out problems kept from data.eval_jsonl or the built-in test split
     strict: bool = False           # fail at the first bad line of any data file instead of skipping it
     max_bad_fraction: float = 0.05  # a data file with a larger share of bad lines fails the pre-flight
 
 
 @dataclass(kw_only=True)
 class RejectionConfig:
-    prompts: int = 256
-    samples_per_prompt: int = 4
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 64
-    require_correct: bool = True
-    require_finished: bool = True
-    require_format: bool = True
+    prompts: int = 256              # RL prompts sampled from
+    samples_per_prompt: int = 4     # samples drawn for each prompt
+    temperature: float = 0.8        # sampling temperature
+    top_p: float = 0.95             # nucleus sampling threshold
+    max_new_tokens: int = 64        # response length limit
+    require_correct: bool = True    # keep only samples the accuracy checker accepts
+    require_finished: bool = True   # keep only samples that stopped before max_new_tokens
+    require_format: bool = True     # keep only samples in the <think>...</think> format
     require_boxed: bool = True     # correct means a boxed answer after </think> (R1's rule)
-    language: str = "en"
-    min_language_share: float = 0.9
+    language: str = "en"            # target language of the language-consistency filter
+    min_language_share: float = 0.9 # least share of target-language words
     max_ngram_repeats: int = 4     # a repetition loop: some 4-gram occurs more often than this
-    dedupe: bool = True
+    dedupe: bool = True             # drop duplicate responses to the same prompt
     non_reasoning_ratio: float = 0.25  # share of non-reasoning examples in the written dataset
     non_reasoning_jsonl: str = ""      # "" = built-in short prose Q/A
 
 
 @dataclass(kw_only=True)
 class DistillConfig:
-    student: ModelArgs = field(default_factory=lambda: presets["tiny"].replace(n_dense_layers=4, n_mtp_modules=0))
-    prompts: int = 512
-    samples_per_prompt: int = 2
-    temperature: float = 0.7
-    max_new_tokens: int = 64
-    require_correct: bool = True
-    require_finished: bool = True
-    require_boxed: bool = True
+    student: ModelArgs = field(default_factory=lambda: presets["tiny"].replace(n_dense_layers=4, n_mtp_modules=0)) # the dense student; its vocab_size follows the teacher's
+    prompts: int = 512              # teacher prompts
+    samples_per_prompt: int = 2     # teacher samples per prompt
+    temperature: float = 0.7        # teacher sampling temperature
+    max_new_tokens: int = 64        # teacher response length limit
+    require_correct: bool = True    # keep only correct teacher samples
+    require_finished: bool = True   # keep only finished teacher samples
+    require_boxed: bool = True     # correct means a boxed answer after </think> (R1's rule)
 
 
 @dataclass(kw_only=True)
 class JobConfig:
-    run_dir: str = "runs/default"
-    seed: int = 0
+    run_dir: str = "runs/default"   # where the manifest, stages and report go (the CLI sets it to Hydra's run directory)
+    seed: int = 0                   # seeds data order, initialization, sampling
     device: str = "auto"           # auto: cuda when present
     dtype: str = "auto"            # auto: bf16 on cuda, fp32 on cpu
     hf_checkpoint: str = ""        # for `load` stages: an HF DeepSeek-V3 directory (bf16 or FP8)

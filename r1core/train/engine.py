@@ -40,14 +40,14 @@ class LRSchedule(str, enum.Enum):
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    schedule: LRSchedule = LRSchedule.cosine
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    lr: float = 3e-4                # peak learning rate (r1core run stages use their own: pretrain.lr, sft.lr, rl.lr)
+    min_lr_ratio: float = 0.1       # the schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 0           # linear warmup steps
+    total_steps: int = 1000         # schedule length (r1core run stages set it to their own step count)
+    schedule: LRSchedule = LRSchedule.cosine # learning-rate decay after warmup
+    weight_decay: float = 0.1       # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.95) # AdamW betas
+    eps: float = 1e-8               # AdamW epsilon
     grad_clip: float = 1.0      # max global gradient norm; 0 turns clipping off
     master_weights: bool = True # fp32 master weights and AdamW state when the model's dtype is lower
     # A step whose global gradient norm is inf/NaN is skipped (no update, no expert-bias change, the LR

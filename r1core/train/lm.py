@@ -19,15 +19,15 @@ from .metrics import MetricsLog, progress
 
 @dataclass(kw_only=True)
 class LMTrainConfig:
-    steps: int = 300
+    steps: int = 300                # optimizer steps of this stage
     lr: float = 3e-4            # peak learning rate of this stage (the rest of the schedule: `optim`)
     batch_size: int = 32        # sequences per optimizer step (global)
     micro_batch_size: int = 32  # sequences per forward/backward
-    seq_len: int = 96
+    seq_len: int = 96               # tokens per training sequence
     doc_masking: bool = True    # attention stays inside each packed document
-    log_every: int = 10
-    save_every: int = 100
-    keep_checkpoints: int = 2
+    log_every: int = 10             # steps between metrics.jsonl rows
+    save_every: int = 100           # steps between resumable checkpoints
+    keep_checkpoints: int = 2       # checkpoints kept (older ones are deleted)
     # The last step writes no full (optimizer) checkpoint: the stage's model export is the last save,
     # as torchtitan's `checkpoint.last_save_model_only`. At 1.7B parameters the full state is ~24 GB
     # (fp32 masters + AdamW), a 36 s write on an H100 node's disk. False keeps it, to extend the run.

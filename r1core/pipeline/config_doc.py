@@ -1,0 +1,145 @@
+"""docs/config.md, generated from the typed job schema: every setting with its type, default and meaning.
+
+    python -m r1core.pipeline.config_doc > docs/config.md
+
+The meaning of a setting is the comment on its line in the dataclass that declares it, so the
+schema stays the one place a setting is described; tests/test_config_doc.py keeps the file in sync.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import enum
+import inspect
+import io
+import json
+import sys
+import textwrap
+import tokenize
+import typing
+from functools import cache
+
+from r1core.model.args import ModelArgs, presets
+
+from .config import JobConfig, StageKind
+
+DEFAULT_PRESET = "tiny"  # conf/config.yaml's `model:` default
+
+HEADER = f"""# Configuration reference
+
+Every setting of `r1core run`, generated from the typed schema (`r1core.pipeline.config.JobConfig`
+and the dataclasses it nests) by `python -m r1core.pipeline.config_doc`. Set any of them on the
+command line as `key=value` (`rl.group_size=16`, `data.strict=true`, `'data.pretrain_files=[a.jsonl]'`);
+a stage's `overrides` set them for that stage only. `r1core run --cfg job` prints the composed values.
+Unknown keys, with or without a leading `+`, stop the run before any work.
+
+Defaults are the schema's. Two config groups replace whole sections: `model=<preset>` (`tiny` by
+default; also {", ".join(f"`{p}`" for p in presets if p != DEFAULT_PRESET)}) sets every `model.*` key, and
+`pipeline=<name>` (`default`, `r1`, `r1_zero`, `distill`) sets `pipeline.*`; the embedded `default`
+pipeline, a CPU demo, also sets smaller step counts and the arithmetic data it trains on. The `model.*`
+defaults below are the `{DEFAULT_PRESET}` preset's. With `hf_checkpoint` set, the model's shape comes from the
+checkpoint's `config.json` instead.
+"""
+
+
+@cache
+def _comments(cls: type) -> dict[str, str]:
+    """field name -> the comment on the line (or the last line) of its declaration in `cls`, else the
+    comment lines directly above it."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    by_line = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            by_line[tok.start[0]] = tok.string.lstrip("#").strip()
+    body = ast.parse(source).body[0].body
+    out = {}
+    for node in body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines = range(node.lineno, node.end_lineno + 1)
+            note = next((by_line[i] for i in reversed(lines) if i in by_line), "")
+            above, i = [], node.lineno - 1
+            while not note and i in by_line and source.splitlines()[i - 1].lstrip().startswith("#"):
+                above.insert(0, by_line[i])
+                i -= 1
+            # a single line above is a section header ("# MoE"), not the field's description
+            out[node.target.id] = note or (" ".join(above) if len(above) > 1 else "")
+    return out
+
+
+def _type_name(t) -> str:
+    if isinstance(t, type) and issubclass(t, enum.Enum):
+        return " \\| ".join(f"`{m.value}`" for m in t)
+    if isinstance(t, type):
+        return t.__name__
+    return str(t).replace("typing.", "").replace("NoneType", "None").replace(" | ", " \\| ")
+
+
+def _default(f: dataclasses.Field, instance) -> str:
+    if instance is not None:
+        value = getattr(instance, f.name)
+    elif f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    if value == "???":
+        return "required"
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if value == "":
+        return '`""` (unset)'
+    try:  # as it is written on the command line / in YAML: true, "text", [1, 2]
+        return f"`{json.dumps(value)}`"
+    except TypeError:
+        return f"`{value!r}`"
+
+
+def rows(cls: type, prefix: str = "", instance=None) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) for every leaf setting under `cls`."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        t, key = hints[f.name], prefix + f.name
+        nested = instance and getattr(instance, f.name)
+        if t is ModelArgs and prefix:  # distill.student: the same keys as `model`
+            out.append((key, "ModelArgs", "a dense 4-layer tiny model", f"{_comments(cls).get(f.name) or ''} "
+                        "(the same keys as `model.*`)".strip()))
+        elif t is ModelArgs:
+            out += rows(ModelArgs, key + ".", presets[DEFAULT_PRESET])
+        elif dataclasses.is_dataclass(t):
+            out += rows(t, key + ".", nested)
+        elif typing.get_origin(t) is list and dataclasses.is_dataclass(typing.get_args(t)[0]):
+            out += rows(typing.get_args(t)[0], key + "[].")
+        else:
+            out.append((key, _type_name(t), _default(f, instance), _comments(cls).get(f.name, "")))
+    return out
+
+
+def _cell(text: str) -> str:
+    """A comment as a table cell: no column breaks, and `<think>` shown rather than read as HTML."""
+    return text.replace("|", "/").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def render() -> str:
+    sections: dict[str, list] = {}
+    for key, t, default, meaning in rows(JobConfig):
+        sections.setdefault(key.split(".")[0] if "." in key else "", []).append((key, t, default, meaning))
+    out = [HEADER]
+    for name, items in sections.items():
+        out.append(f"## {name or 'job'}\n")
+        if name == "pipeline":
+            out.append(f"Stage kinds: {', '.join(f'`{k.value}`' for k in StageKind)}.\n")
+        out.append("| key | type | default | meaning |\n| --- | --- | --- | --- |")
+        out += [f"| `{k}` | {t} | {d} | {_cell(m)} |" for k, t, d, m in items]
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    sys.stdout.write(render())
+
+
+if __name__ == "__main__":
+    main()
