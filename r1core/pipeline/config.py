@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from r1core.model.args import ModelArgs, presets
 from r1core.parallel.config import ParallelConfig
 from r1core.rl.config import GRPOConfig
+from r1core.rollout.config import RolloutConfig, check_engine
 from r1core.rl.evaluate import EvalConfig
 from r1core.train.lm import LMTrainConfig
 from r1core.train.engine import OptimConfig
@@ -127,6 +128,7 @@ class JobConfig:
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     pipeline: PipelineConfig = MISSING
 
 
@@ -274,6 +276,10 @@ def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> 
     if not stages:
         raise ConfigError("pipeline.stages is empty")
     _check_files(job)
+    try:
+        check_engine(job.rollout)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     base_paths = _job_paths(job)
     seen: dict[str, StageSpec] = {}
     resolved = []

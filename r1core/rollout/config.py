@@ -1,0 +1,66 @@
+"""Which rollout engine generates for the RL, rejection-sampling, distillation and eval stages.
+
+`rollout.engine: builtin` (default) needs nothing beyond r1core. `rollout.engine: sglang` serves the
+policy with SGLang (the optional `[sglang]` extra, docs/sglang.md); choosing it where SGLang is not
+installed fails before any work with one line, not at the first rollout hours later.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class EngineKind(str, enum.Enum):
+    builtin = "builtin"  # r1core.rollout.BuiltinEngine: continuous batching, CUDA-graph decode
+    sglang = "sglang"    # r1core.rollout.SGLangEngine on sglang.Engine
+
+
+@dataclass(kw_only=True)
+class SGLangArgs:
+    tokenizer_path: str = ""        # HF tokenizer folder for SGLang (stop strings, text); "" = r1core decodes
+    colocated: bool = True          # training shares the GPUs: SGLang's memory saver, sleep/wake around rollouts
+    deterministic: bool = False     # batch-invariant kernels, so per-request sampling seeds are honoured
+    bucket_bytes: int = 512 << 20   # bound on one weight-update call
+    tp_size: int = 1                # SGLang's own tensor parallelism for inference
+    mem_fraction_static: float = 0.5  # GPU memory share for SGLang's weights and KV cache
+    server_args: dict[str, Any] = field(default_factory=dict)  # any other sglang ServerArgs field
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    engine: EngineKind = EngineKind.builtin  # builtin, or sglang (the [sglang] extra)
+    sglang: SGLangArgs = field(default_factory=SGLangArgs)
+
+
+# Whether the pipeline's stages build their rollout engine with build_rollout. Until they do, choosing
+# sglang must fail loudly rather than run the built-in engine unannounced.
+PIPELINE_USES_BUILD_ROLLOUT = False
+
+
+def check_engine(cfg: RolloutConfig) -> None:
+    """ValueError with one line when the chosen engine cannot be built here."""
+    if EngineKind(cfg.engine) != EngineKind.sglang:
+        return
+    if importlib.util.find_spec("sglang") is None:
+        raise ValueError("rollout.engine=sglang but SGLang is not installed: pip install 'r1core[sglang]' "
+                         "(docs/sglang.md), or use rollout.engine=builtin")
+    if not PIPELINE_USES_BUILD_ROLLOUT:
+        raise ValueError("rollout.engine=sglang: the pipeline stages run the built-in engine only so far; "
+                         "use r1core.rollout.SGLangEngine from Python (docs/sglang.md)")
+
+
+def build_rollout(cfg: RolloutConfig, model, tokenizer, max_len: int, max_batch: int = 256):
+    """The configured engine serving `model` (the trainer pushes weights with update_weights)."""
+    if EngineKind(cfg.engine) == EngineKind.builtin:
+        from .builtin import BuiltinEngine
+
+        return BuiltinEngine(model, tokenizer=tokenizer, max_batch=max_batch, max_len=max_len)
+    from .sglang_engine import SGLangEngine
+
+    s = cfg.sglang
+    return SGLangEngine(model, tokenizer=tokenizer, tokenizer_path=s.tokenizer_path or None, colocated=s.colocated,
+                        deterministic=s.deterministic, bucket_bytes=s.bucket_bytes, tp_size=s.tp_size,
+                        mem_fraction_static=s.mem_fraction_static, **s.server_args)
