@@ -28,6 +28,9 @@ def _run(argv: list[str]) -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://r1core.conf", config_name="config")
     def _main(cfg: DictConfig) -> None:
+        # megatron-core announces at INFO, on import, which optional backends (Transformer Engine,
+        # Megatron-FSDP) it found; Hydra's logging shows INFO, and none of it concerns an r1core user.
+        logging.getLogger("megatron").setLevel(logging.WARNING)
         from r1core.pipeline.runner import StageFailed, run_pipeline
 
         log = logging.getLogger("r1core")

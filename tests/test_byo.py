@@ -79,6 +79,7 @@ def test_transformers_saved_checkpoint_runs_r1_zero_end_to_end_with_its_own_shap
     assert tok.hash == Tokenizer.from_file(hf_dir).hash
     prepared = (run / "stages" / "prepare" / "rl_prompts.jsonl").read_text().splitlines()
     assert len(prepared) == 30  # the bad line was skipped and counted, not passed on
+    assert stages["prepare"]["metrics"] == {"skipped_lines/data.rl_prompts_jsonl": 1}
     assert {"pass@1", "greedy"} <= set(stages["eval_zero"]["metrics"])
 
 
@@ -248,6 +249,7 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_resumes(tmp_path, caplog):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in out + err
+    assert "Transformer Engine" not in out + err  # megatron-core's import warnings are filtered
     lines = [x for x in (out + err).splitlines() if "interrupted" in x]
     assert len(lines) == 1 and lines[0].endswith("; rerun the same command to resume"), lines
     step = int(lines[0].split(" at step ")[1].split(";")[0])
@@ -260,3 +262,24 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_resumes(tmp_path, caplog):
     assert f"resuming pretrain from step {saved}" in caplog.messages
     again = json.loads((run / "manifest.json").read_text())["stages"]["pretrain"]
     assert again["status"] == "done" and again["attempts"] == 2 and again["seconds"] > stage["seconds"]
+
+
+def test_manifest_seconds_add_up_every_attempt_including_one_killed_outright(tmp_path, monkeypatch):
+    from r1core.pipeline import manifest as manifest_mod
+    from r1core.pipeline.manifest import Manifest
+
+    now = [100.0]
+    monkeypatch.setattr(manifest_mod.time, "time", lambda: now[0])
+    m = Manifest(tmp_path, "p")
+    m.start("s", "h")                        # attempt 1 starts at 100 ...
+    m.fail("s", "interrupted", 10.0)         # ... and is interrupted after 10 s
+    now[0] = 200.0
+    m.start("s", "h")                        # attempt 2 starts at 200 and is killed: no end recorded
+    now[0] = 300.0
+    m = Manifest(tmp_path, "p")
+    m.start("s", "h", last_activity=230.0)   # attempt 3: attempt 2 last wrote progress at 230
+    m.finish("s", {}, {}, 5.0)
+    st = Manifest(tmp_path, "p").stage("s")
+    assert (st["seconds"], st["attempts"], st["status"]) == (10.0 + 30.0 + 5.0, 3, "done")
+    m.start("s", "other-hash")               # a changed config starts again from 0
+    assert Manifest(tmp_path, "p").stage("s")["seconds"] == 0.0

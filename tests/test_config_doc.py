@@ -36,7 +36,8 @@ def test_every_composed_setting_is_documented_with_type_and_default():
 
 
 def test_settings_of_the_pipeline_data_model_and_training_sections_all_say_what_they_mean():
-    owned = ("model.", "parallel.", "optim.", "data.", "pretrain.", "sft.", "rejection.", "distill.", "pipeline.")
+    owned = ("model.", "parallel.", "optim.", "data.", "pretrain.", "sft.", "rejection.", "distill.", "pipeline.",
+             "rollout.")
     blank = [key for key, _, _, meaning in rows(JobConfig)
              if (key.startswith(owned) or "." not in key) and not meaning.strip()]
     assert not blank, f"add a comment on the declaring line of: {blank}"

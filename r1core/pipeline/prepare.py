@@ -11,12 +11,13 @@ import json
 import logging
 import random
 import re
+from itertools import chain
 from pathlib import Path
 
 from r1core.data import (ChatFormat, Problem, Tokenizer, builtin_paragraphs, generate, load_problems_jsonl,
                          prepare_shards, worked_solution)
 from r1core.data.corpus import builtin_corpus
-from r1core.data.jsonl import iter_records, require_object
+from r1core.data.jsonl import SkipStats, iter_records, require_object
 from r1core.data.preflight import DataFile, parse_general_prompt, preflight
 from r1core.data.sft import load_sft_jsonl, parse_problem_record
 from r1core.train.checkpointing import atomic_write_text
@@ -74,8 +75,10 @@ def chat_document(fmt: ChatFormat, p: Problem) -> str:
     return fmt.render_prompt(p.prompt) + fmt.strip_think_prefix(worked_solution(p)) + fmt.eos
 
 
-def run_prepare(job, stage_dir: Path) -> dict:
+def run_prepare(job, stage_dir: Path, skipped: dict[str, int] | None = None) -> dict:
+    """Write everything later stages read; `skipped` receives the bad lines skipped per data setting."""
     d, seed = job.data, job.seed
+    stats = {f.key: SkipStats() for f in data_files(job)}
     stage_dir.mkdir(parents=True, exist_ok=True)
     if d.tokenizer:
         tok = Tokenizer.from_file(d.tokenizer)
@@ -92,29 +95,32 @@ def run_prepare(job, stage_dir: Path) -> dict:
     if d.pretrain_files:
         from r1core.data.shards import iter_documents
 
-        docs = iter_documents(d.pretrain_files)
+        docs = chain.from_iterable(iter_documents([p], stats=stats[f"data.pretrain_files[{i}]"])
+                      for i, p in enumerate(d.pretrain_files))
     else:
         docs = _builtin_docs(job, fmt)
     shards = stage_dir / "shards"
     prepare_shards(docs, shards, tok, name="pretrain", overwrite=True)  # a failed earlier attempt's shards
     outputs["shards"] = str(shards)
 
-    rl = load_problems_jsonl(d.rl_prompts_jsonl) if d.rl_prompts_jsonl else _task_problems(d, 20000, "train", seed + 1)
+    rl = load_problems_jsonl(d.rl_prompts_jsonl, stats=stats.get("data.rl_prompts_jsonl")) if d.rl_prompts_jsonl else _task_problems(d, 20000, "train", seed + 1)
     problems_to_jsonl(stage_dir / "rl_prompts.jsonl", rl)
-    ev = load_problems_jsonl(d.eval_jsonl) if d.eval_jsonl else _task_problems(d, d.eval_problems, "test", seed + 2)
+    ev = load_problems_jsonl(d.eval_jsonl, stats=stats.get("data.eval_jsonl")) if d.eval_jsonl else _task_problems(d, d.eval_problems, "test", seed + 2)
     problems_to_jsonl(stage_dir / "eval.jsonl", ev[: d.eval_problems])
     outputs.update(rl_prompts=str(stage_dir / "rl_prompts.jsonl"), eval=str(stage_dir / "eval.jsonl"))
 
     cold = stage_dir / "cold_start.jsonl"
     if d.cold_start_jsonl:
-        _write_sft(cold, load_sft_jsonl(d.cold_start_jsonl))
+        _write_sft(cold, load_sft_jsonl(d.cold_start_jsonl, stats["data.cold_start_jsonl"]))
     else:
         rows = [{"prompt": p.prompt, "response": worked_solution(p)}
                 for p in _task_problems(d, d.cold_start_examples, "train", seed + 3)]
         atomic_write_text(cold, "\n".join(json.dumps(r) for r in rows) + "\n")
     outputs["cold_start"] = str(cold)
-    outputs["general_prompts"] = str(_general_prompts(d, stage_dir))
-    outputs["non_reasoning"] = str(_non_reasoning(job, stage_dir))
+    outputs["general_prompts"] = str(_general_prompts(d, stage_dir, stats.get("data.general_prompts_jsonl")))
+    outputs["non_reasoning"] = str(_non_reasoning(job, stage_dir, stats.get("rejection.non_reasoning_jsonl")))
+    if skipped is not None:
+        skipped.update({key: st.n_skipped for key, st in stats.items()})
     log.info("prepared: %s", outputs)
     return outputs
 
@@ -183,23 +189,23 @@ GENERAL_PROMPTS = (
 )
 
 
-def _general_prompts(d, stage_dir: Path) -> Path:
+def _general_prompts(d, stage_dir: Path, stats: SkipStats | None = None) -> Path:
     """Prompts for the all-scenario stage's reward model (the built-in set when none is given)."""
     path = stage_dir / "general_prompts.jsonl"
     if d.general_prompts_jsonl:  # the usable records only, so the RL stage reads a clean file
-        rows = [row for _, row in iter_records(d.general_prompts_jsonl, parse_general_prompt)]
+        rows = [row for _, row in iter_records(d.general_prompts_jsonl, parse_general_prompt, stats)]
         atomic_write_text(path, "\n".join(json.dumps(r) for r in rows) + "\n")
     else:
         atomic_write_text(path, "\n".join(json.dumps({"prompt": p, "answer": ""}) for p in GENERAL_PROMPTS) + "\n")
     return path
 
 
-def _non_reasoning(job, stage_dir: Path) -> Path:
+def _non_reasoning(job, stage_dir: Path, stats: SkipStats | None = None) -> Path:
     """Non-reasoning SFT examples mixed into the rejection-sampling dataset (R1 §2.3.3)."""
     path = stage_dir / "non_reasoning.jsonl"
     src = job.rejection.non_reasoning_jsonl
     if src:
-        _write_sft(path, load_sft_jsonl(src))
+        _write_sft(path, load_sft_jsonl(src, stats))
         return path
     rows = []
     for i, para in enumerate(builtin_paragraphs()):

@@ -96,7 +96,9 @@ def _export(ctx: StageContext, engine) -> dict:
 # ---------------------------------------------------------------------------- stages
 
 def stage_prepare(ctx: StageContext):
-    return run_prepare(ctx.job, ctx.stage_dir), {}
+    skipped: dict[str, int] = {}
+    outputs = run_prepare(ctx.job, ctx.stage_dir, skipped)
+    return outputs, {f"skipped_lines/{key}": n for key, n in skipped.items() if n}
 
 
 def stage_load(ctx: StageContext):
