@@ -80,6 +80,7 @@ def test_transformers_saved_checkpoint_runs_r1_zero_end_to_end_with_its_own_shap
     prepared = (run / "stages" / "prepare" / "rl_prompts.jsonl").read_text().splitlines()
     assert len(prepared) == 30  # the bad line was skipped and counted, not passed on
     assert stages["prepare"]["metrics"] == {"skipped_lines/data.rl_prompts_jsonl": 1}
+    assert "shards" not in stages["prepare"]["outputs"]  # nothing pretrains: no corpus is tokenized
     assert {"pass@1", "greedy"} <= set(stages["eval_zero"]["metrics"])
 
 
@@ -186,9 +187,9 @@ def _data_cfg(tmp_path, key, n_good, *extra):
 def test_preflight_names_file_and_line_of_a_bad_line_in_every_dataset_kind(tmp_path, key):
     path, cfg = _data_cfg(tmp_path, key, 3)
     shown = "data.pretrain_files[0]" if key == "data.pretrain_files" else key
-    with pytest.raises(ConfigError, match=rf"^{re.escape(shown)}: 2 of 5 lines of {path} are bad \(40.0% > data.max_bad_fraction="
-                                          rf"0.05; kept 3, skipped 2 \(bad JSON: 1, missing field: 1\)\); first: "
-                                          rf"{path}:4: bad JSON"):
+    expected = (rf"^{re.escape(shown)}: 2 of 5 lines of {path} are bad \(40.0% > data.max_bad_fraction=0.05; "
+                rf"kept 3, skipped 2 \(bad JSON: 1, missing field: 1\)\); first: {path}:4: bad JSON")
+    with pytest.raises(ConfigError, match=expected):
         run_pipeline(cfg)
     assert not (tmp_path / "run" / "stages").exists()  # before any stage
     _, cfg = _data_cfg(tmp_path, key, 3, "data.strict=true", "data.max_bad_fraction=0.9")

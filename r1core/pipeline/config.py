@@ -62,8 +62,9 @@ class PipelineConfig:
 class DataConfig:
     tokenizer: str = ""            # tokenizer.json (or its folder); "" trains a BPE on the corpus
     vocab_size: int = 512          # for a trained tokenizer
-    tasks: list[str] = field(default_factory=lambda: ["arithmetic"]) # built-in task sets: arithmetic, equations, countdown
-    task_kwargs: dict[str, dict[str, Any]] = field(default_factory=lambda: {"arithmetic": {"digits": 2, "ops": "+-"}}) # per-task generator settings, e.g. {arithmetic: {digits: 2, ops: '+-'}}
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])  # built-in: arithmetic, equations, countdown
+    task_kwargs: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"arithmetic": {"digits": 2, "ops": "+-"}})  # per-task generator settings
     corpus_docs: int = 40000       # built-in pretraining corpus (worked solutions + prose)
     prose_fraction: float = 0.1     # built-in corpus: share of plain-English paragraphs
     answer_noise: float = 0.0      # built-in corpus: share of worked solutions whose final answer is corrupted
@@ -101,7 +102,8 @@ class RejectionConfig:
 
 @dataclass(kw_only=True)
 class DistillConfig:
-    student: ModelArgs = field(default_factory=lambda: presets["tiny"].replace(n_dense_layers=4, n_mtp_modules=0)) # the dense student; its vocab_size follows the teacher's
+    student: ModelArgs = field(  # the dense student; its vocab_size follows the teacher's
+        default_factory=lambda: presets["tiny"].replace(n_dense_layers=4, n_mtp_modules=0))
     prompts: int = 512              # teacher prompts
     samples_per_prompt: int = 2     # teacher samples per prompt
     temperature: float = 0.7        # teacher sampling temperature
@@ -113,7 +115,7 @@ class DistillConfig:
 
 @dataclass(kw_only=True)
 class JobConfig:
-    run_dir: str = "runs/default"   # where the manifest, stages and report go (the CLI sets it to Hydra's run directory)
+    run_dir: str = "runs/default"  # manifest, stages and report (the CLI sets it to Hydra's run directory)
     seed: int = 0                   # seeds data order, initialization, sampling
     device: str = "auto"           # auto: cuda when present
     dtype: str = "auto"            # auto: bf16 on cuda, fp32 on cpu
@@ -246,7 +248,7 @@ _COMMON = ("seed", "device", "dtype", "model", "parallel")
 # The job sections each stage kind reads; its hash covers only these (plus, through the runner's
 # hash chain, every earlier stage), so editing rl.* reruns the RL stages and what follows them only.
 STAGE_SECTIONS = {
-    StageKind.prepare: ("seed", "data", "rejection", "model"),
+    StageKind.prepare: ("seed", "data", "rejection", "model", "hf_checkpoint"),
     StageKind.load: ("hf_checkpoint", "model"),
     StageKind.pretrain: _COMMON + ("optim", "pretrain"),
     StageKind.cold_start_sft: _COMMON + ("optim", "sft"),

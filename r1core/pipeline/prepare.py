@@ -92,20 +92,20 @@ def run_prepare(job, stage_dir: Path, skipped: dict[str, int] | None = None) -> 
     fmt = ChatFormat.for_tokenizer(tok)
     outputs = {"tokenizer": str(tok_path)}
 
-    if d.pretrain_files:
-        from r1core.data.shards import iter_documents
-
-        docs = chain.from_iterable(iter_documents([p], stats=stats[f"data.pretrain_files[{i}]"])
-                      for i, p in enumerate(d.pretrain_files))
+    if job.hf_checkpoint:  # every pretrain stage loads the checkpoint instead: no pretraining tokens needed
+        log.info("hf_checkpoint is set: no pretraining token shards written")
     else:
-        docs = _builtin_docs(job, fmt)
-    shards = stage_dir / "shards"
-    prepare_shards(docs, shards, tok, name="pretrain", overwrite=True)  # a failed earlier attempt's shards
-    outputs["shards"] = str(shards)
+        outputs["shards"] = str(_shards(job, stage_dir, tok, fmt, stats))
 
-    rl = load_problems_jsonl(d.rl_prompts_jsonl, stats=stats.get("data.rl_prompts_jsonl")) if d.rl_prompts_jsonl else _task_problems(d, 20000, "train", seed + 1)
+    if d.rl_prompts_jsonl:
+        rl = load_problems_jsonl(d.rl_prompts_jsonl, stats=stats["data.rl_prompts_jsonl"])
+    else:
+        rl = _task_problems(d, 20000, "train", seed + 1)
     problems_to_jsonl(stage_dir / "rl_prompts.jsonl", rl)
-    ev = load_problems_jsonl(d.eval_jsonl, stats=stats.get("data.eval_jsonl")) if d.eval_jsonl else _task_problems(d, d.eval_problems, "test", seed + 2)
+    if d.eval_jsonl:
+        ev = load_problems_jsonl(d.eval_jsonl, stats=stats["data.eval_jsonl"])
+    else:
+        ev = _task_problems(d, d.eval_problems, "test", seed + 2)
     problems_to_jsonl(stage_dir / "eval.jsonl", ev[: d.eval_problems])
     outputs.update(rl_prompts=str(stage_dir / "rl_prompts.jsonl"), eval=str(stage_dir / "eval.jsonl"))
 
@@ -123,6 +123,20 @@ def run_prepare(job, stage_dir: Path, skipped: dict[str, int] | None = None) -> 
         skipped.update({key: st.n_skipped for key, st in stats.items()})
     log.info("prepared: %s", outputs)
     return outputs
+
+
+def _shards(job, stage_dir: Path, tok: Tokenizer, fmt: ChatFormat, stats: dict) -> Path:
+    d = job.data
+    if d.pretrain_files:
+        from r1core.data.shards import iter_documents
+
+        docs = chain.from_iterable(iter_documents([p], stats=stats[f"data.pretrain_files[{i}]"])
+                                   for i, p in enumerate(d.pretrain_files))
+    else:
+        docs = _builtin_docs(job, fmt)
+    shards = stage_dir / "shards"
+    prepare_shards(docs, shards, tok, name="pretrain", overwrite=True)  # a failed earlier attempt's shards
+    return shards
 
 
 def _write_sft(path: Path, examples) -> None:

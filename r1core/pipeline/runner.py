@@ -221,7 +221,8 @@ def _step_reached(stage_dir: Path) -> int:
 
 def _last_activity(stage_dir: Path) -> float | None:
     """When the stage last logged a step or wrote a checkpoint: the end of an attempt that was killed."""
-    times = [p.stat().st_mtime for p in (stage_dir / "metrics.jsonl", stage_dir / "checkpoints" / "latest") if p.exists()]
+    marks = (stage_dir / "metrics.jsonl", stage_dir / "checkpoints" / "latest")
+    times = [p.stat().st_mtime for p in marks if p.exists()]
     return max(times) if times else None
 
 
