@@ -119,7 +119,7 @@ class JobConfig:
     seed: int = 0                   # seeds data order, initialization, sampling
     device: str = "auto"           # auto: cuda when present
     dtype: str = "auto"            # auto: bf16 on cuda, fp32 on cpu
-    hf_checkpoint: str = ""        # for `load` stages: an HF DeepSeek-V3 directory (bf16 or FP8)
+    hf_checkpoint: str = ""        # HF DeepSeek-V3/V2 directory to start from: sets model.*, the tokenizer; pretrain -> load
     model: ModelArgs = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

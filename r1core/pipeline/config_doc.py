@@ -102,14 +102,17 @@ def rows(cls: type, prefix: str = "", instance=None) -> list[tuple[str, str, str
     out = []
     for f in dataclasses.fields(cls):
         t, key = hints[f.name], prefix + f.name
-        nested = instance and getattr(instance, f.name)
+        if instance is not None:
+            nested = getattr(instance, f.name)
+        else:  # a nested section's defaults are its field's factory's (sft: LMTrainConfig(steps=150, ...))
+            nested = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if t is ModelArgs and prefix:  # distill.student: the same keys as `model`
             out.append((key, "ModelArgs", "a dense 4-layer tiny model", f"{_comments(cls).get(f.name) or ''} "
                         "(the same keys as `model.*`)".strip()))
         elif t is ModelArgs:
             out += rows(ModelArgs, key + ".", presets[DEFAULT_PRESET])
         elif dataclasses.is_dataclass(t):
-            out += rows(t, key + ".", nested)
+            out += rows(t, key + ".", nested if dataclasses.is_dataclass(nested) else None)
         elif typing.get_origin(t) is list and dataclasses.is_dataclass(typing.get_args(t)[0]):
             out += rows(typing.get_args(t)[0], key + "[].")
         else:
