@@ -161,8 +161,9 @@ def check_known_keys(cfg: DictConfig, schema: type = None, prefix: str = "") -> 
             while isinstance(node, DictConfig) and len(node) == 1:  # name the whole key the user typed
                 sub = next(iter(node.keys()))
                 where, node = f"{where}.{sub}", node._get_node(sub)
-            raise ConfigError(f"unknown setting {where!r}: {schema.__name__} has no key {key!r} (a leading '+' does "
-                              "not create settings; `r1core run --cfg job` lists them)")
+            section = repr(prefix.rstrip(".")) if prefix else "the job"
+            raise ConfigError(f"unknown setting {where!r}: {section} has no key {key!r} (a leading '+' does not "
+                              "create settings; docs/config.md and `r1core run --cfg job` list them)")
         if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
             check_known_keys(node, OmegaConf.get_type(node), where + ".")
         elif isinstance(node, ListConfig) and not node._is_none() and not node._is_missing():
