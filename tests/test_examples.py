@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,12 @@ def test_node_example_trains_with_torchrun_on_two_gloo_processes():
     _check_steps(done.stdout, 2)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_slurm_example_trains_on_two_nodes_through_srun_and_rendezvous(tmp_path):
     """Two 'nodes' of one process each on this machine: a stand-in srun starts the script's torchrun line once
     per node, as SLURM would, and the two agents meet through the c10d rendezvous on the first host."""
@@ -88,7 +95,7 @@ def test_slurm_example_trains_on_two_nodes_through_srun_and_rendezvous(tmp_path)
         f.chmod(0o755)
     env = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", "SLURM_NNODES": "2",
            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "7", "GPUS_PER_NODE": "1", "PRESET": "tiny",
-           "LAYOUT": "--tp 2", "DTYPE": "fp32", "PORT": "29517"}
+           "LAYOUT": "--tp 2", "DTYPE": "fp32", "PORT": str(_free_port())}
     done = _bash("distributed/train_slurm.sbatch", "--steps", "2", "--batch", "4", "--seq-len", "16", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     _check_steps(done.stdout, 2)
