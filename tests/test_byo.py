@@ -150,8 +150,8 @@ def test_a_bad_hf_checkpoint_is_named_as_such_not_as_a_stage(tmp_path):
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
     cfg = _compose(["pipeline=r1_zero", f"run_dir={tmp_path / 'run'}", f"hf_checkpoint={bad}"])
-    with pytest.raises(ConfigError, match=rf"^hf_checkpoint='{bad}': config.json: unknown key|^hf_checkpoint='{bad}'"
-                                          rf".*model_type='llama'") as e:
+    with pytest.raises(ConfigError, match=rf"^hf_checkpoint='{bad}': config.json: model_type='llama' is not "
+                                          "supported") as e:
         run_pipeline(cfg)
     assert "stage" not in str(e.value)
     cfg = _compose(["pipeline=r1_zero", f"run_dir={tmp_path / 'run'}", "data.eval_jsonl=/nope.jsonl"])
