@@ -209,10 +209,12 @@ def test_preflight_skips_and_counts_bad_lines_under_the_configured_share(tmp_pat
     assert any(f"{path}:40: {BROKEN[key][1]}" in r.getMessage() for r in caplog.records)
 
 
-def test_rerun_after_a_failed_prepare_does_not_trip_on_its_shards(tmp_path, monkeypatch):
+def test_rerun_after_a_failed_prepare_does_not_trip_on_its_shards_and_a_done_one_skips_the_preflight(tmp_path, monkeypatch):
     from r1core.pipeline import prepare
 
-    cfg = _compose([f"run_dir={tmp_path}", *TOY, "pipeline.stages=[{name: prepare, kind: prepare}]"])
+    ev = _write_jsonl(tmp_path / "test.jsonl", _problems(4))
+    cfg = _compose([f"run_dir={tmp_path}", *TOY, "pipeline.stages=[{name: prepare, kind: prepare}]",
+                    f"data.eval_jsonl={ev}"])
     real = prepare._general_prompts
     monkeypatch.setattr(prepare, "_general_prompts", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
@@ -221,6 +223,8 @@ def test_rerun_after_a_failed_prepare_does_not_trip_on_its_shards(tmp_path, monk
     monkeypatch.setattr(prepare, "_general_prompts", real)
     run_pipeline(cfg)
     assert json.loads((tmp_path / "manifest.json").read_text())["stages"]["prepare"]["status"] == "done"
+    ev.write_text("not json\n" * 4)  # a finished prepare is not checked again: a rerun never rereads the data
+    run_pipeline(cfg)
 
 
 # ---------------------------------------------------------------- errors and signals

@@ -79,8 +79,18 @@ def _resolve_init(spec, last_model: str | None, manifest: Manifest) -> str | Non
     return manifest.output(spec.init, "model")
 
 
-def _preflight(resolved, rank: int) -> None:
-    """The data pre-flight of every prepare stage's files, on rank 0, before any stage runs."""
+def _chains(resolved) -> list[str]:
+    """Each stage's identity: its config hash chained with every earlier stage's."""
+    chain, out = "", []
+    for spec, sj in resolved:
+        chain = hashlib.sha256((chain + config_hash(sj, spec)).encode()).hexdigest()[:16]
+        out.append(chain)
+    return out
+
+
+def _preflight(resolved, chains: list[str], manifest: Manifest, rank: int) -> None:
+    """The data pre-flight of the files of every prepare stage still to run, on rank 0, before any stage runs
+    (a finished prepare has read its files already; a rerun need not read a large corpus again)."""
     from r1core.data.preflight import DataError
 
     from .prepare import preflight_data
@@ -88,8 +98,8 @@ def _preflight(resolved, rank: int) -> None:
     error = None
     if rank == 0:
         try:
-            for spec, sj in resolved:
-                if spec.kind == StageKind.prepare:
+            for (spec, sj), chain in zip(resolved, chains):
+                if spec.kind == StageKind.prepare and not manifest.is_done(spec.name, chain):
                     preflight_data(sj)
         except DataError as e:
             error = str(e)
@@ -103,17 +113,16 @@ def run_pipeline(cfg: DictConfig) -> Path:
     job = to_job(cfg)
     rank, world = _init_distributed()
     resolved = validate_pipeline(cfg, job, world)  # every config error surfaces here, before any work
-    _preflight(resolved, rank)
-    device, dtype = _device_dtype(job)
     run_dir = Path(job.run_dir)
+    manifest = Manifest(run_dir, job.pipeline.name)  # reads an earlier run's manifest; writes nothing yet
+    chains = _chains(resolved)
+    _preflight(resolved, chains, manifest, rank)
+    device, dtype = _device_dtype(job)
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(run_dir, job.pipeline.name)
     prepared: dict = {}
     last_model: str | None = None
-    chain = ""
     t_start = time.time()
-    for i, (spec, sj) in enumerate(resolved, start=1):
-        chain = hashlib.sha256((chain + config_hash(sj, spec)).encode()).hexdigest()[:16]
+    for i, ((spec, sj), chain) in enumerate(zip(resolved, chains), start=1):
         if world > 1:
             manifest = Manifest(run_dir, job.pipeline.name)  # rank 0 may have advanced it
         header = f"[{i}/{len(resolved)}] {spec.name} ({spec.kind.value})"
