@@ -47,7 +47,8 @@ def read_problems(path: str | Path) -> list[Problem]:
 def data_files(job) -> list[DataFile]:
     """Every user data file the job names, with the parser the stage reading it uses."""
     d = job.data
-    files = [DataFile(f"data.pretrain_files[{i}]", p, "text") for i, p in enumerate(d.pretrain_files)]
+    pretrain = [] if job.hf_checkpoint else d.pretrain_files  # with a checkpoint to start from, nothing pretrains
+    files = [DataFile(f"data.pretrain_files[{i}]", p, "text") for i, p in enumerate(pretrain)]
     for key, path, kind in (("data.cold_start_jsonl", d.cold_start_jsonl, "sft"),
                             ("data.rl_prompts_jsonl", d.rl_prompts_jsonl, "problems"),
                             ("data.general_prompts_jsonl", d.general_prompts_jsonl, "general"),
