@@ -70,6 +70,24 @@ part_demo_small() {
   for s in $d/stages/*/; do [ -f "$s/metrics.jsonl" ] && cp "$s/metrics.jsonl" "$R/demo_small/$(basename "$s").metrics.jsonl"; done
 }
 
+# R1's two curves on one GPU: the embedded default's R1-Zero stages (built-in corpus of direct and worked
+# answers) on the small preset with a longer pretraining, then GRPO at two learning rates from the same base.
+part_r1zero_small() {
+  local d=/tmp/r1zero_small
+  local stages="[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}, {name: eval_base, kind: eval, overrides: {eval.k: 16}}, \
+{name: zero_rl, kind: reasoning_rl, init: pretrain, overrides: {optim.schedule: constant}}, {name: eval_zero, kind: eval}, \
+{name: zero_rl_hi, kind: reasoning_rl, init: pretrain, overrides: {optim.schedule: constant, rl.lr: ${RL_LR_HI:-3e-5}}}, \
+{name: eval_zero_hi, kind: eval}]"
+  run r1zero_small "${R1Z_T:-540}" python3 -m r1core.cli run model=small run_dir=$d hydra.run.dir=$d "pipeline.stages=$stages" \
+    model.moe_impl=triton data.corpus_docs=${R1Z_DOCS:-60000} pretrain.steps=${R1Z_PRETRAIN_STEPS:-800} pretrain.batch_size=64 \
+    pretrain.micro_batch_size=64 pretrain.lr=1e-3 pretrain.save_every=100000 rl.save_every=100000 rl.steps=${R1Z_RL_STEPS:-40} \
+    rl.lr=${RL_LR:-1e-5} rl.prompts_per_step=32 rl.micro_batch_size=128 ${R1Z_OVERRIDES:-}
+  mkdir -p "$R/r1zero_small"
+  cp $d/report.md $d/*.png $d/manifest.json "$R/r1zero_small/" 2>/dev/null
+  for s in $d/stages/*/; do [ -f "$s/metrics.jsonl" ] && cp "$s/metrics.jsonl" "$R/r1zero_small/$(basename "$s").metrics.jsonl"; done
+  for s in $d/stages/eval*/; do cp "$s/eval.json" "$R/r1zero_small/$(basename "$s").eval.json" 2>/dev/null; done
+}
+
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 part_cuda_tests() { run cuda_tests 60 python3 -m pytest -q -m gpu tests/test_moe_cuda.py -rfE -p no:cacheprovider; }
 part_grpo_tests() { run grpo_tests 90 python3 -m pytest -q -m gpu tests/test_grpo_loss.py -rfE -p no:cacheprovider; }

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def test_every_shipped_pipeline_validates():
 
 def test_every_stage_validates_under_several_processes_and_a_student_that_does_not_fit_is_named(tmp_path):
     cfg = _cfg(tmp_path)
-    assert len(validate_pipeline(cfg, to_job(cfg), world_size=2)) == 13
+    assert len(validate_pipeline(cfg, to_job(cfg), world_size=2)) == 14
     cfg = _cfg(tmp_path, "parallel.tp=2", "distill.student.n_heads=3")
     with pytest.raises(ConfigError, match=r"stage 'distill': the student \(distill.student\) does not fit .*n_heads=3"):
         validate_pipeline(cfg, to_job(cfg), world_size=2)
@@ -188,8 +189,11 @@ def test_default_pipeline_wires_every_stage_and_a_rerun_skips_them(tmp_path):
     assert Path(stages["rejection_sampling"]["outputs"]["dataset"]).exists()
     rows = [json.loads(x) for x in Path(stages["rejection_sampling"]["outputs"]["dataset"]).read_text().splitlines()]
     assert all("provenance" in r for r in rows)
-    for name in ("eval_base", "eval_zero", "eval_r1", "eval_student"):
-        assert {"pass@1", "cons@2", "greedy"} <= set(stages[name]["metrics"])
+    for name in ("eval_base", "eval_zero", "eval_sft", "eval_r1", "eval_student"):
+        m = stages[name]["metrics"]
+        assert {"pass@1", f"cons@{m['k']}", "greedy", "pass@1_lo", "pass@1_hi", "direct_share"} <= set(m), name
+        assert m["pass@1_lo"] <= m["pass@1"] <= m["pass@1_hi"]
+    assert stages["eval_base"]["metrics"]["k"] == 16  # the base's pass@k curve reaches k = 16
     # the student is the dense preset: its export has no MoE layer
     student = json.loads((Path(stages["distill"]["outputs"]["model"]) / "config.json").read_text())
     assert student["first_k_dense_replace"] == student["num_hidden_layers"]
@@ -197,12 +201,12 @@ def test_default_pipeline_wires_every_stage_and_a_rerun_skips_them(tmp_path):
     assert sorted(p.name for p in (tmp_path / "stages" / "pretrain" / "checkpoints").glob("step_*")) == ["step_000003"]
     assert sorted(p.name for p in (tmp_path / "stages" / "zero_rl" / "checkpoints").glob("step_*")) == ["step_000001"]
     report = (tmp_path / "report.md").read_text()
-    assert "## Evaluation" in report and (tmp_path / "eval.png").exists() and (tmp_path / "zero_rl.png").exists()
-    base = stages["eval_base"]["metrics"]["pass@1"]
-    assert f"pass@1 against the base model (eval_base: {base:.3f}):" in report
-    for name in ("eval_zero", "eval_r1", "eval_student"):
-        p1 = stages[name]["metrics"]["pass@1"]
-        assert f"- {name}: {p1:.3f} ({p1 - base:+.3f}, {'above' if p1 > base else 'NOT above'} the base)" in report
+    assert "## Held-out evaluation" in report and "## The built-in data" in report
+    assert all((tmp_path / png).exists() for png in ("eval.png", "rl.png", "pass_at_k.png", "zero_rl.png"))
+    for name, against in (("eval_zero", "eval_base"), ("eval_r1", "eval_base"), ("eval_r1", "eval_sft"),
+                          ("eval_student", "eval_base")):
+        assert re.search(rf"^\| {name} \| {against} \| [+-]\d\.\d{{3}} \| .* \| \*\*(above|below|no significant change)"
+                         rf"\*\* \|$", report, re.M), (name, against)
     t0 = time.time()
     run_pipeline(cfg)
     assert time.time() - t0 < 30  # nothing reruns

@@ -28,17 +28,40 @@ def test_unknown_engine_is_rejected_at_compose_time():
         _compose(["run_dir=/tmp/unused", "rollout.engine=vllm"])
 
 
-@pytest.mark.parametrize("installed, message", [
-    (False, r"^rollout.engine=sglang but SGLang is not installed: pip install 'r1core\[sglang\]'"),
-    (True, r"^rollout.engine=sglang: the pipeline stages run the built-in engine only so far"),
-])
-def test_sglang_is_refused_before_any_work_with_one_line(tmp_path, monkeypatch, installed, message):
+def test_sglang_is_refused_before_any_work_with_one_line_when_not_installed(tmp_path, monkeypatch):
     from r1core.rollout import config as rollout_config
 
     real = importlib.util.find_spec
     monkeypatch.setattr(rollout_config.importlib.util, "find_spec",
-                        lambda name, *a: (object() if installed else None) if name == "sglang" else real(name, *a))
+                        lambda name, *a: None if name == "sglang" else real(name, *a))
     cfg = _compose([f"run_dir={tmp_path / 'run'}", "rollout.engine=sglang"])
-    with pytest.raises(ConfigError, match=message) as e:
+    with pytest.raises(ConfigError, match=r"^rollout.engine=sglang but SGLang is not installed: "
+                                          r"pip install 'r1core\[sglang\]'") as e:
         run_pipeline(cfg)
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_pipeline_stages_build_the_configured_engine_with_its_arguments(monkeypatch):
+    from types import SimpleNamespace
+
+    from r1core.pipeline.stages import make_rollout
+    from r1core.rollout import sglang_engine
+    from r1core.rollout.config import EngineKind, SGLangArgs
+
+    made = {}
+
+    class FakeSGLang:
+        def __init__(self, model, **kwargs):
+            made.update(model=model, **kwargs)
+
+    monkeypatch.setattr(sglang_engine, "SGLangEngine", FakeSGLang)
+    model = object()
+    rollout = RolloutConfig(engine=EngineKind.sglang, sglang=SGLangArgs(tp_size=2, mem_fraction_static=0.3,
+                                                                        server_args={"max_running_requests": 8}))
+    ctx = SimpleNamespace(job=SimpleNamespace(rollout=rollout))
+    engine = make_rollout(ctx, SimpleNamespace(model=model), tok="tok", max_len=64)
+    assert isinstance(engine, FakeSGLang) and made["model"] is model and made["tokenizer"] == "tok"
+    assert made["tp_size"] == 2 and made["mem_fraction_static"] == 0.3 and made["max_running_requests"] == 8
+    builtin = make_rollout(SimpleNamespace(job=SimpleNamespace(rollout=RolloutConfig())),
+                           r1core.Transformer(r1core.presets["tiny"]).eval(), tok=None, max_len=32)
+    assert isinstance(builtin, BuiltinEngine)

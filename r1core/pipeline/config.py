@@ -254,11 +254,11 @@ STAGE_SECTIONS = {
     StageKind.pretrain: _COMMON + ("optim", "pretrain"),
     StageKind.cold_start_sft: _COMMON + ("optim", "sft"),
     StageKind.sft: _COMMON + ("optim", "sft"),
-    StageKind.reasoning_rl: _COMMON + ("optim", "rl", "eval"),
-    StageKind.all_scenario_rl: _COMMON + ("optim", "rl", "eval"),
-    StageKind.rejection_sampling: _COMMON + ("rejection",),
-    StageKind.distill: _COMMON + ("optim", "sft", "distill"),
-    StageKind.eval: _COMMON + ("eval",),
+    StageKind.reasoning_rl: _COMMON + ("optim", "rl", "eval", "rollout"),
+    StageKind.all_scenario_rl: _COMMON + ("optim", "rl", "eval", "rollout"),
+    StageKind.rejection_sampling: _COMMON + ("rejection", "rollout"),
+    StageKind.distill: _COMMON + ("optim", "sft", "distill", "rollout"),
+    StageKind.eval: _COMMON + ("eval", "rollout"),
 }
 
 

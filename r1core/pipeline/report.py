@@ -46,14 +46,15 @@ def _plt():
 
 # ---------------------------------------------------------------------------- data description
 
-def describe_builtin_data(job) -> list[str]:
-    """Plain words on what the built-in corpus and problems hold, deliberate noise included."""
+def describe_builtin_data(job, kinds: set) -> list[str]:
+    """Plain words on what the built-in corpus and problems hold, deliberate noise included; `kinds`:
+    the stage kinds the pipeline runs (no corpus without pretraining, no cold start without its stage)."""
     d = job.data
     lines = []
-    if not d.pretrain_files:
-        kinds = ", ".join(f"{t} {dict(d.task_kwargs.get(t, {}))}" for t in d.tasks)
+    if not d.pretrain_files and StageKind.pretrain in kinds:
+        tasks = ", ".join(f"{t} {dict(d.task_kwargs.get(t, {}))}" for t in d.tasks)
         lines.append(f"- **Pretraining corpus**: {d.corpus_docs} documents; {d.prose_fraction:.0%} are paragraphs of "
-                     f"plain English, the rest are problems of the built-in task(s) ({kinds}; a list means one "
+                     f"plain English, the rest are problems of the built-in task(s) ({tasks}; a list means one "
                      "value drawn per problem) with a response in R1's format (`<think>` … `</think>` "
                      "`\\boxed{answer}`).")
         if d.direct_fraction:
@@ -61,16 +62,17 @@ def describe_builtin_data(job) -> list[str]:
                          f"(an empty think block), and {d.direct_noise:.0%} of the direct answers are near misses "
                          "(off by 1 to 9), as a guess would be. The others work the sum out step by step (one line "
                          f"per addition, column by column); {d.answer_noise:.0%} of those end in a near miss. A base "
-                         "model pretrained on this answers at once about as often as the corpus does and is right "
-                         "far more often when it works the problem out: the accuracy reward of RL can lift pass@1 "
-                         "and, by choosing the worked habit, the response length.")
+                         "model pretrained on this keeps both habits (the evaluation's `direct_share` is the share "
+                         "of its samples with an empty think block) and is right far more often when it works the "
+                         "problem out: the accuracy reward can lift pass@1 and, by choosing the worked habit, the "
+                         "response length.")
         elif d.answer_noise:
             lines.append(f"- **Deliberate noise**: {d.answer_noise:.0%} of the worked solutions end in a near miss.")
-    if not d.rl_prompts_jsonl or not d.eval_jsonl:
+    if (not d.rl_prompts_jsonl or not d.eval_jsonl) and kinds & {StageKind.eval, *RL_KINDS}:
         lines.append("- **Problems**: RL prompts come from the train split and the held-out evaluation from the "
                      "test split of the same generator; a problem's split is a hash of its text, so none is in both "
                      "and none of the evaluation problems is in the pretraining corpus.")
-    if not d.cold_start_jsonl:
+    if not d.cold_start_jsonl and StageKind.cold_start_sft in kinds:
         lines.append(f"- **Cold start**: {d.cold_start_examples} worked solutions without noise (R1's small, "
                      "readable long-CoT set).")
     return ["## The built-in data", "", *lines, ""] if lines else []
@@ -93,14 +95,13 @@ def _per_problem(ev: dict) -> list[float] | None:
 def _eval_table(evals: list[tuple[str, dict]]) -> list[str]:
     ks = sorted({int(key[5:]) for _, m in evals for key in m if key.startswith("pass@") and key[5:].isdigit()})
     ks = [k for k in ks if k > 1]
-    cons = next((key for key in evals[0][1] if key.startswith("cons@")), None)
-    head = ["model", "pass@1", f"{CONFIDENCE:.0%} interval", *[f"pass@{k}" for k in ks]]
-    head += [c for c in (cons, "greedy", "response_len", "problems", "k") if c]
+    tail = ("greedy", "response_len", "direct_share", "problems", "k")
+    head = ["model", "pass@1", f"{CONFIDENCE:.0%} interval", *[f"pass@{k}" for k in ks], "cons@k", *tail]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, m in evals:
         interval = f"[{m['pass@1_lo']:.3f}, {m['pass@1_hi']:.3f}]" if "pass@1_lo" in m else "n/a"
         cells = [name, _fmt(m.get("pass@1")), interval, *[_fmt(m.get(f"pass@{k}", "")) for k in ks]]
-        cells += [_fmt(m.get(c, "")) for c in (cons, "greedy", "response_len", "problems", "k") if c]
+        cells += [_fmt(m.get(f"cons@{m.get('k')}", "")), *[_fmt(m.get(c, "")) for c in tail]]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -173,6 +174,8 @@ def _passk_plot(path: Path, evals: list[tuple[str, dict, dict | None]]) -> bool:
         drawn = True
     if drawn:
         ax.set_xscale("log", base=2)
+        ticks = sorted({k for _, _, ev in evals if ev for k in (1, 2, 4, 8, 16, 32, 64) if k <= ev.get("k", 1)})
+        ax.set_xticks(ticks, [str(k) for k in ticks])
         ax.set_xlabel("k (samples per problem)")
         ax.set_ylabel("pass@k (share of problems)")
         ax.set_ylim(0, 1)
@@ -264,7 +267,7 @@ def write_report(run_dir: Path, manifest, resolved, job) -> Path:
                 rl_logs.append((spec.name, rows))
     lines = [f"# r1core run: pipeline `{job.pipeline.name}`", "",
              f"Model: dim {job.model.dim}, {job.model.n_layers} layers, {job.model.n_routed_experts} routed experts; "
-             f"total stage time {total:.0f} s.", "", *describe_builtin_data(job), "## Stages", "", *stages_md, ""]
+             f"total stage time {total:.0f} s.", "", *describe_builtin_data(job, {s.kind for s, _ in resolved}), "## Stages", "", *stages_md, ""]
     if evals:
         plain = [(n, m) for n, m, _ in evals]
         e = job.eval

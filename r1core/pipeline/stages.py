@@ -76,10 +76,11 @@ def load_hf_weights(engine, path: str) -> None:
 
 
 def make_rollout(ctx: StageContext, engine_or_model, tok: Tokenizer, max_len: int, max_batch: int = 256):
-    from r1core.rollout import BuiltinEngine
+    """The configured rollout engine (`rollout.engine`) serving this stage's model."""
+    from r1core.rollout.config import build_rollout
 
     model = getattr(engine_or_model, "model", engine_or_model)
-    return BuiltinEngine(model, tokenizer=tok, max_batch=max_batch, max_len=max_len)
+    return build_rollout(ctx.job.rollout, model, tok, max_len=max_len, max_batch=max_batch)
 
 
 def _render(tok: Tokenizer, fmt: ChatFormat):

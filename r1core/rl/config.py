@@ -25,42 +25,43 @@ class Overlong(str, enum.Enum):
 
 @dataclass(kw_only=True)
 class GRPOConfig:
-    steps: int = 40
+    steps: int = 40                 # GRPO steps (one rollout batch each)
     lr: float = 1e-6                # policy learning rate (DeepSeek-R1: 3e-6 for V3); the schedule is `optim`'s
-    prompts_per_step: int = 16
-    group_size: int = 8
+    prompts_per_step: int = 16      # prompts per rollout batch
+    group_size: int = 8             # samples per prompt (G); advantages are relative within a group
     # sampling
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    max_new_tokens: int = 48        # response cap; a truncated response has no answer and scores 0
+    temperature: float = 1.0        # rollout sampling temperature
+    top_p: float = 1.0              # nucleus sampling (1.0: off)
+    top_k: int = 0                  # top-k sampling (0: off)
     # advantages and filtering
-    advantage: AdvantageEstimator = AdvantageEstimator.grpo
-    adv_eps: float = 1e-6
+    advantage: AdvantageEstimator = AdvantageEstimator.grpo  # grpo: (r - mean) / std; dr_grpo: r - mean
+    adv_eps: float = 1e-6           # added to the group std before dividing
     dynamic_sampling: bool = True   # drop groups whose rewards all agree, then refill (DAPO)
-    max_refill_rounds: int = 2
-    overlong: Overlong = Overlong.none
-    overlong_buffer: int = 8
-    overlong_penalty: float = 1.0
+    max_refill_rounds: int = 2      # extra rollout rounds to refill groups dropped by dynamic sampling
+    overlong: Overlong = Overlong.none  # truncated responses: none, filter (no loss) or penalty (DAPO)
+    overlong_buffer: int = 8        # penalty: tokens before the cap over which the penalty ramps up
+    overlong_penalty: float = 1.0   # penalty: its size at the cap
     # policy loss
     beta: float = 0.0               # k3 KL weight against the frozen reference; 0 skips the reference pass
-    eps_low: float = 0.2
+    eps_low: float = 0.2            # PPO clip below: ratio >= 1 - eps_low
     eps_high: float = 0.28          # DAPO clip-higher
-    dual_clip: float | None = None
-    loss_agg: LossAgg = LossAgg.token_mean
+    dual_clip: float | None = None  # dual-clip bound c > 1 for negative advantages; None = off
+    loss_agg: LossAgg = LossAgg.token_mean  # how token losses are averaged (GRPO, DAPO, Dr. GRPO)
     tis_cap: float | None = 2.0     # truncated importance weight min(pi_old/pi_sampler, cap); None = off
     # updates per rollout batch
     minibatches: int = 1            # optimizer steps per rollout batch (old log-probs recomputed first)
     micro_batch_size: int = 64      # sequences per forward/backward
-    # rewards: name -> weight (r1core.rewards registry; "accuracy" = the task's own checker)
+    # reward name -> weight (names from the r1core.rewards registry;
+    # "accuracy" stands for the task's own checker)
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
-    reward_kwargs: dict[str, dict] = field(default_factory=dict)
+    reward_kwargs: dict[str, dict] = field(default_factory=dict)  # reward name -> fixed keyword arguments
     require_boxed: bool = True        # math accuracy counts only a \boxed{} answer after </think> (R1's rule)
     reward_model_weight: float = 1.0  # all-scenario RL: weight of the reward model on general prompts
     reward_model_path: str = ""       # scalar-head reward model dir; "" = the built-in reference-overlap judge
     # cadence
-    eval_every: int = 0
-    save_every: int = 10
+    eval_every: int = 0             # held-out eval every N steps during the stage (0: off)
+    save_every: int = 10            # checkpoint every N steps (the stage resumes from the last)
     last_save_model_only: bool = True  # see LMTrainConfig: the stage's model export is the last save
 
     def __post_init__(self) -> None:

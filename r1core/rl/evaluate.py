@@ -3,7 +3,8 @@
 pass@1 = mean over problems of (correct samples / k), sampled at temperature 0.6, top-p 0.95
 (R1 §3), with its standard error and 95 % bootstrap interval over problems (r1core.rl.stats);
 pass@j for j = 2, 4, ... up to k (the unbiased estimator); cons@k = share of problems whose most
-common final answer is correct. Greedy accuracy is reported beside them. The answer must be boxed
+common final answer is correct; direct_share is the share of samples that answer at once (an empty
+think block). Greedy accuracy is reported beside them. The answer must be boxed
 after `</think>` (R1's rule) unless `eval.require_boxed=false`.
 """
 
@@ -23,12 +24,12 @@ from .stats import bootstrap_mean, pass_at_k_curve
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    problems: int = 200
-    k: int = 4
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 64
-    greedy: bool = True
+    problems: int = 200             # held-out problems (the first N of the eval set)
+    k: int = 4                      # samples per problem (pass@1 averages them; pass@2..k, cons@k)
+    temperature: float = 0.6        # R1's evaluation sampling
+    top_p: float = 0.95             # R1's evaluation nucleus
+    max_new_tokens: int = 64        # response cap; a truncated response has no answer
+    greedy: bool = True             # also report greedy accuracy (one more pass)
     require_boxed: bool = True  # only a \boxed{} answer after </think> counts (R1's rule)
 
 
@@ -62,7 +63,7 @@ def evaluate(rollout, render: Callable[[Problem], list[int]], problems: Sequence
     samples = rollout.generate(prompts, k, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                                           max_new_tokens=cfg.max_new_tokens, stop=stop or [],
                                                           seed=seed))
-    rows, pass1, cons, lengths = [], 0.0, 0.0, []
+    rows, pass1, cons, lengths, direct = [], 0.0, 0.0, [], 0
     for i, p in enumerate(problems):
         group = samples[i * k:(i + 1) * k]
         correct = [scorer.score(s.response_text, p)[1]["accuracy"] for s in group]
@@ -71,11 +72,12 @@ def evaluate(rollout, render: Callable[[Problem], list[int]], problems: Sequence
         pass1 += sum(correct) / k
         cons += c
         lengths += [len(s.response_ids) for s in group]
+        direct += sum(_empty_think(s.response_text) for s in group)
         rows.append({"prompt": p.prompt, "answer": p.answer, "correct": int(sum(correct)), "pass1": sum(correct) / k,
                      "cons": c, "sample": group[0].response_text})
     n = max(len(problems), 1)
     metrics = {"pass@1": pass1 / n, f"cons@{k}": cons / n, "response_len": sum(lengths) / max(len(lengths), 1),
-               "problems": len(problems), "k": k}
+               "direct_share": direct / max(len(lengths), 1), "problems": len(problems), "k": k}
     if rows:
         est = bootstrap_mean([r["pass1"] for r in rows], seed=seed)
         metrics.update({"pass@1_se": est.se, "pass@1_lo": est.lo, "pass@1_hi": est.hi})
@@ -89,6 +91,12 @@ def evaluate(rollout, render: Callable[[Problem], list[int]], problems: Sequence
         for row, a in zip(rows, acc):
             row["greedy"] = a
     return metrics, rows
+
+
+def _empty_think(response: str) -> bool:
+    """The sample answered at once: its think block (opened by the prompt) closes with nothing in it."""
+    reasoning = split_think(response).reasoning
+    return reasoning is not None and not reasoning.strip()
 
 
 def _powers_of_two(k: int) -> list[int]:

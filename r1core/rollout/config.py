@@ -35,11 +35,6 @@ class RolloutConfig:
     sglang: SGLangArgs = field(default_factory=SGLangArgs)
 
 
-# Whether the pipeline's stages build their rollout engine with build_rollout. Until they do, choosing
-# sglang must fail loudly rather than run the built-in engine unannounced.
-PIPELINE_USES_BUILD_ROLLOUT = False
-
-
 def check_engine(cfg: RolloutConfig) -> None:
     """ValueError with one line when the chosen engine cannot be built here."""
     if EngineKind(cfg.engine) != EngineKind.sglang:
@@ -47,9 +42,6 @@ def check_engine(cfg: RolloutConfig) -> None:
     if importlib.util.find_spec("sglang") is None:
         raise ValueError("rollout.engine=sglang but SGLang is not installed: pip install 'r1core[sglang]' "
                          "(docs/sglang.md), or use rollout.engine=builtin")
-    if not PIPELINE_USES_BUILD_ROLLOUT:
-        raise ValueError("rollout.engine=sglang: the pipeline stages run the built-in engine only so far; "
-                         "use r1core.rollout.SGLangEngine from Python (docs/sglang.md)")
 
 
 def build_rollout(cfg: RolloutConfig, model, tokenizer, max_len: int, max_batch: int = 256):
