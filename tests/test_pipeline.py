@@ -367,10 +367,10 @@ def test_whole_default_pipeline_runs_under_tensor_parallel_two_processes(tmp_pat
     from r1core.testing import run_distributed
 
     out = run_distributed(_pipeline_rank, 2, str(tmp_path), ["pipeline=default", "parallel.tp=2"], timeout=600)[0]
-    assert out["status"] == {name: "done" for name in out["status"]} and len(out["status"]) == 13
+    assert out["status"] == {name: "done" for name in out["status"]} and len(out["status"]) == 14
     student = json.loads((tmp_path / "stages" / "distill" / "model" / "config.json").read_text())
     assert student["first_k_dense_replace"] == student["num_hidden_layers"]
-    assert "## Evaluation" in (tmp_path / "report.md").read_text()
+    assert "## Held-out evaluation" in (tmp_path / "report.md").read_text()
 
 
 def test_multirun_sweep_gives_each_job_its_own_run_directory(tmp_path):
