@@ -24,7 +24,7 @@ R1_ZERO_STAGES = ("pipeline.stages=[{name: prepare, kind: prepare}, {name: pretr
 
 def _per_problem(run_dir, stage):
     ev = json.loads((run_dir / "stages" / stage / "eval.json").read_text())
-    return [c / ev["k"] for c in ev["per_problem_correct"]], ev
+    return ev["per_problem_pass1"], ev
 
 
 def test_r1_zero_lifts_held_out_pass_at_1_and_response_length(tmp_path):

@@ -79,7 +79,8 @@ def test_paired_difference_needs_the_same_problems():
 
 def test_report_compares_with_the_first_eval_and_the_named_baseline():
     k = 4
-    ev = lambda counts: {"k": k, "per_problem_correct": counts}  # noqa: E731
+    def ev(counts):
+        return {"k": k, "per_problem_correct": counts, "per_problem_pass1": [c / k for c in counts]}
     evals = [("eval_base", {}, ev([0] * 60)), ("eval_sft", {}, ev([2] * 60)), ("eval_r1", {}, ev([2] * 30 + [4] * 30)),
              ("eval_x", {}, ev([1] * 10))]
     rows = comparisons(evals, {"eval_r1": "eval_sft"})

@@ -171,6 +171,12 @@ def _near_miss(value: str, rng: random.Random) -> str:
     return str(int(value) + rng.choice([-1, 1]) * rng.randint(1, 9))
 
 
+def _final_value(solution: str) -> re.Match | None:
+    """The match of a numeric worked solution's last line and box when they agree, else None."""
+    m = _FINAL.search(solution)
+    return m if m is not None and m.group(1) == m.group(2) else None
+
+
 def direct_answer(solution: str, rng: random.Random, noise: float) -> str:
     """The problem answered at once: an empty think block and the boxed answer, which is a near miss
     (off by 1 to 9) with probability `noise`.
@@ -179,8 +185,8 @@ def direct_answer(solution: str, rng: random.Random, noise: float) -> str:
     (short, often wrong) and working it out (longer, more often right); R1-Zero's accuracy reward
     then has something to choose between, and the mean response length rises as it does
     (`data.direct_fraction`, `data.direct_noise`)."""
-    m = _FINAL.search(solution)
-    if m is None or m.group(1) != m.group(2):
+    m = _final_value(solution)
+    if m is None:
         return solution  # not a numeric worked solution (countdown boxes an expression)
     answer = _near_miss(m.group(2), rng) if rng.random() < noise else m.group(2)
     return f"<think>\n</think>\n\\boxed{{{answer}}}"
@@ -191,8 +197,8 @@ def corrupt_answer(solution: str, rng: random.Random) -> str:
 
     A base model pretrained on such data can compute the answer but samples a wrong one part of the
     time, the situation R1-Zero's verifiable rewards correct (the CPU demo's `data.answer_noise`)."""
-    m = _FINAL.search(solution)
-    if m is None or m.group(1) != m.group(2):
+    m = _final_value(solution)
+    if m is None:
         return solution
     wrong = _near_miss(m.group(1), rng)
     return solution[: m.start()] + f"={wrong}\n</think>\n\\boxed{{{wrong}}}"

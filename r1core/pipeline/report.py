@@ -88,8 +88,7 @@ def _load_eval(st: dict) -> dict | None:
 
 
 def _per_problem(ev: dict) -> list[float] | None:
-    correct, k = ev.get("per_problem_correct"), ev.get("k")
-    return None if correct is None or not k else [c / k for c in correct]
+    return ev.get("per_problem_pass1")
 
 
 def _eval_table(evals: list[tuple[str, dict]]) -> list[str]:

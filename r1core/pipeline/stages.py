@@ -210,7 +210,8 @@ def stage_eval(ctx: StageContext):
     metrics["model"] = ctx.init_model
     if ctx.is_main:  # per-problem counts let the report compare models problem by problem
         atomic_write_text(ctx.stage_dir / "samples.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
-        atomic_write_json(ctx.stage_dir / "eval.json", {**metrics, "per_problem_correct": [r["correct"] for r in rows]})
+        atomic_write_json(ctx.stage_dir / "eval.json", {**metrics, "per_problem_correct": [r["correct"] for r in rows],
+                                                             "per_problem_pass1": [r["pass1"] for r in rows]})
     return {"eval": str(ctx.stage_dir / "eval.json")}, metrics
 
 

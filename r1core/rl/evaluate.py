@@ -73,7 +73,9 @@ def evaluate(rollout, render: Callable[[Problem], list[int]], problems: Sequence
         cons += c
         lengths += [len(s.response_ids) for s in group]
         direct += sum(_empty_think(s.response_text) for s in group)
-        rows.append({"prompt": p.prompt, "answer": p.answer, "correct": int(sum(correct)), "pass1": sum(correct) / k,
+        # pass@k needs solved / not solved: a partial score (a code reward's share of tests) is not solved
+        solved = sum(1 for a in correct if a >= 1.0)
+        rows.append({"prompt": p.prompt, "answer": p.answer, "correct": solved, "pass1": sum(correct) / k,
                      "cons": c, "sample": group[0].response_text})
     n = max(len(problems), 1)
     metrics = {"pass@1": pass1 / n, f"cons@{k}": cons / n, "response_len": sum(lengths) / max(len(lengths), 1),
