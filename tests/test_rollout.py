@@ -11,7 +11,7 @@ import torch
 from r1core.model import MoE, Transformer, presets
 from r1core.model.moe import route_ref
 from r1core.rollout import BuiltinEngine, Sample, SamplingParams, request_seed, request_uniforms, sample
-from r1core.rollout.decode import moe_dense, moe_grouped, route_topk
+from r1core.rollout.decode import moe_auto, moe_dense, moe_grouped, route_topk
 
 PROMPTS = [[5, 17, 99, 3, 250, 8], [42, 7], [300, 301, 302, 303, 304, 305, 306, 307, 308], [11], [60, 61, 62]]
 
@@ -130,17 +130,17 @@ def test_route_topk_equals_route_ref(model):
         moe.gate.e_score_correction_bias.zero_()
 
 
-@pytest.mark.parametrize("path", [moe_dense, moe_grouped])
+@pytest.mark.parametrize("path", [moe_dense, moe_grouped, moe_auto])
 def test_decode_moe_paths_match_moe_forward(model, path):
     moe: MoE = model.moe_layers()[1]
-    for T in (1, 5, 40):  # T*K below, near and above the expert count
+    for T in (1, 5, 40, 160):  # T*K below, near and above the expert count; auto turns grouped past 128
         x = torch.randn(1, T, model.args.dim)
         with torch.no_grad():
             torch.testing.assert_close(path(moe, x), moe(x)[0], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- built-in engine
-@pytest.mark.parametrize("decode_moe", ["dense", "grouped", "model"])
+@pytest.mark.parametrize("decode_moe", ["dense", "grouped", "auto", "model"])
 def test_greedy_equals_full_recompute_reference_with_continuous_batching(model, decode_moe):
     # max_batch=2 < 5 prompts: rows are freed and refilled while others decode.
     engine = BuiltinEngine(model, max_batch=2, max_len=64, decode_moe=decode_moe)
@@ -187,6 +187,28 @@ def test_rows_freed_by_early_stops_are_refilled_without_changing_any_sample(mode
         stops = [i for i, t in enumerate(s.response_ids) if t % 7 == 0]
         assert stops == ([len(s.response_ids) - 1] if s.finish_reason == "stop" else [])
         assert s.finish_reason == "stop" or len(s.response_ids) == 12
+
+
+def test_shared_prefill_gives_each_sample_the_tokens_of_its_own_prefill(model):
+    # n=4 samples per prompt, early stops so rows are refilled mid-decode: a prompt's samples are
+    # admitted together (one prefill, latent rows copied) or split across admissions (max_batch 3).
+    sp = SamplingParams(temperature=1.0, max_new_tokens=10, stop_token_ids=list(range(0, 512, 9)), seed=11)
+    own = BuiltinEngine(model, max_batch=32, max_len=64, share_prefill=False)
+    base = own.generate(PROMPTS, 4, sp)
+    assert own.stats["prefill_rows_shared"] == 0
+    for mb in (32, 3):
+        shared = BuiltinEngine(model, max_batch=mb, max_len=64)
+        out = shared.generate(PROMPTS, 4, sp)
+        assert [s.response_ids for s in out] == [s.response_ids for s in base]
+        for a, b in zip(base, out):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+            assert a.finish_reason == b.finish_reason
+    assert shared.stats["prefill_rows_shared"] > 0
+    engine = BuiltinEngine(model, max_batch=32, max_len=64)
+    samples = engine.generate(PROMPTS[:3], 3, greedy(8))
+    assert engine.stats["prefill_rows"] == 3 and engine.stats["prefill_rows_shared"] == 6
+    for s in samples:
+        assert s.response_ids == reference_greedy(model, PROMPTS[s.prompt_index], 8)[0]
 
 
 def test_logprobs_are_temperature_scaled_full_distribution(model):

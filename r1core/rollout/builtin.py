@@ -12,12 +12,18 @@ Scheduling (host side, `generate`):
   t+1, which is dropped.
 
 Rows are handed out lowest-first so the active rows stay packed at the bottom and B stays small.
+
+The n samples of a prompt admitted together share one prefill (`share_prefill`): the prompt runs
+through the model once and its latent rows (MLA: kv_lora_rank + rope dims per token and layer) are
+copied into the other samples' cache rows. Each sample still draws its first token from its own
+uniform stream, so its tokens are those of a separate prefill.
 """
 
 from __future__ import annotations
 
 import copy
 import heapq
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -121,13 +127,16 @@ class BuiltinEngine(RolloutEngine):
     tokenizer: anything with `decode(ids) -> str` and `eos_id` / `eos_token_id`; needed for stop
         strings and response_text, optional otherwise.
     decode_moe: "dense" (all-experts batched GEMM), "grouped" (torch._grouped_mm over routed rows),
-        both graph-safe (see decode.py), or "model" (the model's own MoE implementation, e.g. after
+        both graph-safe (see decode.py), "auto" (dense for small batch buckets, grouped above; see
+        decode.py), or "model" (the model's own MoE implementation, e.g. after
         `model.set_moe_impl("triton")`; it must be free of host syncs to be captured).
+    share_prefill: prefill each prompt once per admission and copy its latent rows to its other samples.
     """
 
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, max_len: int = 4096,
                  device=None, dtype=None, cuda_graphs: bool = True, decode_moe: str = "dense",
-                 max_prefill_tokens: int = 16384, offload_weights_on_sleep: bool = False):
+                 max_prefill_tokens: int = 16384, offload_weights_on_sleep: bool = False,
+                 share_prefill: bool = True):
         ref = model.head.weight
         self.device = torch.device(device) if device is not None else ref.device
         self.dtype = dtype or ref.dtype
@@ -139,10 +148,14 @@ class BuiltinEngine(RolloutEngine):
         self.decode_moe = decode_moe
         self.max_prefill_tokens = max_prefill_tokens
         self.offload_weights_on_sleep = offload_weights_on_sleep
+        self.share_prefill = share_prefill
         self.batch_buckets = _buckets(max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512])
         self.len_buckets = _buckets(max_len, [2 ** i for i in range(5, 24)])
         self.weight_version = 0
-        self.stats = {"decode_steps": 0, "prefills": 0, "graphs_captured": 0}
+        # host_s: host time in the generate loop outside waits; wait_s: time blocked on the device's
+        # results. wait_s near 0 means the host, not the GPU, sets the pace of decoding.
+        self.stats = {"decode_steps": 0, "prefills": 0, "graphs_captured": 0, "prefill_rows": 0,
+                      "prefill_rows_shared": 0, "host_s": 0.0, "wait_s": 0.0}
         self._cache = self._bufs = self._step = self._pool = None
         self._graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self._offloaded = False
@@ -217,10 +230,12 @@ class BuiltinEngine(RolloutEngine):
         self._bufs.top_k.fill_(sampling.top_k)
         was_training = self.model.training
         self.model.eval()
+        t0, wait0 = time.perf_counter(), self.stats["wait_s"]
         try:
             self._run(deque(r for r in reqs if r.finish is None), sampling)
         finally:
             self.model.train(was_training)
+        self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["wait_s"] - wait0)
         return [self._to_sample(r, sampling) for r in reqs]
 
     def _run(self, queue: deque, sampling: SamplingParams) -> None:
@@ -254,7 +269,9 @@ class BuiltinEngine(RolloutEngine):
 
     def _consume(self, p: _Pending, stop_ids: set[int], sampling: SamplingParams, free: list[int],
                  running: dict[int, _Request]) -> None:
+        t0 = time.perf_counter()
         tokens, logprobs = p.wait()
+        self.stats["wait_s"] += time.perf_counter() - t0
         for i, req in p.entries:
             if req.finish is not None:
                 continue  # the extra step of a row that had already finished
@@ -298,46 +315,65 @@ class BuiltinEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ device work
     def _prefill(self, reqs: list[_Request], truncate: bool) -> list[_Pending]:
-        """Prefill new rows in padded chunks; sample each request's first token from its last prompt position."""
-        reqs = sorted(reqs, key=lambda r: len(r.prompt_ids))  # similar lengths per chunk: less padding
+        """Prefill new rows in padded chunks; sample each request's first token from its last prompt position.
+
+        With share_prefill, requests of one prompt form a group: only its first request's row is run
+        through the model, the others get a copy of that row's latents.
+        """
+        groups: dict[int, list[_Request]] = {}
+        for r in reqs:
+            groups.setdefault(r.prompt_index if self.share_prefill else id(r), []).append(r)
+        units = sorted(groups.values(), key=lambda g: len(g[0].prompt_ids))  # similar lengths per chunk
         out, start = [], 0
-        while start < len(reqs):
+        while start < len(units):
             end = start + 1
-            while end < len(reqs) and (end - start + 1) * len(reqs[end].prompt_ids) <= self.max_prefill_tokens:
+            while end < len(units) and (end - start + 1) * len(units[end][0].prompt_ids) <= self.max_prefill_tokens:
                 end += 1
-            out.append(self._prefill_chunk(reqs[start:end], truncate))
+            out.append(self._prefill_chunk(units[start:end], truncate))
             start = end
         return out
 
-    def _prefill_chunk(self, reqs: list[_Request], truncate: bool) -> _Pending:
+    def _prefill_chunk(self, groups: list[list[_Request]], truncate: bool) -> _Pending:
         bufs, cache, dev = self._bufs, self._cache, self.device
-        lens = [len(r.prompt_ids) for r in reqs]
+        leaders = [g[0] for g in groups]
+        reqs = [r for g in groups for r in g]
+        lens = [len(r.prompt_ids) for r in leaders]
         T, U = max(lens), max(r.max_new for r in reqs)
-        tokens = torch.zeros(len(reqs), T, dtype=torch.long)
+        tokens = torch.zeros(len(leaders), T, dtype=torch.long)
         uniforms = torch.zeros(len(reqs), U, dtype=torch.float64)
-        for i, r in enumerate(reqs):
+        for i, r in enumerate(leaders):
             tokens[i, :lens[i]] = torch.tensor(r.prompt_ids)
+        for i, r in enumerate(reqs):
             uniforms[i, :r.max_new] = request_uniforms(r.seed, r.max_new)
-            r.next_pos = lens[i]
+            r.next_pos = len(r.prompt_ids)
+        lead_rows = _to_device(torch.tensor([r.row for r in leaders]), dev)
         rows = _to_device(torch.tensor([r.row for r in reqs]), dev)
+        # unit_R: index of each request's leader among the leaders
+        unit_R = _to_device(torch.tensor([u for u, g in enumerate(groups) for _ in g]), dev)
         lens_d = _to_device(torch.tensor(lens), dev)
         tokens = _to_device(tokens, dev)
         bufs.uniforms[rows, :U] = _to_device(uniforms, dev)
         # Right padding is harmless: pad tokens sit at positions past the prompt, which no real
         # query attends to, and decode overwrites each slot before attending to it.
-        positions = torch.arange(T, device=dev).expand(len(reqs), T)
-        cache.rows = rows
+        positions = torch.arange(T, device=dev).expand(len(leaders), T)
+        cache.rows = lead_rows
         try:
             h, _ = self.model.hidden_states(tokens, positions, cache=cache)
         finally:
             cache.rows = None
-        logits = self.model.head(h[torch.arange(len(reqs), device=dev), lens_d - 1])
+        if len(reqs) > len(leaders):  # followers: copy the leader's latent rows, all layers at once
+            src, dst = lead_rows[unit_R], rows
+            cache.kv[:, dst, :T] = cache.kv[:, src, :T]
+            cache.pe[:, dst, :T] = cache.pe[:, src, :T]
+        logits = self.model.head(h[torch.arange(len(leaders), device=dev), lens_d - 1])[unit_R]
         tok, lp = sample(logits, bufs.temperature[rows], bufs.top_p[rows], bufs.top_k[rows],
                          bufs.uniforms[rows, 0], truncate)
         bufs.tokens[rows] = tok
-        bufs.positions[rows] = lens_d
+        bufs.positions[rows] = lens_d[unit_R]
         bufs.gen_idx[rows] = 1
         self.stats["prefills"] += 1
+        self.stats["prefill_rows"] += len(leaders)
+        self.stats["prefill_rows_shared"] += len(reqs) - len(leaders)
         return _readback(tok, lp, list(enumerate(reqs)))
 
     def _launch_decode(self, running: dict[int, _Request], truncate: bool) -> _Pending:

@@ -14,6 +14,10 @@ MoE for decode has two graph-safe paths besides the model's own ("model"):
 - grouped: `torch._grouped_mm` over the T*K routed rows reads only the visited experts, which wins
   in the tail of a rollout when few rows remain (T*K << E).
 
+auto picks per batch bucket (a static choice, so each graph keeps one path): dense while the tokens'
+arithmetic intensity stays under the ridge (B <= AUTO_DENSE_MAX_TOKENS), grouped above, where dense
+would compute E/K times the needed flops (at B=1024, E=32, K=4: 8x) and turn compute-bound.
+
 Legend: B rows (batch bucket), S key slots (length bucket), D dim, E experts, K top-k, I expert dim.
 """
 
@@ -76,7 +80,14 @@ def moe_grouped(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return _shared(moe, x_TD, y_TD).view(B, T, D)
 
 
-MOE_PATHS = {"dense": moe_dense, "grouped": moe_grouped}
+AUTO_DENSE_MAX_TOKENS = 128  # an H100's bf16 ridge is ~250 flop/byte; dense runs at ~T flop/byte
+
+
+def moe_auto(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    return (moe_dense if x.shape[0] * x.shape[1] <= AUTO_DENSE_MAX_TOKENS else moe_grouped)(moe, x)
+
+
+MOE_PATHS = {"dense": moe_dense, "grouped": moe_grouped, "auto": moe_auto}
 
 
 class DecodeBuffers:
