@@ -112,12 +112,15 @@ class GRPOTrainer:
         kept: list[Group] = []
         seen: list[dict[str, float]] = []  # reward values of every sample: unbiased by the filtering
         n_generated = n_tokens = n_groups = 0
+        t_generate = 0.0
         for round_ in range(c.max_refill_rounds + 1):
             need = c.prompts_per_step - len(kept)
             if need <= 0:
                 break
             problems = self.sampler.take(need)
+            t0 = time.perf_counter()
             samples = self.rollout.generate([self.render(p) for p in problems], c.group_size, self._sampling(step, round_))
+            t_generate += time.perf_counter() - t0
             n_generated += len(samples)
             n_tokens += sum(len(s.response_ids) for s in samples)
             for i, problem in enumerate(problems):
@@ -131,7 +134,7 @@ class GRPOTrainer:
             if not c.dynamic_sampling:
                 break
         stats = {"generated": n_generated, "gen_tokens": n_tokens, "groups_seen": n_groups, "groups_kept": len(kept),
-                 "reward": sum(v["total"] for v in seen) / len(seen)}
+                 "reward": sum(v["total"] for v in seen) / len(seen), "t_generate_s": t_generate}
         for name in seen[0]:
             vals = [v[name] for v in seen if v[name] == v[name]]  # NaN: not applicable to that prompt
             if name != "total" and vals:
@@ -240,7 +243,11 @@ class GRPOTrainer:
             else:
                 batch, stats = made
                 upd = self.update(batch)
+                t_refresh = time.perf_counter()
                 self.rollout.update_weights(self.engine.model)
+                if self.engine.device.type == "cuda":
+                    torch.cuda.synchronize()  # the copies are asynchronous: time them, not their launch
+                upd["t_refresh_s"] = time.perf_counter() - t_refresh  # ~0 when colocated (shared module)
                 n_train = int(batch["mask"].sum())
                 metrics = {**stats, **gen, **upd, "t_rollout_s": t_rollout,
                            "rollout_tok_s": gen["gen_tokens"] / max(t_rollout, 1e-9),
