@@ -14,12 +14,18 @@ r1core's LocalEngine with LMObjective (fused linear cross-entropy, MTP, balance 
   compile_ac     + activation checkpointing of every block (memory)
   compile_master compile with fp32 master weights and AdamW state (what training at small learning rates
                  needs; every other r1core variant is pure bf16 like the megatron one, for equal footing)
+  compile_nomtp  compile with the MTP module off (n_mtp_modules=0): the same work as the torchtitan row
+  compile_fp8    compile with model.precision=fp8 (DeepSeek-V3's FP8 GEMMs, r1core.kernels.fp8); _nomtp: MTP off
+  torchtitan     torchtitan 0.2.2's own DeepSeekV3Model at the preset's shapes (MLA, SDPA attention, grouped-mm
+                 experts, its per-block torch.compile through its apply_compile, plain cross-entropy, no MTP),
+                 parameters in bf16, the same AdamW; torchtitan_eager without compile. The same-run anchor.
   megatron       megatron-core 0.16.1 GPTModel, local spec (no Transformer Engine), standard attention with
                  kv_channels 160 (so QK^T + PV FLOPs equal MLA's 192 + 128), SequentialMLP experts at the
                  same MoE shapes, sigmoid group-limited routing with expert bias, torch AdamW
 Model FLOPs per token: 6 × (active matmul parameters, the output head counted again for MTP) + causal
 attention (3 × 2·H·(d_qk + d_v)·(T+1)/2 per layer). MFU divides by the matmul peak measured in this run.
-A per-category breakdown of GPU time (profiler, one step of the fastest r1core variant) is printed.
+A per-category breakdown of GPU time and the top kernels (profiler, one step) are printed for every profiled
+row (by default every r1core and torchtitan row), so the rows can be compared kernel by kernel.
 Writes bench_train.json / bench_train.png under $OUT; the last line printed is the JSON record.
 """
 
@@ -34,6 +40,8 @@ import re
 import sys
 import time
 import traceback
+import types
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +54,29 @@ from r1core.parallel import ParallelConfig  # noqa: E402
 from r1core.train.engine import LocalEngine, OptimConfig  # noqa: E402
 from r1core.train.objectives import LMObjective  # noqa: E402
 
-ANCHOR = {"tokens_s": 12.9e3, "peak_gib": 22.3, "mfu": 0.02}  # FACTS.md: megatron GPTModel 516M, B4xT2048, H100
-VARIANTS = {  # name: (moe impl, attention, compile, activation checkpointing, fp32 master weights)
-    "ref": ("ref", "auto", False, False, False), "triton": ("triton", "auto", False, False, False),
-    "triton_cudnn": ("triton", "cudnn", False, False, False),
-    "triton_padv": ("triton", "flash_padv", False, False, False),
-    "compile": ("triton", "cudnn", True, False, False), "compile_ac": ("triton", "cudnn", True, True, False),
-    "compile_master": ("triton", "cudnn", True, False, True),
+ANCHORS = ("torchtitan", "megatron")  # same-run providers every row is compared against, when they ran
+
+
+class Variant(NamedTuple):
+    moe: str
+    attention: str
+    compile: bool = False
+    ac: bool = False              # activation checkpointing of every block
+    master: bool = False          # fp32 master weights and AdamW state
+    mtp: bool = True              # the preset's MTP module (off: n_mtp_modules=0)
+    precision: str = "bf16"       # model.precision: bf16 | fp8
+
+
+VARIANTS = {
+    "ref": Variant("ref", "auto"), "triton": Variant("triton", "auto"),
+    "triton_cudnn": Variant("triton", "cudnn"),
+    "triton_padv": Variant("triton", "flash_padv"),
+    "compile": Variant("triton", "cudnn", True), "compile_ac": Variant("triton", "cudnn", True, ac=True),
+    "compile_master": Variant("triton", "cudnn", True, master=True),
+    "compile_nomtp": Variant("triton", "cudnn", True, mtp=False),
+    "compile_fp8": Variant("triton", "cudnn", True, precision="fp8"),
+    "compile_fp8_nomtp": Variant("triton", "cudnn", True, mtp=False, precision="fp8"),
+    "eager_fp8": Variant("triton", "cudnn", precision="fp8"),
 }
 CATEGORIES = [("attention", r"fmha|flash|attention|cudnn|sdpa|softmax"),
               ("moe", r"grouped|_gate_up|_rows_gemm|_wgrad|swiglu|permute|route|moe|_zero_"),
@@ -122,10 +146,20 @@ def _time_steps(step, warmup: int, steps: int) -> tuple[float, float, float]:
     return sorted(times)[len(times) // 2], first, peak
 
 
+def variant_args(args, v: Variant):
+    changes = {"moe_impl": v.moe}
+    if not v.mtp:
+        changes["n_mtp_modules"] = 0
+    if v.precision != "bf16":
+        changes["precision"] = v.precision
+    return args.replace(**changes)
+
+
 def r1core_step(args, name: str, B: int, T: int, device, dtype):
-    moe, attn, compile_, ac, master = VARIANTS[name]
-    engine = LocalEngine(args.replace(moe_impl=moe), ParallelConfig(compile=compile_, activation_checkpointing=ac),
-                         OptimConfig(lr=1e-4, warmup_steps=0, master_weights=master), device, dtype, 0)
+    v = VARIANTS[name]
+    attn = v.attention
+    engine = LocalEngine(variant_args(args, v), ParallelConfig(compile=v.compile, activation_checkpointing=v.ac),
+                         OptimConfig(lr=1e-4, warmup_steps=0, master_weights=v.master), device, dtype, 0)
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, args.vocab_size, (B, T + 1), generator=g).to(device)
     mb, objective = {"tokens": data[:, :-1], "labels": data[:, 1:]}, LMObjective()
@@ -186,46 +220,140 @@ def megatron_step(args, B: int, T: int, device):
     return step, losses, model, 6 * active + attention
 
 
-def breakdown(step) -> dict[str, float]:
-    """GPU milliseconds per category for one step (torch.profiler, self device time of each kernel)."""
+def _stand_in_for_unused_imports() -> None:
+    """torchtitan 0.2.2 imports `torch.utils.tensorboard` (metrics) and HF `datasets` (its data loaders) when
+    its package loads, though DeepSeekV3Model uses neither, and the GPU machines have neither: these
+    sys.modules stand-ins let the import succeed; anything that really used them would fail loudly."""
+    def absent(*_a, **_k):
+        raise RuntimeError("a stand-in from bench_train.py: tensorboard / datasets are not installed here")
+
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        sys.modules["torch.utils.tensorboard"] = types.SimpleNamespace(SummaryWriter=absent)
+    try:
+        import datasets  # noqa: F401
+        import datasets.distributed  # noqa: F401
+    except ImportError:
+        sys.modules["datasets"] = types.SimpleNamespace(Dataset=object, load_dataset=absent,
+                                                        IterableDataset=object)
+        sys.modules["datasets.distributed"] = types.SimpleNamespace(split_dataset_by_node=absent)
+
+
+def torchtitan_args(args, T: int):
+    """torchtitan 0.2.2's DeepSeekV3ModelArgs at the r1core preset's shapes (no MTP: 0.2.2 has none)."""
+    _stand_in_for_unused_imports()
+    from torchtitan.models.deepseek_v3 import DeepSeekV3ModelArgs
+    from torchtitan.models.moe import MoEArgs
+
+    targs = DeepSeekV3ModelArgs(
+        vocab_size=args.vocab_size, dim=args.dim, inter_dim=args.inter_dim, moe_inter_dim=args.moe_inter_dim,
+        n_layers=args.n_layers, n_dense_layers=args.n_dense_layers, n_heads=args.n_heads,
+        q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_nope_head_dim=args.qk_nope_head_dim,
+        qk_rope_head_dim=args.qk_rope_head_dim, v_head_dim=args.v_head_dim, rope_factor=args.rope_factor,
+        moe_args=MoEArgs(num_experts=args.n_routed_experts, num_shared_experts=args.n_shared_experts,
+                         score_func=args.score_func.value, route_norm=args.norm_topk_prob,
+                         top_k=args.n_activated_experts, num_expert_groups=args.n_expert_groups,
+                         num_limited_groups=args.n_limited_groups, use_grouped_mm=torch.cuda.is_available()))
+    targs.moe_impl = "standard"  # what its trainer's update_from_config sets (expert_parallel_comm_backend)
+    return targs
+
+
+def torchtitan_step(args, B: int, T: int, device, dtype, compile_: bool):
+    """torchtitan's own model, built and compiled the way its trainer does on one GPU, in our AdamW loop."""
+    _stand_in_for_unused_imports()
+    from torchtitan.models.deepseek_v3 import DeepSeekV3Model
+    from torchtitan.models.llama4.infra.parallelize import apply_compile
+
+    with torch.device(device):
+        model = DeepSeekV3Model(torchtitan_args(args, T))
+    with torch.no_grad():
+        model.init_weights(buffer_device=device)
+    for p in model.parameters():  # bf16 parameters like the r1core rows; freqs_cis stays complex
+        p.data = p.data.to(dtype)
+    if compile_:
+        apply_compile(model, types.SimpleNamespace(backend="inductor"), False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, args.vocab_size, (B, T + 1), generator=g).to(device)
+    losses = []
+
+    def step():
+        logits = model(data[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), data[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return step, losses, model
+
+
+def breakdown(step, top: int = 15) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+    """GPU ms per category for one step and the `top` kernels by self device time (name, ms, calls)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         sync()
     out = {name: 0.0 for name, _ in CATEGORIES}
+    kernels = []
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
         if us <= 0:
             continue
         name = next(n for n, pat in CATEGORIES if re.search(pat, e.key, re.IGNORECASE))
         out[name] += us / 1e3
-    return out
+        kernels.append((e.key[:90], us / 1e3, e.count))
+    return out, sorted(kernels, key=lambda k: -k[1])[:top]
 
 
 def measure(name, args, a, device, dtype, peak_tflops) -> dict:
     row = {"variant": name}
+    dynamo_scalars = torch._dynamo.config.capture_scalar_outputs
     try:
         if name == "megatron":
             step, losses, keep, fpt = megatron_step(args, a.batch, a.seq, device)
+        elif name.startswith("torchtitan"):
+            step, losses, keep = torchtitan_step(args, a.batch, a.seq, device, dtype, name == "torchtitan")
+            fpt = flops_per_token(args.replace(n_mtp_modules=0), a.seq)
         else:
             step, losses, keep = r1core_step(args, name, a.batch, a.seq, device, dtype)
-            fpt = flops_per_token(args, a.seq)
+            fpt = flops_per_token(variant_args(args, VARIANTS[name]), a.seq)
         ms, first, peak = _time_steps(step, a.warmup, a.steps)
         tok_s = a.batch * a.seq / (ms / 1e3)
         row.update(ms=ms, first_step_s=first, tokens_s=tok_s, peak_gib=peak, loss=losses[-1],
                    model_tflops=fpt * tok_s / 1e12, mfu=fpt * tok_s / (peak_tflops * 1e12),
                    gflops_per_token=fpt / 1e9)
-        if a.breakdown == name or (a.breakdown == "auto" and name != "megatron" and torch.cuda.is_available()):
-            row["breakdown_ms"] = breakdown(step)
+        profiled = name in a.breakdown.split(",") or (a.breakdown == "auto" and name != "megatron")
+        if profiled and torch.cuda.is_available():
+            row["breakdown_ms"], row["top_kernels"] = breakdown(step)
     except Exception as e:  # report and go on: one failing provider must not hide the others
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         traceback.print_exc()
     keep = step = None
+    torch._dynamo.reset()  # each row compiles afresh (no recompile limits or guards carried between rows)
+    torch._dynamo.config.capture_scalar_outputs = dynamo_scalars  # torchtitan's apply_compile sets it
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row
+
+
+def summary_table(rows: list[dict], title: str) -> Table:
+    """One line per row, with its tokens/s as a ratio of each same-run anchor that ran."""
+    anchors = {r["variant"]: r["tokens_s"] for r in rows if r["variant"] in ANCHORS and "error" not in r}
+    table = Table(title, ["variant", "ms/step", "tokens/s"] + [f"× {n} tok/s" for n in anchors]
+                  + ["model TFLOP/s", "MFU %", "peak GiB", "first step s", "loss"])
+    for r in rows:
+        if "error" in r:
+            table.add(r["variant"], "failed: " + r["error"][:120], *[""] * (len(anchors) + 6))
+            continue
+        ratios = [r["tokens_s"] / t for t in anchors.values()]
+        for name, t in anchors.items():
+            r[f"x_{name}"] = r["tokens_s"] / t
+        table.add(r["variant"], r["ms"], r["tokens_s"], *ratios, r["model_tflops"], 100 * r["mfu"], r["peak_gib"],
+                  r["first_step_s"], r["loss"])
+    return table
 
 
 def main(argv=None) -> dict:
@@ -239,7 +367,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--breakdown", default="auto", help="variant to profile ('auto': every r1core variant)")
+    p.add_argument("--breakdown", default="auto",
+                   help="variants to profile, comma-separated ('auto': every r1core and torchtitan variant)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run")
     a = p.parse_args(argv)
     if a.tiny:
@@ -257,16 +386,7 @@ def main(argv=None) -> dict:
         rows.append(measure(v, args, a, device, dtype, ceil.matmul_tflops))
         with open(os.path.join(out_dir(), "bench_train.partial.json"), "w") as f:  # survives a killed run
             json.dump(rows, f, indent=1)
-    table = Table(f"train step, {a.preset} preset, B{a.batch} x T{a.seq}, {dtype}",
-                  ["variant", "ms/step", "tokens/s", "× anchor tok/s", "model TFLOP/s", "MFU %", "peak GiB",
-                   "first step s", "loss"])
-    for r in rows:
-        if "error" in r:
-            table.add(r["variant"], "failed: " + r["error"][:120], "", "", "", "", "", "", "")
-            continue
-        table.add(r["variant"], r["ms"], r["tokens_s"], r["tokens_s"] / ANCHOR["tokens_s"], r["model_tflops"],
-                  100 * r["mfu"], r["peak_gib"], r["first_step_s"], r["loss"])
-    tables = [table]
+    tables = [summary_table(rows, f"train step, {a.preset} preset, B{a.batch} x T{a.seq}, {dtype}")]
     for r in rows:
         if "breakdown_ms" in r:
             bt = Table(f"GPU time by category, {r['variant']} (one profiled step)", ["category", "ms", "% of step"])
@@ -274,12 +394,16 @@ def main(argv=None) -> dict:
             for cat, ms in r["breakdown_ms"].items():
                 bt.add(cat, ms, 100 * ms / total)
             tables.append(bt)
+            kt = Table(f"top kernels, {r['variant']} (one profiled step)", ["kernel", "ms", "calls", "% of step"])
+            for k, ms, n in r["top_kernels"]:
+                kt.add(k, ms, n, 100 * ms / total)
+            tables.append(kt)
     ok = [r for r in rows if "error" not in r]
     if ok:
         bar_plot(os.path.join(out_dir(), "bench_train.png"), f"training tokens/s, {a.preset} B{a.batch}xT{a.seq}",
                  [r["variant"] for r in ok], [r["tokens_s"] for r in ok], "tokens/s")
     record = {"preset": a.preset, "batch": a.batch, "seq": a.seq, "matmul_peak_tflops": ceil.matmul_tflops,
-              "anchor": ANCHOR, "rows": rows}
+              "rows": rows}
     finish("bench_train", tables, record)
     return record
 
