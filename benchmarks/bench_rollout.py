@@ -8,7 +8,13 @@ tokens in both engines. Reported: generated tokens/s per provider, the ratio to 
 KV-cache bytes per token (ours: the MLA latent; HF: its DynamicCache, measured), and a
 greedy parity check (share of greedy tokens on which the two engines agree).
 
-  python benchmarks/bench_rollout.py            # GPU, the anchor workload
+Then (rollout_roofline.py) the decode roofline sweep: per model (the bench shapes above and the
+`small` preset) and batch size (64, 256, 1024), decode tokens/s and % of the decode roofline (bytes
+a step must read over the copy bandwidth measured in this run) for each graph-safe MoE path; the
+GRPO-shaped workload (prompts x group size, EOS-like stops), mean rollout ms per sample with and
+without shared prefill; and the weight refresh cost of a non-colocated engine.
+
+  python benchmarks/bench_rollout.py            # GPU, the anchor workload, sweep, GRPO rows
   python benchmarks/bench_rollout.py --tiny     # CPU smoke run (tiny preset, small batch)
 """
 
@@ -24,8 +30,10 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Table, bar_plot, device, finish, out_dir, sync  # noqa: E402
+from common import Ceilings, Table, bar_plot, device, finish, out_dir, sync  # noqa: E402
+from rollout_roofline import grpo_row, refresh_row, roofline_row  # noqa: E402
 
+from r1core.checkpoint.hf import save_pretrained  # noqa: E402
 from r1core.model import ModelArgs, Transformer, presets  # noqa: E402
 from r1core.rollout import BuiltinEngine, SamplingParams  # noqa: E402
 
@@ -67,7 +75,7 @@ def load_hf(model: Transformer, dtype: torch.dtype, dev: torch.device):
 
     transformers.logging.set_verbosity_error()  # the tiny preset's MTP layer is "unexpected" to HF
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=dtype)
@@ -142,10 +150,104 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--variants", default="graphs,grouped,eager,triton",
                     help="ours: graphs (CUDA graphs, dense MoE), grouped (graphs, torch._grouped_mm MoE), "
                          "eager (no graphs), triton (graphs, the model's MoE on the Triton kernels)")
+    ap.add_argument("--sweep-presets", default="bench,small", help="models of the roofline sweep ('' skips it)")
+    ap.add_argument("--sweep-batches", default="64,256,1024")
+    ap.add_argument("--sweep-moe", default="dense,grouped,auto", help="decode_moe paths of the sweep")
+    ap.add_argument("--sweep-new-tokens", type=int, default=128)
+    ap.add_argument("--grpo", default="32x8,128x8", help="GRPO workloads, prompts x group ('' skips them)")
+    ap.add_argument("--grpo-mean-len", type=int, default=128, help="mean response length (EOS-like stops)")
+    ap.add_argument("--grpo-max-new", type=int, default=512)
+    ap.add_argument("--grpo-max-batch", type=int, default=256, help="engine rows, as the pipeline's rollout")
     args = ap.parse_args()
     if args.tiny:
         args.batch, args.prompt_len, args.new_tokens, args.repeats = 4, 16, 16, 1
+        args.sweep_presets, args.sweep_batches, args.sweep_new_tokens = "tiny", "2,8", 6
+        args.grpo, args.grpo_mean_len, args.grpo_max_new, args.grpo_max_batch = "2x4", 4, 8, 4
     return args
+
+
+def build_model(margs: ModelArgs, dev: torch.device, dtype: torch.dtype) -> Transformer:
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Transformer(margs).to(dtype).eval()
+    for moe in model.moe_layers():  # routing fidelity: the router bias stays fp32, as in training
+        moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
+    return model
+
+
+def sweep_args(name: str) -> ModelArgs:
+    margs = anchor_args() if name == "bench" else presets[name]
+    margs.n_mtp_modules = 0  # rollout never runs MTP
+    return margs
+
+
+def roofline_sweep(opts, dev, dtype, record: dict) -> list[Table]:
+    """Decode roofline per model and batch size, GRPO rows and refresh cost (small preset); never raises."""
+    ceil = Ceilings.measure()
+    record["copy_gbps"] = ceil.copy_gbps
+    print(f"copy bandwidth {ceil.copy_gbps:,.0f} GB/s (read + written)", flush=True)
+    roof = Table(f"decode roofline (bytes a step must read / {ceil.copy_gbps:,.0f} GB/s copy bandwidth), "
+                 f"prompt {opts.prompt_len}, {opts.sweep_new_tokens} new tokens",
+                 ["model", "batch", "decode_moe", "decode tok/s", "ms/step", "roofline ms/step", "% roofline",
+                  "experts/layer (uniform)", "MB/step"])
+    grpo = Table(f"GRPO rollout, mean response ~{opts.grpo_mean_len} (max {opts.grpo_max_new}), "
+                 f"{opts.grpo_max_batch} engine rows",
+                 ["model", "prompts x G", "shared prefill", "decode_moe", "s", "ms/sample", "tok/s", "mean len",
+                  "steps", "host s", "wait s"])
+    record.update(roofline=[], grpo=[], roofline_errors=[])
+    tables = [roof, grpo]
+    names = [n for n in opts.sweep_presets.split(",") if n] or ["small"]
+    grpo_model = "small" if "small" in names else names[-1]  # the pipeline's model
+    for name in names:
+        model = build_model(sweep_args(name), dev, dtype)
+        for B in map(int, filter(None, opts.sweep_batches.split(",") if opts.sweep_presets else [])):
+            for path in opts.sweep_moe.split(","):
+                try:
+                    r = roofline_row(model, B, opts.prompt_len, opts.sweep_new_tokens, path, ceil.copy_gbps,
+                                     opts.repeats, sync)
+                except Exception as e:  # e.g. out of memory at one size: the other rows still print
+                    record["roofline_errors"].append(f"{name} B{B} {path}: {type(e).__name__}: {e}"[:300])
+                    print("[roofline] failed:", record["roofline_errors"][-1], flush=True)
+                    continue
+                r["model"] = name
+                record["roofline"].append(r)
+                roof.add(name, B, path, r["decode_tokens_per_s"], r["decode_step_ms"], r["roofline_step_ms"],
+                         r["pct_roofline"], f"{r['distinct_experts_measured']:.1f} "
+                         f"({r['distinct_experts_uniform']:.1f})", r["bytes_per_step"]["total"] / 1e6)
+                print(f"[roofline] {name} B{B} {path}: {r['decode_tokens_per_s']:,.0f} tok/s, "
+                      f"{r['pct_roofline']:.1f} % of roofline", flush=True)
+        if name == grpo_model and opts.grpo:
+            tables += grpo_rows(model, name, opts, grpo, record)
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return tables
+
+
+def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
+    for spec in filter(None, opts.grpo.split(",")):
+        P, G = map(int, spec.split("x"))
+        for share, path in ((False, "dense"), (True, "dense"), (True, "auto")):  # today's engine first
+            try:
+                r = grpo_row(model, P, G, opts.prompt_len, opts.grpo_mean_len, opts.grpo_max_new,
+                             opts.grpo_max_batch, share, path, opts.repeats, sync)
+            except Exception as e:
+                record["roofline_errors"].append(f"grpo {spec} {share} {path}: {type(e).__name__}: {e}"[:300])
+                print("[grpo] failed:", record["roofline_errors"][-1], flush=True)
+                continue
+            r["model"] = name
+            record["grpo"].append(r)
+            grpo.add(name, spec, share, path, r["seconds"], r["ms_per_sample"], r["tokens_per_s"], r["mean_len"],
+                     r["decode_steps"], r["host_s"], r["wait_s"])
+            print(f"[grpo] {spec} shared={share} {path}: {r['ms_per_sample']:.2f} ms/sample", flush=True)
+    refresh = Table("weight refresh into a non-colocated engine (update_weights)", ["model", "ms", "GB", "GB/s"])
+    try:
+        r = refresh_row(model, sync)
+        record["refresh"] = {"model": name, **r}
+        refresh.add(name, r["seconds"] * 1e3, r["bytes"] / 1e9, r["gbps"])
+    except Exception as e:
+        record["roofline_errors"].append(f"refresh: {type(e).__name__}: {e}"[:300])
+    return [refresh]
 
 
 def main() -> None:
@@ -153,11 +255,7 @@ def main() -> None:
     dev = device()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     margs = presets["tiny"] if opts.tiny else anchor_args()
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = Transformer(margs).to(dtype).eval()
-    for moe in model.moe_layers():
-        moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
+    model = build_model(margs, dev, dtype)
     prompts = torch.randint(0, margs.vocab_size, (opts.batch, opts.prompt_len), device=dev)
     sp = SamplingParams(temperature=1.0, max_new_tokens=opts.new_tokens, seed=0)
     max_len = opts.prompt_len + opts.new_tokens
@@ -194,10 +292,12 @@ def main() -> None:
         except Exception as e:  # keep our numbers even if this transformers version cannot load the export
             record["hf_error"] = f"{type(e).__name__}: {e}"[:500]
             print("[HF] failed:", record["hf_error"], flush=True)
-    report(results, record)
+    del model, engine
+    extra = roofline_sweep(opts, dev, dtype, record) if opts.sweep_presets or opts.grpo else []
+    report(results, record, extra)
 
 
-def report(results: dict, record: dict) -> None:
+def report(results: dict, record: dict, extra: list[Table]) -> None:
     hf = results.get("HF transformers", {}).get("tokens_per_s")
     table = Table(f"rollout: batch {record['batch']}, prompt {record['prompt_len']}, {record['new_tokens']} new tokens",
                   ["provider", "seconds", "tokens/s", "x HF", "peak GiB"])
@@ -213,7 +313,7 @@ def report(results: dict, record: dict) -> None:
     record.update(results=results, png=png)
     best = max((r["tokens_per_s"] for k, r in results.items() if k.startswith("r1core")), default=0.0)
     record["speedup_vs_hf"] = best / hf if hf else None
-    finish("bench_rollout", [table, kv], record)
+    finish("bench_rollout", [table, kv, *extra], record)
 
 
 if __name__ == "__main__":
