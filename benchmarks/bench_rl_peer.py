@@ -20,6 +20,14 @@ training step's implementation, which is what seconds per step measures.
   python benchmarks/bench_rl_peer.py --tiny                     # CPU: makes a tiny base, then both runs
   python benchmarks/bench_rl_peer.py --tiny --run-dir runs/x    # CPU, a finished run as the base
   python benchmarks/bench_rl_peer.py --run-dir runs/small       # GPU, larger budget (untested)
+  python benchmarks/bench_rl_peer.py --speed-only --base-preset small --pretrain-steps 30 --steps 6
+      # GPU speed comparison only: seconds per step, samples/s and r1core's step split, no evals
+
+Speed-only mode skips the held-out evaluations and prints, per provider, seconds per step (median over
+the steps after the first, which carries compilation and autotuning) and samples/s, and r1core's step
+split from its metrics: generation, scoring, trainer log-prob pass, update, weight refresh. Where
+`datasets` (pyarrow: a 55 MB wheel) or `pandas` cannot be installed, `--standins auto` (the default)
+replaces them with the list-backed stand-ins of benchmarks/standins.py before TRL is imported.
 
 Needs the bench extra (`pip install -e ".[bench]"`: trl, datasets, accelerate).
 """
@@ -48,6 +56,7 @@ from r1core.data import ChatFormat, Tokenizer  # noqa: E402
 from r1core.data.tasks import Problem  # noqa: E402
 from r1core.rl.config import AdvantageEstimator, GRPOConfig, LossAgg, Overlong  # noqa: E402
 from r1core.rl.stats import Estimate, bootstrap_mean, paired_difference  # noqa: E402
+from r1core.rollout.types import SamplingConfig  # noqa: E402
 from r1core.train.engine import LRSchedule, OptimConfig  # noqa: E402
 
 BENCH = "rl_peer"
@@ -97,11 +106,11 @@ def r1core_configs(s: PeerSettings) -> tuple[GRPOConfig, OptimConfig]:
     """r1core's GRPO and optimizer settings for the shared settings (DAPO loss, no dynamic sampling)."""
     rl = GRPOConfig(
         steps=s.steps, lr=s.lr, prompts_per_step=s.prompts_per_step, group_size=s.group_size,
-        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0, top_k=0,
+        sampling=SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0, top_k=0),
         advantage=AdvantageEstimator.grpo, adv_eps=s.adv_eps, dynamic_sampling=False, overlong=Overlong.none,
         beta=0.0, eps_low=s.eps_low, eps_high=s.eps_high, dual_clip=None, loss_agg=LossAgg.token_mean,
         tis_cap=None, minibatches=1, micro_batch_size=s.samples_per_step, rewards={"accuracy": 1.0},
-        reward_kwargs={}, require_boxed=True, eval_every=0, save_every=s.steps + 1)
+        reward_kwargs={}, eval_every=0, save_every=s.steps + 1)
     optim = OptimConfig(lr=s.lr, warmup_steps=0, total_steps=max(s.steps, 1), schedule=LRSchedule.constant,
                         weight_decay=s.weight_decay, betas=s.betas, eps=1e-8, grad_clip=s.grad_clip)
     return rl, optim
@@ -198,12 +207,14 @@ class Trained:
     model_dir: Path
     step_s: list[float]
     train_reward: float
+    split: dict[str, float] = dataclasses.field(default_factory=dict)  # median seconds per step part
 
 
 def train_r1core(base: Base, s: PeerSettings, work: Path, device: torch.device, dtype: torch.dtype) -> Trained:
     """stage_rl's construction, without the pipeline: engine from the base, BuiltinEngine rollout, GRPOTrainer."""
     from r1core.checkpoint.hf import hf_model_args
     from r1core.parallel.config import ParallelConfig
+    from r1core.rl.rewarding import Scorer
     from r1core.rl.trainer import GRPOTrainer
     from r1core.rollout import BuiltinEngine
     from r1core.train.engine import build_engine
@@ -215,11 +226,26 @@ def train_r1core(base: Base, s: PeerSettings, work: Path, device: torch.device, 
     engine.load_hf(base.model_dir)
     rollout = BuiltinEngine(engine.model, tokenizer=base.tok, max_batch=256, max_len=base.max_len(s.max_new_tokens))
     out = work / "r1core"
-    GRPOTrainer(rl, engine, rollout, base.render, base.rl_problems, out, pad_id=base.tok.pad_id, seed=s.seed).run()
+    scorer = Scorer(rl.rewards, rl.reward_kwargs, require_boxed=True)  # the rule trl_reward applies
+    GRPOTrainer(rl, engine, rollout, base.render, base.rl_problems, out, pad_id=base.tok.pad_id, seed=s.seed,
+                scorer=scorer).run()
     rows = read_jsonl(out / "metrics.jsonl")
     engine.export_hf(out / "model")
     return Trained("r1core", out / "model", [r["t_step_s"] for r in rows],
-                   statistics.fmean(r["reward/accuracy"] for r in rows))
+                   statistics.fmean(r["reward/accuracy"] for r in rows), step_split(rows[1:] or rows))
+
+
+def step_split(rows: list[dict]) -> dict[str, float]:
+    """Median seconds per step of each part of r1core's GRPO step (metrics.jsonl fields)."""
+    def med(fn):
+        vals = [fn(r) for r in rows]
+        vals = [v for v in vals if v is not None]
+        return statistics.median(vals) if vals else float("nan")
+
+    return {"rollout": med(lambda r: r.get("t_generate_s")),
+            "scoring": med(lambda r: r["t_rollout_s"] - r["t_generate_s"] if "t_generate_s" in r else None),
+            "logprob": med(lambda r: r.get("t_logprob_s")), "update": med(lambda r: r.get("t_update_s")),
+            "refresh": med(lambda r: r.get("t_refresh_s")), "step": med(lambda r: r.get("t_step_s"))}
 
 
 def train_trl(base: Base, s: PeerSettings, work: Path, cuda: bool) -> Trained:
@@ -279,7 +305,8 @@ def evaluate_model(name: str, model_dir: Path, base: Base, s: PeerSettings, devi
         warnings.simplefilter("ignore")
         model = from_pretrained(model_dir, dtype=dtype, device=device)
     rollout = BuiltinEngine(model, tokenizer=base.tok, max_batch=256, max_len=base.max_len(s.max_new_tokens))
-    cfg = EvalConfig(problems=s.eval_problems, k=s.eval_k, max_new_tokens=s.max_new_tokens, greedy=False)
+    sampling = dataclasses.replace(EvalConfig().sampling, max_new_tokens=s.max_new_tokens)
+    cfg = EvalConfig(problems=s.eval_problems, k=s.eval_k, sampling=sampling, greedy=False)
     t0 = time.perf_counter()
     metrics, rows = evaluate(rollout, base.render, base.eval_problems, cfg, seed=s.seed)
     dt = time.perf_counter() - t0
@@ -373,6 +400,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float)
     p.add_argument("--pretrain-steps", type=int, default=400, help="base made without --run-dir (the demo's 400)")
     p.add_argument("--base-override", action="append", default=[], help="extra Hydra override for the made base")
+    p.add_argument("--base-preset", help="model preset of a made base (default: tiny with --tiny, else small)")
+    p.add_argument("--speed-only", action="store_true", help="seconds per step and r1core's split, no evals")
+    p.add_argument("--standins", choices=["auto", "force", "off"], default="auto",
+                   help="list-backed stand-ins for datasets/pandas where missing (force: always, a CPU check)")
     return p.parse_args(argv)
 
 
@@ -387,6 +418,12 @@ def settings_from_args(a: argparse.Namespace) -> PeerSettings:
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     s = settings_from_args(a)
+    if a.standins != "off":
+        import standins
+
+        replaced = standins.install(force=a.standins == "force")
+        if replaced:
+            print(f"stand-ins for {replaced} (benchmarks/standins.py)", flush=True)
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -397,12 +434,15 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if a.run_dir:
         run_dir = Path(a.run_dir).resolve()
-    elif a.tiny:
-        run_dir = make_base(out, "tiny", a.pretrain_steps, a.base_override)
+    elif a.tiny or a.base_preset or a.speed_only:
+        preset = a.base_preset or ("tiny" if a.tiny else "small")
+        run_dir = make_base(out, preset, a.pretrain_steps, a.base_override)
     else:
         raise SystemExit("without --tiny, give --run-dir (a finished prepare + pretrain run, e.g. model=small)")
     base = load_base(run_dir, s.eval_problems)
     print(f"settings: {s}", flush=True)
+    if a.speed_only:
+        return speed_only(base, s, device, dtype, cuda, run_dir, out)
     with tempfile.TemporaryDirectory(prefix="rl_peer-") as tmp:
         work = Path(tmp)
         print("[1/5] held-out eval of the base", flush=True)
@@ -418,6 +458,44 @@ def main(argv: list[str] | None = None) -> dict:
     record = {"bench": BENCH, **env_info(), "run_dir": str(run_dir), "device_kind": device.type,
               **summarize(s, base_pass, runs)}
     report(record, out)
+    return record
+
+
+def speed_only(base: Base, s: PeerSettings, device, dtype, cuda: bool, run_dir: Path, out: Path) -> dict:
+    """Both trainers on the same base, prompts and budget; step times only. A failing provider is reported,
+    the other still prints."""
+    runs, errors = [], {}
+    with tempfile.TemporaryDirectory(prefix="rl_peer-") as tmp:
+        for name, fn in (("r1core", lambda: train_r1core(base, s, Path(tmp), device, dtype)),
+                         ("trl", lambda: train_trl(base, s, Path(tmp), cuda))):
+            print(f"[{name}] GRPO, {s.steps} steps", flush=True)
+            try:
+                runs.append(fn())
+            except Exception as e:  # noqa: BLE001 - keep the other provider's figures
+                errors[name] = f"{type(e).__name__}: {e}"[:500]
+                print(f"[{name}] failed: {errors[name]}", flush=True)
+    t = Table(f"GRPO step speed: {s.prompts_per_step} prompts x {s.group_size} samples, "
+              f"{s.max_new_tokens} new tokens, {s.steps} steps (median of steps 2..)",
+              ["provider", "s/step", "samples/s", "x slowest", "rollout", "scoring", "log-prob", "update",
+               "refresh"])
+    providers = []
+    for run in runs:
+        step = statistics.median(run.step_s[1:] or run.step_s)
+        providers.append({"provider": run.provider, "s_per_step": step,
+                          "samples_per_s": s.samples_per_step / step, "step_s": run.step_s, "train_reward": run.train_reward, "split": run.split})
+    slowest = max((p["s_per_step"] for p in providers), default=float("nan"))
+    for p in providers:
+        p["x_slowest"] = slowest / p["s_per_step"]
+        sp = p["split"]
+        t.add(p["provider"], p["s_per_step"], p["samples_per_s"], p["x_slowest"],
+              *(sp.get(k, "-") for k in ("rollout", "scoring", "logprob", "update", "refresh")))
+    print(t.render(), end="\n\n")
+    record = {"bench": BENCH + "_speed", **env_info(), "run_dir": str(run_dir), "device_kind": device.type,
+              "settings": dataclasses.asdict(s), "unmatched": UNMATCHED, "providers": providers,
+              "errors": errors}
+    with open(out / f"{BENCH}_speed.json", "w") as f:
+        json.dump(record, f, indent=1)
+    print(json.dumps(record))
     return record
 
 

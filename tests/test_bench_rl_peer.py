@@ -32,14 +32,16 @@ def test_both_sides_get_the_same_budget_loss_clip_and_optimizer():
     t = peer.trl_kwargs(s, "/tmp/x", cuda=False)
     assert (rl.steps, rl.prompts_per_step, rl.group_size) == (t["max_steps"], 3, t["num_generations"])
     assert rl.prompts_per_step * rl.group_size == t["per_device_train_batch_size"] == rl.micro_batch_size == 15
-    assert rl.max_new_tokens == t["max_completion_length"] == 20
-    assert rl.temperature == t["temperature"] == 1.0 and rl.top_p == t["top_p"] == 1.0 and rl.top_k == t["top_k"] == 0
+    sampling = rl.sampling
+    assert sampling.max_new_tokens == t["max_completion_length"] == 20
+    assert sampling.temperature == t["temperature"] == 1.0 and sampling.top_p == t["top_p"] == 1.0
+    assert sampling.top_k == t["top_k"] == 0
     assert (rl.eps_low, rl.eps_high) == (t["epsilon"], t["epsilon_high"]) == (0.1, 0.3)
     assert rl.beta == t["beta"] == 0.0
     assert rl.loss_agg.value == "token_mean" and t["loss_type"] == "dapo"
     assert rl.advantage.value == "grpo" and t["scale_rewards"] == "group" and rl.adv_eps == 1e-4
     assert not rl.dynamic_sampling and rl.tis_cap is None and rl.minibatches == t["num_iterations"] == 1
-    assert rl.rewards == {"accuracy": 1.0} and rl.require_boxed and rl.overlong.value == "none"
+    assert rl.rewards == {"accuracy": 1.0} and rl.overlong.value == "none"
     assert not t["mask_truncated_completions"] and not t["shuffle_dataset"] and not t["use_vllm"]
     assert optim.lr == rl.lr == t["learning_rate"] and optim.schedule.value == t["lr_scheduler_type"] == "constant"
     assert optim.warmup_steps == t["warmup_steps"] == 0

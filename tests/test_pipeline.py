@@ -27,10 +27,13 @@ from r1core.rollout import Sample
 TOY = ["pretrain.steps=6", "pretrain.save_every=3", "pretrain.seq_len=48", "pretrain.batch_size=8",
        "pretrain.micro_batch_size=8", "sft.steps=3", "sft.save_every=2", "sft.seq_len=64", "sft.batch_size=8",
        "sft.micro_batch_size=8", "rl.steps=2", "rl.save_every=1", "rl.prompts_per_step=3", "rl.group_size=2",
-       "rl.max_new_tokens=12", "rl.max_refill_rounds=0", "eval.problems=4", "eval.k=2", "eval.max_new_tokens=12",
-       "rejection.prompts=4", "rejection.samples_per_prompt=2", "rejection.max_new_tokens=12",
-       "rejection.require_correct=false", "rejection.require_format=false", "rejection.require_finished=false", "distill.prompts=4",
-       "distill.max_new_tokens=12", "distill.require_correct=false", "distill.require_finished=false", "data.corpus_docs=300",
+       "rl.sampling.max_new_tokens=12", "rl.max_refill_rounds=0", "eval.problems=4", "eval.k=2",
+       "eval.sampling.max_new_tokens=12",
+       "rejection.prompts=4", "rejection.samples_per_prompt=2", "rejection.sampling.max_new_tokens=12",
+       "rejection.filters.require_correct=false", "rejection.filters.require_format=false",
+       "rejection.filters.require_finished=false", "distill.prompts=4",
+       "distill.sampling.max_new_tokens=12", "distill.filters.require_correct=false",
+       "distill.filters.require_finished=false", "data.corpus_docs=300",
        "data.cold_start_examples=40", "data.eval_problems=4"]
 
 

@@ -44,7 +44,7 @@ def test_sglang_is_refused_before_any_work_with_one_line_when_not_installed(tmp_
 def test_pipeline_stages_build_the_configured_engine_with_its_arguments(monkeypatch):
     from types import SimpleNamespace
 
-    from r1core.pipeline.stages import make_rollout
+    from r1core.pipeline.context import make_rollout
     from r1core.rollout import sglang_engine
     from r1core.rollout.config import EngineKind, SGLangArgs
 

@@ -121,13 +121,19 @@ def test_math_accuracy_require_boxed_scores_only_a_box_after_think(response, str
 
 
 def test_rl_rejection_and_eval_default_to_the_boxed_rule():
-    from r1core.pipeline.config import DistillConfig, RejectionConfig
-    from r1core.rl.config import GRPOConfig
-    from r1core.rl.evaluate import EvalConfig
+    import dataclasses
+    import inspect
+
+    from r1core.pipeline.config import STAGE_SECTIONS, JobConfig, StageKind
+    from r1core.rl.evaluate import evaluate
     from r1core.rl.rewarding import Scorer
 
-    assert GRPOConfig().require_boxed and RejectionConfig().require_boxed and DistillConfig().require_boxed
-    assert EvalConfig().require_boxed
+    # one job setting serves every stage that checks answers, and their hashes cover it
+    assert {f.name: f.default for f in dataclasses.fields(JobConfig)}["require_boxed"] is True
+    for kind in (StageKind.reasoning_rl, StageKind.all_scenario_rl, StageKind.rejection_sampling,
+                 StageKind.distill, StageKind.eval):
+        assert "require_boxed" in STAGE_SECTIONS[kind]
+    assert inspect.signature(evaluate).parameters["require_boxed"].default is True
     from r1core.data.tasks import Problem
 
     p = Problem(prompt="2+2=", answer="4", task="arithmetic")

@@ -1,8 +1,8 @@
 """All-scenario RL (R1 §2.3.4): reasoning prompts keep their rule rewards, general prompts are judged by
 the reward model installed through `r1core.rewards.set_reward_model`.
 
-The reward model: `rl_reward_model` points at a scalar-head checkpoint (an r1core HF directory plus
-`value_head.safetensors`, see `TransformerRewardModel`). Without one, the built-in general prompts
+The reward model: `rl.reward_model_path` points at a scalar-head checkpoint (an r1core HF directory
+plus `value_head.safetensors`, see `TransformerRewardModel`). Without one, the built-in general prompts
 are judged by `ReferenceOverlapJudge`, a programmatic stand-in that scores token overlap with a
 reference answer; it exercises the same hook and is reported as such in the run report.
 """
@@ -58,12 +58,13 @@ class AllScenarioScorer(Scorer):
         return self.rm_weight * value, values
 
 
-def all_scenario_scorer(cfg, device="cpu") -> AllScenarioScorer:
+def all_scenario_scorer(cfg, require_boxed: bool, device="cpu") -> AllScenarioScorer:
+    """The scorer for `cfg` (the job's `rl` section), with its reward model installed."""
     if cfg.reward_model_path:
         rewards.set_reward_model(TransformerRewardModel(cfg.reward_model_path, device=device))
     else:
         rewards.set_reward_model(ReferenceOverlapJudge.builtin(), transform="clip")
-    return AllScenarioScorer(cfg.rewards, cfg.reward_kwargs, cfg.reward_model_weight, cfg.require_boxed)
+    return AllScenarioScorer(cfg.rewards, cfg.reward_kwargs, cfg.reward_model_weight, require_boxed)
 
 
 class ReferenceOverlapJudge:
@@ -96,9 +97,10 @@ class ReferenceOverlapJudge:
         return out
 
 
-class TransformerRewardModel:
+class TransformerRewardModel(rewards.ScalarHeadRewardModel):
     """A scalar-head reward model: an r1core Transformer trunk, a linear value head on the last token's
-    final hidden state (the Bradley-Terry reward model R1's general-data stage uses)."""
+    final hidden state (the Bradley-Terry reward model R1's general-data stage uses), scoring
+    prompt + response truncated to its last `max_tokens` tokens."""
 
     def __init__(self, path: str | Path, device="cpu", dtype=torch.float32, max_tokens: int = 2048):
         from safetensors.torch import load_file
@@ -110,13 +112,9 @@ class TransformerRewardModel:
         self.model = from_pretrained(path, dtype=dtype, device=device).eval()
         self.value_head = load_file(str(path / "value_head.safetensors"))["weight"].to(device, dtype)  # [D]
         self.tok = Tokenizer.from_file(path / "tokenizer.json")
-        self.max_tokens = max_tokens
+        super().__init__(self.tok.encode, self.value, max_tokens=max_tokens)
 
     @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        out = []
-        for p, r in zip(prompts, responses):
-            ids = self.tok.encode(p + r)[-self.max_tokens:]
-            h, _ = self.model.hidden_states(torch.tensor([ids], device=self.value_head.device))
-            out.append(float(h[0, -1] @ self.value_head))
-        return out
+    def value(self, ids: list[int]) -> float:
+        h, _ = self.model.hidden_states(torch.tensor([ids], device=self.value_head.device))
+        return float(h[0, -1] @ self.value_head)

@@ -1,8 +1,8 @@
 """The job schema for `r1core run` and its registration in Hydra's ConfigStore.
 
-Only this module and the CLI see Hydra / OmegaConf: `load_job` turns a composed DictConfig into
-typed dataclasses at once, and every stage gets its own resolved JobConfig (the job with that
-stage's `overrides` applied), checked before any work starts.
+Only this module and the CLI see Hydra / OmegaConf: `to_job` turns a composed DictConfig into
+typed dataclasses at once, and every stage gets its own resolved JobConfig (`stage_job`: the job
+with that stage's `overrides` applied), checked by `validate_pipeline` before any work starts.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from r1core.model.args import ModelArgs, presets
 from r1core.parallel.config import ParallelConfig
 from r1core.rl.config import GRPOConfig
 from r1core.rollout.config import RolloutConfig, check_engine
+from r1core.rollout.types import SamplingConfig
 from r1core.rl.evaluate import EvalConfig
 from r1core.train.lm import LMTrainConfig
 from r1core.train.engine import OptimConfig
@@ -82,20 +83,25 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class Filters:
+    """Which sampled responses a stage keeps (rejection sampling, the distillation teacher's samples)."""
+
+    require_correct: bool = True    # keep only samples the accuracy checker accepts
+    require_finished: bool = True   # keep only samples that stopped before max_new_tokens (not truncated)
+    require_format: bool = True     # keep only samples in the <think>...</think> format
+    language: str = "en"            # target language of the language-consistency filter
+    min_language_share: float = 0.0 # least share of target-language words (0: no language filter)
+    max_ngram_repeats: int = 0      # a repetition loop: some 4-gram occurs more often than this (0: off)
+    dedupe: bool = True             # drop duplicate responses to the same prompt
+
+
+@dataclass(kw_only=True)
 class RejectionConfig:
     prompts: int = 256              # RL prompts sampled from
     samples_per_prompt: int = 4     # samples drawn for each prompt
-    temperature: float = 0.8        # sampling temperature
-    top_p: float = 0.95             # nucleus sampling threshold
-    max_new_tokens: int = 64        # response length limit
-    require_correct: bool = True    # keep only samples the accuracy checker accepts
-    require_finished: bool = True   # keep only samples that stopped before max_new_tokens
-    require_format: bool = True     # keep only samples in the <think>...</think> format
-    require_boxed: bool = True     # correct means a boxed answer after </think> (R1's rule)
-    language: str = "en"            # target language of the language-consistency filter
-    min_language_share: float = 0.9 # least share of target-language words
-    max_ngram_repeats: int = 4     # a repetition loop: some 4-gram occurs more often than this
-    dedupe: bool = True             # drop duplicate responses to the same prompt
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=64))
+    filters: Filters = field(default_factory=lambda: Filters(min_language_share=0.9, max_ngram_repeats=4))
     non_reasoning_ratio: float = 0.25  # share of non-reasoning examples in the written dataset
     non_reasoning_jsonl: str = ""      # "" = built-in short prose Q/A
 
@@ -106,11 +112,8 @@ class DistillConfig:
         default_factory=lambda: presets["tiny"].replace(n_dense_layers=4, n_mtp_modules=0))
     prompts: int = 512              # teacher prompts
     samples_per_prompt: int = 2     # teacher samples per prompt
-    temperature: float = 0.7        # teacher sampling temperature
-    max_new_tokens: int = 64        # teacher response length limit
-    require_correct: bool = True    # keep only correct teacher samples
-    require_finished: bool = True   # keep only finished teacher samples
-    require_boxed: bool = True     # correct means a boxed answer after </think> (R1's rule)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=64))
+    filters: Filters = field(default_factory=lambda: Filters(require_format=False))  # teacher samples kept
 
 
 @dataclass(kw_only=True)
@@ -120,6 +123,7 @@ class JobConfig:
     device: str = "auto"           # auto: cuda when present
     dtype: str = "auto"            # auto: bf16 on cuda, fp32 on cpu
     hf_checkpoint: str = ""        # HF DeepSeek-V3/V2 directory to start from: sets model.*, the tokenizer; pretrain -> load
+    require_boxed: bool = True     # R1's answer rule (RL rewards, eval, sample filters): \boxed{} after </think>
     model: ModelArgs = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -254,11 +258,11 @@ STAGE_SECTIONS = {
     StageKind.pretrain: _COMMON + ("optim", "pretrain"),
     StageKind.cold_start_sft: _COMMON + ("optim", "sft"),
     StageKind.sft: _COMMON + ("optim", "sft"),
-    StageKind.reasoning_rl: _COMMON + ("optim", "rl", "eval", "rollout"),
-    StageKind.all_scenario_rl: _COMMON + ("optim", "rl", "eval", "rollout"),
-    StageKind.rejection_sampling: _COMMON + ("rejection", "rollout"),
-    StageKind.distill: _COMMON + ("optim", "sft", "distill", "rollout"),
-    StageKind.eval: _COMMON + ("eval", "rollout"),
+    StageKind.reasoning_rl: _COMMON + ("optim", "rl", "eval", "rollout", "require_boxed"),
+    StageKind.all_scenario_rl: _COMMON + ("optim", "rl", "eval", "rollout", "require_boxed"),
+    StageKind.rejection_sampling: _COMMON + ("rejection", "rollout", "require_boxed"),
+    StageKind.distill: _COMMON + ("optim", "sft", "distill", "rollout", "require_boxed"),
+    StageKind.eval: _COMMON + ("eval", "rollout", "require_boxed"),
 }
 
 
@@ -309,8 +313,6 @@ def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> 
             except ValueError as e:
                 raise ConfigError(f"stage {st.name!r}: the student (distill.student) does not fit the parallel "
                                   f"layout: {e}") from None
-        if st.kind in (StageKind.reasoning_rl, StageKind.all_scenario_rl) and sj.rl.group_size < 2:
-            raise ConfigError(f"stage {st.name!r}: rl.group_size={sj.rl.group_size} < 2")
         if st.kind == StageKind.load and not sj.hf_checkpoint:
             raise ConfigError(f"stage {st.name!r} loads released weights: set hf_checkpoint=<HF directory>")
         seen[st.name] = st

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass
 
 from r1core import rewards
 from r1core.data import SFTExample, load_sft_jsonl
@@ -20,6 +19,8 @@ from r1core.rl.rewarding import Scorer
 from r1core.rollout import SamplingParams
 from r1core.train.checkpointing import atomic_write_text
 
+from .config import Filters
+from .context import StageContext, make_rollout, prompt_renderer, rollout_len
 from .prepare import read_problems
 
 
@@ -28,17 +29,6 @@ def max_ngram_repeats(ids: list[int], n: int = 4) -> int:
     if len(ids) < n:
         return 0
     return max(Counter(tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)).values())
-
-
-@dataclass
-class Filters:
-    require_correct: bool = True
-    require_finished: bool = True  # truncated samples (finish_reason "length") are dropped
-    require_format: bool = True
-    language: str = "en"
-    min_language_share: float = 0.0
-    max_ngram_repeats: int = 0   # 0: no repetition filter
-    require_boxed: bool = True   # correct means a boxed answer after </think> (R1's rule)
 
 
 def rejection_reason(sample, problem, full_response: str, scorer: Scorer, f: Filters) -> tuple[str | None, dict]:
@@ -60,25 +50,24 @@ def rejection_reason(sample, problem, full_response: str, scorer: Scorer, f: Fil
     return None, values
 
 
-def sample_and_filter(ctx, model_dir: str, problems, k: int, sampling: SamplingParams, filters: Filters):
+def sample_and_filter(ctx: StageContext, model_dir: str, problems, k: int, sampling: SamplingParams,
+                      filters: Filters):
     """(kept rows with provenance, stats) from k samples per problem of the model in `model_dir`."""
     from r1core.checkpoint.hf import from_pretrained
 
-    from .stages import _render, make_rollout
-
     tok, fmt = ctx.tokenizer()
     model = from_pretrained(model_dir, dtype=ctx.dtype, device=ctx.device)
-    render = _render(tok, fmt)
-    rollout = make_rollout(ctx, model, tok, max_len=max(len(render(p)) for p in problems) + sampling.max_new_tokens + 8)
+    render = prompt_renderer(tok, fmt)
+    rollout = make_rollout(ctx, model, tok, max_len=rollout_len(render, problems, sampling.max_new_tokens))
     samples = rollout.generate([render(p) for p in problems], k, sampling)
-    scorer = Scorer({"accuracy": 1.0}, require_boxed=filters.require_boxed)
+    scorer = Scorer({"accuracy": 1.0}, require_boxed=ctx.job.require_boxed)
     reasons: Counter = Counter()
     rows, seen = [], set()
     for s in samples:
         problem = problems[s.prompt_index]
         full = fmt.full_response(s.response_text)
         why, values = rejection_reason(s, problem, full, scorer, filters)
-        if why is None and (problem.prompt, s.response_text.strip()) in seen:
+        if why is None and filters.dedupe and (problem.prompt, s.response_text.strip()) in seen:
             why = "duplicate"
         reasons[why or "kept"] += 1
         if why is None:
@@ -92,17 +81,13 @@ def sample_and_filter(ctx, model_dir: str, problems, k: int, sampling: SamplingP
     return rows, stats
 
 
-def run_rejection_sampling(ctx):
+def run_rejection_sampling(ctx: StageContext):
     cfg = ctx.job.rejection
     problems = read_problems(ctx.prepared["rl_prompts"])
     problems = random.Random(ctx.job.seed + 11).sample(problems, min(cfg.prompts, len(problems)))
-    sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                              seed=ctx.job.seed + 12)
-    filters = Filters(require_correct=cfg.require_correct, require_finished=cfg.require_finished,
-                      require_format=cfg.require_format, language=cfg.language,
-                      min_language_share=cfg.min_language_share, max_ngram_repeats=cfg.max_ngram_repeats,
-                      require_boxed=cfg.require_boxed)
-    rows, stats = sample_and_filter(ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling, filters)
+    sampling = cfg.sampling.params(seed=ctx.job.seed + 12)
+    rows, stats = sample_and_filter(ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling,
+                                    cfg.filters)
     if not rows:
         raise RuntimeError(f"rejection sampling kept no sample ({stats}): the model is too weak for the filters")
     extra = []
@@ -120,18 +105,15 @@ def run_rejection_sampling(ctx):
     return {"dataset": str(path)}, {**stats, "non_reasoning": len(extra), "written": len(dataset)}
 
 
-def teacher_dataset(ctx) -> tuple[list[SFTExample], dict]:
+def teacher_dataset(ctx: StageContext) -> tuple[list[SFTExample], dict]:
     """Distillation data: the teacher's filtered samples on RL prompts (R1 distills from its 800k samples)."""
     cfg = ctx.job.distill
     problems = read_problems(ctx.prepared["rl_prompts"])
     problems = random.Random(ctx.job.seed + 21).sample(problems, min(cfg.prompts, len(problems)))
-    sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=ctx.job.seed + 22)
+    sampling = cfg.sampling.params(seed=ctx.job.seed + 22)
     sampled = None
     if ctx.is_main:  # under torchrun rank 0 samples and the student's ranks get its rows
-        sampled = sample_and_filter(ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling,
-                                    Filters(require_correct=cfg.require_correct,
-                                            require_finished=cfg.require_finished, require_format=False,
-                                            require_boxed=cfg.require_boxed))
+        sampled = sample_and_filter(ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling, cfg.filters)
     rows, stats = broadcast_from_rank0(sampled)
     if not rows:
         raise RuntimeError(f"the teacher produced no usable sample for distillation ({stats})")

@@ -269,7 +269,7 @@ def write_report(run_dir: Path, manifest, resolved, job) -> Path:
              f"total stage time {total:.0f} s.", "", *describe_builtin_data(job, {s.kind for s, _ in resolved}), "## Stages", "", *stages_md, ""]
     if evals:
         plain = [(n, m) for n, m, _ in evals]
-        e = job.eval
+        e = job.eval.sampling
         lines += [f"## Held-out evaluation ({evals[0][1].get('problems', '?')} problems, k samples each at "
                   f"temperature {e.temperature}, top-p {e.top_p}; pass@1 is the mean share of correct samples)", "",
                   *_eval_table(plain), ""]

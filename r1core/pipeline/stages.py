@@ -9,82 +9,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from r1core.data import ChatFormat, PackedSFTDataset, Tokenizer, TokenShardDataset, load_sft_jsonl, tokenize_sft
+from r1core.data import PackedSFTDataset, TokenShardDataset, load_sft_jsonl, tokenize_sft
 from r1core.train.checkpointing import atomic_write_json, atomic_write_text
 
-from .config import JobConfig, StageKind, StageSpec
+from .config import StageKind
+from .context import StageContext, make_engine, make_rollout, prompt_renderer, rollout_len
 from .prepare import read_problems, run_prepare
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StageContext:
-    spec: StageSpec
-    job: JobConfig
-    stage_dir: Path
-    init_model: str | None          # HF directory to start from (None: fresh weights)
-    dataset: str | None             # a dataset produced by an earlier stage
-    prepared: dict                  # the prepare stage's outputs
-    device: torch.device
-    dtype: torch.dtype
-    is_main: bool = True
-
-    @property
-    def model_dir(self) -> Path:
-        return self.stage_dir / "model"
-
-    def tokenizer(self) -> tuple[Tokenizer, ChatFormat]:
-        tok = Tokenizer.from_file(self.prepared["tokenizer"])
-        return tok, ChatFormat.for_tokenizer(tok)
-
-
-# ---------------------------------------------------------------------------- engines
-
-def make_engine(ctx: StageContext, steps: int, lr: float, model_args=None, init: bool = True):
-    """An engine for this stage: the job's optimizer settings with the stage's own peak LR and length."""
-    from r1core.train.engine import build_engine
-
-    args = model_args or ctx.job.model
-    optim = dataclasses.replace(ctx.job.optim, lr=lr, total_steps=max(steps, 1))
-    engine = build_engine(args, ctx.job.parallel, optim, device=ctx.device, dtype=ctx.dtype, seed=ctx.job.seed)
-    if init and ctx.init_model:
-        load_hf_weights(engine, ctx.init_model)
-    return engine
-
-
-def load_hf_weights(engine, path: str) -> None:
-    """Start an engine from an HF checkpoint's weights (fresh optimizer state)."""
-    if hasattr(engine, "load_hf"):
-        engine.load_hf(path)
-        return
-    if engine.world_size > 1:
-        raise NotImplementedError("this engine cannot load HF weights into a parallel layout")
-    from r1core.checkpoint.hf import from_pretrained
-
-    src = from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        for name, t in engine.model.state_dict().items():
-            t.copy_(src.state_dict()[name])
-
-
-def make_rollout(ctx: StageContext, engine_or_model, tok: Tokenizer, max_len: int, max_batch: int = 256):
-    """The configured rollout engine (`rollout.engine`) serving this stage's model."""
-    from r1core.rollout.config import build_rollout
-
-    model = getattr(engine_or_model, "model", engine_or_model)
-    return build_rollout(ctx.job.rollout, model, tok, max_len=max_len, max_batch=max_batch)
-
-
-def _render(tok: Tokenizer, fmt: ChatFormat):
-    return lambda problem: tok.encode(fmt.render_prompt(problem.prompt))
 
 
 def _export(ctx: StageContext, engine) -> dict:
@@ -131,7 +66,9 @@ def stage_pretrain(ctx: StageContext):
     return _export(ctx, engine), _keep(metrics, "loss", "ce", "mtp", "tokens_per_s")
 
 
-def _sft_data(ctx: StageContext, cfg, examples, tok, fmt, engine) -> "SFTBatches":
+def _sft_data(ctx: StageContext, cfg, examples, tok, fmt, engine):
+    from r1core.train.lm import SFTBatches
+
     docs = tokenize_sft(examples, tok, fmt, max_len=cfg.seq_len)
     ds = PackedSFTDataset(docs, cfg.seq_len, tok.pad_id, seed=ctx.job.seed, dp_rank=engine.dp_rank,
                           dp_size=engine.dp_size)
@@ -161,6 +98,7 @@ def stage_sft(ctx: StageContext):
 
 def stage_rl(ctx: StageContext):
     from r1core.rl.evaluate import evaluate
+    from r1core.rl.rewarding import Scorer
     from r1core.rl.trainer import GRPOTrainer
 
     cfg = ctx.job.rl
@@ -170,15 +108,16 @@ def stage_rl(ctx: StageContext):
     if cfg.beta > 0:
         ref = make_engine(ctx, 1, cfg.lr)  # frozen: forward passes only, never stepped
     problems = read_problems(ctx.prepared["rl_prompts"])
-    scorer = None
+    boxed = ctx.job.require_boxed
     if ctx.spec.kind == StageKind.all_scenario_rl:
-        from .general import all_scenario_problems, all_scenario_scorer
+        from .all_scenario import all_scenario_problems, all_scenario_scorer
 
         problems = all_scenario_problems(problems, ctx.prepared["general_prompts"], ctx.job.seed)
-        scorer = all_scenario_scorer(cfg)
-    render = _render(tok, fmt)
-    max_prompt = max(len(render(p)) for p in problems[:1000])
-    max_len = max_prompt + cfg.max_new_tokens + 8
+        scorer = all_scenario_scorer(cfg, boxed)
+    else:
+        scorer = Scorer(cfg.rewards, cfg.reward_kwargs, require_boxed=boxed)
+    render = prompt_renderer(tok, fmt)
+    max_len = rollout_len(render, problems[:1000], cfg.sampling.max_new_tokens)
     if engine.world_size > 1:  # rank 0 generates with a whole-model copy refreshed from the shards
         from r1core.rollout.gathered import GatheredRollout
 
@@ -187,7 +126,8 @@ def stage_rl(ctx: StageContext):
     else:
         rollout = make_rollout(ctx, engine, tok, max_len=max_len)
     eval_set = read_problems(ctx.prepared["eval"])[: ctx.job.eval.problems]
-    eval_fn = (lambda step: evaluate(rollout, render, eval_set, ctx.job.eval, seed=ctx.job.seed)[0])
+    eval_fn = (lambda step: evaluate(rollout, render, eval_set, ctx.job.eval, seed=ctx.job.seed,
+                                     require_boxed=boxed)[0])
     trainer = GRPOTrainer(cfg, engine, rollout, render, problems, ctx.stage_dir, ref_engine=ref, pad_id=tok.pad_id,
                           seed=ctx.job.seed, scorer=scorer, eval_fn=eval_fn, is_main=ctx.is_main)
     metrics = trainer.run()
@@ -204,9 +144,11 @@ def stage_eval(ctx: StageContext):
     tok, fmt = ctx.tokenizer()
     model = from_pretrained(ctx.init_model, dtype=ctx.dtype, device=ctx.device)
     problems = read_problems(ctx.prepared["eval"])[: ctx.job.eval.problems]
-    render = _render(tok, fmt)
-    rollout = make_rollout(ctx, model, tok, max_len=max(len(render(p)) for p in problems) + ctx.job.eval.max_new_tokens + 8)
-    metrics, rows = evaluate(rollout, render, problems, ctx.job.eval, seed=ctx.job.seed)
+    render = prompt_renderer(tok, fmt)
+    max_len = rollout_len(render, problems, ctx.job.eval.sampling.max_new_tokens)
+    rollout = make_rollout(ctx, model, tok, max_len=max_len)
+    metrics, rows = evaluate(rollout, render, problems, ctx.job.eval, seed=ctx.job.seed,
+                             require_boxed=ctx.job.require_boxed)
     metrics["model"] = ctx.init_model
     if ctx.is_main:  # per-problem counts let the report compare models problem by problem
         atomic_write_text(ctx.stage_dir / "samples.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
@@ -241,30 +183,5 @@ STAGES = {
 
 # ---------------------------------------------------------------------------- helpers
 
-class SFTBatches:
-    """Packed SFT rows as engine micro-batch dicts, resumable."""
-
-    def __init__(self, dataset: PackedSFTDataset, micro_batch_size: int):
-        self.dataset, self.micro_batch_size = dataset, micro_batch_size
-
-    def __iter__(self):
-        rows = iter(self.dataset)
-        while True:
-            batch = [next(rows) for _ in range(self.micro_batch_size)]
-            yield {k: torch.stack([getattr(r, k) for r in batch]) for k in ("tokens", "labels", "doc_ids", "positions")}
-
-    def state_dict(self) -> dict:
-        return self.dataset.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.dataset.load_state_dict(state)
-
-
 def _keep(metrics: dict, *keys: str) -> dict:
     return {k: metrics[k] for k in keys if k in metrics}
-
-
-def shuffled(items: list, seed: int) -> list:
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    return items

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from r1core.rollout.types import SamplingConfig
+
 
 class AdvantageEstimator(str, enum.Enum):
     grpo = "grpo"        # (r - mean) / (std + eps) within a group (DeepSeekMath §4.1.2)
@@ -29,11 +31,8 @@ class GRPOConfig:
     lr: float = 1e-6                # policy learning rate (DeepSeek-R1: 3e-6 for V3); the schedule is `optim`'s
     prompts_per_step: int = 16      # prompts per rollout batch
     group_size: int = 8             # samples per prompt (G); advantages are relative within a group
-    # sampling
-    max_new_tokens: int = 48        # response cap; a truncated response has no answer and scores 0
-    temperature: float = 1.0        # rollout sampling temperature
-    top_p: float = 1.0              # nucleus sampling (1.0: off)
-    top_k: int = 0                  # top-k sampling (0: off)
+    # rollout sampling (pure sampling by default); a truncated response has no answer and scores 0
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48))
     # advantages and filtering
     advantage: AdvantageEstimator = AdvantageEstimator.grpo  # grpo: (r - mean) / std; dr_grpo: r - mean
     adv_eps: float = 1e-6           # added to the group std before dividing
@@ -56,7 +55,6 @@ class GRPOConfig:
     # "accuracy" stands for the task's own checker)
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
     reward_kwargs: dict[str, dict] = field(default_factory=dict)  # reward name -> fixed keyword arguments
-    require_boxed: bool = True        # math accuracy counts only a \boxed{} answer after </think> (R1's rule)
     reward_model_weight: float = 1.0  # all-scenario RL: weight of the reward model on general prompts
     reward_model_path: str = ""       # scalar-head reward model dir; "" = the built-in reference-overlap judge
     # cadence

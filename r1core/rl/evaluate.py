@@ -5,18 +5,18 @@ pass@1 = mean over problems of (correct samples / k), sampled at temperature 0.6
 pass@j for j = 2, 4, ... up to k (the unbiased estimator); cons@k = share of problems whose most
 common final answer is correct; direct_share is the share of samples that answer at once (an empty
 think block). Greedy accuracy is reported beside them. The answer must be boxed
-after `</think>` (R1's rule) unless `eval.require_boxed=false`.
+after `</think>` (R1's rule) unless `require_boxed=false`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from r1core.data.tasks import Problem
 from r1core.rewards.text import TooComplex, extract_answer, split_think
-from r1core.rollout import SamplingParams
+from r1core.rollout.types import SamplingConfig, SamplingParams
 
 from .rewarding import Scorer
 from .stats import bootstrap_mean, pass_at_k_curve
@@ -26,11 +26,10 @@ from .stats import bootstrap_mean, pass_at_k_curve
 class EvalConfig:
     problems: int = 200             # held-out problems (the first N of the eval set)
     k: int = 4                      # samples per problem (pass@1 averages them; pass@2..k, cons@k)
-    temperature: float = 0.6        # R1's evaluation sampling
-    top_p: float = 0.95             # R1's evaluation nucleus
-    max_new_tokens: int = 64        # response cap; a truncated response has no answer
+    # R1's evaluation sampling: temperature 0.6, top-p 0.95
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=64))
     greedy: bool = True             # also report greedy accuracy (one more pass)
-    require_boxed: bool = True  # only a \boxed{} answer after </think> counts (R1's rule)
 
 
 def final_answer(response: str) -> str | None:
@@ -55,14 +54,14 @@ def majority_correct(answers: Sequence[str | None], correct: Sequence[float]) ->
 
 
 def evaluate(rollout, render: Callable[[Problem], list[int]], problems: Sequence[Problem], cfg: EvalConfig,
-             seed: int = 0, stop: list[str] | None = None) -> tuple[dict, list[dict]]:
-    """(metrics, per-problem rows). Deterministic for a given seed."""
-    scorer = Scorer({"accuracy": 1.0}, require_boxed=cfg.require_boxed)
+             seed: int = 0, stop: list[str] | None = None,
+             require_boxed: bool = True) -> tuple[dict, list[dict]]:
+    """(metrics, per-problem rows). Deterministic for a given seed. `require_boxed`: R1's answer rule
+    (the pipeline passes the job's `require_boxed`)."""
+    scorer = Scorer({"accuracy": 1.0}, require_boxed=require_boxed)
     prompts = [render(p) for p in problems]
     k = cfg.k
-    samples = rollout.generate(prompts, k, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                                                          max_new_tokens=cfg.max_new_tokens, stop=stop or [],
-                                                          seed=seed))
+    samples = rollout.generate(prompts, k, cfg.sampling.params(stop=stop or [], seed=seed))
     rows, pass1, cons, lengths, direct = [], 0.0, 0.0, [], 0
     for i, p in enumerate(problems):
         group = samples[i * k:(i + 1) * k]
@@ -86,8 +85,8 @@ def evaluate(rollout, render: Callable[[Problem], list[int]], problems: Sequence
         curve = pass_at_k_curve([r["correct"] for r in rows], k)
         metrics.update({f"pass@{j}": curve[j] for j in _powers_of_two(k) if j > 1})
     if cfg.greedy:
-        greedy = rollout.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                                                             stop=stop or []))
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=cfg.sampling.max_new_tokens, stop=stop or [])
+        greedy = rollout.generate(prompts, 1, greedy)
         acc = [scorer.score(s.response_text, p)[1]["accuracy"] for s, p in zip(greedy, problems)]
         metrics["greedy"] = sum(acc) / n
         for row, a in zip(rows, acc):

@@ -94,7 +94,8 @@ class GRPOTrainer:
         # Under torchrun only rank 0 generates and scores (a GatheredRollout); the others get its batch.
         self.world = engine.world_size
         self.generates = getattr(rollout, "generates", True) and engine.rank == 0
-        self.scorer = scorer or Scorer(cfg.rewards, cfg.reward_kwargs, require_boxed=cfg.require_boxed)
+        # without a scorer: cfg's rewards under R1's answer rule (the pipeline passes the job's `require_boxed`)
+        self.scorer = scorer or Scorer(cfg.rewards, cfg.reward_kwargs, require_boxed=True)
         self.out_dir = Path(out_dir)
         self.stop = stop or []
         if cfg.beta > 0 and ref_engine is None:
@@ -103,8 +104,7 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ rollout
     def _sampling(self, step: int, round_: int) -> SamplingParams:
         c = self.cfg
-        return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens,
-                              stop=self.stop, seed=_seed(self.seed, step, round_))
+        return c.sampling.params(stop=self.stop, seed=_seed(self.seed, step, round_))
 
     def collect(self, step: int) -> tuple[list[Group], dict]:
         """prompts_per_step informative groups (or what max_refill_rounds allowed), with stats."""
@@ -148,7 +148,7 @@ class GRPOTrainer:
         totals = torch.tensor([g.totals for g in groups], dtype=torch.float32)  # [N, G]
         lengths = torch.tensor([len(s.response_ids) for s in samples])
         truncated = torch.tensor([s.finish_reason == "length" for s in samples])
-        delta, keep = overlong_shaping(lengths, truncated, c.max_new_tokens, c.overlong, c.overlong_buffer,
+        delta, keep = overlong_shaping(lengths, truncated, c.sampling.max_new_tokens, c.overlong, c.overlong_buffer,
                                        c.overlong_penalty)
         shaped = totals + delta.view_as(totals)
         adv = group_advantages(shaped, c.advantage, c.adv_eps).flatten()
@@ -162,7 +162,7 @@ class GRPOTrainer:
     def _logprobs(self, engine, micro: list[dict]) -> list[torch.Tensor]:
         from r1core.kernels import token_logprobs
 
-        temp = self.cfg.temperature if self.cfg.temperature > 0 else 1.0
+        temp = self.cfg.sampling.temperature if self.cfg.sampling.temperature > 0 else 1.0
 
         def fn(hidden, head_weight, vocab_group, mb, model):
             impl = {"impl": "ref"} if hidden.device.type == "cpu" else {}
@@ -193,8 +193,8 @@ class GRPOTrainer:
                 mb["ref_logprobs"] = lp.float().cpu() * mb["mask"]
         t_logprob = time.perf_counter() - t0
         objective = GRPOObjective(beta=c.beta, eps_low=c.eps_low, eps_high=c.eps_high, dual_clip=c.dual_clip,
-                                  temperature=c.temperature if c.temperature > 0 else 1.0, agg=c.loss_agg.value,
-                                  norm_len=c.max_new_tokens)
+                                  temperature=c.sampling.temperature if c.sampling.temperature > 0 else 1.0,
+                                  agg=c.loss_agg.value, norm_len=c.sampling.max_new_tokens)
         for mb in micro:
             mb.pop("sampler_logprobs", None)
         n_mini = min(c.minibatches, len(micro))

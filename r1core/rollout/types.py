@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from torch import nn
 
@@ -23,16 +23,21 @@ FINISH_REASONS = ("stop", "length", "abort")
 
 
 @dataclass(kw_only=True)
-class SamplingParams:
+class SamplingConfig:
+    """How a stage samples responses; the config sections that sample nest one (`rl.sampling`,
+    `eval.sampling`, `rejection.sampling`, `distill.sampling`), each with its own values."""
+
     temperature: float = 1.0        # 0: greedy (argmax)
-    top_p: float = 1.0              # nucleus mass kept, in (0, 1]
-    top_k: int = 0                  # 0: whole vocabulary
-    max_new_tokens: int = 256
-    stop: list[str] = field(default_factory=list)          # stop strings, trimmed from response_text
-    stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's eos
-    seed: int | None = None         # None: fresh randomness on every call
+    top_p: float = 1.0              # nucleus mass kept, in (0, 1] (1: off)
+    top_k: int = 0                  # most likely tokens kept (0: whole vocabulary)
+    max_new_tokens: int = 256       # response cap; a truncated response has no answer
 
     def __post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise ValueError("invalid sampling settings: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
         problems = []
         if not self.temperature >= 0:
             problems.append(f"temperature={self.temperature} must be >= 0")
@@ -42,6 +47,24 @@ class SamplingParams:
             problems.append(f"top_k={self.top_k} must be >= 0 (0 disables it)")
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        return problems
+
+    def params(self, **request) -> "SamplingParams":
+        """These settings for one generate call; `request` adds stop strings and a seed (or overrides)."""
+        settings = {f.name: getattr(self, f.name) for f in fields(SamplingConfig)}
+        return SamplingParams(**{**settings, **request})
+
+
+@dataclass(kw_only=True)
+class SamplingParams(SamplingConfig):
+    """One generate call's sampling: the settings plus what belongs to the request."""
+
+    stop: list[str] = field(default_factory=list)          # stop strings, trimmed from response_text
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's eos
+    seed: int | None = None         # None: fresh randomness on every call
+
+    def __post_init__(self) -> None:
+        problems = self._problems()
         if any(not s for s in self.stop):
             problems.append("stop strings must be non-empty")
         if problems:

@@ -81,26 +81,50 @@ def train_lm(engine, data: ResumableBatches, cfg: LMTrainConfig, out_dir: str | 
     return last
 
 
-class WindowBatches:
-    """Adapts r1core.data token-shard windows to engine micro-batch dicts."""
+class DatasetBatches:
+    """Engine micro-batch dicts from a resumable dataset's stacked rows (`dataset.batches(n)`).
 
-    def __init__(self, dataset, micro_batch_size: int, doc_masking: bool = True):
-        self.dataset = dataset
-        self.micro_batch_size = micro_batch_size
-        self.doc_masking = doc_masking
+    The dataset's position is the whole state: it advances before each row is handed out, so the
+    state saved after a step names the first row of the next one.
+    """
 
-    def __iter__(self):
-        from r1core.data.shards import positions_from_doc_ids
+    def __init__(self, dataset, micro_batch_size: int):
+        self.dataset, self.micro_batch_size = dataset, micro_batch_size
 
-        for w in self.dataset.batches(self.micro_batch_size):
-            mb = {"tokens": w.tokens, "labels": w.labels}
-            if self.doc_masking:
-                mb["doc_ids"] = w.doc_ids
-                mb["positions"] = positions_from_doc_ids(w.doc_ids)
-            yield mb
+    def micro_batch(self, rows) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for rows in self.dataset.batches(self.micro_batch_size):
+            yield self.micro_batch(rows)
 
     def state_dict(self) -> dict:
         return self.dataset.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state)
+
+
+class WindowBatches(DatasetBatches):
+    """Token-shard windows (r1core.data.TokenShardDataset) as engine micro-batches."""
+
+    def __init__(self, dataset, micro_batch_size: int, doc_masking: bool = True):
+        super().__init__(dataset, micro_batch_size)
+        self.doc_masking = doc_masking
+
+    def micro_batch(self, rows) -> dict[str, torch.Tensor]:
+        from r1core.data.shards import positions_from_doc_ids
+
+        mb = {"tokens": rows.tokens, "labels": rows.labels}
+        if self.doc_masking:
+            mb["doc_ids"] = rows.doc_ids
+            mb["positions"] = positions_from_doc_ids(rows.doc_ids)
+        return mb
+
+
+class SFTBatches(DatasetBatches):
+    """Packed SFT rows (r1core.data.PackedSFTDataset) as engine micro-batches."""
+
+    def micro_batch(self, rows) -> dict[str, torch.Tensor]:
+        return {"tokens": rows.tokens, "labels": rows.labels, "doc_ids": rows.doc_ids,
+                "positions": rows.positions}
