@@ -21,6 +21,13 @@ class Impl(str, enum.Enum):
     cuda = "cuda"      # csrc/ extension for routing and permute, Triton for the rest
 
 
+class Precision(str, enum.Enum):
+    """Which number format the GEMMs of linear layers and routed experts run in (r1core.model.precision)."""
+
+    bf16 = "bf16"  # every GEMM in the parameters' dtype
+    fp8 = "fp8"    # DeepSeek-V3's recipe: e4m3 GEMMs with 1x128 / 128x128 scales; attention, norms, router, head bf16
+
+
 @dataclass(kw_only=True)
 class ModelArgs:
     vocab_size: int = 129280        # token embedding and output head rows
@@ -64,9 +71,11 @@ class ModelArgs:
     init_std: float = 0.02          # standard deviation of the initial weights
     tie_embeddings: bool = False    # the output head shares the embedding matrix
     moe_impl: Impl = Impl.ref       # MoE hot-path implementation: ref (PyTorch), triton, cuda
+    precision: Precision = Precision.bf16  # GEMM format of linear layers and experts: bf16 | fp8 (DeepSeek-V3 FP8)
     def __post_init__(self) -> None:
         self.score_func = ScoreFunc(self.score_func)
         self.moe_impl = Impl(self.moe_impl)
+        self.precision = Precision(self.precision)
         problems = []
         if self.n_routed_experts % max(self.n_expert_groups, 1):
             problems.append(f"n_routed_experts={self.n_routed_experts} is not divisible by n_expert_groups={self.n_expert_groups}")

@@ -18,6 +18,7 @@ from .args import Impl, ModelArgs
 from .attention import MLA, AttnMeta, LatentKVCache
 from .layers import MLP, RMSNorm, linear
 from .moe import MoE
+from .precision import apply_precision
 from .rope import rope_cos_sin
 
 IGNORE_INDEX = -100
@@ -93,6 +94,7 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         self.mtp = nn.ModuleList(MTPModule(args.n_layers + k, args) for k in range(args.n_mtp_modules))
         self.reset_parameters()
+        apply_precision(self, args.precision)  # fp8: DeepSeek-V3's FP8 GEMMs (model/precision.py)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -1,0 +1,285 @@
+"""FP8 training GEMMs with DeepSeek-V3's fine-grained scaling (DeepSeek-V3 report §3.3).
+
+Every GEMM of a linear layer (forward y = x Wᵀ, dgrad dx = dy W, wgrad dW = dyᵀ x) runs on e4m3
+operands with fp32 accumulation; its result is bf16 (or the caller's dtype). Scales are fp32 and
+fine-grained, so one outlier spoils only its own tile:
+  activations and output gradients   1×128 tiles along the GEMM's reduction dim ("rows" below);
+                                      for wgrad the reduction runs over tokens, so dy and x are tiled
+                                      128 tokens × 1 column (the report's 128×1 backward tiles)
+  weights                             128×128 blocks (transposing a weight keeps its blocks, so dgrad
+                                      reuses the forward's quantized weight)
+Scale = amax / 448 (e4m3's largest value), as in DeepSeek-V3's `act_quant` / `weight_dequant`.
+Master weights, gradients and the optimizer state stay in the model's dtype (bf16 or fp32 master).
+
+One primitive carries all three GEMMs: `blockwise_gemm(a_q, a_s, b_q, b_s) = dequant(a) · dequant(b)ᵀ`
+with both operands K-last (row-major, the reduction dim contiguous). `b_s` of shape [N/128, K/128]
+means 128×128 blocks, [N, K/128] means 1×128 rows. Backends:
+  torch   `torch.nn.functional.scaled_mm` (cuBLASLt blockwise, sm90 + CUDA ≥ 12.9): supports
+          1×128·128×128 (forward, dgrad) and 1×128·1×128 (wgrad); it wants the scales outer-dim-major
+          (scale_a [M, K/128] with strides (1, M); 128×128 scales [round_up(K/128, 4), N/128] with
+          strides (1, that)) and K a multiple of 128. Probed once per device against the reference.
+  triton  `_fp8_gemm_kernel` below (DeepSeek-V3 inference/kernel.py's `fp8_gemm`, generalized to
+          both scale kinds and to grouped experts); used where torch's path is absent.
+  ref     dequantize to fp32 and matmul: the numerical specification (CPU).
+Grouped experts (`grouped_linear_fp8`) need segments padded to 128 rows, so each 128-row tile
+belongs to one expert (forward/dgrad: one weight per M tile) and each wgrad reduction chunk
+holds one expert's rows; torch has no blockwise grouped GEMM for sm90, so they always use Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK = 128
+_TINY = 1e-12  # floor of amax: an all-zero tile gets a tiny scale instead of 0/0
+
+
+# --------------------------------------------------------------------------- quantization (PyTorch;
+# under torch.compile inductor fuses each into one pass, so these are both the reference and the path)
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (q [..., K] e4m3, s [..., K/128] fp32), one scale per 1×128 tile of the last dim."""
+    *lead, K = x.shape
+    if K % BLOCK:
+        raise ValueError(f"fp8 1x128 tiles need the last dim divisible by {BLOCK}, got {K}")
+    xt = x.contiguous().float().reshape(*lead, K // BLOCK, BLOCK)  # row-major out, even for x.t()
+    s = xt.abs().amax(-1).clamp(min=_TINY) / FP8_MAX
+    q = (xt / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.reshape(*lead, K), s
+
+
+def dequantize_rows(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    *lead, K = q.shape
+    return (q.float().reshape(*lead, K // BLOCK, BLOCK) * s[..., None]).reshape(*lead, K)
+
+
+def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] -> (q e4m3, s [..., N/128, K/128] fp32), one scale per 128×128 block."""
+    *lead, N, K = w.shape
+    if N % BLOCK or K % BLOCK:
+        raise ValueError(f"fp8 128x128 blocks need both weight dims divisible by {BLOCK}, got {N}x{K}")
+    wb = w.float().reshape(*lead, N // BLOCK, BLOCK, K // BLOCK, BLOCK)
+    s = wb.abs().amax(dim=(-3, -1)).clamp(min=_TINY) / FP8_MAX
+    q = (wb / s[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.reshape(*lead, N, K), s
+
+
+def dequantize_blocks(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    *lead, N, K = q.shape
+    wb = q.float().reshape(*lead, N // BLOCK, BLOCK, K // BLOCK, BLOCK) * s[..., :, None, :, None]
+    return wb.reshape(*lead, N, K)
+
+
+def _dequantize_b(b_q: torch.Tensor, b_s: torch.Tensor) -> torch.Tensor:
+    return dequantize_rows(b_q, b_s) if _b_is_rows(b_q, b_s) else dequantize_blocks(b_q, b_s)
+
+
+def _b_is_rows(b_q: torch.Tensor, b_s: torch.Tensor) -> bool:
+    return b_s.shape[-2] == b_q.shape[-2]
+
+
+# --------------------------------------------------------------------------- the GEMM primitive
+
+def blockwise_gemm_ref(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """dequant(a) [M, K] · dequant(b)ᵀ [K, N] in fp32: what every backend must reproduce."""
+    return (dequantize_rows(a_q, a_s) @ _dequantize_b(b_q, b_s).T).to(out_dtype)
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def _outer_major(s: torch.Tensor) -> torch.Tensor:
+    """The same [R, C] values with strides (1, R): the scale layout cuBLASLt's blockwise GEMM reads."""
+    return s.t().contiguous().t()
+
+
+def _torch_gemm(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16) -> torch.Tensor:
+    from torch.nn.functional import ScalingType
+
+    if _b_is_rows(b_q, b_s):
+        recipe_b, scale_b = ScalingType.BlockWise1x128, _outer_major(b_s)
+    else:  # [N/128, K/128] -> [round_up(K/128, 4), N/128], strides (1, round_up(K/128, 4))
+        recipe_b = ScalingType.BlockWise128x128
+        scale_b = F.pad(b_s, (0, _round_up(b_s.shape[1], 4) - b_s.shape[1])).t()
+    return F.scaled_mm(a_q, b_q.t(), _outer_major(a_s), ScalingType.BlockWise1x128, scale_b, recipe_b,
+                       output_dtype=out_dtype)
+
+
+@functools.cache
+def torch_blockwise_supported(device_index: int, b_rows: bool) -> bool:
+    """Whether torch's scaled_mm runs this scaling pair on the device and matches the reference."""
+    if not hasattr(F, "scaled_mm"):
+        return False
+    dev = torch.device("cuda", device_index)
+    g = torch.Generator(device=dev).manual_seed(0)
+    a_q, a_s = quantize_rows(torch.randn(256, 384, device=dev, generator=g))
+    b = torch.randn(256, 384, device=dev, generator=g)
+    b_q, b_s = quantize_rows(b) if b_rows else quantize_blocks(b)
+    try:
+        out = _torch_gemm(a_q, a_s, b_q, b_s, torch.float32)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        return False
+    ref = blockwise_gemm_ref(a_q, a_s, b_q, b_s, torch.float32)
+    return bool(((out - ref).abs().max() <= 1e-3 * ref.abs().max()).item())
+
+
+def backend(device: torch.device, b_rows: bool) -> str:
+    forced = os.environ.get("R1CORE_FP8_BACKEND")  # torch | triton | ref: tests and benchmarks pin one
+    if forced:
+        return forced
+    if device.type != "cuda":
+        return "ref"
+    return "torch" if torch_blockwise_supported(device.index or 0, b_rows) else "triton"
+
+
+def blockwise_gemm(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16, impl: str | None = None) -> torch.Tensor:
+    """dequant(a) · dequant(b)ᵀ with fp32 accumulation; a [M, K] 1×128 scales, b [N, K] (see module doc)."""
+    M, K = a_q.shape
+    N = b_q.shape[0]
+    if b_q.shape[1] != K or a_s.shape != (M, K // BLOCK):
+        raise ValueError(f"blockwise_gemm: a {tuple(a_q.shape)} / scales {tuple(a_s.shape)} vs b {tuple(b_q.shape)}")
+    impl = impl or backend(a_q.device, _b_is_rows(b_q, b_s))
+    if impl == "ref":
+        return blockwise_gemm_ref(a_q, a_s, b_q, b_s, out_dtype)
+    if impl == "torch":
+        return _torch_gemm(a_q, a_s, b_q, b_s, out_dtype)
+    from ._fp8_triton import fp8_gemm_triton
+
+    return fp8_gemm_triton(a_q, a_s, b_q, b_s, out_dtype)
+
+
+# --------------------------------------------------------------------------- linear layers
+
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """Zero rows up to a multiple of 128: wgrad reduces over rows in 128-row tiles (zeros add nothing)."""
+    pad = _round_up(x.shape[0], BLOCK) - x.shape[0]
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, impl):
+        x2 = x.reshape(-1, x.shape[-1])
+        x_q, x_s = quantize_rows(x2)
+        w_q, w_s = quantize_blocks(weight)
+        y = blockwise_gemm(x_q, x_s, w_q, w_s, x.dtype, impl)
+        ctx.save_for_backward(x2, w_q, w_s)  # x in its own dtype: wgrad tiles it along tokens, not K
+        ctx.impl, ctx.w_dtype = impl, weight.dtype
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w_q, w_s = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dy_q, dy_s = quantize_rows(dy2)
+            dx = blockwise_gemm(dy_q, dy_s, w_q.t().contiguous(), w_s.t().contiguous(), dy.dtype, ctx.impl)
+            dx = dx.view(*dy.shape[:-1], x2.shape[1])
+        if ctx.needs_input_grad[1]:
+            dyt_q, dyt_s = quantize_rows(_pad_rows(dy2).t())
+            xt_q, xt_s = quantize_rows(_pad_rows(x2).t())
+            dw = blockwise_gemm(dyt_q, dyt_s, xt_q, xt_s, torch.float32, ctx.impl).to(ctx.w_dtype)
+        return dx, dw, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, impl: str | None = None) -> torch.Tensor:
+    """F.linear(x, weight) (no bias) with the three GEMMs in FP8; in_features, out_features % 128 == 0."""
+    return _Fp8Linear.apply(x, weight, impl)
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return fp8_linear(x, weight, "ref")
+
+
+# --------------------------------------------------------------------------- grouped experts
+
+def tile_experts(seg_E: torch.Tensor, n_rows: int, block_m: int = BLOCK) -> torch.Tensor:
+    """Expert of each block_m-row tile of x_PD (segments padded to 128 rows); -1 past the last segment."""
+    ends = torch.cumsum(seg_E, 0)
+    starts = torch.arange(0, n_rows, block_m, device=seg_E.device)
+    e = torch.searchsorted(ends, starts, right=True)
+    return torch.where(starts < ends[-1], e, -1).to(torch.int32)
+
+
+def _grouped_gemm_ref(x_q, x_s, w_q, w_s, seg_E, out_dtype):
+    """y[rows of expert e] = dequant(x) · dequant(w[e])ᵀ; rows past the last segment are zero."""
+    y = torch.zeros(x_q.shape[0], w_q.shape[1], dtype=out_dtype, device=x_q.device)
+    start = 0
+    for e, n in enumerate(seg_E.tolist()):
+        if n:
+            y[start:start + n] = blockwise_gemm_ref(x_q[start:start + n], x_s[start:start + n], w_q[e], w_s[e],
+                                                    out_dtype)
+        start += n
+    return y
+
+
+def _grouped_wgrad_ref(dyt_q, dyt_s, xt_q, xt_s, seg_E):
+    """dw[e] = dequant(dyᵀ)[:, rows of e] · dequant(xᵀ)[:, rows of e]ᵀ (fp32)."""
+    E = seg_E.numel()
+    dw = torch.zeros(E, dyt_q.shape[0], xt_q.shape[0], dtype=torch.float32, device=dyt_q.device)
+    dy_t, x_t = dequantize_rows(dyt_q, dyt_s), dequantize_rows(xt_q, xt_s)
+    start = 0
+    for e, n in enumerate(seg_E.tolist()):
+        dw[e] = dy_t[:, start:start + n] @ x_t[:, start:start + n].T
+        start += n
+    return dw
+
+
+class _GroupedFp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_PD, w_EOI, seg_E, impl):
+        x_q, x_s = quantize_rows(x_PD)
+        w_q, w_s = quantize_blocks(w_EOI)
+        if impl == "ref":
+            y = _grouped_gemm_ref(x_q, x_s, w_q, w_s, seg_E, x_PD.dtype)
+        else:
+            from ._fp8_triton import grouped_fp8_gemm_triton
+
+            y = grouped_fp8_gemm_triton(x_q, x_s, w_q, w_s, tile_experts(seg_E, x_PD.shape[0]), x_PD.dtype)
+        ctx.save_for_backward(x_PD, w_q, w_s, seg_E)
+        ctx.impl, ctx.w_dtype = impl, w_EOI.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy_PO):
+        x_PD, w_q, w_s, seg_E = ctx.saved_tensors
+        dy_q, dy_s = quantize_rows(dy_PO)
+        wt_q, wt_s = w_q.transpose(1, 2).contiguous(), w_s.transpose(1, 2).contiguous()
+        dyt_q, dyt_s = quantize_rows(_pad_rows(dy_PO).t())
+        xt_q, xt_s = quantize_rows(_pad_rows(x_PD).t())
+        if ctx.impl == "ref":
+            dx = _grouped_gemm_ref(dy_q, dy_s, wt_q, wt_s, seg_E, dy_PO.dtype)
+            dw = _grouped_wgrad_ref(dyt_q, dyt_s, xt_q, xt_s, seg_E)
+        else:
+            from ._fp8_triton import grouped_fp8_gemm_triton, grouped_fp8_wgrad_triton
+
+            dx = grouped_fp8_gemm_triton(dy_q, dy_s, wt_q, wt_s, tile_experts(seg_E, x_PD.shape[0]), dy_PO.dtype)
+            dw = grouped_fp8_wgrad_triton(dyt_q, dyt_s, xt_q, xt_s, seg_E)
+        return dx, dw.to(ctx.w_dtype), None, None
+
+
+def grouped_linear_fp8(x_PD, w_EOI, seg_E, impl: str | None = None) -> torch.Tensor:
+    """Per-expert x · w[e]ᵀ over 128-padded row segments, all three GEMMs in FP8 (ref: per-expert loop)."""
+    if impl is None:
+        impl = os.environ.get("R1CORE_FP8_BACKEND") or ("triton" if x_PD.is_cuda else "ref")
+    impl = "triton" if impl == "torch" else impl  # torch has no blockwise grouped GEMM for sm90
+    return _GroupedFp8Linear.apply(x_PD, w_EOI, seg_E, impl)
+
+
+def grouped_swiglu_fp8(x_PD, w1_EID, w2_EDI, w3_EID, seg_E, impl: str | None = None) -> torch.Tensor:
+    """The MoE experts' SwiGLU with FP8 GEMMs; the activation itself runs in the input dtype."""
+    h1 = grouped_linear_fp8(x_PD, w1_EID, seg_E, impl)
+    h3 = grouped_linear_fp8(x_PD, w3_EID, seg_E, impl)
+    return grouped_linear_fp8(F.silu(h1) * h3, w2_EDI, seg_E, impl)
+
+
+def grouped_swiglu_fp8_ref(x_PD, w1_EID, w2_EDI, w3_EID, seg_E) -> torch.Tensor:
+    return grouped_swiglu_fp8(x_PD, w1_EID, w2_EDI, w3_EID, seg_E, "ref")

@@ -1,0 +1,191 @@
+"""FP8 training GEMMs (r1core.kernels.fp8, model.precision=fp8) against float references.
+
+CPU: quantize/dequantize and the tile orientation of every GEMM against per-tile loops in fp32; the
+Triton kernels under TRITON_INTERPRET=1 against the dequantize-then-matmul reference; a tiny model's
+training loss and gradients in fp8 against the same model in fp32.
+GPU: torch's scaled_mm (cuBLASLt blockwise) and the Triton kernels against the reference at DeepSeek-V3
+shapes, with the tolerance rule: error vs fp32 at most twice the reference emulation's, plus a floor.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from r1core.kernels import fp8
+from r1core.model import Transformer, presets
+from r1core.model.precision import Fp8GroupedExperts, Fp8Linear
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_quantize_rows_scales_each_1x128_tile_by_its_amax():
+    x = torch.randn(3, 5, 256) * torch.logspace(-3, 3, 256)  # tiles of very different magnitude
+    q, s = fp8.quantize_rows(x)
+    assert q.dtype == E4M3 and s.shape == (3, 5, 2) and s.dtype == torch.float32
+    for t in range(2):
+        tile = x[..., t * 128:(t + 1) * 128]
+        s_ref = tile.abs().amax(-1) / 448.0
+        torch.testing.assert_close(s[..., t], s_ref, rtol=0, atol=0)
+        assert torch.equal(q[..., t * 128:(t + 1) * 128].float(), (tile / s_ref[..., None]).to(E4M3).float())
+    # dequantized values are x rounded to e4m3 (3 mantissa bits): relative error <= 2^-4, plus subnormals
+    err = (fp8.dequantize_rows(q, s) - x).abs()
+    bound = x.abs() * 2**-4 + s.repeat_interleave(128, -1) * 2**-10
+    assert (err <= bound).all(), f"max excess {(err - bound).max():.3g}"
+
+
+def test_quantize_blocks_scales_each_128x128_block_and_transposes_exactly():
+    w = torch.randn(256, 384)
+    w[3, 200] = 1e3  # an outlier spoils only its own block
+    q, s = fp8.quantize_blocks(w)
+    assert s.shape == (2, 3)
+    for i in range(2):
+        for j in range(3):
+            blk = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+            assert s[i, j] == blk.abs().amax() / 448.0
+    assert s[0, 1] > 100 * s[1, 1]
+    assert _rel(fp8.dequantize_blocks(q, s)[128:], w[128:]) < 0.03
+    # dgrad reuses the forward's quantized weight: the transposed blocks are the blocks of the transpose
+    qt, st = fp8.quantize_blocks(w.t())
+    assert torch.equal(qt.float(), q.t().float()) and torch.equal(st, s.t())
+
+
+def test_quantizers_name_the_bad_dim():
+    with pytest.raises(ValueError, match="divisible by 128, got 200"):
+        fp8.quantize_rows(torch.randn(4, 200))
+    with pytest.raises(ValueError, match="128x128 blocks .* got 200x256"):
+        fp8.quantize_blocks(torch.randn(200, 256))
+
+
+@pytest.mark.parametrize("b_rows", [False, True])
+def test_triton_blockwise_gemm_matches_reference(b_rows):
+    from r1core.kernels._fp8_triton import fp8_gemm_triton
+
+    a_q, a_s = fp8.quantize_rows(torch.randn(200, 384))  # M not a multiple of the tile
+    b = torch.randn(256, 384)
+    b_q, b_s = fp8.quantize_rows(b) if b_rows else fp8.quantize_blocks(b)
+    ref = fp8.blockwise_gemm_ref(a_q, a_s, b_q, b_s, torch.float32)
+    out = fp8_gemm_triton(a_q, a_s, b_q, b_s, torch.float32)
+    assert _rel(out, ref) < 1e-6, f"max {(out - ref).abs().max():.3g}"
+
+
+def test_fp8_linear_tiles_each_gemm_along_its_reduction_dim():
+    """Forward 1x128 x along K with 128x128 W; dgrad 1x128 dy along N; wgrad 128x1 dy and x along tokens."""
+    x = torch.randn(2, 100, 256, requires_grad=True)  # 200 tokens: wgrad pads them to 256 with zeros
+    w = torch.randn(384, 256, requires_grad=True)
+    y = fp8.fp8_linear_ref(x, w)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    deq_rows = lambda t: fp8.dequantize_rows(*fp8.quantize_rows(t))  # noqa: E731
+    w_d = fp8.dequantize_blocks(*fp8.quantize_blocks(w.detach()))
+    x2, dy2 = x.detach().reshape(-1, 256), dy.reshape(-1, 384)
+    torch.testing.assert_close(y.detach().reshape(-1, 384), deq_rows(x2) @ w_d.T, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad.reshape(-1, 256), deq_rows(dy2) @ w_d, rtol=1e-5, atol=1e-4)
+    dy_t, x_t = fp8._pad_rows(dy2).T, fp8._pad_rows(x2).T  # zero tokens 200..255
+    torch.testing.assert_close(w.grad, deq_rows(dy_t) @ deq_rows(x_t).T, rtol=1e-5, atol=1e-4)
+    # and all three stay close to the fp32 GEMMs
+    assert _rel(y.detach(), x.detach() @ w.detach().T) < 0.05
+    assert _rel(w.grad, dy2.T @ x2) < 0.05
+
+
+def _grouped_case(P=512, D=128, O=256, seg=(128, 0, 256)):
+    seg_E = torch.tensor(seg)
+    x = torch.randn(P, D)
+    x[sum(seg):] = 0  # rows past the last segment are zero by contract
+    w = torch.randn(len(seg), O, D) * 0.05
+    return x, w, seg_E
+
+
+def test_grouped_linear_fp8_triton_matches_per_expert_reference():
+    x, w, seg_E = _grouped_case()
+    dy = torch.randn(x.shape[0], w.shape[1])
+    outs = []
+    for impl in ("ref", "triton"):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8.grouped_linear_fp8(xi, wi, seg_E, impl)
+        y.backward(dy)
+        outs.append((y.detach(), xi.grad, wi.grad))
+    for name, r, t in zip(("y", "dx", "dw"), *outs):
+        assert _rel(t, r) < 1e-5, f"{name}: max {(t - r).abs().max():.3g}"
+    y_ref, dx_ref, dw_ref = outs[0]
+    assert y_ref[384:].abs().max() == 0 and dw_ref[1].abs().max() == 0  # padding rows, the empty expert
+    assert _rel(y_ref[128:384], x[128:384] @ w[2].T) < 0.05
+
+
+def test_fp8_model_trains_like_fp32():
+    args = presets["tiny"].replace(moe_inter_dim=128, q_lora_rank=128, n_mtp_modules=0)
+    torch.manual_seed(0)
+    ref = Transformer(args)
+    model = Transformer(args.replace(precision="fp8"))
+    model.load_state_dict(ref.state_dict())
+    assert isinstance(model.layers["1"].ffn.experts, Fp8GroupedExperts)
+    assert isinstance(model.layers["0"].attn.wo, Fp8Linear) and type(model.head) is torch.nn.Linear
+    tokens = torch.randint(0, args.vocab_size, (2, 64))
+    losses = []
+    for m in (ref, model):
+        loss = F.cross_entropy(m(tokens[:, :-1]).flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss.detach())
+    assert abs(losses[1] - losses[0]) < 0.01 * losses[0]
+    # Per-GEMM errors of a few % (e4m3 keeps 3 mantissa bits) flip some routing choices in a random
+    # model, so single experts' gradients differ a lot; the whole gradient must still point the same way.
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]) for m in (ref, model)]
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.95
+
+
+# ----------------------------------------------------------------------------------------- GPU
+
+def _tolerance_check(out, ref_emul, exact, floor=1e-3):
+    """Tolerance rule: |out - fp32| <= 2 |emulation - fp32| + floor (relative Frobenius norms)."""
+    err, ref_err = _rel(out, exact), _rel(ref_emul, exact)
+    assert err <= 2 * ref_err + floor, f"error {err:.3g} vs reference emulation {ref_err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("shape", [(4096, 7168, 2048), (8192, 2048, 768), (1000, 1536, 3072)])
+def test_blockwise_gemm_gpu_matches_reference(impl, shape):
+    M, K, N = shape
+    dev = torch.device("cuda")
+    if impl == "torch" and not fp8.torch_blockwise_supported(0, False):
+        pytest.fail("torch.nn.functional.scaled_mm has no 1x128 x 128x128 blockwise path on this GPU/torch")
+    a, b = torch.randn(M, K, device=dev), torch.randn(N, K, device=dev) * 0.02
+    for b_rows in (False, True):
+        a_q, a_s = fp8.quantize_rows(a)
+        b_q, b_s = fp8.quantize_rows(b) if b_rows else fp8.quantize_blocks(b)
+        out = fp8.blockwise_gemm(a_q, a_s, b_q, b_s, torch.bfloat16, impl)
+        emul = fp8.blockwise_gemm_ref(a_q, a_s, b_q, b_s, torch.float32)
+        _tolerance_check(out, emul.bfloat16(), a @ b.T)
+        assert _rel(out, emul) < 1e-2
+
+
+@pytest.mark.gpu
+def test_fp8_linear_and_grouped_gpu_grads_match_reference():
+    dev = torch.device("cuda")
+    x = torch.randn(8192, 2048, device=dev, dtype=torch.bfloat16)
+    w = (torch.randn(768, 2048, device=dev) * 0.02).bfloat16()
+    dy = torch.randn(8192, 768, device=dev, dtype=torch.bfloat16)
+    res = {}
+    for impl in ("ref", None):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8.fp8_linear(xi, wi, impl)
+        y.backward(dy)
+        res[impl] = (y, xi.grad, wi.grad)
+    exact = (x.float() @ w.float().T, dy.float() @ w.float(), dy.float().T @ x.float())
+    for got, emul, ex in zip(res[None], res["ref"], exact):
+        _tolerance_check(got, emul, ex)
+    seg = torch.tensor([1024, 0, 2048, 512, 128], device=dev)
+    xg = torch.randn(4096, 2048, device=dev, dtype=torch.bfloat16)
+    xg[3712:] = 0
+    wg = (torch.randn(5, 768, 2048, device=dev) * 0.02).bfloat16()
+    outs = []
+    for impl in ("ref", "triton"):
+        xi, wi = xg.clone().requires_grad_(), wg.clone().requires_grad_()
+        y = fp8.grouped_linear_fp8(xi, wi, seg, impl)
+        y.backward(torch.ones_like(y))
+        outs.append((y, xi.grad, wi.grad))
+    for r, t in zip(*outs):
+        assert _rel(t, r) < 1e-2
