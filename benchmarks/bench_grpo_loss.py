@@ -25,9 +25,9 @@ if not torch.cuda.is_available():
 
 from common import Ceilings, Table, bar_plot, device, finish, out_dir, peak_extra_bytes, time_ms  # noqa: E402
 
-from r1core.kernels.grpo import grpo_loss, grpo_loss_ref, token_logprobs  # noqa: E402
+from r1core.kernels.grpo_loss import grpo_loss, grpo_loss_ref, token_logprobs  # noqa: E402
 
-G = sys.modules["r1core.kernels.grpo"]
+G = sys.modules["r1core.kernels.grpo_loss"]
 
 SHAPES = {"B8xT1024_H4096_V151936": (8, 1024, 4096, 151936), "B4xT1024_H7168_V129280": (4, 1024, 7168, 129280)}
 TINY = {"tiny_B2xT16_H64_V250": (2, 16, 64, 250)}

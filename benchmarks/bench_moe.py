@@ -31,9 +31,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Ceilings, Table, bar_plot, device, finish, out_dir, peak_extra_bytes, time_interleaved  # noqa: E402
 
-from r1core.kernels.grouped_gemm import grouped_swiglu, grouped_swiglu_backend  # noqa: E402
-from r1core.kernels.permute import moe_permute, moe_unpermute  # noqa: E402
-from r1core.kernels.moe_router import moe_route  # noqa: E402
+from r1core.kernels.grouped_swiglu import grouped_swiglu, grouped_swiglu_backend  # noqa: E402
+from r1core.kernels.moe_permute import moe_permute, moe_unpermute  # noqa: E402
+from r1core.kernels.moe_route import moe_route  # noqa: E402
 from r1core.model import presets  # noqa: E402
 from r1core.model.args import ScoreFunc  # noqa: E402
 from r1core.model.moe import MoE, permute_ref, route_ref, unpermute_ref  # noqa: E402

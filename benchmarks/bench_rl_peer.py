@@ -11,7 +11,7 @@ the same sampling seeds), and each gain is the paired bootstrap difference over 
 (r1core.rl.stats), so "no significant change" means the 95 % interval straddles zero.
 
 Why the comparison is fair on the loss: TRL's `loss_type="dapo"` averages over every completion token
-of the generation batch, which is r1core's `rl.loss_agg=token_mean`; with beta 0, one update per batch
+of the generation batch, which is r1core's `rl.loss.agg=token_mean`; with beta 0, one update per batch
 (r1core `minibatches=1`, TRL `num_iterations=1`) and no sampler correction (r1core `tis_cap=None`) both
 take the on-policy gradient, and on one batch the two agree to 4e-6 (FACTS.md). What remains different
 is sampling noise, the generation engine (r1core's BuiltinEngine vs transformers' `generate`) and the
@@ -54,7 +54,7 @@ from common import Table, env_info  # noqa: E402
 
 from r1core.data import ChatFormat, Tokenizer  # noqa: E402
 from r1core.data.tasks import Problem  # noqa: E402
-from r1core.rl.config import AdvantageEstimator, GRPOConfig, LossAgg, Overlong  # noqa: E402
+from r1core.rl.config import AdvantageEstimator, GRPOConfig, LossAgg, Overlong, PolicyLossConfig  # noqa: E402
 from r1core.rl.stats import Estimate, bootstrap_mean, paired_difference  # noqa: E402
 from r1core.rollout.types import SamplingConfig  # noqa: E402
 from r1core.train.engine import LRSchedule, OptimConfig  # noqa: E402
@@ -108,7 +108,8 @@ def r1core_configs(s: PeerSettings) -> tuple[GRPOConfig, OptimConfig]:
         steps=s.steps, lr=s.lr, prompts_per_step=s.prompts_per_step, group_size=s.group_size,
         sampling=SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0, top_k=0),
         advantage=AdvantageEstimator.grpo, adv_eps=s.adv_eps, dynamic_sampling=False, overlong=Overlong.none,
-        beta=0.0, eps_low=s.eps_low, eps_high=s.eps_high, dual_clip=None, loss_agg=LossAgg.token_mean,
+        loss=PolicyLossConfig(beta=0.0, eps_low=s.eps_low, eps_high=s.eps_high, dual_clip=None,
+                              agg=LossAgg.token_mean),
         tis_cap=None, minibatches=1, micro_batch_size=s.samples_per_step, rewards={"accuracy": 1.0},
         reward_kwargs={}, eval_every=0, save_every=s.steps + 1)
     optim = OptimConfig(lr=s.lr, warmup_steps=0, total_steps=max(s.steps, 1), schedule=LRSchedule.constant,

@@ -45,6 +45,20 @@ part_rollout() {
   run bench_rollout 300 python3 benchmarks/bench_rollout.py
 }
 part_train() { run bench_train 320 python3 benchmarks/bench_train.py; }
+# Issue 19: the step against torchtitan 0.2.2's own DeepSeekV3Model in the same run (needs the torchtitan,
+# tyro, docstring_parser, typeguard, einops, torchdata wheels in .whl/), MTP off on both sides and r1core
+# with MTP, bf16 and fp8; a profiled step with the top kernels of every row. ~7 min (compiles dominate).
+part_train19() {
+  run train19 470 python3 benchmarks/bench_train.py --budget-s 380 --steps 4 --warmup 2 \
+    --variants ${TRAIN19_VARIANTS:-torchtitan,compile_nomtp,compile_fp8_nomtp,compile,compile_fp8,eager_fp8,torchtitan_eager}
+  grep -E "^\| (torchtitan|compile|eager)" "$R/train19.log" | head -12 >> "$SUMMARY"
+}
+# Issue 19: FP8 GPU tests (torch scaled_mm blockwise and Triton vs the reference, tolerance rule) and the
+# fp8 vs bf16 GEMM / linear / grouped-experts microbenchmark at V3 and small-preset shapes. ~5 min.
+part_fp8_check() {
+  run fp8_tests 180 python3 -m pytest -q -m gpu tests/test_fp8.py -rfE -p no:cacheprovider
+  run bench_fp8 270 python3 benchmarks/bench_fp8.py
+}
 # GRPO end to end on the small preset (briefly pretrained on the built-in corpus): stage times and the
 # rollout / log-prob / update split of each RL step. Dynamic sampling is off so every step updates.
 part_pipeline() {

@@ -57,7 +57,7 @@ def kernel_table(fn, label: str, calls: int = 5, detail: bool = False) -> None:
 
 def dispatch(T, args, x, ceil):
     from r1core.kernels import moe_cuda
-    from r1core.kernels.permute import moe_permute, moe_unpermute
+    from r1core.kernels.moe_permute import moe_permute, moe_unpermute
 
     E, K, D = args.n_routed_experts, args.n_activated_experts, args.dim
     gate_w = torch.randn(E, D, device=x.device, dtype=x.dtype) * 0.02
@@ -127,7 +127,7 @@ def gemms(T, args, dev, ceil, zipf):
 def ffn_profile(T, args, dev, zipf):
     """Kernel breakdown of one expert-FFN fwd+bwd: ours (grouped_swiglu) against plain torch._grouped_mm."""
     from bench_moe import ffn_grouped_mm, segments
-    from r1core.kernels.grouped_gemm import grouped_swiglu
+    from r1core.kernels.grouped_swiglu import grouped_swiglu
 
     E, K, D, I = args.n_routed_experts, args.n_activated_experts, args.dim, args.moe_inter_dim
     P = T * K

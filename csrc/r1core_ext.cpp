@@ -1,4 +1,4 @@
-// r1core._C: torch binding for the CUDA kernels in csrc/moe_router and csrc/moe_permute.
+// r1core._C: torch binding for the CUDA kernels in csrc/moe_route and csrc/moe_permute.
 //
 // Every tensor contract is checked here, with messages that name the argument; the kernels behind
 // the launch_* functions take raw pointers and trust these checks. Python wrappers with autograd:
@@ -11,7 +11,7 @@
 #include <tuple>
 
 #include "moe_permute/moe_permute.h"
-#include "moe_router/moe_router.h"
+#include "moe_route/moe_route.h"
 
 namespace {
 
@@ -220,7 +220,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> moe_unpermute_b
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "r1core CUDA kernels: MoE routing and token permutation (csrc/moe_router, csrc/moe_permute)";
+  m.doc() = "r1core CUDA kernels: MoE routing and token permutation (csrc/moe_route, csrc/moe_permute)";
   m.def("moe_route", &moe_route, "group-limited top-k routing -> (weights_TK fp32, idx_TK int64, counts_E int64)",
         py::arg("logits"), py::arg("bias"), py::arg("top_k"), py::arg("n_groups"), py::arg("topk_groups"),
         py::arg("score_mode"), py::arg("group_score"), py::arg("norm_topk_prob"), py::arg("route_scale"));

@@ -1,13 +1,16 @@
 """r1core.kernels: Triton (and CUDA-extension) implementations of r1core's hot paths.
 
 Each `<op>.py` holds the Triton kernels, a launcher that asserts the contract, the
-autograd.Function, the public `<op>()` and `<op>_ref()` (readable PyTorch, the test oracle).
-Modules import lazily so `import r1core.kernels` never needs Triton or a GPU.
+autograd.Function, the public `<op>()` and `<op>_ref()` (readable PyTorch, the test oracle):
+`from r1core.kernels.grpo_loss import grpo_loss`. Ops: grpo_loss (also linear_cross_entropy and
+token_logprobs, which share its engine), moe_route, moe_permute (and moe_unpermute), grouped_swiglu;
+moe_cuda wraps the CUDA extension's versions of the MoE ops. Importing this package registers the
+MoE ops as the model's `moe_impl: triton | cuda`; it needs neither Triton nor a GPU (the op modules
+load at first use).
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 
@@ -43,36 +46,32 @@ if __name__ == "kernels":
     _hand_over_to_installed(__name__)
 
 
-_EXPORTS = {
-    # fused GRPO loss / fused linear cross-entropy (issue: fused GRPO loss kernel)
-    "grpo_loss": "grpo", "grpo_loss_ref": "grpo",
-    "linear_cross_entropy": "grpo", "linear_cross_entropy_ref": "grpo",
-    "token_logprobs": "grpo",
-    # MoE hot path (issue: MoE kernels)
-    "moe_route": "moe_router", "moe_route_ref": "moe_router",
-    "moe_permute": "permute", "moe_permute_ref": "permute",
-    "moe_unpermute": "permute", "moe_unpermute_ref": "permute",
-    "grouped_swiglu": "grouped_gemm", "grouped_swiglu_ref": "grouped_gemm",
-}
+def _triton_moe_ops():
+    from r1core.model.moe import MoEOps
+
+    from .grouped_swiglu import grouped_swiglu
+    from .moe_permute import moe_permute, moe_unpermute
+    from .moe_route import moe_route
+
+    return MoEOps(moe_route, moe_permute, moe_unpermute, grouped_swiglu)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _cuda_moe_ops():
+    from r1core.model.moe import MoEOps
+
+    from .grouped_swiglu import grouped_swiglu
+    from .moe_cuda import moe_permute_cuda, moe_route_cuda, moe_unpermute_cuda
+
+    return MoEOps(moe_route_cuda, moe_permute_cuda, moe_unpermute_cuda, grouped_swiglu)
 
 
-def moe_ops(impl: str):
-    """(route, permute, unpermute, grouped_swiglu) with the contracts of r1core.model.moe's refs."""
-    if impl == "triton":
-        from .grouped_gemm import grouped_swiglu
-        from .permute import moe_permute, moe_unpermute
-        from .moe_router import moe_route
+def _register() -> None:
+    """Install the kernels as the model's `moe_impl: triton | cuda` (loaded at first use)."""
+    from r1core.model.moe import register_moe_ops
 
-        return moe_route, moe_permute, moe_unpermute, grouped_swiglu
-    if impl == "cuda":
-        from .grouped_gemm import grouped_swiglu
-        from .moe_cuda import moe_permute_cuda, moe_route_cuda, moe_unpermute_cuda
+    register_moe_ops("triton", _triton_moe_ops)
+    register_moe_ops("cuda", _cuda_moe_ops)
 
-        return moe_route_cuda, moe_permute_cuda, moe_unpermute_cuda, grouped_swiglu
-    raise ValueError(f"unknown MoE implementation {impl!r}; choose ref, triton or cuda")
+
+if __name__ != "kernels":  # as the top-level `kernels` this folder has stepped aside above
+    _register()

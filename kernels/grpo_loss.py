@@ -47,11 +47,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _grpo_triton as tk
-from ._grpo_objective import AGGS  # noqa: F401  (re-exported: the aggregation names)
-from ._grpo_objective import (CEObjective, GRPOObjective, PolicyLossConfig, check_head, check_targets_cpu,
-                              grpo_inputs, group_size, neutralize_unmasked, policy_stats, policy_terms,
-                              vocab_offset)
+from . import _grpo_loss_triton as tk
+from .grpo_loss_terms import AGGS, LossAgg  # noqa: F401  (re-exported: the aggregation names)
+from .grpo_loss_terms import (CETerms, PolicyLossConfig, PolicyLossTerms, check_head, check_scaling,
+                               check_targets_cpu, grpo_inputs, group_size, neutralize_unmasked, policy_stats,
+                               policy_terms, vocab_offset)
 
 IMPLS = ("chunked", "chunked_fp32", "triton", "ref")
 DEFAULT_IMPL = "chunked"
@@ -213,33 +213,43 @@ def _run(impl: str, hidden2d, weight, objective, temperature: float, group):
 
 # ----------------------------------------------------------------------------- public API
 
-def grpo_loss(hidden, weight, targets, mask, advantages, old_logprobs=None, ref_logprobs=None, *, beta=0.0,
-              eps_low=0.2, eps_high=0.2, dual_clip=None, temperature=1.0, agg="seq_mean_token_mean",
-              norm_len=None, is_weights=None, vocab_group=None, impl=DEFAULT_IMPL):
+def _settings(loss: PolicyLossConfig | None, settings: dict) -> PolicyLossConfig:
+    if loss is not None and settings:
+        raise ValueError(f"grpo_loss: pass the settings as `loss` or as keywords, not both ({sorted(settings)})")
+    return loss if loss is not None else PolicyLossConfig(**settings)
+
+
+def grpo_loss(hidden, weight, targets, mask, advantages, old_logprobs=None, ref_logprobs=None, *,
+              loss: PolicyLossConfig | None = None, temperature=1.0, norm_len=None, is_weights=None,
+              vocab_group=None, impl=DEFAULT_IMPL, **settings):
     """GRPO loss from hidden [B, T, H] and the head weight [V, H] (or its vocab shard); see the module doc.
 
+    `loss` holds the settings (clip range, KL weight, aggregation); PolicyLossConfig's fields given as
+    keywords (`eps_high=0.2`) build one instead. `temperature` is the sampler's and `norm_len` the
+    Dr. GRPO normalizer (the response cap; None: T).
     Returns (loss, stats): stats holds detached per-token `logprobs`, `entropy` [B, T] (of the
     temperature-scaled distribution) and masked means `clip_frac_low`, `clip_frac_high`, `kl`, `ratio`.
     """
+    cfg = _settings(loss, settings)
     if impl == "ref":
-        return grpo_loss_ref(hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, beta=beta,
-                             eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, temperature=temperature,
-                             agg=agg, norm_len=norm_len, is_weights=is_weights, vocab_group=vocab_group)
-    cfg = PolicyLossConfig(beta, eps_low, eps_high, dual_clip, temperature, agg, norm_len)
+        return grpo_loss_ref(hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, loss=cfg,
+                             temperature=temperature, norm_len=norm_len, is_weights=is_weights,
+                             vocab_group=vocab_group)
+    check_scaling(temperature, norm_len)
     check_head(hidden, weight, targets, "grpo_loss", 3)
     B, T, H = hidden.shape
     inputs = grpo_inputs(mask, advantages, old_logprobs, ref_logprobs, is_weights, B, T, hidden.device)
     check_targets_cpu(targets, weight.shape[0] * group_size(vocab_group), "grpo_loss")
-    objective = GRPOObjective(targets, *inputs, cfg)
-    loss, logp, ent = _run(impl, hidden.reshape(B * T, H), weight, objective, temperature, vocab_group)
-    stats = {"logprobs": logp.view(B, T), "entropy": ent.view(B, T), **objective.stats(logp)}
-    return loss, stats
+    terms = PolicyLossTerms(targets, *inputs, cfg, norm_len)
+    value, logp, ent = _run(impl, hidden.reshape(B * T, H), weight, terms, temperature, vocab_group)
+    stats = {"logprobs": logp.view(B, T), "entropy": ent.view(B, T), **terms.stats(logp)}
+    return value, stats
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, vocab_group=None, impl=DEFAULT_IMPL):
     """(logprobs, entropy) fp32 with targets' shape, for old-policy / reference passes: no autograd graph."""
     check_head(hidden, weight, targets, "token_logprobs", hidden.dim())
-    PolicyLossConfig(temperature=temperature)  # validates the temperature
+    check_scaling(temperature, None)
     check_targets_cpu(targets, weight.shape[0] * group_size(vocab_group), "token_logprobs")
     h = hidden.detach().reshape(-1, hidden.shape[-1]).contiguous()
     t = targets.reshape(-1).contiguous()
@@ -267,8 +277,8 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="
     if impl == "ref":
         return linear_cross_entropy_ref(hidden, weight, targets, ignore_index, reduction, vocab_group)
     _check_ce(hidden, weight, targets, ignore_index, reduction, vocab_group)
-    objective = CEObjective(targets, ignore_index, reduction)
-    return _run(impl, hidden, weight, objective, 1.0, vocab_group)[0]
+    terms = CETerms(targets, ignore_index, reduction)
+    return _run(impl, hidden, weight, terms, 1.0, vocab_group)[0]
 
 
 def _check_ce(hidden, weight, targets, ignore_index, reduction, group) -> None:
@@ -321,12 +331,12 @@ def _ref_logits(hidden, weight, group):
     return _GatherVocab.apply(F.linear(_CopyToGroup.apply(hidden, group), weight), group)
 
 
-def _aggregate_ref(loss_tok, mask, cfg: PolicyLossConfig):
+def _aggregate_ref(loss_tok, mask, cfg: PolicyLossConfig, norm_len: int | None):
     total = (mask * loss_tok).sum()
     if cfg.agg == "token_mean":
         return total / mask.sum() if mask.sum() > 0 else total * 0
     if cfg.agg == "seq_mean_token_sum_norm":
-        return total / (mask.shape[0] * (cfg.norm_len or mask.shape[1]))
+        return total / (mask.shape[0] * (norm_len or mask.shape[1]))
     lens = mask.sum(1)
     keep = lens > 0
     if not keep.any():
@@ -334,11 +344,12 @@ def _aggregate_ref(loss_tok, mask, cfg: PolicyLossConfig):
     return ((mask * loss_tok).sum(1)[keep] / lens[keep]).mean()
 
 
-def grpo_loss_ref(hidden, weight, targets, mask, advantages, old_logprobs=None, ref_logprobs=None, *, beta=0.0,
-                  eps_low=0.2, eps_high=0.2, dual_clip=None, temperature=1.0, agg="seq_mean_token_mean",
-                  norm_len=None, is_weights=None, vocab_group=None, impl="ref"):
+def grpo_loss_ref(hidden, weight, targets, mask, advantages, old_logprobs=None, ref_logprobs=None, *,
+                  loss: PolicyLossConfig | None = None, temperature=1.0, norm_len=None, is_weights=None,
+                  vocab_group=None, impl="ref", **settings):
     """Readable PyTorch GRPO loss: materialized logits, autograd. Same contract as `grpo_loss`."""
-    cfg = PolicyLossConfig(beta, eps_low, eps_high, dual_clip, temperature, agg, norm_len)
+    cfg = _settings(loss, settings)
+    check_scaling(temperature, norm_len)
     check_head(hidden, weight, targets, "grpo_loss_ref", 3)
     B, T, _ = hidden.shape
     mask, adv, old, ref, is_w = grpo_inputs(mask, advantages, old_logprobs, ref_logprobs, is_weights, B, T,
@@ -351,7 +362,7 @@ def grpo_loss_ref(hidden, weight, targets, mask, advantages, old_logprobs=None, 
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     stats = {"logprobs": logp.detach(), "entropy": entropy,
              **policy_stats(ratio.detach(), None if kl is None else kl.detach(), adv, mask, cfg)}
-    return _aggregate_ref(loss_tok, mask, cfg), stats
+    return _aggregate_ref(loss_tok, mask, cfg, norm_len), stats
 
 
 def linear_cross_entropy_ref(hidden, weight, targets, ignore_index=-100, reduction="sum", vocab_group=None,

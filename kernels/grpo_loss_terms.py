@@ -1,4 +1,5 @@
-"""The GRPO objective and the per-token bookkeeping shared by the reference and the fused paths.
+"""The policy loss's settings (`PolicyLossConfig`, config section `rl.loss`) and the per-token terms
+shared by grpo_loss's reference and fused paths. Plain PyTorch: importing it needs no Triton.
 
 `policy_terms` is the per-token loss (differentiable, used by the reference's autograd and for loss
 values); `dloss_dlogp` is its closed-form derivative that drives the fused kernels. The formulas are
@@ -7,34 +8,47 @@ in kernels/grpo_loss.py's module docstring.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
 
-AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+
+class LossAgg(str, enum.Enum):
+    seq_mean_token_mean = "seq_mean_token_mean"          # GRPO paper
+    token_mean = "token_mean"                            # DAPO
+    seq_mean_token_sum_norm = "seq_mean_token_sum_norm"  # Dr. GRPO (constant normalizer)
 
 
-@dataclass(frozen=True)
+AGGS = tuple(a.value for a in LossAgg)
+
+
+@dataclass(kw_only=True)
 class PolicyLossConfig:
-    beta: float = 0.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = None
-    temperature: float = 1.0
-    agg: str = "seq_mean_token_mean"
-    norm_len: int | None = None
+    """The clipped policy loss (config section `rl.loss`); grpo_loss and the trainer's objective take it."""
+
+    beta: float = 0.0               # k3 KL weight against the frozen reference; 0 skips the reference pass
+    eps_low: float = 0.2            # PPO clip below: ratio >= 1 - eps_low
+    eps_high: float = 0.28          # DAPO clip-higher: ratio <= 1 + eps_high
+    dual_clip: float | None = None  # dual-clip bound c > 1 for negative advantages; None = off
+    agg: LossAgg = LossAgg.token_mean  # how token losses are averaged (GRPO, DAPO, Dr. GRPO)
 
     def __post_init__(self) -> None:
         if self.agg not in AGGS:
-            raise ValueError(f"agg={self.agg!r}: choose one of {AGGS}")
+            raise ValueError(f"agg={getattr(self.agg, 'value', self.agg)!r}: choose one of {AGGS}")
+        self.agg = LossAgg(self.agg)
         if not 0 <= self.eps_low < 1 or self.eps_high < 0:
             raise ValueError(f"eps_low={self.eps_low} must be in [0, 1) and eps_high={self.eps_high} >= 0")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip={self.dual_clip} must be > 1 (or None)")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0")
-        if self.norm_len is not None and self.norm_len <= 0:
-            raise ValueError(f"norm_len={self.norm_len} must be positive")
+
+
+def check_scaling(temperature: float, norm_len: int | None) -> None:
+    """The two numbers the loss takes from the rollout rather than from its settings."""
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    if norm_len is not None and norm_len <= 0:
+        raise ValueError(f"norm_len={norm_len} must be positive")
 
 
 def policy_terms(logp, adv, old, ref, is_w, cfg: PolicyLossConfig):
@@ -75,7 +89,7 @@ def neutralize_unmasked(logp, mask, old, ref, is_w):
             None if is_w is None else torch.where(keep, is_w, 1.0))
 
 
-def agg_weights(mask: torch.Tensor, cfg: PolicyLossConfig) -> torch.Tensor:
+def agg_weights(mask: torch.Tensor, cfg: PolicyLossConfig, norm_len: int | None) -> torch.Tensor:
     """w [B, T] with loss = sum(w * l); empty rows / batches give zero weight, never NaN."""
     B, T = mask.shape
     if cfg.agg == "token_mean":
@@ -85,7 +99,7 @@ def agg_weights(mask: torch.Tensor, cfg: PolicyLossConfig) -> torch.Tensor:
         lens = mask.sum(1, keepdim=True)
         rows = (lens > 0).sum()
         return mask / torch.where(lens > 0, lens, 1) / torch.where(rows > 0, rows, 1)
-    return mask / (B * (cfg.norm_len or T))
+    return mask / (B * (norm_len or T))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -165,14 +179,15 @@ def group_size(group) -> int:
     return dist.get_world_size(group)
 
 
-class GRPOObjective:
-    """Per-token inputs flattened to [N] fp32; coef(logp, start, end) = dloss/dlogp for tokens start:end."""
+class PolicyLossTerms:
+    """What the fused engine needs of the policy loss: per-token inputs flattened to [N] fp32, and
+    coef(logp, start, end) = dloss/dlogp for tokens start:end (CETerms is the same for cross-entropy)."""
 
-    def __init__(self, targets, mask, adv, old, ref, is_w, cfg: PolicyLossConfig):
+    def __init__(self, targets, mask, adv, old, ref, is_w, cfg: PolicyLossConfig, norm_len: int | None):
         flat = lambda x: None if x is None else x.reshape(-1).contiguous()  # noqa: E731
         self.targets, self.cfg = targets.reshape(-1).contiguous(), cfg
         self.mask, self.adv, self.old, self.ref, self.is_w = map(flat, (mask, adv, old, ref, is_w))
-        self.weight = flat(agg_weights(mask, cfg))
+        self.weight = flat(agg_weights(mask, cfg, norm_len))
 
     def _inputs(self, logp, start, end):
         """(adv, old, ref, is_w) of tokens start:end, neutralized outside the mask."""
@@ -190,7 +205,7 @@ class GRPOObjective:
         return policy_stats(ratio, kl, self.adv, self.mask, self.cfg)
 
 
-class CEObjective:
+class CETerms:
     def __init__(self, targets, ignore_index: int, reduction: str):
         self.targets = targets.contiguous()
         valid = (targets != ignore_index).float()

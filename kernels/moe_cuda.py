@@ -1,4 +1,4 @@
-"""MoE routing and token permutation on the CUDA extension `r1core._C` (csrc/moe_router, csrc/moe_permute).
+"""MoE routing and token permutation on the CUDA extension `r1core._C` (csrc/moe_route, csrc/moe_permute).
 
 The contracts are r1core.model.moe's refs (docs/ARCHITECTURE.md, "MoE contracts"):
 
@@ -17,7 +17,7 @@ kernel producing grad_y_PD (zero on rows no token reads) and grad_weights_TK.
 
 Softmax scores are computed by torch before the kernel (sigmoid is fused into it): top-k selection must
 be bit-identical to the reference, and torch's softmax reduction order is not worth replicating for the
-V2-style configuration; the fused sigmoid reproduces torch's instruction sequence (moe_router.cu).
+V2-style configuration; the fused sigmoid reproduces torch's instruction sequence (moe_route.cu).
 
 Like the refs, the ops accept any memory layout (inputs are made contiguous, a no-op in the model) and
 cast the bias and weights to fp32; the binding (csrc/r1core_ext.cpp) checks everything else with errors

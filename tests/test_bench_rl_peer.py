@@ -36,9 +36,9 @@ def test_both_sides_get_the_same_budget_loss_clip_and_optimizer():
     assert sampling.max_new_tokens == t["max_completion_length"] == 20
     assert sampling.temperature == t["temperature"] == 1.0 and sampling.top_p == t["top_p"] == 1.0
     assert sampling.top_k == t["top_k"] == 0
-    assert (rl.eps_low, rl.eps_high) == (t["epsilon"], t["epsilon_high"]) == (0.1, 0.3)
-    assert rl.beta == t["beta"] == 0.0
-    assert rl.loss_agg.value == "token_mean" and t["loss_type"] == "dapo"
+    assert (rl.loss.eps_low, rl.loss.eps_high) == (t["epsilon"], t["epsilon_high"]) == (0.1, 0.3)
+    assert rl.loss.beta == t["beta"] == 0.0
+    assert rl.loss.agg.value == "token_mean" and t["loss_type"] == "dapo"
     assert rl.advantage.value == "grpo" and t["scale_rewards"] == "group" and rl.adv_eps == 1e-4
     assert not rl.dynamic_sampling and rl.tis_cap is None and rl.minibatches == t["num_iterations"] == 1
     assert rl.rewards == {"accuracy": 1.0} and rl.overlong.value == "none"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import r1core
-from r1core.checkpoint.hf import CheckpointError, check_pretrained
+from r1core.checkpoint.hf import CheckpointError, check_pretrained, save_pretrained
 from r1core.data import Tokenizer
 from r1core.pipeline.config import ConfigError
 from r1core.pipeline.runner import StageFailed, run_pipeline
@@ -111,7 +111,7 @@ def _r1core_checkpoint(out):
     model.to_empty(device="cpu")
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    model.save_pretrained(out, max_shard_bytes=300_000)  # several shards
+    save_pretrained(model, out, max_shard_bytes=300_000)  # several shards
     return sorted(out.glob("model-*.safetensors"))
 
 

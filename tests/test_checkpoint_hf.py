@@ -155,7 +155,7 @@ def r1_ckpt(tmp_path_factory) -> tuple[Path, Transformer]:
     torch.manual_seed(1)
     model = _r1_model(_r1_args())
     path = tmp_path_factory.mktemp("r1") / "ckpt"
-    model.save_pretrained(path, max_shard_bytes=200_000)
+    hf_ckpt.save_pretrained(model, path, max_shard_bytes=200_000)
     return path, model
 
 
@@ -190,7 +190,7 @@ def test_transformers_checkpoint_loads_with_equal_logits_and_mtp(tmp_path, n_gro
 @pytest.mark.parametrize("q_lora_rank, tie", [(32, False), (0, True)])
 def test_r1core_checkpoint_loads_in_transformers_with_equal_logits(tmp_path, q_lora_rank, tie):
     model = _r1_model(_r1_args(q_lora_rank, tie))
-    model.save_pretrained(tmp_path / "out")
+    hf_ckpt.save_pretrained(model, tmp_path / "out")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers reports the MTP layer as unexpected keys
         hf = transformers.DeepseekV3ForCausalLM.from_pretrained(
@@ -223,7 +223,7 @@ def test_save_writes_release_layout_and_round_trips_exactly(r1_ckpt):
 
 def test_bf16_save_and_load_keep_routing_bias_fp32(r1_ckpt, tmp_path):
     _, model = r1_ckpt
-    model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    hf_ckpt.save_pretrained(model, tmp_path / "bf16", dtype=torch.bfloat16)
     with safe_open(str(tmp_path / "bf16" / "model-00001-of-00001.safetensors"), "pt") as f:
         assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
         assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.bfloat16
@@ -448,13 +448,13 @@ def test_failed_save_leaves_existing_checkpoint_untouched(r1_ckpt, ckpt, monkeyp
 
     monkeypatch.setattr(hf_ckpt, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
-        r1_ckpt[1].save_pretrained(ckpt, max_shard_bytes=200_000)
+        hf_ckpt.save_pretrained(r1_ckpt[1], ckpt, max_shard_bytes=200_000)
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"]  # no temp dir left behind
 
 
 def test_save_replaces_an_existing_checkpoint(r1_ckpt, ckpt):
-    r1_ckpt[1].save_pretrained(ckpt)  # one shard now instead of several
+    hf_ckpt.save_pretrained(r1_ckpt[1], ckpt)  # one shard now instead of several
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(["config.json", INDEX, "model-00001-of-00001.safetensors"])
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"]
     loaded = r1core.from_pretrained(ckpt)
@@ -472,7 +472,7 @@ def test_rename_failure_restores_the_previous_checkpoint(r1_ckpt, ckpt, monkeypa
 
     monkeypatch.setattr(hf_ckpt.os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
-        r1_ckpt[1].save_pretrained(ckpt)
+        hf_ckpt.save_pretrained(r1_ckpt[1], ckpt)
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"]
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from r1core.kernels.grpo_loss_terms import PolicyLossConfig
 from r1core.model import Transformer, presets
 from r1core.parallel import ParallelConfig
 from r1core.train.engine import LocalEngine, OptimConfig, build_engine, lr_at
@@ -80,8 +81,9 @@ def test_optim_config_rejects_bad_values(bad):
                                           (dict(dual_clip=0.5), "dual_clip=0.5"),
                                           (dict(temperature=0.0), "temperature=0.0")])
 def test_grpo_objective_rejects_what_the_kernel_rejects_when_built(bad, message):
+    scaling = {k: bad.pop(k) for k in ("temperature",) if k in bad}
     with pytest.raises(ValueError, match=message):
-        GRPOObjective(**bad)
+        GRPOObjective(PolicyLossConfig(**bad), **scaling)
 
 
 def _grpo_mb(rows=4, seq=12, seed=3) -> dict:
@@ -95,11 +97,12 @@ def _grpo_mb(rows=4, seq=12, seed=3) -> dict:
 
 @pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
 def test_grpo_objective_over_microbatches_equals_the_whole_batch_loss(agg):
-    from r1core.kernels import grpo_loss
+    from r1core.kernels.grpo_loss import grpo_loss
 
     torch.manual_seed(0)
     model, mb = Transformer(ARGS), _grpo_mb()
-    obj = GRPOObjective(beta=0.04, eps_low=0.2, eps_high=0.28, dual_clip=3.0, agg=agg, norm_len=12, impl="ref")
+    settings = PolicyLossConfig(beta=0.04, eps_low=0.2, eps_high=0.28, dual_clip=3.0, agg=agg)
+    obj = GRPOObjective(settings, norm_len=12, impl="ref")
     h = torch.randn(4, 12, ARGS.dim, requires_grad=True)
     w = model.head.weight
     want, _ = grpo_loss(h, w, mb["targets"], mb["mask"], mb["advantages"], mb["old_logprobs"], mb["ref_logprobs"],

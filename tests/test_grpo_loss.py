@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import r1core.kernels
-from r1core.kernels import _grpo_triton as tk
-from r1core.kernels import grpo as G
-from r1core.kernels.grpo import (grpo_loss, grpo_loss_ref, linear_cross_entropy, linear_cross_entropy_ref,
+from r1core.kernels import _grpo_loss_triton as tk
+from r1core.kernels import grpo_loss as G
+from r1core.kernels.grpo_loss import (grpo_loss, grpo_loss_ref, linear_cross_entropy, linear_cross_entropy_ref,
                                      token_logprobs)
+from r1core.kernels.grpo_loss_terms import PolicyLossConfig
 from r1core.model.transformer import cross_entropy_sum
 from r1core.testing import assert_close_to_ref, run_distributed
 
@@ -254,12 +254,15 @@ def test_bad_inputs_raise_errors_naming_the_culprit():
         linear_cross_entropy(h.reshape(-1, H), w, rest["targets"].reshape(-1), reduction="none")
 
 
-def test_package_exports_are_the_functions_whatever_the_import_order():
+def test_settings_as_a_config_or_as_keywords_give_the_same_loss_and_not_both():
     inputs = make_inputs()
     args = [inputs[k] for k in ("hidden", "weight", "targets", "mask", "advantages")]
-    assert r1core.kernels.grpo_loss(*args)[0].item() == grpo_loss(*args)[0].item()
-    for name in ("grpo_loss_ref", "linear_cross_entropy", "linear_cross_entropy_ref", "token_logprobs"):
-        assert getattr(r1core.kernels, name) is getattr(G, name)
+    cfg = PolicyLossConfig(beta=0.1, eps_high=0.3, agg="seq_mean_token_mean")
+    by_config = grpo_loss(*args, loss=cfg)[0]
+    assert by_config.item() == grpo_loss(*args, beta=0.1, eps_high=0.3, agg="seq_mean_token_mean")[0].item()
+    assert by_config.item() != grpo_loss(*args)[0].item()  # the defaults differ (token_mean): the config was used
+    with pytest.raises(ValueError, match="not both"):
+        grpo_loss(*args, loss=cfg, beta=0.2)
 
 
 def test_second_backward_through_chunked_loss_raises():

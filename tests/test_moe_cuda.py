@@ -107,7 +107,7 @@ def test_route_matches_ref_indices_counts_and_weights(spec, T, dtype, with_bias)
 
 @pytest.mark.gpu
 def test_route_fused_sigmoid_is_bitwise_torch_sigmoid():
-    # Exact selection hinges on these scores being torch's to the bit (see moe_router.cu).
+    # Exact selection hinges on these scores being torch's to the bit (see moe_route.cu).
     spec = RouterSpec(n_experts=256, top_k=32, n_groups=1, topk_groups=1, score_func=ScoreFunc.sigmoid,
                       route_scale=1.0, norm_topk_prob=False)
     logits = torch.randn(4096, 256, device="cuda") * 6

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1core.kernels.grouped_gemm import grouped_swiglu, grouped_swiglu_backend, grouped_swiglu_ref
-from r1core.kernels.permute import moe_permute, moe_permute_ref, moe_unpermute, moe_unpermute_ref
-from r1core.kernels.moe_router import moe_route, moe_route_ref
+from r1core.kernels.grouped_swiglu import grouped_swiglu, grouped_swiglu_backend, grouped_swiglu_ref
+from r1core.kernels.moe_permute import moe_permute, moe_permute_ref, moe_unpermute, moe_unpermute_ref
+from r1core.kernels.moe_route import moe_route, moe_route_ref
 from r1core.model import presets
 from r1core.model.args import ScoreFunc
 from r1core.model.moe import RouterSpec

@@ -33,10 +33,12 @@ import sys
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__]  # hide the dev checkout
 sys.path.insert(0, {str(target)!r})
 import r1core, r1core.kernels
-from r1core.kernels import grpo, moe_router, permute, grouped_gemm
+from r1core.kernels import grpo_loss, grpo_loss_terms, moe_route, moe_permute, grouped_swiglu, moe_cuda
+from r1core.model.moe import moe_ops
 from importlib import resources
 assert r1core.kernels.__file__.startswith({str(target)!r}), r1core.kernels.__file__
-assert callable(r1core.kernels.moe_route) and callable(r1core.kernels.grouped_swiglu)
+assert moe_ops("triton") == (moe_route.moe_route, moe_permute.moe_permute, moe_permute.moe_unpermute,
+                             grouped_swiglu.grouped_swiglu)
 assert resources.files("r1core.conf").joinpath("config.yaml").is_file()
 assert resources.files("r1core.conf").joinpath("pipeline/r1.yaml").is_file()
 assert resources.files("r1core.data").joinpath("builtin/text.txt").is_file()
@@ -104,7 +106,8 @@ import kernels, kernels.layers
 from kernels import CUDAProperties
 assert CUDAProperties == 'the pypi package' and kernels.layers.X == 1, kernels.__file__
 import r1core.kernels
-assert r1core.kernels.__file__.startswith({str(ROOT / 'kernels')!r}) and callable(r1core.kernels.moe_ops)
+from r1core.model.moe import moe_ops
+assert r1core.kernels.__file__.startswith({str(ROOT / 'kernels')!r}) and moe_ops("cuda").experts is not None
 print("ok")
 """)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

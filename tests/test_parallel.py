@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from r1core.kernels.grpo_loss_terms import PolicyLossConfig
 from r1core.model import presets
 from r1core.parallel import ParallelConfig, check_layout
 from r1core.testing import run_distributed
@@ -57,7 +58,7 @@ def grpo_batch() -> dict:
 
 
 OBJECTIVES = {"lm": (LMObjective, lm_batch),
-              "grpo": (lambda: GRPOObjective(beta=0.04, eps_high=0.28, agg="token_mean"), grpo_batch)}
+              "grpo": (lambda: GRPOObjective(PolicyLossConfig(beta=0.04, eps_high=0.28, agg="token_mean")), grpo_batch)}
 
 
 def _rows(engine, batch: dict) -> dict:

@@ -292,7 +292,7 @@ def test_rl_stage_killed_mid_run_resumes_with_identical_continuation(tmp_path, m
     RL stage logs the same step-3/4 metrics and ends with the same weights as an uninterrupted run."""
     from r1core.train import metrics as metrics_mod
 
-    extra = ("rl.steps=4", "rl.save_every=2", "rl.beta=0.01")
+    extra = ("rl.steps=4", "rl.save_every=2", "rl.loss.beta=0.01")
     run_pipeline(_cfg(tmp_path / "ref", *extra, pipeline="r1_zero"))
     real_log = metrics_mod.MetricsLog.log
 
@@ -347,7 +347,7 @@ def test_rl_pipeline_under_two_processes_matches_one_process(tmp_path, layout):
     same weights as one process (same rewards, same tokens); the updates agree to float rounding."""
     from r1core.testing import run_distributed
 
-    overrides = ["pipeline=r1_zero", "rl.steps=3", "rl.beta=0.01", *layout[1:]]
+    overrides = ["pipeline=r1_zero", "rl.steps=3", "rl.loss.beta=0.01", *layout[1:]]
     one = _pipeline_rank(0, 1, str(tmp_path / "one"), overrides)
     two = run_distributed(_pipeline_rank, 2, str(tmp_path / "two"), overrides + layout[:1], timeout=600)[0]
     assert set(two["status"].values()) == {"done"}

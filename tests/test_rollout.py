@@ -385,9 +385,10 @@ def test_sglang_engine_without_sglang_raises_a_clear_error(model, monkeypatch, t
 def test_hf_export_names_shapes_match_checkpoint_writer(model, tmp_path):
     from safetensors.torch import load_file
 
+    from r1core.checkpoint.hf import save_pretrained
     from r1core.rollout.sglang_engine import hf_named_tensors
 
-    model.save_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path / "ckpt", dtype=torch.bfloat16)
     on_disk = {}
     for f in (tmp_path / "ckpt").glob("*.safetensors"):
         on_disk.update(load_file(str(f)))

@@ -20,7 +20,7 @@
 #include <type_traits>
 
 #include "common/cuda_helpers.cuh"
-#include "moe_router/moe_router.h"
+#include "moe_route/moe_route.h"
 
 namespace r1core {
 namespace {

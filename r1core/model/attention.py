@@ -13,7 +13,7 @@ Legend: B batch, T query tokens, S key tokens, H heads, C kv_lora_rank, R rope d
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,11 @@ class AttnMeta:
     sin: torch.Tensor
     doc_ids: torch.Tensor | None = None
     causal_fast_path: bool = False
+
+    def prefix(self, n: int) -> "AttnMeta":
+        """The first n positions of every row (multi-token prediction depth k runs on T - k of them)."""
+        return replace(self, positions=self.positions[:, :n], cos=self.cos[:, :n], sin=self.sin[:, :n],
+                       doc_ids=None if self.doc_ids is None else self.doc_ids[:, :n])
 
     def training_mask(self) -> torch.Tensor:
         """Boolean [B, 1, T, T]: True where query t may attend key s."""

@@ -19,6 +19,7 @@ rows past a segment's real tokens (padding) and past the last segment are zero.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -139,13 +140,36 @@ def seq_balance_loss(logits_BTE: torch.Tensor, idx_BTK: torch.Tensor, spec: Rout
     return (f_BE * probs_BE).sum(dim=-1).mean()
 
 
-def _ops(impl: Impl):
-    """(route, permute, unpermute, grouped_swiglu) for an implementation."""
-    if impl == Impl.ref:
-        return route_ref, permute_ref, unpermute_ref, grouped_swiglu_ref
-    from r1core import kernels  # kernels import the model's refs, so import lazily
+class MoEOps(NamedTuple):
+    """One implementation of the four steps, with the contracts of the module docstring."""
 
-    return kernels.moe_ops(impl.value)
+    route: Callable
+    permute: Callable
+    unpermute: Callable
+    experts: Callable  # grouped SwiGLU over expert segments
+
+
+REF_OPS = MoEOps(route_ref, permute_ref, unpermute_ref, grouped_swiglu_ref)
+
+# Impl -> MoEOps, or a no-argument loader of them (called once, at first use). The model knows only
+# its reference; `r1core.kernels` registers "triton" and "cuda" when imported (the trainer and the
+# rollout engines import it), so the model never imports kernel code.
+_REGISTRY: dict[Impl, MoEOps | Callable[[], MoEOps]] = {Impl.ref: REF_OPS}
+
+
+def register_moe_ops(impl: Impl | str, ops: MoEOps | Callable[[], MoEOps]) -> None:
+    _REGISTRY[Impl(impl)] = ops
+
+
+def moe_ops(impl: Impl | str) -> MoEOps:
+    impl = Impl(impl)
+    entry = _REGISTRY.get(impl)
+    if entry is None:
+        raise LookupError(f"model.moe_impl={impl.value}: no MoE ops are registered for it; "
+                          "`import r1core.kernels` registers triton and cuda")
+    if not isinstance(entry, MoEOps):
+        entry = _REGISTRY[impl] = entry()
+    return entry
 
 
 class Gate(nn.Module):
@@ -184,7 +208,7 @@ class GroupedExperts(nn.Module):
         self.impl = Impl.ref
 
     def forward(self, x_PD: torch.Tensor, seg_E: torch.Tensor) -> torch.Tensor:
-        return _ops(self.impl)[3](x_PD, self.w1, self.w2, self.w3, seg_E)
+        return moe_ops(self.impl).experts(x_PD, self.w1, self.w2, self.w3, seg_E)
 
 
 class LocalDispatcher:
@@ -196,11 +220,11 @@ class LocalDispatcher:
         self.pad_multiple = pad_multiple
 
     def dispatch(self, x_TD, idx_TK, counts_E):
-        x_PD, pos_TK = _ops(self.impl)[1](x_TD, idx_TK, counts_E, self.pad_multiple)
+        x_PD, pos_TK = moe_ops(self.impl).permute(x_TD, idx_TK, counts_E, self.pad_multiple)
         return x_PD, segment_sizes(counts_E, self.pad_multiple), pos_TK
 
     def combine(self, y_PD, weights_TK, pos_TK):
-        return _ops(self.impl)[2](y_PD, pos_TK, weights_TK)
+        return moe_ops(self.impl).unpermute(y_PD, pos_TK, weights_TK)
 
 
 class MoE(nn.Module):
@@ -221,7 +245,8 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x_TD = x.reshape(-1, D)
         logits_TE = self.gate.logits(x_TD)
-        weights_TK, idx_TK, counts_E = _ops(self.impl)[0](logits_TE, self.gate.e_score_correction_bias, self.gate.spec)
+        route = moe_ops(self.impl).route
+        weights_TK, idx_TK, counts_E = route(logits_TE, self.gate.e_score_correction_bias, self.gate.spec)
         aux = None
         if self.training:
             with torch.no_grad():

@@ -27,6 +27,21 @@ IGNORE_INDEX = -100
 CrossEntropyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def mtp_targets(labels: torch.Tensor, doc_ids: torch.Tensor | None, depths: int) -> list[torch.Tensor]:
+    """Targets [B, T - k] of MTP depths k = 1..depths (fewer when T <= depths).
+
+    Depth k at position i predicts labels[i + k]; never across a document boundary (IGNORE_INDEX there).
+    """
+    T = labels.shape[1]
+    targets = []
+    for k in range(1, min(depths, T - 1) + 1):
+        target = labels[:, k:]
+        if doc_ids is not None:
+            target = target.masked_fill(doc_ids[:, k:] != doc_ids[:, : T - k], IGNORE_INDEX)
+        targets.append(target)
+    return targets
+
+
 def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Reference CE: materializes [N, V] fp32 logits. The trainer swaps in the fused kernel."""
     logits = F.linear(hidden, weight).float()
@@ -71,6 +86,13 @@ class MTPModule(nn.Module):
     def forward(self, h: torch.Tensor, emb: torch.Tensor, meta: AttnMeta):
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
         return self.block(x, meta)
+
+
+@dataclass
+class MTPOutput:
+    ce_sums: list[torch.Tensor]   # per depth: CE summed over its valid targets
+    n_valid: list[torch.Tensor]   # per depth: how many targets are valid
+    aux: torch.Tensor | None      # the MTP blocks' balance loss (None without MoE or outside training)
 
 
 @dataclass
@@ -145,45 +167,45 @@ class Transformer(nn.Module):
         h, _ = self.hidden_states(tokens, positions, doc_ids, cache)
         return self.head(h)
 
+    def mtp_losses(self, h_main: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor, meta: AttnMeta,
+                   head_weight: torch.Tensor, ce_sum: CrossEntropyFn = cross_entropy_sum) -> MTPOutput:
+        """Multi-token prediction (DeepSeek-V3 §2.2, eq. 21-25) on top of the main model's output.
+
+        h_main [B, T, D] is the main model's final normalized hidden state. Depth k combines the
+        previous depth's state at position i with the embedding of tokens[i + k] and predicts
+        labels[i + k] (`mtp_targets`). The trainer passes its own `ce_sum` (fused, vocab-parallel)
+        and divides the sums by totals over the whole batch.
+        """
+        targets = mtp_targets(labels, meta.doc_ids, len(self.mtp))
+        out = MTPOutput(ce_sums=[], n_valid=[], aux=None)
+        h_prev, T = h_main, tokens.shape[1]
+        for k, (module, target) in enumerate(zip(self.mtp, targets), start=1):
+            h_prev, aux_k = module(h_prev[:, : T - k], self.embed(tokens[:, k:]), meta.prefix(T - k))
+            if aux_k is not None:
+                out.aux = aux_k if out.aux is None else out.aux + aux_k
+            out.ce_sums.append(ce_sum(module.norm(h_prev).flatten(0, 1), head_weight, target.flatten()))
+            out.n_valid.append((target != IGNORE_INDEX).sum())
+        return out
+
     def compute_loss(self, tokens: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None,
                      ce_sum: CrossEntropyFn = cross_entropy_sum) -> LossOutput:
-        """Next-token CE + multi-token prediction (DeepSeek-V3 eq. 21-25) + balance loss.
+        """Next-token CE + multi-token prediction (`mtp_losses`) + balance loss, on one device.
 
-        labels[b, i] is the target after tokens[b, i] (IGNORE_INDEX to skip). MTP depth k at
-        position i reads the embedding of tokens[i+k] and predicts labels[i+k]; a depth never
-        predicts across a document boundary.
+        labels[b, i] is the target after tokens[b, i] (IGNORE_INDEX to skip).
         """
         meta = self.attn_meta(tokens, None, doc_ids)
         h, aux = self.forward_layers(self.embed(tokens), meta)
         h_main = self.norm(h)
         n = (labels != IGNORE_INDEX).sum().clamp(min=1)
         ce = ce_sum(h_main.flatten(0, 1), self.head.weight, labels.flatten()) / n
-        mtp_losses = []
-        h_prev, T = h_main, tokens.shape[1]
-        for k, module in enumerate(self.mtp, start=1):
-            if T <= k:
-                break
-            sub = AttnMeta(positions=meta.positions[:, : T - k], cos=meta.cos[:, : T - k], sin=meta.sin[:, : T - k],
-                           doc_ids=None if doc_ids is None else doc_ids[:, : T - k],
-                           causal_fast_path=meta.causal_fast_path)
-            target = labels[:, k:]
-            if doc_ids is not None:
-                target = target.masked_fill(doc_ids[:, k:] != doc_ids[:, : T - k], IGNORE_INDEX)
-            h_prev, aux_k = module(h_prev[:, : T - k], self.embed(tokens[:, k:]), sub)
-            if aux_k is not None:
-                aux = aux + aux_k
-            n_k = (target != IGNORE_INDEX).sum().clamp(min=1)
-            mtp_losses.append(ce_sum(module.norm(h_prev).flatten(0, 1), self.head.weight, target.flatten()) / n_k)
+        mtp = self.mtp_losses(h_main, tokens, labels, meta, self.head.weight, ce_sum)
+        if mtp.aux is not None:
+            aux = aux + mtp.aux
+        mtp_losses = [s / n_k.clamp(min=1) for s, n_k in zip(mtp.ce_sums, mtp.n_valid)]
         loss = ce + aux
         if mtp_losses:
             loss = loss + self.args.mtp_loss_weight * torch.stack(mtp_losses).mean()
         return LossOutput(loss=loss, ce=ce, mtp=mtp_losses, aux=aux, n_tokens=int(n))
-
-    def save_pretrained(self, out_dir, **kwargs):
-        """Write an HF DeepSeek-V3 checkpoint directory: see `r1core.checkpoint.hf.save_pretrained`."""
-        from r1core.checkpoint.hf import save_pretrained  # lazy: the model never imports checkpoint code at import time
-
-        return save_pretrained(self, out_dir, **kwargs)
 
     def new_cache(self, n_rows: int, max_len: int, dtype: torch.dtype | None = None) -> LatentKVCache:
         p = self.head.weight if self.head is not None else next(self.parameters())

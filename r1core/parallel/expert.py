@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from r1core.model.args import Impl
-from r1core.model.moe import GroupedExperts, MoE, permute_ref, unpermute_ref
+from r1core.model.moe import GroupedExperts, MoE, moe_ops
 from r1core.model.transformer import Transformer
 
 from . import comm
@@ -29,12 +29,8 @@ from .topology import Topology
 
 
 def _permute_ops(impl: Impl):
-    if Impl(impl) == Impl.ref:
-        return permute_ref, unpermute_ref
-    from r1core import kernels
-
-    _, permute, unpermute, _ = kernels.moe_ops(Impl(impl).value)
-    return permute, unpermute
+    ops = moe_ops(impl)
+    return ops.permute, ops.unpermute
 
 
 def _regroup_index(recv_SL: torch.Tensor) -> torch.Tensor:

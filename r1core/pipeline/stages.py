@@ -105,7 +105,7 @@ def stage_rl(ctx: StageContext):
     tok, fmt = ctx.tokenizer()
     engine = make_engine(ctx, cfg.steps * cfg.minibatches, cfg.lr)
     ref = None
-    if cfg.beta > 0:
+    if cfg.loss.beta > 0:
         ref = make_engine(ctx, 1, cfg.lr)  # frozen: forward passes only, never stepped
     problems = read_problems(ctx.prepared["rl_prompts"])
     boxed = ctx.job.require_boxed

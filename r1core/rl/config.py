@@ -5,18 +5,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from r1core.kernels.grpo_loss_terms import LossAgg, PolicyLossConfig  # noqa: F401  (LossAgg: r1core.rl)
+
 from r1core.rollout.types import SamplingConfig
 
 
 class AdvantageEstimator(str, enum.Enum):
     grpo = "grpo"        # (r - mean) / (std + eps) within a group (DeepSeekMath §4.1.2)
     dr_grpo = "dr_grpo"  # r - mean, no std: removes the difficulty bias (Liu et al. 2025, "Dr. GRPO")
-
-
-class LossAgg(str, enum.Enum):
-    seq_mean_token_mean = "seq_mean_token_mean"          # GRPO paper
-    token_mean = "token_mean"                            # DAPO
-    seq_mean_token_sum_norm = "seq_mean_token_sum_norm"  # Dr. GRPO (constant normalizer)
 
 
 class Overlong(str, enum.Enum):
@@ -41,12 +37,8 @@ class GRPOConfig:
     overlong: Overlong = Overlong.none  # truncated responses: none, filter (no loss) or penalty (DAPO)
     overlong_buffer: int = 8        # penalty: tokens before the cap over which the penalty ramps up
     overlong_penalty: float = 1.0   # penalty: its size at the cap
-    # policy loss
-    beta: float = 0.0               # k3 KL weight against the frozen reference; 0 skips the reference pass
-    eps_low: float = 0.2            # PPO clip below: ratio >= 1 - eps_low
-    eps_high: float = 0.28          # DAPO clip-higher
-    dual_clip: float | None = None  # dual-clip bound c > 1 for negative advantages; None = off
-    loss_agg: LossAgg = LossAgg.token_mean  # how token losses are averaged (GRPO, DAPO, Dr. GRPO)
+    # policy loss: clip range, KL weight, aggregation (rl.loss.*)
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     tis_cap: float | None = 2.0     # truncated importance weight min(pi_old/pi_sampler, cap); None = off
     # updates per rollout batch
     minibatches: int = 1            # optimizer steps per rollout batch (old log-probs recomputed first)
@@ -68,10 +60,6 @@ class GRPOConfig:
                              "to compute a group baseline")
         if self.prompts_per_step < 1 or self.steps < 0:
             raise ValueError(f"rl.prompts_per_step={self.prompts_per_step}, rl.steps={self.steps} must be positive")
-        if not 0 <= self.eps_low < 1 or self.eps_high < 0:
-            raise ValueError(f"rl.eps_low={self.eps_low} must be in [0, 1) and rl.eps_high={self.eps_high} >= 0")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"rl.dual_clip={self.dual_clip} must be > 1")
         if self.minibatches < 1 or self.micro_batch_size < 1:
             raise ValueError("rl.minibatches and rl.micro_batch_size must be >= 1")
         if not self.rewards:

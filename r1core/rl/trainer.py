@@ -98,8 +98,8 @@ class GRPOTrainer:
         self.scorer = scorer or Scorer(cfg.rewards, cfg.reward_kwargs, require_boxed=True)
         self.out_dir = Path(out_dir)
         self.stop = stop or []
-        if cfg.beta > 0 and ref_engine is None:
-            raise ValueError(f"rl.beta={cfg.beta} needs a reference model (ref_engine)")
+        if cfg.loss.beta > 0 and ref_engine is None:
+            raise ValueError(f"rl.loss.beta={cfg.loss.beta} needs a reference model (ref_engine)")
 
     # ------------------------------------------------------------------ rollout
     def _sampling(self, step: int, round_: int) -> SamplingParams:
@@ -160,16 +160,13 @@ class GRPOTrainer:
         return batch, stats
 
     def _logprobs(self, engine, micro: list[dict]) -> list[torch.Tensor]:
-        from r1core.kernels import token_logprobs
+        from r1core.train.objectives import TokenLogprobs
 
-        temp = self.cfg.sampling.temperature if self.cfg.sampling.temperature > 0 else 1.0
+        return engine.forward_only(micro, TokenLogprobs(temperature=self._temperature()))
 
-        def fn(hidden, head_weight, vocab_group, mb, model):
-            impl = {"impl": "ref"} if hidden.device.type == "cpu" else {}
-            return token_logprobs(hidden, head_weight, mb["targets"], temperature=temp, vocab_group=vocab_group,
-                                  **impl)[0]
-
-        return engine.forward_only(micro, fn)
+    def _temperature(self) -> float:
+        """The sampler's temperature, which the log-probs and the loss use (greedy: the plain distribution)."""
+        return self.cfg.sampling.temperature if self.cfg.sampling.temperature > 0 else 1.0
 
     def update(self, batch: dict) -> dict:
         from r1core.train.objectives import GRPOObjective
@@ -188,13 +185,11 @@ class GRPOTrainer:
                 n_tok += mb["mask"].sum().item()
                 if c.tis_cap is not None:
                     mb["is_weights"] = truncated_is_weights(mb["old_logprobs"], mb["sampler_logprobs"], c.tis_cap) * mb["mask"]
-        if c.beta > 0:
+        if c.loss.beta > 0:
             for mb, lp in zip(micro, self._logprobs(self.ref_engine, micro)):
                 mb["ref_logprobs"] = lp.float().cpu() * mb["mask"]
         t_logprob = time.perf_counter() - t0
-        objective = GRPOObjective(beta=c.beta, eps_low=c.eps_low, eps_high=c.eps_high, dual_clip=c.dual_clip,
-                                  temperature=c.sampling.temperature if c.sampling.temperature > 0 else 1.0,
-                                  agg=c.loss_agg.value, norm_len=c.sampling.max_new_tokens)
+        objective = GRPOObjective(c.loss, temperature=self._temperature(), norm_len=c.sampling.max_new_tokens)
         for mb in micro:
             mb.pop("sampler_logprobs", None)
         n_mini = min(c.minibatches, len(micro))

@@ -4,6 +4,8 @@
 - `SGLangEngine` (optional `[sglang]` extra): `sglang.Engine` on the checkpoint exported to HF layout.
 """
 
+import r1core.kernels  # noqa: F401  (registers the triton / cuda MoE ops behind model.moe_impl)
+
 from .builtin import BuiltinEngine
 from .sampling import request_uniforms, sample
 from .types import RolloutEngine, Sample, SamplingParams, request_seed

@@ -34,6 +34,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from r1core.checkpoint.hf import save_pretrained
 from r1core.checkpoint.hf_names import save_plan
 from r1core.model import ModelArgs, Transformer
 
@@ -143,7 +144,7 @@ class SGLangEngine(RolloutEngine):
         self.args, self.dtype, self.tokenizer = model.args, dtype, tokenizer
         self.bucket_bytes, self.include_mtp = bucket_bytes, include_mtp
         self.export_dir = export_dir or tempfile.mkdtemp(prefix="r1core-sglang-")
-        model.save_pretrained(self.export_dir, dtype=dtype)
+        save_pretrained(model, self.export_dir, dtype=dtype)
         self.has_tokenizer = tokenizer_path is not None
         kwargs = dict(model_path=self.export_dir, tokenizer_path=tokenizer_path,
                       skip_tokenizer_init=not self.has_tokenizer, dtype=str(dtype).removeprefix("torch."),

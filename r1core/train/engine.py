@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import r1core.kernels  # noqa: F401  (registers the triton / cuda MoE ops behind model.moe_impl)
 from r1core.model import ModelArgs, Transformer, update_expert_bias
 from r1core.parallel.config import ParallelConfig, check_layout
 from r1core.parallel.layout import ParamLayout, to_dtensor

@@ -16,12 +16,12 @@ pipeline stage); objectives add only what they compute, including the MTP blocks
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from r1core.model.attention import AttnMeta
-from r1core.model.transformer import IGNORE_INDEX, Transformer, cross_entropy_sum
+from r1core.kernels.grpo_loss_terms import PolicyLossConfig, check_scaling
+from r1core.model.transformer import IGNORE_INDEX, Transformer, cross_entropy_sum, mtp_targets
 
 
 def _kernel_impl(device: torch.device, impl: str | None) -> str | None:
@@ -37,7 +37,7 @@ def ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vo
     (one device) or megatron-core's vocab_parallel_cross_entropy (vocab shards).
     """
     try:
-        from r1core.kernels import linear_cross_entropy
+        from r1core.kernels.grpo_loss import linear_cross_entropy
     except ImportError:
         linear_cross_entropy = None
     if linear_cross_entropy is not None:
@@ -65,22 +65,10 @@ class LMObjective:
 
     impl: str | None = None  # r1core.kernels impl for the CE; None: ref on CPU, the kernel default on GPU
 
-    def _mtp_targets(self, mb: dict, n_mtp: int) -> list[torch.Tensor]:
-        labels, doc_ids, T = mb["labels"], mb.get("doc_ids"), mb["labels"].shape[1]
-        targets = []
-        for k in range(1, n_mtp + 1):
-            if T <= k:
-                break
-            target = labels[:, k:]
-            if doc_ids is not None:  # a depth never predicts across a document boundary
-                target = target.masked_fill(doc_ids[:, k:] != doc_ids[:, : T - k], IGNORE_INDEX)
-            targets.append(target)
-        return targets
-
     def totals(self, mb: dict, model: Transformer | None = None) -> dict[str, torch.Tensor]:
         n_mtp = model.args.n_mtp_modules if model is not None else 0
         out = {"tokens": _n_valid(mb["labels"]), "seqs": torch.tensor(mb["labels"].shape[0])}
-        for k, target in enumerate(self._mtp_targets(mb, n_mtp), start=1):
+        for k, target in enumerate(mtp_targets(mb["labels"], mb.get("doc_ids"), n_mtp), start=1):
             out[f"mtp{k}"] = _n_valid(target)
         return out
 
@@ -90,25 +78,16 @@ class LMObjective:
         ce = ce_sum(hidden.flatten(0, 1), head_weight, labels.flatten(), vocab_group, self.impl)
         ce = ce / d["tokens"].clamp(min=1)
         loss, metrics = ce, {"ce": ce.detach()}
-        targets = self._mtp_targets(mb, len(model.mtp))
-        if not targets:
+        if not len(model.mtp) or tokens.shape[1] < 2:
             return loss, metrics
         meta = model.attn_meta(tokens, mb.get("positions"), mb.get("doc_ids"))
-        seq_share = tokens.shape[0] / d["seqs"]
-        h_prev, T, mtp_total, aux = hidden, tokens.shape[1], 0.0, None
-        for k, (module, target) in enumerate(zip(model.mtp, targets), start=1):
-            sub = AttnMeta(positions=meta.positions[:, : T - k], cos=meta.cos[:, : T - k], sin=meta.sin[:, : T - k],
-                           doc_ids=None if meta.doc_ids is None else meta.doc_ids[:, : T - k],
-                           causal_fast_path=meta.causal_fast_path)
-            h_prev, aux_k = module(h_prev[:, : T - k], model.embed(tokens[:, k:]), sub)
-            if aux_k is not None:
-                aux = aux_k * seq_share if aux is None else aux + aux_k * seq_share
-            ce_k = ce_sum(module.norm(h_prev).flatten(0, 1), head_weight, target.flatten(), vocab_group, self.impl)
-            mtp_total = mtp_total + ce_k / d[f"mtp{k}"].clamp(min=1)
-        mtp = mtp_total / len(targets)
+        out = model.mtp_losses(hidden, tokens, labels, meta, head_weight,
+                               lambda h, w, t: ce_sum(h, w, t, vocab_group, self.impl))
+        mtp = sum(s / d[f"mtp{k}"].clamp(min=1) for k, s in enumerate(out.ce_sums, start=1)) / len(out.ce_sums)
         loss = loss + model.args.mtp_loss_weight * mtp
         metrics["mtp"] = mtp.detach()
-        if aux is not None:
+        if out.aux is not None:
+            aux = out.aux * (tokens.shape[0] / d["seqs"])
             loss = loss + aux
             metrics["mtp_aux"] = aux.detach()
         return loss, metrics
@@ -122,27 +101,18 @@ class GRPOObjective:
     """GRPO / DAPO / Dr. GRPO policy loss through r1core.kernels.grpo_loss (see its docstring for the math).
 
     mb carries targets [b, t], mask [b, t], advantages [b] or [b, t], and optionally old_logprobs,
-    ref_logprobs, is_weights [b, t]. `agg` picks what the loss is averaged over; across microbatches
-    and ranks it is the same average over the whole batch.
+    ref_logprobs, is_weights [b, t]. `loss.agg` picks what the loss is averaged over; across
+    microbatches and ranks it is the same average over the whole batch. `temperature` is the
+    sampler's, `norm_len` Dr. GRPO's constant normalizer (the response cap).
     """
 
-    beta: float = 0.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = None
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     temperature: float = 1.0
-    agg: str = "seq_mean_token_mean"
     norm_len: int | None = None
     impl: str | None = None
 
     def __post_init__(self) -> None:
-        from r1core.kernels._grpo_objective import PolicyLossConfig
-
-        self.agg = getattr(self.agg, "value", self.agg)
-        # the kernel's own rules (agg, clip range, dual clip, temperature), checked once here rather than
-        # at the first microbatch
-        PolicyLossConfig(self.beta, self.eps_low, self.eps_high, self.dual_clip, self.temperature, self.agg,
-                         self.norm_len)
+        check_scaling(self.temperature, self.norm_len)  # here, not at the first microbatch
 
     def totals(self, mb: dict, model: Transformer | None = None) -> dict[str, torch.Tensor]:
         mask = mb["mask"].float()
@@ -152,16 +122,15 @@ class GRPOObjective:
         return {"tokens": mask.sum(), "rows": (mask.sum(1) > 0).sum(), "seqs": seqs}
 
     def __call__(self, hidden, head_weight, vocab_group, mb, model: Transformer, denoms=None):
-        from r1core.kernels import grpo_loss
+        from r1core.kernels.grpo_loss import grpo_loss
 
         own = self.totals(mb)
         d = denoms if denoms is not None else own
-        key = _AGG_TOTAL[self.agg]
+        key = _AGG_TOTAL[self.loss.agg.value]
         kw = {} if (impl := _kernel_impl(hidden.device, self.impl)) is None else {"impl": impl}
         loss, stats = grpo_loss(
             hidden, head_weight, mb["targets"], mb["mask"], mb["advantages"], mb.get("old_logprobs"),
-            mb.get("ref_logprobs"), beta=self.beta, eps_low=self.eps_low, eps_high=self.eps_high,
-            dual_clip=self.dual_clip, temperature=self.temperature, agg=self.agg, norm_len=self.norm_len,
+            mb.get("ref_logprobs"), loss=self.loss, temperature=self.temperature, norm_len=self.norm_len,
             is_weights=mb.get("is_weights"), vocab_group=vocab_group, **kw)
         # the kernel averages over this microbatch (over all its rows for "seqs"); rescale to this
         # microbatch's share of the batch
@@ -174,3 +143,19 @@ class GRPOObjective:
         for name in ("clip_frac_low", "clip_frac_high", "kl", "ratio"):
             metrics[name] = stats[name].detach() * token_share
         return loss, metrics
+
+
+@dataclass
+class TokenLogprobs:
+    """log pi(target) per token [b, t] of the temperature-scaled policy: an `engine.forward_only` fn for
+    the old-policy and reference passes (the same quantity as `Sample.logprobs`)."""
+
+    temperature: float = 1.0
+    impl: str | None = None
+
+    def __call__(self, hidden, head_weight, vocab_group, mb, model: Transformer) -> torch.Tensor:
+        from r1core.kernels.grpo_loss import token_logprobs
+
+        kw = {} if (impl := _kernel_impl(hidden.device, self.impl)) is None else {"impl": impl}
+        return token_logprobs(hidden, head_weight, mb["targets"], temperature=self.temperature,
+                              vocab_group=vocab_group, **kw)[0]
