@@ -59,6 +59,22 @@ part_fp8_check() {
   run fp8_tests 180 python3 -m pytest -q -m gpu tests/test_fp8.py -rfE -p no:cacheprovider
   run bench_fp8 270 python3 benchmarks/bench_fp8.py
 }
+# Issue 19: 300 pretraining steps of the small preset on the built-in corpus, bf16 then fp8 (same seed, data,
+# init), and their CE curves compared (the goal: within 1 %). ~6 min; FP8_LOSS_OVERRIDES adds settings.
+part_fp8_loss() {
+  local prec d
+  for prec in bf16 fp8; do
+    d=/tmp/fp8_loss_$prec
+    run fp8_loss_$prec 200 python3 -m r1core.cli run model=small run_dir=$d hydra.run.dir=$d \
+      "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]" \
+      model.moe_impl=triton model.precision=$prec data.corpus_docs=${FP8_LOSS_DOCS:-30000} \
+      pretrain.steps=${FP8_LOSS_STEPS:-300} pretrain.batch_size=32 pretrain.micro_batch_size=32 pretrain.seq_len=512 \
+      pretrain.lr=1e-3 pretrain.log_every=5 pretrain.save_every=100000 ${FP8_LOSS_OVERRIDES:-}
+    cp $d/stages/*pretrain*/metrics.jsonl "$R/fp8_loss_$prec.metrics.jsonl" 2>/dev/null
+  done
+  run fp8_loss_compare 60 python3 benchmarks/compare_loss.py "$R/fp8_loss_bf16.metrics.jsonl" \
+    "$R/fp8_loss_fp8.metrics.jsonl" --labels bf16,fp8
+}
 # GRPO end to end on the small preset (briefly pretrained on the built-in corpus): stage times and the
 # rollout / log-prob / update split of each RL step. Dynamic sampling is off so every step updates.
 part_pipeline() {
