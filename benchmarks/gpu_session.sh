@@ -49,7 +49,7 @@ part_train() { run bench_train 320 python3 benchmarks/bench_train.py; }
 # tyro, docstring_parser, typeguard, einops, torchdata wheels in .whl/), MTP off on both sides and r1core
 # with MTP, bf16 and fp8; a profiled step with the top kernels of every row. ~7 min (compiles dominate).
 part_train19() {
-  run train19 470 python3 benchmarks/bench_train.py --budget-s 380 --steps 4 --warmup 2 \
+  run train19 450 python3 benchmarks/bench_train.py --budget-s 340 --steps 4 --warmup 2 \
     --variants ${TRAIN19_VARIANTS:-torchtitan,compile_nomtp,compile_fp8_nomtp,compile,compile_fp8,eager_fp8,torchtitan_eager}
   grep -E "^\| (torchtitan|compile|eager)" "$R/train19.log" | head -12 >> "$SUMMARY"
 }
