@@ -211,9 +211,11 @@ class Trained:
     split: dict[str, float] = dataclasses.field(default_factory=dict)  # median seconds per step part
 
 
-def train_r1core(base: Base, s: PeerSettings, work: Path, device: torch.device, dtype: torch.dtype) -> Trained:
+def train_r1core(base: Base, s: PeerSettings, work: Path, device: torch.device, dtype: torch.dtype,
+                 moe_impl: str = "ref") -> Trained:
     """stage_rl's construction, without the pipeline: engine from the base, BuiltinEngine rollout, GRPOTrainer."""
     from r1core.checkpoint.hf import hf_model_args
+    from r1core.model.args import Impl
     from r1core.parallel.config import ParallelConfig
     from r1core.rl.rewarding import Scorer
     from r1core.rl.trainer import GRPOTrainer
@@ -223,6 +225,7 @@ def train_r1core(base: Base, s: PeerSettings, work: Path, device: torch.device, 
 
     rl, optim = r1core_configs(s)
     args, _, _ = hf_model_args(base.model_dir)
+    args.moe_impl = Impl(moe_impl)  # training-only (not in the HF config): triton on the GPU, as the pipeline
     engine = build_engine(args, ParallelConfig(), optim, device=device, dtype=dtype, seed=s.seed)
     engine.load_hf(base.model_dir)
     rollout = BuiltinEngine(engine.model, tokenizer=base.tok, max_batch=256, max_len=base.max_len(s.max_new_tokens))
@@ -403,6 +406,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base-override", action="append", default=[], help="extra Hydra override for the made base")
     p.add_argument("--base-preset", help="model preset of a made base (default: tiny with --tiny, else small)")
     p.add_argument("--speed-only", action="store_true", help="seconds per step and r1core's split, no evals")
+    p.add_argument("--moe-impl", choices=["ref", "triton", "cuda"], help="r1core's MoE (default: triton on GPU)")
     p.add_argument("--standins", choices=["auto", "force", "off"], default="auto",
                    help="list-backed stand-ins for datasets/pandas where missing (force: always, a CPU check)")
     return p.parse_args(argv)
@@ -430,6 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:
         raise SystemExit('bench_rl_peer needs TRL: pip install -e ".[bench]"') from None
     cuda = torch.cuda.is_available() and not a.tiny
+    a.moe_impl = a.moe_impl or ("triton" if cuda else "ref")
     device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -443,13 +448,13 @@ def main(argv: list[str] | None = None) -> dict:
     base = load_base(run_dir, s.eval_problems)
     print(f"settings: {s}", flush=True)
     if a.speed_only:
-        return speed_only(base, s, device, dtype, cuda, run_dir, out)
+        return speed_only(base, s, device, dtype, cuda, run_dir, out, a.moe_impl)
     with tempfile.TemporaryDirectory(prefix="rl_peer-") as tmp:
         work = Path(tmp)
         print("[1/5] held-out eval of the base", flush=True)
         base_pass = evaluate_model("base", base.model_dir, base, s, device, dtype)
         print("[2/5] r1core GRPO", flush=True)
-        ours = train_r1core(base, s, work, device, dtype)
+        ours = train_r1core(base, s, work, device, dtype, a.moe_impl)
         print("[3/5] TRL GRPO", flush=True)
         theirs = train_trl(base, s, work, cuda)
         runs = []
@@ -462,12 +467,13 @@ def main(argv: list[str] | None = None) -> dict:
     return record
 
 
-def speed_only(base: Base, s: PeerSettings, device, dtype, cuda: bool, run_dir: Path, out: Path) -> dict:
+def speed_only(base: Base, s: PeerSettings, device, dtype, cuda: bool, run_dir: Path, out: Path,
+               moe_impl: str) -> dict:
     """Both trainers on the same base, prompts and budget; step times only. A failing provider is reported,
     the other still prints."""
     runs, errors = [], {}
     with tempfile.TemporaryDirectory(prefix="rl_peer-") as tmp:
-        for name, fn in (("r1core", lambda: train_r1core(base, s, Path(tmp), device, dtype)),
+        for name, fn in (("r1core", lambda: train_r1core(base, s, Path(tmp), device, dtype, moe_impl)),
                          ("trl", lambda: train_trl(base, s, Path(tmp), cuda))):
             print(f"[{name}] GRPO, {s.steps} steps", flush=True)
             try:

@@ -105,3 +105,40 @@ def test_tiny_end_to_end_makes_a_base_trains_both_and_reports(tmp_path, capsys):
         assert p["s_per_step"] > 0 and p["steps_timed"] == 2 and p["gain"]["n"] == 4 and p["verdict"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "rl_peer"
     assert (tmp_path / "rl_peer.png").exists()
+
+
+def test_list_dataset_standin_serves_rows_columns_and_length_like_datasets():
+    datasets = pytest.importorskip("datasets")  # the reference; the `bench` extra installs it
+    import standins
+
+    rows = [{"prompt": f"p{i}", "answer": str(i), "problem_idx": i} for i in range(5)]
+    ours, ref = standins.ListDataset.from_list(rows), datasets.Dataset.from_list(rows)
+    assert len(ours) == len(ref) == 5 and ours.column_names == ref.column_names
+    assert [ours[i] for i in range(5)] == [ref[i] for i in range(5)]
+    assert ours["answer"] == list(ref["answer"]) and ours.cache_files == ref.cache_files == []
+    cols = {k: [r[k] for r in rows] for k in rows[0]}
+    assert [dict(r) for r in standins.ListDataset.from_dict(cols)] == [dict(r) for r in ref]
+
+
+def test_standins_replace_only_missing_modules_unless_forced(monkeypatch):
+    import importlib.util
+
+    import standins
+
+    saved = {k: sys.modules.get(k) for k in ("datasets", "pandas")}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "datasets" else object())
+    try:
+        assert standins.install() == ["datasets"]
+        assert sys.modules["datasets"].Dataset is standins.ListDataset
+        assert sys.modules.get("pandas") is saved["pandas"]
+        with pytest.raises(RuntimeError, match="pyarrow"):
+            sys.modules["datasets"].load_dataset("x")
+        assert standins.install(force=True) == ["datasets", "pandas"]
+        with pytest.raises(RuntimeError, match="log_completions"):
+            sys.modules["pandas"].DataFrame({})
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
