@@ -152,7 +152,8 @@ def parse() -> argparse.Namespace:
                          "eager (no graphs), triton (graphs, the model's MoE on the Triton kernels)")
     ap.add_argument("--sweep-presets", default="bench,small", help="models of the roofline sweep ('' skips it)")
     ap.add_argument("--sweep-batches", default="64,256,1024")
-    ap.add_argument("--sweep-moe", default="dense,grouped,auto", help="decode_moe paths of the sweep")
+    ap.add_argument("--sweep-moe", default="dense,grouped", help="decode_moe paths of the sweep (auto: dense "
+                    "up to 128 rows, grouped above)")
     ap.add_argument("--sweep-new-tokens", type=int, default=128)
     ap.add_argument("--grpo", default="32x8,128x8", help="GRPO workloads, prompts x group ('' skips them)")
     ap.add_argument("--grpo-mean-len", type=int, default=128, help="mean response length (EOS-like stops)")

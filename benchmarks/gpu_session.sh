@@ -44,6 +44,23 @@ part_rollout() {
   run test_rollout_gpu 200 python3 -m pytest -q -m gpu tests/test_rollout.py -rfE
   run bench_rollout 300 python3 benchmarks/bench_rollout.py
 }
+# Issue 16. Rollout against its decode roofline: the anchor providers (ours with graphs / Triton MoE, HF generate),
+# then per model (bench shapes, small) and batch 64/256/1024 decode tok/s and % of roofline (dense and grouped
+# MoE), GRPO rollouts 32x8 and 128x8 (today's engine vs shared prefill vs +auto MoE), weight refresh. ~5 min.
+part_rollout16() {
+  run bench_rollout16 420 python3 benchmarks/bench_rollout.py --repeats 2 --variants graphs,triton ${ROLLOUT16_ARGS:-}
+}
+# Issue 16. GRPO step speed, r1core vs TRL 1.16 GRPOTrainer (HF generate, use_vllm=False) from one small-preset
+# base (30 pretraining steps: speed, not accuracy), 16 prompts x 8 samples, 48 new tokens, 5 steps; needs the
+# trl / accelerate / psutil wheels in .whl (datasets and pandas are stood in if missing). ~3-4 min.
+part_rl_peer_gpu() {
+  run rl_peer_gpu 330 python3 benchmarks/bench_rl_peer.py --speed-only --base-preset small --pretrain-steps 30 \
+    --steps ${PEER_STEPS:-5} --prompts-per-step 16 --group-size 8 --max-new-tokens 48 --out /tmp/rl_peer \
+    --base-override pretrain.seq_len=256 --base-override pretrain.batch_size=32 \
+    --base-override pretrain.micro_batch_size=16 --base-override pretrain.save_every=100000 \
+    --base-override data.corpus_docs=8000 --base-override model.moe_impl=triton
+  cp /tmp/rl_peer/rl_peer_speed.json "$R/" 2>/dev/null
+}
 part_train() { run bench_train 320 python3 benchmarks/bench_train.py; }
 # Issue 19: the step against torchtitan 0.2.2's own DeepSeekV3Model in the same run (needs the torchtitan,
 # tyro, docstring_parser, typeguard, einops, torchdata wheels in .whl/), MTP off on both sides and r1core

@@ -105,7 +105,6 @@ def roofline_row(model: Transformer, B: int, prompt_len: int, new_tokens: int, d
     engine.generate(prompts, 1, sp)  # captures the graphs of every bucket the run visits
     t_full = _gen_seconds(engine, prompts, sp, repeats, sync)
     t_one = _gen_seconds(engine, prompts, one, repeats, sync)
-    engine.generate(prompts, 1, sp)
     distinct = record_routing(engine, B)
     t_dec = t_full - t_one
     if t_dec <= 0:  # noise larger than the decode time (a loaded CPU): no figure rather than a wrong one
