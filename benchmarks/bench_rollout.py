@@ -193,8 +193,9 @@ def roofline_sweep(opts, dev, dtype, record: dict) -> list[Table]:
                   "experts/layer (uniform)", "MB/step"])
     grpo = Table(f"GRPO rollout, mean response ~{opts.grpo_mean_len} (max {opts.grpo_max_new}), "
                  f"{opts.grpo_max_batch} engine rows",
-                 ["model", "prompts x G", "shared prefill", "decode_moe", "s", "ms/sample", "tok/s", "mean len",
-                  "steps", "host s", "wait s"])
+                 ["model", "prompts x G", "shared prefill", "decode_moe", "admit_min", "s", "ms/sample",
+                  "tok/s",
+                  "mean len", "steps", "prefills", "host s", "wait s"])
     record.update(roofline=[], grpo=[], roofline_errors=[])
     tables = [roof, grpo]
     names = [n for n in opts.sweep_presets.split(",") if n] or ["small"]
@@ -228,20 +229,25 @@ def roofline_sweep(opts, dev, dtype, record: dict) -> list[Table]:
 def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
     for spec in filter(None, opts.grpo.split(",")):
         P, G = map(int, spec.split("x"))
-        for share, path in ((False, "dense"), (True, "dense"), (True, "auto")):  # today's engine first
+        # today's engine first, then shared prefill, auto MoE, admission in groups
+        configs = ((False, "dense", 1), (True, "dense", 1), (True, "auto", 1), (True, "auto", G))
+        for share, path, admit in configs:
             try:
                 r = grpo_row(model, P, G, opts.prompt_len, opts.grpo_mean_len, opts.grpo_max_new,
-                             opts.grpo_max_batch, share, path, opts.repeats, sync)
+                             opts.grpo_max_batch, share, path, opts.repeats, sync, admit)
             except Exception as e:
-                record["roofline_errors"].append(f"grpo {spec} {share} {path}: {type(e).__name__}: {e}"[:300])
+                msg = f"grpo {spec} {share} {path} {admit}: {type(e).__name__}: {e}"
+                record["roofline_errors"].append(msg[:300])
                 print("[grpo] failed:", record["roofline_errors"][-1], flush=True)
                 continue
             r["model"] = name
             record["grpo"].append(r)
-            grpo.add(name, spec, share, path, r["seconds"], r["ms_per_sample"], r["tokens_per_s"], r["mean_len"],
-                     r["decode_steps"], r["host_s"], r["wait_s"])
-            print(f"[grpo] {spec} shared={share} {path}: {r['ms_per_sample']:.2f} ms/sample", flush=True)
-    refresh = Table("weight refresh into a non-colocated engine (update_weights)", ["model", "ms", "GB", "GB/s"])
+            grpo.add(name, spec, share, path, admit, r["seconds"], r["ms_per_sample"], r["tokens_per_s"],
+                     r["mean_len"], r["decode_steps"], r["prefills"], r["host_s"], r["wait_s"])
+            print(f"[grpo] {spec} shared={share} {path} admit_min={admit}: "
+                  f"{r['ms_per_sample']:.2f} ms/sample", flush=True)
+    refresh = Table("weight refresh into a non-colocated engine (update_weights)",
+                    ["model", "ms", "GB", "GB/s"])
     try:
         r = refresh_row(model, sync)
         record["refresh"] = {"model": name, **r}

@@ -37,7 +37,7 @@ def _nbytes(module) -> int:
 
 
 def record_routing(engine: BuiltinEngine, B: int) -> list[int]:
-    """Distinct routed experts per MoE layer in one eager decode step of rows [0, B) (engine's current state)."""
+    """Distinct routed experts per MoE layer in one eager decode step of rows [0, B) (current state)."""
     seen: list[int] = []
     real = decode_mod.route_topk
 
@@ -55,12 +55,20 @@ def record_routing(engine: BuiltinEngine, B: int) -> list[int]:
     return seen
 
 
-def decode_bytes(model: Transformer, B: int, ctx_len: float, distinct: list[float], kv_bytes_per_token: int) -> dict:
+def decode_bytes(
+    model: Transformer, B: int, ctx_len: float, distinct: list[float], kv_bytes_per_token: int
+) -> dict:
     """Bytes one decode step of B rows at mean context ctx_len must read (see the module docstring)."""
     a = model.args
-    parts = {"head": _nbytes(model.head) + _nbytes(model.norm),
-             "embed": B * a.dim * model.embed.weight.element_size(), "attn": 0, "dense_ffn": 0, "shared": 0,
-             "router": 0, "routed": 0.0}
+    parts = {
+        "head": _nbytes(model.head) + _nbytes(model.norm),
+        "embed": B * a.dim * model.embed.weight.element_size(),
+        "attn": 0,
+        "dense_ffn": 0,
+        "shared": 0,
+        "router": 0,
+        "routed": 0.0,
+    }
     moe_i = 0
     for block in model.layers.values():
         parts["attn"] += _nbytes(block.attn) + _nbytes(block.attn_norm) + _nbytes(block.ffn_norm)
@@ -93,8 +101,16 @@ def _gen_seconds(engine: BuiltinEngine, prompts, sp: SamplingParams, repeats: in
     return sorted(times)[len(times) // 2]
 
 
-def roofline_row(model: Transformer, B: int, prompt_len: int, new_tokens: int, decode_moe: str, copy_gbps: float,
-                 repeats: int, sync) -> dict:
+def roofline_row(
+    model: Transformer,
+    B: int,
+    prompt_len: int,
+    new_tokens: int,
+    decode_moe: str,
+    copy_gbps: float,
+    repeats: int,
+    sync,
+) -> dict:
     """Decode tokens/s of B rows x new_tokens and its share of the decode roofline."""
     dev = model.head.weight.device
     gen = torch.Generator().manual_seed(B)
@@ -114,13 +130,24 @@ def roofline_row(model: Transformer, B: int, prompt_len: int, new_tokens: int, d
     parts = decode_bytes(model, B, ctx, distinct, engine.kv_cache_bytes_per_token())
     roof_step_s = parts["total"] / (copy_gbps * 1e9)
     roof_tok_s = B / roof_step_s
-    row = {"batch": B, "decode_moe": decode_moe, "seconds": t_full, "tokens_per_s": B * new_tokens / t_full,
-           "decode_tokens_per_s": dec_tok_s, "decode_step_ms": t_dec / (new_tokens - 1) * 1e3,
-           "roofline_step_ms": roof_step_s * 1e3, "roofline_tokens_per_s": roof_tok_s,
-           "pct_roofline": 100 * dec_tok_s / roof_tok_s, "bytes_per_step": parts,
-           "distinct_experts_measured": sum(distinct) / max(len(distinct), 1),
-           "distinct_experts_uniform": uniform_distinct(model.args.n_routed_experts, model.args.n_activated_experts, B),
-           "graphs": engine.stats["graphs_captured"], "graph_error": engine.stats.get("graph_error")}
+    row = {
+        "batch": B,
+        "decode_moe": decode_moe,
+        "seconds": t_full,
+        "tokens_per_s": B * new_tokens / t_full,
+        "decode_tokens_per_s": dec_tok_s,
+        "decode_step_ms": t_dec / (new_tokens - 1) * 1e3,
+        "roofline_step_ms": roof_step_s * 1e3,
+        "roofline_tokens_per_s": roof_tok_s,
+        "pct_roofline": 100 * dec_tok_s / roof_tok_s,
+        "bytes_per_step": parts,
+        "distinct_experts_measured": sum(distinct) / max(len(distinct), 1),
+        "distinct_experts_uniform": uniform_distinct(
+            model.args.n_routed_experts, model.args.n_activated_experts, B
+        ),
+        "graphs": engine.stats["graphs_captured"],
+        "graph_error": engine.stats.get("graph_error"),
+    }
     del engine
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -134,18 +161,36 @@ def grpo_prompts(n_prompts: int, prompt_len: int, vocab: int, seed: int = 0) -> 
     return [torch.randint(1, vocab, (int(n),), generator=gen).tolist() for n in lens]
 
 
-def grpo_row(model: Transformer, n_prompts: int, group: int, prompt_len: int, mean_len: int, max_new: int,
-             max_batch: int, share_prefill: bool, decode_moe: str, repeats: int, sync) -> dict:
+def grpo_row(
+    model: Transformer,
+    n_prompts: int,
+    group: int,
+    prompt_len: int,
+    mean_len: int,
+    max_new: int,
+    max_batch: int,
+    share_prefill: bool,
+    decode_moe: str,
+    repeats: int,
+    sync,
+    admit_min: int = 1,
+) -> dict:
     """Mean rollout seconds per sample for n_prompts x group with EOS-like stops (mean length ~mean_len)."""
     V = model.args.vocab_size
     prompts = grpo_prompts(n_prompts, prompt_len, V)
     stop_ids = list(range(0, V, max(mean_len, 1)))  # P(stop) ~ 1 / mean_len per token under flat logits
     sp = SamplingParams(temperature=1.0, max_new_tokens=max_new, stop_token_ids=stop_ids, seed=0)
     longest = max(len(p) for p in prompts)
-    engine = BuiltinEngine(model, max_batch=max_batch, max_len=longest + max_new, decode_moe=decode_moe,
-                           share_prefill=share_prefill)
+    engine = BuiltinEngine(
+        model,
+        max_batch=max_batch,
+        max_len=longest + max_new,
+        decode_moe=decode_moe,
+        share_prefill=share_prefill,
+        admit_min=admit_min,
+    )
     samples = engine.generate(prompts, group, sp)  # warm-up: graph captures
-    for k in ("host_s", "wait_s", "prefill_rows", "prefill_rows_shared", "decode_steps"):
+    for k in ("host_s", "wait_s", "prefill_rows", "prefill_rows_shared", "decode_steps", "prefills"):
         engine.stats[k] = 0
     secs = []
     for _ in range(repeats):
@@ -158,11 +203,24 @@ def grpo_row(model: Transformer, n_prompts: int, group: int, prompt_len: int, me
     n = len(samples)
     lens = [len(s.response_ids) for s in samples]
     st = engine.stats
-    row = {"prompts": n_prompts, "group": group, "share_prefill": share_prefill, "decode_moe": decode_moe,
-           "seconds": sec, "ms_per_sample": 1e3 * sec / n, "tokens_per_s": sum(lens) / sec,
-           "mean_len": sum(lens) / n, "max_len": max(lens), "decode_steps": st["decode_steps"] / repeats,
-           "host_s": st["host_s"] / repeats, "wait_s": st["wait_s"] / repeats,
-           "prefill_rows": st["prefill_rows"] / repeats, "prefill_rows_shared": st["prefill_rows_shared"] / repeats}
+    row = {
+        "prompts": n_prompts,
+        "group": group,
+        "share_prefill": share_prefill,
+        "decode_moe": decode_moe,
+        "admit_min": admit_min,
+        "prefills": st["prefills"] / repeats,
+        "seconds": sec,
+        "ms_per_sample": 1e3 * sec / n,
+        "tokens_per_s": sum(lens) / sec,
+        "mean_len": sum(lens) / n,
+        "max_len": max(lens),
+        "decode_steps": st["decode_steps"] / repeats,
+        "host_s": st["host_s"] / repeats,
+        "wait_s": st["wait_s"] / repeats,
+        "prefill_rows": st["prefill_rows"] / repeats,
+        "prefill_rows_shared": st["prefill_rows_shared"] / repeats,
+    }
     del engine
     return row
 
@@ -170,7 +228,9 @@ def grpo_row(model: Transformer, n_prompts: int, group: int, prompt_len: int, me
 def refresh_row(model: Transformer, sync, repeats: int = 3) -> dict:
     """Seconds of BuiltinEngine.update_weights from a separate trainer copy (what a non-colocated engine pays;
     a colocated engine shares the trainer's module and pays nothing)."""
-    trainer = copy.deepcopy(model)  # the trainer's module: bf16 weights (its fp32 masters live in the optimizer)
+    trainer = copy.deepcopy(
+        model
+    )  # the trainer's module: bf16 weights (its fp32 masters live in the optimizer)
     engine = BuiltinEngine(model, max_batch=1, max_len=8)
     times = []
     for _ in range(repeats):

@@ -196,8 +196,8 @@ def test_shared_prefill_gives_each_sample_the_tokens_of_its_own_prefill(model):
     own = BuiltinEngine(model, max_batch=32, max_len=64, share_prefill=False)
     base = own.generate(PROMPTS, 4, sp)
     assert own.stats["prefill_rows_shared"] == 0
-    for mb in (32, 3):
-        shared = BuiltinEngine(model, max_batch=mb, max_len=64)
+    for mb, admit in ((32, 1), (3, 1), (6, 4)):
+        shared = BuiltinEngine(model, max_batch=mb, max_len=64, admit_min=admit)
         out = shared.generate(PROMPTS, 4, sp)
         assert [s.response_ids for s in out] == [s.response_ids for s in base]
         for a, b in zip(base, out):

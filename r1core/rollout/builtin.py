@@ -131,12 +131,13 @@ class BuiltinEngine(RolloutEngine):
         decode.py), or "model" (the model's own MoE implementation, e.g. after
         `model.set_moe_impl("triton")`; it must be free of host syncs to be captured).
     share_prefill: prefill each prompt once per admission and copy its latent rows to its other samples.
+    admit_min: queued requests wait until this many rows are free (1: refill every freed row at once).
     """
 
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, max_len: int = 4096,
                  device=None, dtype=None, cuda_graphs: bool = True, decode_moe: str = "dense",
                  max_prefill_tokens: int = 16384, offload_weights_on_sleep: bool = False,
-                 share_prefill: bool = True):
+                 share_prefill: bool = True, admit_min: int = 1):
         ref = model.head.weight
         self.device = torch.device(device) if device is not None else ref.device
         self.dtype = dtype or ref.dtype
@@ -149,6 +150,9 @@ class BuiltinEngine(RolloutEngine):
         self.max_prefill_tokens = max_prefill_tokens
         self.offload_weights_on_sleep = offload_weights_on_sleep
         self.share_prefill = share_prefill
+        if admit_min < 1:
+            raise ValueError(f"admit_min={admit_min} must be >= 1")
+        self.admit_min = admit_min
         self.batch_buckets = _buckets(max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512])
         self.len_buckets = _buckets(max_len, [2 ** i for i in range(5, 24)])
         self.weight_version = 0
@@ -256,7 +260,10 @@ class BuiltinEngine(RolloutEngine):
             if launched is not None:
                 pending.append(launched)
             admitted = []
-            while queue and free:
+            # Admit only once admit_min rows are free (or nothing runs): fewer, larger prefills, each of
+            # which stalls the decode pipeline, and a prompt's samples more often share one.
+            ready = len(free) >= min(self.admit_min, len(queue)) or not running
+            while ready and queue and free:
                 req = queue.popleft()
                 req.row = heapq.heappop(free)
                 running[req.row] = req
