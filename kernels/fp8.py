@@ -236,6 +236,9 @@ def _grouped_wgrad_ref(dyt_q, dyt_s, xt_q, xt_s, seg_E):
 class _GroupedFp8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_PD, w_EOI, seg_E, impl):
+        # A segment that is not a multiple of 128 rows (a dispatcher without pad_multiple=128, e.g. expert
+        # parallelism's today) would mix two experts in one tile: fail loudly, without a host sync.
+        torch._assert_async((seg_E % BLOCK == 0).all(), "fp8 experts need segments padded to 128 rows")
         x_q, x_s = quantize_rows(x_PD)
         w_q, w_s = quantize_blocks(w_EOI)
         if impl == "ref":

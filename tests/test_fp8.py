@@ -115,6 +115,11 @@ def test_grouped_linear_fp8_triton_matches_per_expert_reference():
     assert _rel(y_ref[128:384], x[128:384] @ w[2].T) < 0.05
 
 
+def test_fp8_experts_reject_segments_not_padded_to_128_rows():
+    with pytest.raises(RuntimeError, match="padded to 128 rows"):
+        fp8.grouped_linear_fp8(torch.randn(256, 128), torch.randn(2, 128, 128), torch.tensor([100, 128]), "ref")
+
+
 def test_fp8_model_trains_like_fp32():
     args = presets["tiny"].replace(moe_inter_dim=128, q_lora_rank=128, n_mtp_modules=0)
     torch.manual_seed(0)
