@@ -18,16 +18,25 @@ from .config import ParallelConfig, PPSchedule, check_layout
 from .topology import Topology, init_topology, megatron_kwargs
 
 
-def init_distributed() -> torch.device:
-    """Start torch.distributed from torchrun's environment (NCCL on GPUs, gloo on CPU); returns this rank's device."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+def init_distributed(device: str | torch.device = "auto") -> torch.device:
+    """This rank's device, with torch.distributed started from torchrun's environment when WORLD_SIZE > 1.
+
+    `device`: "auto" (cuda when present, else cpu), "cpu", "cuda" or "cuda:N"; a bare "cuda" becomes
+    cuda:$LOCAL_RANK, and a GPU is made the current device. The backend follows the device: NCCL bound
+    to this rank's GPU (`device_id`: its communicator starts at once and collectives never guess the
+    device), gloo on the CPU (which takes no device_id). The one start-up path of `r1core run` and
+    `python -m r1core.train`.
+    """
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        nccl = device.type == "cuda"
+        dist.init_process_group("nccl" if nccl else "gloo", device_id=device if nccl else None)
     return device
 
 

@@ -37,18 +37,12 @@ class Meshes:
         # rank grid of this rank's expert block: [ep_rank, tp_rank] -> global rank
         me = torch.tensor([topo.rank_in("ep"), topo.rank_in("tp"), topo.rank], device=topo.device)
         block = [torch.zeros_like(me) for _ in range(topo.ep * topo.tp)]
-        dist.all_gather(block, me, group=_ep_tp_group())
+        dist.all_gather(block, me, group=topo.ep_tp_group)
         grid = torch.zeros(topo.ep, topo.tp, dtype=torch.long)
         for e, t, r in (b.tolist() for b in block):
             grid[e, t] = r
         self.ep_tp = DeviceMesh.from_group([topo.ep_group, topo.tp_group], kind, mesh=grid,
                                            mesh_dim_names=("ep", "tp"))
-
-
-def _ep_tp_group():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_expert_tensor_and_model_parallel_group()
 
 
 def to_dtensor(t: torch.Tensor, layout: ParamLayout, meshes: Meshes, global_shape: torch.Size):

@@ -40,6 +40,7 @@ class Topology:
     dp_group: dist.ProcessGroup    # ranks with the same model shard that see different tokens (EP included)
     edp_group: dist.ProcessGroup   # replicas of one expert shard (dp / ep of them)
     tp_dp_group: dist.ProcessGroup # tp x dp: replicas of TP-replicated parameters
+    ep_tp_group: dist.ProcessGroup # ep x tp: the ranks that split one copy of the routed experts
     embed_group: dist.ProcessGroup | None  # first and last pipeline stage (embedding shared with MTP / tied head)
     pp_ranks: list[int]            # global ranks of this rank's pipeline, by stage rank
 
@@ -81,5 +82,6 @@ def init_topology(cfg: ParallelConfig, device: torch.device) -> Topology:
         tp_group=ps.get_tensor_model_parallel_group(), pp_group=pp_group,
         ep_group=ps.get_expert_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
         edp_group=ps.get_expert_data_parallel_group(), tp_dp_group=ps.get_tensor_and_data_parallel_group(),
+        ep_tp_group=ps.get_expert_tensor_and_model_parallel_group(),
         embed_group=embed, pp_ranks=dist.get_process_group_ranks(pp_group),
     )

@@ -8,18 +8,13 @@ schema stays the one place a setting is described; tests/test_config_doc.py keep
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import enum
-import inspect
-import io
 import json
 import sys
-import textwrap
-import tokenize
 import typing
-from functools import cache
 
+from r1core.config_notes import field_notes
 from r1core.model.args import ModelArgs, presets
 
 from .config import JobConfig, StageKind
@@ -41,30 +36,6 @@ pipeline, a CPU demo, also sets smaller step counts and the arithmetic data it t
 defaults below are the `{DEFAULT_PRESET}` preset's. With `hf_checkpoint` set, the model's shape comes from the
 checkpoint's `config.json` instead.
 """
-
-
-@cache
-def _comments(cls: type) -> dict[str, str]:
-    """field name -> the comment on the line (or the last line) of its declaration in `cls`, else the
-    comment lines directly above it."""
-    source = textwrap.dedent(inspect.getsource(cls))
-    by_line = {}
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            by_line[tok.start[0]] = tok.string.lstrip("#").strip()
-    body = ast.parse(source).body[0].body
-    out = {}
-    for node in body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            lines = range(node.lineno, node.end_lineno + 1)
-            note = next((by_line[i] for i in reversed(lines) if i in by_line), "")
-            above, i = [], node.lineno - 1
-            while not note and i in by_line and source.splitlines()[i - 1].lstrip().startswith("#"):
-                above.insert(0, by_line[i])
-                i -= 1
-            # a single line above is a section header ("# MoE"), not the field's description
-            out[node.target.id] = note or (" ".join(above) if len(above) > 1 else "")
-    return out
 
 
 def _type_name(t) -> str:
@@ -107,7 +78,7 @@ def rows(cls: type, prefix: str = "", instance=None) -> list[tuple[str, str, str
         else:  # a nested section's defaults are its field's factory's (sft: LMTrainConfig(steps=150, ...))
             nested = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if t is ModelArgs and prefix:  # distill.student: the same keys as `model`
-            out.append((key, "ModelArgs", "a dense 4-layer tiny model", f"{_comments(cls).get(f.name) or ''} "
+            out.append((key, "ModelArgs", "a dense 4-layer tiny model", f"{field_notes(cls).get(f.name) or ''} "
                         "(the same keys as `model.*`)".strip()))
         elif t is ModelArgs:
             out += rows(ModelArgs, key + ".", presets[DEFAULT_PRESET])
@@ -116,7 +87,7 @@ def rows(cls: type, prefix: str = "", instance=None) -> list[tuple[str, str, str
         elif typing.get_origin(t) is list and dataclasses.is_dataclass(typing.get_args(t)[0]):
             out += rows(typing.get_args(t)[0], key + "[].")
         else:
-            out.append((key, _type_name(t), _default(f, instance), _comments(cls).get(f.name, "")))
+            out.append((key, _type_name(t), _default(f, instance), field_notes(cls).get(f.name, "")))
     return out
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from r1core.parallel import init_distributed
 from r1core.parallel.comm import broadcast_from_rank0
 from r1core.train.metrics import forget_progress
 
@@ -45,30 +45,16 @@ def _user_errors() -> tuple[type, ...]:
     return (CheckpointError, DataError, ConfigError)
 
 # Stages that only read a model and write files run on rank 0; the others wait for it.
-RANK0_STAGES = {StageKind.prepare, StageKind.eval, StageKind.rejection_sampling, StageKind.load}
+RANK0_STAGES = {StageKind.prepare, StageKind.eval, StageKind.rejection_sampling, StageKind.load,
+                StageKind.passkey_eval}
 
 
-def _device_dtype(job) -> tuple[torch.device, torch.dtype]:
-    dev = job.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(dev)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+def _dtype(job, device: torch.device) -> torch.dtype:
     names = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
     if job.dtype not in names:
         raise ConfigError(f"dtype={job.dtype!r}: choose one of {sorted(names)}")
-    return device, names[job.dtype]
-
-
-def _init_distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    return names[job.dtype]
 
 
 def _resolve_init(spec, last_model: str | None, manifest: Manifest) -> str | None:
@@ -111,13 +97,14 @@ def _preflight(resolved, chains: list[str], manifest: Manifest, rank: int) -> No
 def run_pipeline(cfg: DictConfig) -> Path:
     cfg = resolve_job_config(cfg)
     job = to_job(cfg)
-    rank, world = _init_distributed()
+    device = init_distributed(job.device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     resolved = validate_pipeline(cfg, job, world)  # every config error surfaces here, before any work
     run_dir = Path(job.run_dir)
     manifest = Manifest(run_dir, job.pipeline.name)  # reads an earlier run's manifest; writes nothing yet
     chains = _chains(resolved)
     _preflight(resolved, chains, manifest, rank)
-    device, dtype = _device_dtype(job)
+    dtype = _dtype(job, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared: dict = {}
     last_model: str | None = None

@@ -8,12 +8,15 @@ its rows). Prints one JSON line per step on rank 0 and, with --out, writes them 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import json
 import time
 
 import torch
 import torch.distributed as dist
 
+from r1core.config_notes import field_notes
 from r1core.model import presets
 from r1core.parallel import ParallelConfig, init_distributed
 from r1core.train.engine import OptimConfig, build_engine
@@ -22,15 +25,34 @@ from r1core.train.objectives import LMObjective
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+# Short names kept beside the generated ones (--sequence-parallel)
+FLAG_ALIASES = {"sequence_parallel": ["--sp"]}
+
+
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per ParallelConfig field (pp_schedule -> --pp-schedule; booleans as --x / --no-x), with
+    the field's default and its comment as help: a new layout setting is a new flag without an edit here."""
+    group = p.add_argument_group("parallel layout (r1core.parallel.ParallelConfig)")
+    defaults, notes = ParallelConfig(), field_notes(ParallelConfig)
+    for f in dataclasses.fields(ParallelConfig):
+        flags = [f"--{f.name.replace('_', '-')}", *FLAG_ALIASES.get(f.name, [])]
+        default = getattr(defaults, f.name)
+        kw = dict(dest=f.name, help=notes.get(f.name, ""))
+        if isinstance(default, bool):
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, **kw)
+        elif isinstance(default, enum.Enum):
+            group.add_argument(*flags, choices=[e.value for e in type(default)], default=default.value, **kw)
+        else:
+            group.add_argument(*flags, type=type(default), default=default, **kw)
+
+
+def parallel_config(a: argparse.Namespace) -> ParallelConfig:
+    return ParallelConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(ParallelConfig)})
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m r1core.train", description=__doc__.split("\n\n")[0])
-    for name in ("tp", "pp", "ep"):
-        p.add_argument(f"--{name}", type=int, default=1)
-    p.add_argument("--dp", type=int, default=-1, help="-1: world size / (tp * pp)")
-    p.add_argument("--pp-schedule", default="1f1b", choices=["1f1b", "interleaved", "dualpipev"])
-    p.add_argument("--microbatches", type=int, default=1, help="pipeline microbatches per rank and step")
-    p.add_argument("--sp", action="store_true", help="sequence parallel (needs tp > 1)")
-    p.add_argument("--no-zero1", action="store_true")
+    add_parallel_flags(p)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--layers", type=int, default=0, help="override n_layers (0: the preset's)")
     p.add_argument("--steps", type=int, default=10)
@@ -95,8 +117,7 @@ def main(argv=None) -> list[dict]:
     if a.layers:
         args = args.replace(n_layers=a.layers, n_dense_layers=min(args.n_dense_layers, a.layers))
     args = args.replace(moe_impl=a.moe_impl)
-    parallel = ParallelConfig(tp=a.tp, pp=a.pp, ep=a.ep, dp=a.dp, pp_schedule=a.pp_schedule,
-                              microbatches=a.microbatches, sequence_parallel=a.sp, zero1=not a.no_zero1)
+    parallel = parallel_config(a)
     if a.check:
         return [check(a, args, parallel)]
     device = init_distributed()
