@@ -24,7 +24,8 @@ import pytest
 
 from r1core import rewards
 from r1core.rewards import code_reward, sandbox
-from r1core.rewards.sandbox import SandboxLimits, SandboxUnavailable, check_isolation, isolation_layers
+from r1core.rewards import SandboxUnavailable  # exported: callers catch it without the private module
+from r1core.rewards.sandbox import SandboxLimits, check_isolation, isolation_layers
 
 FAST = SandboxLimits(wall_s=5, cpu_s=2, memory_mb=512)
 HOSTILE = dict(wall_s=1.5, cpu_s=1, memory_mb=256, fsize_mb=1, write_mb=8, max_files=100, max_output_bytes=10_000)

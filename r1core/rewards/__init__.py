@@ -36,10 +36,10 @@ from r1core.rewards.reward_model import (
     get_reward_model,
     set_reward_model,
 )
-from r1core.rewards.sandbox import RunResult, SandboxLimits, run_python
+from r1core.rewards.sandbox import RunResult, SandboxLimits, SandboxUnavailable, run_python
 
 __all__ = [
     "STATS", "Reward", "RewardConfigError", "RewardError", "RewardModel", "RewardModelError", "RewardStats",
-    "RunResult", "SandboxLimits", "ScalarHeadRewardModel", "combine", "get", "get_reward_model", "names",
-    "register", "run_python", "score_batch", "set_reward_model",
+    "RunResult", "SandboxLimits", "SandboxUnavailable", "ScalarHeadRewardModel", "combine", "get",
+    "get_reward_model", "names", "register", "run_python", "score_batch", "set_reward_model",
 ]
