@@ -8,7 +8,7 @@ Rows per linear shape (M tokens = B4 x T2048, K in, N out), providers timed roun
             (1x128 x 128x128, cuBLASLt); fp8 Triton (`_fp8_gemm_kernel`)
   linear    forward + backward into .grad of F.linear (bf16) vs fp8_linear (quantization included: what a
             training step pays), eager and torch.compile'd
-and one grouped-experts row (SwiGLU over 128-padded segments, fwd + bwd): bf16 torch._grouped_mm vs fp8 Triton.
+and grouped-experts rows (SwiGLU over 128-padded segments, fwd + bwd): bf16 torch._grouped_mm vs fp8 Triton.
 TFLOP/s counts the bf16-equivalent FLOPs; the ratio column is bf16 time / provider time (> 1: faster).
 The last line printed is the JSON record (bench_fp8.json under $OUT).
 """
@@ -64,7 +64,7 @@ def linear_row(M, K, N, dev, dtype, compile_: bool):
     return {"bf16 linear": step(bf16), "fp8 linear": step(f8)}, 6 * M * K * N
 
 
-def experts_row(T, E, K, D, I, dev, dtype):
+def experts_row(T, E, K, D, I, dev, dtype):  # noqa: E741 (the paper's I)
     """SwiGLU experts, fwd + bwd: bf16 torch._grouped_mm vs fp8 grouped (128-padded segments, uniform)."""
     counts = torch.full((E,), T * K // E, device=dev)
     seg = (counts + 127) // 128 * 128
@@ -100,7 +100,8 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     ceil = Ceilings.measure()
     shapes = TINY_SHAPES if a.tiny or dev.type != "cuda" else LINEAR_SHAPES
-    table = Table(f"FP8 blockwise vs bf16 (matmul peak {ceil.matmul_tflops:.0f} TFLOP/s, bf16-equivalent FLOPs)",
+    title = f"FP8 blockwise vs bf16 (matmul peak {ceil.matmul_tflops:.0f} TFLOP/s, bf16-equivalent FLOPs)"
+    table = Table(title,
                   ["row", "provider", "ms", "TFLOP/s", "% of bf16 peak", "× bf16 speed"])
     rows = []
     cases = []
@@ -108,9 +109,11 @@ def main(argv=None) -> dict:
         cases.append((f"gemm {name}", lambda M=M, K=K, N=N: gemm_row(M, K, N, dev, dtype)))
         cases.append((f"linear fwd+bwd {name}", lambda M=M, K=K, N=N: linear_row(M, K, N, dev, dtype, False)))
         if dev.type == "cuda" and name in COMPILED:
-            cases.append((f"linear compiled {name}", lambda M=M, K=K, N=N: linear_row(M, K, N, dev, dtype, True)))
+            cases.append((f"linear compiled {name}",
+                          lambda M=M, K=K, N=N: linear_row(M, K, N, dev, dtype, True)))
     if dev.type == "cuda":
-        cases.append(("experts small (32 x 2048->768, top-4)", lambda: experts_row(8192, 32, 4, 2048, 768, dev, dtype)))
+        cases.append(("experts small (32 x 2048->768, top-4)",
+                      lambda: experts_row(8192, 32, 4, 2048, 768, dev, dtype)))
         cases.append(("experts v3, 32 of 256 (7168->2048, 1024 rows each)",
                       lambda: experts_row(4096, 32, 8, 7168, 2048, dev, dtype)))
     for row_name, build in cases:

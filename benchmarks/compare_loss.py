@@ -30,7 +30,7 @@ def main(argv=None) -> dict:
     p.add_argument("reference")
     p.add_argument("candidate")
     p.add_argument("--labels", default="reference,candidate")
-    p.add_argument("--key", default="ce", help="metric to compare (ce: next-token CE without MTP and aux terms)")
+    p.add_argument("--key", default="ce", help="metric to compare (ce: next-token CE, no MTP or aux terms)")
     p.add_argument("--tail", type=int, default=5, help="logged steps averaged at the end")
     p.add_argument("--skip", type=int, default=50, help="steps left out of the largest-difference figure")
     a = p.parse_args(argv)
@@ -50,7 +50,8 @@ def main(argv=None) -> dict:
     record = {"key": a.key, "labels": names, "steps": steps[-1], "tail_steps": tail,
               f"{names[0]}_tail": ref_tail, f"{names[1]}_tail": cand_tail,
               "tail_rel_diff": (cand_tail - ref_tail) / ref_tail, "max_rel_diff_after_skip": worst,
-              "curves": {names[0]: [ref[s] for s in steps], names[1]: [cand[s] for s in steps], "steps": steps}}
+              "curves": {"steps": steps, names[0]: [ref[s] for s in steps],
+                         names[1]: [cand[s] for s in steps]}}
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -61,7 +62,8 @@ def main(argv=None) -> dict:
             ax.plot(steps, [curve[s] for s in steps], label=name)
         ax.set_xlabel("step")
         ax.set_ylabel(a.key)
-        ax.set_title(f"{names[1]} vs {names[0]}: last {len(tail)} logged steps {100 * record['tail_rel_diff']:+.2f} %")
+        diff = 100 * record["tail_rel_diff"]
+        ax.set_title(f"{names[1]} vs {names[0]}: last {len(tail)} logged steps {diff:+.2f} %")
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir(), "compare_loss.png"), dpi=120)

@@ -74,13 +74,14 @@ def grouped_fp8_gemm_triton(x_q, x_s, w_q, w_s, tile_e, out_dtype=torch.bfloat16
     """y[rows of e] = dequant(x) · dequant(w[e])ᵀ; w [E, O, K] with 128×128 block scales [E, O/128, K/128]."""
     _check(x_q, x_s, w_q, w_s)
     P, K = x_q.shape
-    E, O, _ = w_q.shape
-    assert O % BLOCK == 0, f"grouped fp8 GEMM: out dim {O} must be a multiple of {BLOCK}"
+    E, n_out, _ = w_q.shape
+    assert n_out % BLOCK == 0, f"grouped fp8 GEMM: out dim {n_out} must be a multiple of {BLOCK}"
     assert tile_e.numel() == triton.cdiv(P, BLOCK), "grouped fp8 GEMM: one expert per 128-row tile"
-    y = torch.empty(P, O, dtype=out_dtype, device=x_q.device)
-    grid = (triton.cdiv(P, BLOCK), triton.cdiv(O, BLOCK))
-    _fp8_gemm_kernel[grid](x_q, x_s, w_q, w_s, y, tile_e, P, O, K, w_q.stride(0), w_s.stride(0), B_ROWS=False,
-                           GROUPED=True, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK, num_warps=8, num_stages=3)
+    y = torch.empty(P, n_out, dtype=out_dtype, device=x_q.device)
+    grid = (triton.cdiv(P, BLOCK), triton.cdiv(n_out, BLOCK))
+    _fp8_gemm_kernel[grid](x_q, x_s, w_q, w_s, y, tile_e, P, n_out, K, w_q.stride(0), w_s.stride(0),
+                           B_ROWS=False, GROUPED=True, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK,
+                           num_warps=8, num_stages=3)
     return y
 
 
@@ -101,10 +102,9 @@ def _fp8_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, seg_start_ptr, seg_le
     np_ = P // BLOCK_P
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for c in range(start // BLOCK_P, (start + length) // BLOCK_P):
-        a = tl.load(a_ptr + offs_n[:, None].to(tl.int64) * P + c * BLOCK_P + offs_p[None, :], mask=n_ok[:, None],
-                    other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None].to(tl.int64) * P + c * BLOCK_P + offs_p[None, :], mask=k_ok[:, None],
-                    other=0.0)
+        cols = c * BLOCK_P + offs_p[None, :]
+        a = tl.load(a_ptr + offs_n[:, None].to(tl.int64) * P + cols, mask=n_ok[:, None], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None].to(tl.int64) * P + cols, mask=k_ok[:, None], other=0.0)
         sa = tl.load(as_ptr + offs_n * np_ + c, mask=n_ok, other=0.0)
         sb = tl.load(bs_ptr + offs_k * np_ + c, mask=k_ok, other=0.0)
         acc += tl.dot(a, tl.trans(b), out_dtype=tl.float32) * sa[:, None] * sb[None, :]

@@ -142,9 +142,9 @@ def backend(device: torch.device, b_rows: bool) -> str:
 def blockwise_gemm(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16, impl: str | None = None) -> torch.Tensor:
     """dequant(a) · dequant(b)ᵀ with fp32 accumulation; a [M, K] 1×128 scales, b [N, K] (see module doc)."""
     M, K = a_q.shape
-    N = b_q.shape[0]
     if b_q.shape[1] != K or a_s.shape != (M, K // BLOCK):
-        raise ValueError(f"blockwise_gemm: a {tuple(a_q.shape)} / scales {tuple(a_s.shape)} vs b {tuple(b_q.shape)}")
+        raise ValueError(f"blockwise_gemm: a {tuple(a_q.shape)}, its scales {tuple(a_s.shape)}, "
+                         f"b {tuple(b_q.shape)}: K or the 1x128 scale shape disagree")
     impl = impl or backend(a_q.device, _b_is_rows(b_q, b_s))
     if impl == "ref":
         return blockwise_gemm_ref(a_q, a_s, b_q, b_s, out_dtype)
@@ -215,8 +215,8 @@ def _grouped_gemm_ref(x_q, x_s, w_q, w_s, seg_E, out_dtype):
     start = 0
     for e, n in enumerate(seg_E.tolist()):
         if n:
-            y[start:start + n] = blockwise_gemm_ref(x_q[start:start + n], x_s[start:start + n], w_q[e], w_s[e],
-                                                    out_dtype)
+            rows = slice(start, start + n)
+            y[rows] = blockwise_gemm_ref(x_q[rows], x_s[rows], w_q[e], w_s[e], out_dtype)
         start += n
     return y
 
@@ -264,7 +264,8 @@ class _GroupedFp8Linear(torch.autograd.Function):
         else:
             from ._fp8_triton import grouped_fp8_gemm_triton, grouped_fp8_wgrad_triton
 
-            dx = grouped_fp8_gemm_triton(dy_q, dy_s, wt_q, wt_s, tile_experts(seg_E, x_PD.shape[0]), dy_PO.dtype)
+            tile_e = tile_experts(seg_E, x_PD.shape[0])
+            dx = grouped_fp8_gemm_triton(dy_q, dy_s, wt_q, wt_s, tile_e, dy_PO.dtype)
             dw = grouped_fp8_wgrad_triton(dyt_q, dyt_s, xt_q, xt_s, seg_E)
         return dx, dw.to(ctx.w_dtype), None, None
 

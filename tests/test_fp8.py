@@ -91,11 +91,11 @@ def test_fp8_linear_tiles_each_gemm_along_its_reduction_dim():
     assert _rel(w.grad, dy2.T @ x2) < 0.05
 
 
-def _grouped_case(P=512, D=128, O=256, seg=(128, 0, 256)):
+def _grouped_case(P=512, D=128, n_out=256, seg=(128, 0, 256)):
     seg_E = torch.tensor(seg)
     x = torch.randn(P, D)
     x[sum(seg):] = 0  # rows past the last segment are zero by contract
-    w = torch.randn(len(seg), O, D) * 0.05
+    w = torch.randn(len(seg), n_out, D) * 0.05
     return x, w, seg_E
 
 
@@ -117,7 +117,8 @@ def test_grouped_linear_fp8_triton_matches_per_expert_reference():
 
 def test_fp8_experts_reject_segments_not_padded_to_128_rows():
     with pytest.raises(RuntimeError, match="padded to 128 rows"):
-        fp8.grouped_linear_fp8(torch.randn(256, 128), torch.randn(2, 128, 128), torch.tensor([100, 128]), "ref")
+        fp8.grouped_linear_fp8(torch.randn(256, 128), torch.randn(2, 128, 128), torch.tensor([100, 128]),
+                               "ref")
 
 
 def test_fp8_model_trains_like_fp32():
@@ -137,7 +138,8 @@ def test_fp8_model_trains_like_fp32():
     assert abs(losses[1] - losses[0]) < 0.01 * losses[0]
     # Per-GEMM errors of a few % (e4m3 keeps 3 mantissa bits) flip some routing choices in a random
     # model, so single experts' gradients differ a lot; the whole gradient must still point the same way.
-    grads = [torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]) for m in (ref, model)]
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+             for m in (ref, model)]
     assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.95
 
 
