@@ -3,9 +3,13 @@
 import pytest
 import torch
 
+from r1core.data import Problem
+from r1core.parallel.comm import run_on_rank0
 from r1core.rl import AdvantageEstimator, GRPOConfig, Overlong
 from r1core.rl.algo import (build_policy_batch, group_advantages, informative_groups, overlong_shaping,
                             split_rows, truncated_is_weights)
+from r1core.rl.rewarding import Scorer
+from r1core.rollout import Sample
 
 
 def test_group_advantages_standardize_within_each_group():
@@ -64,3 +68,56 @@ def test_split_rows_trims_trailing_padding():
 def test_group_size_below_two_fails_with_a_clear_message():
     with pytest.raises(ValueError, match="rl.group_size=1"):
         GRPOConfig(group_size=1)
+
+
+def test_scoring_fills_each_samples_weighted_reward_and_named_rewards():
+    problem = Problem(prompt="2+2?", answer="4", task="arith")
+    texts = ["add\n</think>\n\\boxed{4}", "4\n</think>\nthe answer is 5", "no think \\boxed{4}"]
+    samples = [Sample(prompt_ids=[1], response_ids=[2], logprobs=[0.0], finish_reason="stop", response_text=t)
+               for t in texts]
+    Scorer({"accuracy": 1.0, "format": 0.5}).score_samples(samples, [problem] * 3)
+    # format: a closed think block before the answer (the prompt opens it); accuracy: the answer is 4
+    assert [s.rewards for s in samples] == [{"format": 1.0, "accuracy": 1.0}, {"format": 1.0, "accuracy": 0.0},
+                                           {"format": 0.0, "accuracy": 1.0}]
+    assert [s.reward for s in samples] == [1.5, 0.5, 1.0]
+    with pytest.raises(ValueError):
+        Scorer({"accuracy": 1.0}).score_samples(samples, [problem])
+
+
+class _FakeDist:
+    """torch.distributed as rank `rank` of 2 sees it; broadcast_object_list delivers rank 0's object."""
+
+    def __init__(self, rank: int, from_rank0):
+        self.rank, self.from_rank0 = rank, from_rank0
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return True
+
+    def get_world_size(self):
+        return 2
+
+    def get_rank(self):
+        return self.rank
+
+    def broadcast_object_list(self, box, src):
+        assert src == 0 and (self.rank == 0) == (box[0] is not None)
+        box[0] = self.from_rank0
+
+
+def test_run_on_rank0_calls_only_rank0_and_every_rank_gets_its_result(monkeypatch):
+    from r1core.parallel import comm
+
+    assert run_on_rank0(lambda a, b=0: a + b, 2, b=3) == 5  # no process group: just the call
+    calls = []
+
+    def generate(n):
+        calls.append(n)
+        return {"batch": n}
+
+    for rank in (0, 1):
+        monkeypatch.setattr(comm, "dist", _FakeDist(rank, {"batch": 7}))
+        assert run_on_rank0(generate, 7) == {"batch": 7}
+    assert calls == [7]  # rank 0 generated, rank 1 only received

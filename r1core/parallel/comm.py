@@ -30,6 +30,14 @@ def broadcast_from_rank0(obj):
     return box[0]
 
 
+def run_on_rank0(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on rank 0 only, its picklable result on every rank: rank 0 generates (rollouts,
+    teacher samples) with its whole-model copy and every rank trains on what it made. One rank: the call."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn(*args, **kwargs)
+    return broadcast_from_rank0(fn(*args, **kwargs) if dist.get_rank() == 0 else None)
+
+
 def _gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)

@@ -14,7 +14,7 @@ from collections import Counter
 
 from r1core import rewards
 from r1core.data import SFTExample, load_sft_jsonl
-from r1core.parallel.comm import broadcast_from_rank0
+from r1core.parallel.comm import run_on_rank0
 from r1core.rl.rewarding import Scorer
 from r1core.rollout import SamplingParams
 from r1core.train.checkpointing import atomic_write_text
@@ -111,10 +111,9 @@ def teacher_dataset(ctx: StageContext) -> tuple[list[SFTExample], dict]:
     problems = read_problems(ctx.prepared["rl_prompts"])
     problems = random.Random(ctx.job.seed + 21).sample(problems, min(cfg.prompts, len(problems)))
     sampling = cfg.sampling.params(seed=ctx.job.seed + 22)
-    sampled = None
-    if ctx.is_main:  # under torchrun rank 0 samples and the student's ranks get its rows
-        sampled = sample_and_filter(ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling, cfg.filters)
-    rows, stats = broadcast_from_rank0(sampled)
+    # under torchrun rank 0 samples and the student's ranks get its rows
+    rows, stats = run_on_rank0(sample_and_filter, ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling,
+                               cfg.filters)
     if not rows:
         raise RuntimeError(f"the teacher produced no usable sample for distillation ({stats})")
     if ctx.is_main:

@@ -55,5 +55,7 @@ class Scorer:
         total = sum(w * values[k] for k, w in self.weights.items())
         return total, values
 
-    def score_all(self, responses: Sequence[str], problems: Sequence[Problem]):
-        return [self.score(r, p) for r, p in zip(responses, problems)]
+    def score_samples(self, samples: Sequence, problems: Sequence[Problem]) -> None:
+        """Fill each rollout Sample's `reward` (weighted total) and `rewards` ({name: value}) from its text."""
+        for sample, problem in zip(samples, problems, strict=True):
+            sample.reward, sample.rewards = self.score(sample.response_text, problem)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,8 +22,8 @@ import torch
 
 from r1core import rewards
 from r1core.data.tasks import Problem
-from r1core.parallel.comm import broadcast_from_rank0
-from r1core.rollout import SamplingParams
+from r1core.parallel.comm import run_on_rank0
+from r1core.rollout import Sample, SamplingParams
 from r1core.train.checkpointing import CheckpointManager, save_due
 from r1core.train.metrics import MetricsLog, progress
 
@@ -71,9 +71,11 @@ class PromptSampler:
 @dataclass
 class Group:
     problem: Problem
-    samples: list                   # r1core.rollout.Sample
-    totals: list[float]
-    values: list[dict[str, float]] = field(default_factory=list)
+    samples: list[Sample]  # the G responses to `problem`, scored (Sample.reward, Sample.rewards)
+
+    @property
+    def rewards(self) -> list[float]:
+        return [s.reward for s in self.samples]
 
 
 def _seed(*parts) -> int:
@@ -91,8 +93,7 @@ class GRPOTrainer:
         self.cfg, self.engine, self.rollout, self.render = cfg, engine, rollout, render
         self.ref_engine, self.pad_id, self.seed, self.eval_fn, self.is_main = ref_engine, pad_id, seed, eval_fn, is_main
         self.sampler = PromptSampler(problems, seed)
-        # Under torchrun only rank 0 generates and scores (a GatheredRollout); the others get its batch.
-        self.world = engine.world_size
+        # Under torchrun only rank 0 generates, scores and evaluates (a GatheredRollout); the others get its batch.
         self.generates = getattr(rollout, "generates", True) and engine.rank == 0
         # without a scorer: cfg's rewards under R1's answer rule (the pipeline passes the job's `require_boxed`)
         self.scorer = scorer or Scorer(cfg.rewards, cfg.reward_kwargs, require_boxed=True)
@@ -110,7 +111,7 @@ class GRPOTrainer:
         """prompts_per_step informative groups (or what max_refill_rounds allowed), with stats."""
         c = self.cfg
         kept: list[Group] = []
-        seen: list[dict[str, float]] = []  # reward values of every sample: unbiased by the filtering
+        seen: list[Sample] = []  # every scored sample: reward statistics unbiased by the filtering
         n_generated = n_tokens = n_groups = 0
         t_generate = 0.0
         for round_ in range(c.max_refill_rounds + 1):
@@ -123,21 +124,20 @@ class GRPOTrainer:
             t_generate += time.perf_counter() - t0
             n_generated += len(samples)
             n_tokens += sum(len(s.response_ids) for s in samples)
+            self.scorer.score_samples(samples, [p for p in problems for _ in range(c.group_size)])
+            seen += samples
             for i, problem in enumerate(problems):
-                group = samples[i * c.group_size:(i + 1) * c.group_size]
-                scored = self.scorer.score_all([s.response_text for s in group], [problem] * len(group))
-                g = Group(problem, group, [t for t, _ in scored], [v for _, v in scored])
-                seen.extend({"total": t, **v} for t, v in scored)
+                g = Group(problem, samples[i * c.group_size:(i + 1) * c.group_size])
                 n_groups += 1
-                if not c.dynamic_sampling or bool(informative_groups(torch.tensor([g.totals]))[0]):
+                if not c.dynamic_sampling or bool(informative_groups(torch.tensor([g.rewards]))[0]):
                     kept.append(g)
             if not c.dynamic_sampling:
                 break
         stats = {"generated": n_generated, "gen_tokens": n_tokens, "groups_seen": n_groups, "groups_kept": len(kept),
-                 "reward": sum(v["total"] for v in seen) / len(seen), "t_generate_s": t_generate}
-        for name in seen[0]:
-            vals = [v[name] for v in seen if v[name] == v[name]]  # NaN: not applicable to that prompt
-            if name != "total" and vals:
+                 "reward": sum(s.reward for s in seen) / len(seen), "t_generate_s": t_generate}
+        for name in seen[0].rewards:
+            vals = [s.rewards[name] for s in seen if s.rewards[name] == s.rewards[name]]  # NaN: not applicable
+            if vals:
                 stats[f"reward/{name}"] = sum(vals) / len(vals)
         return kept, stats
 
@@ -145,7 +145,7 @@ class GRPOTrainer:
     def make_batch(self, groups: list[Group]) -> tuple[dict, dict]:
         c = self.cfg
         samples = [s for g in groups for s in g.samples]
-        totals = torch.tensor([g.totals for g in groups], dtype=torch.float32)  # [N, G]
+        totals = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # [N, G]
         lengths = torch.tensor([len(s.response_ids) for s in samples])
         truncated = torch.tensor([s.finish_reason == "length" for s in samples])
         delta, keep = overlong_shaping(lengths, truncated, c.sampling.max_new_tokens, c.overlong, c.overlong_buffer,
@@ -201,14 +201,21 @@ class GRPOTrainer:
             for k, v in m.items():
                 agg[k] = agg.get(k, 0.0) + float(v) / n_mini
         agg.update(t_logprob_s=t_logprob, t_update_s=time.perf_counter() - t1)
-        if self.world > 1:  # data-parallel ranks saw their own rows, only the last PP stage has log-probs; TP
-            # replicas scale numerator and denominator alike, so a sum over every rank keeps the ratio exact
-            sums = torch.tensor([mismatch, n_tok], dtype=torch.float64, device=self.engine.device)
-            torch.distributed.all_reduce(sums)
-            mismatch, n_tok = sums.tolist()
+        # data-parallel ranks saw their own rows, only the last PP stage has log-probs; TP replicas scale
+        # numerator and denominator alike, so a sum over every rank keeps the ratio exact
+        mismatch, n_tok = self.engine.sum_over_ranks([mismatch, n_tok])
         if n_tok:
             agg["sampler_logprob_diff"] = mismatch / n_tok
         return agg
+
+    def rollout_batch(self, step: int) -> tuple[dict, float, tuple[dict, dict] | None, dict]:
+        """generate -> score -> advantages: (rollout stats, seconds, (batch, batch stats) or None when every
+        group agreed, reward-failure reasons). Rank 0 runs it; `run` hands the result to every rank."""
+        t0 = time.perf_counter()
+        groups, gen = self.collect(step)
+        t_rollout = time.perf_counter() - t0
+        made = self.make_batch(groups) if groups else None
+        return gen, t_rollout, made, rewards.STATS.flat(reset=True)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
@@ -226,13 +233,7 @@ class GRPOTrainer:
         rewards.STATS.reset()
         for step in range(start + 1, c.steps + 1):
             t0 = time.perf_counter()
-            rolled = None
-            if self.generates:
-                groups, gen = self.collect(step)
-                t_rollout = time.perf_counter() - t0
-                made = self.make_batch(groups) if groups else None
-                rolled = (gen, t_rollout, made, rewards.STATS.flat(reset=True))
-            gen, t_rollout, made, reasons = broadcast_from_rank0(rolled)
+            gen, t_rollout, made, reasons = run_on_rank0(self.rollout_batch, step)
             if made is None:  # every group agreed: nothing to learn from this step (logged, not fatal)
                 metrics = {**gen, "skipped": 1, "t_rollout_s": t_rollout}
             else:

@@ -199,6 +199,10 @@ class TrainEngine:
         keys = sorted(sums)
         return dict(zip(keys, torch.stack([sums[k] for k in keys]).tolist())) if keys else {}  # one host sync
 
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        """Each number summed over every rank (host floats, e.g. a metric each rank takes from its own rows)."""
+        return list(values)
+
     # ------------------------------------------------------------------ the step
     def _totals(self, objective, mbs: list[dict]) -> dict[str, torch.Tensor]:
         sums: dict = {}
@@ -440,6 +444,11 @@ class ParallelEngine(TrainEngine):
         t = t.clone()
         dist.all_reduce(t, group=getattr(self.topo, f"{group_name}_group"))
         return t
+
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        sums = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(sums)
+        return sums.tolist()
 
     def _forward_backward(self, mbs, objective, denoms) -> dict:
         from r1core.parallel import comm
