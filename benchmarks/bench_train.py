@@ -15,9 +15,11 @@ r1core's LocalEngine with LMObjective (fused linear cross-entropy, MTP, balance 
   compile_master compile with fp32 master weights and AdamW state (what training at small learning rates
                  needs; every other r1core variant is pure bf16 like the megatron one, for equal footing)
   compile_nomtp  compile with the MTP module off (n_mtp_modules=0): the same work as the torchtitan row
-  compile_fp8    compile with model.precision=fp8 (DeepSeek-V3's FP8 GEMMs, r1core.kernels.fp8); _nomtp: MTP off
-  torchtitan     torchtitan 0.2.2's own DeepSeekV3Model at the preset's shapes (MLA, SDPA attention, grouped-mm
-                 experts, its per-block torch.compile through its apply_compile, plain cross-entropy, no MTP),
+  compile_fp8    compile with model.precision=fp8 (DeepSeek-V3's FP8 GEMMs, r1core.kernels.fp8);
+                 compile_fp8_nomtp: MTP off; eager_fp8: without compile
+  torchtitan     torchtitan 0.2.2's own DeepSeekV3Model at the preset's shapes (MLA, SDPA attention,
+                 grouped-mm experts, its per-block torch.compile through its apply_compile, plain
+                 cross-entropy, no MTP),
                  parameters in bf16, the same AdamW; torchtitan_eager without compile. The same-run anchor.
   megatron       megatron-core 0.16.1 GPTModel, local spec (no Transformer Engine), standard attention with
                  kv_channels 160 (so QK^T + PV FLOPs equal MLA's 192 + 128), SequentialMLP experts at the
@@ -158,7 +160,8 @@ def variant_args(args, v: Variant):
 def r1core_step(args, name: str, B: int, T: int, device, dtype):
     v = VARIANTS[name]
     attn = v.attention
-    engine = LocalEngine(variant_args(args, v), ParallelConfig(compile=v.compile, activation_checkpointing=v.ac),
+    parallel = ParallelConfig(compile=v.compile, activation_checkpointing=v.ac)
+    engine = LocalEngine(variant_args(args, v), parallel,
                          OptimConfig(lr=1e-4, warmup_steps=0, master_weights=v.master), device, dtype, 0)
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, args.vocab_size, (B, T + 1), generator=g).to(device)
@@ -351,8 +354,8 @@ def summary_table(rows: list[dict], title: str) -> Table:
         ratios = [r["tokens_s"] / t for t in anchors.values()]
         for name, t in anchors.items():
             r[f"x_{name}"] = r["tokens_s"] / t
-        table.add(r["variant"], r["ms"], r["tokens_s"], *ratios, r["model_tflops"], 100 * r["mfu"], r["peak_gib"],
-                  r["first_step_s"], r["loss"])
+        table.add(r["variant"], r["ms"], r["tokens_s"], *ratios, r["model_tflops"], 100 * r["mfu"],
+                  r["peak_gib"], r["first_step_s"], r["loss"])
     return table
 
 
@@ -394,7 +397,8 @@ def main(argv=None) -> dict:
             for cat, ms in r["breakdown_ms"].items():
                 bt.add(cat, ms, 100 * ms / total)
             tables.append(bt)
-            kt = Table(f"top kernels, {r['variant']} (one profiled step)", ["kernel", "ms", "calls", "% of step"])
+            kt = Table(f"top kernels, {r['variant']} (one profiled step)",
+                       ["kernel", "ms", "calls", "% of step"])
             for k, ms, n in r["top_kernels"]:
                 kt.add(k, ms, n, 100 * ms / total)
             tables.append(kt)
