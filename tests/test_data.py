@@ -476,6 +476,39 @@ def test_packed_sft_keeps_documents_whole_and_resumes(tok):
     assert sum(map(len, ranks)) == 40 and set.union(*ranks) == set(range(40))
 
 
+def test_resumable_iterators_load_states_in_the_layout_earlier_versions_saved(shard_dir):
+    """Checkpoints written before the iterators shared a base (EpochCursor) hold these literal dicts;
+    they still resume at the same item, and a state that lacks a setting fails naming it."""
+    from r1core.rl.trainer import PromptSampler
+
+    problems = [Problem(prompt=str(i), answer=str(i), task="arithmetic") for i in range(5)]
+    sampler = PromptSampler(problems, seed=3)
+    first_epoch = sampler.take(5)
+    assert sampler.state_dict() == {"epoch": 1, "pos": 0, "seed": 3, "n": 5}  # a finished epoch: the next one
+    expected = sampler.take(7)
+    resumed = PromptSampler(problems, seed=3)
+    resumed.load_state_dict({"epoch": 1, "pos": 0, "seed": 3, "n": 5})
+    assert resumed.take(7) == expected and sorted(p.prompt for p in first_epoch) == [str(i) for i in range(5)]
+    with pytest.raises(ValueError, match="cannot resume the prompt order: n is 4 here, 5 in the state"):
+        PromptSampler(problems[:4], seed=3).load_state_dict({"epoch": 1, "pos": 0, "seed": 3, "n": 5})
+
+    ds = TokenShardDataset(shard_dir, seq_len=16, seed=7)
+    old = {"epoch": 1, "pos": 2, "seed": 7, "seq_len": 16, "dp_rank": 0, "dp_size": 1, "n_windows": ds.n_windows}
+    ds.load_state_dict(old)
+    assert ds.state_dict() == old
+    assert torch.equal(next(iter(ds)).tokens, ds.window(int(ds.order(1)[2])).tokens)
+    with pytest.raises(ValueError, match="cannot resume: n_windows is .* here, None in the state"):
+        ds.load_state_dict({k: v for k, v in old.items() if k != "n_windows"})
+
+    docs = [SFTDoc(np.arange(10 * i, 10 * i + 4), 1) for i in range(6)]
+    sft = PackedSFTDataset(docs, seq_len=8, pad_id=-1, seed=1)
+    old = {"epoch": 0, "pos": 4, "seed": 1, "seq_len": 8, "dp_rank": 0, "dp_size": 1, "n_docs": 6}
+    sft.load_state_dict(old)
+    assert sft.state_dict() == old
+    row = next(iter(sft))  # two 4-token documents per row: the 5th and 6th of epoch 0
+    assert row.tokens.tolist() == [*docs[sft.order(0)[4]].ids, *docs[sft.order(0)[5]].ids]
+
+
 def test_load_problems_jsonl(tmp_path):
     path = tmp_path / "rl.jsonl"
     path.write_text("\n".join([

@@ -12,6 +12,7 @@ import importlib
 _EXPORTS = {
     "corpus": ["builtin_corpus", "builtin_paragraphs"],
     "jsonl": ["RecordError", "SkipStats"],
+    "resumable": ["EpochCursor"],
     "sft": ["PackedRow", "PackedSFTDataset", "SFTDoc", "SFTExample", "load_problems_jsonl", "load_sft_jsonl",
             "pack_row", "tokenize_sft"],
     "shards": ["IGNORE_INDEX", "TokenShardDataset", "Window", "iter_documents", "positions_from_doc_ids", "prepare",

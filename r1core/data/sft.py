@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from r1core.data.jsonl import RecordError, SkipStats, iter_records, pick_string, require_object
+from r1core.data.resumable import EpochCursor
 from r1core.data.shards import IGNORE_INDEX
 from r1core.data.solutions import extract_boxed
 from r1core.data.tasks import Problem
@@ -166,7 +167,7 @@ def pack_row(docs: list[SFTDoc], seq_len: int, pad_id: int) -> PackedRow:
     return PackedRow(*(torch.from_numpy(a) for a in (tokens, labels, doc_ids, positions)))
 
 
-class PackedSFTDataset:
+class PackedSFTDataset(EpochCursor):
     """Rows of greedily packed SFT documents; resumable and split across DP ranks.
 
     Each epoch shuffles the documents by (seed, epoch) and gives rank r every dp_size-th of them
@@ -210,25 +211,9 @@ class PackedSFTDataset:
             if not self.loop:
                 return
 
-    def batches(self, batch_size: int) -> Iterator[PackedRow]:
-        """Stacked rows [B, T]; with loop=False the last partial batch is dropped."""
-        it = iter(self)
-        while True:
-            rows = [r for _, r in zip(range(batch_size), it)]
-            if len(rows) < batch_size:
-                return
-            yield PackedRow(*(torch.stack(col) for col in zip(*rows)))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "seq_len": self.seq_len,
-                "dp_rank": self.dp_rank, "dp_size": self.dp_size, "n_docs": len(self.docs)}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("seed", "seq_len", "dp_rank", "dp_size", "n_docs"):
-            if state[key] != mine[key]:
-                raise ValueError(f"cannot resume: {key} is {mine[key]} here, {state[key]} in the state")
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+    def identity(self) -> dict:
+        return {"seed": self.seed, "seq_len": self.seq_len, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                "n_docs": len(self.docs)}
 
 
 def _gold_answer(obj: dict) -> str:

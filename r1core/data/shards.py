@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from r1core.data.jsonl import RecordError, SkipStats, iter_records, pick_string, require_object
+from r1core.data.resumable import EpochCursor
 from r1core.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ def _load_shards(path: str | Path | list, seq_len: int, tokenizer_hash: str | No
     return shards
 
 
-class TokenShardDataset:
+class TokenShardDataset(EpochCursor):
     """Fixed-length training windows over token shards; resumable and split across DP ranks.
 
     Each epoch visits every window of this rank once, in an order fixed by (seed, epoch). Every
@@ -246,34 +247,11 @@ class TokenShardDataset:
         return Window(x[:-1], labels, torch.from_numpy(doc - doc[0]))
 
     def __iter__(self) -> Iterator[Window]:
-        while True:
-            order = self.order(self.epoch)
-            while self.pos < len(order):
-                g = int(order[self.pos])
-                self.pos += 1  # advance before yielding: state_dict() then names the next window
-                yield self.window(g)
-            self.epoch, self.pos = self.epoch + 1, 0
-            if not self.loop:
-                return
+        return (self.window(g) for g in self.walk())
 
-    def batches(self, batch_size: int) -> Iterator[Window]:
-        """Stacked windows [B, T]; with loop=False the last partial batch is dropped."""
-        it = iter(self)
-        while True:
-            rows = [w for _, w in zip(range(batch_size), it)]
-            if len(rows) < batch_size:
-                return
-            yield Window(*(torch.stack(col) for col in zip(*rows)))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "seq_len": self.seq_len,
-                "dp_rank": self.dp_rank, "dp_size": self.dp_size, "n_windows": self.n_windows}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "seq_len", "dp_rank", "dp_size", "n_windows"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume: {key} is {getattr(self, key)} here, {state[key]} in the state")
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+    def identity(self) -> dict:
+        return {"seed": self.seed, "seq_len": self.seq_len, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                "n_windows": self.n_windows}
 
 
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from r1core import rewards
+from r1core.data.resumable import EpochCursor
 from r1core.data.tasks import Problem
 from r1core.parallel.comm import run_on_rank0
 from r1core.rollout import Sample, SamplingParams
@@ -33,8 +34,10 @@ from .config import GRPOConfig
 from .rewarding import Scorer
 
 
-class PromptSampler:
+class PromptSampler(EpochCursor):
     """Epochs over a fixed problem list in a seeded order; resumable."""
+
+    what = " the prompt order"
 
     def __init__(self, problems: Sequence[Problem], seed: int):
         if not problems:
@@ -42,30 +45,20 @@ class PromptSampler:
         self.problems, self.seed = list(problems), seed
         self.epoch, self.pos = 0, 0
 
-    def _order(self) -> list[int]:
+    def order(self, epoch: int) -> list[int]:
         order = list(range(len(self.problems)))
-        random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+        random.Random(f"{self.seed}-{epoch}").shuffle(order)
         return order
 
+    def identity(self) -> dict:
+        return {"seed": self.seed, "n": len(self.problems)}
+
     def take(self, n: int) -> list[Problem]:
-        out = []
-        while len(out) < n:
-            order = self._order()
-            while self.pos < len(order) and len(out) < n:
-                out.append(self.problems[order[self.pos]])
-                self.pos += 1
-            if self.pos >= len(order):
-                self.epoch, self.pos = self.epoch + 1, 0
+        it = self.walk()
+        out = [self.problems[next(it)] for _ in range(n)]
+        if self.pos == len(self.problems):  # a finished epoch is saved as the next one's start, as before
+            self.epoch, self.pos = self.epoch + 1, 0
         return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n": len(self.problems)}
-
-    def load_state_dict(self, s: dict) -> None:
-        if s["n"] != len(self.problems) or s["seed"] != self.seed:
-            raise ValueError(f"cannot resume the prompt order: {s['n']} problems / seed {s['seed']} saved, "
-                             f"{len(self.problems)} / {self.seed} now")
-        self.epoch, self.pos = s["epoch"], s["pos"]
 
 
 @dataclass
