@@ -46,8 +46,10 @@ part_rollout() {
 }
 # Issue 16. Rollout against its decode roofline: the anchor providers (ours with graphs / Triton MoE, HF generate),
 # then per model (bench shapes, small) and batch 64/256/1024 decode tok/s and % of roofline (dense and grouped
-# MoE), GRPO rollouts 32x8 and 128x8 (today's engine vs shared prefill vs +auto MoE), weight refresh. ~5 min.
+# MoE), GRPO rollouts 32x8 and 128x8 (today's engine, shared prefill, +auto MoE, +admit_min=G), weight refresh.
+# The engine's GPU tests first (CUDA graphs over the shared prefill). ~6 min.
 part_rollout16() {
+  run test_rollout16_gpu 150 python3 -m pytest -q -m gpu tests/test_rollout.py -rfE -p no:cacheprovider
   run bench_rollout16 420 python3 benchmarks/bench_rollout.py --repeats 2 --variants graphs,triton ${ROLLOUT16_ARGS:-}
 }
 # Issue 16. GRPO step speed, r1core vs TRL 1.16 GRPOTrainer (HF generate, use_vllm=False) from one small-preset
