@@ -262,11 +262,20 @@ def torchtitan_args(args, T: int):
     return targs
 
 
+_TT_GROUPED_MM = None  # torchtitan's own (uncompiled) grouped-mm expert function, kept at first use
+
+
 def torchtitan_step(args, B: int, T: int, device, dtype, compile_: bool):
     """torchtitan's own model, built and compiled the way its trainer does on one GPU, in our AdamW loop."""
+    global _TT_GROUPED_MM
     _stand_in_for_unused_imports()
     from torchtitan.models.deepseek_v3 import DeepSeekV3Model
     from torchtitan.models.llama4.infra.parallelize import apply_compile
+    from torchtitan.models.moe import moe as tt_moe
+
+    # apply_compile swaps in a compiled module-level expert function; every row starts from the original
+    _TT_GROUPED_MM = _TT_GROUPED_MM or tt_moe._run_experts_grouped_mm
+    tt_moe._run_experts_grouped_mm = _TT_GROUPED_MM
 
     with torch.device(device):
         model = DeepSeekV3Model(torchtitan_args(args, T))
