@@ -32,4 +32,12 @@ def from_pretrained(path, dtype=None, device=None, **kwargs):
     return _load(path, dtype=dtype, device=device, **kwargs)
 
 
-__all__ = ["ModelArgs", "Transformer", "count_parameters", "parameter_breakdown", "from_pretrained", "presets"]
+def save_pretrained(model, out_dir, **kwargs):
+    """Write a Transformer as an HF DeepSeek-V3 checkpoint directory (readable by transformers)."""
+    from r1core.checkpoint.hf import save_pretrained as _save
+
+    return _save(model, out_dir, **kwargs)
+
+
+__all__ = ["ModelArgs", "Transformer", "count_parameters", "parameter_breakdown", "from_pretrained", "presets",
+           "save_pretrained"]

@@ -190,7 +190,7 @@ def test_transformers_checkpoint_loads_with_equal_logits_and_mtp(tmp_path, n_gro
 @pytest.mark.parametrize("q_lora_rank, tie", [(32, False), (0, True)])
 def test_r1core_checkpoint_loads_in_transformers_with_equal_logits(tmp_path, q_lora_rank, tie):
     model = _r1_model(_r1_args(q_lora_rank, tie))
-    hf_ckpt.save_pretrained(model, tmp_path / "out")
+    r1core.save_pretrained(model, tmp_path / "out")  # the package-level API the README shows
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers reports the MTP layer as unexpected keys
         hf = transformers.DeepseekV3ForCausalLM.from_pretrained(
