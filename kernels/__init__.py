@@ -4,9 +4,9 @@ Each `<op>.py` holds the Triton kernels, a launcher that asserts the contract, t
 autograd.Function, the public `<op>()` and `<op>_ref()` (readable PyTorch, the test oracle):
 `from r1core.kernels.grpo_loss import grpo_loss`. Ops: grpo_loss (also linear_cross_entropy and
 token_logprobs, which share its engine), moe_route, moe_permute (and moe_unpermute), grouped_swiglu;
-moe_cuda wraps the CUDA extension's versions of the MoE ops. Importing this package registers the
-MoE ops as the model's `moe_impl: triton | cuda`; it needs neither Triton nor a GPU (the op modules
-load at first use).
+moe_cuda wraps the CUDA extension's versions of the MoE ops; fp8 holds the FP8 GEMMs. Importing this
+package registers the MoE ops as the model's `moe_impl: triton | cuda` and the GEMMs of
+`precision: fp8`; it needs neither Triton nor a GPU (the op modules load at first use).
 """
 
 from __future__ import annotations
@@ -65,12 +65,23 @@ def _cuda_moe_ops():
     return MoEOps(moe_route_cuda, moe_permute_cuda, moe_unpermute_cuda, grouped_swiglu)
 
 
+def _fp8_ops():
+    from r1core.model.precision import Fp8Ops
+
+    from .fp8 import fp8_linear, grouped_swiglu_fp8, torch_blockwise_supported
+
+    return Fp8Ops(fp8_linear, grouped_swiglu_fp8, torch_blockwise_supported)
+
+
 def _register() -> None:
-    """Install the kernels as the model's `moe_impl: triton | cuda` (loaded at first use)."""
+    """Install the kernels as the model's `moe_impl: triton | cuda` and `precision: fp8` GEMMs (loaded at
+    first use)."""
     from r1core.model.moe import register_moe_ops
+    from r1core.model.precision import register_fp8_ops
 
     register_moe_ops("triton", _triton_moe_ops)
     register_moe_ops("cuda", _cuda_moe_ops)
+    register_fp8_ops(_fp8_ops)
 
 
 if __name__ != "kernels":  # as the top-level `kernels` this folder has stepped aside above

@@ -77,7 +77,8 @@ def test_scoring_fills_each_samples_weighted_reward_and_named_rewards():
                for t in texts]
     Scorer({"accuracy": 1.0, "format": 0.5}).score_samples(samples, [problem] * 3)
     # format: a closed think block before the answer (the prompt opens it); accuracy: the answer is 4
-    assert [s.rewards for s in samples] == [{"format": 1.0, "accuracy": 1.0}, {"format": 1.0, "accuracy": 0.0},
+    assert [s.rewards for s in samples] == [{"format": 1.0, "accuracy": 1.0},
+                                           {"format": 1.0, "accuracy": 0.0},
                                            {"format": 0.0, "accuracy": 1.0}]
     assert [s.reward for s in samples] == [1.5, 0.5, 1.0]
     with pytest.raises(ValueError):

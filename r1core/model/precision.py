@@ -1,7 +1,8 @@
 """`model.precision: fp8`: DeepSeek-V3's FP8 training recipe applied to a built model (report §3.3).
 
 The GEMMs of every linear layer (MLA projections, dense MLPs, shared experts, the MTP projection) and
-of the routed experts run in e4m3 with fine-grained scales and fp32 accumulation (r1core.kernels.fp8);
+of the routed experts run in e4m3 with fine-grained scales and fp32 accumulation (r1core.kernels.fp8,
+registered here as `Fp8Ops` when r1core.kernels is imported);
 attention itself, norms, the router, embeddings and the output head stay in the parameters' dtype, as
 in the report. Parameters, gradients and optimizer state keep their dtype: FP8 lives only inside
 the GEMMs. A layer whose dims are not multiples of 128 (the tile size) keeps its bf16 GEMM and is
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +29,31 @@ log = logging.getLogger(__name__)
 TILE = 128
 
 
+class Fp8Ops(NamedTuple):
+    """The FP8 GEMMs (contracts of r1core.kernels.fp8), which `r1core.kernels` registers when imported,
+    as it does the MoE ops: the model itself never imports kernel code."""
+
+    linear: Callable                     # (x, weight, impl) -> x @ weight.T
+    grouped_swiglu: Callable             # (x_PD, w1, w2, w3, seg_E, impl) -> y_PD
+    torch_blockwise_supported: Callable  # (device_index, b_rows) -> bool
+
+
+_FP8_OPS: list[Fp8Ops | Callable[[], Fp8Ops]] = []
+
+
+def register_fp8_ops(ops: Fp8Ops | Callable[[], Fp8Ops]) -> None:
+    _FP8_OPS[:] = [ops]
+
+
+def fp8_ops() -> Fp8Ops:
+    if not _FP8_OPS:
+        raise LookupError("model.precision=fp8: no FP8 GEMMs are registered; "
+                          "`import r1core.kernels` registers them")
+    if not isinstance(_FP8_OPS[0], Fp8Ops):
+        _FP8_OPS[0] = _FP8_OPS[0]()
+    return _FP8_OPS[0]
+
+
 def fp8_backend(b_rows: bool) -> str:
     """The dense GEMM backend on this machine: torch (cuBLASLt blockwise), triton, or ref (CPU)."""
     forced = os.environ.get("R1CORE_FP8_BACKEND")
@@ -34,9 +61,8 @@ def fp8_backend(b_rows: bool) -> str:
         return forced
     if not torch.cuda.is_available():
         return "ref"
-    from r1core.kernels.fp8 import torch_blockwise_supported
-
-    return "torch" if torch_blockwise_supported(torch.cuda.current_device(), b_rows) else "triton"
+    supported = fp8_ops().torch_blockwise_supported(torch.cuda.current_device(), b_rows)
+    return "torch" if supported else "triton"
 
 
 class Fp8Linear(nn.Linear):
@@ -45,9 +71,7 @@ class Fp8Linear(nn.Linear):
     fp8_impl: str = "ref"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from r1core.kernels.fp8 import fp8_linear
-
-        return fp8_linear(x, self.weight, self.fp8_impl)
+        return fp8_ops().linear(x, self.weight, self.fp8_impl)
 
 
 class Fp8GroupedExperts(GroupedExperts):
@@ -56,9 +80,7 @@ class Fp8GroupedExperts(GroupedExperts):
     fp8_impl: str = "ref"
 
     def forward(self, x_PD: torch.Tensor, seg_E: torch.Tensor) -> torch.Tensor:
-        from r1core.kernels.fp8 import grouped_swiglu_fp8
-
-        return grouped_swiglu_fp8(x_PD, self.w1, self.w2, self.w3, seg_E, self.fp8_impl)
+        return fp8_ops().grouped_swiglu(x_PD, self.w1, self.w2, self.w3, seg_E, self.fp8_impl)
 
 
 def _fits(*dims: int) -> bool:

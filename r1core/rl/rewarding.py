@@ -56,6 +56,6 @@ class Scorer:
         return total, values
 
     def score_samples(self, samples: Sequence, problems: Sequence[Problem]) -> None:
-        """Fill each rollout Sample's `reward` (weighted total) and `rewards` ({name: value}) from its text."""
+        """Fill each rollout Sample's `reward` (weighted total) and `rewards` ({name: value})."""
         for sample, problem in zip(samples, problems, strict=True):
             sample.reward, sample.rewards = self.score(sample.response_text, problem)

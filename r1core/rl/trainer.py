@@ -86,7 +86,8 @@ class GRPOTrainer:
         self.cfg, self.engine, self.rollout, self.render = cfg, engine, rollout, render
         self.ref_engine, self.pad_id, self.seed, self.eval_fn, self.is_main = ref_engine, pad_id, seed, eval_fn, is_main
         self.sampler = PromptSampler(problems, seed)
-        # Under torchrun only rank 0 generates, scores and evaluates (a GatheredRollout); the others get its batch.
+        # Under torchrun only rank 0 generates, scores and evaluates (a GatheredRollout); the others get
+        # its batch.
         self.generates = getattr(rollout, "generates", True) and engine.rank == 0
         # without a scorer: cfg's rewards under R1's answer rule (the pipeline passes the job's `require_boxed`)
         self.scorer = scorer or Scorer(cfg.rewards, cfg.reward_kwargs, require_boxed=True)
@@ -129,7 +130,7 @@ class GRPOTrainer:
         stats = {"generated": n_generated, "gen_tokens": n_tokens, "groups_seen": n_groups, "groups_kept": len(kept),
                  "reward": sum(s.reward for s in seen) / len(seen), "t_generate_s": t_generate}
         for name in seen[0].rewards:
-            vals = [s.rewards[name] for s in seen if s.rewards[name] == s.rewards[name]]  # NaN: not applicable
+            vals = [s.rewards[name] for s in seen if s.rewards[name] == s.rewards[name]]  # NaN: n/a here
             if vals:
                 stats[f"reward/{name}"] = sum(vals) / len(vals)
         return kept, stats

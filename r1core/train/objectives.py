@@ -83,7 +83,8 @@ class LMObjective:
         meta = model.attn_meta(tokens, mb.get("positions"), mb.get("doc_ids"))
         out = model.mtp_losses(hidden, tokens, labels, meta, head_weight,
                                lambda h, w, t: ce_sum(h, w, t, vocab_group, self.impl))
-        mtp = sum(s / d[f"mtp{k}"].clamp(min=1) for k, s in enumerate(out.ce_sums, start=1)) / len(out.ce_sums)
+        per_depth = [s / d[f"mtp{k}"].clamp(min=1) for k, s in enumerate(out.ce_sums, start=1)]
+        mtp = sum(per_depth) / len(per_depth)
         loss = loss + model.args.mtp_loss_weight * mtp
         metrics["mtp"] = mtp.detach()
         if out.aux is not None:
