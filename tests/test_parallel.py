@@ -259,10 +259,10 @@ def test_checkpoint_saved_at_tp2_pp2_ep2_loads_at_tp4_ep2_on_one_device_and_as_h
     (dict(tp=3), 6, ["n_heads=4 is not divisible by tp=3", "vocab_size=512"]),
     (dict(tp=2, pp=2), 6, ["world size 6 is not divisible by tp*pp"]),
     (dict(ep=3), 3, ["n_routed_experts=8 is not divisible by ep=3"]),
-    (dict(ep=4), 2, ["ep=4 must divide dp=2"]),
+    (dict(ep=4), 2, ["ep=4 must divide cp*dp=1*2"]),
     (dict(pp=3), 3, ["n_layers=4 is not divisible by the 3 pipeline stages"]),
     (dict(pp=2, pp_schedule="interleaved", pp_virtual=4), 2, ["8 pipeline stages"]),
-    (dict(tp=2, dp=2), 2, ["tp*pp*dp = 2*1*2 != world size 2"]),
+    (dict(tp=2, dp=2), 2, ["tp*pp*cp*dp = 2*1*1*2 != world size 2"]),
     (dict(sequence_parallel=True), 1, ["sequence_parallel needs tp > 1"]),
     (dict(pp=2), 2, ["pp=2 with 1f1b needs parallel.microbatches >= 2, got 1"]),
     (dict(pp=2, pp_schedule="dualpipev", microbatches=2), 2, ["needs parallel.microbatches >= 4, got 2"]),
@@ -275,7 +275,7 @@ def test_bad_layout_fails_at_start_with_one_message_naming_every_problem(cfg, wo
 
 
 def test_build_engine_on_one_process_rejects_a_parallel_layout():
-    with pytest.raises(ValueError, match="world size 1 is not divisible by tp\\*pp = 2\\*1"):
+    with pytest.raises(ValueError, match="world size 1 is not divisible by tp\\*pp\\*cp = 2\\*1\\*1"):
         build_engine(ARGS, ParallelConfig(tp=2), OPTIM, device="cpu")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,10 @@ class AttnMeta:
     cos, sin:  [B, T, R/2] rope tables for `positions`.
     causal_fast_path: positions are arange(T) per row and there are no documents or cache,
         so SDPA's built-in causal mask is exact.
+    context: None on one device. Under context parallelism (r1core.parallel.context) these T tokens
+        are this rank's pieces of longer sequences, and `context` reaches the rest: its
+        attend(mla, q_nope, q_pe, kv, k_pe, meta) -> [B, T, H, V] attends to the whole sequence's
+        keys, and shift(x, k) is `shift` below over the whole sequence.
     """
 
     positions: torch.Tensor
@@ -41,6 +46,11 @@ class AttnMeta:
     sin: torch.Tensor
     doc_ids: torch.Tensor | None = None
     causal_fast_path: bool = False
+    context: Any = None
+
+    def shift(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """x[:, k:] for a per-token tensor x [B, T]: the value k tokens ahead, where there is one."""
+        return x[:, k:] if self.context is None else self.context.shift(x, k)
 
     def prefix(self, n: int) -> "AttnMeta":
         """The first n positions of every row (multi-token prediction depth k runs on T - k of them)."""
@@ -137,6 +147,8 @@ class MLA(nn.Module):
                 absorb: bool | None = None) -> torch.Tensor:
         q_nope, q_pe = self._queries(x, meta)
         kv, k_pe = self._latents(x, meta)
+        if cache is None and meta.context is not None:
+            return self.wo(meta.context.attend(self, q_nope, q_pe, kv, k_pe, meta).flatten(2))
         if cache is None:
             mask = None if meta.causal_fast_path else meta.training_mask()
         else:
@@ -153,11 +165,15 @@ class MLA(nn.Module):
             out = self._attend_naive(q_nope, q_pe, kv, k_pe, mask)
         return self.wo(out.flatten(2))
 
-    def _attend_naive(self, q_nope, q_pe, kv, k_pe, mask):
+    def expand(self, kv: torch.Tensor, k_pe: torch.Tensor):
+        """Per-head keys [B, S, H, nope+R] and values [B, S, H, V] from latents [B, S, C] and rope keys."""
         B, S = kv.shape[:2]
         kv = self.wkv_b(kv).unflatten(-1, (self.n_heads, self.qk_nope_head_dim + self.v_head_dim))
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [B, S, H, *]
-        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, self.n_heads, -1)], dim=-1)
+        return torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, self.n_heads, -1)], dim=-1), v
+
+    def _attend_naive(self, q_nope, q_pe, kv, k_pe, mask):
+        k, v = self.expand(kv, k_pe)
         q = torch.cat([q_nope, q_pe], dim=-1)
         out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.softmax_scale)
         return out.transpose(1, 2)  # [B, T, H, V]

@@ -125,19 +125,27 @@ def grouped_swiglu_ref(x_PD, w1_EID, w2_EDI, w3_EID, seg_E) -> torch.Tensor:
     return y_PD
 
 
-def seq_balance_loss(logits_BTE: torch.Tensor, idx_BTK: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+def seq_balance_loss(logits_BTE: torch.Tensor, idx_BTK: torch.Tensor, spec: RouterSpec,
+                     seq_sum: Callable | None = None) -> torch.Tensor:
     """Complementary sequence-wise balance loss (DeepSeek-V3 eq. 17-20), without its alpha.
 
     f_i = E / (K T) * #{t : i in topk_t};  P_i = mean_t s'_{i,t},  s' = s / sum_j s_j;  L = sum_i f_i P_i.
-    Averaged over the sequences of the batch.
+    Averaged over the sequences of the batch. Under context parallelism a rank holds part of every
+    sequence: `seq_sum` sums the routing counts and T over the sequence's ranks (no gradient), and
+    the rank's own tokens' s' give its share of L; the shares add up to L.
     """
     B, T, E = logits_BTE.shape
     scores = router_scores(logits_BTE, spec.score_func)
-    probs_BE = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
-    hits_BE = torch.zeros(B, E, device=logits_BTE.device).scatter_add_(
-        1, idx_BTK.reshape(B, -1), torch.ones(B, T * spec.top_k, device=logits_BTE.device))
-    f_BE = hits_BE * (E / (spec.top_k * T))
-    return (f_BE * probs_BE).sum(dim=-1).mean()
+    probs_sum_BE = (scores / scores.sum(dim=-1, keepdim=True)).sum(dim=1)
+    counts = torch.zeros(B, E + 1, device=logits_BTE.device)  # hits per expert, then T
+    counts[:, E] = T
+    ones = torch.ones(B, T * spec.top_k, device=logits_BTE.device)
+    counts[:, :E].scatter_add_(1, idx_BTK.reshape(B, -1), ones)
+    if seq_sum is not None:
+        counts = seq_sum(counts)
+    hits_BE, n_B1 = counts[:, :E], counts[:, E:]
+    f_BE = hits_BE * (E / spec.top_k) / n_B1
+    return (f_BE * probs_sum_BE / n_B1).sum(dim=-1).mean()
 
 
 class MoEOps(NamedTuple):
@@ -237,6 +245,7 @@ class MoE(nn.Module):
         self.experts.impl = args.moe_impl
         self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
         self.dispatcher = LocalDispatcher(args.n_routed_experts, args.moe_impl)
+        self.seq_sum: Callable | None = None  # see seq_balance_loss; set by context parallelism
 
     def set_impl(self, impl: Impl) -> None:
         self.impl = self.experts.impl = self.dispatcher.impl = Impl(impl)
@@ -253,7 +262,7 @@ class MoE(nn.Module):
                 self.gate.expert_load += counts_E.to(self.gate.expert_load.dtype)
             if self.args.seq_aux_alpha > 0:
                 aux = self.args.seq_aux_alpha * seq_balance_loss(
-                    logits_TE.view(B, T, -1), idx_TK.view(B, T, -1), self.gate.spec)
+                    logits_TE.view(B, T, -1), idx_TK.view(B, T, -1), self.gate.spec, self.seq_sum)
         x_PD, seg_E, state = self.dispatcher.dispatch(x_TD, idx_TK, counts_E)
         y_TD = self.dispatcher.combine(self.experts(x_PD, seg_E), weights_TK, state)
         if self.shared_experts is not None:

@@ -27,17 +27,19 @@ IGNORE_INDEX = -100
 CrossEntropyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def mtp_targets(labels: torch.Tensor, doc_ids: torch.Tensor | None, depths: int) -> list[torch.Tensor]:
+def mtp_targets(labels: torch.Tensor, doc_ids: torch.Tensor | None, depths: int,
+                shift: Callable | None = None) -> list[torch.Tensor]:
     """Targets [B, T - k] of MTP depths k = 1..depths (fewer when T <= depths).
 
     Depth k at position i predicts labels[i + k]; never across a document boundary (IGNORE_INDEX there).
+    `shift(x, k)` is x[:, k:] or, under context parallelism, `AttnMeta.shift` over the whole sequence.
     """
-    T = labels.shape[1]
+    shift = shift or (lambda x, k: x[:, k:])
     targets = []
-    for k in range(1, min(depths, T - 1) + 1):
-        target = labels[:, k:]
+    for k in range(1, min(depths, labels.shape[1] - 1) + 1):
+        target = shift(labels, k)
         if doc_ids is not None:
-            target = target.masked_fill(doc_ids[:, k:] != doc_ids[:, : T - k], IGNORE_INDEX)
+            target = target.masked_fill(shift(doc_ids, k) != doc_ids[:, : target.shape[1]], IGNORE_INDEX)
         targets.append(target)
     return targets
 
@@ -138,13 +140,15 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def attn_meta(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                  doc_ids: torch.Tensor | None = None, cached: bool = False) -> AttnMeta:
+                  doc_ids: torch.Tensor | None = None, cached: bool = False, context=None) -> AttnMeta:
+        """Rope tables and masking facts for one forward; `context`: see AttnMeta (context parallelism)."""
         B, T = tokens.shape[:2]
         fast = positions is None and doc_ids is None and not cached
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         cos, sin = rope_cos_sin(self.args, positions)
-        return AttnMeta(positions=positions, cos=cos, sin=sin, doc_ids=doc_ids, causal_fast_path=fast)
+        return AttnMeta(positions=positions, cos=cos, sin=sin, doc_ids=doc_ids, causal_fast_path=fast,
+                        context=context)
 
     def forward_layers(self, h: torch.Tensor, meta: AttnMeta, cache: LatentKVCache | None = None):
         aux_total = h.new_zeros((), dtype=torch.float32)
@@ -176,11 +180,12 @@ class Transformer(nn.Module):
         labels[i + k] (`mtp_targets`). The trainer passes its own `ce_sum` (fused, vocab-parallel)
         and divides the sums by totals over the whole batch.
         """
-        targets = mtp_targets(labels, meta.doc_ids, len(self.mtp))
+        targets = mtp_targets(labels, meta.doc_ids, len(self.mtp), meta.shift)
         out = MTPOutput(ce_sums=[], n_valid=[], aux=None)
-        h_prev, T = h_main, tokens.shape[1]
+        h_prev = h_main
         for k, (module, target) in enumerate(zip(self.mtp, targets), start=1):
-            h_prev, aux_k = module(h_prev[:, : T - k], self.embed(tokens[:, k:]), meta.prefix(T - k))
+            n = target.shape[1]  # T - k
+            h_prev, aux_k = module(h_prev[:, :n], self.embed(meta.shift(tokens, k)), meta.prefix(n))
             if aux_k is not None:
                 out.aux = aux_k if out.aux is None else out.aux + aux_k
             out.ce_sums.append(ce_sum(module.norm(h_prev).flatten(0, 1), head_weight, target.flatten()))

@@ -1,10 +1,12 @@
 """Parallel layout schema (Hydra node `parallel`) and the start-up layout check.
 
-Degrees are `tp, pp, ep, dp`. As in megatron-core, the world is tp × pp × dp and expert
-parallelism is carved out of data parallelism: the `ep` ranks of an expert group hold different
-experts *and* see different tokens, so `ep` must divide `dp`. Routed experts are additionally
-split over TP (megatron's expert_tensor_parallel_size = tp), so experts are sharded over
-ep × tp ranks and replicated over dp / ep "expert data parallel" ranks.
+Degrees are `tp, pp, cp, ep, dp`. As in megatron-core, the world is tp × pp × cp × dp and expert
+parallelism is carved out of the ranks that see different tokens (cp × dp): the `ep` ranks of an
+expert group hold different experts *and* see different tokens, so `ep` must divide `cp × dp`.
+Routed experts are additionally split over TP (megatron's expert_tensor_parallel_size = tp), so
+experts are sharded over ep × tp ranks and replicated over cp × dp / ep "expert data parallel"
+ranks. Context parallel ranks hold the same weights and different pieces of the same sequences
+(r1core.parallel.context), so for gradients and optimizer sharding they are data parallel.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ class PPSchedule(str, enum.Enum):
 class ParallelConfig:
     tp: int = 1                     # tensor parallel degree (inside a node)
     pp: int = 1                     # pipeline parallel stages (layers split evenly)
-    ep: int = 1                     # expert parallel degree, carved out of data parallelism
-    dp: int = -1                  # -1: world_size // (tp * pp)
+    cp: int = 1                     # context parallel degree: each sequence split over cp ranks
+    ep: int = 1                     # expert parallel degree, carved out of cp x dp
+    dp: int = -1                  # -1: world_size // (tp * pp * cp)
     pp_schedule: PPSchedule = PPSchedule.one_f_one_b # pipeline schedule
     pp_virtual: int = 2           # stages per rank for the interleaved schedule
     microbatches: int = 1         # each batch dict given to train_step is split into this many along rows
@@ -37,7 +40,7 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         self.pp_schedule = PPSchedule(self.pp_schedule)
-        bad = [f"{k}={getattr(self, k)}" for k in ("tp", "pp", "ep", "microbatches", "pp_virtual")
+        bad = [f"{k}={getattr(self, k)}" for k in ("tp", "pp", "cp", "ep", "microbatches", "pp_virtual")
                if getattr(self, k) < 1]
         if self.dp == 0 or self.dp < -1:
             bad.append(f"dp={self.dp}")
@@ -59,22 +62,24 @@ class ParallelConfig:
         """A copy with dp filled in (the layout must already be valid)."""
         import dataclasses
 
-        return dataclasses.replace(self, dp=world_size // (self.tp * self.pp) if self.dp == -1 else self.dp)
+        dp = world_size // (self.tp * self.pp * self.cp) if self.dp == -1 else self.dp
+        return dataclasses.replace(self, dp=dp)
 
 
 def check_layout(args: ModelArgs, cfg: ParallelConfig, world_size: int) -> ParallelConfig:
     """Every reason the layout cannot run, in one ValueError; else the config with dp resolved."""
     problems = []
-    tp, pp, ep = cfg.tp, cfg.pp, cfg.ep
-    if world_size % (tp * pp):
-        problems.append(f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}")
+    tp, pp, cp, ep = cfg.tp, cfg.pp, cfg.cp, cfg.ep
+    if world_size % (tp * pp * cp):
+        problems.append(f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
         dp = None
     else:
-        dp = world_size // (tp * pp)
+        dp = world_size // (tp * pp * cp)
         if cfg.dp not in (-1, dp):
-            problems.append(f"tp*pp*dp = {tp}*{pp}*{cfg.dp} != world size {world_size}")
-        elif dp % ep:
-            problems.append(f"ep={ep} must divide dp={dp} (expert parallelism is carved out of data parallelism)")
+            problems.append(f"tp*pp*cp*dp = {tp}*{pp}*{cp}*{cfg.dp} != world size {world_size}")
+        elif (cp * dp) % ep:
+            problems.append(f"ep={ep} must divide cp*dp={cp}*{dp} (expert parallelism is carved out of the "
+                            "ranks that see different tokens)")
     if args.n_routed_experts % ep:
         problems.append(f"n_routed_experts={args.n_routed_experts} is not divisible by ep={ep}")
     for name, value in (("n_heads", args.n_heads), ("vocab_size", args.vocab_size), ("inter_dim", args.inter_dim),
@@ -98,6 +103,6 @@ def check_layout(args: ModelArgs, cfg: ParallelConfig, world_size: int) -> Paral
     if cfg.sequence_parallel and tp == 1:
         problems.append("sequence_parallel needs tp > 1")
     if problems:
-        raise ValueError(f"bad parallel layout (world size {world_size}, tp={tp} pp={pp} ep={ep} dp={cfg.dp}): "
-                         + "; ".join(problems))
+        raise ValueError(f"bad parallel layout (world size {world_size}, tp={tp} pp={pp} cp={cp} ep={ep} "
+                         f"dp={cfg.dp}): " + "; ".join(problems))
     return cfg.resolved(world_size)

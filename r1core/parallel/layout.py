@@ -63,9 +63,9 @@ def to_dtensor(t: torch.Tensor, layout: ParamLayout, meshes: Meshes, global_shap
 def counts_in_norm(layout: ParamLayout, ranks: dict[str, int]) -> bool:
     """Whether this rank's copy of a parameter is the one counted in the global gradient norm.
 
-    `ranks` holds this rank's tp / dp / edp ranks. Exactly one rank in the world counts each
-    distinct shard: replicas over DP (or expert-DP), over TP for TP-replicated parameters, and
-    the last stage's copy of the embedding are skipped.
+    `ranks` holds this rank's tp / dp / edp ranks (dp: its rank over dp x cp, the dense replicas).
+    Exactly one rank in the world counts each distinct shard: replicas over DP (or expert-DP), over
+    TP for TP-replicated parameters, and the last stage's copy of the embedding are skipped.
     """
     if layout.stage_copy:
         return False

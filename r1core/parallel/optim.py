@@ -43,16 +43,19 @@ def _all_reduce_flat(tensors: list[torch.Tensor], group) -> None:
 
 
 def reduce_gradients(named_params, layouts: dict[str, ParamLayout], topo, embed_group=None) -> None:
-    """Sum gradients over the ranks that hold the same shard (and over TP for partial ones)."""
-    by_group: dict[str, list[torch.Tensor]] = {"dp": [], "edp": [], "tp_dp": []}
+    """Sum gradients over the ranks that hold the same shard (and over TP for partial ones).
+
+    Context-parallel ranks hold the same shard and see different tokens: for gradients they are data
+    parallel, so dense gradients are summed over dp x cp (each rank's loss is its tokens' share)."""
+    by_group: dict[str, list[torch.Tensor]] = {"dp_cp": [], "edp": [], "tp_dp": []}
     shared = []
     for name, p in named_params:
         lay = layouts[name]
-        key = "edp" if lay.is_expert else ("tp_dp" if lay.tp_partial else "dp")
+        key = "edp" if lay.is_expert else ("tp_dp" if lay.tp_partial else "dp_cp")
         by_group[key].append(p.grad)
         if name == "embed.weight" and embed_group is not None:
             shared.append(p.grad)
-    sizes = {"dp": topo.dp, "edp": topo.edp, "tp_dp": topo.tp * topo.dp}
+    sizes = {"dp_cp": topo.dp * topo.cp, "edp": topo.edp, "tp_dp": topo.tp * topo.dp * topo.cp}
     for key, grads in by_group.items():
         if grads and sizes[key] > 1:
             _all_reduce_flat(grads, getattr(topo, f"{key}_group"))
@@ -62,7 +65,7 @@ def reduce_gradients(named_params, layouts: dict[str, ParamLayout], topo, embed_
 
 def global_grad_norm(named_params, layouts: dict[str, ParamLayout], topo) -> torch.Tensor:
     """L2 norm of the whole model's gradient, each distinct shard counted once (fp32)."""
-    ranks = {"tp": topo.rank_in("tp"), "dp": topo.rank_in("dp"), "edp": topo.rank_in("edp")}
+    ranks = {"tp": topo.rank_in("tp"), "dp": topo.rank_in("dp_cp"), "edp": topo.rank_in("edp")}
     sq = grad_norm_sq([p.grad for name, p in named_params if counts_in_norm(layouts[name], ranks)], topo.device)
     dist.all_reduce(sq)
     return sq.sqrt()

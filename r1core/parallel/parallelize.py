@@ -1,14 +1,17 @@
-"""`parallelize(model, topo)`: pipeline split, then tensor and expert parallelism, in place.
+"""`parallelize(model, topo)`: pipeline split, then tensor, expert and context parallelism, in place.
 
-The order follows torchtitan (PP outside, then TP, then EP): a rank first drops the layers its
-pipeline stages do not hold, so it never shards weights it will not keep. Data parallelism is
-the engine's (gradient reduction and ZeRO-1 in r1core.parallel.optim).
+The order follows torchtitan (PP outside, then TP, then EP, then CP): a rank first drops the layers
+its pipeline stages do not hold, so it never shards weights it will not keep. Context parallelism
+changes no weight: the engine cuts each microbatch's sequences (r1core.parallel.context) and the
+balance losses count routing over whole sequences. Data parallelism is the engine's (gradient
+reduction and ZeRO-1 in r1core.parallel.optim).
 """
 
 from __future__ import annotations
 
 from r1core.model.transformer import Transformer
 
+from .context import apply_context_parallel
 from .expert import apply_expert_parallel
 from .layout import ParamLayout
 from .pipeline import keep_stages_, rank_stages
@@ -27,6 +30,8 @@ def parallelize(model: Transformer, topo: Topology) -> dict[str, ParamLayout]:
         apply_tensor_parallel(model, topo, cfg.sequence_parallel)
     if cfg.tp > 1 or cfg.ep > 1:
         apply_expert_parallel(model, topo)
+    if cfg.cp > 1:
+        apply_context_parallel(model, topo)
     kept = {}
     for name, _ in model.named_parameters():
         lay = layouts[name]

@@ -94,7 +94,8 @@ class StageModule(nn.Module):
         i = int(mb.reshape(-1)[0])
         batch = self._ctx.microbatches[i]
         tokens = batch["tokens"]
-        meta = self._attn_meta(tokens, batch.get("positions"), batch.get("doc_ids"))
+        meta = self._attn_meta(tokens, batch.get("positions"), batch.get("doc_ids"),
+                               context=batch.get("context"))  # context parallelism (r1core.parallel.context)
         h = self.embed(tokens) if self.is_first else x
         aux = None
         for block in self.layers.values():

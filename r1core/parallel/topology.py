@@ -1,4 +1,4 @@
-"""Process groups for tp, pp, ep, dp from megatron-core's parallel_state.
+"""Process groups for tp, pp, cp, ep, dp from megatron-core's parallel_state.
 
 megatron-core builds the groups (its order "tp-cp-ep-dp-pp": TP ranks adjacent, EP inside DP,
 PP outermost); `megatron_kwargs` is the one place our degree names meet megatron's.
@@ -17,15 +17,15 @@ from .config import ParallelConfig
 
 
 def megatron_kwargs(cfg: ParallelConfig) -> dict:
-    """Our tp, pp, ep, dp -> `megatron.core.parallel_state.initialize_model_parallel` arguments.
+    """Our tp, pp, cp, ep, dp -> `megatron.core.parallel_state.initialize_model_parallel` arguments.
 
-    megatron-core infers its data-parallel size as world / (tp * pp); experts are split over TP as
-    well (expert_tensor_parallel_size = tp), so EP groups stay inside the data-parallel dimension.
+    megatron-core infers its data-parallel size as world / (tp * pp * cp); experts are split over TP
+    as well (expert_tensor_parallel_size = tp), so EP groups stay inside the cp x dp dimensions.
     Virtual pipeline stages are ours (torch.distributed.pipelining), not megatron's.
     """
     return dict(tensor_model_parallel_size=cfg.tp, pipeline_model_parallel_size=cfg.pp,
                 expert_model_parallel_size=cfg.ep, expert_tensor_parallel_size=cfg.tp,
-                context_parallel_size=1, order="tp-cp-ep-dp-pp", create_gloo_process_groups=False)
+                context_parallel_size=cfg.cp, order="tp-cp-ep-dp-pp", create_gloo_process_groups=False)
 
 
 @dataclass
@@ -37,9 +37,11 @@ class Topology:
     tp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup
     ep_group: dist.ProcessGroup
-    dp_group: dist.ProcessGroup    # ranks with the same model shard that see different tokens (EP included)
-    edp_group: dist.ProcessGroup   # replicas of one expert shard (dp / ep of them)
-    tp_dp_group: dist.ProcessGroup # tp x dp: replicas of TP-replicated parameters
+    dp_group: dist.ProcessGroup    # ranks with the same model shard that read different batches (EP included)
+    cp_group: dist.ProcessGroup    # ranks holding pieces of the same sequences (r1core.parallel.context)
+    dp_cp_group: dist.ProcessGroup # dp x cp: replicas of one dense shard that see different tokens
+    edp_group: dist.ProcessGroup   # replicas of one expert shard (cp * dp / ep of them)
+    tp_dp_group: dist.ProcessGroup # tp x dp x cp: replicas of TP-replicated parameters
     ep_tp_group: dist.ProcessGroup # ep x tp: the ranks that split one copy of the routed experts
     embed_group: dist.ProcessGroup | None  # first and last pipeline stage (embedding shared with MTP / tied head)
     pp_ranks: list[int]            # global ranks of this rank's pipeline, by stage rank
@@ -57,12 +59,16 @@ class Topology:
         return self.cfg.ep
 
     @property
+    def cp(self) -> int:
+        return self.cfg.cp
+
+    @property
     def dp(self) -> int:
         return self.cfg.dp
 
     @property
     def edp(self) -> int:
-        return self.cfg.dp // self.cfg.ep
+        return self.cfg.cp * self.cfg.dp // self.cfg.ep
 
     def rank_in(self, name: str) -> int:
         return dist.get_rank(getattr(self, f"{name}_group"))
@@ -81,7 +87,10 @@ def init_topology(cfg: ParallelConfig, device: torch.device) -> Topology:
         cfg=cfg, rank=dist.get_rank(), world_size=dist.get_world_size(), device=device,
         tp_group=ps.get_tensor_model_parallel_group(), pp_group=pp_group,
         ep_group=ps.get_expert_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
-        edp_group=ps.get_expert_data_parallel_group(), tp_dp_group=ps.get_tensor_and_data_parallel_group(),
+        cp_group=ps.get_context_parallel_group(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        edp_group=ps.get_expert_data_parallel_group(),
+        tp_dp_group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True),
         ep_tp_group=ps.get_expert_tensor_and_model_parallel_group(),
         embed_group=embed, pp_ranks=dist.get_process_group_ranks(pp_group),
     )

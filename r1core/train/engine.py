@@ -1,4 +1,4 @@
-"""The training engine: one interface for one device and for any tp × pp × ep × dp layout.
+"""The training engine: one interface for one device and for any tp × pp × cp × ep × dp layout.
 
     engine = build_engine(model_args, ParallelConfig(...), OptimConfig(...), device=..., dtype=..., seed=0)
     metrics = engine.train_step(microbatches, objective)    # grad accumulation / PP schedule, one optimizer step
@@ -9,9 +9,12 @@
 A step: every rank gets its data-parallel shard of the batch as a list of microbatch dicts (each
 split further into `ParallelConfig.microbatches`); the objective's normalizers are summed over all
 microbatches and data-parallel ranks first, so the step is exactly a step on the whole batch on
-one device. Then forward/backward, gradient reduction, global-norm clipping, AdamW with the LR
-schedule, and the aux-free expert-bias update from expert loads summed over the ranks that saw
-different tokens (so every rank keeps routing identically).
+one device. Under context parallelism (parallel.cp) the ranks of a cp group get the same shard and
+each keeps its chunks of every sequence (r1core.parallel.context); the normalizers count whole
+sequences, and metrics, gradients and expert loads are summed over cp as over dp. Then
+forward/backward, gradient reduction, global-norm clipping, AdamW with the LR schedule, and the
+aux-free expert-bias update from expert loads summed over the ranks that saw different tokens (so
+every rank keeps routing identically).
 """
 
 from __future__ import annotations
@@ -223,7 +226,7 @@ class TrainEngine:
         gates = [m.gate for m in self.model.moe_layers()]
         if not gates:
             return
-        loads = self._all_reduce(torch.stack([g.expert_load for g in gates]), "dp")
+        loads = self._all_reduce(torch.stack([g.expert_load for g in gates]), "dp_cp")
         for gate, load in zip(gates, loads):
             update_expert_bias(gate, load)
 
@@ -407,7 +410,8 @@ class LocalEngine(TrainEngine):
 
 
 class ParallelEngine(TrainEngine):
-    """tp × pp × ep × dp on torch.distributed: megatron-core groups, r1core.parallel sharding, torch schedules."""
+    """tp × pp × cp × ep × dp on torch.distributed: megatron-core groups, r1core.parallel sharding, torch
+    schedules. Context-parallel ranks receive the same batches and each keeps its chunks of every sequence."""
 
     def __init__(self, args, parallel, optim, device, dtype, seed):
         from r1core.parallel.layout import Meshes
@@ -423,6 +427,12 @@ class ParallelEngine(TrainEngine):
         self.is_last_stage = self.runner.is_last
         self.rank, self.world_size = topo.rank, topo.world_size
         self.dp_rank, self.dp_size = topo.rank_in("dp"), topo.dp
+        # context-parallel ranks get the same batches (the data-parallel shard) and split every sequence
+        self.context = None
+        if topo.cp > 1:
+            from r1core.parallel.context import ContextParallel
+
+            self.context = ContextParallel(topo.cp_group, topo.cp, topo.rank_in("cp"))
         self.vocab_group = topo.tp_group if topo.tp > 1 else None
         stages = {s for s, _ in self.runner.stages}
         # the embedding's copy on the last stage (MTP, tied head) is summed with stage 0's, unless one rank
@@ -435,7 +445,7 @@ class ParallelEngine(TrainEngine):
         topo, zero = self.topo, self.parallel.zero1
         dense = [(n, p) for n, p in self.optimized_params if not self.layouts[n].is_expert]
         experts = [(n, p) for n, p in self.optimized_params if self.layouts[n].is_expert]
-        opts = [adamw(dense, self.optim_cfg, topo.dp_group, topo.dp, zero)] if dense else []
+        opts = [adamw(dense, self.optim_cfg, topo.dp_cp_group, topo.dp * topo.cp, zero)] if dense else []
         if experts:
             opts.append(adamw(experts, self.optim_cfg, topo.edp_group, topo.edp, zero))
         return opts
@@ -455,6 +465,11 @@ class ParallelEngine(TrainEngine):
 
         sums: dict = {}
         head = self.model.head.weight if self.is_last_stage else None
+        if self.context is not None:
+            if not getattr(objective, "context_parallel", False):
+                raise ValueError(f"{type(objective).__name__} does not support context parallelism "
+                                 f"(parallel.cp={self.topo.cp})")
+            mbs = [self.context.shard(mb) for mb in mbs]
 
         def loss_fn(h, index):
             mb = mbs[int(index.reshape(-1)[0])]
@@ -485,7 +500,7 @@ class ParallelEngine(TrainEngine):
         keys = sorted(sums)
         local = {}
         if keys:
-            flat = self._all_reduce(torch.stack([sums[k] for k in keys]), "dp")
+            flat = self._all_reduce(torch.stack([sums[k] for k in keys]), "dp_cp")
             local = dict(zip(keys, flat.tolist()))
         if self.topo.pp == 1:
             return local
@@ -501,12 +516,17 @@ class ParallelEngine(TrainEngine):
         from r1core.parallel import comm
 
         n = self.parallel.microbatches
-        hs = self.runner.forward(split_microbatches(microbatches, n), self.dtype)
+        mbs = split_microbatches(microbatches, n)
+        if self.context is not None:
+            mbs = [self.context.shard(mb) for mb in mbs]
+        hs = self.runner.forward(mbs, self.dtype)
         hs = [torch.cat(hs[i:i + n]) for i in range(0, len(hs), n)]  # back to the given batches
         out = []
         for h, mb in zip(hs, microbatches):
             if self.parallel.sequence_parallel:
                 h = comm.gather_seq_replicated(h, self.topo.tp_group)
+            if self.context is not None:  # fn sees whole sequences
+                h = self.context.gather(h)
             out.append(fn(h, self.model.head.weight, self.vocab_group, mb, self.model))
         return out
 

@@ -64,6 +64,9 @@ class LMObjective:
     """Next-token CE + multi-token prediction (DeepSeek-V3 eq. 21-25) + the MTP blocks' balance loss."""
 
     impl: str | None = None  # r1core.kernels impl for the CE; None: ref on CPU, the kernel default on GPU
+    # (not a field) under context parallelism a rank's CE and MTP sums cover its chunks; `totals` counts
+    # whole sequences (the engine calls it before cutting them)
+    context_parallel = True
 
     def totals(self, mb: dict, model: Transformer | None = None) -> dict[str, torch.Tensor]:
         n_mtp = model.args.n_mtp_modules if model is not None else 0
@@ -80,7 +83,7 @@ class LMObjective:
         loss, metrics = ce, {"ce": ce.detach()}
         if not len(model.mtp) or tokens.shape[1] < 2:
             return loss, metrics
-        meta = model.attn_meta(tokens, mb.get("positions"), mb.get("doc_ids"))
+        meta = model.attn_meta(tokens, mb.get("positions"), mb.get("doc_ids"), context=mb.get("context"))
         out = model.mtp_losses(hidden, tokens, labels, meta, head_weight,
                                lambda h, w, t: ce_sum(h, w, t, vocab_group, self.impl))
         per_depth = [s / d[f"mtp{k}"].clamp(min=1) for k, s in enumerate(out.ce_sums, start=1)]
