@@ -6,7 +6,6 @@ import enum
 from dataclasses import dataclass, field
 
 from r1core.kernels.grpo_loss_terms import LossAgg, PolicyLossConfig  # noqa: F401  (LossAgg: r1core.rl)
-
 from r1core.rollout.types import SamplingConfig
 
 
