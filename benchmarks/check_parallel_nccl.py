@@ -4,7 +4,7 @@
 
 Small preset cut to --layers layers. Every rank first trains the single-GPU reference (LocalEngine,
 whole batch) on its own GPU, then each layout (TP2, EP2, DP2 with ZeRO-1, TP2+SP, PP2 1F1B /
-DualPipeV) trains the same steps on the same global batch. fp32 with TF32 off must agree to
+DualPipeV, CP2) trains the same steps on the same global batch. fp32 with TF32 off must agree to
 rtol 1e-4; the bf16 rows use the Triton MoE path and must agree to 2e-2 (bf16 rounding of reordered
 sums). Prints a table and which torch.distributed.pipelining schedules this torch has; rank 0
 writes the JSON; exits 1 on any mismatch.
@@ -34,8 +34,10 @@ LAYOUTS = {  # name: (ParallelConfig kwargs, dtype, MoE impl)
     "tp2_sp": (dict(tp=2, sequence_parallel=True), torch.float32, "ref"),
     "pp2_1f1b": (dict(pp=2, microbatches=2), torch.float32, "ref"),
     "pp2_dualpipev": (dict(pp=2, pp_schedule="dualpipev", microbatches=4), torch.float32, "ref"),
+    "cp2": (dict(cp=2), torch.float32, "ref"),
     "tp2_bf16_triton": (dict(tp=2), torch.bfloat16, "triton"),
     "ep2_bf16_triton": (dict(ep=2), torch.bfloat16, "triton"),
+    "cp2_bf16_triton": (dict(cp=2), torch.bfloat16, "triton"),
 }
 RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 

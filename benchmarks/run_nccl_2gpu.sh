@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# r1core.parallel on NCCL, for the 2 x H200 machine (nvidia-h200-x2), at most 6 minutes (timeouts), about 3 expected:
-#   1. benchmarks/check_parallel_nccl.py: TP2, EP2, DP2 (ZeRO-1), TP2+SP, PP2 1F1B / DualPipeV in fp32 and
-#      TP2 / EP2 in bf16 with the Triton MoE path, each against the single-GPU run of the same steps
+# r1core.parallel on NCCL, for the 2 x H200 machine (nvidia-h200-x2), at most 9 minutes (timeouts), about 5 expected:
+#   1. benchmarks/check_parallel_nccl.py: TP2, EP2, DP2 (ZeRO-1), TP2+SP, PP2 1F1B / DualPipeV, CP2 in fp32 and
+#      TP2 / EP2 / CP2 in bf16 with the Triton MoE path, each against the single-GPU run of the same steps
 #      (small preset cut to 4 layers); prints which pipeline schedules this torch has.
 #   2. a `torchrun -m r1core.train` smoke run (TP2+SP) on the small preset in bf16.
+#   3. issue 18: the small preset at 64K tokens on one GPU, then CP2 on two (benchmarks/bench_long_seq.py,
+#      batch 1, activation checkpointing): tokens/s and peak memory per rank side by side.
 # Run from the repo root with the carried wheels in .whl/ (../shared/tools/device-wheels.sh):
 #   bash benchmarks/run_nccl_2gpu.sh
 # Logs and JSON go to $OUT. NVLink multicast stays off (KINDS.md): NCCL_NVLS_ENABLE=0 and friends.
@@ -28,3 +30,10 @@ timeout 100 python3 -m torch.distributed.run --standalone --nproc_per_node=2 -m 
   > "$OUT/train_tp2_sp.log" 2>&1
 echo "train_tp2_sp rc=$?"
 tail -2 "$OUT/train_tp2_sp.log"
+
+timeout 100 python3 benchmarks/bench_long_seq.py --seqs 65536 --steps 2 > "$OUT/long_seq_64k_1gpu.log" 2>&1
+echo "long_seq 64K one GPU rc=$?"
+timeout 120 python3 -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/bench_long_seq.py --seqs 65536 \
+  --steps 2 > "$OUT/long_seq_64k_cp2.log" 2>&1
+echo "long_seq 64K CP2 rc=$?"
+grep -hE "^## |^\| 65536" "$OUT/long_seq_64k_1gpu.log" "$OUT/long_seq_64k_cp2.log"
