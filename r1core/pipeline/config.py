@@ -27,6 +27,8 @@ from r1core.rl.evaluate import EvalConfig
 from r1core.train.lm import LMTrainConfig
 from r1core.train.engine import OptimConfig
 
+from .long_context import PasskeyConfig
+
 
 class StageKind(str, enum.Enum):
     prepare = "prepare"                        # tokenizer + token shards + eval/RL problem sets
@@ -39,10 +41,12 @@ class StageKind(str, enum.Enum):
     all_scenario_rl = "all_scenario_rl"        # GRPO: rule rewards + the reward-model hook
     distill = "distill"                        # SFT a small dense student on teacher samples
     eval = "eval"                              # pass@1 over k samples and cons@k
+    long_context = "long_context"              # continued pretraining at a longer length under YaRN
+    passkey_eval = "passkey_eval"              # passkey retrieval accuracy over a depth x length grid
 
 
 MODEL_STAGES = {StageKind.pretrain, StageKind.load, StageKind.cold_start_sft, StageKind.reasoning_rl,
-                StageKind.sft, StageKind.all_scenario_rl, StageKind.distill}
+                StageKind.sft, StageKind.all_scenario_rl, StageKind.distill, StageKind.long_context}
 
 
 @dataclass(kw_only=True)
@@ -52,7 +56,7 @@ class StageSpec:
     init: str = "previous"   # model to start from: "previous" model stage, a stage name, or "scratch"
     dataset: str = ""        # stage whose dataset this stage trains on ("" = its kind's default)
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted job keys, e.g. {"rl.steps": 20}
-    baseline: str = ""       # eval stages: an earlier eval stage the report compares this one with (besides the first)
+    baseline: str = ""       # eval / passkey_eval stages: an earlier one of the same kind the report compares this one with (besides the first)
 
 
 @dataclass(kw_only=True)
@@ -71,6 +75,7 @@ class DataConfig:
     answer_noise: float = 0.0      # built-in corpus: share of worked solutions whose final answer is corrupted
     direct_fraction: float = 0.0   # built-in corpus: share of problems answered at once, with an empty think block
     direct_noise: float = 0.0      # built-in corpus: share of those direct answers that are near misses
+    passkey_fraction: float = 0.0  # share of pretraining / long_context rows that are passkey retrieval documents
     pretrain_files: list[str] = field(default_factory=list)  # text / JSONL: replaces the built-in corpus
     cold_start_jsonl: str = ""     # long-CoT SFT data; "" = generated worked solutions
     cold_start_examples: int = 2000 # built-in cold-start set size (without data.cold_start_jsonl)
@@ -135,6 +140,10 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # one YaRN phase of context extension (its YaRN settings: the stage's model.* overrides)
+    long_context: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(
+        steps=50, seq_len=384, batch_size=8, micro_batch_size=8, lr=1e-3, save_every=25))
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
     pipeline: PipelineConfig = MISSING
 
 
@@ -263,6 +272,8 @@ STAGE_SECTIONS = {
     StageKind.rejection_sampling: _COMMON + ("rejection", "rollout", "require_boxed"),
     StageKind.distill: _COMMON + ("optim", "sft", "distill", "rollout", "require_boxed"),
     StageKind.eval: _COMMON + ("eval", "rollout", "require_boxed"),
+    StageKind.long_context: _COMMON + ("optim", "long_context", "data"),
+    StageKind.passkey_eval: _COMMON + ("passkey",),
 }
 
 
@@ -293,9 +304,10 @@ def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> 
     for i, st in enumerate(stages):
         if st.name in seen:
             raise ConfigError(f"pipeline {job.pipeline.name!r}: stage name {st.name!r} appears twice")
-        if st.baseline and (st.kind != StageKind.eval or seen.get(st.baseline, st).kind != StageKind.eval):
-            raise ConfigError(f"stage {st.name!r}: baseline={st.baseline!r} must name an earlier eval stage, and "
-                              "only eval stages take one")
+        evals = (StageKind.eval, StageKind.passkey_eval)
+        if st.baseline and (st.kind not in evals or seen.get(st.baseline, st).kind != st.kind):
+            raise ConfigError(f"stage {st.name!r}: baseline={st.baseline!r} must name an earlier stage of its kind, "
+                              "and only eval and passkey_eval stages take one")
         for ref, what in ((st.init, "init"), (st.dataset, "dataset")):
             if ref not in ("", "previous", "scratch") and ref not in seen:
                 raise ConfigError(f"stage {st.name!r}: {what}={ref!r} names no earlier stage "
@@ -313,6 +325,10 @@ def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> 
             except ValueError as e:
                 raise ConfigError(f"stage {st.name!r}: the student (distill.student) does not fit the parallel "
                                   f"layout: {e}") from None
+        if st.kind == StageKind.long_context and sj.long_context.seq_len > sj.model.max_seq_len:
+            raise ConfigError(f"stage {st.name!r}: long_context.seq_len={sj.long_context.seq_len} exceeds the "
+                              f"model's context (model.max_seq_len={sj.model.max_seq_len}): set the stage's YaRN "
+                              "settings (model.rope_factor, model.original_seq_len, model.max_seq_len)")
         if st.kind == StageKind.load and not sj.hf_checkpoint:
             raise ConfigError(f"stage {st.name!r} loads released weights: set hf_checkpoint=<HF directory>")
         seen[st.name] = st

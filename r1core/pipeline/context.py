@@ -16,7 +16,7 @@ import torch
 
 from r1core.data import ChatFormat, Problem, Tokenizer
 
-from .config import JobConfig, StageSpec
+from .config import JobConfig, StageKind, StageSpec
 
 
 @dataclass
@@ -46,6 +46,10 @@ def make_engine(ctx: StageContext, steps: int, lr: float, model_args=None, init:
     from r1core.train.engine import build_engine
 
     args = model_args or ctx.job.model
+    if init and ctx.init_model and ctx.spec.kind != StageKind.long_context:
+        from .long_context import rope_of  # the starting model's context, which a long_context stage may have extended
+
+        args = args.replace(**rope_of(ctx.init_model))
     optim = dataclasses.replace(ctx.job.optim, lr=lr, total_steps=max(steps, 1))
     engine = build_engine(args, ctx.job.parallel, optim, device=ctx.device, dtype=ctx.dtype,
                           seed=ctx.job.seed)

@@ -18,6 +18,7 @@ from r1core.train.checkpointing import atomic_write_text
 from r1core.train.metrics import curves_from_log, moving_average, plot_curves, read_jsonl
 
 from .config import StageKind
+from .long_context import passkey_section
 
 TRAIN_KEYS = ["loss", "ce", "mtp", "grad_norm", "lr", "tokens_per_s"]
 RL_KEYS = ["reward", "reward/accuracy", "reward/format", "reward/reward_model", "response_len", "kl", "entropy",
@@ -279,6 +280,7 @@ def write_report(run_dir: Path, manifest, resolved, job) -> Path:
         if _passk_plot(run_dir / "pass_at_k.png", evals):
             figures.append("pass_at_k.png")
         plots = figures + plots
+    lines += passkey_section(run_dir, manifest, resolved)
     if rl_logs:
         _rl_page(run_dir / "rl.png", rl_logs)
         plots.insert(1 if evals else 0, "rl.png")

@@ -53,17 +53,27 @@ def stage_load(ctx: StageContext):
 
 
 def stage_pretrain(ctx: StageContext):
+    """Next-token training on the prepared shards. A long_context stage is the same at its own length,
+    under its YaRN settings, with its passkey documents filling whole rows (see long_context.py)."""
+    from r1core.data.passkey import PasskeyMix
     from r1core.train.lm import WindowBatches, train_lm
     from r1core.train.objectives import LMObjective
 
-    cfg = ctx.job.pretrain
+    from .long_context import rope_summary
+
+    long = ctx.spec.kind == StageKind.long_context
+    cfg = ctx.job.long_context if long else ctx.job.pretrain
     tok, _ = ctx.tokenizer()
     engine = make_engine(ctx, cfg.steps, cfg.lr)
     ds = TokenShardDataset(ctx.prepared["shards"], cfg.seq_len, seed=ctx.job.seed, dp_rank=engine.dp_rank,
                            dp_size=engine.dp_size, tokenizer_hash=tok.hash)
     data = WindowBatches(ds, cfg.micro_batch_size // engine.dp_size or 1, cfg.doc_masking)
+    if ctx.job.data.passkey_fraction:
+        data = PasskeyMix(data, tok, ctx.job.data.passkey_fraction, seed=ctx.job.seed + engine.dp_rank,
+                          full_length=long)
     metrics = train_lm(engine, data, cfg, ctx.stage_dir, LMObjective(), desc=ctx.spec.name, is_main=ctx.is_main)
-    return _export(ctx, engine), _keep(metrics, "loss", "ce", "mtp", "tokens_per_s")
+    return _export(ctx, engine), {**_keep(metrics, "loss", "ce", "mtp", "tokens_per_s"),
+                                  **rope_summary(engine.model.args), "seq_len": cfg.seq_len}
 
 
 def _sft_data(ctx: StageContext, cfg, examples, tok, fmt, engine):
@@ -157,6 +167,12 @@ def stage_eval(ctx: StageContext):
     return {"eval": str(ctx.stage_dir / "eval.json")}, metrics
 
 
+def stage_passkey_eval(ctx: StageContext):
+    from .long_context import stage_passkey_eval as run
+
+    return run(ctx)
+
+
 def stage_rejection_sampling(ctx: StageContext):
     from .rejection import run_rejection_sampling
 
@@ -177,7 +193,8 @@ STAGES = {
     StageKind.prepare: stage_prepare, StageKind.load: stage_load, StageKind.pretrain: stage_pretrain,
     StageKind.cold_start_sft: stage_sft, StageKind.sft: stage_sft, StageKind.reasoning_rl: stage_rl,
     StageKind.all_scenario_rl: stage_rl, StageKind.rejection_sampling: stage_rejection_sampling,
-    StageKind.distill: stage_distill, StageKind.eval: stage_eval,
+    StageKind.distill: stage_distill, StageKind.eval: stage_eval, StageKind.long_context: stage_pretrain,
+    StageKind.passkey_eval: stage_passkey_eval,
 }
 
 

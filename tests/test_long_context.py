@@ -1,0 +1,133 @@
+"""Long-context extension: passkey documents, their mix into training, retrieval scoring, and the
+rotary settings a long_context stage hands to the stages after it."""
+
+import random
+
+import pytest
+import torch
+
+from r1core.checkpoint.hf import save_pretrained
+from r1core.data import IGNORE_INDEX, Tokenizer, builtin_corpus
+from r1core.data.passkey import PasskeyMix, min_length, passkey_document, passkey_grid
+from r1core.model import Transformer
+from r1core.model.args import presets
+from r1core.pipeline.long_context import passkey_correct, passkey_table, per_length, rope_of
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train_bpe(builtin_corpus(800, seed=0), vocab_size=400)
+
+
+def test_passkey_document_has_the_asked_length_and_its_answer_is_the_key(tok):
+    rng = random.Random(0)
+    for length in (min_length(tok), 80, 133):
+        for depth in (0.0, 0.5, 1.0):
+            d = passkey_document(tok, length, depth, rng)
+            assert len(d.tokens) == length and d.tokens[-1] == tok.eos_id
+            assert tok.decode(d.tokens[d.answer_start: d.answer_start + d.answer_len]) == d.key
+            text = tok.decode(d.tokens)
+            assert text.count(d.key) == 2 and text.endswith(f"The pass key is {d.key}.<|eos|>")
+
+
+def test_needle_moves_back_with_depth_and_the_grid_is_a_function_of_its_arguments(tok):
+    docs = [passkey_document(tok, 200, depth, random.Random(1)) for depth in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    where = [tok.decode(d.tokens).index(f"is {d.key}.") for d in docs]
+    assert where == sorted(where) and where[0] < where[-1]
+    assert all(abs(d.needle_at - d.depth) < 0.2 for d in docs)
+    a = passkey_grid(tok, [90, 120], [0.0, 1.0], 3, seed=5)
+    b = passkey_grid(tok, [120], [1.0], 3, seed=5)  # a cell holds the same documents whatever else is asked
+    assert [d.tokens for d in a[-3:]] == [d.tokens for d in b]
+    assert [d.key for d in passkey_grid(tok, [90], [0.0], 3, seed=6)] != [d.key for d in a[:3]]
+    with pytest.raises(ValueError, match="at least"):
+        passkey_document(tok, min_length(tok) - 10, 0.5, random.Random(0))
+
+
+class _Rows:
+    """A resumable stand-in for WindowBatches: micro-batch i holds tokens i*100 + position."""
+
+    def __init__(self, T=96, B=4):
+        self.T, self.B, self.i = T, B, 0
+
+    def __iter__(self):
+        while True:
+            t = torch.arange(self.T).repeat(self.B, 1) + 100 * self.i
+            self.i += 1
+            yield {"tokens": t, "labels": t + 1, "doc_ids": torch.zeros_like(t), "positions": torch.arange(self.T).repeat(self.B, 1)}
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, s):
+        self.i = s["i"]
+
+
+def test_passkey_mix_replaces_a_share_of_rows_with_next_token_documents_and_resumes_exactly(tok):
+    mix = PasskeyMix(_Rows(), tok, fraction=0.5, seed=3)
+    it = iter(mix)
+    batches = [next(it) for _ in range(30)]
+    replaced = [(mb, r) for mb in batches for r in range(4) if not torch.equal(mb["tokens"][r], mb["labels"][r] - 1)]
+    assert 0.3 < len(replaced) / 120 < 0.7
+    for mb, r in replaced:
+        keep = mb["labels"][r] != IGNORE_INDEX
+        n = int(keep.sum())
+        assert keep[:n].all() and n >= min_length(tok) - 1  # one document at the row's start, then padding
+        assert torch.equal(mb["tokens"][r, 1:n], mb["labels"][r, : n - 1])
+        assert mb["labels"][r, n - 1] == tok.eos_id and tok.decode(mb["tokens"][r, :n].tolist()).count("pass key") == 3
+        assert torch.equal(mb["positions"][r, :n], torch.arange(n)) and (mb["doc_ids"][r, n:] == 1).all()
+    full = next(iter(PasskeyMix(_Rows(), tok, fraction=1.0, seed=3, full_length=True)))
+    assert (full["labels"] != IGNORE_INDEX).all() and (full["labels"][:, -1] == tok.eos_id).all()
+
+    resumed = PasskeyMix(_Rows(), tok, fraction=0.5, seed=3)
+    it = iter(mix2 := PasskeyMix(_Rows(), tok, fraction=0.5, seed=3))
+    for _ in range(10):
+        next(it)
+    resumed.load_state_dict(mix2.state_dict())
+    again = iter(resumed)
+    for want in batches[10:20]:
+        got = next(again)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts the true next token of each known document, except a digit of the key in `wrong`."""
+
+    def __init__(self, docs, wrong, vocab):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.docs, self.wrong, self.vocab = docs, wrong, vocab
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, self.vocab)
+        for b in range(x.shape[0]):
+            d = next(d for d in self.docs if d.tokens == x[b, : len(d.tokens)].tolist())
+            nxt = torch.tensor(d.tokens[1:] + [0])
+            if id(d) in self.wrong:
+                nxt[d.answer_start + 2] = (nxt[d.answer_start + 2] + 1) % self.vocab  # one digit off
+            logits[b, torch.arange(len(d.tokens)), nxt] = 1.0
+        return logits
+
+
+def test_retrieval_is_scored_digit_for_digit_and_tabled_per_length_and_depth(tok):
+    docs = passkey_grid(tok, [70, 100], [0.0, 1.0], 4, seed=2)
+    wrong = {id(d) for i, d in enumerate(docs) if i % 4 == 0 or len(d.tokens) == 100 and d.depth == 1.0}
+    correct = passkey_correct(_Oracle(docs, wrong, tok.vocab_size), docs, batch_size=3)
+    assert correct == [0.0 if id(d) in wrong else 1.0 for d in docs]
+    table = passkey_table(docs, correct)
+    cell = {(c["length"], c["depth"]): c for c in table["cells"]}
+    assert cell[70, 0.0]["accuracy"] == 0.75 and cell[100, 1.0]["accuracy"] == 0.0
+    assert cell[70, 0.0]["se"] == pytest.approx((0.75 / 3 / 4) ** 0.5)  # sum of squares 0.75, n - 1 = 3, n = 4
+    assert table["by_length"]["100"]["accuracy"] == 3 / 8
+    record = {"lengths": [70, 100], "depths": [0.0, 1.0], "per_problem": correct}
+    assert per_length(record) == {70: correct[:8], 100: correct[8:]}
+
+
+def test_rope_settings_round_trip_through_an_exported_model(tmp_path):
+    args = presets["tiny"].replace(max_seq_len=320, original_seq_len=64, rope_factor=5.0, beta_fast=16)
+    torch.manual_seed(0)
+    save_pretrained(Transformer(args), tmp_path / "m")
+    rope = rope_of(tmp_path / "m")
+    assert rope == {f: getattr(args, f) for f in rope}
+    plain = presets["tiny"].replace(max_seq_len=64, original_seq_len=64, rope_factor=1.0)
+    save_pretrained(Transformer(plain), tmp_path / "p")
+    assert rope_of(tmp_path / "p")["max_seq_len"] == 64 and not plain.replace(**rope_of(tmp_path / "p")).uses_yarn
