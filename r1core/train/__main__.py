@@ -84,8 +84,9 @@ def check(a: argparse.Namespace, args, parallel: ParallelConfig) -> dict:
     except ValueError as e:
         raise SystemExit(f"--preset {a.preset} on {world} processes: {e}") from None
     total, active = count_parameters(args)
-    out = {"preset": a.preset, "world_size": world, "tp": resolved.tp, "pp": resolved.pp, "ep": resolved.ep,
-           "dp": resolved.dp, "microbatches": resolved.microbatches, "pp_schedule": resolved.pp_schedule.value,
+    out = {"preset": a.preset, "world_size": world, "tp": resolved.tp, "pp": resolved.pp, "cp": resolved.cp,
+           "ep": resolved.ep, "dp": resolved.dp, "microbatches": resolved.microbatches,
+           "pp_schedule": resolved.pp_schedule.value,
            "n_layers": args.n_layers, "params_total": total, "params_active": active,
            "routed_experts_per_rank": args.n_routed_experts // resolved.ep}
     print(json.dumps(out), flush=True)
