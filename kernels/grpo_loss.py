@@ -149,27 +149,30 @@ def _tiled_forward(h, w, targets, scale, group):
 
 
 class _ChunkedLoss(torch.autograd.Function):
-    """(loss, logp, entropy); gradients are computed in forward and only scaled in backward."""
+    """(loss, logp, entropy); gradients are computed in forward and only scaled in backward.
+
+    The backward may run more than once: zero-bubble pipeline schedules (DualPipeV) run the last
+    stage's loss node in the input pass (for grad_h) and again in the weight pass (for grad_w;
+    torch.distributed.pipelining's stage_backward_input / stage_backward_weight). So the buffers
+    are saved tensors, which autograd frees after the last backward that does not retain the graph,
+    and they are scaled out of place.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, objective, opts):
         scale, group, need_gh, need_gw, fp32_logits = opts
         logp, ent, gh, gw = _chunked_pass(hidden, weight, objective.targets, scale, group, objective.coef,
                                           need_gh, need_gw, fp32_logits)
-        ctx.grads = (gh, gw)
+        ctx.save_for_backward(gh, gw)
         ctx.mark_non_differentiable(logp, ent)
         return objective.value(logp), logp, ent
 
     @staticmethod
     def backward(ctx, g_loss, _g_logp, _g_ent):
-        if ctx.grads is None:
-            raise RuntimeError("grpo_loss / linear_cross_entropy: the gradients were handed out by a first "
-                               "backward; a second backward through the same call is not supported")
-        gh, gw = ctx.grads
-        ctx.grads = None  # hand the buffers to autograd without a copy
+        gh, gw = ctx.saved_tensors
         if bool(g_loss != 1):  # one host sync, as in Liger; saves a [V, H] pass in the usual case
             gh = gh * g_loss.to(gh.dtype) if gh is not None else None
-            gw = gw.mul_(g_loss.to(gw.dtype)) if gw is not None else None
+            gw = gw * g_loss.to(gw.dtype) if gw is not None else None
         return gh, gw, None, None
 
 

@@ -183,6 +183,41 @@ def test_linear_cross_entropy_matches_f_cross_entropy_with_ignore_index(impl, re
             assert_close_to_ref(x, ref, floor=1e-5, name=name)
 
 
+@pytest.mark.parametrize("loss_name", ["grpo_loss", "linear_cross_entropy"])
+@pytest.mark.parametrize("impl", FUSED)
+def test_fused_loss_backward_split_into_input_then_weight_pass_matches_one_backward(impl, loss_name):
+    # Zero-bubble pipeline schedules (DualPipeV) run the last stage's backward as an input pass and, later,
+    # a weight pass through the same loss node (torch's stage_backward_input / stage_backward_weight); a
+    # loss whose backward could run once raised at the first weight action ("3W0") on two GPUs.
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    inputs = make_inputs(seed=13)
+    proj = torch.nn.Linear(H, H, bias=False)
+    head = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(inputs["weight"])
+    params = list(proj.parameters()) + list(head.parameters())
+    x = inputs["hidden"].clone().requires_grad_()
+    rest = {k: v for k, v in inputs.items() if k not in ("hidden", "weight")}
+
+    def loss_of_x():  # scaled: the backward's grad_output is not 1 (the usual path scales the buffers)
+        h = proj(x)
+        if loss_name == "grpo_loss":
+            return 3.0 * grpo_loss(h, head.weight, **rest, beta=0.1, impl=impl)[0]
+        return 3.0 * linear_cross_entropy(h.reshape(-1, H), head.weight, rest["targets"].reshape(-1), impl=impl)
+
+    loss_of_x().backward()
+    want = [x.grad] + [p.grad for p in params]
+    x.grad = None
+    for p in params:
+        p.grad = None
+    dx, groups = stage_backward_input([loss_of_x()], None, [x], iter(params))
+    assert all(p.grad is None for p in params)  # the input pass leaves the weights alone
+    stage_backward_weight(iter(params), groups)
+    for name, got, ref in zip(("grad x", "grad proj", "grad head"), [x.grad] + [p.grad for p in params], want):
+        assert_close_to_ref(got, ref, floor=1e-6, name=name)
+
+
 def test_linear_cross_entropy_is_the_models_ce_sum_and_all_ignored_is_zero():
     inputs = make_inputs(seed=4)
     hidden, weight = inputs["hidden"].reshape(-1, H), inputs["weight"]
@@ -265,13 +300,14 @@ def test_settings_as_a_config_or_as_keywords_give_the_same_loss_and_not_both():
         grpo_loss(*args, loss=cfg, beta=0.2)
 
 
-def test_second_backward_through_chunked_loss_raises():
+def test_second_backward_through_chunked_loss_adds_the_same_gradient_again():
     inputs = make_inputs()
     h = inputs["hidden"].clone().requires_grad_()
     loss, _ = grpo_loss(h, inputs["weight"], **{k: v for k, v in inputs.items() if k not in ("hidden", "weight")})
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="second backward"):
-        loss.backward()
+    (2 * loss).backward(retain_graph=True)
+    once = h.grad.clone()
+    (2 * loss).backward()  # the saved buffers were scaled out of place: the first backward left them intact
+    torch.testing.assert_close(h.grad, 2 * once, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- vocab parallel (gloo)
