@@ -140,11 +140,13 @@ part_r1zero_small() {
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 part_cuda_tests() { run cuda_tests 60 python3 -m pytest -q -m gpu tests/test_moe_cuda.py -rfE -p no:cacheprovider; }
 part_grpo_tests() { run grpo_tests 90 python3 -m pytest -q -m gpu tests/test_grpo_loss.py -rfE -p no:cacheprovider; }
-# Issue 18: the longest sequence the small preset trains at on one GPU (batch 1, activation checkpointing,
-# bf16, Triton MoE) and tokens/s at 8K, 32K, then doubling until out of memory or the budget (JSON names the
-# longest that trained). ~5 min (128K ~10-20 s/step; 256K or the budget ends the sweep).
+# Issue 18: context parallelism's chunked attention on the GPU against MLA's own (bf16, tolerance rule), then
+# the longest sequence the small preset trains at on one GPU (batch 1, activation checkpointing, bf16,
+# Triton MoE) and tokens/s at 8K, 32K, then doubling until out of memory or the budget (JSON names the
+# longest that trained). ~6 min (128K ~10-20 s/step; 256K or the budget ends the sweep).
 part_long_seq() {
-  run long_seq 360 python3 benchmarks/bench_long_seq.py --steps 1 --budget-s 270
+  run cp_gpu_test 90 python3 -m pytest -q -m gpu tests/test_context_parallel.py -rfE -p no:cacheprovider
+  run long_seq 330 python3 benchmarks/bench_long_seq.py --steps 1 --budget-s 250
   grep -E "^\| [0-9]" "$R/long_seq.log" >> "$SUMMARY"
 }
 # 2 GPUs: TP2 / EP2 / DP2 / TP2+SP / PP2 / CP2 against the single-GPU run, with NCCL, and CP2 at 64K against

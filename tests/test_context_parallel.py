@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from r1core.model import presets
+from r1core.model import Transformer, presets
 from r1core.parallel import ParallelConfig, check_layout
-from r1core.parallel.context import causal_work, chunk_index, merge
-from r1core.testing import run_distributed
+from r1core.parallel.context import ContextParallel, causal_work, chunk_index, merge
+from r1core.testing import assert_close_to_ref, run_distributed
 from r1core.train.engine import LocalEngine, OptimConfig, build_engine
 from r1core.train.objectives import GRPOObjective, LMObjective
 
@@ -46,6 +46,63 @@ def test_chunk_split_matches_hand_computed_chunks_with_equal_causal_work(seq_len
 def test_chunk_split_rejects_a_length_not_divisible_into_chunks():
     with pytest.raises(ValueError, match="sequence length 10 is not a multiple of 4"):
         chunk_index(10, 2, 0)
+
+
+@pytest.fixture
+def one_rank_group(request):
+    """A one-process default group on the test's device (gloo on the CPU, NCCL on a GPU)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.fail("a process group is already up")
+    backend = "nccl" if request.param == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    yield request.param
+    dist.destroy_process_group()
+
+
+def _attention_and_grads(device: str, dtype, docs: bool, cp: bool):
+    """One MLA layer's output and input / weight gradients, plain or through context parallelism's attend."""
+    torch.manual_seed(0)
+    args = presets["tiny"] if device == "cpu" else presets["small"].replace(n_layers=2, n_dense_layers=1)
+    seq = 32 if device == "cpu" else 1024
+    with torch.device(device):
+        model = Transformer(args)
+    model.to(dtype)
+    attn = model.layers["0"].attn
+    batch = {"tokens": torch.zeros(2, seq, dtype=torch.long, device=device)}
+    if docs:
+        starts = torch.tensor([[seq // 3], [seq // 2]], device=device)
+        doc_ids = (torch.arange(seq, device=device) >= starts).long()
+        batch.update(doc_ids=doc_ids, positions=torch.arange(seq, device=device).expand(2, seq))
+    if cp:  # one rank holding both chunks: the bottom-right causal (or masked) chunk path
+        batch = ContextParallel(torch.distributed.group.WORLD, 1, 0).shard(batch)
+    meta = model.attn_meta(batch["tokens"], batch.get("positions"), batch.get("doc_ids"),
+                           context=batch.get("context"))
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(2, seq, args.dim, device=device, generator=g).to(dtype).requires_grad_()
+    out = attn(x, meta)
+    out.backward(torch.randn(out.shape, device=device, generator=g).to(dtype))
+    return [t.detach().float() for t in (out, x.grad, attn.wkv_a.weight.grad, attn.wkv_b.weight.grad)]
+
+
+@pytest.mark.parametrize("docs", [False, True], ids=["causal", "docs"])
+@pytest.mark.parametrize("one_rank_group", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)],
+                         indirect=True)
+def test_context_parallel_attention_matches_the_models_attention(one_rank_group, docs):
+    """cp=1 still cuts each sequence into two chunks, so the chunked attention (SDPA's kernels on a GPU) runs;
+    it must agree with MLA's own attention: exactly in fp32 on the CPU, by the tolerance rule in bf16."""
+    device = one_rank_group
+    if device == "cpu":
+        for got, want in zip(_attention_and_grads("cpu", torch.float32, docs, cp=True),
+                             _attention_and_grads("cpu", torch.float32, docs, cp=False)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        return
+    ref = _attention_and_grads(device, torch.float32, docs, cp=False)
+    lowp = _attention_and_grads(device, torch.bfloat16, docs, cp=False)
+    got = _attention_and_grads(device, torch.bfloat16, docs, cp=True)
+    for name, g, r, low in zip(["out", "dx", "dwkv_a", "dwkv_b"], got, ref, lowp):
+        assert_close_to_ref(g, r, low, floor=1e-3 * r.abs().max().item(), name=name)
 
 
 def test_layout_check_counts_cp_in_the_world_and_names_the_culprit():
