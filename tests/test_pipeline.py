@@ -167,6 +167,36 @@ def test_rejection_filters_on_hand_written_samples():
 
 # ---------------------------------------------------------------- manifest
 
+def test_all_scenario_reward_model_is_the_value_head_on_the_last_tokens_final_hidden_state(tmp_path):
+    """TransformerRewardModel (a rewards.ScalarHeadRewardModel) against the model run by hand: prompt +
+    response encoded, cut to the last max_tokens ids, value head dotted with the last position's state."""
+    import r1core
+    from safetensors.torch import save_file
+
+    from r1core import rewards
+    from r1core.checkpoint.hf import save_pretrained
+    from r1core.data import Tokenizer, builtin_corpus
+    from r1core.pipeline.all_scenario import TransformerRewardModel
+
+    torch.manual_seed(0)
+    tok = Tokenizer.train_bpe(builtin_corpus(300, seed=0), vocab_size=400)
+    model = r1core.Transformer(r1core.presets["tiny"]).eval()
+    save_pretrained(model, tmp_path)
+    tok.save(tmp_path / "tokenizer.json")
+    head = torch.randn(model.args.dim)
+    save_file({"weight": head}, str(tmp_path / "value_head.safetensors"))
+    rm = TransformerRewardModel(tmp_path, max_tokens=6)
+    assert isinstance(rm, rewards.ScalarHeadRewardModel)
+    prompts, responses = ["2+3=", "What is a cat?"], ["<think>5</think> \\boxed{5}", " An animal."]
+    with torch.no_grad():
+        want = []
+        for p, r in zip(prompts, responses):
+            ids = tok.encode(p + r)[-6:]
+            h, _ = model.hidden_states(torch.tensor([ids]))
+            want.append(float(h[0, -1] @ head))
+    assert rm.score(prompts, responses) == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
 def test_manifest_skips_only_done_stages_with_the_same_hash(tmp_path):
     m = Manifest(tmp_path, "p")
     out = tmp_path / "out.bin"
