@@ -47,7 +47,9 @@ def _worker(rank, world_size, port, fn, args, queue, done):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    from r1core.parallel import init_distributed
+
+    init_distributed("cpu")  # the entry points' own start-up, from the torchrun environment set above: gloo
     try:
         queue.put((rank, fn(rank, world_size, *args), None))
     except Exception:  # the parent re-raises with the traceback
