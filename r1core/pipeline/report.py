@@ -69,6 +69,11 @@ def describe_builtin_data(job, kinds: set) -> list[str]:
                          "response length.")
         elif d.answer_noise:
             lines.append(f"- **Deliberate noise**: {d.answer_noise:.0%} of the worked solutions end in a near miss.")
+    if d.passkey_fraction and kinds & {StageKind.pretrain, StageKind.long_context}:
+        lines.append(f"- **Passkey documents**: {d.passkey_fraction:.0%} of the training rows of pretraining and of "
+                     "each long_context phase hold a passkey retrieval document instead (a five-digit key hidden in "
+                     "the prose, asked for at the end): in pretraining one that fits the window, in a long_context "
+                     "phase one as long as its sequence.")
     if (not d.rl_prompts_jsonl or not d.eval_jsonl) and kinds & {StageKind.eval, *RL_KINDS}:
         lines.append("- **Problems**: RL prompts come from the train split and the held-out evaluation from the "
                      "test split of the same generator; a problem's split is a hash of its text, so none is in both "
