@@ -2,6 +2,7 @@
 rotary settings a long_context stage hands to the stages after it."""
 
 import random
+import re
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def test_passkey_document_has_the_asked_length_and_its_answer_is_the_key(tok):
             assert len(d.tokens) == length and d.tokens[-1] == tok.eos_id
             assert tok.decode(d.tokens[d.answer_start: d.answer_start + d.answer_len]) == d.key
             text = tok.decode(d.tokens)
-            assert text.count(d.key) == 2 and text.endswith(f"The pass key is {d.key}.<|eos|>")
+            assert text.count(d.key) == 2 and text.endswith(f"What is the pass key? {d.key}.<|eos|>")
 
 
 def test_needle_moves_back_with_depth_and_the_grid_is_a_function_of_its_arguments(tok):
@@ -73,7 +74,7 @@ def test_passkey_mix_replaces_a_share_of_rows_with_next_token_documents_and_resu
         n = int(keep.sum())
         assert keep[:n].all() and n >= min_length(tok) - 1  # one document at the row's start, then padding
         assert torch.equal(mb["tokens"][r, 1:n], mb["labels"][r, : n - 1])
-        assert mb["labels"][r, n - 1] == tok.eos_id and tok.decode(mb["tokens"][r, :n].tolist()).count("pass key") == 3
+        assert mb["labels"][r, n - 1] == tok.eos_id and tok.decode(mb["tokens"][r, :n].tolist()).count("pass key") == 2
         assert torch.equal(mb["positions"][r, :n], torch.arange(n)) and (mb["doc_ids"][r, n:] == 1).all()
     full = next(iter(PasskeyMix(_Rows(), tok, fraction=1.0, seed=3, full_length=True)))
     assert (full["labels"] != IGNORE_INDEX).all() and (full["labels"][:, -1] == tok.eos_id).all()
@@ -131,3 +132,51 @@ def test_rope_settings_round_trip_through_an_exported_model(tmp_path):
     plain = presets["tiny"].replace(max_seq_len=64, original_seq_len=64, rope_factor=1.0)
     save_pretrained(Transformer(plain), tmp_path / "p")
     assert rope_of(tmp_path / "p")["max_seq_len"] == 64 and not plain.replace(**rope_of(tmp_path / "p")).uses_yarn
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_module
+
+    from r1core.pipeline.config import register_configs
+
+    register_configs()
+    with initialize_config_module(config_module="r1core.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_a_stage_after_long_context_trains_the_extended_model_and_long_context_sets_its_own(tmp_path):
+    from r1core.pipeline.config import StageKind, StageSpec, to_job
+    from r1core.pipeline.context import StageContext, make_engine
+
+    job = to_job(_compose(["pipeline=long_context", f"run_dir={tmp_path}"]))
+    extended = job.model.replace(rope_factor=5.0, original_seq_len=64, max_seq_len=320)
+    torch.manual_seed(0)
+    save_pretrained(Transformer(extended), tmp_path / "extended")
+
+    def engine_args(kind, job_model):
+        spec = StageSpec(name="s", kind=kind)
+        ctx = StageContext(spec=spec, job=job.__class__(**{**job.__dict__, "model": job_model}), stage_dir=tmp_path,
+                           init_model=str(tmp_path / "extended"), dataset=None, prepared={},
+                           device=torch.device("cpu"), dtype=torch.float32)
+        return make_engine(ctx, 1, 1e-3).model.args
+
+    assert not job.model.uses_yarn
+    after = engine_args(StageKind.sft, job.model)  # the job's model is the plain one; the checkpoint's wins
+    assert (after.rope_factor, after.original_seq_len, after.max_seq_len) == (5.0, 64, 320)
+    phase = job.model.replace(rope_factor=8.0, original_seq_len=64, max_seq_len=512)
+    own = engine_args(StageKind.long_context, phase)  # a long_context stage trains under its own settings
+    assert (own.rope_factor, own.max_seq_len) == (8.0, 512)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("++pipeline.stages.3.overrides={model.max_seq_len: 64, model.rope_factor: 1.0}",
+     "long_context.seq_len=128 exceeds the model's context (model.max_seq_len=64)"),
+    ("pipeline.stages.5.baseline=pretrain", "baseline='pretrain' must name an earlier stage of its kind"),
+])
+def test_long_context_config_errors_name_the_stage_before_any_work(tmp_path, override, message):
+    from r1core.pipeline.config import ConfigError, to_job, validate_pipeline
+
+    cfg = _compose(["pipeline=long_context", f"run_dir={tmp_path}", override])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_pipeline(cfg, to_job(cfg))
+    assert not any(tmp_path.iterdir())
