@@ -31,18 +31,21 @@ def _run(argv: list[str]) -> None:
         # megatron-core announces at INFO, on import, which optional backends (Transformer Engine,
         # Megatron-FSDP) it found; Hydra's logging shows INFO, and none of it concerns an r1core user.
         logging.getLogger("megatron").setLevel(logging.WARNING)
+        from r1core.parallel.failfast import exit_rank, fail_fast
         from r1core.pipeline.runner import StageFailed, run_pipeline
 
         log = logging.getLogger("r1core")
         log.setLevel(logging.INFO)
         try:
-            run_pipeline(cfg)
+            # under torchrun, a rank that fails ends the job instead of leaving the others in a collective
+            with fail_fast("r1core run", passthrough=(ConfigError, StageFailed)):
+                run_pipeline(cfg)
         except ConfigError as e:  # one clear message, no traceback, before any work started
             log.error("%s", e)
-            raise SystemExit(2) from None
+            exit_rank(2)
         except StageFailed as e:  # bad input met inside a stage: the stage and the culprit, no traceback
             log.error("%s", e)
-            raise SystemExit(1) from None
+            exit_rank(1)
         except KeyboardInterrupt as e:  # Ctrl-C: one line; the manifest and checkpoints let a rerun resume
             log.error("%s", e if str(e) else "interrupted; rerun the same command to resume")
             raise SystemExit(130) from None

@@ -309,3 +309,23 @@ def test_launcher_names_a_rank_that_died_without_reporting():
     with pytest.raises(AssertionError, match="rank 1 exited with code 7 before reporting"):
         run_distributed(_rank1_dies, 2, timeout=120)
     assert time.monotonic() - t0 < 60  # reported when it happens, not at the timeout
+
+
+@pytest.mark.parametrize("mode, failing, cause", [
+    ("stage", 0, "deliberate failure in stage 0"),   # an exception mid-schedule; the peer waits in a recv
+    ("timeout", 1, "Timed out waiting 3000ms"),       # a peer that hangs without raising: parallel.timeout_s
+])
+def test_a_failing_rank_ends_a_torchrun_job_with_an_error_instead_of_hanging(mode, failing, cause):
+    import subprocess
+    import sys
+
+    job = os.path.join(os.path.dirname(__file__), "dist_fail_fast_job.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    t0 = time.monotonic()
+    # the hang this guards against lasts the process-group timeout (600 s in "stage", gloo's 30 min by default)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", job,
+                           mode], capture_output=True, text=True, timeout=300, env=env)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"rank {failing} of 2 failed" in proc.stderr and cause in proc.stderr, proc.stderr[-3000:]
+    assert elapsed < 120, f"the job took {elapsed:.0f} s to end"

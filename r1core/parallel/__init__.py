@@ -9,6 +9,7 @@ place (torchtitan-style); r1core.train.engine drives it.
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -18,14 +19,15 @@ from .config import ParallelConfig, PPSchedule, check_layout
 from .topology import Topology, init_topology, megatron_kwargs
 
 
-def init_distributed(device: str | torch.device = "auto") -> torch.device:
+def init_distributed(device: str | torch.device = "auto", timeout_s: float | None = None) -> torch.device:
     """This rank's device, with torch.distributed started from torchrun's environment when WORLD_SIZE > 1.
 
     `device`: "auto" (cuda when present, else cpu), "cpu", "cuda" or "cuda:N"; a bare "cuda" becomes
     cuda:$LOCAL_RANK, and a GPU is made the current device. The backend follows the device: NCCL bound
     to this rank's GPU (`device_id`: its communicator starts at once and collectives never guess the
     device), gloo on the CPU (which takes no device_id). The one start-up path of `r1core run` and
-    `python -m r1core.train`.
+    `python -m r1core.train`. `timeout_s` (`parallel.timeout_s`): how long a collective waits for the
+    other ranks before it raises (torch's default when None); r1core.parallel.failfast then ends the rank.
     """
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,7 +38,8 @@ def init_distributed(device: str | torch.device = "auto") -> torch.device:
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         nccl = device.type == "cuda"
-        dist.init_process_group("nccl" if nccl else "gloo", device_id=device if nccl else None)
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if nccl else "gloo", device_id=device if nccl else None, timeout=timeout)
     return device
 
 

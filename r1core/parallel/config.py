@@ -37,6 +37,7 @@ class ParallelConfig:
     zero1: bool = True            # shard optimizer state over the data-parallel ranks
     activation_checkpointing: bool = False  # recompute every block in backward
     compile: bool = False         # torch.compile every block
+    timeout_s: float = 600.0      # process-group timeout: seconds a collective waits for the other ranks
 
     def __post_init__(self) -> None:
         self.pp_schedule = PPSchedule(self.pp_schedule)
@@ -44,6 +45,8 @@ class ParallelConfig:
                if getattr(self, k) < 1]
         if self.dp == 0 or self.dp < -1:
             bad.append(f"dp={self.dp}")
+        if not self.timeout_s > 0:
+            bad.append(f"timeout_s={self.timeout_s}")
         if bad:
             raise ValueError(f"invalid ParallelConfig: {', '.join(bad)} (degrees are >= 1; dp=-1 infers it)")
 

@@ -97,7 +97,7 @@ def _preflight(resolved, chains: list[str], manifest: Manifest, rank: int) -> No
 def run_pipeline(cfg: DictConfig) -> Path:
     cfg = resolve_job_config(cfg)
     job = to_job(cfg)
-    device = init_distributed(job.device)
+    device = init_distributed(job.device, job.parallel.timeout_s)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     resolved = validate_pipeline(cfg, job, world)  # every config error surfaces here, before any work
     run_dir = Path(job.run_dir)

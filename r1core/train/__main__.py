@@ -19,6 +19,7 @@ import torch.distributed as dist
 from r1core.config_notes import field_notes
 from r1core.model import presets
 from r1core.parallel import ParallelConfig, init_distributed
+from r1core.parallel.failfast import fail_fast
 from r1core.train.engine import OptimConfig, build_engine
 from r1core.train.objectives import LMObjective
 
@@ -121,7 +122,12 @@ def main(argv=None) -> list[dict]:
     parallel = parallel_config(a)
     if a.check:
         return [check(a, args, parallel)]
-    device = init_distributed()
+    device = init_distributed(timeout_s=parallel.timeout_s)
+    with fail_fast("r1core.train"):
+        return _train(a, args, parallel, device)
+
+
+def _train(a: argparse.Namespace, args, parallel: ParallelConfig, device) -> list[dict]:
     optim = OptimConfig(lr=a.lr, warmup_steps=min(10, a.steps // 10), total_steps=a.steps)
     engine = build_engine(args, parallel, optim, device=device, dtype=DTYPES[a.dtype], seed=a.seed)
     if a.batch % engine.dp_size:
