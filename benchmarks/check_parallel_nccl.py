@@ -4,10 +4,12 @@
 
 Small preset cut to --layers layers. Every rank first trains the single-GPU reference (LocalEngine,
 whole batch) on its own GPU, then each layout (TP2, EP2, DP2 with ZeRO-1, TP2+SP, PP2 1F1B /
-DualPipeV, CP2) trains the same steps on the same global batch. fp32 with TF32 off must agree to
-rtol 1e-4; the bf16 rows use the Triton MoE path and must agree to 2e-2 (bf16 rounding of reordered
-sums). Prints a table and which torch.distributed.pipelining schedules this torch has; rank 0
-writes the JSON; exits 1 on any mismatch.
+DualPipeV, CP2) trains the same --steps (20) on the same global batch. Losses and gradient norms
+of every step, fp32 with TF32 off, must agree to rtol 1e-4; the bf16 rows use the Triton MoE path
+and must agree to 2e-2 (bf16 rounding of reordered sums). Median step times of both runs are
+printed. Prints a table and which torch.distributed.pipelining schedules this torch has; rank 0
+writes the JSON; exits 1 on any mismatch. A layout that raises ends the launch with an error on
+every rank (r1core.parallel.failfast): run_nccl_2gpu.sh launches each layout on its own.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 
@@ -23,6 +26,7 @@ import torch.distributed as dist
 
 from r1core.model import presets
 from r1core.parallel import ParallelConfig, init_distributed
+from r1core.parallel.failfast import fail_fast
 from r1core.parallel.pipeline import SCHEDULES
 from r1core.train.engine import LocalEngine, OptimConfig, build_engine
 from r1core.train.objectives import LMObjective
@@ -48,15 +52,24 @@ def batch(args, rows: int, seq: int, device) -> dict:
     return {"tokens": data[:, :-1], "labels": data[:, 1:]}
 
 
-def run(engine, mb: dict, steps: int) -> tuple[list[float], float]:
+def run(engine, mb: dict, steps: int) -> tuple[list[float], list[float], float]:
+    """Losses and gradient norms per step, and the median step time (each step ends in a host sync)."""
     rows = mb["tokens"].shape[0] // engine.dp_size
     mine = {k: v[engine.dp_rank * rows:(engine.dp_rank + 1) * rows] for k, v in mb.items()}
-    losses, t0 = [], time.perf_counter()
+    losses, norms, times = [], [], []
     for _ in range(steps):
-        losses.append(engine.train_step([mine], LMObjective())["loss"])
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return losses, (time.perf_counter() - t0) / steps
+        t0 = time.perf_counter()
+        m = engine.train_step([mine], LMObjective())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(m["loss"])
+        norms.append(m["grad_norm"])
+    return losses, norms, statistics.median(times)
+
+
+def worst_rel(got: list[float], want: list[float]) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(got, want))
 
 
 def free() -> None:
@@ -71,13 +84,14 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--rows", type=int, default=4)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--timeout", type=float, default=180.0, help="process-group timeout (s)")
     p.add_argument("--layouts", default=",".join(LAYOUTS))
     p.add_argument("--out", default="")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    device = init_distributed()
+    device = init_distributed(timeout_s=a.timeout)
     base = presets[a.preset].replace(n_layers=a.layers, n_dense_layers=1)
     optim = OptimConfig(lr=1e-4, warmup_steps=0, total_steps=100)
     mb = batch(base, a.rows, a.seq, device)
@@ -88,17 +102,18 @@ def main() -> int:
         if (dtype, impl) not in refs:
             refs[(dtype, impl)] = run(LocalEngine(args, ParallelConfig(), optim, device, dtype, 0), mb, a.steps)
             free()
-        row = {"layout": name, "dtype": str(dtype), "moe_impl": impl, "ref_losses": refs[(dtype, impl)][0],
-               "ref_step_s": refs[(dtype, impl)][1]}
-        try:
+        ref_losses, ref_norms, ref_step = refs[(dtype, impl)]
+        row = {"layout": name, "dtype": str(dtype), "moe_impl": impl, "ref_losses": ref_losses,
+               "ref_grad_norms": ref_norms, "ref_step_s": ref_step}
+        # a failing layout ends the launch on every rank (no hang); run_nccl_2gpu.sh launches layouts one by one
+        with fail_fast(f"check_parallel_nccl {name}"):
             engine = build_engine(args, ParallelConfig(**cfg), optim, device=device, dtype=dtype, seed=0)
-            row["losses"], row["step_s"] = run(engine, mb, a.steps)
-            del engine
-            free()
-            worst = max(abs(x - y) / abs(y) for x, y in zip(row["losses"], row["ref_losses"]))
-            row.update(max_rel_diff=worst, ok=worst <= RTOL[dtype])
-        except Exception as e:  # one failing layout must not hide the others
-            row.update(error=f"{type(e).__name__}: {str(e)[:300]}", ok=False)
+            row["losses"], row["grad_norms"], row["step_s"] = run(engine, mb, a.steps)
+        del engine
+        free()
+        row.update(max_rel_diff=worst_rel(row["losses"], ref_losses),
+                   max_rel_diff_grad_norm=worst_rel(row["grad_norms"], ref_norms))
+        row["ok"] = max(row["max_rel_diff"], row["max_rel_diff_grad_norm"]) <= RTOL[dtype]
         ok &= row["ok"]
         rows.append(row)
     import torch.distributed.pipelining as pipelining
@@ -109,10 +124,10 @@ def main() -> int:
         print(f"torch {torch.__version__}, {gpu} x{dist.get_world_size()}, "
               f"schedules available: {have}")
         for r in rows:
-            print(f"{r['layout']:18s} {r['dtype']:15s} ref {['%.5f' % x for x in r['ref_losses']]} "
-                  f"got {['%.5f' % x for x in r.get('losses', [])]} max rel {r.get('max_rel_diff', float('nan')):.2e} "
-                  f"step {r.get('step_s', 0) * 1e3:.0f} ms (1 GPU {r['ref_step_s'] * 1e3:.0f} ms) "
-                  f"{'OK' if r['ok'] else 'MISMATCH ' + r.get('error', '')}")
+            print(f"{r['layout']:18s} {r['dtype']:15s} {a.steps} steps: last loss {r['losses'][-1]:.5f} "
+                  f"(1 GPU {r['ref_losses'][-1]:.5f}), max rel diff loss {r['max_rel_diff']:.2e} "
+                  f"grad norm {r['max_rel_diff_grad_norm']:.2e}; median step {r['step_s'] * 1e3:.0f} ms "
+                  f"(1 GPU {r['ref_step_s'] * 1e3:.0f} ms) {'OK' if r['ok'] else 'MISMATCH'}")
         record = {"torch": torch.__version__, "device": gpu, "schedules": have,
                   "layers": a.layers, "seq": a.seq, "rows": rows, "ok": ok}
         if a.out:
