@@ -468,7 +468,7 @@ class ParallelEngine(TrainEngine):
         if self.context is not None:
             if not getattr(objective, "context_parallel", False):
                 raise ValueError(f"{type(objective).__name__} does not support context parallelism "
-                                 f"(parallel.cp={self.topo.cp})")
+                                 f"(parallel.cp={self.topo.cp}): its loss needs whole sequences on one rank")
             mbs = [self.context.shard(mb) for mb in mbs]
 
         def loss_fn(h, index):

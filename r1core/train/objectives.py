@@ -118,6 +118,12 @@ class GRPOObjective:
     def __post_init__(self) -> None:
         check_scaling(self.temperature, self.norm_len)  # here, not at the first microbatch
 
+    @property
+    def context_parallel(self) -> bool:
+        """Under context parallelism a rank's tokens' loss over whole-batch totals is its exact share for the
+        token sums (token_mean, seq_mean_token_sum_norm); a per-row token mean needs whole rows."""
+        return self.loss.agg.value != "seq_mean_token_mean"
+
     def totals(self, mb: dict, model: Transformer | None = None) -> dict[str, torch.Tensor]:
         mask = mb["mask"].float()
         seqs = torch.tensor(mask.shape[0])
