@@ -105,7 +105,7 @@ def main() -> int:
         ref_losses, ref_norms, ref_step = refs[(dtype, impl)]
         row = {"layout": name, "dtype": str(dtype), "moe_impl": impl, "ref_losses": ref_losses,
                "ref_grad_norms": ref_norms, "ref_step_s": ref_step}
-        # a failing layout ends the launch on every rank (no hang); run_nccl_2gpu.sh launches layouts one by one
+        # a failing layout ends the launch on every rank (no hang); run_nccl_2gpu.sh launches each on its own
         with fail_fast(f"check_parallel_nccl {name}"):
             engine = build_engine(args, ParallelConfig(**cfg), optim, device=device, dtype=dtype, seed=0)
             row["losses"], row["grad_norms"], row["step_s"] = run(engine, mb, a.steps)

@@ -4,6 +4,7 @@
     r1core run pipeline=r1 model=small rl.group_size=16
     r1core run --multirun rl.group_size=4,8
     r1core train [flags]                   the distributed pretraining entry (torchrun -m r1core.train)
+    r1core plan model=v3 gpus=2048 [...]   memory per GPU and step time of every layout (docs/plan.md)
 """
 
 from __future__ import annotations
@@ -66,8 +67,12 @@ def main(argv: list[str] | None = None) -> None:
         from r1core.train.__main__ import main as train_main
 
         train_main(rest)
+    elif cmd == "plan":
+        from r1core.parallel.plan import main as plan_main
+
+        plan_main(rest)
     else:
-        raise SystemExit(f"r1core: unknown command {cmd!r} (run | train); see `r1core --help`")
+        raise SystemExit(f"r1core: unknown command {cmd!r} (run | train | plan); see `r1core --help`")
 
 
 if __name__ == "__main__":

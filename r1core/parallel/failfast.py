@@ -17,7 +17,8 @@ import logging
 import os
 import sys
 import traceback
-from typing import Iterator, NoReturn
+from collections.abc import Iterator
+from typing import NoReturn
 
 import torch.distributed as dist
 
@@ -43,7 +44,7 @@ def exit_rank(code: int) -> NoReturn:
 
 @contextlib.contextmanager
 def fail_fast(what: str = "r1core", passthrough: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
-    """Run the body; an exception on any rank of a multi-rank job is logged with the rank and ends the process.
+    """Run the body; an exception on a rank of a multi-rank job is logged with the rank and ends the process.
 
     On one process the exception propagates unchanged, and so do `passthrough` exceptions (the caller
     reports those itself and ends with `exit_rank`).
