@@ -1,10 +1,11 @@
-"""3D (+expert) parallelism on top of the single-device model: tp, pp, ep, dp.
+"""Parallelism on top of the single-device model: tp, pp, cp (context), ep (expert), dp.
 
 megatron-core builds the process groups (topology.py) and provides the TP mappings, the vocab-
 parallel embedding and cross-entropy; torch.distributed provides what megatron-core runs only on
 CUDA: variable-split all_to_all for expert parallelism, torch.distributed.pipelining schedules,
-ZeroRedundancyOptimizer and DCP checkpoints. `parallelize(model, topo)` shards a built model in
-place (torchtitan-style); r1core.train.engine drives it.
+ZeroRedundancyOptimizer and DCP checkpoints; context.py splits sequences for context parallelism.
+`parallelize(model, topo)` shards a built model in place (torchtitan-style); r1core.train.engine
+drives it.
 """
 
 from __future__ import annotations

@@ -89,15 +89,15 @@ class SequenceShard:
         if n < len(self.index):
             lat = torch.nn.functional.pad(lat, (0, 0, 0, len(self.index) - n))
         lat = comm.gather_seq(lat, self.group, dim=1).index_select(1, self.order)  # [B, T, C + R]
-        index = self.index[:n].tolist()
-        k, v = mla.expand(*lat[:, : index[-1] + 1].split([C, lat.shape[-1] - C], dim=-1))  # [B, S, H, *]
+        last = int(self.index[n - 1])  # the last query's position: no query needs a later key
+        k, v = mla.expand(*lat[:, : last + 1].split([C, lat.shape[-1] - C], dim=-1))  # [B, S, H, *]
         q = torch.cat([q_nope, q_pe], dim=-1)
         c = len(self.index) // 2
         outs = []
         for lo, hi in ((0, min(c, n)), (c, n)):
             if hi <= lo:
                 continue
-            end = index[hi - 1] + 1  # the chunk's queries see keys [0, end)
+            end = int(self.index[hi - 1]) + 1  # the chunk's queries see keys [0, end)
             if self.doc_ids is None:
                 mask = causal_lower_right(hi - lo, end)
             else:
