@@ -20,7 +20,9 @@ r1core's LocalEngine with LMObjective (fused linear cross-entropy, MTP, balance 
   torchtitan     torchtitan 0.2.2's own DeepSeekV3Model at the preset's shapes (MLA, SDPA attention,
                  grouped-mm experts, its per-block torch.compile through its apply_compile, plain
                  cross-entropy, no MTP),
-                 parameters in bf16, the same AdamW; torchtitan_eager without compile. The same-run anchor.
+                 parameters in bf16, the same fused AdamW and gradient clipping as ours (torchtitan's own
+                 defaults too); torchtitan_eager without compile. The same-run anchor. Its MoE token
+                 dispatch and combine stay eager, as torchtitan 0.2.2 leaves them (not our choice).
   megatron       megatron-core 0.16.1 GPTModel, local spec (no Transformer Engine), standard attention with
                  kv_channels 160 (so QK^T + PV FLOPs equal MLA's 192 + 128), SequentialMLP experts at the
                  same MoE shapes, sigmoid group-limited routing with expert bias, torch AdamW
@@ -28,6 +30,9 @@ Model FLOPs per token: 6 × (active matmul parameters, the output head counted a
 attention (3 × 2·H·(d_qk + d_v)·(T+1)/2 per layer). MFU divides by the matmul peak measured in this run.
 A per-category breakdown of GPU time and the top kernels (profiler, one step) are printed for every profiled
 row (by default every r1core and torchtitan row), so the rows can be compared kernel by kernel.
+Every compiled row reports the graphs dynamo compiled, its graph breaks and the inductor-generated kernels
+(triton_poi/red/per/tem_*) of the profiled step, and fails if there are none: a compile that silently fell
+back to eager code cannot pass for a compiled anchor.
 Writes bench_train.json / bench_train.png under $OUT; the last line printed is the JSON record.
 """
 
@@ -53,6 +58,7 @@ from common import Ceilings, Table, bar_plot, finish, out_dir, sync  # noqa: E40
 
 from r1core.model import parameter_breakdown, presets  # noqa: E402
 from r1core.parallel import ParallelConfig  # noqa: E402
+from r1core.parallel.optim import adamw  # noqa: E402
 from r1core.train.engine import LocalEngine, OptimConfig  # noqa: E402
 from r1core.train.objectives import LMObjective  # noqa: E402
 
@@ -81,11 +87,14 @@ VARIANTS = {
     "eager_fp8": Variant("triton", "cudnn", precision="fp8"),
 }
 CATEGORIES = [("attention", r"fmha|flash|attention|cudnn|sdpa|softmax"),
-              ("moe", r"grouped|_gate_up|_rows_gemm|_wgrad|swiglu|permute|route|moe|_zero_"),
-              ("loss (fused CE)", r"lse|_ce_|grpo|cross_entropy|_row_"),
               ("optimizer", r"adam|foreach|multi_tensor"),
+              ("fp8 quantize", r"_fp8_quant|float8_copy"),
+              ("moe", r"grouped|_gate_up|_rows_gemm|_wgrad|swiglu|permute|route|moe|_zero_"),
+              # not a bare "lse": it matches the "false" of every templated aten kernel's name
+              ("loss (fused CE)", r"_lse|lse_|_ce_|grpo|cross_entropy|nll_loss|_row_(stats|grad)|_tiled_"),
               ("gemm", r"gemm|cutlass|sm90|sm100|cublas|matmul|xmma|nvjet|wgmma"),
               ("other", r".")]
+INDUCTOR_KERNEL = re.compile(r"^triton_(poi|red|per|tem|for)_")  # what inductor names its generated kernels
 
 
 def flops_per_token(args, T: int) -> float:
@@ -285,7 +294,11 @@ def torchtitan_step(args, B: int, T: int, device, dtype, compile_: bool):
         p.data = p.data.to(dtype)
     if compile_:
         apply_compile(model, types.SimpleNamespace(backend="inductor"), False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # The r1core rows' AdamW (fused, the same betas / eps / weight-decay groups), which is also torchtitan's
+    # own default (optimizer.implementation = "fused"); plain torch.optim.AdamW is the slower foreach one.
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = adamw(named, OptimConfig(lr=1e-4, warmup_steps=0))
+    params = [p for _, p in named]
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, args.vocab_size, (B, T + 1), generator=g).to(device)
     losses = []
@@ -294,14 +307,16 @@ def torchtitan_step(args, B: int, T: int, device, dtype, compile_: bool):
         logits = model(data[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), data[:, 1:].flatten())
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)  # as r1core's engine and torchtitan's trainer
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return step, losses, model
 
 
-def breakdown(step, top: int = 15) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
-    """GPU ms per category for one step and the `top` kernels by self device time (name, ms, calls)."""
+def breakdown(step, top: int = 15) -> tuple[dict[str, float], list[tuple[str, float, int]], dict]:
+    """GPU ms per category for one step, the `top` kernels by self device time (name, ms, calls), and the
+    inductor-generated kernels among all of them (distinct kernels, calls, ms): a compiled row has some."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -309,6 +324,7 @@ def breakdown(step, top: int = 15) -> tuple[dict[str, float], list[tuple[str, fl
         sync()
     out = {name: 0.0 for name, _ in CATEGORIES}
     kernels = []
+    inductor = {"kernels": 0, "calls": 0, "ms": 0.0}
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
         if us <= 0:
@@ -316,12 +332,36 @@ def breakdown(step, top: int = 15) -> tuple[dict[str, float], list[tuple[str, fl
         name = next(n for n, pat in CATEGORIES if re.search(pat, e.key, re.IGNORECASE))
         out[name] += us / 1e3
         kernels.append((e.key[:90], us / 1e3, e.count))
-    return out, sorted(kernels, key=lambda k: -k[1])[:top]
+        if INDUCTOR_KERNEL.match(e.key):
+            inductor["kernels"] += 1
+            inductor["calls"] += e.count
+            inductor["ms"] += us / 1e3
+    return out, sorted(kernels, key=lambda k: -k[1])[:top], inductor
+
+
+def is_compiled(name: str) -> bool:
+    return name == "torchtitan" or (name in VARIANTS and VARIANTS[name].compile)
+
+
+def dynamo_stats() -> dict:
+    """Graphs dynamo compiled and graph breaks it took since the row began (counters cleared per row)."""
+    c = torch._dynamo.utils.counters
+    return {"graphs": int(c["stats"].get("unique_graphs", 0)), "graph_breaks": int(sum(c["graph_break"].values())),
+            "break_reasons": sorted(c["graph_break"], key=lambda r: -c["graph_break"][r])[:3]}
+
+
+def check_compiled(row: dict) -> None:
+    """A compiled row that ran no inductor kernel (or compiled no graph) measured eager code: fail it loudly."""
+    ind = row.get("inductor_kernels")
+    if row["dynamo"]["graphs"] == 0 or (ind is not None and ind["kernels"] == 0):
+        raise RuntimeError(f"{row['variant']} is meant to be compiled but ran eager code: dynamo graphs "
+                           f"{row['dynamo']['graphs']}, inductor kernels in the profiled step {ind}")
 
 
 def measure(name, args, a, device, dtype, peak_tflops) -> dict:
     row = {"variant": name}
     dynamo_scalars = torch._dynamo.config.capture_scalar_outputs
+    torch._dynamo.utils.counters.clear()
     try:
         if name == "megatron":
             step, losses, keep, fpt = megatron_step(args, a.batch, a.seq, device)
@@ -335,10 +375,12 @@ def measure(name, args, a, device, dtype, peak_tflops) -> dict:
         tok_s = a.batch * a.seq / (ms / 1e3)
         row.update(ms=ms, first_step_s=first, tokens_s=tok_s, peak_gib=peak, loss=losses[-1],
                    model_tflops=fpt * tok_s / 1e12, mfu=fpt * tok_s / (peak_tflops * 1e12),
-                   gflops_per_token=fpt / 1e9)
+                   gflops_per_token=fpt / 1e9, dynamo=dynamo_stats())
         profiled = name in a.breakdown.split(",") or (a.breakdown == "auto" and name != "megatron")
         if profiled and torch.cuda.is_available():
-            row["breakdown_ms"], row["top_kernels"] = breakdown(step)
+            row["breakdown_ms"], row["top_kernels"], row["inductor_kernels"] = breakdown(step)
+        if is_compiled(name):
+            check_compiled(row)
     except Exception as e:  # report and go on: one failing provider must not hide the others
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         traceback.print_exc()
@@ -355,16 +397,20 @@ def summary_table(rows: list[dict], title: str) -> Table:
     """One line per row, with its tokens/s as a ratio of each same-run anchor that ran."""
     anchors = {r["variant"]: r["tokens_s"] for r in rows if r["variant"] in ANCHORS and "error" not in r}
     table = Table(title, ["variant", "ms/step", "tokens/s"] + [f"× {n} tok/s" for n in anchors]
-                  + ["model TFLOP/s", "MFU %", "peak GiB", "first step s", "loss"])
+                  + ["model TFLOP/s", "MFU %", "peak GiB", "first step s", "loss",
+                     "graphs / breaks", "inductor kernels / ms"])
     for r in rows:
         if "error" in r:
-            table.add(r["variant"], "failed: " + r["error"][:120], *[""] * (len(anchors) + 6))
+            table.add(r["variant"], "failed: " + r["error"][:120], *[""] * (len(anchors) + 8))
             continue
         ratios = [r["tokens_s"] / t for t in anchors.values()]
         for name, t in anchors.items():
             r[f"x_{name}"] = r["tokens_s"] / t
+        dyn, ind = r.get("dynamo", {}), r.get("inductor_kernels")
         table.add(r["variant"], r["ms"], r["tokens_s"], *ratios, r["model_tflops"], 100 * r["mfu"],
-                  r["peak_gib"], r["first_step_s"], r["loss"])
+                  r["peak_gib"], r["first_step_s"], r["loss"],
+                  f"{dyn.get('graphs', '')} / {dyn.get('graph_breaks', '')}",
+                  f"{ind['kernels']} / {ind['ms']:.1f}" if ind else "")
     return table
 
 
