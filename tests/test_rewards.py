@@ -409,3 +409,22 @@ def test_countdown_reward_checks_the_boxed_expression_against_numbers_and_target
     assert stats.snapshot() == {"countdown": {"correct": 1, "wrong": 3, "no_answer": 1}}
     with pytest.raises(rewards.RewardConfigError, match="needs numbers"):
         r("<think>x</think> \\boxed{1}", "1")
+
+
+def test_mathcheck_plain_integer_path_gives_math_verifys_verdict():
+    from r1core.rewards import mathcheck
+
+    values = ["7", "07", "+7", "-7", "-0", "0", " 12 ", "1234567", "1234568", "999999999999999",
+              "-999999999999999", "100", "1000"]
+    pairs = [(p, g) for p in values for g in values]
+    fast = 0
+    for p, g in pairs:
+        if mathcheck._plain_int(p) is not None and mathcheck._plain_int(g) is not None:
+            fast += 1
+        assert mathcheck.check(p, g) == mathcheck._verify(p, g, 3), (p, g)
+    assert fast == len(pairs)
+    # not plain integers: math-verify decides (decimals, 16+ digits, LaTeX, non-ASCII digits)
+    for s in ("12.0", "1234567890123456", "\\frac{14}{2}", "\u0663", "1,000", "7%"):
+        assert mathcheck._plain_int(s) is None
+    assert mathcheck.check("12.0", "12") == "correct"
+    assert mathcheck.check("\\frac{14}{2}", "7") == "correct"

@@ -9,6 +9,7 @@ passed to it; `rl.reward_kwargs[name]` adds fixed settings (e.g. `format: {think
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Sequence
 
@@ -22,9 +23,14 @@ def accuracy_reward_name(task: str) -> str:
     return ACCURACY_BY_TASK.get(task, "math_accuracy")
 
 
-def _accepted(name: str) -> set[str]:
-    params = inspect.signature(rewards.registry.spec(name).fn).parameters
-    return {p for p in list(params)[2:]}
+def _accepted(name: str) -> frozenset[str]:
+    return _keyword_params(rewards.registry.spec(name).fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _keyword_params(fn) -> frozenset[str]:
+    # keyed by the function (a name may be registered again): inspect.signature costs ~30 us a call
+    return frozenset(list(inspect.signature(fn).parameters)[2:])
 
 
 class Scorer:
