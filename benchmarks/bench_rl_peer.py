@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Table, env_info  # noqa: E402
+from common import Table, env_info, error_report  # noqa: E402
 
 from r1core.data import ChatFormat, Tokenizer  # noqa: E402
 from r1core.data.tasks import Problem  # noqa: E402
@@ -479,7 +479,7 @@ def speed_only(base: Base, s: PeerSettings, device, dtype, cuda: bool, run_dir: 
             try:
                 runs.append(fn())
             except Exception as e:  # noqa: BLE001 - keep the other provider's figures
-                errors[name] = f"{type(e).__name__}: {e}"[:500]
+                errors[name] = error_report(e)[:2000]
                 print(f"[{name}] failed: {errors[name]}", flush=True)
     t = Table(f"GRPO step speed: {s.prompts_per_step} prompts x {s.group_size} samples, "
               f"{s.max_new_tokens} new tokens, {s.steps} steps (median of steps 2..)",

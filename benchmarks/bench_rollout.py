@@ -30,7 +30,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Ceilings, Table, bar_plot, device, finish, out_dir, sync  # noqa: E402
+from common import Ceilings, Table, bar_plot, device, error_report, finish, out_dir, sync  # noqa: E402
 from rollout_roofline import grpo_row, refresh_row, roofline_row  # noqa: E402
 
 from r1core.checkpoint.hf import save_pretrained  # noqa: E402
@@ -289,7 +289,7 @@ def main() -> None:
             results["r1core graphs+triton MoE"] = run_ours("r1core graphs+triton MoE", tri, prompts.tolist(), sp,
                                                            opts.repeats)
         except Exception as e:  # kernels missing or not capturable: report, keep going
-            record["triton_variant_error"] = f"{type(e).__name__}: {e}"[:500]
+            record["triton_variant_error"] = error_report(e)[:2000]
             print("[triton] failed:", record["triton_variant_error"], flush=True)
         finally:
             model.set_moe_impl("ref")
@@ -297,7 +297,7 @@ def main() -> None:
         try:
             results["HF transformers"] = run_hf(model, dtype, dev, prompts, engine, opts, record)
         except Exception as e:  # keep our numbers even if this transformers version cannot load the export
-            record["hf_error"] = f"{type(e).__name__}: {e}"[:500]
+            record["hf_error"] = error_report(e)[:2000]
             print("[HF] failed:", record["hf_error"], flush=True)
     del model, engine
     extra = roofline_sweep(opts, dev, dtype, record) if opts.sweep_presets or opts.grpo else []

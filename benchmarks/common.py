@@ -11,6 +11,7 @@ import os
 import statistics
 import subprocess
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -195,6 +196,21 @@ def bar_plot(path: str, title: str, labels: list[str], values: list[float], ylab
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def error_report(e: BaseException, frames: int = 6) -> str:
+    """One line per exception of the chain (`raise ... from` and `during handling`), root cause last, then
+    the root cause's innermost frames: wrappers such as transformers' lazy import ("Could not import module
+    'DeepseekV3ForCausalLM'") hide the real failure in `__cause__`."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    lines = [f"{type(x).__name__}: {x}" for x in chain]
+    tb = traceback.extract_tb(chain[-1].__traceback__)[-frames:]
+    lines += [f"  at {f.filename}:{f.lineno} in {f.name}: {f.line}" for f in tb]
+    return "\n".join(lines)
 
 
 def finish(name: str, tables: list[Table], record: dict) -> None:

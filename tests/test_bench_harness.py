@@ -6,7 +6,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-from common import time_interleaved  # noqa: E402
+from common import error_report, time_interleaved  # noqa: E402
 
 
 def test_time_interleaved_round_robin_reports_failures_and_keeps_timing_the_rest():
@@ -31,3 +31,19 @@ def test_time_interleaved_round_robin_reports_failures_and_keeps_timing_the_rest
     assert timed[:6] == ["fast", "slow"] * 3  # round-robin, warmup round included
     assert 2.0 <= out["fast"]["ms"] < out["slow"]["ms"]
     assert out["slow"]["ms"] >= 6.0 and out["slow"]["ms_isolated"] >= 6.0
+
+
+def test_error_report_names_the_chained_root_cause_and_where_it_was_raised():
+    def load():
+        try:
+            import r1core_no_such_module  # noqa: F401
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError("Could not import module 'DeepseekV3ForCausalLM'") from e
+
+    try:
+        load()
+    except ModuleNotFoundError as e:
+        lines = error_report(e).splitlines()
+    assert lines[0] == "ModuleNotFoundError: Could not import module 'DeepseekV3ForCausalLM'"
+    assert lines[1] == "ModuleNotFoundError: No module named 'r1core_no_such_module'"
+    assert lines[2].startswith("  at ") and "in load: import r1core_no_such_module" in lines[2]
