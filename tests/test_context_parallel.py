@@ -196,10 +196,13 @@ def _per_row_mean_refused() -> str:
     return "no error"
 
 
-def _run_layouts(rank, world, layouts):
+def _run_layouts(rank, world, layouts, path):
     out = {}
     for name, (cfg, kind) in layouts.items():
-        out[name] = _train(build_engine(ARGS, ParallelConfig(**cfg), OPTIM, device="cpu", seed=0), kind)
+        engine = build_engine(ARGS, ParallelConfig(**cfg), OPTIM, device="cpu", seed=0)
+        out[name] = _train(engine, kind)
+        if name == "cp2_ep2_dp2":
+            engine.save(path)
     out["per_row_mean_refused"] = _per_row_mean_refused()
     return out
 
@@ -209,6 +212,7 @@ LAYOUTS = {
     "cp2_dp2": (dict(cp=2), "docs"),
     "cp2_dp2_no_docs": (dict(cp=2), "causal"),  # plain causal sequences: the bottom-right causal path
     "cp2_ep2_dp2": (dict(cp=2, ep=2), "docs"),
+    "cp2_dp2_recompute": (dict(cp=2, activation_checkpointing=True), "causal"),  # gathers rerun in backward
     "cp2_tp2_sp": (dict(cp=2, tp=2, sequence_parallel=True), "docs"),
     "cp2_pp2": (dict(cp=2, pp=2, microbatches=2), "docs"),
     "cp2_dp2_grpo_token_mean": (dict(cp=2), "grpo_token_mean"),
@@ -232,8 +236,9 @@ def _merge_ranks(per_rank: list[dict]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def four_rank():
-    return _merge_ranks(run_distributed(_run_layouts, 4, LAYOUTS, timeout=300))
+def four_rank(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cp_ckpt") / "cp2_ep2_dp2")
+    return _merge_ranks(run_distributed(_run_layouts, 4, LAYOUTS, path, timeout=300)), path
 
 
 def _assert_matches(run: dict, ref: dict, name: str) -> None:
@@ -254,9 +259,18 @@ def _assert_matches(run: dict, ref: dict, name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_cp2_layout_matches_single_device(four_rank, reference, name):
-    _assert_matches(four_rank[name], reference[LAYOUTS[name][1]], name)
+    _assert_matches(four_rank[0][name], reference[LAYOUTS[name][1]], name)
+
+
+def test_checkpoint_saved_at_cp2_ep2_loads_on_one_device(four_rank):
+    results, path = four_rank
+    local = LocalEngine(ARGS, ParallelConfig(), OPTIM, "cpu", torch.float32, 7)
+    local.load(path)
+    assert local.step == 2
+    for key, want in results["cp2_ep2_dp2"]["state"].items():
+        np.testing.assert_array_equal(local.full_state_dict()[key].numpy(), want, err_msg=key)
 
 
 def test_cp_refuses_grpos_per_row_token_mean(four_rank):
-    refused = four_rank["per_row_mean_refused"]
+    refused = four_rank[0]["per_row_mean_refused"]
     assert "GRPOObjective does not support context parallelism (parallel.cp=2)" in refused
