@@ -149,9 +149,10 @@ part_long_seq() {
   run long_seq 330 python3 benchmarks/bench_long_seq.py --steps 1 --budget-s 250
   grep -E "^\| [0-9]" "$R/long_seq.log" >> "$SUMMARY"
 }
-# 2 GPUs: TP2 / EP2 / DP2 / TP2+SP / PP2 / CP2 against the single-GPU run, with NCCL, and CP2 at 64K against
-# one GPU (see run_nccl_2gpu.sh)
-part_nccl() { run nccl 480 env OUT="$R" bash benchmarks/run_nccl_2gpu.sh; }
+# 2 GPUs (nvidia-h100-x2 / nvidia-h200-x2 only): EP2 / PP2 1F1B and DualPipeV / TP2+SP / DP2 / TP2 / CP2 against
+# the single-GPU run over 20 steps (one launch per layout), with NCCL, and CP2 at 64K against one GPU (see
+# run_nccl_2gpu.sh); ~8 min
+part_nccl() { run nccl 570 env OUT="$R" bash benchmarks/run_nccl_2gpu.sh; }
 
 for part in "$@"; do
   say "part $part"

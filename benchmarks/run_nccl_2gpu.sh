@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# r1core.parallel on NCCL, for a two-GPU machine (nvidia-h100-x2 / nvidia-h200-x2), at most 20 minutes (timeouts),
+# r1core.parallel on NCCL, for a two-GPU machine (nvidia-h100-x2 / nvidia-h200-x2), at most 17 minutes (timeouts),
 # about 8 expected:
 #   1. benchmarks/check_parallel_nccl.py, one launch per layout: EP2, PP2 1F1B / DualPipeV, TP2+SP, DP2 (ZeRO-1),
 #      TP2, CP2 in fp32 and TP2 / EP2 / CP2 in bf16 with the Triton MoE path, each against the single-GPU run
@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
 # One launch per layout, 20 steps each (about 30 s): a layout that fails ends its own launch with an error
 # (r1core.parallel.failfast) and cannot hide the others. Issue 17's rows first.
 for layout in ep2 pp2_1f1b pp2_dualpipev tp2_sp dp2_zero1 tp2 cp2 tp2_bf16_triton ep2_bf16_triton cp2_bf16_triton; do
-  timeout 90 python3 -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/check_parallel_nccl.py \
+  timeout 75 python3 -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/check_parallel_nccl.py \
     --layouts "$layout" --steps 20 --out "$OUT/nccl_2gpu_$layout.json" > "$OUT/nccl_2gpu_$layout.log" 2>&1
   echo "check_parallel_nccl $layout rc=$?"
   grep -E "^torch |OK|MISMATCH" "$OUT/nccl_2gpu_$layout.log" || grep -E "failed|Error" "$OUT/nccl_2gpu_$layout.log" | head -5
