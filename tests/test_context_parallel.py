@@ -5,8 +5,9 @@ CP2 x PP2 train the tiny preset (MTP on) for two AdamW steps on rows of three pa
 whose boundaries fall inside chunks and on a chunk edge (and on plain causal rows), and must give
 the single-process losses, metrics, gradient norms, gathered gradients and weights within fp32
 tolerance, and the same logits; so must GRPO's token-sum losses (token_mean, seq_mean_token_sum_norm)
-with responses that leave some chunks empty. The chunked attention alone is checked against MLA's
-own in one process (and on the GPU in bf16).
+with responses that leave some chunks empty, and CP2 with activation checkpointing; a checkpoint
+saved at CP2 x EP2 loads on one device. The chunked attention alone is checked against MLA's own
+in one process (and on the GPU in bf16).
 """
 
 from __future__ import annotations
