@@ -307,7 +307,7 @@ def torchtitan_step(args, B: int, T: int, device, dtype, compile_: bool):
         logits = model(data[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), data[:, 1:].flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)  # as r1core's engine and torchtitan's trainer
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)  # as our engine and torchtitan's trainer
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -346,12 +346,13 @@ def is_compiled(name: str) -> bool:
 def dynamo_stats() -> dict:
     """Graphs dynamo compiled and graph breaks it took since the row began (counters cleared per row)."""
     c = torch._dynamo.utils.counters
-    return {"graphs": int(c["stats"].get("unique_graphs", 0)), "graph_breaks": int(sum(c["graph_break"].values())),
+    return {"graphs": int(c["stats"].get("unique_graphs", 0)),
+            "graph_breaks": int(sum(c["graph_break"].values())),
             "break_reasons": sorted(c["graph_break"], key=lambda r: -c["graph_break"][r])[:3]}
 
 
 def check_compiled(row: dict) -> None:
-    """A compiled row that ran no inductor kernel (or compiled no graph) measured eager code: fail it loudly."""
+    """A compiled row that ran no inductor kernel (or compiled no graph) timed eager code: fail it loudly."""
     ind = row.get("inductor_kernels")
     if row["dynamo"]["graphs"] == 0 or (ind is not None and ind["kernels"] == 0):
         raise RuntimeError(f"{row['variant']} is meant to be compiled but ran eager code: dynamo graphs "

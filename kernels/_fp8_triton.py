@@ -124,3 +124,92 @@ def grouped_fp8_wgrad_triton(dyt_q, dyt_s, xt_q, xt_s, seg_E):
     _fp8_wgrad_kernel[grid](dyt_q, dyt_s, xt_q, xt_s, dw, seg_start, seg_E.to(torch.int32), N, K, P,
                             BLOCK_N=BLOCK, BLOCK_K=BLOCK, BLOCK_P=BLOCK, num_warps=8, num_stages=3)
     return dw
+
+
+# --------------------------------------------------------------------------- quantization
+# One pass over a bf16 tensor writes every quantized copy its GEMMs need (DeepSeek-V3 report §3.3: the
+# backward's 128x1 tiles are a transpose of the forward's 1x128 ones), instead of the reference's
+# cast / abs / amax / divide / clamp / cast chain run once per orientation. The scale and the rounding
+# are the reference's: s = max(amax, 1e-12) / 448, q = e4m3(clamp(x / s)) with an IEEE division.
+
+@triton.jit
+def _e4m3_round(v):
+    """clamp(v, ±448) rounded to nearest-even on the e4m3 grid, in fp32: the cast that follows is then exact
+    on every backend (Triton's CPU interpreter rounds e4m3 casts wrongly: 125 -> 64, ties away from even)."""
+    v = tl.clamp(v, -448.0, 448.0)
+    av = tl.abs(v)
+    e = tl.maximum(((av.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # e4m3 subnormals below 2^-6
+    ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    r = ((av / ulp + 8388608.0) - 8388608.0) * ulp  # fp32 addition rounds av / ulp (< 16) to nearest-even
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def _fp8_quant_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, stride_xm,
+                           TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr):
+    """x [M, K] -> q [M, K], s [M, K/128] (1x128 tiles along K); with TRANSPOSED also
+    qt [K, Mp], st [K, Mp/128] (128 tokens x 1 column tiles, stored K-major for wgrad; rows >= M are 0)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    m_ok = offs_m < M
+    x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=m_ok[:, None],
+                other=0.0).to(tl.float32)
+    a = tl.abs(x)
+    s_row = tl.maximum(tl.max(a, axis=1), 1e-12) / 448.0
+    q = _e4m3_round(tl.math.div_rn(x, s_row[:, None]))
+    tl.store(q_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
+             mask=m_ok[:, None])
+    tl.store(s_ptr + offs_m * (K // BLOCK) + pid_k, s_row, mask=m_ok)
+    if TRANSPOSED:
+        s_col = tl.maximum(tl.max(a, axis=0), 1e-12) / 448.0
+        qt = _e4m3_round(tl.math.div_rn(x, s_col[None, :]))
+        tl.store(qt_ptr + offs_k[None, :].to(tl.int64) * Mp + offs_m[:, None], qt.to(qt_ptr.dtype.element_ty))
+        tl.store(st_ptr + offs_k * (Mp // BLOCK) + pid_m, s_col)
+
+
+def quantize_dual_triton(x: torch.Tensor, transposed: bool = True):
+    """(q, s): 1x128 tiles along K; with `transposed` also (qt, st): 128x1 tiles, zero-padded to 128 rows."""
+    assert x.dim() == 2 and x.stride(1) == 1, "fp8 quantize: x must be 2-D with a contiguous last dim"
+    M, K = x.shape
+    assert K % BLOCK == 0, f"fp8 quantize: K={K} must be a multiple of {BLOCK}"
+    Mp = triton.cdiv(M, BLOCK) * BLOCK
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(M, K // BLOCK, dtype=torch.float32, device=x.device)
+    qt = torch.empty(K, Mp, dtype=torch.float8_e4m3fn, device=x.device) if transposed else q
+    st = torch.empty(K, Mp // BLOCK, dtype=torch.float32, device=x.device) if transposed else s
+    grid = (Mp // BLOCK, K // BLOCK)
+    _fp8_quant_dual_kernel[grid](x, q, s, qt, st, M, K, Mp, x.stride(0), TRANSPOSED=transposed, BLOCK=BLOCK,
+                                 num_warps=8)
+    return (q, s, qt, st) if transposed else (q, s)
+
+
+@triton.jit
+def _fp8_quant_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, BLOCK: tl.constexpr):
+    """w [E, N, K] -> q [E, N, K], qt [E, K, N] (the transposed copy dgrad reads), s [E, N/128, K/128]."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    e = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    base = e * N * K
+    w = tl.load(w_ptr + base + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]).to(tl.float32)
+    s = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), 1e-12) / 448.0
+    q = _e4m3_round(tl.math.div_rn(w, s)).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + base + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], q)
+    tl.store(qt_ptr + base + offs_k[None, :].to(tl.int64) * N + offs_n[:, None], q)
+    tl.store(s_ptr + e * (N // BLOCK) * (K // BLOCK) + pid_n * (K // BLOCK) + pid_k, s)
+
+
+def quantize_blocks_triton(w: torch.Tensor):
+    """w [..., N, K] (contiguous) -> (q [..., N, K], s [..., N/128, K/128], qt [..., K, N]) in one pass."""
+    assert w.is_contiguous(), "fp8 quantize: weights must be contiguous"
+    *lead, N, K = w.shape
+    assert N % BLOCK == 0 and K % BLOCK == 0, f"fp8 quantize: weight {N}x{K} must be in 128x128 blocks"
+    E = w.numel() // (N * K)
+    q = torch.empty_like(w, dtype=torch.float8_e4m3fn)
+    qt = torch.empty(*lead, K, N, dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.empty(*lead, N // BLOCK, K // BLOCK, dtype=torch.float32, device=w.device)
+    _fp8_quant_blocks_kernel[(N // BLOCK, K // BLOCK, E)](w, q, qt, s, N, K, BLOCK=BLOCK, num_warps=8)
+    return q, s, qt

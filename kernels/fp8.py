@@ -21,6 +21,10 @@ means 128×128 blocks, [N, K/128] means 1×128 rows. Backends:
   triton  `_fp8_gemm_kernel` below (DeepSeek-V3 inference/kernel.py's `fp8_gemm`, generalized to
           both scale kinds and to grouped experts); used where torch's path is absent.
   ref     dequantize to fp32 and matmul: the numerical specification (CPU).
+Quantization: one Triton pass per tensor (`quantize_dual`: x's 1×128 tiles and its transposed 128-token
+tiles; `quantize_blocks_t`: W and the transposed copy dgrad reads), bit-identical to the PyTorch reference.
+A linear layer saves only xᵀ's fp8 tiles for wgrad. Its forward and backward are custom ops, so
+torch.compile keeps the whole block one graph around them.
 Grouped experts (`grouped_linear_fp8`) need segments padded to 128 rows, so each 128-row tile
 belongs to one expert (forward/dgrad: one weight per M tile) and each wgrad reduction chunk
 holds one expert's rows; torch has no blockwise grouped GEMM for sm90, so they always use Triton.
@@ -40,8 +44,8 @@ BLOCK = 128
 _TINY = 1e-12  # floor of amax: an all-zero tile gets a tiny scale instead of 0/0
 
 
-# --------------------------------------------------------------------------- quantization (PyTorch;
-# under torch.compile inductor fuses each into one pass, so these are both the reference and the path)
+# --------------------------------------------------------------------------- quantization (PyTorch: the
+# reference; the training path uses quantize_dual / quantize_blocks_t, one Triton pass off "ref")
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (q [..., K] e4m3, s [..., K/128] fp32), one scale per 1×128 tile of the last dim."""
@@ -82,6 +86,28 @@ def _dequantize_b(b_q: torch.Tensor, b_s: torch.Tensor) -> torch.Tensor:
 
 def _b_is_rows(b_q: torch.Tensor, b_s: torch.Tensor) -> bool:
     return b_s.shape[-2] == b_q.shape[-2]
+
+
+def quantize_dual(x: torch.Tensor, impl: str = "ref"):
+    """x [M, K] -> (q, s) of 1x128 tiles along K and (qt [K, Mp], st [K, Mp/128]) of 128-token x 1 tiles
+    (zero rows pad M to Mp, a multiple of 128): what the forward / dgrad and the wgrad GEMMs read.
+    Off "ref", one Triton pass reads x once and writes both (the same values: tests/test_fp8.py)."""
+    if impl == "ref":
+        return (*quantize_rows(x), *quantize_rows(_pad_rows(x).t()))
+    from ._fp8_triton import quantize_dual_triton
+
+    return quantize_dual_triton(x if x.stride(-1) == 1 else x.contiguous())
+
+
+def quantize_blocks_t(w: torch.Tensor, impl: str = "ref"):
+    """w [..., N, K] -> (q, s [..., N/128, K/128], qt [..., K, N]): the transposed copy is dgrad's K-last
+    operand (a 128x128 block transposes onto a block, so s serves both, transposed)."""
+    if impl == "ref":
+        q, s = quantize_blocks(w)
+        return q, s, q.transpose(-1, -2).contiguous()
+    from ._fp8_triton import quantize_blocks_triton
+
+    return quantize_blocks_triton(w.contiguous())
 
 
 # --------------------------------------------------------------------------- the GEMM primitive
@@ -146,6 +172,9 @@ def blockwise_gemm(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16, impl: str | Non
         raise ValueError(f"blockwise_gemm: a {tuple(a_q.shape)}, its scales {tuple(a_s.shape)}, "
                          f"b {tuple(b_q.shape)}: K or the 1x128 scale shape disagree")
     impl = impl or backend(a_q.device, _b_is_rows(b_q, b_s))
+    b_rows = _b_is_rows(b_q, b_s)
+    if impl == "torch" and a_q.is_cuda and not torch_blockwise_supported(a_q.device.index or 0, b_rows):
+        impl = "triton"  # e.g. a torch whose scaled_mm has 1x128 x 128x128 but not wgrad's 1x128 x 1x128
     if impl == "ref":
         return blockwise_gemm_ref(a_q, a_s, b_q, b_s, out_dtype)
     if impl == "torch":
@@ -163,31 +192,59 @@ def _pad_rows(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
+# The two halves of an fp8 linear are custom ops: torch.compile sees each as one opaque node (no graph
+# break at cuBLASLt's scaled_mm or the Triton launches, no recompiles per input rank), and inductor fuses
+# everything around them. Outputs are contiguous, as the fake (shape-only) versions below promise.
+
+@torch.library.custom_op("r1core::fp8_linear_fwd", mutates_args=())
+def _linear_fwd(x2: torch.Tensor, weight: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """y = x Wᵀ, and what backward reads: xᵀ in 128-token tiles, Wᵀ's fp8 copy, W's block scales."""
+    x_q, x_s, xt_q, xt_s = quantize_dual(x2, impl)
+    w_q, w_s, wt_q = quantize_blocks_t(weight, impl)
+    return blockwise_gemm(x_q, x_s, w_q, w_s, x2.dtype, impl), xt_q, xt_s, wt_q, w_s
+
+
+@_linear_fwd.register_fake
+def _(x2, weight, impl):
+    (M, K), N, Mp = x2.shape, weight.shape[0], _round_up(x2.shape[0], BLOCK)
+    f32 = torch.float32
+    return (x2.new_empty(M, N), x2.new_empty(K, Mp, dtype=FP8), x2.new_empty(K, Mp // BLOCK, dtype=f32),
+            weight.new_empty(K, N, dtype=FP8), weight.new_empty(N // BLOCK, K // BLOCK, dtype=f32))
+
+
+@torch.library.custom_op("r1core::fp8_linear_bwd", mutates_args=())
+def _linear_bwd(dy2: torch.Tensor, xt_q: torch.Tensor, xt_s: torch.Tensor, wt_q: torch.Tensor,
+                w_s: torch.Tensor, w_dtype: torch.dtype, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """dgrad dx = dy W (dy 1x128 along N, W 128x128) and wgrad dW = dyᵀ x (both 128x1 along tokens)."""
+    dy_q, dy_s, dyt_q, dyt_s = quantize_dual(dy2, impl)
+    dx = blockwise_gemm(dy_q, dy_s, wt_q, w_s.t().contiguous(), dy2.dtype, impl)
+    return dx, blockwise_gemm(dyt_q, dyt_s, xt_q, xt_s, w_dtype, impl)
+
+
+@_linear_bwd.register_fake
+def _(dy2, xt_q, xt_s, wt_q, w_s, w_dtype, impl):
+    dx = dy2.new_empty(dy2.shape[0], wt_q.shape[0])
+    return dx, dy2.new_empty(dy2.shape[1], xt_q.shape[0], dtype=w_dtype)
+
+
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, impl):
         x2 = x.reshape(-1, x.shape[-1])
-        x_q, x_s = quantize_rows(x2)
-        w_q, w_s = quantize_blocks(weight)
-        y = blockwise_gemm(x_q, x_s, w_q, w_s, x.dtype, impl)
-        ctx.save_for_backward(x2, w_q, w_s)  # x in its own dtype: wgrad tiles it along tokens, not K
+        y, xt_q, xt_s, wt_q, w_s = _linear_fwd(x2, weight, impl)
+        # x is kept only as its fp8 128-token tiles (half of bf16's bytes): wgrad is all that reads it
+        ctx.save_for_backward(xt_q, xt_s, wt_q, w_s)
         ctx.impl, ctx.w_dtype = impl, weight.dtype
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, w_q, w_s = ctx.saved_tensors
+        xt_q, xt_s, wt_q, w_s = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dy_q, dy_s = quantize_rows(dy2)
-            dx = blockwise_gemm(dy_q, dy_s, w_q.t().contiguous(), w_s.t().contiguous(), dy.dtype, ctx.impl)
-            dx = dx.view(*dy.shape[:-1], x2.shape[1])
-        if ctx.needs_input_grad[1]:
-            dyt_q, dyt_s = quantize_rows(_pad_rows(dy2).t())
-            xt_q, xt_s = quantize_rows(_pad_rows(x2).t())
-            dw = blockwise_gemm(dyt_q, dyt_s, xt_q, xt_s, torch.float32, ctx.impl).to(ctx.w_dtype)
-        return dx, dw, None
+        dx, dw = _linear_bwd(dy2, xt_q, xt_s, wt_q, w_s, ctx.w_dtype, ctx.impl)
+        return dx.view(*dy.shape[:-1], xt_q.shape[0]), dw, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, impl: str | None = None) -> torch.Tensor:
@@ -239,32 +296,30 @@ class _GroupedFp8Linear(torch.autograd.Function):
         # A segment that is not a multiple of 128 rows (a dispatcher without pad_multiple=128, e.g. expert
         # parallelism's today) would mix two experts in one tile: fail loudly, without a host sync.
         torch._assert_async((seg_E % BLOCK == 0).all(), "fp8 experts need segments padded to 128 rows")
-        x_q, x_s = quantize_rows(x_PD)
-        w_q, w_s = quantize_blocks(w_EOI)
+        x_q, x_s, xt_q, xt_s = quantize_dual(x_PD, impl)
+        w_q, w_s, wt_q = quantize_blocks_t(w_EOI, impl)
         if impl == "ref":
             y = _grouped_gemm_ref(x_q, x_s, w_q, w_s, seg_E, x_PD.dtype)
         else:
             from ._fp8_triton import grouped_fp8_gemm_triton
 
             y = grouped_fp8_gemm_triton(x_q, x_s, w_q, w_s, tile_experts(seg_E, x_PD.shape[0]), x_PD.dtype)
-        ctx.save_for_backward(x_PD, w_q, w_s, seg_E)
-        ctx.impl, ctx.w_dtype = impl, w_EOI.dtype
+        ctx.save_for_backward(xt_q, xt_s, wt_q, w_s, seg_E)
+        ctx.impl, ctx.w_dtype, ctx.n_rows = impl, w_EOI.dtype, x_PD.shape[0]
         return y
 
     @staticmethod
     def backward(ctx, dy_PO):
-        x_PD, w_q, w_s, seg_E = ctx.saved_tensors
-        dy_q, dy_s = quantize_rows(dy_PO)
-        wt_q, wt_s = w_q.transpose(1, 2).contiguous(), w_s.transpose(1, 2).contiguous()
-        dyt_q, dyt_s = quantize_rows(_pad_rows(dy_PO).t())
-        xt_q, xt_s = quantize_rows(_pad_rows(x_PD).t())
+        xt_q, xt_s, wt_q, w_s, seg_E = ctx.saved_tensors
+        dy_q, dy_s, dyt_q, dyt_s = quantize_dual(dy_PO.contiguous(), ctx.impl)
+        wt_s = w_s.transpose(1, 2).contiguous()
         if ctx.impl == "ref":
             dx = _grouped_gemm_ref(dy_q, dy_s, wt_q, wt_s, seg_E, dy_PO.dtype)
             dw = _grouped_wgrad_ref(dyt_q, dyt_s, xt_q, xt_s, seg_E)
         else:
             from ._fp8_triton import grouped_fp8_gemm_triton, grouped_fp8_wgrad_triton
 
-            tile_e = tile_experts(seg_E, x_PD.shape[0])
+            tile_e = tile_experts(seg_E, ctx.n_rows)
             dx = grouped_fp8_gemm_triton(dy_q, dy_s, wt_q, wt_s, tile_e, dy_PO.dtype)
             dw = grouped_fp8_wgrad_triton(dyt_q, dyt_s, xt_q, xt_s, seg_E)
         return dx, dw.to(ctx.w_dtype), None, None

@@ -72,6 +72,62 @@ def test_triton_blockwise_gemm_matches_reference(b_rows):
     assert _rel(out, ref) < 1e-6, f"max {(out - ref).abs().max():.3g}"
 
 
+def test_fused_quantizers_write_the_reference_values_in_one_pass():
+    """The Triton pass that writes both tilings of x (and both orientations of W) equals the reference bit
+    for bit: scales, e4m3 rounding (ties to even, subnormals, values rounding up a binade), zero padding."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 256) * torch.logspace(-3, 3, 256)
+    x[5, :128] = 0  # an all-zero tile
+    x[7, 128:] = torch.linspace(-448, 448, 128)  # scale 1: exact grid points and ties
+    x[9, :128] = torch.tensor([125.0, 84.0, 0.003] * 42 + [448.0, 1.0])  # up a binade, a tie, a subnormal
+    for got, ref in zip(fp8.quantize_dual(x, "triton"), fp8.quantize_dual(x, "ref")):
+        assert got.shape == ref.shape and torch.equal(got.float(), ref.float())
+    w = torch.randn(2, 256, 384)
+    w[1, 3, 200] = 1e3
+    for got, ref in zip(fp8.quantize_blocks_t(w, "triton"), fp8.quantize_blocks_t(w, "ref")):
+        assert torch.equal(got.float(), ref.float())
+
+
+def test_fp8_linear_triton_quantizers_match_reference_linear():
+    x = torch.randn(3, 70, 256, requires_grad=True)
+    w = (torch.randn(384, 256) * 0.05).requires_grad_()
+    dy = torch.randn(3, 70, 384)
+    res = []
+    for impl in ("ref", "triton"):
+        x.grad = w.grad = None
+        y = fp8.fp8_linear(x, w, impl)
+        y.backward(dy)
+        res.append((y.detach(), x.grad, w.grad))
+    for name, r, t in zip(("y", "dx", "dw"), *res):
+        assert _rel(t, r) < 1e-5, f"{name}: max {(t - r).abs().max():.3g}"
+
+
+def test_fp8_linear_compiles_as_one_graph_with_its_backward():
+    """The fp8 GEMMs are custom ops: torch.compile traces them without a graph break (fullgraph), forward and
+    backward give the eager values."""
+    x = torch.randn(2, 64, 256, requires_grad=True)
+    w = (torch.randn(128, 256) * 0.05).requires_grad_()
+
+    def f(x_, w_):
+        return F.silu(fp8.fp8_linear(x_ * 2, w_, "ref")).sum()
+    grads = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        x.grad = w.grad = None
+        fn(x, w).backward()
+        grads.append((x.grad.clone(), w.grad.clone()))
+    for g_eager, g_comp in zip(*grads):
+        torch.testing.assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_dense_keeps_routed_experts_in_bf16():
+    args = presets["tiny"].replace(moe_inter_dim=128, q_lora_rank=128, n_mtp_modules=0, precision="fp8_dense")
+    model = Transformer(args)
+    experts = model.layers["1"].ffn.experts
+    assert type(experts).__name__ == "GroupedExperts" and not isinstance(experts, Fp8GroupedExperts)
+    assert isinstance(model.layers["0"].attn.wo, Fp8Linear)
+    assert model.layers["1"].ffn.dispatcher.pad_multiple == 1  # no 128-row padding for bf16 experts
+
+
 def test_fp8_linear_tiles_each_gemm_along_its_reduction_dim():
     """Forward 1x128 x along K with 128x128 W; dgrad 1x128 dy along N; wgrad 128x1 dy and x along tokens."""
     x = torch.randn(2, 100, 256, requires_grad=True)  # 200 tokens: wgrad pads them to 256 with zeros
@@ -169,6 +225,17 @@ def test_blockwise_gemm_gpu_matches_reference(impl, shape):
         emul = fp8.blockwise_gemm_ref(a_q, a_s, b_q, b_s, torch.float32)
         _tolerance_check(out, emul.bfloat16(), a @ b.T)
         assert _rel(out, emul) < 1e-2
+
+
+@pytest.mark.gpu
+def test_fused_quantizers_gpu_match_reference_bit_for_bit():
+    dev = torch.device("cuda")
+    x = (torch.randn(8000, 7168, device=dev) * torch.logspace(-3, 3, 7168, device=dev)).bfloat16()
+    for got, ref in zip(fp8.quantize_dual(x, "triton"), fp8.quantize_dual(x, "ref")):
+        assert torch.equal(got.float(), ref.float())
+    w = torch.randn(4, 2048, 7168, device=dev, dtype=torch.bfloat16)
+    for got, ref in zip(fp8.quantize_blocks_t(w, "triton"), fp8.quantize_blocks_t(w, "ref")):
+        assert torch.equal(got.float(), ref.float())
 
 
 @pytest.mark.gpu

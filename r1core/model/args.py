@@ -26,6 +26,7 @@ class Precision(str, enum.Enum):
 
     bf16 = "bf16"  # every GEMM in the parameters' dtype
     fp8 = "fp8"    # DeepSeek-V3's recipe: e4m3 GEMMs with 1x128 / 128x128 scales; attention, norms, router, head bf16
+    fp8_dense = "fp8_dense"  # fp8 in the linear layers only; routed experts keep bf16 grouped GEMMs (faster today)
 
 
 @dataclass(kw_only=True)
@@ -71,7 +72,7 @@ class ModelArgs:
     init_std: float = 0.02          # standard deviation of the initial weights
     tie_embeddings: bool = False    # the output head shares the embedding matrix
     moe_impl: Impl = Impl.ref       # MoE hot-path implementation: ref (PyTorch), triton, cuda
-    precision: Precision = Precision.bf16  # GEMM format of linear layers and experts: bf16 | fp8 (DeepSeek-V3 FP8)
+    precision: Precision = Precision.bf16  # GEMM format: bf16 | fp8 (DeepSeek-V3 FP8) | fp8_dense (experts bf16)
     def __post_init__(self) -> None:
         self.score_func = ScoreFunc(self.score_func)
         self.moe_impl = Impl(self.moe_impl)

@@ -6,7 +6,8 @@ registered here as `Fp8Ops` when r1core.kernels is imported);
 attention itself, norms, the router, embeddings and the output head stay in the parameters' dtype, as
 in the report. Parameters, gradients and optimizer state keep their dtype: FP8 lives only inside
 the GEMMs. A layer whose dims are not multiples of 128 (the tile size) keeps its bf16 GEMM and is
-listed by `apply_precision` (in the small preset: `wkv_a`, 576 outputs).
+listed by `apply_precision` (in the small preset: `wkv_a`, 576 outputs). `fp8_dense` converts the linear
+layers only and leaves the routed experts on bf16 `torch._grouped_mm`.
 
 Conversion changes the modules' classes in place, so state dicts, checkpoints and isinstance checks
 (`nn.Linear`, `GroupedExperts`) see the same model. Routed experts need each expert's rows padded
@@ -94,6 +95,9 @@ def apply_precision(model: nn.Module, precision: Precision | str) -> list[str]:
     head = getattr(model, "head", None)
     dense_impl = fp8_backend(b_rows=False)
     expert_impl = "ref" if dense_impl == "ref" else "triton"  # torch has no blockwise grouped GEMM on sm90
+    # fp8_dense: routed experts keep torch._grouped_mm in bf16; our Triton fp8 grouped GEMM measured
+    # 0.12-0.14x of it (fwd + bwd, H100, 2026-12-06), so there FP8 costs time instead of saving it
+    experts_fp8 = Precision(precision) == Precision.fp8
     kept = []
     for name, mod in model.named_modules():
         if type(mod) is nn.Linear and mod is not head:
@@ -102,7 +106,7 @@ def apply_precision(model: nn.Module, precision: Precision | str) -> list[str]:
                 mod.fp8_impl = dense_impl
             else:
                 kept.append(name)
-        elif type(mod) is GroupedExperts:
+        elif type(mod) is GroupedExperts and experts_fp8:
             if _fits(mod.w1.shape[1], mod.w1.shape[2]):
                 mod.__class__ = Fp8GroupedExperts
                 mod.fp8_impl = expert_impl
