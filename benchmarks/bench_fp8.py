@@ -8,8 +8,14 @@ Rows per linear shape (M tokens = B4 x T2048, K in, N out), providers timed roun
             (1x128 x 128x128, cuBLASLt); fp8 Triton (`_fp8_gemm_kernel`)
   linear    forward + backward into .grad of F.linear (bf16) vs fp8_linear (quantization included: what a
             training step pays), eager and torch.compile'd
-and grouped-experts rows (SwiGLU over 128-padded segments, fwd + bwd): bf16 torch._grouped_mm vs fp8 Triton.
-TFLOP/s counts the bf16-equivalent FLOPs; the ratio column is bf16 time / provider time (> 1: faster).
+  quantize  x [M, K] into both tilings an fp8 linear reads (1x128 along K, 128-token tiles transposed):
+            the PyTorch reference eager and torch.compile'd (inductor fuses it) vs our one-pass Triton kernel;
+            GB/s counts reading x once and writing both fp8 copies
+and grouped-experts rows (SwiGLU over 128-padded segments, fwd + bwd): bf16 torch._grouped_mm vs fp8 Triton
+(which is why model.precision=fp8_dense keeps the routed experts in bf16).
+TFLOP/s counts the bf16-equivalent FLOPs; the ratio column is the row's first provider's time / this
+provider's time (> 1: faster; the first provider is bf16, or the reference quantizer).
+--quick keeps the rows the issue-19 GPU session needs (small-preset shapes, one V3 shape, small experts).
 The last line printed is the JSON record (bench_fp8.json under $OUT).
 """
 
@@ -34,6 +40,7 @@ LINEAR_SHAPES = {  # name: (M, K, N)
     "small wq_b 768->3072": (8192, 768, 3072),
 }
 COMPILED = ("v3 dense w1 7168->18432", "small w1 2048->5632")  # compiled rows: the compile time adds up
+QUICK = ("v3 dense w1 7168->18432", "small w1 2048->5632", "small w2 5632->2048", "small wq_b 768->3072")
 TINY_SHAPES = {"tiny 256->384": (200, 256, 384)}
 
 
@@ -51,7 +58,7 @@ def linear_row(M, K, N, dev, dtype, compile_: bool):
     x = torch.randn(M, K, device=dev, dtype=dtype, requires_grad=True)
     w = (torch.randn(N, K, device=dev, dtype=dtype) * 0.02).requires_grad_()
     dy = torch.randn(M, N, device=dev, dtype=dtype)
-    impl = None if dev.type == "cuda" else "ref"
+    impl = fp8.backend(dev, False)  # resolved here: torch.compile should not trace the backend probe
 
     def step(fn):
         def run():
@@ -62,6 +69,17 @@ def linear_row(M, K, N, dev, dtype, compile_: bool):
     if compile_:
         bf16, f8 = torch.compile(bf16), torch.compile(f8)
     return {"bf16 linear": step(bf16), "fp8 linear": step(f8)}, 6 * M * K * N
+
+
+def quantize_row(M, K, dev, dtype):
+    """Both tilings of x, the reference (eager / compiled) against the fused Triton pass; (fns, bytes moved)."""
+    x = torch.randn(M, K, device=dev, dtype=dtype)
+    fns = {"torch ref": lambda: fp8.quantize_dual(x, "ref")}
+    if dev.type == "cuda":
+        ref_c = torch.compile(lambda t: fp8.quantize_dual(t, "ref"))
+        fns["torch ref compiled"] = lambda: ref_c(x)
+        fns["fp8 triton fused"] = lambda: fp8.quantize_dual(x, "triton")
+    return fns, M * K * (x.element_size() + 2) + 2 * 4 * M * K // 128  # read x; write q, qt and their scales
 
 
 def experts_row(T, E, K, D, I, dev, dtype):  # noqa: E741 (the paper's I)
@@ -95,17 +113,24 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="only the rows the issue-19 GPU session runs")
     a = p.parse_args(argv)
     dev = device()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     ceil = Ceilings.measure()
     shapes = TINY_SHAPES if a.tiny or dev.type != "cuda" else LINEAR_SHAPES
+    if a.quick and shapes is LINEAR_SHAPES:
+        shapes = {k: v for k, v in shapes.items() if k in QUICK}
     title = f"FP8 blockwise vs bf16 (matmul peak {ceil.matmul_tflops:.0f} TFLOP/s, bf16-equivalent FLOPs)"
     table = Table(title,
-                  ["row", "provider", "ms", "TFLOP/s", "% of bf16 peak", "× bf16 speed"])
+                  ["row", "provider", "ms", "TFLOP/s or GB/s", "% of bf16 peak", "× first provider"])
     rows = []
     cases = []
+    quantized = set()
     for name, (M, K, N) in shapes.items():
+        if (M, K) not in quantized:
+            quantized.add((M, K))
+            cases.append((f"quantize x {M}x{K}", lambda M=M, K=K: quantize_row(M, K, dev, dtype)))
         cases.append((f"gemm {name}", lambda M=M, K=K, N=N: gemm_row(M, K, N, dev, dtype)))
         cases.append((f"linear fwd+bwd {name}", lambda M=M, K=K, N=N: linear_row(M, K, N, dev, dtype, False)))
         if dev.type == "cuda" and name in COMPILED:
@@ -114,8 +139,9 @@ def main(argv=None) -> dict:
     if dev.type == "cuda":
         cases.append(("experts small (32 x 2048->768, top-4)",
                       lambda: experts_row(8192, 32, 4, 2048, 768, dev, dtype)))
-        cases.append(("experts v3, 32 of 256 (7168->2048, 1024 rows each)",
-                      lambda: experts_row(4096, 32, 8, 7168, 2048, dev, dtype)))
+        if not a.quick:
+            cases.append(("experts v3, 32 of 256 (7168->2048, 1024 rows each)",
+                          lambda: experts_row(4096, 32, 8, 7168, 2048, dev, dtype)))
     for row_name, build in cases:
         try:
             fns, flops = build()
@@ -124,16 +150,22 @@ def main(argv=None) -> dict:
             rows.append({"row": row_name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
             table.add(row_name, "failed", rows[-1]["error"][:100], "", "", "")
             continue
-        base = next((r["ms"] for n, r in res.items() if n.startswith("bf16") and "ms" in r), None)
+        first = next(iter(fns))
+        base = res[first].get("ms")
         for prov, r in res.items():
             if "error" in r:
                 table.add(row_name, prov, "failed: " + r["error"][:80], "", "", "")
                 rows.append({"row": row_name, "provider": prov, **r})
                 continue
-            tf = flops / r["ms"] / 1e9
+            rate = flops / r["ms"] / 1e9  # TFLOP/s, or GB/s for the quantize rows (flops holds bytes)
             ratio = base / r["ms"] if base else float("nan")
-            table.add(row_name, prov, r["ms"], tf, 100 * tf / ceil.matmul_tflops, ratio)
-            rows.append({"row": row_name, "provider": prov, "ms": r["ms"], "tflops": tf, "x_bf16": ratio})
+            if row_name.startswith("quantize"):
+                table.add(row_name, prov, r["ms"], rate * 1e3, "", ratio)
+                rows.append({"row": row_name, "provider": prov, "ms": r["ms"], "gb_s": rate * 1e3,
+                             "x_first": ratio})
+                continue
+            table.add(row_name, prov, r["ms"], rate, 100 * rate / ceil.matmul_tflops, ratio)
+            rows.append({"row": row_name, "provider": prov, "ms": r["ms"], "tflops": rate, "x_bf16": ratio})
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     record = {"matmul_peak_tflops": ceil.matmul_tflops, "rows": rows,

@@ -249,7 +249,7 @@ class _Fp8Linear(torch.autograd.Function):
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, impl: str | None = None) -> torch.Tensor:
     """F.linear(x, weight) (no bias) with the three GEMMs in FP8; in_features, out_features % 128 == 0."""
-    return _Fp8Linear.apply(x, weight, impl)
+    return _Fp8Linear.apply(x, weight, impl or backend(x.device, False))
 
 
 def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
