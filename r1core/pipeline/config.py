@@ -27,8 +27,6 @@ from r1core.rl.evaluate import EvalConfig
 from r1core.train.lm import LMTrainConfig
 from r1core.train.engine import OptimConfig
 
-from .long_context import PasskeyConfig
-
 
 class StageKind(str, enum.Enum):
     prepare = "prepare"                        # tokenizer + token shards + eval/RL problem sets
@@ -119,6 +117,22 @@ class DistillConfig:
     samples_per_prompt: int = 2     # teacher samples per prompt
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=64))
     filters: Filters = field(default_factory=lambda: Filters(require_format=False))  # teacher samples kept
+
+
+@dataclass(kw_only=True)
+class PasskeyConfig:
+    """The passkey_eval stage's grid (run by r1core.pipeline.long_context)."""
+
+    lengths: list[int] = field(default_factory=list)  # document lengths in tokens; [] = 1, 2, 4 x the model's original context
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depths (0: first, 1: last)
+    per_cell: int = 20              # documents per (length, depth)
+    batch_size: int = 8             # documents per forward pass
+
+    def __post_init__(self) -> None:
+        if any(n < 1 for n in self.lengths) or not self.depths or self.per_cell < 1 or self.batch_size < 1:
+            raise ValueError("passkey: lengths must be >= 1, depths non-empty, per_cell and batch_size >= 1")
+        if any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"passkey.depths={self.depths} must lie in [0, 1]")
 
 
 @dataclass(kw_only=True)

@@ -21,27 +21,12 @@ into the corpus (`data.passkey_fraction`); whether it can answer beyond that win
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 # passkey documents get their own stream, apart from everything else the seed draws
 PASSKEY_SEED_OFFSET = 7919
-
-
-@dataclass(kw_only=True)
-class PasskeyConfig:
-    lengths: list[int] = field(default_factory=list)  # document lengths in tokens; [] = 1, 2, 4 x the model's original context
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depths (0: first, 1: last)
-    per_cell: int = 20              # documents per (length, depth)
-    batch_size: int = 8             # documents per forward pass
-
-    def __post_init__(self) -> None:
-        if any(n < 1 for n in self.lengths) or not self.depths or self.per_cell < 1 or self.batch_size < 1:
-            raise ValueError("passkey: lengths must be >= 1, depths non-empty, per_cell and batch_size >= 1")
-        if any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"passkey.depths={self.depths} must lie in [0, 1]")
 
 
 ROPE_FIELDS = ("max_seq_len", "original_seq_len", "rope_theta", "rope_factor", "beta_fast", "beta_slow", "mscale",
@@ -107,9 +92,9 @@ def passkey_table(docs, correct: list[float]) -> dict:
 
 def heatmap(path: Path, table: dict, title: str) -> None:
     """Depth x length accuracy, one cell per (length, depth), annotated with accuracy and standard error."""
-    from .report import _plt
+    from r1core.train.metrics import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     lengths = sorted({c["length"] for c in table["cells"]})
     depths = sorted({c["depth"] for c in table["cells"]})
     grid = torch.full((len(depths), len(lengths)), float("nan"))

@@ -99,14 +99,20 @@ class _Lines:
         self.stream.flush()
 
 
-def plot_curves(path: str | os.PathLike, title: str, series: dict[str, tuple[list, list]], xlabel: str = "step",
-                smooth: int = 1) -> None:
-    """One PNG with a subplot per series: {name: (steps, values)}."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (runs have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(path: str | os.PathLike, title: str, series: dict[str, tuple[list, list]], xlabel: str = "step",
+                smooth: int = 1) -> None:
+    """One PNG with a subplot per series: {name: (steps, values)}."""
+    plt = pyplot()
     series = {k: v for k, v in series.items() if v[0]}
     if not series:
         return
