@@ -1,14 +1,15 @@
 """Passkey retrieval documents (Mohtashami & Jaggi 2023, "Landmark Attention"): a random number hidden
 at a chosen depth of irrelevant text, asked for at the end.
 
-    <filler ...> The pass key is 40721. <filler ...> What is the pass key? 40721.<|eos|>
+    <filler ...> The pass key is 40721. <filler ...> What is the pass key? The pass key is 40721.<|eos|>
 
 The filler is sentences of the built-in prose (the pretraining corpus's own text), so only the
 key is new to the model. A document is built in tokens, exactly `length` of them, which is what
 lets one generator serve pretraining (documents that fit a training window), long-context training
 and the evaluation grid (a document of each length with the needle at each depth).
 
-The answer is the key's digits after the question (every digit is its own token in
+The answer is the key's digits after the question's "The pass key is", the needle's own words, so
+that a model answers by finding them and copying what followed (an induction head; every digit is its own token in
 r1core's tokenizer). A model retrieves the key when it predicts each of those tokens greedily,
 which, teacher-forced, is one forward pass per document.
 """
@@ -26,7 +27,7 @@ from r1core.data.shards import IGNORE_INDEX
 from r1core.data.tokenizer import Tokenizer
 
 NEEDLE = " The pass key is {key}."
-QUESTION = " What is the pass key?"
+QUESTION = " What is the pass key? The pass key is"
 
 
 @dataclass(frozen=True)
