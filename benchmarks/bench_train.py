@@ -16,7 +16,8 @@ r1core's LocalEngine with LMObjective (fused linear cross-entropy, MTP, balance 
                  needs; every other r1core variant is pure bf16 like the megatron one, for equal footing)
   compile_nomtp  compile with the MTP module off (n_mtp_modules=0): the same work as the torchtitan row
   compile_fp8    compile with model.precision=fp8 (DeepSeek-V3's FP8 GEMMs, r1core.kernels.fp8);
-                 compile_fp8_nomtp: MTP off; eager_fp8: without compile
+                 compile_fp8_nomtp: MTP off; eager_fp8: without compile; compile_fp8dense_nomtp:
+                 model.precision=fp8_dense (routed experts stay on bf16 grouped_mm)
   torchtitan     torchtitan 0.2.2's own DeepSeekV3Model at the preset's shapes (MLA, SDPA attention,
                  grouped-mm experts, its per-block torch.compile through its apply_compile, plain
                  cross-entropy, no MTP),
@@ -84,6 +85,7 @@ VARIANTS = {
     "compile_nomtp": Variant("triton", "cudnn", True, mtp=False),
     "compile_fp8": Variant("triton", "cudnn", True, precision="fp8"),
     "compile_fp8_nomtp": Variant("triton", "cudnn", True, mtp=False, precision="fp8"),
+    "compile_fp8dense_nomtp": Variant("triton", "cudnn", True, mtp=False, precision="fp8_dense"),
     "eager_fp8": Variant("triton", "cudnn", precision="fp8"),
 }
 CATEGORIES = [("attention", r"fmha|flash|attention|cudnn|sdpa|softmax"),
