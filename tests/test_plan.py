@@ -148,3 +148,5 @@ def test_cli_prints_a_table_and_json_last_and_names_an_unknown_setting(capsys):
     assert all(r["pp"] == 2 for r in record["layouts"])
     with pytest.raises(SystemExit, match="gpu=8: unknown setting"):
         main(["gpu=8"])
+    with pytest.raises(SystemExit, match=r"mfu=1.5 \(must be in \[0, 1\]\)"):
+        main(["mfu=1.5"])

@@ -135,6 +135,10 @@ class Hardware:
     ib_gbps: float = 50.0
     overlap: float = 0.0          # share of EP, PP and DP traffic hidden behind compute
 
+    def __post_init__(self) -> None:
+        _check(self, unit=("mfu", "overlap"),
+               positive=("gpus", "node_size", "gpu_mem_gib", "peak_tflops", "mfu", "nvlink_gbps", "ib_gbps"))
+
 
 @dataclass(kw_only=True)
 class Workload:
@@ -147,6 +151,17 @@ class Workload:
     shard_master: bool = False    # ZeRO-1 shards the masters too (megatron's distributed optimizer, DeepSeek)
     moment_bytes: int = 4         # per AdamW moment with master weights (DeepSeek-V3 keeps them in BF16: 2)
     dispatch_bytes: int = 2       # EP all-to-all element size (DeepSeek-V3 dispatches in FP8: 1)
+
+    def __post_init__(self) -> None:
+        _check(self, positive=("seq_len", "global_batch", "micro_batch", "weight_bytes", "grad_bytes",
+                               "moment_bytes", "dispatch_bytes"))
+
+
+def _check(obj, positive=(), unit=()) -> None:
+    bad = [f"{k}={getattr(obj, k)} (must be > 0)" for k in positive if not getattr(obj, k) > 0]
+    bad += [f"{k}={getattr(obj, k)} (must be in [0, 1])" for k in unit if not 0 <= getattr(obj, k) <= 1]
+    if bad:
+        raise ValueError(f"r1core plan: {', '.join(bad)}")
 
 
 @dataclass
@@ -447,8 +462,10 @@ def main(argv: list[str]) -> list[Estimate]:
     try:
         preset, hw, wl, fixed, opts = parse_settings(argv)
         args = presets[preset]
-    except (ValueError, KeyError) as e:
-        raise SystemExit(str(e).strip("'\"")) from None
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    except KeyError as e:
+        raise SystemExit(f"r1core plan: {e.args[0]}") from None
     ests = plan(args, hw, wl, fixed)
     if opts["runnable_only"]:
         ests = [e for e in ests if not e.runnable]
