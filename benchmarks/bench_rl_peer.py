@@ -106,7 +106,8 @@ def r1core_configs(s: PeerSettings) -> tuple[GRPOConfig, OptimConfig]:
     """r1core's GRPO and optimizer settings for the shared settings (DAPO loss, no dynamic sampling)."""
     rl = GRPOConfig(
         steps=s.steps, lr=s.lr, prompts_per_step=s.prompts_per_step, group_size=s.group_size,
-        sampling=SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0, top_k=0),
+        sampling=SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0,
+                                top_k=0),
         advantage=AdvantageEstimator.grpo, adv_eps=s.adv_eps, dynamic_sampling=False, overlong=Overlong.none,
         loss=PolicyLossConfig(beta=0.0, eps_low=s.eps_low, eps_high=s.eps_high, dual_clip=None,
                               agg=LossAgg.token_mean),

@@ -493,7 +493,8 @@ def test_resumable_iterators_load_states_in_the_layout_earlier_versions_saved(sh
         PromptSampler(problems[:4], seed=3).load_state_dict({"epoch": 1, "pos": 0, "seed": 3, "n": 5})
 
     ds = TokenShardDataset(shard_dir, seq_len=16, seed=7)
-    old = {"epoch": 1, "pos": 2, "seed": 7, "seq_len": 16, "dp_rank": 0, "dp_size": 1, "n_windows": ds.n_windows}
+    old = {"epoch": 1, "pos": 2, "seed": 7, "seq_len": 16, "dp_rank": 0, "dp_size": 1,
+           "n_windows": ds.n_windows}
     ds.load_state_dict(old)
     assert ds.state_dict() == old
     assert torch.equal(next(iter(ds)).tokens, ds.window(int(ds.order(1)[2])).tokens)

@@ -115,7 +115,8 @@ class DistillConfig:
         default_factory=lambda: presets["tiny"].replace(n_dense_layers=4, n_mtp_modules=0))
     prompts: int = 512              # teacher prompts
     samples_per_prompt: int = 2     # teacher samples per prompt
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=64))
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=64))
     filters: Filters = field(default_factory=lambda: Filters(require_format=False))  # teacher samples kept
 
 
@@ -142,7 +143,7 @@ class JobConfig:
     device: str = "auto"           # auto: cuda when present
     dtype: str = "auto"            # auto: bf16 on cuda, fp32 on cpu
     hf_checkpoint: str = ""        # HF DeepSeek-V3/V2 directory to start from: sets model.*, the tokenizer; pretrain -> load
-    require_boxed: bool = True     # R1's answer rule (RL rewards, eval, sample filters): \boxed{} after </think>
+    require_boxed: bool = True     # R1's rule for RL rewards, eval, sample filters: \boxed{} after </think>
     model: ModelArgs = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

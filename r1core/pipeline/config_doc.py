@@ -78,8 +78,9 @@ def rows(cls: type, prefix: str = "", instance=None) -> list[tuple[str, str, str
         else:  # a nested section's defaults are its field's factory's (sft: LMTrainConfig(steps=150, ...))
             nested = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if t is ModelArgs and prefix:  # distill.student: the same keys as `model`
-            out.append((key, "ModelArgs", "a dense 4-layer tiny model", f"{field_notes(cls).get(f.name) or ''} "
-                        "(the same keys as `model.*`)".strip()))
+            note = field_notes(cls).get(f.name) or ""
+            note = f"{note} (the same keys as `model.*`)".strip()
+            out.append((key, "ModelArgs", "a dense 4-layer tiny model", note))
         elif t is ModelArgs:
             out += rows(ModelArgs, key + ".", presets[DEFAULT_PRESET])
         elif dataclasses.is_dataclass(t):

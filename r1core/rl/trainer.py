@@ -89,7 +89,7 @@ class GRPOTrainer:
         # Under torchrun only rank 0 generates, scores and evaluates (a GatheredRollout); the others get
         # its batch.
         self.generates = getattr(rollout, "generates", True) and engine.rank == 0
-        # without a scorer: cfg's rewards under R1's answer rule (the pipeline passes the job's `require_boxed`)
+        # without a scorer: cfg's rewards under R1's answer rule (the pipeline passes the job's require_boxed)
         self.scorer = scorer or Scorer(cfg.rewards, cfg.reward_kwargs, require_boxed=True)
         self.out_dir = Path(out_dir)
         self.stop = stop or []
@@ -142,8 +142,8 @@ class GRPOTrainer:
         totals = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # [N, G]
         lengths = torch.tensor([len(s.response_ids) for s in samples])
         truncated = torch.tensor([s.finish_reason == "length" for s in samples])
-        delta, keep = overlong_shaping(lengths, truncated, c.sampling.max_new_tokens, c.overlong, c.overlong_buffer,
-                                       c.overlong_penalty)
+        delta, keep = overlong_shaping(lengths, truncated, c.sampling.max_new_tokens, c.overlong,
+                                       c.overlong_buffer, c.overlong_penalty)
         shaped = totals + delta.view_as(totals)
         adv = group_advantages(shaped, c.advantage, c.adv_eps).flatten()
         batch = build_policy_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples],
