@@ -1,7 +1,8 @@
 """Plan a training layout: memory per GPU and a step-time estimate for tp × pp × ep × dp and a schedule.
 
-Pure arithmetic on `ModelArgs` and `ParallelConfig` (no torch, no GPU): `r1core plan` enumerates
-layouts, keeps those that fit in GPU memory and ranks them by estimated step time.
+Arithmetic on `ModelArgs` and `ParallelConfig` only (no model is built, no GPU or process group is
+needed): `r1core plan` enumerates layouts, keeps those that fit in GPU memory and ranks them by
+estimated step time.
 
 Parameters come from the model's own arguments (`param_counts`, checked in the tests against the
 module built on the meta device and against DeepSeek-V3's published 671B / 37B / 14B MTP).
