@@ -28,7 +28,7 @@ def test_passkey_document_has_the_asked_length_and_its_answer_is_the_key(tok):
             assert len(d.tokens) == length and d.tokens[-1] == tok.eos_id
             assert tok.decode(d.tokens[d.answer_start: d.answer_start + d.answer_len]) == d.key
             text = tok.decode(d.tokens)
-            assert text.count(d.key) == 2 and text.endswith(f"What is the pass key? {d.key}.<|eos|>")
+            assert text.count(d.key) == 2 and text.endswith(f"What is the pass key? The pass key is {d.key}.<|eos|>")
 
 
 def test_needle_moves_back_with_depth_and_the_grid_is_a_function_of_its_arguments(tok):
@@ -74,7 +74,7 @@ def test_passkey_mix_replaces_a_share_of_rows_with_next_token_documents_and_resu
         n = int(keep.sum())
         assert keep[:n].all() and n >= min_length(tok) - 1  # one document at the row's start, then padding
         assert torch.equal(mb["tokens"][r, 1:n], mb["labels"][r, : n - 1])
-        assert mb["labels"][r, n - 1] == tok.eos_id and tok.decode(mb["tokens"][r, :n].tolist()).count("pass key") == 2
+        assert mb["labels"][r, n - 1] == tok.eos_id and tok.decode(mb["tokens"][r, :n].tolist()).count("pass key") == 3
         assert torch.equal(mb["positions"][r, :n], torch.arange(n)) and (mb["doc_ids"][r, n:] == 1).all()
     full = next(iter(PasskeyMix(_Rows(), tok, fraction=1.0, seed=3, full_length=True)))
     assert (full["labels"] != IGNORE_INDEX).all() and (full["labels"][:, -1] == tok.eos_id).all()
