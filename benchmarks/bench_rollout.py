@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Ceilings, Table, bar_plot, device, error_report, finish, out_dir, sync  # noqa: E402
-from rollout_roofline import grpo_row, refresh_row, roofline_row  # noqa: E402
+from rollout_roofline import grpo_row, profile_decode, refresh_row, roofline_row  # noqa: E402
 
 from r1core.checkpoint.hf import save_pretrained  # noqa: E402
 from r1core.model import ModelArgs, Transformer, presets  # noqa: E402
@@ -159,7 +159,15 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--grpo-mean-len", type=int, default=128, help="mean response length (EOS-like stops)")
     ap.add_argument("--grpo-max-new", type=int, default=512)
     ap.add_argument("--grpo-max-batch", type=int, default=256, help="engine rows, as the pipeline's rollout")
+    ap.add_argument("--grpo-configs", default="old,shared,auto,admit",
+                    help="GRPO engine settings per workload: old (today's engine: no shared prefill, dense), "
+                         "shared (+ shared prefill), auto (+ decode_moe auto), admit (+ admit_min=G)")
+    ap.add_argument("--profile", default="", metavar="PRESET:B:MOE",
+                    help="GPU: top kernels of decode graph replays, e.g. small:256:auto ('' skips it)")
     args = ap.parse_args()
+    bad = set(filter(None, args.grpo_configs.split(","))) - {"old", "shared", "auto", "admit"}
+    if bad:
+        ap.error(f"--grpo-configs: unknown {sorted(bad)}; choose from old, shared, auto, admit")
     if args.tiny:
         args.batch, args.prompt_len, args.new_tokens, args.repeats = 4, 16, 16, 1
         args.sweep_presets, args.sweep_batches, args.sweep_new_tokens = "tiny", "2,8", 6
@@ -230,7 +238,9 @@ def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
     for spec in filter(None, opts.grpo.split(",")):
         P, G = map(int, spec.split("x"))
         # today's engine first, then shared prefill, auto MoE, admission in groups
-        configs = ((False, "dense", 1), (True, "dense", 1), (True, "auto", 1), (True, "auto", G))
+        named = {"old": (False, "dense", 1), "shared": (True, "dense", 1), "auto": (True, "auto", 1),
+                 "admit": (True, "auto", G)}
+        configs = [named[c] for c in opts.grpo_configs.split(",") if c]
         for share, path, admit in configs:
             try:
                 r = grpo_row(model, P, G, opts.prompt_len, opts.grpo_mean_len, opts.grpo_max_new,
@@ -301,7 +311,29 @@ def main() -> None:
             print("[HF] failed:", record["hf_error"], flush=True)
     del model, engine
     extra = roofline_sweep(opts, dev, dtype, record) if opts.sweep_presets or opts.grpo else []
+    if opts.profile:
+        extra += profile_rows(opts, dev, dtype, record)
     report(results, record, extra)
+
+
+def profile_rows(opts, dev, dtype, record: dict) -> list[Table]:
+    """--profile PRESET:B:MOE: where the time of one decode step goes (never raises; on the CPU its ops)."""
+    name, B, path = opts.profile.split(":")
+    try:
+        model = build_model(sweep_args(name), dev, dtype)
+        r = profile_decode(model, int(B), opts.prompt_len, path)
+        del model
+    except Exception as e:  # the other figures stay
+        record["profile_error"] = error_report(e)[:2000]
+        print("[profile] failed:", record["profile_error"], flush=True)
+        return []
+    print(r.pop("table"), flush=True)
+    record["profile"] = r
+    t = Table(f"top kernels of one decode step: {name} B{B} S{r['S']} decode_moe={path}, "
+              f"{r['step_ms']:.3f} ms of kernels per step", ["kernel", "ms/step", "% of step"])
+    for k in r["kernels"]:
+        t.add(*k)
+    return [t]
 
 
 def report(results: dict, record: dict, extra: list[Table]) -> None:

@@ -243,3 +243,43 @@ def refresh_row(model: Transformer, sync, repeats: int = 3) -> dict:
     n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     del trainer, engine
     return {"seconds": sec, "bytes": n_bytes, "gbps": 2 * n_bytes / sec / 1e9}
+
+
+def profile_decode(model: Transformer, B: int, prompt_len: int, decode_moe: str, top: int = 15,
+                   replays: int = 5) -> dict:
+    """Top kernels of decode steps of B rows at a key bucket just above prompt_len: CUDA graph replays
+    (CUPTI traces each kernel of the graph) or, where no graph was captured, eager steps (on the CPU:
+    its ops, so the path runs in tests). Returns {"kernels": [(name, ms per step, % of step)], "step_ms":
+    device ms per step, "S": key bucket, "table": profiler table}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = model.head.weight.device.type == "cuda"
+    gen = torch.Generator().manual_seed(B)
+    prompts = torch.randint(0, model.args.vocab_size, (B, prompt_len), generator=gen).tolist()
+    engine = BuiltinEngine(model, max_batch=B, max_len=prompt_len + 8, decode_moe=decode_moe)
+    engine.generate(prompts, 1, SamplingParams(temperature=1.0, max_new_tokens=4, seed=0))  # captures the graph
+    S = max(k[1] for k in engine._graphs) if engine._graphs else prompt_len + 4
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    with profile(activities=activities) as prof, torch.no_grad():
+        for _ in range(replays):
+            engine._decode(B, S, False)
+        sync()
+    events = [e for e in prof.key_averages() if e.device_type == kind or (cuda and e.self_device_time_total > 0)]
+
+    def self_us(e) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    total_us = sum(self_us(e) for e in events) or float("nan")
+    events.sort(key=lambda e: -self_us(e))
+    kernels = [(e.key[:90], self_us(e) / replays / 1e3, 100 * self_us(e) / total_us) for e in events[:top]]
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=top, max_name_column_width=70)
+    out = {"batch": B, "S": S, "decode_moe": decode_moe, "graphs": len(engine._graphs),
+           "step_ms": total_us / replays / 1e3, "kernels": kernels, "table": table}
+    del engine
+    if cuda:
+        torch.cuda.empty_cache()
+    return out

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-from rollout_roofline import decode_bytes, record_routing, uniform_distinct  # noqa: E402
+from rollout_roofline import decode_bytes, profile_decode, record_routing, uniform_distinct  # noqa: E402
 
 from r1core.model import Transformer, presets  # noqa: E402
 from r1core.rollout import BuiltinEngine, SamplingParams  # noqa: E402
@@ -46,3 +46,12 @@ def test_one_token_visits_exactly_top_k_experts_per_layer_and_uniform_expectatio
     assert all(K <= d <= min(4 * K, E) for d in four)
     assert uniform_distinct(E, K, 1) == pytest.approx(K)
     assert uniform_distinct(E, K, 10_000) == pytest.approx(E)
+
+
+def test_profile_decode_reports_the_matmuls_of_a_step_as_shares_of_its_time(model):
+    r = profile_decode(model, 2, 6, "dense", top=50, replays=2)
+    names = [k[0] for k in r["kernels"]]
+    assert r["S"] == 10 and r["step_ms"] > 0  # eager on the CPU: the exact key range, prompt + 4
+    assert any("mm" in n for n in names)  # the projections and experts
+    assert 0 < sum(k[2] for k in r["kernels"]) <= 100 + 1e-6
+    assert all(a[1] >= b[1] for a, b in zip(r["kernels"], r["kernels"][1:]))  # sorted, largest first
