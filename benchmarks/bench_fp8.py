@@ -48,9 +48,13 @@ def gemm_row(M, K, N, dev, dtype):
     a, w = torch.randn(M, K, device=dev, dtype=dtype), torch.randn(N, K, device=dev, dtype=dtype) * 0.02
     a_q, a_s = fp8.quantize_rows(a)
     w_q, w_s = fp8.quantize_blocks(w)
+    w_rq, w_rs = fp8.quantize_rows(w)  # 1x128 scales on both operands: wgrad's kind
     fns = {"bf16 mm": lambda: a @ w.T}
     for impl in ("torch", "triton") if dev.type == "cuda" else ("ref",):
         fns[f"fp8 {impl}"] = lambda impl=impl: fp8.blockwise_gemm(a_q, a_s, w_q, w_s, dtype, impl)
+    if dev.type == "cuda":
+        # torch's own call (blockwise_gemm would fall back to Triton where torch lacks this scaling)
+        fns["fp8 torch, both 1x128 (wgrad's)"] = lambda: fp8._torch_gemm(a_q, a_s, w_rq, w_rs, dtype)
     return fns, 2 * M * K * N
 
 
@@ -72,7 +76,7 @@ def linear_row(M, K, N, dev, dtype, compile_: bool):
 
 
 def quantize_row(M, K, dev, dtype):
-    """Both tilings of x, the reference (eager / compiled) against the fused Triton pass; (fns, bytes moved)."""
+    """Both tilings of x: the reference (eager / compiled) against the fused Triton pass; (fns, bytes)."""
     x = torch.randn(M, K, device=dev, dtype=dtype)
     fns = {"torch ref": lambda: fp8.quantize_dual(x, "ref")}
     if dev.type == "cuda":
@@ -169,7 +173,8 @@ def main(argv=None) -> dict:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     record = {"matmul_peak_tflops": ceil.matmul_tflops, "rows": rows,
-              "torch_blockwise": dev.type == "cuda" and fp8.torch_blockwise_supported(0, False)}
+              "torch_blockwise": dev.type == "cuda" and fp8.torch_blockwise_supported(0, False),
+              "torch_blockwise_1x128_both": dev.type == "cuda" and fp8.torch_blockwise_supported(0, True)}
     finish("bench_fp8", [table], record)
     return record
 
