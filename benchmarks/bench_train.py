@@ -24,6 +24,8 @@ r1core's LocalEngine with LMObjective (fused linear cross-entropy, MTP, balance 
                  parameters in bf16, the same fused AdamW and gradient clipping as ours (torchtitan's own
                  defaults too); torchtitan_eager without compile. The same-run anchor. Its MoE token
                  dispatch and combine stay eager, as torchtitan 0.2.2 leaves them (not our choice).
+  torchtitan_block  the same model with every TransformerBlock compiled whole (torch.compile(block), MoE
+                 dispatch and combine included): a stronger torchtitan than its own recipe, for comparison
   megatron       megatron-core 0.16.1 GPTModel, local spec (no Transformer Engine), standard attention with
                  kv_channels 160 (so QK^T + PV FLOPs equal MLA's 192 + 128), SequentialMLP experts at the
                  same MoE shapes, sigmoid group-limited routing with expert bias, torch AdamW
@@ -63,7 +65,8 @@ from r1core.parallel.optim import adamw  # noqa: E402
 from r1core.train.engine import LocalEngine, OptimConfig  # noqa: E402
 from r1core.train.objectives import LMObjective  # noqa: E402
 
-ANCHORS = ("torchtitan", "megatron")  # same-run providers every row is compared against, when they ran
+# same-run providers every row is compared against, when they ran
+ANCHORS = ("torchtitan", "torchtitan_block", "megatron")
 
 
 class Variant(NamedTuple):
@@ -276,7 +279,7 @@ def torchtitan_args(args, T: int):
 _TT_GROUPED_MM = None  # torchtitan's own (uncompiled) grouped-mm expert function, kept at first use
 
 
-def torchtitan_step(args, B: int, T: int, device, dtype, compile_: bool):
+def torchtitan_step(args, B: int, T: int, device, dtype, compile_: str):
     """torchtitan's own model, built and compiled the way its trainer does on one GPU, in our AdamW loop."""
     global _TT_GROUPED_MM
     _stand_in_for_unused_imports()
@@ -294,8 +297,12 @@ def torchtitan_step(args, B: int, T: int, device, dtype, compile_: bool):
         model.init_weights(buffer_device=device)
     for p in model.parameters():  # bf16 parameters like the r1core rows; freqs_cis stays complex
         p.data = p.data.to(dtype)
-    if compile_:
+    if compile_ == "apply_compile":
         apply_compile(model, types.SimpleNamespace(backend="inductor"), False)
+    elif compile_ == "block":  # whole blocks, MoE dispatch and combine included (not torchtitan's recipe)
+        torch._dynamo.config.capture_scalar_outputs = True
+        for layer_id, block in list(model.layers.named_children()):
+            model.layers.register_module(layer_id, torch.compile(block))
     # The r1core rows' AdamW (fused, the same betas / eps / weight-decay groups), which is also torchtitan's
     # own default (optimizer.implementation = "fused"); plain torch.optim.AdamW is the slower foreach one.
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -342,7 +349,7 @@ def breakdown(step, top: int = 15) -> tuple[dict[str, float], list[tuple[str, fl
 
 
 def is_compiled(name: str) -> bool:
-    return name == "torchtitan" or (name in VARIANTS and VARIANTS[name].compile)
+    return name in ("torchtitan", "torchtitan_block") or (name in VARIANTS and VARIANTS[name].compile)
 
 
 def dynamo_stats() -> dict:
@@ -369,7 +376,8 @@ def measure(name, args, a, device, dtype, peak_tflops) -> dict:
         if name == "megatron":
             step, losses, keep, fpt = megatron_step(args, a.batch, a.seq, device)
         elif name.startswith("torchtitan"):
-            step, losses, keep = torchtitan_step(args, a.batch, a.seq, device, dtype, name == "torchtitan")
+            how = {"torchtitan": "apply_compile", "torchtitan_block": "block"}.get(name, "")
+            step, losses, keep = torchtitan_step(args, a.batch, a.seq, device, dtype, how)
             fpt = flops_per_token(args.replace(n_mtp_modules=0), a.seq)
         else:
             step, losses, keep = r1core_step(args, name, a.batch, a.seq, device, dtype)
