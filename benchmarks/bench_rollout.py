@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Ceilings, Table, bar_plot, device, error_report, finish, out_dir, sync  # noqa: E402
-from rollout_roofline import grpo_row, profile_decode, refresh_row, roofline_row  # noqa: E402
+from rollout_roofline import grpo_engine, grpo_row, profile_decode, refresh_row, roofline_row  # noqa: E402
 
 from r1core.checkpoint.hf import save_pretrained  # noqa: E402
 from r1core.model import ModelArgs, Transformer, presets  # noqa: E402
@@ -150,7 +150,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--variants", default="graphs,grouped,eager,triton",
                     help="ours: graphs (CUDA graphs, dense MoE), grouped (graphs, torch._grouped_mm MoE), "
                          "eager (no graphs), triton (graphs, the model's MoE on the Triton kernels)")
-    ap.add_argument("--sweep-presets", default="bench,small", help="models of the roofline sweep ('' skips it)")
+    ap.add_argument("--sweep-presets", default="bench,small", help="models of the roofline sweep ('' skips it); "
+                    "a model may name its own batch sizes: bench:256,small:64:256:1024")
     ap.add_argument("--sweep-batches", default="64,256,1024")
     ap.add_argument("--sweep-moe", default="dense,grouped", help="decode_moe paths of the sweep (auto: dense "
                     "up to 128 rows, grouped above)")
@@ -201,16 +202,18 @@ def roofline_sweep(opts, dev, dtype, record: dict) -> list[Table]:
                   "experts/layer (uniform)", "MB/step"])
     grpo = Table(f"GRPO rollout, mean response ~{opts.grpo_mean_len} (max {opts.grpo_max_new}), "
                  f"{opts.grpo_max_batch} engine rows",
-                 ["model", "prompts x G", "shared prefill", "decode_moe", "admit_min", "s", "ms/sample",
+                 ["model", "prompts x G", "engine", "shared prefill", "decode_moe", "admit_min", "s", "ms/sample",
                   "tok/s",
                   "mean len", "steps", "prefills", "host s", "wait s"])
     record.update(roofline=[], grpo=[], roofline_errors=[])
     tables = [roof, grpo]
-    names = [n for n in opts.sweep_presets.split(",") if n] or ["small"]
+    entries = [n.split(":") for n in opts.sweep_presets.split(",") if n] or [["small"]]
+    names = [e[0] for e in entries]
     grpo_model = "small" if "small" in names else names[-1]  # the pipeline's model
-    for name in names:
+    for name, *own_batches in entries:
         model = build_model(sweep_args(name), dev, dtype)
-        for B in map(int, filter(None, opts.sweep_batches.split(",") if opts.sweep_presets else [])):
+        batches = own_batches or opts.sweep_batches.split(",")
+        for B in map(int, filter(None, batches if opts.sweep_presets else [])):
             for path in opts.sweep_moe.split(","):
                 try:
                     r = roofline_row(model, B, opts.prompt_len, opts.sweep_new_tokens, path, ceil.copy_gbps,
@@ -235,27 +238,36 @@ def roofline_sweep(opts, dev, dtype, record: dict) -> list[Table]:
 
 
 def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
-    for spec in filter(None, opts.grpo.split(",")):
-        P, G = map(int, spec.split("x"))
-        # today's engine first, then shared prefill, auto MoE, admission in groups
-        named = {"old": (False, "dense", 1), "shared": (True, "dense", 1), "auto": (True, "auto", 1),
-                 "admit": (True, "auto", G)}
-        configs = [named[c] for c in opts.grpo_configs.split(",") if c]
-        for share, path, admit in configs:
-            try:
-                r = grpo_row(model, P, G, opts.prompt_len, opts.grpo_mean_len, opts.grpo_max_new,
-                             opts.grpo_max_batch, share, path, opts.repeats, sync, admit)
-            except Exception as e:
-                msg = f"grpo {spec} {share} {path} {admit}: {type(e).__name__}: {e}"
-                record["roofline_errors"].append(msg[:300])
-                print("[grpo] failed:", record["roofline_errors"][-1], flush=True)
-                continue
-            r["model"] = name
-            record["grpo"].append(r)
-            grpo.add(name, spec, share, path, admit, r["seconds"], r["ms_per_sample"], r["tokens_per_s"],
-                     r["mean_len"], r["decode_steps"], r["prefills"], r["host_s"], r["wait_s"])
-            print(f"[grpo] {spec} shared={share} {path} admit_min={admit}: "
-                  f"{r['ms_per_sample']:.2f} ms/sample", flush=True)
+    """Per engine setting (today's engine first, then shared prefill, auto MoE, admission in groups) one engine
+    runs every workload, smallest first: the first run warms it (graph captures), later ones mostly reuse."""
+    specs = [tuple(map(int, spec.split("x"))) for spec in filter(None, opts.grpo.split(","))]
+    named = {"old": (False, "dense", 0), "shared": (True, "dense", 0), "auto": (True, "auto", 0),
+             "admit": (True, "auto", None)}  # None: admit_min = G
+    for config in filter(None, opts.grpo_configs.split(",")):
+        share, path, admit = named[config]
+        for G in sorted({G for _, G in specs}):
+            admit_g = G if admit is None else max(admit, 1)
+            engine = None
+            for P, _ in sorted(s for s in specs if s[1] == G):
+                try:
+                    engine = engine or grpo_engine(model, opts.prompt_len, opts.grpo_max_new, opts.grpo_max_batch,
+                                                   share, path, admit_g)
+                    r = grpo_row(model, P, G, opts.prompt_len, opts.grpo_mean_len, opts.grpo_max_new,
+                                 opts.grpo_max_batch, share, path, opts.repeats, sync, admit_g, engine)
+                except Exception as e:
+                    msg = f"grpo {P}x{G} {config}: {error_report(e)}"
+                    record["roofline_errors"].append(msg[:600])
+                    print("[grpo] failed:", record["roofline_errors"][-1], flush=True)
+                    continue
+                r["model"], r["config"] = name, config
+                record["grpo"].append(r)
+                grpo.add(name, f"{P}x{G}", config, share, path, admit_g, r["seconds"], r["ms_per_sample"],
+                         r["tokens_per_s"], r["mean_len"], r["decode_steps"], r["prefills"], r["host_s"],
+                         r["wait_s"])
+                print(f"[grpo] {P}x{G} {config} (shared={share} {path} admit_min={admit_g}): "
+                      f"{r['ms_per_sample']:.2f} ms/sample, {r['graphs_captured_timed']} graphs captured in the "
+                      f"timed runs", flush=True)
+            del engine
     refresh = Table("weight refresh into a non-colocated engine (update_weights)",
                     ["model", "ms", "GB", "GB/s"])
     try:
