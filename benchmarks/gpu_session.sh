@@ -63,6 +63,24 @@ part_rl_peer_gpu() {
     --base-override data.corpus_docs=8000 --base-override model.moe_impl=triton
   cp /tmp/rl_peer/rl_peer_speed.json "$R/" 2>/dev/null
 }
+# Issue 16, the final run (~4 min): the engine's GPU tests; bench_rollout trimmed to the providers at batch 64
+# (graphs, graphs+Triton MoE, HF generate), roofline rows (small B64/B256/B1024, bench B256, decode_moe auto),
+# GRPO rollouts 32x8 and 128x8 on today's engine ("old") and the new one ("admit": shared prefill, auto MoE,
+# admit_min=G), the weight refresh, and the top kernels of a small-preset B256 decode graph replay; then the
+# GRPO step of r1core vs TRL (speed only, a 10-step base).
+part_final16() {
+  run test_final16 60 python3 -m pytest -q -m gpu tests/test_rollout.py -rfE -p no:cacheprovider
+  run bench_final16 170 python3 benchmarks/bench_rollout.py --repeats 1 --variants graphs,triton \
+    --sweep-presets bench:256,small:64:256:1024 --sweep-moe auto --grpo 32x8,128x8 --grpo-configs old,admit \
+    --profile small:256:auto
+  grep -E "^\[|^\| (small|bench|r1core|HF|aten|void|[a-z_]+_kernel)" "$R/bench_final16.log" | head -60 >> "$SUMMARY"
+  run rl_peer_final16 120 python3 benchmarks/bench_rl_peer.py --speed-only --base-preset small --pretrain-steps 10 \
+    --steps 4 --prompts-per-step 16 --group-size 8 --max-new-tokens 48 --out /tmp/rl_peer \
+    --base-override pretrain.seq_len=256 --base-override pretrain.batch_size=32 \
+    --base-override pretrain.micro_batch_size=16 --base-override pretrain.save_every=100000 \
+    --base-override data.corpus_docs=8000 --base-override model.moe_impl=triton
+  cp /tmp/rl_peer/rl_peer_speed.json "$R/" 2>/dev/null
+}
 part_train() { run bench_train 320 python3 benchmarks/bench_train.py; }
 # Issue 19: the step against torchtitan 0.2.2's own DeepSeekV3Model in the same run (needs the torchtitan,
 # tyro, docstring_parser, typeguard, einops, torchdata wheels in .whl/), MTP off on both sides and r1core
