@@ -140,7 +140,8 @@ def _e4m3_round(v):
     av = tl.abs(v)
     e = tl.maximum(((av.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # e4m3 subnormals below 2^-6
     ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
-    r = ((av / ulp + 8388608.0) - 8388608.0) * ulp  # fp32 addition rounds av / ulp (< 16) to nearest-even
+    inv_ulp = ((127 - e + 3) << 23).to(tl.float32, bitcast=True)  # powers of two: both products are exact
+    r = ((av * inv_ulp + 8388608.0) - 8388608.0) * ulp  # fp32 addition rounds av / ulp (< 16) to nearest-even
     return tl.where(v < 0, -r, r)
 
 
@@ -157,13 +158,13 @@ def _fp8_quant_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, stride
     x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=m_ok[:, None],
                 other=0.0).to(tl.float32)
     a = tl.abs(x)
-    s_row = tl.maximum(tl.max(a, axis=1), 1e-12) / 448.0
+    s_row = tl.math.div_rn(tl.maximum(tl.max(a, axis=1), 1e-12), 448.0)  # IEEE division, as torch's
     q = _e4m3_round(tl.math.div_rn(x, s_row[:, None]))
     tl.store(q_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
              mask=m_ok[:, None])
     tl.store(s_ptr + offs_m * (K // BLOCK) + pid_k, s_row, mask=m_ok)
     if TRANSPOSED:
-        s_col = tl.maximum(tl.max(a, axis=0), 1e-12) / 448.0
+        s_col = tl.math.div_rn(tl.maximum(tl.max(a, axis=0), 1e-12), 448.0)
         qt = _e4m3_round(tl.math.div_rn(x, s_col[None, :]))
         tl.store(qt_ptr + offs_k[None, :].to(tl.int64) * Mp + offs_m[:, None], qt.to(qt_ptr.dtype.element_ty))
         tl.store(st_ptr + offs_k * (Mp // BLOCK) + pid_m, s_col)
@@ -195,7 +196,7 @@ def _fp8_quant_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, BLOCK: tl.conste
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
     base = e * N * K
     w = tl.load(w_ptr + base + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]).to(tl.float32)
-    s = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), 1e-12) / 448.0
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), 1e-12), 448.0)
     q = _e4m3_round(tl.math.div_rn(w, s)).to(q_ptr.dtype.element_ty)
     tl.store(q_ptr + base + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], q)
     tl.store(qt_ptr + base + offs_k[None, :].to(tl.int64) * N + offs_n[:, None], q)
