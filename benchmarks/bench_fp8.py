@@ -11,8 +11,9 @@ Rows per linear shape (M tokens = B4 x T2048, K in, N out), providers timed roun
   quantize  x [M, K] into both tilings an fp8 linear reads (1x128 along K, 128-token tiles transposed):
             the PyTorch reference eager and torch.compile'd (inductor fuses it) vs our one-pass Triton kernel;
             GB/s counts reading x once and writing both fp8 copies
-and grouped-experts rows (SwiGLU over 128-padded segments, fwd + bwd): bf16 torch._grouped_mm vs fp8 Triton
-(which is why model.precision=fp8_dense keeps the routed experts in bf16).
+and grouped-experts rows (SwiGLU over 128-padded segments, fwd + bwd): bf16 torch._grouped_mm vs our fp8
+Triton grouped kernels vs one fp8 linear per expert (torch scaled_mm; a host sync for the segment bounds)
+(the grouped rows are why model.precision=fp8_dense keeps the routed experts in bf16).
 TFLOP/s counts the bf16-equivalent FLOPs; the ratio column is the row's first provider's time / this
 provider's time (> 1: faster; the first provider is bf16, or the reference quantizer).
 --quick keeps the rows the issue-19 GPU session needs (small-preset shapes, one V3 shape, small experts).
@@ -107,7 +108,19 @@ def experts_row(T, E, K, D, I, dev, dtype):  # noqa: E741 (the paper's I)
             x.grad = w1.grad = w2.grad = w3.grad = None
             fn().backward(dy)
         return run
-    fns = {"fp8 grouped": step(lambda: fp8.grouped_swiglu_fp8(x, w1, w2, w3, seg))}
+    bounds = [0, *torch.cumsum(seg, 0).tolist()]
+
+    def per_expert():  # the alternative to a grouped kernel: one fp8 linear (torch scaled_mm) per expert
+        outs = []
+        for e in range(E):
+            rows = x[bounds[e]:bounds[e + 1]]
+            h13 = fp8.fp8_linear(rows, torch.cat([w1[e], w3[e]]), impl)
+            h1, h3 = h13.chunk(2, dim=-1)
+            outs.append(fp8.fp8_linear(F.silu(h1) * h3, w2[e], impl))
+        return torch.cat(outs)
+    impl = fp8.backend(dev, False)
+    fns = {"fp8 grouped": step(lambda: fp8.grouped_swiglu_fp8(x, w1, w2, w3, seg)),
+           "fp8 per-expert linear loop": step(per_expert)}
     if dev.type == "cuda":
         fns = {"bf16 grouped_mm": step(bf16), **fns}
     return fns, 6 * 3 * P * D * I
