@@ -41,7 +41,7 @@ LINEAR_SHAPES = {  # name: (M, K, N)
     "small wq_b 768->3072": (8192, 768, 3072),
 }
 COMPILED = ("v3 dense w1 7168->18432", "small w1 2048->5632")  # compiled rows: the compile time adds up
-QUICK = ("v3 dense w1 7168->18432", "small w1 2048->5632", "small w2 5632->2048", "small wq_b 768->3072")
+QUICK = ("v3 dense w1 7168->18432", "small w1 2048->5632", "small wq_b 768->3072")
 TINY_SHAPES = {"tiny 256->384": (200, 256, 384)}
 
 
