@@ -129,7 +129,7 @@ part_final19() {
   grep -E "^\| (torchtitan|compile|eager)" "$R/final19_train.log" | head -12 >> "$SUMMARY"
   for prec in bf16 fp8; do
     d=/tmp/fp8_loss_$prec
-    run fp8_loss_$prec $([ $prec = bf16 ] && echo 40 || echo 45) python3 -m r1core.cli run model=small \
+    run fp8_loss_$prec $([ $prec = bf16 ] && echo 35 || echo 50) python3 -m r1core.cli run model=small \
       run_dir=$d hydra.run.dir=$d "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]" \
       model.moe_impl=triton model.precision=$prec data.corpus_docs=${FP8_LOSS_DOCS:-20000} \
       pretrain.steps=${FP8_LOSS_STEPS:-300} pretrain.batch_size=8 pretrain.micro_batch_size=8 pretrain.seq_len=512 \
