@@ -116,6 +116,6 @@ def apply_precision(model: nn.Module, precision: Precision | str) -> list[str]:
         if isinstance(mod, MoE) and isinstance(mod.experts, Fp8GroupedExperts):
             mod.dispatcher.pad_multiple = TILE
     if kept:
-        log.info("precision fp8: %d layers keep bf16 GEMMs (dims not multiples of %d): %s", len(kept), TILE,
-                 ", ".join(kept))
+        log.info("precision %s: %d layers keep bf16 GEMMs (dims not multiples of %d): %s",
+                 Precision(precision).value, len(kept), TILE, ", ".join(kept))
     return kept
