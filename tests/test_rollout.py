@@ -153,6 +153,24 @@ def test_greedy_equals_full_recompute_reference_with_continuous_batching(model, 
     assert engine.stats["prefills"] >= 3
 
 
+def test_decode_over_a_length_bucket_matches_the_exact_key_range(model, monkeypatch):
+    # CUDA graphs decode over S = the row's length rounded up to a bucket; the extra slots are masked out.
+    exact = BuiltinEngine(model, max_batch=2, max_len=64).generate(PROMPTS, 1, greedy(12))
+    engine = BuiltinEngine(model, max_batch=2, max_len=64)
+    engine._ensure_runtime()
+    step, seen = engine._step, []
+
+    def bucketed(B, S, truncate):
+        seen.append((S, next(b for b in engine.len_buckets if b >= S)))
+        return step(B, seen[-1][1], truncate)
+
+    monkeypatch.setattr(engine, "_step", bucketed)
+    for a, b in zip(exact, engine.generate(PROMPTS, 1, greedy(12))):
+        assert a.response_ids == b.response_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+    assert len(seen) > 10 and all(s < b for s, b in seen) and engine.len_buckets == [32, 48, 64]
+
+
 def test_sampling_is_reproducible_and_independent_of_batching(model):
     sp = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=10, seed=2024)
     runs = [BuiltinEngine(model, max_batch=mb, max_len=64, max_prefill_tokens=chunk).generate(PROMPTS, 3, sp)

@@ -154,7 +154,10 @@ class BuiltinEngine(RolloutEngine):
             raise ValueError(f"admit_min={admit_min} must be >= 1")
         self.admit_min = admit_min
         self.batch_buckets = _buckets(max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512])
-        self.len_buckets = _buckets(max_len, [2 ** i for i in range(5, 24)])
+        # Every row of a step reads S cache slots: steps of 1.5x (32, 48, 64, 96, ...) keep the slots read
+        # within 1.5x of the longest row (powers of two allowed 2x) for twice the graphs of one batch bucket.
+        steps = [2 ** i for i in range(5, 24)] + [3 * 2 ** i for i in range(4, 23)]
+        self.len_buckets = _buckets(max_len, sorted(steps))
         self.weight_version = 0
         # host_s: host time in the generate loop outside waits; wait_s: time blocked on the device's
         # results. wait_s near 0 means the host, not the GPU, sets the pace of decoding.
