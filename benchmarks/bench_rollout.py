@@ -16,6 +16,8 @@ without shared prefill; and the weight refresh cost of a non-colocated engine.
 
   python benchmarks/bench_rollout.py            # GPU, the anchor workload, sweep, GRPO rows
   python benchmarks/bench_rollout.py --tiny     # CPU smoke run (tiny preset, small batch)
+  python benchmarks/bench_rollout.py --repeats 1 --variants graphs,triton --sweep-presets bench:256,small:64:256:1024 \
+      --sweep-moe auto --grpo 32x8,128x8 --grpo-configs old,admit --profile small:256:auto   # the compact run
 """
 
 from __future__ import annotations
@@ -150,8 +152,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--variants", default="graphs,grouped,eager,triton",
                     help="ours: graphs (CUDA graphs, dense MoE), grouped (graphs, torch._grouped_mm MoE), "
                          "eager (no graphs), triton (graphs, the model's MoE on the Triton kernels)")
-    ap.add_argument("--sweep-presets", default="bench,small", help="models of the roofline sweep ('' skips it); "
-                    "a model may name its own batch sizes: bench:256,small:64:256:1024")
+    ap.add_argument("--sweep-presets", default="bench,small",
+                    help="models of the roofline sweep ('' skips it); a model may name its own batch sizes: "
+                         "bench:256,small:64:256:1024")
     ap.add_argument("--sweep-batches", default="64,256,1024")
     ap.add_argument("--sweep-moe", default="dense,grouped", help="decode_moe paths of the sweep (auto: dense "
                     "up to 128 rows, grouped above)")
@@ -202,7 +205,8 @@ def roofline_sweep(opts, dev, dtype, record: dict) -> list[Table]:
                   "experts/layer (uniform)", "MB/step"])
     grpo = Table(f"GRPO rollout, mean response ~{opts.grpo_mean_len} (max {opts.grpo_max_new}), "
                  f"{opts.grpo_max_batch} engine rows",
-                 ["model", "prompts x G", "engine", "shared prefill", "decode_moe", "admit_min", "s", "ms/sample",
+                 ["model", "prompts x G", "engine", "shared prefill", "decode_moe", "admit_min", "s",
+                  "ms/sample",
                   "tok/s",
                   "mean len", "steps", "prefills", "host s", "wait s"])
     record.update(roofline=[], grpo=[], roofline_errors=[])
@@ -238,8 +242,8 @@ def roofline_sweep(opts, dev, dtype, record: dict) -> list[Table]:
 
 
 def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
-    """Per engine setting (today's engine first, then shared prefill, auto MoE, admission in groups) one engine
-    runs every workload, smallest first: the first run warms it (graph captures), later ones mostly reuse."""
+    """Per engine setting (today's engine first, then shared prefill, auto MoE, admission in groups) one
+    engine runs every workload, smallest first: the first run warms it (graph captures), later ones reuse."""
     specs = [tuple(map(int, spec.split("x"))) for spec in filter(None, opts.grpo.split(","))]
     named = {"old": (False, "dense", 0), "shared": (True, "dense", 0), "auto": (True, "auto", 0),
              "admit": (True, "auto", None)}  # None: admit_min = G
@@ -250,8 +254,8 @@ def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
             engine = None
             for P, _ in sorted(s for s in specs if s[1] == G):
                 try:
-                    engine = engine or grpo_engine(model, opts.prompt_len, opts.grpo_max_new, opts.grpo_max_batch,
-                                                   share, path, admit_g)
+                    engine = engine or grpo_engine(model, opts.prompt_len, opts.grpo_max_new,
+                                                   opts.grpo_max_batch, share, path, admit_g)
                     r = grpo_row(model, P, G, opts.prompt_len, opts.grpo_mean_len, opts.grpo_max_new,
                                  opts.grpo_max_batch, share, path, opts.repeats, sync, admit_g, engine)
                 except Exception as e:
@@ -265,8 +269,8 @@ def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
                          r["tokens_per_s"], r["mean_len"], r["decode_steps"], r["prefills"], r["host_s"],
                          r["wait_s"])
                 print(f"[grpo] {P}x{G} {config} (shared={share} {path} admit_min={admit_g}): "
-                      f"{r['ms_per_sample']:.2f} ms/sample, {r['graphs_captured_timed']} graphs captured in the "
-                      f"timed runs", flush=True)
+                      f"{r['ms_per_sample']:.2f} ms/sample, {r['graphs_captured_timed']} graphs captured "
+                      f"in the timed runs", flush=True)
             del engine
     refresh = Table("weight refresh into a non-colocated engine (update_weights)",
                     ["model", "ms", "GB", "GB/s"])

@@ -264,7 +264,7 @@ def profile_decode(model: Transformer, B: int, prompt_len: int, decode_moe: str,
     gen = torch.Generator().manual_seed(B)
     prompts = torch.randint(0, model.args.vocab_size, (B, prompt_len), generator=gen).tolist()
     engine = BuiltinEngine(model, max_batch=B, max_len=prompt_len + 8, decode_moe=decode_moe)
-    engine.generate(prompts, 1, SamplingParams(temperature=1.0, max_new_tokens=4, seed=0))  # captures the graph
+    engine.generate(prompts, 1, SamplingParams(temperature=1.0, max_new_tokens=4, seed=0))  # graph capture
     S = max(k[1] for k in engine._graphs) if engine._graphs else prompt_len + 4
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
@@ -274,7 +274,8 @@ def profile_decode(model: Transformer, B: int, prompt_len: int, decode_moe: str,
         for _ in range(replays):
             engine._decode(B, S, False)
         sync()
-    events = [e for e in prof.key_averages() if e.device_type == kind or (cuda and e.self_device_time_total > 0)]
+    events = [e for e in prof.key_averages()
+              if e.device_type == kind or (cuda and e.self_device_time_total > 0)]
 
     def self_us(e) -> float:
         return e.self_device_time_total if cuda else e.self_cpu_time_total
