@@ -14,7 +14,6 @@ from setuptools import find_packages, setup
 
 def _packages():
     pkgs = [p for p in find_packages(include=["r1core", "r1core.*"])]
-    pkgs += ["r1core.kernels"] + ["r1core.kernels." + p for p in find_packages("kernels")]
     pkgs += ["r1core.conf"] + ["r1core.conf." + p for p in find_packages("conf")]
     return pkgs
 

@@ -182,10 +182,8 @@ part_r1zero_small() {
   for s in $d/stages/eval*/; do cp "$s/eval.json" "$R/r1zero_small/$(basename "$s").eval.json" 2>/dev/null; done
 }
 
-# No empty entry (a trailing ':' puts the working directory, the repository root, on sys.path): there the
-# repository's kernels/ folder is found as the top-level package `kernels`, transformers 5.17 imports it to
-# read its version, the folder steps aside for a PyPI `kernels` that is not installed, and every
-# DeepseekV3ForCausalLM import fails ("Could not import module 'DeepseekV3ForCausalLM'": HF and TRL rows).
+# No empty entry: a trailing ':' would put the working directory on sys.path (the kernels once lived in a
+# top-level kernels/ folder that transformers 5.17 then imported as the PyPI package `kernels`).
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 part_cuda_tests() { run cuda_tests 60 python3 -m pytest -q -m gpu tests/test_moe_cuda.py -rfE -p no:cacheprovider; }
 part_grpo_tests() { run grpo_tests 90 python3 -m pytest -q -m gpu tests/test_grpo_loss.py -rfE -p no:cacheprovider; }

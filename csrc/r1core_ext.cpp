@@ -2,7 +2,7 @@
 //
 // Every tensor contract is checked here, with messages that name the argument; the kernels behind
 // the launch_* functions take raw pointers and trust these checks. Python wrappers with autograd:
-// kernels/moe_cuda.py.
+// r1core/kernels/moe_cuda.py.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>

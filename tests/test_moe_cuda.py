@@ -1,4 +1,4 @@
-"""CUDA-extension MoE ops (kernels/moe_cuda.py over csrc/) against r1core.model.moe's refs.
+"""CUDA-extension MoE ops (r1core/kernels/moe_cuda.py over csrc/) against r1core.model.moe's refs.
 
 Indices, positions, counts and permuted rows must match exactly; weights and values follow the
 tolerance rule against float64 oracles. GPU tests need the extension built

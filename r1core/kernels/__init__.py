@@ -11,41 +11,6 @@ package registers the MoE ops as the model's `moe_impl: triton | cuda` and the G
 
 from __future__ import annotations
 
-import sys
-
-
-def _hand_over_to_installed(name: str) -> None:
-    """Put the package `name` found elsewhere on sys.path in this folder's place in sys.modules."""
-    import importlib.machinery
-    import importlib.util
-    import os
-
-    repo_root = os.path.realpath(os.path.dirname(os.path.dirname(__file__)))
-    search = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != repo_root]
-    spec = importlib.machinery.PathFinder.find_spec(name, search)
-    if spec is None or spec.loader is None:
-        del sys.modules[name]
-        raise ModuleNotFoundError(
-            f"No module named {name!r} (the repository's {name}/ folder is r1core.{name})", name=name)
-    module = importlib.util.module_from_spec(spec)
-    # The import system hands every importer whatever sys.modules holds under the name once this
-    # module's code has run, so the installed package replaces the folder everywhere.
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-
-
-if __name__ == "kernels":
-    # This folder ships as `r1core.kernels`. It is reachable as a top-level `kernels` only when the
-    # repository root is on sys.path (`python -m pytest`, `python -c` from the root), where it would
-    # shadow the unrelated PyPI package `kernels` that transformers (>= 5.25) imports in its model
-    # code. Step aside for that package, or fail exactly as a missing module would.
-    _hand_over_to_installed(__name__)
-
-
 def _triton_moe_ops():
     from r1core.model.moe import MoEOps
 
@@ -84,5 +49,4 @@ def _register() -> None:
     register_fp8_ops(_fp8_ops)
 
 
-if __name__ != "kernels":  # as the top-level `kernels` this folder has stepped aside above
-    _register()
+_register()
