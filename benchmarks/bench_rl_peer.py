@@ -118,6 +118,16 @@ def r1core_configs(s: PeerSettings) -> tuple[GRPOConfig, OptimConfig]:
     return rl, optim
 
 
+def grpo_config_kwargs(trl, s: PeerSettings, output_dir: str, cuda: bool) -> dict:
+    """trl_kwargs for the installed GRPOConfig: transformers before 5.2x names activation checkpointing
+    `gradient_checkpointing` (the GPU machines' 5.17 has no `activation_checkpointing`)."""
+    kw = trl_kwargs(s, output_dir, cuda)
+    fields = {f.name for f in dataclasses.fields(trl.GRPOConfig)}
+    if "activation_checkpointing" not in fields:
+        kw["gradient_checkpointing"] = kw.pop("activation_checkpointing")
+    return kw
+
+
 def trl_kwargs(s: PeerSettings, output_dir: str, cuda: bool) -> dict:
     """Keyword arguments of trl.GRPOConfig for the shared settings (no trl import needed)."""
     return dict(
@@ -273,7 +283,8 @@ def train_trl(base: Base, s: PeerSettings, work: Path, cuda: bool) -> Trained:
     reward = trl_reward(problems, base.tok, base.tok.eos_id)
     timer = _step_timer()
     trainer = trl.GRPOTrainer(model=model, reward_funcs=[reward], train_dataset=data, processing_class=hf_tok,
-                              args=trl.GRPOConfig(**trl_kwargs(s, str(work / "trl"), cuda)), callbacks=[timer])
+                              args=trl.GRPOConfig(**grpo_config_kwargs(trl, s, str(work / "trl"), cuda)),
+                              callbacks=[timer])
     trainer.train()
     trainer.model.save_pretrained(work / "trl" / "model")
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
