@@ -130,7 +130,11 @@ def grouped_fp8_wgrad_triton(dyt_q, dyt_s, xt_q, xt_s, seg_E):
 # One pass over a bf16 tensor writes every quantized copy its GEMMs need (DeepSeek-V3 report §3.3: the
 # backward's 128x1 tiles are a transpose of the forward's 1x128 ones), instead of the reference's
 # cast / abs / amax / divide / clamp / cast chain run once per orientation. The scale and the rounding
-# are the reference's: s = max(amax, 1e-12) / 448, q = e4m3(clamp(x / s)) with an IEEE division.
+# are the reference's: s = max(amax, 1e-12) * fp32(1/448) (a product rounds alike on every device; torch's
+# CUDA `amax / 448` is this product too, its CPU one a division), q = e4m3(clamp(x / s)) with an IEEE
+# division (div_rn; Triton's `/` is an approximate one). Triton flushes fp32 subnormals in div_rn, which
+# changes no e4m3 value: any x / s below 2^-126 rounds to e4m3 zero either way.
+INV_448 = tl.constexpr(1 / 448)  # fp32 0x3B124925, fp8.FP8_INV_MAX
 
 @triton.jit
 def _e4m3_round(v):
@@ -158,13 +162,13 @@ def _fp8_quant_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, stride
     x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=m_ok[:, None],
                 other=0.0).to(tl.float32)
     a = tl.abs(x)
-    s_row = tl.math.div_rn(tl.maximum(tl.max(a, axis=1), 1e-12), 448.0)  # IEEE division, as torch's
+    s_row = tl.maximum(tl.max(a, axis=1), 1e-12) * INV_448
     q = _e4m3_round(tl.math.div_rn(x, s_row[:, None]))
     tl.store(q_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
              mask=m_ok[:, None])
     tl.store(s_ptr + offs_m * (K // BLOCK) + pid_k, s_row, mask=m_ok)
     if TRANSPOSED:
-        s_col = tl.math.div_rn(tl.maximum(tl.max(a, axis=0), 1e-12), 448.0)
+        s_col = tl.maximum(tl.max(a, axis=0), 1e-12) * INV_448
         qt = _e4m3_round(tl.math.div_rn(x, s_col[None, :]))
         tl.store(qt_ptr + offs_k[None, :].to(tl.int64) * Mp + offs_m[:, None], qt.to(qt_ptr.dtype.element_ty))
         tl.store(st_ptr + offs_k * (Mp // BLOCK) + pid_m, s_col)
@@ -196,7 +200,7 @@ def _fp8_quant_blocks_kernel(w_ptr, q_ptr, qt_ptr, s_ptr, N, K, BLOCK: tl.conste
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
     base = e * N * K
     w = tl.load(w_ptr + base + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]).to(tl.float32)
-    s = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), 1e-12), 448.0)
+    s = tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), 1e-12) * INV_448
     q = _e4m3_round(tl.math.div_rn(w, s)).to(q_ptr.dtype.element_ty)
     tl.store(q_ptr + base + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], q)
     tl.store(qt_ptr + base + offs_k[None, :].to(tl.int64) * N + offs_n[:, None], q)

@@ -8,7 +8,9 @@ fine-grained, so one outlier spoils only its own tile:
                                       128 tokens × 1 column (the report's 128×1 backward tiles)
   weights                             128×128 blocks (transposing a weight keeps its blocks, so dgrad
                                       reuses the forward's quantized weight)
-Scale = amax / 448 (e4m3's largest value), as in DeepSeek-V3's `act_quant` / `weight_dequant`.
+Scale = amax / 448 (e4m3's largest value), as in DeepSeek-V3's `act_quant` / `weight_dequant`, computed
+as amax · fp32(1/448): one correctly rounded product that torch on the CPU, torch on CUDA (whose division by
+a Python scalar is exactly this multiplication) and the Triton kernels all round alike.
 Master weights, gradients and the optimizer state stay in the model's dtype (bf16 or fp32 master).
 
 One primitive carries all three GEMMs: `blockwise_gemm(a_q, a_s, b_q, b_s) = dequant(a) · dequant(b)ᵀ`
@@ -42,6 +44,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 BLOCK = 128
 _TINY = 1e-12  # floor of amax: an all-zero tile gets a tiny scale instead of 0/0
+FP8_INV_MAX = 1 / FP8_MAX  # rounds to fp32 0x3B124925 as the factor of a float32 product on every backend
 
 
 # --------------------------------------------------------------------------- quantization (PyTorch: the
@@ -53,7 +56,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if K % BLOCK:
         raise ValueError(f"fp8 1x128 tiles need the last dim divisible by {BLOCK}, got {K}")
     xt = x.contiguous().float().reshape(*lead, K // BLOCK, BLOCK)  # row-major out, even for x.t()
-    s = xt.abs().amax(-1).clamp(min=_TINY) / FP8_MAX
+    s = xt.abs().amax(-1).clamp(min=_TINY) * FP8_INV_MAX  # not `/ FP8_MAX`: see the module doc
     q = (xt / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.reshape(*lead, K), s
 
@@ -69,7 +72,7 @@ def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if N % BLOCK or K % BLOCK:
         raise ValueError(f"fp8 128x128 blocks need both weight dims divisible by {BLOCK}, got {N}x{K}")
     wb = w.float().reshape(*lead, N // BLOCK, BLOCK, K // BLOCK, BLOCK)
-    s = wb.abs().amax(dim=(-3, -1)).clamp(min=_TINY) / FP8_MAX
+    s = wb.abs().amax(dim=(-3, -1)).clamp(min=_TINY) * FP8_INV_MAX
     q = (wb / s[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.reshape(*lead, N, K), s
 
