@@ -218,6 +218,31 @@ def test_fp8_model_trains_like_fp32():
     assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.95
 
 
+def test_fp8_model_starts_where_bf16_does():
+    """Same seed: the fp8 model has bf16's parameters bit for bit, the same optimizer groups (conversion swaps
+    classes, it re-draws and re-registers nothing) and, on one batch, the same CE, MTP CE and balance loss
+    up to fp8 rounding: what a bf16 vs fp8 loss comparison relies on."""
+    from r1core.parallel.optim import param_groups
+
+    args = presets["tiny"].replace(moe_inter_dim=128, q_lora_rank=128)
+    models = []
+    for precision in ("bf16", "fp8"):
+        torch.manual_seed(0)
+        models.append(Transformer(args.replace(precision=precision)))
+    assert isinstance(models[1].layers["1"].ffn.experts, Fp8GroupedExperts)
+    named = [list(m.named_parameters()) for m in models]
+    assert [n for n, _ in named[0]] == [n for n, _ in named[1]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(*named))
+    groups = [[[n for n, p in nps if any(p is q for q in g["params"])] for g in param_groups(nps, 0.1)]
+              for nps in named]
+    assert groups[0] == groups[1]
+    tokens = torch.randint(0, args.vocab_size, (2, 65), generator=torch.Generator().manual_seed(1))
+    bf16, fp8_ = (m.compute_loss(tokens[:, :-1], tokens[:, 1:]) for m in models)
+    for a, b in [(bf16.ce, fp8_.ce), *zip(bf16.mtp, fp8_.mtp)]:
+        assert abs(b - a) < 0.01 * a
+    assert abs(fp8_.aux - bf16.aux) < 0.05 * bf16.aux
+
+
 # ----------------------------------------------------------------------------------------- GPU
 
 def _tolerance_check(out, ref_emul, exact, floor=1e-3):
