@@ -31,7 +31,9 @@ def _cuda_extensions():
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
         if flag == "1":
-            raise RuntimeError(f"R1CORE_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}")
+            raise RuntimeError(
+                f"R1CORE_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
+            )
         return [], {}
     sources = sorted(glob.glob("csrc/**/*.cu", recursive=True) + glob.glob("csrc/**/*.cpp", recursive=True))
     if not sources:

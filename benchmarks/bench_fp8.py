@@ -35,9 +35,12 @@ from common import Ceilings, Table, device, finish, time_interleaved  # noqa: E4
 from r1core.kernels import fp8  # noqa: E402
 
 LINEAR_SHAPES = {  # name: (M, K, N)
-    "v3 wq_a 7168->1536": (8192, 7168, 1536), "v3 dense w1 7168->18432": (8192, 7168, 18432),
-    "v3 dense w2 18432->7168": (8192, 18432, 7168), "v3 wo 16384->7168": (8192, 16384, 7168),
-    "small w1 2048->5632": (8192, 2048, 5632), "small w2 5632->2048": (8192, 5632, 2048),
+    "v3 wq_a 7168->1536": (8192, 7168, 1536),
+    "v3 dense w1 7168->18432": (8192, 7168, 18432),
+    "v3 dense w2 18432->7168": (8192, 18432, 7168),
+    "v3 wo 16384->7168": (8192, 16384, 7168),
+    "small w1 2048->5632": (8192, 2048, 5632),
+    "small w2 5632->2048": (8192, 5632, 2048),
     "small wq_b 768->3072": (8192, 768, 3072),
 }
 COMPILED = ("v3 dense w1 7168->18432", "small w1 2048->5632")  # compiled rows: the compile time adds up
@@ -69,7 +72,9 @@ def linear_row(M, K, N, dev, dtype, compile_: bool):
         def run():
             x.grad = w.grad = None
             fn(x, w).backward(dy)
+
         return run
+
     bf16, f8 = F.linear, lambda x_, w_: fp8.fp8_linear(x_, w_, impl)
     if compile_:
         bf16, f8 = torch.compile(bf16), torch.compile(f8)
@@ -107,20 +112,25 @@ def experts_row(T, E, K, D, I, dev, dtype):  # noqa: E741 (the paper's I)
         def run():
             x.grad = w1.grad = w2.grad = w3.grad = None
             fn().backward(dy)
+
         return run
+
     bounds = [0, *torch.cumsum(seg, 0).tolist()]
 
     def per_expert():  # the alternative to a grouped kernel: one fp8 linear (torch scaled_mm) per expert
         outs = []
         for e in range(E):
-            rows = x[bounds[e]:bounds[e + 1]]
+            rows = x[bounds[e] : bounds[e + 1]]
             h13 = fp8.fp8_linear(rows, torch.cat([w1[e], w3[e]]), impl)
             h1, h3 = h13.chunk(2, dim=-1)
             outs.append(fp8.fp8_linear(F.silu(h1) * h3, w2[e], impl))
         return torch.cat(outs)
+
     impl = fp8.backend(dev, False)
-    fns = {"fp8 grouped": step(lambda: fp8.grouped_swiglu_fp8(x, w1, w2, w3, seg)),
-           "fp8 per-expert linear loop": step(per_expert)}
+    fns = {
+        "fp8 grouped": step(lambda: fp8.grouped_swiglu_fp8(x, w1, w2, w3, seg)),
+        "fp8 per-expert linear loop": step(per_expert),
+    }
     if dev.type == "cuda":
         fns = {"bf16 grouped_mm": step(bf16), **fns}
     return fns, 6 * 3 * P * D * I
@@ -139,8 +149,7 @@ def main(argv=None) -> dict:
     if a.quick and shapes is LINEAR_SHAPES:
         shapes = {k: v for k, v in shapes.items() if k in QUICK}
     title = f"FP8 blockwise vs bf16 (matmul peak {ceil.matmul_tflops:.0f} TFLOP/s, bf16-equivalent FLOPs)"
-    table = Table(title,
-                  ["row", "provider", "ms", "TFLOP/s or GB/s", "% of bf16 peak", "× first provider"])
+    table = Table(title, ["row", "provider", "ms", "TFLOP/s or GB/s", "% of bf16 peak", "× first provider"])
     rows = []
     cases = []
     quantized = set()
@@ -151,14 +160,20 @@ def main(argv=None) -> dict:
         cases.append((f"gemm {name}", lambda M=M, K=K, N=N: gemm_row(M, K, N, dev, dtype)))
         cases.append((f"linear fwd+bwd {name}", lambda M=M, K=K, N=N: linear_row(M, K, N, dev, dtype, False)))
         if dev.type == "cuda" and name in COMPILED and not (a.quick and name.startswith("v3")):
-            cases.append((f"linear compiled {name}",
-                          lambda M=M, K=K, N=N: linear_row(M, K, N, dev, dtype, True)))
+            cases.append(
+                (f"linear compiled {name}", lambda M=M, K=K, N=N: linear_row(M, K, N, dev, dtype, True))
+            )
     if dev.type == "cuda":
-        cases.append(("experts small (32 x 2048->768, top-4)",
-                      lambda: experts_row(8192, 32, 4, 2048, 768, dev, dtype)))
+        cases.append(
+            ("experts small (32 x 2048->768, top-4)", lambda: experts_row(8192, 32, 4, 2048, 768, dev, dtype))
+        )
         if not a.quick:
-            cases.append(("experts v3, 32 of 256 (7168->2048, 1024 rows each)",
-                          lambda: experts_row(4096, 32, 8, 7168, 2048, dev, dtype)))
+            cases.append(
+                (
+                    "experts v3, 32 of 256 (7168->2048, 1024 rows each)",
+                    lambda: experts_row(4096, 32, 8, 7168, 2048, dev, dtype),
+                )
+            )
     for row_name, build in cases:
         try:
             fns, flops = build()
@@ -178,16 +193,20 @@ def main(argv=None) -> dict:
             ratio = base / r["ms"] if base else float("nan")
             if row_name.startswith("quantize"):
                 table.add(row_name, prov, r["ms"], rate * 1e3, "", ratio)
-                rows.append({"row": row_name, "provider": prov, "ms": r["ms"], "gb_s": rate * 1e3,
-                             "x_first": ratio})
+                rows.append(
+                    {"row": row_name, "provider": prov, "ms": r["ms"], "gb_s": rate * 1e3, "x_first": ratio}
+                )
                 continue
             table.add(row_name, prov, r["ms"], rate, 100 * rate / ceil.matmul_tflops, ratio)
             rows.append({"row": row_name, "provider": prov, "ms": r["ms"], "tflops": rate, "x_bf16": ratio})
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    record = {"matmul_peak_tflops": ceil.matmul_tflops, "rows": rows,
-              "torch_blockwise": dev.type == "cuda" and fp8.torch_blockwise_supported(0, False),
-              "torch_blockwise_1x128_both": dev.type == "cuda" and fp8.torch_blockwise_supported(0, True)}
+    record = {
+        "matmul_peak_tflops": ceil.matmul_tflops,
+        "rows": rows,
+        "torch_blockwise": dev.type == "cuda" and fp8.torch_blockwise_supported(0, False),
+        "torch_blockwise_1x128_both": dev.type == "cuda" and fp8.torch_blockwise_supported(0, True),
+    }
     finish("bench_fp8", [table], record)
     return record
 

@@ -29,7 +29,10 @@ from r1core.kernels.grpo_loss import grpo_loss, grpo_loss_ref, token_logprobs  #
 
 G = sys.modules["r1core.kernels.grpo_loss"]
 
-SHAPES = {"B8xT1024_H4096_V151936": (8, 1024, 4096, 151936), "B4xT1024_H7168_V129280": (4, 1024, 7168, 129280)}
+SHAPES = {
+    "B8xT1024_H4096_V151936": (8, 1024, 4096, 151936),
+    "B4xT1024_H7168_V129280": (4, 1024, 7168, 129280),
+}
 TINY = {"tiny_B2xT16_H64_V250": (2, 16, 64, 250)}
 OURS = ("chunked", "chunked_fp32", "triton")
 LOSS_KW = dict(beta=0.04, eps_low=0.2, eps_high=0.2, agg="seq_mean_token_mean")
@@ -45,9 +48,16 @@ def make_inputs(b, t, h, v, dtype):
     mask = torch.ones(b, t, device=dev, dtype=torch.bool)
     logp, _ = token_logprobs(hidden, weight, targets, impl="ref")  # the naive path: must not hinge on ours
     noise = lambda: 0.1 * torch.randn(b, t, device=dev, generator=g)  # noqa: E731
-    return dict(hidden=hidden.requires_grad_(), weight=weight.requires_grad_(), targets=targets, mask=mask,
-                advantages=torch.randn(b, device=dev, generator=g), old=logp + noise(), ref=logp + noise(),
-                logp=logp)
+    return dict(
+        hidden=hidden.requires_grad_(),
+        weight=weight.requires_grad_(),
+        targets=targets,
+        mask=mask,
+        advantages=torch.randn(b, device=dev, generator=g),
+        old=logp + noise(),
+        ref=logp + noise(),
+        logp=logp,
+    )
 
 
 def ours(impl, chunk_bytes=None):
@@ -55,28 +65,55 @@ def ours(impl, chunk_bytes=None):
         saved = G.CHUNK_BYTES
         G.CHUNK_BYTES = chunk_bytes or saved
         try:
-            return grpo_loss(x["hidden"], x["weight"], x["targets"], x["mask"], x["advantages"], x["old"], x["ref"],
-                             impl=impl, **LOSS_KW)[0]
+            return grpo_loss(
+                x["hidden"],
+                x["weight"],
+                x["targets"],
+                x["mask"],
+                x["advantages"],
+                x["old"],
+                x["ref"],
+                impl=impl,
+                **LOSS_KW,
+            )[0]
         finally:
             G.CHUNK_BYTES = saved
+
     return loss
 
 
 def naive(x):
-    return grpo_loss_ref(x["hidden"], x["weight"], x["targets"], x["mask"], x["advantages"], x["old"], x["ref"],
-                         **LOSS_KW)[0]
+    return grpo_loss_ref(
+        x["hidden"], x["weight"], x["targets"], x["mask"], x["advantages"], x["old"], x["ref"], **LOSS_KW
+    )[0]
 
 
 def liger(compiled: bool, chunk_size: int):
     """LigerFusedLinearGRPOLoss (liger-kernel 0.8.5): loss_type "grpo" = seq_mean_token_mean on full masks."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    mod = LigerFusedLinearGRPOLoss(beta=LOSS_KW["beta"], compiled=compiled, use_ref_model=True, chunk_size=chunk_size,
-                                   epsilon_low=0.2, epsilon_high=0.2, loss_type="grpo", temperature=1.0)
+    mod = LigerFusedLinearGRPOLoss(
+        beta=LOSS_KW["beta"],
+        compiled=compiled,
+        use_ref_model=True,
+        chunk_size=chunk_size,
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+        loss_type="grpo",
+        temperature=1.0,
+    )
 
     def loss(x):
-        return mod(x["hidden"], x["weight"], x["targets"], x["mask"], x["advantages"],
-                   ref_per_token_logps=x["ref"], old_per_token_logps=x["old"])[0]
+        return mod(
+            x["hidden"],
+            x["weight"],
+            x["targets"],
+            x["mask"],
+            x["advantages"],
+            ref_per_token_logps=x["ref"],
+            old_per_token_logps=x["old"],
+        )[0]
+
     return loss
 
 
@@ -116,7 +153,9 @@ def bench_fwd_bwd(x, fn, tiny: bool) -> dict:
     reset()
     loss = fn(x).detach().float().item()
     grads = sum(t.numel() * t.element_size() for t in (x["hidden"], x["weight"]))
-    return dict(ms=ms, peak_gib=peak / GiB, extra_excl_grads_gib=(peak - grads) / GiB if peak else 0.0, loss=loss)
+    return dict(
+        ms=ms, peak_gib=peak / GiB, extra_excl_grads_gib=(peak - grads) / GiB if peak else 0.0, loss=loss
+    )
 
 
 def bench_forward(x, impl, tiny: bool) -> dict:
@@ -136,9 +175,13 @@ def run_shape(name, shape, dtype, peak_tflops, tiny) -> list[dict]:
         rows.append(_guarded(name, "fwd+bwd", prov, 6 * n * h * v, run))
     for impl in ("ref",) + OURS:
         prov = "naive" if impl == "ref" else f"ours_{impl}"
-        rows.append(_guarded(name, "fwd logprobs", prov, 2 * n * h * v, lambda impl=impl: bench_forward(x, impl, tiny)))
+        rows.append(
+            _guarded(
+                name, "fwd logprobs", prov, 2 * n * h * v, lambda impl=impl: bench_forward(x, impl, tiny)
+            )
+        )
     _ratios(rows, peak_tflops)
-    del x
+    x.clear()  # free this shape's inputs before the next one
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -171,11 +214,16 @@ def _ratios(rows, peak_tflops) -> None:
         ref_loss = next((r.get("loss") for r in ok if r["provider"] == "naive"), None)
         for r in ok:
             roof_ms = r["flops"] / (peak_tflops * 1e9)
-            r.update(x_roofline=r["ms"] / roof_ms, tflops=r["flops"] / r["ms"] / 1e9,
-                     pct_peak=100 * r["flops"] / r["ms"] / 1e9 / peak_tflops,
-                     x_naive=r["ms"] / base["naive"] if "naive" in base else None,
-                     x_liger=r["ms"] / lig if lig else None,
-                     loss_diff_vs_naive=abs(r["loss"] - ref_loss) if ref_loss is not None and "loss" in r else None)
+            r.update(
+                x_roofline=r["ms"] / roof_ms,
+                tflops=r["flops"] / r["ms"] / 1e9,
+                pct_peak=100 * r["flops"] / r["ms"] / 1e9 / peak_tflops,
+                x_naive=r["ms"] / base["naive"] if "naive" in base else None,
+                x_liger=r["ms"] / lig if lig else None,
+                loss_diff_vs_naive=abs(r["loss"] - ref_loss)
+                if ref_loss is not None and "loss" in r
+                else None,
+            )
 
 
 def main(argv=None) -> None:
@@ -185,22 +233,45 @@ def main(argv=None) -> None:
     tiny = args.tiny or not torch.cuda.is_available()
     dtype = torch.float32 if not torch.cuda.is_available() else torch.bfloat16
     ceil = Ceilings.measure()
-    print(f"measured matmul peak {ceil.matmul_tflops:.0f} TFLOP/s, copy {ceil.copy_gbps:.0f} GB/s", flush=True)
+    print(
+        f"measured matmul peak {ceil.matmul_tflops:.0f} TFLOP/s, copy {ceil.copy_gbps:.0f} GB/s", flush=True
+    )
     rows = []
     for name, shape in (TINY if tiny else SHAPES).items():
         rows += run_shape(name, shape, dtype, ceil.matmul_tflops, tiny)
-    cols = ["shape", "mode", "provider", "ms", "x_roofline", "x_naive", "x_liger", "tflops", "pct_peak", "peak_gib",
-            "extra_excl_grads_gib", "loss_diff_vs_naive", "logp_max_diff_vs_naive", "status"]
+    cols = [
+        "shape",
+        "mode",
+        "provider",
+        "ms",
+        "x_roofline",
+        "x_naive",
+        "x_liger",
+        "tflops",
+        "pct_peak",
+        "peak_gib",
+        "extra_excl_grads_gib",
+        "loss_diff_vs_naive",
+        "logp_max_diff_vs_naive",
+        "status",
+    ]
     table = Table(f"GRPO loss from hidden states ({dtype}, peak {ceil.matmul_tflops:.0f} TFLOP/s)", cols)
     for r in rows:
         table.add(*[("-" if r.get(c) is None else r.get(c)) for c in cols])
     ok = [r for r in rows if r["status"] == "ok"]
     png = os.path.join(out_dir(), "bench_grpo_loss.png")
-    labels = [f"{r['shape'].split('_V')[0]} {'fwd+bwd' if r['mode'] == 'fwd+bwd' else 'fwd'} {r['provider']}"
-              for r in ok]
-    bar_plot(png, "GRPO loss from hidden states: median ms (lower is better)", labels, [r["ms"] for r in ok], "ms")
-    finish("bench_grpo_loss", [table], {"dtype": str(dtype), "matmul_tflops": ceil.matmul_tflops, "png": png,
-                                        "rows": rows})
+    labels = [
+        f"{r['shape'].split('_V')[0]} {'fwd+bwd' if r['mode'] == 'fwd+bwd' else 'fwd'} {r['provider']}"
+        for r in ok
+    ]
+    bar_plot(
+        png, "GRPO loss from hidden states: median ms (lower is better)", labels, [r["ms"] for r in ok], "ms"
+    )
+    finish(
+        "bench_grpo_loss",
+        [table],
+        {"dtype": str(dtype), "matmul_tflops": ceil.matmul_tflops, "png": png, "rows": rows},
+    )
 
 
 if __name__ == "__main__":

@@ -80,8 +80,13 @@ def sweep(args, a, device, dtype, world: int, partial: str | None) -> list[dict]
         # attention dominates at these lengths: a step costs about (T / T_last)^2 times the last one
         predicted = done[-1]["s_per_step"] * (seq / done[-1]["seq"]) ** 2 * (a.steps + 2) if done else 0.0
         if time.perf_counter() - t0 + predicted > a.budget_s:
-            rows.append({"seq": seq, "error": f"skipped: about {predicted:.3g} s more would overrun the "
-                                              f"{a.budget_s:g} s budget"})
+            rows.append(
+                {
+                    "seq": seq,
+                    "error": f"skipped: about {predicted:.3g} s more would overrun the "
+                    f"{a.budget_s:g} s budget",
+                }
+            )
             break
         try:
             rows.append(measure(args, seq, a.steps, device, dtype, world))
@@ -119,9 +124,11 @@ def main(argv=None) -> dict:
     name = "bench_long_seq" if world == 1 else f"bench_long_seq_cp{world}"
     partial = os.path.join(out_dir(), f"{name}.partial.json") if rank0 else None
     rows = sweep(args, a, device, dtype, world, partial)
-    table = Table(f"train step, {a.preset} preset, one sequence per step, activation checkpointing, "
-                  f"cp={world}, {dtype}",
-                  ["seq", "s/step", "tokens/s", "model TFLOP/s per GPU", "MFU %", "peak GiB/rank", "loss"])
+    table = Table(
+        f"train step, {a.preset} preset, one sequence per step, activation checkpointing, "
+        f"cp={world}, {dtype}",
+        ["seq", "s/step", "tokens/s", "model TFLOP/s per GPU", "MFU %", "peak GiB/rank", "loss"],
+    )
     for r in rows:
         if "error" in r:
             table.add(r["seq"], r["error"][:100], "", "", "", "", "")
@@ -129,11 +136,23 @@ def main(argv=None) -> dict:
         r["tokens_s"] = r["seq"] / r["s_per_step"]
         r["model_tflops_per_gpu"] = flops_per_token(args, r["seq"]) * r["tokens_s"] / world / 1e12
         r["mfu"] = r["model_tflops_per_gpu"] / peak
-        table.add(r["seq"], r["s_per_step"], r["tokens_s"], r["model_tflops_per_gpu"], 100 * r["mfu"],
-                  r["peak_gib_per_rank"], r["loss"])
+        table.add(
+            r["seq"],
+            r["s_per_step"],
+            r["tokens_s"],
+            r["model_tflops_per_gpu"],
+            100 * r["mfu"],
+            r["peak_gib_per_rank"],
+            r["loss"],
+        )
     trained = [r["seq"] for r in rows if "error" not in r]
-    record = {"preset": a.preset, "cp": world, "matmul_peak_tflops": peak, "rows": rows,
-              "longest_trained": max(trained) if trained else None}
+    record = {
+        "preset": a.preset,
+        "cp": world,
+        "matmul_peak_tflops": peak,
+        "rows": rows,
+        "longest_trained": max(trained) if trained else None,
+    }
     if rank0:
         finish(name, [table], record)
     if dist.is_initialized():

@@ -38,7 +38,10 @@ from r1core.model import presets  # noqa: E402
 from r1core.model.args import ScoreFunc  # noqa: E402
 from r1core.model.moe import MoE, permute_ref, route_ref, unpermute_ref  # noqa: E402
 
-ANCHORS = {"routing": "anchor: plain PyTorch 0.95 ms (H100)", "permute": "anchor: 1.45 ms, HBM bound 0.70 ms (H100)"}
+ANCHORS = {
+    "routing": "anchor: plain PyTorch 0.95 ms (H100)",
+    "permute": "anchor: 1.45 ms, HBM bound 0.70 ms (H100)",
+}
 
 
 @dataclass
@@ -50,8 +53,9 @@ class Shape:
 
 def shapes(tiny: bool) -> list[Shape]:
     if tiny:
-        args = presets["tiny"].replace(n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
-                                       n_limited_groups=2)
+        args = presets["tiny"].replace(
+            n_routed_experts=16, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2
+        )
         return [Shape("tiny", 64, args)]
     return [Shape("v3", 16384, presets["v3"]), Shape("small", 16384, presets["small"])]
 
@@ -108,7 +112,7 @@ def ffn_loop(x, w1, w2, w3, seg_list):
     """Per-expert loop with host-known segment sizes (the sync happens once, in setup)."""
     outs, start = [], 0
     for e, n in enumerate(seg_list):
-        xs = x[start:start + n]
+        xs = x[start : start + n]
         outs.append((F.silu(xs @ w1[e].T) * (xs @ w3[e].T)) @ w2[e].T)
         start += n
     return torch.cat(outs + [x.new_zeros(x.shape[0] - start, x.shape[1])])
@@ -125,11 +129,13 @@ def ffn_grouped_mm(x, w1, w2, w3, offs):
 @dataclass
 class Row:
     name: str
-    flops: float = 0.0    # per call, for TFLOP/s
-    nbytes: float = 0.0   # minimal HBM traffic per call, for GB/s
+    flops: float = 0.0  # per call, for TFLOP/s
+    nbytes: float = 0.0  # minimal HBM traffic per call, for GB/s
 
 
-def measure(row: Row, providers: dict[str, Callable], ceil: Ceilings, repeats: int, isolated: bool = True) -> dict:
+def measure(
+    row: Row, providers: dict[str, Callable], ceil: Ceilings, repeats: int, isolated: bool = True
+) -> dict:
     """Providers timed round-robin (common.time_interleaved): "ms" is a call's time in a stream of
     calls, as inside a model step; "ms_isolated" one call from an idle GPU, launch latency included."""
     results = time_interleaved(providers, warmup=1, repeats=repeats, isolated=isolated)
@@ -151,15 +157,25 @@ def measure(row: Row, providers: dict[str, Callable], ceil: Ceilings, repeats: i
 
 def table(title: str, results: dict) -> Table:
     names = list(results)
-    t = Table(title, ["provider", "ms", "ms isolated"] + [f"x vs {n}" for n in names] +
-              ["TFLOP/s", "% peak", "GB/s", "% copy", "peak MiB"])
+    t = Table(
+        title,
+        ["provider", "ms", "ms isolated"]
+        + [f"x vs {n}" for n in names]
+        + ["TFLOP/s", "% peak", "GB/s", "% copy", "peak MiB"],
+    )
     for n, r in results.items():
         if "error" in r:
             t.add(n, "failed: " + r["error"], *[""] * (len(names) + 6))
             continue
         ratios = [results[o]["ms"] / r["ms"] if "ms" in results[o] else "" for o in names]
-        t.add(n, r["ms"], r.get("ms_isolated", ""), *ratios,
-              *(r.get(k, "") for k in ("tflops", "pct_peak", "gbps", "pct_copy")), r["peak_mib"])
+        t.add(
+            n,
+            r["ms"],
+            r.get("ms_isolated", ""),
+            *ratios,
+            *(r.get(k, "") for k in ("tflops", "pct_peak", "gbps", "pct_copy")),
+            r["peak_mib"],
+        )
     return t
 
 
@@ -188,8 +204,13 @@ def routing_row(moe, x, mu, cuda, ceil, repeats):
         "torch topk": lambda: topk_route(gate.logits(x), bias, spec),
         "ref (stable sort)": lambda: route_ref(gate.logits(x), bias, spec),
         "megatron": lambda: mu.topk_routing_with_score_function(
-            gate.logits(x), spec.top_k, scaling_factor=spec.route_scale, score_function=spec.score_func.value,
-            expert_bias=bias, **groups),
+            gate.logits(x),
+            spec.top_k,
+            scaling_factor=spec.route_scale,
+            score_function=spec.score_func.value,
+            expert_bias=bias,
+            **groups,
+        ),
         "triton": lambda: moe_route(gate.logits(x), bias, spec),
         "cuda": lambda: cuda.moe_route_cuda(gate.logits(x), bias, spec),
         "gate GEMM alone": lambda: gate.logits(x),
@@ -225,8 +246,10 @@ def dispatch_rows(moe, x, mu, cuda, ceil, repeats):
             "cuda": lambda: cuda.moe_unpermute_cuda(y, pos, w),
         }
         r1, r2 = Row("permute", nbytes=nbytes), Row("unpermute+combine", nbytes=nbytes)
-        return [(r1, measure(r1, _available(permute, mu, cuda), ceil, repeats)),
-                (r2, measure(r2, _available(unpermute, mu, cuda), ceil, repeats))]
+        return [
+            (r1, measure(r1, _available(permute, mu, cuda), ceil, repeats)),
+            (r2, measure(r2, _available(unpermute, mu, cuda), ceil, repeats)),
+        ]
 
 
 def segments(P: int, E: int, zipf: float | None) -> list[int]:
@@ -244,6 +267,7 @@ def training_step(fn: Callable[[], object], params: list[torch.Tensor], grads):
     zero_grad does): a provider whose weight gradients come back in another memory layout than the
     weights (torch._grouped_mm of a transposed view) pays the copy AccumulateGrad makes, as it would
     in training; torch.autograd.grad would hide it."""
+
     def run():
         for p in params:
             p.grad = None
@@ -251,6 +275,7 @@ def training_step(fn: Callable[[], object], params: list[torch.Tensor], grads):
         outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
         keep = [(o, g) for o, g in zip(outs, grads) if o is not None]
         torch.autograd.backward([o for o, _ in keep], [g for _, g in keep])
+
     return run
 
 
@@ -284,8 +309,9 @@ def ffn_row(moe, T, zipf, ceil, repeats):
         providers["ours (triton)"] = step(lambda: grouped_swiglu(x, w1, w2, w3, seg, backend="triton"))
     if zipf is None and x.is_cuda:
         d1, d3, d2 = (w[0].detach().clone().requires_grad_() for w in (w1, w3, w2))
-        providers["dense SwiGLU MLP, same FLOPs"] = training_step(lambda: dense_swiglu(x, d1, d2, d3),
-                                                                  [x, d1, d2, d3], [g])
+        providers["dense SwiGLU MLP, same FLOPs"] = training_step(
+            lambda: dense_swiglu(x, d1, d2, d3), [x, d1, d2, d3], [g]
+        )
     load = "uniform" if zipf is None else f"Zipf s={zipf}, hottest expert {max(seg_list)} rows"
     row = Row(f"expert FFN fwd+bwd, {load}", flops=18.0 * P * D * I)
     try:
@@ -303,8 +329,11 @@ def plain_layer(moe, x_BTD):
     x_PD, order = torch_permute(x_TD, idx)
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     y_PD = ffn_grouped_mm(x_PD, moe.experts.w1, moe.experts.w2, moe.experts.w3, offs)
-    y = torch.zeros(x_TD.shape, device=x_TD.device).index_add_(
-        0, order // spec.top_k, y_PD.float() * w.flatten()[order, None]).to(x_TD.dtype)
+    y = (
+        torch.zeros(x_TD.shape, device=x_TD.device)
+        .index_add_(0, order // spec.top_k, y_PD.float() * w.flatten()[order, None])
+        .to(x_TD.dtype)
+    )
     if moe.shared_experts is not None:
         y = y + moe.shared_experts(x_TD)
     return y.view_as(x_BTD), None
@@ -325,6 +354,7 @@ def layer_steps(moe, x, impls):
                 return plain_layer(moe, x_BTD)
             moe.set_impl(impl)
             return moe(x_BTD)
+
         return training_step(fwd, ops, grads)
 
     return {impl: step(impl) for impl in impls}, ops
@@ -333,8 +363,12 @@ def layer_steps(moe, x, impls):
 def layer_row(moe, x, cuda, ceil, repeats):
     T, D = x.shape
     steps, ops = layer_steps(moe, x, ("ref", "plain", "triton", "cuda"))
-    providers = {"ref (impl=ref)": steps["ref"], "plain torch + _grouped_mm": steps["plain"],
-                 "triton (impl=triton)": steps["triton"], "cuda (impl=cuda)": steps["cuda"]}
+    providers = {
+        "ref (impl=ref)": steps["ref"],
+        "plain torch + _grouped_mm": steps["plain"],
+        "triton (impl=triton)": steps["triton"],
+        "cuda (impl=cuda)": steps["cuda"],
+    }
     spec = moe.gate.spec
     row = Row("MoE layer fwd+bwd", flops=18.0 * T * spec.top_k * D * moe.args.moe_inter_dim)
     try:
@@ -373,8 +407,14 @@ def main(argv=None) -> None:
     ceil = Ceilings.measure()
     mu, mu_err = megatron_utils()
     cuda, cuda_err = cuda_ext()
-    record = {"ceilings": vars(ceil), "dtype": str(dtype), "megatron": mu_err or "ok", "cuda_ext": cuda_err or "ok",
-              "anchors": ANCHORS, "rows": {}}
+    record = {
+        "ceilings": vars(ceil),
+        "dtype": str(dtype),
+        "megatron": mu_err or "ok",
+        "cuda_ext": cuda_err or "ok",
+        "anchors": ANCHORS,
+        "rows": {},
+    }
     tables, labels, speedups = [], [], []
     wanted = set(opts.shapes.split(",")) if opts.shapes else None
     for shape in shapes(opts.tiny or dev.type == "cpu"):
@@ -392,8 +432,13 @@ def main(argv=None) -> None:
                     speedups.append(base / r["ms"])
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    bar_plot(os.path.join(out_dir(), "bench_moe.png"), "MoE: speedup vs each row's first provider",
-             labels, speedups, "x vs first provider")
+    bar_plot(
+        os.path.join(out_dir(), "bench_moe.png"),
+        "MoE: speedup vs each row's first provider",
+        labels,
+        speedups,
+        "x vs first provider",
+    )
     finish("bench_moe", tables, record)
 
 

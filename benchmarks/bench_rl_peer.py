@@ -69,16 +69,16 @@ class PeerSettings:
 
     steps: int
     prompts_per_step: int
-    group_size: int                      # TRL: num_generations
-    max_new_tokens: int = 48             # TRL: max_completion_length
+    group_size: int  # TRL: num_generations
+    max_new_tokens: int = 48  # TRL: max_completion_length
     temperature: float = 1.0
-    lr: float = 3e-5                     # constant, no warmup
-    eps_low: float = 0.2                 # TRL: epsilon
-    eps_high: float = 0.28               # TRL: epsilon_high
-    weight_decay: float = 0.0            # 0: HF's Trainer exempts biases and norms from decay, r1core does not
+    lr: float = 3e-5  # constant, no warmup
+    eps_low: float = 0.2  # TRL: epsilon
+    eps_high: float = 0.28  # TRL: epsilon_high
+    weight_decay: float = 0.0  # 0: HF's Trainer exempts biases and norms from decay, r1core does not
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    adv_eps: float = 1e-4                # TRL adds a fixed 1e-4 to the group std
+    adv_eps: float = 1e-4  # TRL adds a fixed 1e-4 to the group std
     seed: int = 0
     eval_problems: int = 100
     eval_k: int = 4
@@ -105,16 +105,38 @@ UNMATCHED = [
 def r1core_configs(s: PeerSettings) -> tuple[GRPOConfig, OptimConfig]:
     """r1core's GRPO and optimizer settings for the shared settings (DAPO loss, no dynamic sampling)."""
     rl = GRPOConfig(
-        steps=s.steps, lr=s.lr, prompts_per_step=s.prompts_per_step, group_size=s.group_size,
-        sampling=SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0,
-                                top_k=0),
-        advantage=AdvantageEstimator.grpo, adv_eps=s.adv_eps, dynamic_sampling=False, overlong=Overlong.none,
-        loss=PolicyLossConfig(beta=0.0, eps_low=s.eps_low, eps_high=s.eps_high, dual_clip=None,
-                              agg=LossAgg.token_mean),
-        tis_cap=None, minibatches=1, micro_batch_size=s.samples_per_step, rewards={"accuracy": 1.0},
-        reward_kwargs={}, eval_every=0, save_every=s.steps + 1)
-    optim = OptimConfig(lr=s.lr, warmup_steps=0, total_steps=max(s.steps, 1), schedule=LRSchedule.constant,
-                        weight_decay=s.weight_decay, betas=s.betas, eps=1e-8, grad_clip=s.grad_clip)
+        steps=s.steps,
+        lr=s.lr,
+        prompts_per_step=s.prompts_per_step,
+        group_size=s.group_size,
+        sampling=SamplingConfig(
+            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=1.0, top_k=0
+        ),
+        advantage=AdvantageEstimator.grpo,
+        adv_eps=s.adv_eps,
+        dynamic_sampling=False,
+        overlong=Overlong.none,
+        loss=PolicyLossConfig(
+            beta=0.0, eps_low=s.eps_low, eps_high=s.eps_high, dual_clip=None, agg=LossAgg.token_mean
+        ),
+        tis_cap=None,
+        minibatches=1,
+        micro_batch_size=s.samples_per_step,
+        rewards={"accuracy": 1.0},
+        reward_kwargs={},
+        eval_every=0,
+        save_every=s.steps + 1,
+    )
+    optim = OptimConfig(
+        lr=s.lr,
+        warmup_steps=0,
+        total_steps=max(s.steps, 1),
+        schedule=LRSchedule.constant,
+        weight_decay=s.weight_decay,
+        betas=s.betas,
+        eps=1e-8,
+        grad_clip=s.grad_clip,
+    )
     return rl, optim
 
 
@@ -131,19 +153,50 @@ def grpo_config_kwargs(trl, s: PeerSettings, output_dir: str, cuda: bool) -> dic
 def trl_kwargs(s: PeerSettings, output_dir: str, cuda: bool) -> dict:
     """Keyword arguments of trl.GRPOConfig for the shared settings (no trl import needed)."""
     return dict(
-        output_dir=output_dir, max_steps=s.steps, per_device_train_batch_size=s.samples_per_step,
-        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
-        num_generations=s.group_size, max_completion_length=s.max_new_tokens, temperature=s.temperature,
-        top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0, use_vllm=False,
-        loss_type="dapo", beta=0.0, epsilon=s.eps_low, epsilon_high=s.eps_high, scale_rewards="group",
-        mask_truncated_completions=False, learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0,
-        optim="adamw_torch", weight_decay=s.weight_decay, adam_beta1=s.betas[0], adam_beta2=s.betas[1],
-        adam_epsilon=1e-8, max_grad_norm=s.grad_clip, activation_checkpointing=False,
-        shuffle_dataset=False, seed=s.seed, use_cpu=not cuda, bf16=cuda, logging_steps=1,
-        save_strategy="no", report_to=[], dataloader_num_workers=0, log_completions=False)
+        output_dir=output_dir,
+        max_steps=s.steps,
+        per_device_train_batch_size=s.samples_per_step,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_iterations=1,
+        num_generations=s.group_size,
+        max_completion_length=s.max_new_tokens,
+        temperature=s.temperature,
+        top_p=1.0,
+        top_k=0,
+        min_p=None,
+        repetition_penalty=1.0,
+        use_vllm=False,
+        loss_type="dapo",
+        beta=0.0,
+        epsilon=s.eps_low,
+        epsilon_high=s.eps_high,
+        scale_rewards="group",
+        mask_truncated_completions=False,
+        learning_rate=s.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        weight_decay=s.weight_decay,
+        adam_beta1=s.betas[0],
+        adam_beta2=s.betas[1],
+        adam_epsilon=1e-8,
+        max_grad_norm=s.grad_clip,
+        activation_checkpointing=False,
+        shuffle_dataset=False,
+        seed=s.seed,
+        use_cpu=not cuda,
+        bf16=cuda,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        log_completions=False,
+    )
 
 
 # ---------------------------------------------------------------------------- the common base
+
 
 @dataclass
 class Base:
@@ -166,8 +219,18 @@ class Base:
 def make_base(out: Path, preset: str, pretrain_steps: int, overrides: list[str]) -> Path:
     """An `r1core run` of only prepare + pretrain; reruns reuse it (finished stages are skipped)."""
     run_dir = (out / f"base-{preset}").resolve()
-    cmd = [sys.executable, "-m", "r1core.cli", "run", f"run_dir={run_dir}", PIPELINE, f"model={preset}",
-           "seed=0", f"pretrain.steps={pretrain_steps}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "r1core.cli",
+        "run",
+        f"run_dir={run_dir}",
+        PIPELINE,
+        f"model={preset}",
+        "seed=0",
+        f"pretrain.steps={pretrain_steps}",
+        *overrides,
+    ]
     print(f"base: {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, check=True, cwd=out)
     return run_dir
@@ -177,13 +240,23 @@ def load_base(run_dir: Path, eval_problems: int) -> Base:
     from r1core.pipeline.prepare import read_problems
 
     prep, model_dir = run_dir / "stages" / "prepare", run_dir / "stages" / "pretrain" / "model"
-    missing = [p for p in (prep / "tokenizer.json", prep / "rl_prompts.jsonl", prep / "eval.jsonl", model_dir)
-               if not p.exists()]
+    missing = [
+        p
+        for p in (prep / "tokenizer.json", prep / "rl_prompts.jsonl", prep / "eval.jsonl", model_dir)
+        if not p.exists()
+    ]
     if missing:
         raise SystemExit(f"--run-dir {run_dir}: not a finished prepare + pretrain run (missing {missing[0]})")
     tok = Tokenizer.from_file(prep / "tokenizer.json")
-    return Base(run_dir, model_dir, prep / "tokenizer.json", tok, ChatFormat.for_tokenizer(tok),
-                read_problems(prep / "rl_prompts.jsonl"), read_problems(prep / "eval.jsonl")[:eval_problems])
+    return Base(
+        run_dir,
+        model_dir,
+        prep / "tokenizer.json",
+        tok,
+        ChatFormat.for_tokenizer(tok),
+        read_problems(prep / "rl_prompts.jsonl"),
+        read_problems(prep / "eval.jsonl")[:eval_problems],
+    )
 
 
 def prompt_sequence(base: Base, s: PeerSettings) -> list[Problem]:
@@ -204,7 +277,7 @@ def trl_reward(problems: list[Problem], tok, eos_id: int):
         out = []
         for ids, i in zip(completion_ids, problem_idx):
             ids = list(ids)
-            ids = ids[:ids.index(eos_id)] if eos_id in ids else ids
+            ids = ids[: ids.index(eos_id)] if eos_id in ids else ids
             out.append(scorer.score(tok.decode(ids), problems[i])[0])
         return out
 
@@ -212,6 +285,7 @@ def trl_reward(problems: list[Problem], tok, eos_id: int):
 
 
 # ---------------------------------------------------------------------------- training
+
 
 @dataclass
 class Trained:
@@ -222,8 +296,9 @@ class Trained:
     split: dict[str, float] = dataclasses.field(default_factory=dict)  # median seconds per step part
 
 
-def train_r1core(base: Base, s: PeerSettings, work: Path, device: torch.device, dtype: torch.dtype,
-                 moe_impl: str = "ref") -> Trained:
+def train_r1core(
+    base: Base, s: PeerSettings, work: Path, device: torch.device, dtype: torch.dtype, moe_impl: str = "ref"
+) -> Trained:
     """stage_rl's construction, without the pipeline: engine from the base, BuiltinEngine rollout, GRPOTrainer."""
     from r1core.checkpoint.hf import hf_model_args
     from r1core.model.args import Impl
@@ -239,28 +314,49 @@ def train_r1core(base: Base, s: PeerSettings, work: Path, device: torch.device, 
     args.moe_impl = Impl(moe_impl)  # training-only (not in the HF config): triton on the GPU, as the pipeline
     engine = build_engine(args, ParallelConfig(), optim, device=device, dtype=dtype, seed=s.seed)
     engine.load_hf(base.model_dir)
-    rollout = BuiltinEngine(engine.model, tokenizer=base.tok, max_batch=256, max_len=base.max_len(s.max_new_tokens))
+    rollout = BuiltinEngine(
+        engine.model, tokenizer=base.tok, max_batch=256, max_len=base.max_len(s.max_new_tokens)
+    )
     out = work / "r1core"
     scorer = Scorer(rl.rewards, rl.reward_kwargs, require_boxed=True)  # the rule trl_reward applies
-    GRPOTrainer(rl, engine, rollout, base.render, base.rl_problems, out, pad_id=base.tok.pad_id, seed=s.seed,
-                scorer=scorer).run()
+    GRPOTrainer(
+        rl,
+        engine,
+        rollout,
+        base.render,
+        base.rl_problems,
+        out,
+        pad_id=base.tok.pad_id,
+        seed=s.seed,
+        scorer=scorer,
+    ).run()
     rows = read_jsonl(out / "metrics.jsonl")
     engine.export_hf(out / "model")
-    return Trained("r1core", out / "model", [r["t_step_s"] for r in rows],
-                   statistics.fmean(r["reward/accuracy"] for r in rows), step_split(rows[1:] or rows))
+    return Trained(
+        "r1core",
+        out / "model",
+        [r["t_step_s"] for r in rows],
+        statistics.fmean(r["reward/accuracy"] for r in rows),
+        step_split(rows[1:] or rows),
+    )
 
 
 def step_split(rows: list[dict]) -> dict[str, float]:
     """Median seconds per step of each part of r1core's GRPO step (metrics.jsonl fields)."""
+
     def med(fn):
         vals = [fn(r) for r in rows]
         vals = [v for v in vals if v is not None]
         return statistics.median(vals) if vals else float("nan")
 
-    return {"rollout": med(lambda r: r.get("t_generate_s")),
-            "scoring": med(lambda r: r["t_rollout_s"] - r["t_generate_s"] if "t_generate_s" in r else None),
-            "logprob": med(lambda r: r.get("t_logprob_s")), "update": med(lambda r: r.get("t_update_s")),
-            "refresh": med(lambda r: r.get("t_refresh_s")), "step": med(lambda r: r.get("t_step_s"))}
+    return {
+        "rollout": med(lambda r: r.get("t_generate_s")),
+        "scoring": med(lambda r: r["t_rollout_s"] - r["t_generate_s"] if "t_generate_s" in r else None),
+        "logprob": med(lambda r: r.get("t_logprob_s")),
+        "update": med(lambda r: r.get("t_update_s")),
+        "refresh": med(lambda r: r.get("t_refresh_s")),
+        "step": med(lambda r: r.get("t_step_s")),
+    }
 
 
 def train_trl(base: Base, s: PeerSettings, work: Path, cuda: bool) -> Trained:
@@ -270,21 +366,33 @@ def train_trl(base: Base, s: PeerSettings, work: Path, cuda: bool) -> Trained:
 
     transformers.logging.set_verbosity_error()  # r1core's MTP layer is "unexpected" to HF
     special = base.tok.special_tokens
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(base.tokenizer_file), bos_token=special["bos"],
-                                                  eos_token=special["eos"], pad_token=special.get("pad", special["eos"]))
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(base.tokenizer_file),
+        bos_token=special["bos"],
+        eos_token=special["eos"],
+        pad_token=special.get("pad", special["eos"]),
+    )
     problems = prompt_sequence(base, s)
     texts = [base.fmt.render_prompt(p.prompt) for p in problems]
-    if hf_tok(text=texts[0])["input_ids"] != base.render(problems[0]):  # TRL tokenizes the rendered text itself
+    if hf_tok(text=texts[0])["input_ids"] != base.render(
+        problems[0]
+    ):  # TRL tokenizes the rendered text itself
         raise RuntimeError("the HF tokenizer does not reproduce r1core's prompt ids")
-    data = datasets.Dataset.from_list([{"prompt": t, "answer": p.answer, "problem_idx": i}
-                                       for i, (t, p) in enumerate(zip(texts, problems))])
+    data = datasets.Dataset.from_list(
+        [{"prompt": t, "answer": p.answer, "problem_idx": i} for i, (t, p) in enumerate(zip(texts, problems))]
+    )
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(base.model_dir, dtype=torch.float32)
     model.generation_config.eos_token_id = base.tok.eos_id  # stop where r1core's rollout stops, nowhere else
     reward = trl_reward(problems, base.tok, base.tok.eos_id)
     timer = _step_timer()
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=[reward], train_dataset=data, processing_class=hf_tok,
-                              args=trl.GRPOConfig(**grpo_config_kwargs(trl, s, str(work / "trl"), cuda)),
-                              callbacks=[timer])
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=[reward],
+        train_dataset=data,
+        processing_class=hf_tok,
+        args=trl.GRPOConfig(**grpo_config_kwargs(trl, s, str(work / "trl"), cuda)),
+        callbacks=[timer],
+    )
     trainer.train()
     trainer.model.save_pretrained(work / "trl" / "model")
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
@@ -311,6 +419,7 @@ def _step_timer():
 
 # ---------------------------------------------------------------------------- evaluation and summary
 
+
 def evaluate_model(name: str, model_dir: Path, base: Base, s: PeerSettings, device, dtype) -> list[float]:
     """Per-problem pass@1 (correct / k) of one model on the held-out problems, same seed for every model."""
     from r1core.checkpoint.hf import from_pretrained
@@ -326,8 +435,11 @@ def evaluate_model(name: str, model_dir: Path, base: Base, s: PeerSettings, devi
     t0 = time.perf_counter()
     metrics, rows = evaluate(rollout, base.render, base.eval_problems, cfg, seed=s.seed)
     dt = time.perf_counter() - t0
-    print(f"eval {name}: pass@1 {metrics['pass@1']:.3f} on {len(rows)} problems x {s.eval_k} "
-          f"in {dt:.0f} s ({len(rows) * s.eval_k / dt:.1f} samples/s)", flush=True)
+    print(
+        f"eval {name}: pass@1 {metrics['pass@1']:.3f} on {len(rows)} problems x {s.eval_k} "
+        f"in {dt:.0f} s ({len(rows) * s.eval_k / dt:.1f} samples/s)",
+        flush=True,
+    )
     return [r["pass1"] for r in rows]
 
 
@@ -341,17 +453,32 @@ def summarize(s: PeerSettings, base_pass: list[float], runs: list[tuple[Trained,
     for run, after in runs:
         step = statistics.median(run.step_s)
         gain = paired_difference(base_pass, after, seed=s.seed)
-        providers.append({"provider": run.provider, "s_per_step": step, "s_per_step_mean": statistics.fmean(run.step_s),
-                          "steps_timed": len(run.step_s),
-                          "samples_per_s": s.samples_per_step / step, "train_reward": run.train_reward,
-                          "pass1_after": _est(bootstrap_mean(after, seed=s.seed)), "gain": _est(gain),
-                          "verdict": gain.verdict()})
-    record = {"settings": dataclasses.asdict(s), "unmatched": UNMATCHED,
-              "pass1_base": _est(bootstrap_mean(base_pass, seed=s.seed)), "providers": providers}
+        providers.append(
+            {
+                "provider": run.provider,
+                "s_per_step": step,
+                "s_per_step_mean": statistics.fmean(run.step_s),
+                "steps_timed": len(run.step_s),
+                "samples_per_s": s.samples_per_step / step,
+                "train_reward": run.train_reward,
+                "pass1_after": _est(bootstrap_mean(after, seed=s.seed)),
+                "gain": _est(gain),
+                "verdict": gain.verdict(),
+            }
+        )
+    record = {
+        "settings": dataclasses.asdict(s),
+        "unmatched": UNMATCHED,
+        "pass1_base": _est(bootstrap_mean(base_pass, seed=s.seed)),
+        "providers": providers,
+    }
     if len(runs) == 2:  # second minus first, problem by problem
         diff = paired_difference(runs[0][1], runs[1][1], seed=s.seed)
-        record["head_to_head"] = {"what": f"{runs[1][0].provider} - {runs[0][0].provider}", **_est(diff),
-                                  "verdict": diff.verdict()}
+        record["head_to_head"] = {
+            "what": f"{runs[1][0].provider} - {runs[0][0].provider}",
+            **_est(diff),
+            "verdict": diff.verdict(),
+        }
     return record
 
 
@@ -361,13 +488,21 @@ def _interval(e: dict) -> str:
 
 def table(record: dict) -> Table:
     s = record["settings"]
-    t = Table(f"GRPO peer: {s['steps']} steps x {s['prompts_per_step']} prompts x {s['group_size']} samples, "
-              f"held-out pass@1 over {record['pass1_base']['n']} problems x {s['eval_k']}",
-              ["provider", "s/step", "samples/s", "pass@1 base -> after", "gain [95% CI]", "verdict"])
+    t = Table(
+        f"GRPO peer: {s['steps']} steps x {s['prompts_per_step']} prompts x {s['group_size']} samples, "
+        f"held-out pass@1 over {record['pass1_base']['n']} problems x {s['eval_k']}",
+        ["provider", "s/step", "samples/s", "pass@1 base -> after", "gain [95% CI]", "verdict"],
+    )
     base = record["pass1_base"]["mean"]
     for p in record["providers"]:
-        t.add(p["provider"], p["s_per_step"], p["samples_per_s"], f"{base:.3f} -> {p['pass1_after']['mean']:.3f}",
-              _interval(p["gain"]), p["verdict"])
+        t.add(
+            p["provider"],
+            p["s_per_step"],
+            p["samples_per_s"],
+            f"{base:.3f} -> {p['pass1_after']['mean']:.3f}",
+            _interval(p["gain"]),
+            p["verdict"],
+        )
     return t
 
 
@@ -406,21 +541,42 @@ def report(record: dict, out: Path) -> None:
 
 # ---------------------------------------------------------------------------- entry point
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU-sized run (tiny preset base, small budget)")
     p.add_argument("--run-dir", help="finished r1core run (prepare + pretrain) used as the common base")
     p.add_argument("--out", default="benchmarks/out", help="JSON, PNG and a made base go here")
-    for name in ("steps", "prompts-per-step", "group-size", "max-new-tokens", "eval-problems", "eval-k", "seed"):
+    for name in (
+        "steps",
+        "prompts-per-step",
+        "group-size",
+        "max-new-tokens",
+        "eval-problems",
+        "eval-k",
+        "seed",
+    ):
         p.add_argument(f"--{name}", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--pretrain-steps", type=int, default=400, help="base made without --run-dir (the demo's 400)")
-    p.add_argument("--base-override", action="append", default=[], help="extra Hydra override for the made base")
-    p.add_argument("--base-preset", help="model preset of a made base (default: tiny with --tiny, else small)")
+    p.add_argument(
+        "--pretrain-steps", type=int, default=400, help="base made without --run-dir (the demo's 400)"
+    )
+    p.add_argument(
+        "--base-override", action="append", default=[], help="extra Hydra override for the made base"
+    )
+    p.add_argument(
+        "--base-preset", help="model preset of a made base (default: tiny with --tiny, else small)"
+    )
     p.add_argument("--speed-only", action="store_true", help="seconds per step and r1core's split, no evals")
-    p.add_argument("--moe-impl", choices=["ref", "triton", "cuda"], help="r1core's MoE (default: triton on GPU)")
-    p.add_argument("--standins", choices=["auto", "force", "off"], default="auto",
-                   help="list-backed stand-ins for datasets/pandas where missing (force: always, a CPU check)")
+    p.add_argument(
+        "--moe-impl", choices=["ref", "triton", "cuda"], help="r1core's MoE (default: triton on GPU)"
+    )
+    p.add_argument(
+        "--standins",
+        choices=["auto", "force", "off"],
+        default="auto",
+        help="list-backed stand-ins for datasets/pandas where missing (force: always, a CPU check)",
+    )
     return p.parse_args(argv)
 
 
@@ -456,7 +612,9 @@ def main(argv: list[str] | None = None) -> dict:
         preset = a.base_preset or ("tiny" if a.tiny else "small")
         run_dir = make_base(out, preset, a.pretrain_steps, a.base_override)
     else:
-        raise SystemExit("without --tiny, give --run-dir (a finished prepare + pretrain run, e.g. model=small)")
+        raise SystemExit(
+            "without --tiny, give --run-dir (a finished prepare + pretrain run, e.g. model=small)"
+        )
     base = load_base(run_dir, s.eval_problems)
     print(f"settings: {s}", flush=True)
     if a.speed_only:
@@ -473,45 +631,84 @@ def main(argv: list[str] | None = None) -> dict:
         for i, run in enumerate((theirs, ours)):
             print(f"[{4 + i}/5] held-out eval after {run.provider}", flush=True)
             runs.append((run, evaluate_model(run.provider, run.model_dir, base, s, device, dtype)))
-    record = {"bench": BENCH, **env_info(), "run_dir": str(run_dir), "device_kind": device.type,
-              **summarize(s, base_pass, runs)}
+    record = {
+        "bench": BENCH,
+        **env_info(),
+        "run_dir": str(run_dir),
+        "device_kind": device.type,
+        **summarize(s, base_pass, runs),
+    }
     report(record, out)
     return record
 
 
-def speed_only(base: Base, s: PeerSettings, device, dtype, cuda: bool, run_dir: Path, out: Path,
-               moe_impl: str) -> dict:
+def speed_only(
+    base: Base, s: PeerSettings, device, dtype, cuda: bool, run_dir: Path, out: Path, moe_impl: str
+) -> dict:
     """Both trainers on the same base, prompts and budget; step times only. A failing provider is reported,
     the other still prints."""
     runs, errors = [], {}
     with tempfile.TemporaryDirectory(prefix="rl_peer-") as tmp:
-        for name, fn in (("r1core", lambda: train_r1core(base, s, Path(tmp), device, dtype, moe_impl)),
-                         ("trl", lambda: train_trl(base, s, Path(tmp), cuda))):
+        for name, fn in (
+            ("r1core", lambda: train_r1core(base, s, Path(tmp), device, dtype, moe_impl)),
+            ("trl", lambda: train_trl(base, s, Path(tmp), cuda)),
+        ):
             print(f"[{name}] GRPO, {s.steps} steps", flush=True)
             try:
                 runs.append(fn())
             except Exception as e:  # noqa: BLE001 - keep the other provider's figures
                 errors[name] = error_report(e)[:2000]
                 print(f"[{name}] failed: {errors[name]}", flush=True)
-    t = Table(f"GRPO step speed: {s.prompts_per_step} prompts x {s.group_size} samples, "
-              f"{s.max_new_tokens} new tokens, {s.steps} steps (median of steps 2..)",
-              ["provider", "s/step", "samples/s", "x slowest", "rollout", "scoring", "log-prob", "update",
-               "refresh"])
+    t = Table(
+        f"GRPO step speed: {s.prompts_per_step} prompts x {s.group_size} samples, "
+        f"{s.max_new_tokens} new tokens, {s.steps} steps (median of steps 2..)",
+        [
+            "provider",
+            "s/step",
+            "samples/s",
+            "x slowest",
+            "rollout",
+            "scoring",
+            "log-prob",
+            "update",
+            "refresh",
+        ],
+    )
     providers = []
     for run in runs:
         step = statistics.median(run.step_s[1:] or run.step_s)
-        providers.append({"provider": run.provider, "s_per_step": step,
-                          "samples_per_s": s.samples_per_step / step, "step_s": run.step_s, "train_reward": run.train_reward, "split": run.split})
+        providers.append(
+            {
+                "provider": run.provider,
+                "s_per_step": step,
+                "samples_per_s": s.samples_per_step / step,
+                "step_s": run.step_s,
+                "train_reward": run.train_reward,
+                "split": run.split,
+            }
+        )
     slowest = max((p["s_per_step"] for p in providers), default=float("nan"))
     for p in providers:
         p["x_slowest"] = slowest / p["s_per_step"]
         sp = p["split"]
-        t.add(p["provider"], p["s_per_step"], p["samples_per_s"], p["x_slowest"],
-              *(sp.get(k, "-") for k in ("rollout", "scoring", "logprob", "update", "refresh")))
+        t.add(
+            p["provider"],
+            p["s_per_step"],
+            p["samples_per_s"],
+            p["x_slowest"],
+            *(sp.get(k, "-") for k in ("rollout", "scoring", "logprob", "update", "refresh")),
+        )
     print(t.render(), end="\n\n")
-    record = {"bench": BENCH + "_speed", **env_info(), "run_dir": str(run_dir), "device_kind": device.type,
-              "settings": dataclasses.asdict(s), "unmatched": UNMATCHED, "providers": providers,
-              "errors": errors}
+    record = {
+        "bench": BENCH + "_speed",
+        **env_info(),
+        "run_dir": str(run_dir),
+        "device_kind": device.type,
+        "settings": dataclasses.asdict(s),
+        "unmatched": UNMATCHED,
+        "providers": providers,
+        "errors": errors,
+    }
     with open(out / f"{BENCH}_speed.json", "w") as f:
         json.dump(record, f, indent=1)
     print(json.dumps(record))

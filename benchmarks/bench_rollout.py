@@ -43,10 +43,27 @@ from r1core.rollout import BuiltinEngine, SamplingParams  # noqa: E402
 def anchor_args() -> ModelArgs:
     # 32 experts of 512 + 1 shared expert, all layers MoE: ~0.5B parameters like the megatron anchor.
     return ModelArgs(
-        vocab_size=32768, dim=1024, inter_dim=2816, moe_inter_dim=512, n_layers=8, n_dense_layers=0, n_heads=16,
-        n_routed_experts=32, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
-        q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-        max_seq_len=4096, original_seq_len=4096, rope_factor=1.0, n_mtp_modules=0,
+        vocab_size=32768,
+        dim=1024,
+        inter_dim=2816,
+        moe_inter_dim=512,
+        n_layers=8,
+        n_dense_layers=0,
+        n_heads=16,
+        n_routed_experts=32,
+        n_shared_experts=1,
+        n_activated_experts=4,
+        n_expert_groups=4,
+        n_limited_groups=2,
+        q_lora_rank=512,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        max_seq_len=4096,
+        original_seq_len=4096,
+        rope_factor=1.0,
+        n_mtp_modules=0,
     )
 
 
@@ -89,17 +106,28 @@ def hf_generate(hf, prompts: torch.Tensor, new_tokens: int, do_sample: bool = Tr
     # every row generates exactly new_tokens, as in our engine without a tokenizer.
     if do_sample:
         kw.update(temperature=1.0, top_k=0, top_p=1.0)
-    return hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=do_sample,
-                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None, **kw)
+    return hf.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        do_sample=do_sample,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=0,
+        eos_token_id=None,
+        **kw,
+    )
 
 
 def hf_kv_bytes_per_token(hf, prompts: torch.Tensor) -> int:
     """Bytes of HF's KV cache per token, measured on a short generate."""
     out = hf_generate(hf, prompts[:1, :8], 2, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values
-    tensors = [t for layer in getattr(cache, "layers", []) for t in (getattr(layer, "keys", None),
-                                                                     getattr(layer, "values", None))
-               if isinstance(t, torch.Tensor)]
+    tensors = [
+        t
+        for layer in getattr(cache, "layers", [])
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if isinstance(t, torch.Tensor)
+    ]
     seq = max(t.shape[-2] for t in tensors)
     return sum(t.numel() * t.element_size() for t in tensors) // seq
 
@@ -107,7 +135,7 @@ def hf_kv_bytes_per_token(hf, prompts: torch.Tensor) -> int:
 def greedy_agreement(engine: BuiltinEngine, hf, prompts: torch.Tensor, steps: int) -> float:
     """Share of positions where both engines' greedy continuations agree, up to the first divergence."""
     ours = engine.generate(prompts.tolist(), 1, SamplingParams(temperature=0, max_new_tokens=steps))
-    theirs = hf_generate(hf, prompts, steps, do_sample=False)[:, prompts.shape[1]:].tolist()
+    theirs = hf_generate(hf, prompts, steps, do_sample=False)[:, prompts.shape[1] :].tolist()
     agree = 0
     for s, t in zip(ours, theirs):
         agree += next((i for i, (a, b) in enumerate(zip(s.response_ids, t)) if a != b), steps)
@@ -119,10 +147,20 @@ def run_ours(name, engine: BuiltinEngine, prompts: list[list[int]], sp: Sampling
     peak, _ = peak_gib(lambda: engine.generate(prompts, 1, sp))
     sec, samples = timed(lambda: engine.generate(prompts, 1, sp), repeats)
     n_tok = sum(len(s.response_ids) for s in samples)
-    print(f"[{name}] first call {warm_s:.2f}s, median {sec:.3f}s, {n_tok / sec:,.0f} tok/s, {engine.stats}", flush=True)
-    return {"seconds": sec, "tokens": n_tok, "tokens_per_s": n_tok / sec, "peak_gib": peak,
-            "first_call_s": warm_s, "graphs": engine.stats["graphs_captured"],
-            "graph_error": engine.stats.get("graph_error"), "decode_steps_per_call": engine.stats["decode_steps"] // (repeats + 2)}
+    print(
+        f"[{name}] first call {warm_s:.2f}s, median {sec:.3f}s, {n_tok / sec:,.0f} tok/s, {engine.stats}",
+        flush=True,
+    )
+    return {
+        "seconds": sec,
+        "tokens": n_tok,
+        "tokens_per_s": n_tok / sec,
+        "peak_gib": peak,
+        "first_call_s": warm_s,
+        "graphs": engine.stats["graphs_captured"],
+        "graph_error": engine.stats.get("graph_error"),
+        "decode_steps_per_call": engine.stats["decode_steps"] // (repeats + 2),
+    }
 
 
 def run_hf(model, dtype, dev, prompts, engine, opts, record) -> dict:
@@ -149,25 +187,41 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--variants", default="graphs,grouped,eager,triton",
-                    help="ours: graphs (CUDA graphs, dense MoE), grouped (graphs, torch._grouped_mm MoE), "
-                         "eager (no graphs), triton (graphs, the model's MoE on the Triton kernels)")
-    ap.add_argument("--sweep-presets", default="bench,small",
-                    help="models of the roofline sweep ('' skips it); a model may name its own batch sizes: "
-                         "bench:256,small:64:256:1024")
+    ap.add_argument(
+        "--variants",
+        default="graphs,grouped,eager,triton",
+        help="ours: graphs (CUDA graphs, dense MoE), grouped (graphs, torch._grouped_mm MoE), "
+        "eager (no graphs), triton (graphs, the model's MoE on the Triton kernels)",
+    )
+    ap.add_argument(
+        "--sweep-presets",
+        default="bench,small",
+        help="models of the roofline sweep ('' skips it); a model may name its own batch sizes: "
+        "bench:256,small:64:256:1024",
+    )
     ap.add_argument("--sweep-batches", default="64,256,1024")
-    ap.add_argument("--sweep-moe", default="dense,grouped", help="decode_moe paths of the sweep (auto: dense "
-                    "up to 128 rows, grouped above)")
+    ap.add_argument(
+        "--sweep-moe",
+        default="dense,grouped",
+        help="decode_moe paths of the sweep (auto: dense up to 128 rows, grouped above)",
+    )
     ap.add_argument("--sweep-new-tokens", type=int, default=128)
     ap.add_argument("--grpo", default="32x8,128x8", help="GRPO workloads, prompts x group ('' skips them)")
     ap.add_argument("--grpo-mean-len", type=int, default=128, help="mean response length (EOS-like stops)")
     ap.add_argument("--grpo-max-new", type=int, default=512)
     ap.add_argument("--grpo-max-batch", type=int, default=256, help="engine rows, as the pipeline's rollout")
-    ap.add_argument("--grpo-configs", default="old,shared,auto,admit",
-                    help="GRPO engine settings per workload: old (today's engine: no shared prefill, dense), "
-                         "shared (+ shared prefill), auto (+ decode_moe auto), admit (+ admit_min=G)")
-    ap.add_argument("--profile", default="", metavar="PRESET:B:MOE",
-                    help="GPU: top kernels of decode graph replays, e.g. small:256:auto ('' skips it)")
+    ap.add_argument(
+        "--grpo-configs",
+        default="old,shared,auto,admit",
+        help="GRPO engine settings per workload: old (today's engine: no shared prefill, dense), "
+        "shared (+ shared prefill), auto (+ decode_moe auto), admit (+ admit_min=G)",
+    )
+    ap.add_argument(
+        "--profile",
+        default="",
+        metavar="PRESET:B:MOE",
+        help="GPU: top kernels of decode graph replays, e.g. small:256:auto ('' skips it)",
+    )
     args = ap.parse_args()
     bad = set(filter(None, args.grpo_configs.split(","))) - {"old", "shared", "auto", "admit"}
     if bad:
@@ -199,16 +253,41 @@ def roofline_sweep(opts, dev, dtype, record: dict) -> list[Table]:
     ceil = Ceilings.measure()
     record["copy_gbps"] = ceil.copy_gbps
     print(f"copy bandwidth {ceil.copy_gbps:,.0f} GB/s (read + written)", flush=True)
-    roof = Table(f"decode roofline (bytes a step must read / {ceil.copy_gbps:,.0f} GB/s copy bandwidth), "
-                 f"prompt {opts.prompt_len}, {opts.sweep_new_tokens} new tokens",
-                 ["model", "batch", "decode_moe", "decode tok/s", "ms/step", "roofline ms/step", "% roofline",
-                  "experts/layer (uniform)", "MB/step"])
-    grpo = Table(f"GRPO rollout, mean response ~{opts.grpo_mean_len} (max {opts.grpo_max_new}), "
-                 f"{opts.grpo_max_batch} engine rows",
-                 ["model", "prompts x G", "engine", "shared prefill", "decode_moe", "admit_min", "s",
-                  "ms/sample",
-                  "tok/s",
-                  "mean len", "steps", "prefills", "host s", "wait s"])
+    roof = Table(
+        f"decode roofline (bytes a step must read / {ceil.copy_gbps:,.0f} GB/s copy bandwidth), "
+        f"prompt {opts.prompt_len}, {opts.sweep_new_tokens} new tokens",
+        [
+            "model",
+            "batch",
+            "decode_moe",
+            "decode tok/s",
+            "ms/step",
+            "roofline ms/step",
+            "% roofline",
+            "experts/layer (uniform)",
+            "MB/step",
+        ],
+    )
+    grpo = Table(
+        f"GRPO rollout, mean response ~{opts.grpo_mean_len} (max {opts.grpo_max_new}), "
+        f"{opts.grpo_max_batch} engine rows",
+        [
+            "model",
+            "prompts x G",
+            "engine",
+            "shared prefill",
+            "decode_moe",
+            "admit_min",
+            "s",
+            "ms/sample",
+            "tok/s",
+            "mean len",
+            "steps",
+            "prefills",
+            "host s",
+            "wait s",
+        ],
+    )
     record.update(roofline=[], grpo=[], roofline_errors=[])
     tables = [roof, grpo]
     entries = [n.split(":") for n in opts.sweep_presets.split(",") if n] or [["small"]]
@@ -220,19 +299,38 @@ def roofline_sweep(opts, dev, dtype, record: dict) -> list[Table]:
         for B in map(int, filter(None, batches if opts.sweep_presets else [])):
             for path in opts.sweep_moe.split(","):
                 try:
-                    r = roofline_row(model, B, opts.prompt_len, opts.sweep_new_tokens, path, ceil.copy_gbps,
-                                     opts.repeats, sync)
+                    r = roofline_row(
+                        model,
+                        B,
+                        opts.prompt_len,
+                        opts.sweep_new_tokens,
+                        path,
+                        ceil.copy_gbps,
+                        opts.repeats,
+                        sync,
+                    )
                 except Exception as e:  # e.g. out of memory at one size: the other rows still print
                     record["roofline_errors"].append(f"{name} B{B} {path}: {type(e).__name__}: {e}"[:300])
                     print("[roofline] failed:", record["roofline_errors"][-1], flush=True)
                     continue
                 r["model"] = name
                 record["roofline"].append(r)
-                roof.add(name, B, path, r["decode_tokens_per_s"], r["decode_step_ms"], r["roofline_step_ms"],
-                         r["pct_roofline"], f"{r['distinct_experts_measured']:.1f} "
-                         f"({r['distinct_experts_uniform']:.1f})", r["bytes_per_step"]["total"] / 1e6)
-                print(f"[roofline] {name} B{B} {path}: {r['decode_tokens_per_s']:,.0f} tok/s, "
-                      f"{r['pct_roofline']:.1f} % of roofline", flush=True)
+                roof.add(
+                    name,
+                    B,
+                    path,
+                    r["decode_tokens_per_s"],
+                    r["decode_step_ms"],
+                    r["roofline_step_ms"],
+                    r["pct_roofline"],
+                    f"{r['distinct_experts_measured']:.1f} ({r['distinct_experts_uniform']:.1f})",
+                    r["bytes_per_step"]["total"] / 1e6,
+                )
+                print(
+                    f"[roofline] {name} B{B} {path}: {r['decode_tokens_per_s']:,.0f} tok/s, "
+                    f"{r['pct_roofline']:.1f} % of roofline",
+                    flush=True,
+                )
         if name == grpo_model and opts.grpo:
             tables += grpo_rows(model, name, opts, grpo, record)
         del model
@@ -245,8 +343,12 @@ def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
     """Per engine setting (today's engine first, then shared prefill, auto MoE, admission in groups) one
     engine runs every workload, smallest first: the first run warms it (graph captures), later ones reuse."""
     specs = [tuple(map(int, spec.split("x"))) for spec in filter(None, opts.grpo.split(","))]
-    named = {"old": (False, "dense", 0), "shared": (True, "dense", 0), "auto": (True, "auto", 0),
-             "admit": (True, "auto", None)}  # None: admit_min = G
+    named = {
+        "old": (False, "dense", 0),
+        "shared": (True, "dense", 0),
+        "auto": (True, "auto", 0),
+        "admit": (True, "auto", None),
+    }  # None: admit_min = G
     for config in filter(None, opts.grpo_configs.split(",")):
         share, path, admit = named[config]
         for G in sorted({G for _, G in specs}):
@@ -254,10 +356,24 @@ def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
             engine = None
             for P, _ in sorted(s for s in specs if s[1] == G):
                 try:
-                    engine = engine or grpo_engine(model, opts.prompt_len, opts.grpo_max_new,
-                                                   opts.grpo_max_batch, share, path, admit_g)
-                    r = grpo_row(model, P, G, opts.prompt_len, opts.grpo_mean_len, opts.grpo_max_new,
-                                 opts.grpo_max_batch, share, path, opts.repeats, sync, admit_g, engine)
+                    engine = engine or grpo_engine(
+                        model, opts.prompt_len, opts.grpo_max_new, opts.grpo_max_batch, share, path, admit_g
+                    )
+                    r = grpo_row(
+                        model,
+                        P,
+                        G,
+                        opts.prompt_len,
+                        opts.grpo_mean_len,
+                        opts.grpo_max_new,
+                        opts.grpo_max_batch,
+                        share,
+                        path,
+                        opts.repeats,
+                        sync,
+                        admit_g,
+                        engine,
+                    )
                 except Exception as e:
                     msg = f"grpo {P}x{G} {config}: {error_report(e)}"
                     record["roofline_errors"].append(msg[:600])
@@ -265,15 +381,32 @@ def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
                     continue
                 r["model"], r["config"] = name, config
                 record["grpo"].append(r)
-                grpo.add(name, f"{P}x{G}", config, share, path, admit_g, r["seconds"], r["ms_per_sample"],
-                         r["tokens_per_s"], r["mean_len"], r["decode_steps"], r["prefills"], r["host_s"],
-                         r["wait_s"])
-                print(f"[grpo] {P}x{G} {config} (shared={share} {path} admit_min={admit_g}): "
-                      f"{r['ms_per_sample']:.2f} ms/sample, {r['graphs_captured_timed']} graphs captured "
-                      f"in the timed runs", flush=True)
+                grpo.add(
+                    name,
+                    f"{P}x{G}",
+                    config,
+                    share,
+                    path,
+                    admit_g,
+                    r["seconds"],
+                    r["ms_per_sample"],
+                    r["tokens_per_s"],
+                    r["mean_len"],
+                    r["decode_steps"],
+                    r["prefills"],
+                    r["host_s"],
+                    r["wait_s"],
+                )
+                print(
+                    f"[grpo] {P}x{G} {config} (shared={share} {path} admit_min={admit_g}): "
+                    f"{r['ms_per_sample']:.2f} ms/sample, {r['graphs_captured_timed']} graphs captured "
+                    f"in the timed runs",
+                    flush=True,
+                )
             del engine
-    refresh = Table("weight refresh into a non-colocated engine (update_weights)",
-                    ["model", "ms", "GB", "GB/s"])
+    refresh = Table(
+        "weight refresh into a non-colocated engine (update_weights)", ["model", "ms", "GB", "GB/s"]
+    )
     try:
         r = refresh_row(model, sync)
         record["refresh"] = {"model": name, **r}
@@ -292,8 +425,16 @@ def main() -> None:
     prompts = torch.randint(0, margs.vocab_size, (opts.batch, opts.prompt_len), device=dev)
     sp = SamplingParams(temperature=1.0, max_new_tokens=opts.new_tokens, seed=0)
     max_len = opts.prompt_len + opts.new_tokens
-    results, record = {}, {"batch": opts.batch, "prompt_len": opts.prompt_len, "new_tokens": opts.new_tokens,
-                           "dtype": str(dtype), "params": sum(p.numel() for p in model.parameters())}
+    results, record = (
+        {},
+        {
+            "batch": opts.batch,
+            "prompt_len": opts.prompt_len,
+            "new_tokens": opts.new_tokens,
+            "dtype": str(dtype),
+            "params": sum(p.numel() for p in model.parameters()),
+        },
+    )
     variants = opts.variants.split(",")
     engine = BuiltinEngine(model, max_batch=opts.batch, max_len=max_len)
     record["kv_bytes_per_token_ours"] = engine.kv_cache_bytes_per_token()
@@ -301,8 +442,9 @@ def main() -> None:
         results["r1core graphs"] = run_ours("r1core graphs", engine, prompts.tolist(), sp, opts.repeats)
     if "grouped" in variants:
         grouped = BuiltinEngine(model, max_batch=opts.batch, max_len=max_len, decode_moe="grouped")
-        results["r1core graphs+grouped MoE"] = run_ours("r1core graphs+grouped MoE", grouped, prompts.tolist(), sp,
-                                                        opts.repeats)
+        results["r1core graphs+grouped MoE"] = run_ours(
+            "r1core graphs+grouped MoE", grouped, prompts.tolist(), sp, opts.repeats
+        )
         del grouped
     if "eager" in variants:
         eager = BuiltinEngine(model, max_batch=opts.batch, max_len=max_len, cuda_graphs=False)
@@ -312,8 +454,9 @@ def main() -> None:
         try:
             model.set_moe_impl("triton")
             tri = BuiltinEngine(model, max_batch=opts.batch, max_len=max_len, decode_moe="model")
-            results["r1core graphs+triton MoE"] = run_ours("r1core graphs+triton MoE", tri, prompts.tolist(), sp,
-                                                           opts.repeats)
+            results["r1core graphs+triton MoE"] = run_ours(
+                "r1core graphs+triton MoE", tri, prompts.tolist(), sp, opts.repeats
+            )
         except Exception as e:  # kernels missing or not capturable: report, keep going
             record["triton_variant_error"] = error_report(e)[:2000]
             print("[triton] failed:", record["triton_variant_error"], flush=True)
@@ -345,8 +488,11 @@ def profile_rows(opts, dev, dtype, record: dict) -> list[Table]:
         return []
     print(r.pop("table"), flush=True)
     record["profile"] = r
-    t = Table(f"top kernels of one decode step: {name} B{B} S{r['S']} decode_moe={path}, "
-              f"{r['step_ms']:.3f} ms of kernels per step", ["kernel", "ms/step", "% of step"])
+    t = Table(
+        f"top kernels of one decode step: {name} B{B} S{r['S']} decode_moe={path}, "
+        f"{r['step_ms']:.3f} ms of kernels per step",
+        ["kernel", "ms/step", "% of step"],
+    )
     for k in r["kernels"]:
         t.add(*k)
     return [t]
@@ -354,8 +500,10 @@ def profile_rows(opts, dev, dtype, record: dict) -> list[Table]:
 
 def report(results: dict, record: dict, extra: list[Table]) -> None:
     hf = results.get("HF transformers", {}).get("tokens_per_s")
-    table = Table(f"rollout: batch {record['batch']}, prompt {record['prompt_len']}, {record['new_tokens']} new tokens",
-                  ["provider", "seconds", "tokens/s", "x HF", "peak GiB"])
+    table = Table(
+        f"rollout: batch {record['batch']}, prompt {record['prompt_len']}, {record['new_tokens']} new tokens",
+        ["provider", "seconds", "tokens/s", "x HF", "peak GiB"],
+    )
     for name, r in results.items():
         r["x_hf"] = r["tokens_per_s"] / hf if hf else None
         table.add(name, r["seconds"], r["tokens_per_s"], r["x_hf"] if r["x_hf"] else "-", r["peak_gib"])
@@ -364,7 +512,13 @@ def report(results: dict, record: dict, extra: list[Table]) -> None:
     if "kv_bytes_per_token_hf" in record:
         kv.add("HF DynamicCache (measured)", record["kv_bytes_per_token_hf"])
     png = os.path.join(out_dir(), "bench_rollout.png")
-    bar_plot(png, "rollout tokens/s", list(results), [r["tokens_per_s"] for r in results.values()], "generated tokens/s")
+    bar_plot(
+        png,
+        "rollout tokens/s",
+        list(results),
+        [r["tokens_per_s"] for r in results.values()],
+        "generated tokens/s",
+    )
     record.update(results=results, png=png)
     best = max((r["tokens_per_s"] for k, r in results.items() if k.startswith("r1core")), default=0.0)
     record["speedup_vs_hf"] = best / hf if hf else None

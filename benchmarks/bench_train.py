@@ -73,17 +73,19 @@ class Variant(NamedTuple):
     moe: str
     attention: str
     compile: bool = False
-    ac: bool = False              # activation checkpointing of every block
-    master: bool = False          # fp32 master weights and AdamW state
-    mtp: bool = True              # the preset's MTP module (off: n_mtp_modules=0)
-    precision: str = "bf16"       # model.precision: bf16 | fp8
+    ac: bool = False  # activation checkpointing of every block
+    master: bool = False  # fp32 master weights and AdamW state
+    mtp: bool = True  # the preset's MTP module (off: n_mtp_modules=0)
+    precision: str = "bf16"  # model.precision: bf16 | fp8
 
 
 VARIANTS = {
-    "ref": Variant("ref", "auto"), "triton": Variant("triton", "auto"),
+    "ref": Variant("ref", "auto"),
+    "triton": Variant("triton", "auto"),
     "triton_cudnn": Variant("triton", "cudnn"),
     "triton_padv": Variant("triton", "flash_padv"),
-    "compile": Variant("triton", "cudnn", True), "compile_ac": Variant("triton", "cudnn", True, ac=True),
+    "compile": Variant("triton", "cudnn", True),
+    "compile_ac": Variant("triton", "cudnn", True, ac=True),
     "compile_master": Variant("triton", "cudnn", True, master=True),
     "compile_nomtp": Variant("triton", "cudnn", True, mtp=False),
     "compile_fp8": Variant("triton", "cudnn", True, precision="fp8"),
@@ -91,14 +93,16 @@ VARIANTS = {
     "compile_fp8dense_nomtp": Variant("triton", "cudnn", True, mtp=False, precision="fp8_dense"),
     "eager_fp8": Variant("triton", "cudnn", precision="fp8"),
 }
-CATEGORIES = [("attention", r"fmha|flash|attention|cudnn|sdpa|softmax"),
-              ("optimizer", r"adam|foreach|multi_tensor"),
-              ("fp8 quantize", r"_fp8_quant|float8_copy"),
-              ("moe", r"grouped|_gate_up|_rows_gemm|_wgrad|swiglu|permute|route|moe|_zero_"),
-              # not a bare "lse": it matches the "false" of every templated aten kernel's name
-              ("loss (fused CE)", r"_lse|lse_|_ce_|grpo|cross_entropy|nll_loss|_row_(stats|grad)|_tiled_"),
-              ("gemm", r"gemm|cutlass|sm90|sm100|cublas|matmul|xmma|nvjet|wgmma"),
-              ("other", r".")]
+CATEGORIES = [
+    ("attention", r"fmha|flash|attention|cudnn|sdpa|softmax"),
+    ("optimizer", r"adam|foreach|multi_tensor"),
+    ("fp8 quantize", r"_fp8_quant|float8_copy"),
+    ("moe", r"grouped|_gate_up|_rows_gemm|_wgrad|swiglu|permute|route|moe|_zero_"),
+    # not a bare "lse": it matches the "false" of every templated aten kernel's name
+    ("loss (fused CE)", r"_lse|lse_|_ce_|grpo|cross_entropy|nll_loss|_row_(stats|grad)|_tiled_"),
+    ("gemm", r"gemm|cutlass|sm90|sm100|cublas|matmul|xmma|nvjet|wgmma"),
+    ("other", r"."),
+]
 INDUCTOR_KERNEL = re.compile(r"^triton_(poi|red|per|tem|for)_")  # what inductor names its generated kernels
 
 
@@ -106,7 +110,9 @@ def flops_per_token(args, T: int) -> float:
     pc = parameter_breakdown(args)
     emb = args.vocab_size * args.dim
     per_expert = 3 * args.dim * args.moe_inter_dim
-    mtp_active = pc.mtp_unique - per_expert * (args.n_routed_experts - args.n_activated_experts) * args.n_mtp_modules
+    mtp_active = (
+        pc.mtp_unique - per_expert * (args.n_routed_experts - args.n_activated_experts) * args.n_mtp_modules
+    )
     matmul = (pc.active - emb) + mtp_active + emb * args.n_mtp_modules
     attn_layers = args.n_layers + args.n_mtp_modules
     attention = 3 * 2 * args.n_heads * (args.qk_head_dim + args.v_head_dim) * (T + 1) / 2 * attn_layers
@@ -119,6 +125,7 @@ def _sdpa_padded_v(sdpa):
         if dv < q.shape[-1]:
             v = F.pad(v, (0, q.shape[-1] - dv))  # flash needs one head dim for q, k and v
         return sdpa(q, k, v, *a, **kw)[..., :dv]
+
     return wrapped
 
 
@@ -175,8 +182,14 @@ def r1core_step(args, name: str, B: int, T: int, device, dtype):
     v = VARIANTS[name]
     attn = v.attention
     parallel = ParallelConfig(compile=v.compile, activation_checkpointing=v.ac)
-    engine = LocalEngine(variant_args(args, v), parallel,
-                         OptimConfig(lr=1e-4, warmup_steps=0, master_weights=v.master), device, dtype, 0)
+    engine = LocalEngine(
+        variant_args(args, v),
+        parallel,
+        OptimConfig(lr=1e-4, warmup_steps=0, master_weights=v.master),
+        device,
+        dtype,
+        0,
+    )
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, args.vocab_size, (B, T + 1), generator=g).to(device)
     mb, objective = {"tokens": data[:, :-1], "labels": data[:, 1:]}, LMObjective()
@@ -185,6 +198,7 @@ def r1core_step(args, name: str, B: int, T: int, device, dtype):
     def step():
         with attention_backend(attn):
             losses.append(engine.train_step([mb], objective)["loss"])
+
     return step, losses, engine
 
 
@@ -196,27 +210,50 @@ def megatron_step(args, B: int, T: int, device):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    moe_utils.te_general_gemm = None  # FACTS.md: the router raises NameError without Transformer Engine otherwise
+    moe_utils.te_general_gemm = (
+        None  # FACTS.md: the router raises NameError without Transformer Engine otherwise
+    )
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+        torch.distributed.init_process_group(
+            "nccl", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1
+        )
     parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     cfg = TransformerConfig(
-        num_layers=args.n_layers, hidden_size=args.dim, num_attention_heads=args.n_heads,
-        kv_channels=(args.qk_head_dim + args.v_head_dim) // 2, ffn_hidden_size=args.inter_dim,
-        num_moe_experts=args.n_routed_experts, moe_router_topk=args.n_activated_experts,
-        moe_ffn_hidden_size=args.moe_inter_dim, moe_shared_expert_intermediate_size=args.moe_inter_dim,
+        num_layers=args.n_layers,
+        hidden_size=args.dim,
+        num_attention_heads=args.n_heads,
+        kv_channels=(args.qk_head_dim + args.v_head_dim) // 2,
+        ffn_hidden_size=args.inter_dim,
+        num_moe_experts=args.n_routed_experts,
+        moe_router_topk=args.n_activated_experts,
+        moe_ffn_hidden_size=args.moe_inter_dim,
+        moe_shared_expert_intermediate_size=args.moe_inter_dim,
         moe_layer_freq=[0] * args.n_dense_layers + [1] * (args.n_layers - args.n_dense_layers),
-        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-        moe_router_num_groups=args.n_expert_groups, moe_router_group_topk=args.n_limited_groups,
-        moe_router_topk_scaling_factor=args.route_scale, moe_router_load_balancing_type="seq_aux_loss",
-        moe_aux_loss_coeff=args.seq_aux_alpha, moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
-        normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        bf16=True, params_dtype=torch.bfloat16, hidden_dropout=0.0, attention_dropout=0.0)
-    spec = get_gpt_layer_local_spec(num_experts=args.n_routed_experts, moe_grouped_gemm=False,
-                                    normalization="RMSNorm")
-    model = GPTModel(cfg, spec, vocab_size=args.vocab_size, max_sequence_length=T,
-                     position_embedding_type="rope").to(device)
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_num_groups=args.n_expert_groups,
+        moe_router_group_topk=args.n_limited_groups,
+        moe_router_topk_scaling_factor=args.route_scale,
+        moe_router_load_balancing_type="seq_aux_loss",
+        moe_aux_loss_coeff=args.seq_aux_alpha,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        bf16=True,
+        params_dtype=torch.bfloat16,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    spec = get_gpt_layer_local_spec(
+        num_experts=args.n_routed_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+    )
+    model = GPTModel(
+        cfg, spec, vocab_size=args.vocab_size, max_sequence_length=T, position_embedding_type="rope"
+    ).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, args.vocab_size, (B, T + 1), device=device)
     pos = torch.arange(T, device=device).expand(B, T)
@@ -229,10 +266,16 @@ def megatron_step(args, B: int, T: int, device):
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+
     n_params = sum(p.numel() for p in model.parameters())
     per_expert = 3 * args.dim * args.moe_inter_dim
-    active = n_params - per_expert * (args.n_routed_experts - args.n_activated_experts) * (
-        args.n_layers - args.n_dense_layers) - args.vocab_size * args.dim
+    active = (
+        n_params
+        - per_expert
+        * (args.n_routed_experts - args.n_activated_experts)
+        * (args.n_layers - args.n_dense_layers)
+        - args.vocab_size * args.dim
+    )
     attention = 3 * 2 * args.n_heads * (args.qk_head_dim + args.v_head_dim) * (T + 1) / 2 * args.n_layers
     return step, losses, model, 6 * active + attention
 
@@ -241,6 +284,7 @@ def _stand_in_for_unused_imports() -> None:
     """torchtitan 0.2.2 imports `torch.utils.tensorboard` (metrics) and HF `datasets` (its data loaders) when
     its package loads, though DeepSeekV3Model uses neither, and the GPU machines have neither: these
     sys.modules stand-ins let the import succeed; anything that really used them would fail loudly."""
+
     def absent(*_a, **_k):
         raise RuntimeError("a stand-in from bench_train.py: tensorboard / datasets are not installed here")
 
@@ -252,8 +296,9 @@ def _stand_in_for_unused_imports() -> None:
         import datasets  # noqa: F401
         import datasets.distributed  # noqa: F401
     except ImportError:
-        sys.modules["datasets"] = types.SimpleNamespace(Dataset=object, load_dataset=absent,
-                                                        IterableDataset=object)
+        sys.modules["datasets"] = types.SimpleNamespace(
+            Dataset=object, load_dataset=absent, IterableDataset=object
+        )
         sys.modules["datasets.distributed"] = types.SimpleNamespace(split_dataset_by_node=absent)
 
 
@@ -264,14 +309,30 @@ def torchtitan_args(args, T: int):
     from torchtitan.models.moe import MoEArgs
 
     targs = DeepSeekV3ModelArgs(
-        vocab_size=args.vocab_size, dim=args.dim, inter_dim=args.inter_dim, moe_inter_dim=args.moe_inter_dim,
-        n_layers=args.n_layers, n_dense_layers=args.n_dense_layers, n_heads=args.n_heads,
-        q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_nope_head_dim=args.qk_nope_head_dim,
-        qk_rope_head_dim=args.qk_rope_head_dim, v_head_dim=args.v_head_dim, rope_factor=args.rope_factor,
-        moe_args=MoEArgs(num_experts=args.n_routed_experts, num_shared_experts=args.n_shared_experts,
-                         score_func=args.score_func.value, route_norm=args.norm_topk_prob,
-                         top_k=args.n_activated_experts, num_expert_groups=args.n_expert_groups,
-                         num_limited_groups=args.n_limited_groups, use_grouped_mm=torch.cuda.is_available()))
+        vocab_size=args.vocab_size,
+        dim=args.dim,
+        inter_dim=args.inter_dim,
+        moe_inter_dim=args.moe_inter_dim,
+        n_layers=args.n_layers,
+        n_dense_layers=args.n_dense_layers,
+        n_heads=args.n_heads,
+        q_lora_rank=args.q_lora_rank,
+        kv_lora_rank=args.kv_lora_rank,
+        qk_nope_head_dim=args.qk_nope_head_dim,
+        qk_rope_head_dim=args.qk_rope_head_dim,
+        v_head_dim=args.v_head_dim,
+        rope_factor=args.rope_factor,
+        moe_args=MoEArgs(
+            num_experts=args.n_routed_experts,
+            num_shared_experts=args.n_shared_experts,
+            score_func=args.score_func.value,
+            route_norm=args.norm_topk_prob,
+            top_k=args.n_activated_experts,
+            num_expert_groups=args.n_expert_groups,
+            num_limited_groups=args.n_limited_groups,
+            use_grouped_mm=torch.cuda.is_available(),
+        ),
+    )
     targs.moe_impl = "standard"  # what its trainer's update_from_config sets (expert_parallel_comm_backend)
     return targs
 
@@ -320,6 +381,7 @@ def torchtitan_step(args, B: int, T: int, device, dtype, compile_: str):
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+
     return step, losses, model
 
 
@@ -355,17 +417,21 @@ def is_compiled(name: str) -> bool:
 def dynamo_stats() -> dict:
     """Graphs dynamo compiled and graph breaks it took since the row began (counters cleared per row)."""
     c = torch._dynamo.utils.counters
-    return {"graphs": int(c["stats"].get("unique_graphs", 0)),
-            "graph_breaks": int(sum(c["graph_break"].values())),
-            "break_reasons": sorted(c["graph_break"], key=lambda r: -c["graph_break"][r])[:3]}
+    return {
+        "graphs": int(c["stats"].get("unique_graphs", 0)),
+        "graph_breaks": int(sum(c["graph_break"].values())),
+        "break_reasons": sorted(c["graph_break"], key=lambda r: -c["graph_break"][r])[:3],
+    }
 
 
 def check_compiled(row: dict) -> None:
     """A compiled row that ran no inductor kernel (or compiled no graph) timed eager code: fail it loudly."""
     ind = row.get("inductor_kernels")
     if row["dynamo"]["graphs"] == 0 or (ind is not None and ind["kernels"] == 0):
-        raise RuntimeError(f"{row['variant']} is meant to be compiled but ran eager code: dynamo graphs "
-                           f"{row['dynamo']['graphs']}, inductor kernels in the profiled step {ind}")
+        raise RuntimeError(
+            f"{row['variant']} is meant to be compiled but ran eager code: dynamo graphs "
+            f"{row['dynamo']['graphs']}, inductor kernels in the profiled step {ind}"
+        )
 
 
 def measure(name, args, a, device, dtype, peak_tflops) -> dict:
@@ -384,9 +450,17 @@ def measure(name, args, a, device, dtype, peak_tflops) -> dict:
             fpt = flops_per_token(variant_args(args, VARIANTS[name]), a.seq)
         ms, first, peak = _time_steps(step, a.warmup, a.steps)
         tok_s = a.batch * a.seq / (ms / 1e3)
-        row.update(ms=ms, first_step_s=first, tokens_s=tok_s, peak_gib=peak, loss=losses[-1],
-                   model_tflops=fpt * tok_s / 1e12, mfu=fpt * tok_s / (peak_tflops * 1e12),
-                   gflops_per_token=fpt / 1e9, dynamo=dynamo_stats())
+        row.update(
+            ms=ms,
+            first_step_s=first,
+            tokens_s=tok_s,
+            peak_gib=peak,
+            loss=losses[-1],
+            model_tflops=fpt * tok_s / 1e12,
+            mfu=fpt * tok_s / (peak_tflops * 1e12),
+            gflops_per_token=fpt / 1e9,
+            dynamo=dynamo_stats(),
+        )
         profiled = name in a.breakdown.split(",") or (a.breakdown == "auto" and name != "megatron")
         if profiled and torch.cuda.is_available():
             row["breakdown_ms"], row["top_kernels"], row["inductor_kernels"] = breakdown(step)
@@ -395,7 +469,7 @@ def measure(name, args, a, device, dtype, peak_tflops) -> dict:
     except Exception as e:  # report and go on: one failing provider must not hide the others
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         traceback.print_exc()
-    keep = step = None
+    keep = step = None  # noqa: F841  (drops this row's model before the next row is built)
     torch._dynamo.reset()  # each row compiles afresh (no recompile limits or guards carried between rows)
     torch._dynamo.config.capture_scalar_outputs = dynamo_scalars  # torchtitan's apply_compile sets it
     gc.collect()
@@ -407,9 +481,20 @@ def measure(name, args, a, device, dtype, peak_tflops) -> dict:
 def summary_table(rows: list[dict], title: str) -> Table:
     """One line per row, with its tokens/s as a ratio of each same-run anchor that ran."""
     anchors = {r["variant"]: r["tokens_s"] for r in rows if r["variant"] in ANCHORS and "error" not in r}
-    table = Table(title, ["variant", "ms/step", "tokens/s"] + [f"× {n} tok/s" for n in anchors]
-                  + ["model TFLOP/s", "MFU %", "peak GiB", "first step s", "loss",
-                     "graphs / breaks", "inductor kernels / ms"])
+    table = Table(
+        title,
+        ["variant", "ms/step", "tokens/s"]
+        + [f"× {n} tok/s" for n in anchors]
+        + [
+            "model TFLOP/s",
+            "MFU %",
+            "peak GiB",
+            "first step s",
+            "loss",
+            "graphs / breaks",
+            "inductor kernels / ms",
+        ],
+    )
     for r in rows:
         if "error" in r:
             table.add(r["variant"], "failed: " + r["error"][:120], *[""] * (len(anchors) + 8))
@@ -418,26 +503,41 @@ def summary_table(rows: list[dict], title: str) -> Table:
         for name, t in anchors.items():
             r[f"x_{name}"] = r["tokens_s"] / t
         dyn, ind = r.get("dynamo", {}), r.get("inductor_kernels")
-        table.add(r["variant"], r["ms"], r["tokens_s"], *ratios, r["model_tflops"], 100 * r["mfu"],
-                  r["peak_gib"], r["first_step_s"], r["loss"],
-                  f"{dyn.get('graphs', '')} / {dyn.get('graph_breaks', '')}",
-                  f"{ind['kernels']} / {ind['ms']:.1f}" if ind else "")
+        table.add(
+            r["variant"],
+            r["ms"],
+            r["tokens_s"],
+            *ratios,
+            r["model_tflops"],
+            100 * r["mfu"],
+            r["peak_gib"],
+            r["first_step_s"],
+            r["loss"],
+            f"{dyn.get('graphs', '')} / {dyn.get('graph_breaks', '')}",
+            f"{ind['kernels']} / {ind['ms']:.1f}" if ind else "",
+        )
     return table
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", default="triton_cudnn,compile,megatron,ref,triton,triton_padv,compile_ac,"
-                                         "compile_master")
-    p.add_argument("--budget-s", type=float, default=200.0, help="skip the remaining variants after this long")
+    p.add_argument(
+        "--variants", default="triton_cudnn,compile,megatron,ref,triton,triton_padv,compile_ac,compile_master"
+    )
+    p.add_argument(
+        "--budget-s", type=float, default=200.0, help="skip the remaining variants after this long"
+    )
     p.add_argument("--preset", default="small")
     p.add_argument("--layers", type=int, default=0, help="override n_layers (0: the preset's)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--breakdown", default="auto",
-                   help="variants to profile, comma-separated ('auto': every r1core and torchtitan variant)")
+    p.add_argument(
+        "--breakdown",
+        default="auto",
+        help="variants to profile, comma-separated ('auto': every r1core and torchtitan variant)",
+    )
     p.add_argument("--tiny", action="store_true", help="CPU smoke run")
     a = p.parse_args(argv)
     if a.tiny:
@@ -458,22 +558,35 @@ def main(argv=None) -> dict:
     tables = [summary_table(rows, f"train step, {a.preset} preset, B{a.batch} x T{a.seq}, {dtype}")]
     for r in rows:
         if "breakdown_ms" in r:
-            bt = Table(f"GPU time by category, {r['variant']} (one profiled step)", ["category", "ms", "% of step"])
+            bt = Table(
+                f"GPU time by category, {r['variant']} (one profiled step)", ["category", "ms", "% of step"]
+            )
             total = sum(r["breakdown_ms"].values()) or 1.0
             for cat, ms in r["breakdown_ms"].items():
                 bt.add(cat, ms, 100 * ms / total)
             tables.append(bt)
-            kt = Table(f"top kernels, {r['variant']} (one profiled step)",
-                       ["kernel", "ms", "calls", "% of step"])
+            kt = Table(
+                f"top kernels, {r['variant']} (one profiled step)", ["kernel", "ms", "calls", "% of step"]
+            )
             for k, ms, n in r["top_kernels"]:
                 kt.add(k, ms, n, 100 * ms / total)
             tables.append(kt)
     ok = [r for r in rows if "error" not in r]
     if ok:
-        bar_plot(os.path.join(out_dir(), "bench_train.png"), f"training tokens/s, {a.preset} B{a.batch}xT{a.seq}",
-                 [r["variant"] for r in ok], [r["tokens_s"] for r in ok], "tokens/s")
-    record = {"preset": a.preset, "batch": a.batch, "seq": a.seq, "matmul_peak_tflops": ceil.matmul_tflops,
-              "rows": rows}
+        bar_plot(
+            os.path.join(out_dir(), "bench_train.png"),
+            f"training tokens/s, {a.preset} B{a.batch}xT{a.seq}",
+            [r["variant"] for r in ok],
+            [r["tokens_s"] for r in ok],
+            "tokens/s",
+        )
+    record = {
+        "preset": a.preset,
+        "batch": a.batch,
+        "seq": a.seq,
+        "matmul_peak_tflops": ceil.matmul_tflops,
+        "rows": rows,
+    }
     finish("bench_train", tables, record)
     return record
 

@@ -55,7 +55,7 @@ def batch(args, rows: int, seq: int, device) -> dict:
 def run(engine, mb: dict, steps: int) -> tuple[list[float], list[float], float]:
     """Losses and gradient norms per step, and the median step time (each step ends in a host sync)."""
     rows = mb["tokens"].shape[0] // engine.dp_size
-    mine = {k: v[engine.dp_rank * rows:(engine.dp_rank + 1) * rows] for k, v in mb.items()}
+    mine = {k: v[engine.dp_rank * rows : (engine.dp_rank + 1) * rows] for k, v in mb.items()}
     losses, norms, times = [], [], []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -100,19 +100,29 @@ def main() -> int:
         cfg, dtype, impl = LAYOUTS[name]
         args = base.replace(moe_impl=impl)
         if (dtype, impl) not in refs:
-            refs[(dtype, impl)] = run(LocalEngine(args, ParallelConfig(), optim, device, dtype, 0), mb, a.steps)
+            refs[(dtype, impl)] = run(
+                LocalEngine(args, ParallelConfig(), optim, device, dtype, 0), mb, a.steps
+            )
             free()
         ref_losses, ref_norms, ref_step = refs[(dtype, impl)]
-        row = {"layout": name, "dtype": str(dtype), "moe_impl": impl, "ref_losses": ref_losses,
-               "ref_grad_norms": ref_norms, "ref_step_s": ref_step}
+        row = {
+            "layout": name,
+            "dtype": str(dtype),
+            "moe_impl": impl,
+            "ref_losses": ref_losses,
+            "ref_grad_norms": ref_norms,
+            "ref_step_s": ref_step,
+        }
         # a failing layout ends the launch on every rank (no hang); run_nccl_2gpu.sh launches each on its own
         with fail_fast(f"check_parallel_nccl {name}"):
             engine = build_engine(args, ParallelConfig(**cfg), optim, device=device, dtype=dtype, seed=0)
             row["losses"], row["grad_norms"], row["step_s"] = run(engine, mb, a.steps)
         del engine
         free()
-        row.update(max_rel_diff=worst_rel(row["losses"], ref_losses),
-                   max_rel_diff_grad_norm=worst_rel(row["grad_norms"], ref_norms))
+        row.update(
+            max_rel_diff=worst_rel(row["losses"], ref_losses),
+            max_rel_diff_grad_norm=worst_rel(row["grad_norms"], ref_norms),
+        )
         row["ok"] = max(row["max_rel_diff"], row["max_rel_diff_grad_norm"]) <= RTOL[dtype]
         ok &= row["ok"]
         rows.append(row)
@@ -121,15 +131,23 @@ def main() -> int:
     have = {s.value: hasattr(pipelining, cls) for s, cls in SCHEDULES.items()}
     if dist.get_rank() == 0:
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        print(f"torch {torch.__version__}, {gpu} x{dist.get_world_size()}, "
-              f"schedules available: {have}")
+        print(f"torch {torch.__version__}, {gpu} x{dist.get_world_size()}, schedules available: {have}")
         for r in rows:
-            print(f"{r['layout']:18s} {r['dtype']:15s} {a.steps} steps: last loss {r['losses'][-1]:.5f} "
-                  f"(1 GPU {r['ref_losses'][-1]:.5f}), max rel diff loss {r['max_rel_diff']:.2e} "
-                  f"grad norm {r['max_rel_diff_grad_norm']:.2e}; median step {r['step_s'] * 1e3:.0f} ms "
-                  f"(1 GPU {r['ref_step_s'] * 1e3:.0f} ms) {'OK' if r['ok'] else 'MISMATCH'}")
-        record = {"torch": torch.__version__, "device": gpu, "schedules": have,
-                  "layers": a.layers, "seq": a.seq, "rows": rows, "ok": ok}
+            print(
+                f"{r['layout']:18s} {r['dtype']:15s} {a.steps} steps: last loss {r['losses'][-1]:.5f} "
+                f"(1 GPU {r['ref_losses'][-1]:.5f}), max rel diff loss {r['max_rel_diff']:.2e} "
+                f"grad norm {r['max_rel_diff_grad_norm']:.2e}; median step {r['step_s'] * 1e3:.0f} ms "
+                f"(1 GPU {r['ref_step_s'] * 1e3:.0f} ms) {'OK' if r['ok'] else 'MISMATCH'}"
+            )
+        record = {
+            "torch": torch.__version__,
+            "device": gpu,
+            "schedules": have,
+            "layers": a.layers,
+            "seq": a.seq,
+            "rows": rows,
+            "ok": ok,
+        }
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(record, f, indent=1)

@@ -48,8 +48,9 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> flo
     return statistics.median(times)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 10,
-                     isolated: bool = True) -> dict[str, dict]:
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 10, isolated: bool = True
+) -> dict[str, dict]:
     """Median ms per call of several providers, timed round-robin, two ways each.
 
     "ms": a stream of calls with no host sync between them (CUDA events around each call, as
@@ -68,7 +69,9 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, repe
             fn()
             return True
         except Exception as err:  # a provider that cannot run is reported, never fatal
-            out[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"}
+            out[name] = {
+                "error": f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+            }
             live.pop(name, None)
             return False
 
@@ -83,8 +86,13 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, repe
                 t0 = time.perf_counter()
                 if guarded(name, fn):
                     samples[name].append((time.perf_counter() - t0) * 1e3)
-        out.update({n: {"ms": statistics.median(v), "ms_isolated": statistics.median(v)}
-                    for n, v in samples.items() if n in live})
+        out.update(
+            {
+                n: {"ms": statistics.median(v), "ms_isolated": statistics.median(v)}
+                for n, v in samples.items()
+                if n in live
+            }
+        )
         return out
     events = {n: [] for n in live}
     for _ in range(repeats):
@@ -119,8 +127,8 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
 
 @dataclass
 class Ceilings:
-    matmul_tflops: float   # bf16 8192^3 (GPU) / fp32 1024^3 (CPU)
-    copy_gbps: float       # bytes read + written per second by a large device copy
+    matmul_tflops: float  # bf16 8192^3 (GPU) / fp32 1024^3 (CPU)
+    copy_gbps: float  # bytes read + written per second by a large device copy
 
     @classmethod
     def measure(cls) -> "Ceilings":
@@ -143,8 +151,9 @@ def env_info() -> dict:
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
     try:
-        info["commit"] = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                                 stderr=subprocess.DEVNULL).strip()
+        info["commit"] = subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = os.environ.get("R1CORE_COMMIT", "unknown")
     info["date"] = time.strftime("%Y-%m-%d")
@@ -163,8 +172,11 @@ class Table:
     def render(self) -> str:
         cells = [[_fmt(c) for c in row] for row in [self.columns] + self.rows]
         widths = [max(len(r[i]) for r in cells) for i in range(len(self.columns))]
-        lines = [f"## {self.title}", "| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
-                 "| " + " | ".join("-" * w for w in widths) + " |"]
+        lines = [
+            f"## {self.title}",
+            "| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
+            "| " + " | ".join("-" * w for w in widths) + " |",
+        ]
         lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells[1:]]
         return "\n".join(lines)
 

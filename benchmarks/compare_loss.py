@@ -43,17 +43,24 @@ def main(argv=None) -> dict:
     every = max(1, len(steps) // 15)
     for s in steps[::every] + ([steps[-1]] if (len(steps) - 1) % every else []):
         table.add(s, ref[s], cand[s], 100 * (cand[s] - ref[s]) / ref[s])
-    tail = steps[-a.tail:]
+    tail = steps[-a.tail :]
     ref_tail, cand_tail = sum(ref[s] for s in tail) / len(tail), sum(cand[s] for s in tail) / len(tail)
     late = [s for s in steps if s > a.skip] or steps
     worst = max(abs(cand[s] - ref[s]) / ref[s] for s in late)
-    record = {"key": a.key, "labels": names, "steps": steps[-1], "tail_steps": tail,
-              f"{names[0]}_tail": ref_tail, f"{names[1]}_tail": cand_tail,
-              "tail_rel_diff": (cand_tail - ref_tail) / ref_tail, "max_rel_diff_after_skip": worst,
-              "curves": {"steps": steps, names[0]: [ref[s] for s in steps],
-                         names[1]: [cand[s] for s in steps]}}
+    record = {
+        "key": a.key,
+        "labels": names,
+        "steps": steps[-1],
+        "tail_steps": tail,
+        f"{names[0]}_tail": ref_tail,
+        f"{names[1]}_tail": cand_tail,
+        "tail_rel_diff": (cand_tail - ref_tail) / ref_tail,
+        "max_rel_diff_after_skip": worst,
+        "curves": {"steps": steps, names[0]: [ref[s] for s in steps], names[1]: [cand[s] for s in steps]},
+    }
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

@@ -33,8 +33,11 @@ def kernel_table(fn, label: str, calls: int = 5, detail: bool = False) -> None:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    events = [(ev.name, getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0)) for ev in prof.events()
-              if ev.device_type == torch.autograd.DeviceType.CUDA]
+    events = [
+        (ev.name, getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0))
+        for ev in prof.events()
+        if ev.device_type == torch.autograd.DeviceType.CUDA
+    ]
     rows = {}
     for name, t in events:
         rows.setdefault(name[:90], [0, 0.0])
@@ -44,13 +47,18 @@ def kernel_table(fn, label: str, calls: int = 5, detail: bool = False) -> None:
     before = torch.cuda.memory_stats()
     wall = time_ms(fn)
     after = torch.cuda.memory_stats()
-    churn = {k: after.get(k, 0) - before.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
-    print(f"\n[{label}] GPU time per call {total / 1e3:.3f} ms (kernel sum), wall {wall:.3f} ms; "
-          f"allocator over 13 timed calls: {churn}")
+    churn = {
+        k: after.get(k, 0) - before.get(k, 0)
+        for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")
+    }
+    print(
+        f"\n[{label}] GPU time per call {total / 1e3:.3f} ms (kernel sum), wall {wall:.3f} ms; "
+        f"allocator over 13 timed calls: {churn}"
+    )
     for name, (n, t) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
         print(f"  {t / calls / 1e3:8.4f} ms  x{n // calls:<3d} {name}")
     if detail:
-        for name, t in events[-(len(events) // calls):]:
+        for name, t in events[-(len(events) // calls) :]:
             if t > 30:  # us
                 print(f"    {t / 1e3:8.3f} ms  {name[:60]}...{name[-40:]}")
 
@@ -65,17 +73,23 @@ def dispatch(T, args, x, ceil):
     w, idx, counts = route_ref(torch.nn.functional.linear(x, gate_w).float(), None, spec)
     nbytes = (T + T * K) * D * x.element_size()
     bound = nbytes / ceil.copy_gbps / 1e6
-    print(f"\npermute/unpermute bytes {nbytes / 1e9:.3f} GB; at the measured copy BW {ceil.copy_gbps:.0f} GB/s: "
-          f"{bound:.3f} ms; 80% goal: {bound / 0.8:.3f} ms")
+    print(
+        f"\npermute/unpermute bytes {nbytes / 1e9:.3f} GB; at the measured copy BW {ceil.copy_gbps:.0f} GB/s: "
+        f"{bound:.3f} ms; 80% goal: {bound / 0.8:.3f} ms"
+    )
     src = idx.flatten().argsort(stable=True) // K
     kernel_table(lambda: x.index_select(0, src), "index_select gather (same bytes, no index work)")
     y = torch.randn(T * K, D, device=x.device, dtype=x.dtype)
     yg, wg, g = y.clone().requires_grad_(), w.clone().requires_grad_(), torch.randn_like(x)
     _, pos = moe_permute(x, idx, counts)
-    kernel_table(lambda: torch.autograd.grad(moe_unpermute(yg, pos, wg), (yg, wg), g), "unpermute fwd+bwd triton")
+    kernel_table(
+        lambda: torch.autograd.grad(moe_unpermute(yg, pos, wg), (yg, wg), g), "unpermute fwd+bwd triton"
+    )
     if moe_cuda.is_built():
-        kernel_table(lambda: torch.autograd.grad(moe_cuda.moe_unpermute_cuda(yg, pos, wg), (yg, wg), g),
-                     "unpermute fwd+bwd cuda")
+        kernel_table(
+            lambda: torch.autograd.grad(moe_cuda.moe_unpermute_cuda(yg, pos, wg), (yg, wg), g),
+            "unpermute fwd+bwd cuda",
+        )
     with torch.no_grad():
         kernel_table(lambda: moe_permute(x, idx, counts), "permute triton")
         kernel_table(lambda: moe_unpermute(y, pos, w), "unpermute triton")
@@ -117,7 +131,9 @@ def gemms(T, args, dev, ceil, zipf):
     for name, (fn, fl) in cases.items():
         try:
             ms = time_ms(fn, warmup=2, repeats=10)
-            extra = f"{fl / ms / 1e9:6.0f} TFLOP/s {100 * fl / ms / 1e9 / ceil.matmul_tflops:5.1f}%" if fl else ""
+            extra = (
+                f"{fl / ms / 1e9:6.0f} TFLOP/s {100 * fl / ms / 1e9 / ceil.matmul_tflops:5.1f}%" if fl else ""
+            )
             print(f"  {ms:8.3f} ms  {extra}  {name}")
         except Exception as err:
             print(f"  failed {name}: {type(err).__name__}: {str(err)[:160]}")
@@ -134,18 +150,29 @@ def ffn_profile(T, args, dev, zipf):
     seg = torch.tensor(segments(P, E, zipf), device=dev)
     offs = torch.cumsum(seg, 0, dtype=torch.int32)
     bf = dict(device=dev, dtype=torch.bfloat16)
-    w1, w3, w2 = (torch.randn(E, I, D, **bf) * 0.02).requires_grad_(), (torch.randn(E, I, D, **bf) * 0.02
-                                                                       ).requires_grad_(), None
+    w1, w3, w2 = (
+        (torch.randn(E, I, D, **bf) * 0.02).requires_grad_(),
+        (torch.randn(E, I, D, **bf) * 0.02).requires_grad_(),
+        None,
+    )
     w2 = (torch.randn(E, D, I, **bf) * 0.02).requires_grad_()
     x = torch.randn(P, D, **bf).requires_grad_()
     g = torch.randn_like(x)
     ops = [x, w1, w2, w3]
     load = "uniform" if zipf is None else f"Zipf {zipf}"
     for rnd in range(2):  # alternate, so clock drift over the run hits both
-        kernel_table(lambda: torch.autograd.grad(grouped_swiglu(x, w1, w2, w3, seg), ops, g),
-                     f"FFN ours, {load}, round {rnd}", calls=2, detail=rnd == 1)
-        kernel_table(lambda: torch.autograd.grad(ffn_grouped_mm(x, w1, w2, w3, offs), ops, g),
-                     f"FFN plain, {load}, round {rnd}", calls=2, detail=rnd == 1)
+        kernel_table(
+            lambda: torch.autograd.grad(grouped_swiglu(x, w1, w2, w3, seg), ops, g),
+            f"FFN ours, {load}, round {rnd}",
+            calls=2,
+            detail=rnd == 1,
+        )
+        kernel_table(
+            lambda: torch.autograd.grad(ffn_grouped_mm(x, w1, w2, w3, offs), ops, g),
+            f"FFN plain, {load}, round {rnd}",
+            calls=2,
+            detail=rnd == 1,
+        )
 
 
 def layer_profile(T, args, dev):
@@ -164,8 +191,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-dispatch", action="store_true")
     ap.add_argument("--skip-gemms", action="store_true")
-    ap.add_argument("--layer", action="store_true", help="only the V3 MoE layer step, impl=triton vs impl=cuda")
-    ap.add_argument("--zipf", type=float, default=None, help="Zipf exponent of the FFN profile's load (default uniform)")
+    ap.add_argument(
+        "--layer", action="store_true", help="only the V3 MoE layer step, impl=triton vs impl=cuda"
+    )
+    ap.add_argument(
+        "--zipf", type=float, default=None, help="Zipf exponent of the FFN profile's load (default uniform)"
+    )
     opts = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")

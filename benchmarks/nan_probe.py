@@ -31,7 +31,14 @@ def _first_nonfinite(model, run):
             outs = out if isinstance(out, (tuple, list)) else (out,)
             if not found and any(bad(o) for o in outs):
                 ins_bad = any(bad(i) for i in inputs)
-                found.append(("forward", name, f"inputs finite={not ins_bad}, out dtypes={[getattr(o, 'dtype', None) for o in outs]}"))
+                found.append(
+                    (
+                        "forward",
+                        name,
+                        f"inputs finite={not ins_bad}, out dtypes={[getattr(o, 'dtype', None) for o in outs]}",
+                    )
+                )
+
         return hook
 
     def bwd_hook(name):
@@ -39,6 +46,7 @@ def _first_nonfinite(model, run):
             if not found and any(bad(g) for g in grad_in if g is not None):
                 gout_bad = any(bad(g) for g in grad_out if g is not None)
                 found.append(("backward", name, f"grad_output finite={not gout_bad}"))
+
         return hook
 
     handles = []
@@ -75,7 +83,7 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     args = presets[a.model].replace(moe_impl=a.impl)
-    optim = OptimConfig(lr=a.lr, warmup_steps=a.warmup, total_steps=a.steps * 2, max_nonfinite_steps=10 ** 9)
+    optim = OptimConfig(lr=a.lr, warmup_steps=a.warmup, total_steps=a.steps * 2, max_nonfinite_steps=10**9)
     engine = build_engine(args, ParallelConfig(), optim, device=dev, dtype=dtype, seed=0)
     prepared = Path(a.prepared)
     ds = TokenShardDataset(str(prepared / "shards"), a.seq, seed=0)
@@ -86,13 +94,25 @@ def main() -> None:
         mb = next(it)
         m = engine.train_step([mb], obj)
         if step % 10 == 0 or m.get("skipped_nonfinite"):
-            print(json.dumps({"step": step, **{k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
-                                               for k, v in m.items() if k in ("loss", "ce", "mtp", "aux", "grad_norm",
-                                                                              "skipped_nonfinite")},
-                              "s": round(time.perf_counter() - t0, 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "step": step,
+                        **{
+                            k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
+                            for k, v in m.items()
+                            if k in ("loss", "ce", "mtp", "aux", "grad_norm", "skipped_nonfinite")
+                        },
+                        "s": round(time.perf_counter() - t0, 1),
+                    }
+                ),
+                flush=True,
+            )
         if m.get("skipped_nonfinite"):
+
             def replay():
                 from r1core.train.engine import _on_device
+
                 d = _on_device(mb, engine.device)
                 engine._zero_grad()
                 h, aux = engine.model.hidden_states(d["tokens"], d.get("positions"), d.get("doc_ids"))
@@ -100,6 +120,7 @@ def main() -> None:
                 loss, parts = obj(h, engine.model.head.weight, None, d, engine.model, denoms=denoms)
                 print("replay parts:", {k: float(v) for k, v in parts.items()}, "aux", float(aux), flush=True)
                 (loss + aux).backward()
+
             print("first non-finite:", _first_nonfinite(engine.model, replay), flush=True)
             w_bad = [n for n, t in engine.model.named_parameters() if not torch.isfinite(t).all()]
             print("non-finite weights:", w_bad[:5], flush=True)

@@ -161,11 +161,24 @@ def grpo_prompts(n_prompts: int, prompt_len: int, vocab: int, seed: int = 0) -> 
     return [torch.randint(1, vocab, (int(n),), generator=gen).tolist() for n in lens]
 
 
-def grpo_engine(model: Transformer, prompt_len: int, max_new: int, max_batch: int, share_prefill: bool,
-                decode_moe: str, admit_min: int) -> BuiltinEngine:
+def grpo_engine(
+    model: Transformer,
+    prompt_len: int,
+    max_new: int,
+    max_batch: int,
+    share_prefill: bool,
+    decode_moe: str,
+    admit_min: int,
+) -> BuiltinEngine:
     """The engine of grpo_row, sized for every prompt grpo_prompts draws at this prompt_len."""
-    return BuiltinEngine(model, max_batch=max_batch, max_len=prompt_len * 3 // 2 + max_new,
-                         decode_moe=decode_moe, share_prefill=share_prefill, admit_min=admit_min)
+    return BuiltinEngine(
+        model,
+        max_batch=max_batch,
+        max_len=prompt_len * 3 // 2 + max_new,
+        decode_moe=decode_moe,
+        share_prefill=share_prefill,
+        admit_min=admit_min,
+    )
 
 
 def grpo_row(
@@ -252,8 +265,9 @@ def refresh_row(model: Transformer, sync, repeats: int = 3) -> dict:
     return {"seconds": sec, "bytes": n_bytes, "gbps": 2 * n_bytes / sec / 1e9}
 
 
-def profile_decode(model: Transformer, B: int, prompt_len: int, decode_moe: str, top: int = 15,
-                   replays: int = 5) -> dict:
+def profile_decode(
+    model: Transformer, B: int, prompt_len: int, decode_moe: str, top: int = 15, replays: int = 5
+) -> dict:
     """Top kernels of decode steps of B rows at a key bucket just above prompt_len: CUDA graph replays
     (CUPTI traces each kernel of the graph) or, where no graph was captured, eager steps (on the CPU:
     its ops, so the path runs in tests). Returns {"kernels": [(name, ms per step, % of step)], "step_ms":
@@ -274,8 +288,9 @@ def profile_decode(model: Transformer, B: int, prompt_len: int, decode_moe: str,
         for _ in range(replays):
             engine._decode(B, S, False)
         sync()
-    events = [e for e in prof.key_averages()
-              if e.device_type == kind or (cuda and e.self_device_time_total > 0)]
+    events = [
+        e for e in prof.key_averages() if e.device_type == kind or (cuda and e.self_device_time_total > 0)
+    ]
 
     def self_us(e) -> float:
         return e.self_device_time_total if cuda else e.self_cpu_time_total
@@ -283,10 +298,20 @@ def profile_decode(model: Transformer, B: int, prompt_len: int, decode_moe: str,
     total_us = sum(self_us(e) for e in events) or float("nan")
     events.sort(key=lambda e: -self_us(e))
     kernels = [(e.key[:90], self_us(e) / replays / 1e3, 100 * self_us(e) / total_us) for e in events[:top]]
-    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
-                                      row_limit=top, max_name_column_width=70)
-    out = {"batch": B, "S": S, "decode_moe": decode_moe, "graphs": len(engine._graphs),
-           "step_ms": total_us / replays / 1e3, "kernels": kernels, "table": table}
+    table = prof.key_averages().table(
+        sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+        row_limit=top,
+        max_name_column_width=70,
+    )
+    out = {
+        "batch": B,
+        "S": S,
+        "decode_moe": decode_moe,
+        "graphs": len(engine._graphs),
+        "step_ms": total_us / replays / 1e3,
+        "kernels": kernels,
+        "table": table,
+    }
     del engine
     if cuda:
         torch.cuda.empty_cache()

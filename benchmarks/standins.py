@@ -73,8 +73,15 @@ def _datasets() -> types.ModuleType:
     def load_dataset(*_a, **_k):
         raise RuntimeError("datasets stand-in: load_dataset is not available (no pyarrow on this machine)")
 
-    return _module("datasets", Dataset=ListDataset, IterableDataset=_IterableStandIn, DatasetDict=dict,
-                   IterableDatasetDict=dict, load_dataset=load_dataset, __version__="0.0.0+standin")
+    return _module(
+        "datasets",
+        Dataset=ListDataset,
+        IterableDataset=_IterableStandIn,
+        DatasetDict=dict,
+        IterableDatasetDict=dict,
+        load_dataset=load_dataset,
+        __version__="0.0.0+standin",
+    )
 
 
 def _pandas() -> types.ModuleType:
@@ -82,8 +89,13 @@ def _pandas() -> types.ModuleType:
         def __init__(self, *_a, **_k):
             raise RuntimeError("pandas stand-in: tables are not available (turn log_completions off)")
 
-    return _module("pandas", DataFrame=_Unavailable, Series=_Unavailable, concat=_Unavailable,
-                   __version__="0.0.0+standin")
+    return _module(
+        "pandas",
+        DataFrame=_Unavailable,
+        Series=_Unavailable,
+        concat=_Unavailable,
+        __version__="0.0.0+standin",
+    )
 
 
 def install(force: bool = False) -> list[str]:

@@ -9,13 +9,18 @@ import warnings
 
 # megatron-core warns at import, from several modules, that Transformer Engine and Apex are absent;
 # r1core uses neither (its own kernels and torch optimizers), so the warnings only hide real ones.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", module=r"megatron\.")
+warnings.filterwarnings(
+    "ignore", message="Transformer Engine and Apex are not installed", module=r"megatron\."
+)
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ModelArgs": "r1core.model", "Transformer": "r1core.model", "count_parameters": "r1core.model",
-    "parameter_breakdown": "r1core.model", "presets": "r1core.model",
+    "ModelArgs": "r1core.model",
+    "Transformer": "r1core.model",
+    "count_parameters": "r1core.model",
+    "parameter_breakdown": "r1core.model",
+    "presets": "r1core.model",
 }
 
 
@@ -39,5 +44,12 @@ def save_pretrained(model, out_dir, **kwargs):
     return _save(model, out_dir, **kwargs)
 
 
-__all__ = ["ModelArgs", "Transformer", "count_parameters", "parameter_breakdown", "from_pretrained", "presets",
-           "save_pretrained"]
+__all__ = [
+    "ModelArgs",
+    "Transformer",
+    "count_parameters",
+    "parameter_breakdown",
+    "from_pretrained",
+    "presets",
+    "save_pretrained",
+]

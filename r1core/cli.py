@@ -1,10 +1,10 @@
 """`r1core` command line.
 
-    r1core run [hydra overrides...]        the R1 pipeline (default: r1_zero then r1 on the tiny preset, CPU)
-    r1core run pipeline=r1 model=small rl.group_size=16
-    r1core run --multirun rl.group_size=4,8
-    r1core train [flags]                   the distributed pretraining entry (torchrun -m r1core.train)
-    r1core plan model=v3 gpus=2048 [...]   memory per GPU and step time of every layout (docs/plan.md)
+r1core run [hydra overrides...]        the R1 pipeline (default: r1_zero then r1 on the tiny preset, CPU)
+r1core run pipeline=r1 model=small rl.group_size=16
+r1core run --multirun rl.group_size=4,8
+r1core train [flags]                   the distributed pretraining entry (torchrun -m r1core.train)
+r1core plan model=v3 gpus=2048 [...]   memory per GPU and step time of every layout (docs/plan.md)
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import sys
 # Set before torch loads OpenMP: spinning worker threads turn any CPU oversubscription (a second job,
 # a laptop's background work) into 10-20x slower steps; passive waiting costs little when idle.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 
 
 def _run(argv: list[str]) -> None:

@@ -12,8 +12,13 @@ import torch
 import torch.multiprocessing as mp
 
 
-def assert_close_to_ref(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Tensor | None = None,
-                        floor: float = 1e-5, name: str = "output") -> None:
+def assert_close_to_ref(
+    out: torch.Tensor,
+    ref_fp32: torch.Tensor,
+    ref_lowp: torch.Tensor | None = None,
+    floor: float = 1e-5,
+    name: str = "output",
+) -> None:
     """flash-attention's rule: |kernel - fp32 ref| <= 2 * |lowp ref - fp32 ref| + floor, elementwise max.
 
     `ref_lowp` is the PyTorch reference run in the kernel's dtype (None when the kernel runs in
@@ -31,8 +36,14 @@ def assert_close_to_ref(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: tor
         lowp_err = (ref_lowp.detach().double() - ref).abs()
         budget = 2 * lowp_err.max().item() + floor
     if err.max().item() > budget:
-        extra = "" if lowp_err is None else f", lowp ref max {lowp_err.max().item():.3e} mean {lowp_err.mean().item():.3e}"
-        raise AssertionError(f"{name}: max err {err.max().item():.3e} mean {err.mean().item():.3e} > budget {budget:.3e}{extra}")
+        extra = (
+            ""
+            if lowp_err is None
+            else f", lowp ref max {lowp_err.max().item():.3e} mean {lowp_err.mean().item():.3e}"
+        )
+        raise AssertionError(
+            f"{name}: max err {err.max().item():.3e} mean {err.mean().item():.3e} > budget {budget:.3e}{extra}"
+        )
 
 
 def free_port() -> int:
@@ -42,8 +53,13 @@ def free_port() -> int:
 
 
 def _worker(rank, world_size, port, fn, args, queue, done):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -68,7 +84,10 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     ctx = mp.get_context("spawn")
     queue, done = ctx.Queue(), ctx.Event()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, done)) for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, done))
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, object] = {}
@@ -80,13 +99,21 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
                 rank, value, err = queue.get(timeout=1.0)
             except queue_mod.Empty:
                 # a rank that died without reporting (segfault, OOM kill) would leave the others hanging in a collective
-                dead = [(r, p.exitcode) for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+                dead = [
+                    (r, p.exitcode)
+                    for r, p in enumerate(procs)
+                    if r not in results and p.exitcode not in (None, 0)
+                ]
                 if dead:
-                    raise AssertionError("distributed run failed: " + ", ".join(
-                        f"rank {r} exited with code {code} before reporting" for r, code in dead)) from None
+                    raise AssertionError(
+                        "distributed run failed: "
+                        + ", ".join(f"rank {r} exited with code {code} before reporting" for r, code in dead)
+                    ) from None
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"distributed run timed out after {timeout:.0f} s; ranks that reported: "
-                                         f"{sorted(results)}") from None
+                    raise AssertionError(
+                        f"distributed run timed out after {timeout:.0f} s; ranks that reported: "
+                        f"{sorted(results)}"
+                    ) from None
                 continue
             if err:
                 errors.append(f"rank {rank}:\n{err}")

@@ -18,6 +18,7 @@ def _seed():
     yield
     if torch.cuda.is_available():  # GPU tests at real head sizes: give the cache back between tests
         import gc
+
         gc.collect()
         torch.cuda.empty_cache()
 

@@ -26,12 +26,24 @@ def test_tiny_preset_fills_settings_and_flags_override_it():
 
 
 def test_both_sides_get_the_same_budget_loss_clip_and_optimizer():
-    s = peer.PeerSettings(steps=7, prompts_per_step=3, group_size=5, max_new_tokens=20, lr=2e-5, eps_low=0.1,
-                          eps_high=0.3, weight_decay=0.0, betas=(0.9, 0.99), grad_clip=0.5)
+    s = peer.PeerSettings(
+        steps=7,
+        prompts_per_step=3,
+        group_size=5,
+        max_new_tokens=20,
+        lr=2e-5,
+        eps_low=0.1,
+        eps_high=0.3,
+        weight_decay=0.0,
+        betas=(0.9, 0.99),
+        grad_clip=0.5,
+    )
     rl, optim = peer.r1core_configs(s)
     t = peer.trl_kwargs(s, "/tmp/x", cuda=False)
     assert (rl.steps, rl.prompts_per_step, rl.group_size) == (t["max_steps"], 3, t["num_generations"])
-    assert rl.prompts_per_step * rl.group_size == t["per_device_train_batch_size"] == rl.micro_batch_size == 15
+    assert (
+        rl.prompts_per_step * rl.group_size == t["per_device_train_batch_size"] == rl.micro_batch_size == 15
+    )
     sampling = rl.sampling
     assert sampling.max_new_tokens == t["max_completion_length"] == 20
     assert sampling.temperature == t["temperature"] == 1.0 and sampling.top_p == t["top_p"] == 1.0
@@ -43,7 +55,10 @@ def test_both_sides_get_the_same_budget_loss_clip_and_optimizer():
     assert not rl.dynamic_sampling and rl.tis_cap is None and rl.minibatches == t["num_iterations"] == 1
     assert rl.rewards == {"accuracy": 1.0} and rl.overlong.value == "none"
     assert not t["mask_truncated_completions"] and not t["shuffle_dataset"] and not t["use_vllm"]
-    assert optim.lr == rl.lr == t["learning_rate"] and optim.schedule.value == t["lr_scheduler_type"] == "constant"
+    assert (
+        optim.lr == rl.lr == t["learning_rate"]
+        and optim.schedule.value == t["lr_scheduler_type"] == "constant"
+    )
     assert optim.warmup_steps == t["warmup_steps"] == 0
     assert optim.betas == (t["adam_beta1"], t["adam_beta2"]) and optim.eps == t["adam_epsilon"]
     assert optim.weight_decay == t["weight_decay"] and optim.grad_clip == t["max_grad_norm"] == 0.5
@@ -55,7 +70,10 @@ def test_trl_reward_scores_r1core_text_up_to_the_first_eos():
         def decode(self, ids):
             return "".join({5: "<think>x</think>", 6: "\\boxed{7}", 7: "\\boxed{8}"}[i] for i in ids)
 
-    problems = [Problem(prompt="3+4", answer="7", task="arithmetic"), Problem(prompt="4+4", answer="8", task="arithmetic")]
+    problems = [
+        Problem(prompt="3+4", answer="7", task="arithmetic"),
+        Problem(prompt="4+4", answer="8", task="arithmetic"),
+    ]
     reward = peer.trl_reward(problems, Tok(), eos_id=1)
     # the second completion's boxed answer comes after eos: r1core's rollout would never see it
     assert reward(None, None, [[5, 6, 1, 2], [5, 1, 7], [5, 6]], [0, 1, 0]) == [1.0, 0.0, 1.0]
@@ -64,15 +82,21 @@ def test_trl_reward_scores_r1core_text_up_to_the_first_eos():
 def _fixed_record():
     s = peer.PeerSettings(steps=4, prompts_per_step=2, group_size=4, eval_problems=4, eval_k=4)
     base = [0.0, 0.25, 0.5, 0.0]
-    runs = [(peer.Trained("trl 1.16.0", Path("a"), [2.0, 4.0, 4.0, 5.0], 0.1), [0.0, 0.25, 0.5, 0.25]),
-            (peer.Trained("r1core", Path("b"), [1.0, 1.0, 2.0, 1.0], 0.2), [0.5, 0.75, 1.0, 0.5])]
+    runs = [
+        (peer.Trained("trl 1.16.0", Path("a"), [2.0, 4.0, 4.0, 5.0], 0.1), [0.0, 0.25, 0.5, 0.25]),
+        (peer.Trained("r1core", Path("b"), [1.0, 1.0, 2.0, 1.0], 0.2), [0.5, 0.75, 1.0, 0.5]),
+    ]
     return peer.summarize(s, base, runs)
 
 
 def test_summary_has_median_step_time_paired_gains_and_head_to_head():
     rec = _fixed_record()
     trl_row, ours = rec["providers"]
-    assert trl_row["s_per_step"] == 4.0 and trl_row["samples_per_s"] == 2.0 and trl_row["s_per_step_mean"] == 3.75
+    assert (
+        trl_row["s_per_step"] == 4.0
+        and trl_row["samples_per_s"] == 2.0
+        and trl_row["s_per_step_mean"] == 3.75
+    )
     assert ours["s_per_step"] == 1.0 and ours["samples_per_s"] == 8.0
     assert rec["pass1_base"]["mean"] == pytest.approx(0.1875)
     assert trl_row["gain"]["mean"] == pytest.approx(0.0625) and ours["gain"]["mean"] == pytest.approx(0.5)
@@ -95,11 +119,35 @@ def test_report_prints_the_table_and_ends_with_the_json_it_writes(tmp_path, caps
 @pytest.mark.slow
 def test_tiny_end_to_end_makes_a_base_trains_both_and_reports(tmp_path, capsys):
     pytest.importorskip("trl")
-    overrides = ["data.corpus_docs=800", "data.cold_start_examples=20", "data.eval_problems=4",
-                 "pretrain.batch_size=8", "pretrain.micro_batch_size=8"]
-    rec = peer.main(["--tiny", "--out", str(tmp_path), "--pretrain-steps", "2", "--steps", "2",
-                     "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
-                     "--eval-problems", "4", "--eval-k", "2", *[f"--base-override={o}" for o in overrides]])
+    overrides = [
+        "data.corpus_docs=800",
+        "data.cold_start_examples=20",
+        "data.eval_problems=4",
+        "pretrain.batch_size=8",
+        "pretrain.micro_batch_size=8",
+    ]
+    rec = peer.main(
+        [
+            "--tiny",
+            "--out",
+            str(tmp_path),
+            "--pretrain-steps",
+            "2",
+            "--steps",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--group-size",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--eval-problems",
+            "4",
+            "--eval-k",
+            "2",
+            *[f"--base-override={o}" for o in overrides],
+        ]
+    )
     assert [p["provider"].split()[0] for p in rec["providers"]] == ["trl", "r1core"]
     for p in rec["providers"]:
         assert p["s_per_step"] > 0 and p["steps_timed"] == 2 and p["gain"]["n"] == 4 and p["verdict"]

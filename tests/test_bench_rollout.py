@@ -33,7 +33,9 @@ def test_decode_bytes_with_every_expert_visited_is_every_weight_once_plus_rows_a
     assert parts["total"] == pytest.approx(expected)
     one_expert = decode_bytes(model, B, ctx, [1] * n_moe, kv_tok)
     per_expert = sum(p.numel() * 4 for p in model.moe_layers()[0].experts.parameters()) / a.n_routed_experts
-    assert parts["total"] - one_expert["total"] == pytest.approx(n_moe * (a.n_routed_experts - 1) * per_expert)
+    assert parts["total"] - one_expert["total"] == pytest.approx(
+        n_moe * (a.n_routed_experts - 1) * per_expert
+    )
 
 
 def test_one_token_visits_exactly_top_k_experts_per_layer_and_uniform_expectation_limits(model):

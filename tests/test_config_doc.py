@@ -12,7 +12,9 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
 
 def test_config_doc_is_the_generated_file():
-    assert DOC.read_text() == render(), "docs/config.md is stale: python -m r1core.pipeline.config_doc > docs/config.md"
+    assert DOC.read_text() == render(), (
+        "docs/config.md is stale: python -m r1core.pipeline.config_doc > docs/config.md"
+    )
 
 
 def _leaves(node, prefix=""):
@@ -36,8 +38,21 @@ def test_every_composed_setting_is_documented_with_type_and_default():
 
 
 def test_settings_of_the_pipeline_data_model_and_training_sections_all_say_what_they_mean():
-    owned = ("model.", "parallel.", "optim.", "data.", "pretrain.", "sft.", "rejection.", "distill.", "pipeline.",
-             "rollout.")
-    blank = [key for key, _, _, meaning in rows(JobConfig)
-             if (key.startswith(owned) or "." not in key) and not meaning.strip()]
+    owned = (
+        "model.",
+        "parallel.",
+        "optim.",
+        "data.",
+        "pretrain.",
+        "sft.",
+        "rejection.",
+        "distill.",
+        "pipeline.",
+        "rollout.",
+    )
+    blank = [
+        key
+        for key, _, _, meaning in rows(JobConfig)
+        if (key.startswith(owned) or "." not in key) and not meaning.strip()
+    ]
     assert not blank, f"add a comment on the declaring line of: {blank}"

@@ -32,10 +32,13 @@ ROWS, SEQ = 2, 16  # cp=2: four chunks of 4 tokens; attention and MTP cross ever
 LOSS_RTOL, GRAD_ATOL, WEIGHT_ATOL = 2e-5, 1e-4, 1e-4
 
 
-@pytest.mark.parametrize("seq_len, cp, expected", [
-    (8, 2, [[0, 1, 6, 7], [2, 3, 4, 5]]),
-    (12, 3, [[0, 1, 10, 11], [2, 3, 8, 9], [4, 5, 6, 7]]),
-])
+@pytest.mark.parametrize(
+    "seq_len, cp, expected",
+    [
+        (8, 2, [[0, 1, 6, 7], [2, 3, 4, 5]]),
+        (12, 3, [[0, 1, 10, 11], [2, 3, 8, 9], [4, 5, 6, 7]]),
+    ],
+)
 def test_chunk_split_matches_hand_computed_chunks_with_equal_causal_work(seq_len, cp, expected):
     parts = [chunk_index(seq_len, cp, r) for r in range(cp)]
     assert [p.tolist() for p in parts] == expected
@@ -81,8 +84,9 @@ def _attention_and_grads(device: str, dtype, docs: bool, cp: bool):
         batch.update(doc_ids=doc_ids, positions=torch.arange(seq, device=device).expand(2, seq))
     if cp:  # one rank holding both chunks: the bottom-right causal (or masked) chunk path
         batch = ContextParallel(torch.distributed.group.WORLD, 1, 0).shard(batch)
-    meta = model.attn_meta(batch["tokens"], batch.get("positions"), batch.get("doc_ids"),
-                           context=batch.get("context"))
+    meta = model.attn_meta(
+        batch["tokens"], batch.get("positions"), batch.get("doc_ids"), context=batch.get("context")
+    )
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(2, seq, args.dim, device=device, generator=g).to(dtype).requires_grad_()
     out = attn(x, meta)
@@ -91,15 +95,18 @@ def _attention_and_grads(device: str, dtype, docs: bool, cp: bool):
 
 
 @pytest.mark.parametrize("docs", [False, True], ids=["causal", "docs"])
-@pytest.mark.parametrize("one_rank_group", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "one_rank_group", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)], indirect=True
+)
 def test_context_parallel_attention_matches_the_models_attention(one_rank_group, docs):
     """cp=1 still cuts each sequence into two chunks, so the chunked attention (SDPA's kernels on a GPU) runs;
     it must agree with MLA's own attention: exactly in fp32 on the CPU, by the tolerance rule in bf16."""
     device = one_rank_group
     if device == "cpu":
-        for got, want in zip(_attention_and_grads("cpu", torch.float32, docs, cp=True),
-                             _attention_and_grads("cpu", torch.float32, docs, cp=False)):
+        for got, want in zip(
+            _attention_and_grads("cpu", torch.float32, docs, cp=True),
+            _attention_and_grads("cpu", torch.float32, docs, cp=False),
+        ):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         return
     ref = _attention_and_grads(device, torch.float32, docs, cp=False)
@@ -139,8 +146,13 @@ def grpo_batch() -> dict:
     tokens = torch.randint(0, ARGS.vocab_size, (ROWS, SEQ), generator=g)
     mask = (torch.arange(SEQ) >= torch.tensor([[9], [3]])).float()
     ref_logprobs = -6.0 + 0.1 * torch.randn(ROWS, SEQ, generator=g)
-    return {"tokens": tokens, "targets": tokens.roll(-1, 1), "mask": mask,
-            "advantages": torch.tensor([1.0, -0.5]), "ref_logprobs": ref_logprobs}
+    return {
+        "tokens": tokens,
+        "targets": tokens.roll(-1, 1),
+        "mask": mask,
+        "advantages": torch.tensor([1.0, -0.5]),
+        "ref_logprobs": ref_logprobs,
+    }
 
 
 # batch kind: (batch, objective)
@@ -148,14 +160,16 @@ KINDS = {
     "docs": (lm_batch, LMObjective),
     "causal": (lambda: lm_batch(docs=False), LMObjective),
     "grpo_token_mean": (grpo_batch, lambda: GRPOObjective(PolicyLossConfig(beta=0.04, agg="token_mean"))),
-    "grpo_sum_norm": (grpo_batch, lambda: GRPOObjective(PolicyLossConfig(agg="seq_mean_token_sum_norm"),
-                                                        norm_len=SEQ)),
+    "grpo_sum_norm": (
+        grpo_batch,
+        lambda: GRPOObjective(PolicyLossConfig(agg="seq_mean_token_sum_norm"), norm_len=SEQ),
+    ),
 }
 
 
 def _rows(engine, batch: dict) -> dict:
     n = ROWS // engine.dp_size
-    return {k: v[engine.dp_rank * n:(engine.dp_rank + 1) * n] for k, v in batch.items()}
+    return {k: v[engine.dp_rank * n : (engine.dp_rank + 1) * n] for k, v in batch.items()}
 
 
 def _np(d):
@@ -183,8 +197,12 @@ def _train(engine, kind: str) -> dict:
     metrics = [engine.train_step([mb], make_objective())]
     grads = _np(engine.full_grads())
     metrics.append(engine.train_step([mb], make_objective()))
-    return {"metrics": metrics, "grads": grads, "state": _np(engine.full_state_dict()),
-            "logits": _logits(engine, batch)}
+    return {
+        "metrics": metrics,
+        "grads": grads,
+        "state": _np(engine.full_state_dict()),
+        "logits": _logits(engine, batch),
+    }
 
 
 def _per_row_mean_refused() -> str:
@@ -223,8 +241,10 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference():
-    return {kind: _train(LocalEngine(ARGS, ParallelConfig(), OPTIM, "cpu", torch.float32, 0), kind)
-            for kind in KINDS}
+    return {
+        kind: _train(LocalEngine(ARGS, ParallelConfig(), OPTIM, "cpu", torch.float32, 0), kind)
+        for kind in KINDS
+    }
 
 
 def _merge_ranks(per_rank: list[dict]) -> dict:
@@ -253,7 +273,7 @@ def _assert_matches(run: dict, ref: dict, name: str) -> None:
         np.testing.assert_allclose(run["grads"][key], want, rtol=0, atol=atol, err_msg=f"{name} grad {key}")
     for key, want in ref["state"].items():
         np.testing.assert_allclose(run["state"][key], want, rtol=0, atol=WEIGHT_ATOL, err_msg=f"{name} {key}")
-    want = ref["logits"][:len(run["logits"])]  # data-parallel rank 0's rows
+    want = ref["logits"][: len(run["logits"])]  # data-parallel rank 0's rows
     # from weights that agree to rounding (above): relative to the largest logit, as the losses
     np.testing.assert_allclose(run["logits"], want, rtol=0, atol=LOSS_RTOL * np.abs(want).max(), err_msg=name)
 

@@ -11,10 +11,31 @@ import numpy as np
 import pytest
 import torch
 
-from r1core.data import (IGNORE_INDEX, ChatFormat, PackedSFTDataset, Problem, SFTDoc, SFTExample, SkipStats,
-                         Tokenizer, TokenShardDataset, builtin_corpus, builtin_paragraphs, check_countdown,
-                         extract_boxed, generate, load_problems_jsonl, load_sft_jsonl, pack_row,
-                         positions_from_doc_ids, prepare, prepare_shards, split_of, tokenize_sft, worked_solution)
+from r1core.data import (
+    IGNORE_INDEX,
+    ChatFormat,
+    PackedSFTDataset,
+    Problem,
+    SFTDoc,
+    SFTExample,
+    SkipStats,
+    Tokenizer,
+    TokenShardDataset,
+    builtin_corpus,
+    builtin_paragraphs,
+    check_countdown,
+    extract_boxed,
+    generate,
+    load_problems_jsonl,
+    load_sft_jsonl,
+    pack_row,
+    positions_from_doc_ids,
+    prepare,
+    prepare_shards,
+    split_of,
+    tokenize_sft,
+    worked_solution,
+)
 from r1core.data.solutions import pretrain_text
 
 # ---------------------------------------------------------------------------------------------- tasks
@@ -28,8 +49,15 @@ def test_generate_is_a_pure_function_of_its_arguments():
     assert [p.prompt for p in a] != [p.prompt for p in c]
 
 
-@pytest.mark.parametrize("difficulty", [{"digits": 1}, {"digits": 3, "n_operands": 2},
-                                        {"digits": 2, "n_operands": 4}, {"digits": 2, "ops": "*"}])
+@pytest.mark.parametrize(
+    "difficulty",
+    [
+        {"digits": 1},
+        {"digits": 3, "n_operands": 2},
+        {"digits": 2, "n_operands": 4},
+        {"digits": 2, "ops": "*"},
+    ],
+)
 def test_arithmetic_answers_match_python_evaluation(difficulty):
     for p in generate("arithmetic", 200, seed=0, **difficulty):
         assert re.fullmatch(r"[0-9+\-*]+=", p.prompt), p.prompt
@@ -72,8 +100,23 @@ def test_train_and_test_splits_never_share_a_prompt():
 def test_split_hash_is_stable():
     # Changing the split function would silently move held-out problems into training data.
     held_out = [f"{a}+{b}=" for a in range(10) for b in range(10) if split_of(f"{a}+{b}=") == "test"]
-    assert held_out == ["1+5=", "4+0=", "4+2=", "5+7=", "5+9=", "6+8=", "7+5=", "8+2=", "8+3=", "8+5=", "8+6=", "8+8="]
-    assert split_of("12+35=", test_fraction=1.0) == "test" and split_of("12+35=", test_fraction=0.0) == "train"
+    assert held_out == [
+        "1+5=",
+        "4+0=",
+        "4+2=",
+        "5+7=",
+        "5+9=",
+        "6+8=",
+        "7+5=",
+        "8+2=",
+        "8+3=",
+        "8+5=",
+        "8+6=",
+        "8+8=",
+    ]
+    assert (
+        split_of("12+35=", test_fraction=1.0) == "test" and split_of("12+35=", test_fraction=0.0) == "train"
+    )
 
 
 def test_generate_unique_raises_when_the_problem_space_is_too_small():
@@ -91,26 +134,29 @@ def test_unknown_task_or_knob_is_a_clear_error():
         generate("arithmetic", 1, seed=0, digits=0)
 
 
-@pytest.mark.parametrize("expr,numbers,target,use_all,ok", [
-    ("(5+3-2)*4", [2, 3, 4, 5], 24, True, True),
-    ("6*4", [6, 4, 1], 24, False, True),
-    ("6*4", [6, 4, 1], 24, True, False),           # 1 unused
-    ("3/(1/3)", [3, 1, 3], 9, True, True),         # exact rationals: floats would give 9.000000000000002
-    (" ( 5 + 3 ) * 3 ", [5, 3, 3], "24", False, True),
-    ("5*5", [5, 2], 25, False, False),             # 5 used twice
-    ("24", [2, 12], 24, False, False),             # literal not among the numbers
-    ("5*4+3", [3, 4, 5], 24, False, False),        # wrong value
-    ("4/(3-3)", [3, 3, 4], 0, False, False),       # division by zero
-    ("__import__('os').system('true')", [1], 1, False, False),
-    ("(lambda: 1)()", [1], 1, False, False),
-    ("2**300000000", [2, 300000000], 4, False, False),
-    ("-2+26", [2, 26], 24, False, False),          # unary minus is not an allowed operator
-    ("1.5*16", [16], 24, False, False),
-    ("6 4", [6, 4], 24, False, False),
-    ("(6*4", [6, 4], 24, False, False),
-    ("+".join(["1"] * 200), [1] * 200, 200, False, False),  # over the length limit
-    ("6*4", [6, 4], "twenty-four", False, False),
-])
+@pytest.mark.parametrize(
+    "expr,numbers,target,use_all,ok",
+    [
+        ("(5+3-2)*4", [2, 3, 4, 5], 24, True, True),
+        ("6*4", [6, 4, 1], 24, False, True),
+        ("6*4", [6, 4, 1], 24, True, False),  # 1 unused
+        ("3/(1/3)", [3, 1, 3], 9, True, True),  # exact rationals: floats would give 9.000000000000002
+        (" ( 5 + 3 ) * 3 ", [5, 3, 3], "24", False, True),
+        ("5*5", [5, 2], 25, False, False),  # 5 used twice
+        ("24", [2, 12], 24, False, False),  # literal not among the numbers
+        ("5*4+3", [3, 4, 5], 24, False, False),  # wrong value
+        ("4/(3-3)", [3, 3, 4], 0, False, False),  # division by zero
+        ("__import__('os').system('true')", [1], 1, False, False),
+        ("(lambda: 1)()", [1], 1, False, False),
+        ("2**300000000", [2, 300000000], 4, False, False),
+        ("-2+26", [2, 26], 24, False, False),  # unary minus is not an allowed operator
+        ("1.5*16", [16], 24, False, False),
+        ("6 4", [6, 4], 24, False, False),
+        ("(6*4", [6, 4], 24, False, False),
+        ("+".join(["1"] * 200), [1] * 200, 200, False, False),  # over the length limit
+        ("6*4", [6, 4], "twenty-four", False, False),
+    ],
+)
 def test_check_countdown(expr, numbers, target, use_all, ok):
     assert check_countdown(expr, numbers, target, use_all=use_all) is ok
 
@@ -123,27 +169,43 @@ def test_check_countdown_rejects_non_strings():
 # ---------------------------------------------------------------------------------------------- solutions
 
 
-@pytest.mark.parametrize("problem,expected", [
-    (Problem("58+67=", "125", "arithmetic", {"operands": [58, 67], "ops": ["+"]}),
-     "<think>\n8+7=15\n5+6+1=12\n58+67=125\n</think>\n\\boxed{125}"),
-    (Problem("23*45=", "1035", "arithmetic", {"operands": [23, 45], "ops": ["*"]}),
-     "<think>\n23*40=920\n23*5=115\n920+115=1035\n</think>\n\\boxed{1035}"),
-    (Problem("7+8*9-6=", "73", "arithmetic", {"operands": [7, 8, 9, 6], "ops": ["+", "*", "-"]}),
-     "<think>\n8*9=72\n7+2=9\n7+72=79\n79-6=73\n</think>\n\\boxed{73}"),
-    (Problem("3*x+5=20 x=", "5", "equations", {"a": 3, "b": 5, "c": 20, "x": 5}),
-     "<think>\n3*x=20-5=15\nx=15/3=5\n</think>\n\\boxed{5}"),
-    (Problem("4*x-7=-15 x=", "-2", "equations", {"a": 4, "b": -7, "c": -15, "x": -2}),
-     "<think>\n4*x=-15+7=-8\nx=-8/4=-2\n</think>\n\\boxed{-2}"),
-])
+@pytest.mark.parametrize(
+    "problem,expected",
+    [
+        (
+            Problem("58+67=", "125", "arithmetic", {"operands": [58, 67], "ops": ["+"]}),
+            "<think>\n8+7=15\n5+6+1=12\n58+67=125\n</think>\n\\boxed{125}",
+        ),
+        (
+            Problem("23*45=", "1035", "arithmetic", {"operands": [23, 45], "ops": ["*"]}),
+            "<think>\n23*40=920\n23*5=115\n920+115=1035\n</think>\n\\boxed{1035}",
+        ),
+        (
+            Problem("7+8*9-6=", "73", "arithmetic", {"operands": [7, 8, 9, 6], "ops": ["+", "*", "-"]}),
+            "<think>\n8*9=72\n7+2=9\n7+72=79\n79-6=73\n</think>\n\\boxed{73}",
+        ),
+        (
+            Problem("3*x+5=20 x=", "5", "equations", {"a": 3, "b": 5, "c": 20, "x": 5}),
+            "<think>\n3*x=20-5=15\nx=15/3=5\n</think>\n\\boxed{5}",
+        ),
+        (
+            Problem("4*x-7=-15 x=", "-2", "equations", {"a": 4, "b": -7, "c": -15, "x": -2}),
+            "<think>\n4*x=-15+7=-8\nx=-8/4=-2\n</think>\n\\boxed{-2}",
+        ),
+    ],
+)
 def test_worked_solution_hand_checked(problem, expected):
     assert worked_solution(problem) == expected
     assert pretrain_text(problem) == problem.prompt + " " + expected
 
 
 def test_every_worked_step_is_true_and_boxed_answer_is_gold():
-    problems = (generate("arithmetic", 100, seed=5, digits=2, n_operands=3)
-                + generate("arithmetic", 100, seed=6, digits=3, ops="+*")
-                + generate("equations", 100, seed=7, digits=2) + generate("countdown", 100, seed=8))
+    problems = (
+        generate("arithmetic", 100, seed=5, digits=2, n_operands=3)
+        + generate("arithmetic", 100, seed=6, digits=3, ops="+*")
+        + generate("equations", 100, seed=7, digits=2)
+        + generate("countdown", 100, seed=8)
+    )
     for p in problems:
         text = worked_solution(p)
         think = re.fullmatch(r"<think>\n(.*)\n</think>\n\\boxed\{(.*)\}", text, re.S)
@@ -192,8 +254,12 @@ def tok():
 
 
 def test_tokenizer_round_trips_text(tok):
-    for text in ["12+35= <think>\n2+5=7\n</think>\n\\boxed{47}", "Héllo, wörld → 世界!\n\ttabs  and  spaces",
-                 "", "<|user|>hi<|assistant|><think>\nok</think><|eos|>"]:
+    for text in [
+        "12+35= <think>\n2+5=7\n</think>\n\\boxed{47}",
+        "Héllo, wörld → 世界!\n\ttabs  and  spaces",
+        "",
+        "<|user|>hi<|assistant|><think>\nok</think><|eos|>",
+    ]:
         assert tok.decode(tok.encode(text)) == text
 
 
@@ -206,7 +272,9 @@ def test_tokenizer_splits_every_digit(tok):
 
 def test_tokenizer_special_and_think_tokens(tok):
     assert tok.vocab_size == 400 and tok.style == "r1core"
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == tuple(tok.token_to_id(t) for t in ("<|bos|>", "<|eos|>", "<|pad|>"))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == tuple(
+        tok.token_to_id(t) for t in ("<|bos|>", "<|eos|>", "<|pad|>")
+    )
     assert len({tok.bos_id, tok.eos_id, tok.pad_id}) == 3
     assert tok.encode("1", bos=True, eos=True) == [tok.bos_id, tok.token_to_id("1"), tok.eos_id]
     assert len(tok.encode("<think>")) == 1 and len(tok.encode("</think>")) == 1
@@ -236,8 +304,15 @@ def test_chat_format_r1core(tok):
 
 
 def test_chat_format_detects_deepseek_template(tmp_path):
-    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]  # no pad token
-    Tokenizer.train_bpe(builtin_corpus(200, seed=0), 300, special_tokens=specials).save(tmp_path / "tokenizer.json")
+    specials = [
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+        "<｜User｜>",
+        "<｜Assistant｜>",
+    ]  # no pad token
+    Tokenizer.train_bpe(builtin_corpus(200, seed=0), 300, special_tokens=specials).save(
+        tmp_path / "tokenizer.json"
+    )
     ds = Tokenizer.from_file(tmp_path / "tokenizer.json")
     assert ds.style == "deepseek"
     assert ds.pad_id == ds.eos_id == ds.token_to_id("<｜end▁of▁sentence｜>")
@@ -247,8 +322,12 @@ def test_chat_format_detects_deepseek_template(tmp_path):
 
 
 def test_unknown_template_reads_tokenizer_config_and_refuses_chat(tmp_path):
-    Tokenizer.train_bpe(builtin_corpus(200, seed=0), 300, special_tokens=["<s>", "</s>"]).save(tmp_path / "tokenizer.json")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
+    Tokenizer.train_bpe(builtin_corpus(200, seed=0), 300, special_tokens=["<s>", "</s>"]).save(
+        tmp_path / "tokenizer.json"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}})
+    )
     other = Tokenizer.from_file(tmp_path)
     assert other.style == "plain" and other.eos_id == other.token_to_id("</s>") and other.bos_id == 0
     with pytest.raises(ValueError, match="chat tokens"):
@@ -270,8 +349,22 @@ def test_shard_windows_hand_checked(tok, tmp_path):
     assert index["tokenizer_hash"] == tok.hash
     d = {c: tok.token_to_id(c) for c in "0123456789"}
     E, X = tok.eos_id, IGNORE_INDEX
-    assert np.fromfile(tmp_path / "shard_00000.bin", dtype=np.uint16).tolist() == \
-        [d["1"], E, d["2"], d["3"], E, d["4"], d["5"], d["6"], E, d["7"], d["8"], d["9"], d["0"], E]
+    assert np.fromfile(tmp_path / "shard_00000.bin", dtype=np.uint16).tolist() == [
+        d["1"],
+        E,
+        d["2"],
+        d["3"],
+        E,
+        d["4"],
+        d["5"],
+        d["6"],
+        E,
+        d["7"],
+        d["8"],
+        d["9"],
+        d["0"],
+        E,
+    ]
     ds = TokenShardDataset(tmp_path, seq_len=4, shuffle=False, loop=False)
     got = [tuple(t.tolist() for t in w) for w in ds]
     assert got == [
@@ -282,7 +375,9 @@ def test_shard_windows_hand_checked(tok, tmp_path):
 
 
 def test_no_window_target_crosses_a_document(tok, tmp_path):
-    paths = prepare_shards(list(builtin_corpus(300, seed=3)), tmp_path, tok, max_shard_tokens=3000, progress=False)
+    paths = prepare_shards(
+        list(builtin_corpus(300, seed=3)), tmp_path, tok, max_shard_tokens=3000, progress=False
+    )
     assert len(paths) > 3
     for p in paths:  # documents never straddle shards
         assert np.fromfile(p, dtype=np.uint16)[-1] == tok.eos_id
@@ -389,12 +484,12 @@ SFT_LINES = [
     ' {"role": "assistant", "content": "old answer"}, {"role": "user", "content": "p5"},'
     ' {"role": "assistant", "content": "r5"}]}',
     '{"conversations": [{"from": "human", "value": "p6"}, {"from": "gpt", "value": "r6"}]}',
-    '{"prompt": "p7", "response": "r7"',                                  # 7: bad JSON
-    '["prompt", "response"]',                                              # 8: not an object
-    '{"prompt": "p9"}',                                                    # 9: missing response
-    '{"prompt": "p10", "answer": 10}',                                     # 10: non-string
-    '{"prompt": "  ", "answer": "r11"}',                                   # 11: empty
-    '{"messages": [{"role": "user", "content": "p12"}]}',                  # 12: no assistant turn
+    '{"prompt": "p7", "response": "r7"',  # 7: bad JSON
+    '["prompt", "response"]',  # 8: not an object
+    '{"prompt": "p9"}',  # 9: missing response
+    '{"prompt": "p10", "answer": 10}',  # 10: non-string
+    '{"prompt": "  ", "answer": "r11"}',  # 11: empty
+    '{"messages": [{"role": "user", "content": "p12"}]}',  # 12: no assistant turn
     '{"messages": [{"role": "user"}, {"role": "assistant", "content": "r13"}]}',  # 13: bad turn
 ]
 
@@ -405,11 +500,25 @@ def test_sft_jsonl_shapes_and_malformed_lines_counted(tmp_path, caplog):
     stats = SkipStats()
     with caplog.at_level(logging.WARNING):
         examples = load_sft_jsonl(path, stats)
-    assert examples == [SFTExample("p1", "r1"), SFTExample("p2", "r2"), SFTExample("p3", "r3"),
-                        SFTExample("p4", "r4", "s4"), SFTExample("p5", "r5", "s5"), SFTExample("p6", "r6")]
+    assert examples == [
+        SFTExample("p1", "r1"),
+        SFTExample("p2", "r2"),
+        SFTExample("p3", "r3"),
+        SFTExample("p4", "r4", "s4"),
+        SFTExample("p5", "r5", "s5"),
+        SFTExample("p6", "r6"),
+    ]
     assert stats.kept == 6
-    assert stats.skipped == Counter({"bad JSON": 1, "not an object": 1, "missing field": 1,
-                                     "non-string field": 1, "empty field": 1, "bad chat": 2})
+    assert stats.skipped == Counter(
+        {
+            "bad JSON": 1,
+            "not an object": 1,
+            "missing field": 1,
+            "non-string field": 1,
+            "empty field": 1,
+            "bad chat": 2,
+        }
+    )
     for line in (7, 8, 9, 10, 11):  # the first five skips are logged with file:line
         assert f"{path}:{line}" in caplog.text
     only_bad = tmp_path / "bad.jsonl"
@@ -432,8 +541,11 @@ def test_pack_row_hand_checked():
 
 def test_tokenize_sft_masks_the_prompt_and_ends_with_stop(tok):
     fmt = ChatFormat.for_tokenizer(tok)
-    examples = [SFTExample("1+2=", "<think>\n1+2=3\n</think>\n\\boxed{3}"),
-                SFTExample("9+9=", "1" * 40), SFTExample("7" * 30, "x")]
+    examples = [
+        SFTExample("1+2=", "<think>\n1+2=3\n</think>\n\\boxed{3}"),
+        SFTExample("9+9=", "1" * 40),
+        SFTExample("7" * 30, "x"),
+    ]
     docs = tokenize_sft(examples, tok, fmt, max_len=32)
     assert len(docs) == 2  # the third prompt alone exceeds 32 tokens
     ids, n_prompt = docs[0]
@@ -447,8 +559,10 @@ def test_tokenize_sft_masks_the_prompt_and_ends_with_stop(tok):
 
 def test_packed_sft_keeps_documents_whole_and_resumes(tok):
     rng = np.random.default_rng(0)
-    docs = [SFTDoc(np.arange(100 * i, 100 * i + n), int(rng.integers(1, n))) for i, n in
-            enumerate(rng.integers(3, 12, size=40))]
+    docs = [
+        SFTDoc(np.arange(100 * i, 100 * i + n), int(rng.integers(1, n)))
+        for i, n in enumerate(rng.integers(3, 12, size=40))
+    ]
     ds = PackedSFTDataset(docs, seq_len=24, pad_id=-1, seed=3, loop=False)
     seen = []
     for row in ds:
@@ -472,7 +586,9 @@ def test_packed_sft_keeps_documents_whole_and_resumes(tok):
     resumed = PackedSFTDataset(docs, seq_len=24, pad_id=-1, seed=3)
     resumed.load_state_dict(state)
     assert all(all(torch.equal(x, y) for x, y in zip(a, b)) for a, b in zip(reference, iter(resumed)))
-    ranks = [set(PackedSFTDataset(docs, 24, -1, seed=3, dp_rank=r, dp_size=4).order(0).tolist()) for r in range(4)]
+    ranks = [
+        set(PackedSFTDataset(docs, 24, -1, seed=3, dp_rank=r, dp_size=4).order(0).tolist()) for r in range(4)
+    ]
     assert sum(map(len, ranks)) == 40 and set.union(*ranks) == set(range(40))
 
 
@@ -493,8 +609,15 @@ def test_resumable_iterators_load_states_in_the_layout_earlier_versions_saved(sh
         PromptSampler(problems[:4], seed=3).load_state_dict({"epoch": 1, "pos": 0, "seed": 3, "n": 5})
 
     ds = TokenShardDataset(shard_dir, seq_len=16, seed=7)
-    old = {"epoch": 1, "pos": 2, "seed": 7, "seq_len": 16, "dp_rank": 0, "dp_size": 1,
-           "n_windows": ds.n_windows}
+    old = {
+        "epoch": 1,
+        "pos": 2,
+        "seed": 7,
+        "seq_len": 16,
+        "dp_rank": 0,
+        "dp_size": 1,
+        "n_windows": ds.n_windows,
+    }
     ds.load_state_dict(old)
     assert ds.state_dict() == old
     assert torch.equal(next(iter(ds)).tokens, ds.window(int(ds.order(1)[2])).tokens)
@@ -512,18 +635,27 @@ def test_resumable_iterators_load_states_in_the_layout_earlier_versions_saved(sh
 
 def test_load_problems_jsonl(tmp_path):
     path = tmp_path / "rl.jsonl"
-    path.write_text("\n".join([
-        '{"prompt": "1+1=", "answer": "2"}',
-        '{"problem": "half?", "solution": "so \\\\boxed{\\\\frac{1}{2}}"}',
-        '{"question": "gsm", "answer": "work\\n#### 72"}',
-        '{"question": "int", "answer": 7, "task": "countdown", "numbers": [3, 4]}',
-        '{"question": "none", "solution": "no box"}',
-        '{"question": "missing"}',
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                '{"prompt": "1+1=", "answer": "2"}',
+                '{"problem": "half?", "solution": "so \\\\boxed{\\\\frac{1}{2}}"}',
+                '{"question": "gsm", "answer": "work\\n#### 72"}',
+                '{"question": "int", "answer": 7, "task": "countdown", "numbers": [3, 4]}',
+                '{"question": "none", "solution": "no box"}',
+                '{"question": "missing"}',
+            ]
+        )
+        + "\n"
+    )
     stats = SkipStats()
     problems = load_problems_jsonl(path, stats=stats)
     assert [(p.prompt, p.answer, p.task) for p in problems] == [
-        ("1+1=", "2", "math"), ("half?", "\\frac{1}{2}", "math"), ("gsm", "72", "math"), ("int", "7", "countdown")]
+        ("1+1=", "2", "math"),
+        ("half?", "\\frac{1}{2}", "math"),
+        ("gsm", "72", "math"),
+        ("int", "7", "countdown"),
+    ]
     assert problems[3].meta == {"numbers": [3, 4], "source": f"{path}:4"}
     assert stats.skipped == Counter({"no answer": 1, "missing field": 1})
 
@@ -532,13 +664,24 @@ def test_data_layer_never_imports_the_model():
     import ast as python_ast
 
     import r1core.data
+
     for path in Path(r1core.data.__file__).parent.glob("*.py"):
         for node in python_ast.walk(python_ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, python_ast.Import)
-                     else [node.module or ""] if isinstance(node, python_ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, python_ast.Import)
+                else [node.module or ""]
+                if isinstance(node, python_ast.ImportFrom)
+                else []
+            )
             assert not any(n.startswith("r1core.model") for n in names), f"{path.name} imports {names}"
 
 
 def test_shard_dtype_widens_past_uint16():
     from r1core.data.shards import shard_dtype
-    assert shard_dtype(65536) == np.uint16 and shard_dtype(65537) == np.uint32 and shard_dtype(129280) == np.uint32
+
+    assert (
+        shard_dtype(65536) == np.uint16
+        and shard_dtype(65537) == np.uint32
+        and shard_dtype(129280) == np.uint32
+    )

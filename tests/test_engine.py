@@ -52,13 +52,14 @@ def test_microbatches_accumulate_to_the_whole_batch_gradient(split):
     if split == "config":
         parts, engine = [mb], _engine(microbatches=4)
     else:
-        parts, engine = [{k: v[i:i + 1] for k, v in mb.items()} for i in range(4)], _engine()
+        parts, engine = [{k: v[i : i + 1] for k, v in mb.items()} for i in range(4)], _engine()
     got = engine.train_step(parts, LMObjective())
     for key in ("loss", "ce", "mtp", "aux", "grad_norm"):
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
     for (name, p), (_, q) in zip(whole.named_params, engine.named_params):
-        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-5 * p.grad.abs().max().item() + 1e-12,
-                                   msg=name)
+        torch.testing.assert_close(
+            q.grad, p.grad, rtol=0, atol=1e-5 * p.grad.abs().max().item() + 1e-12, msg=name
+        )
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
@@ -70,16 +71,24 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert lr_at(5, linear) == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("bad", [dict(lr=0), dict(min_lr_ratio=2), dict(betas=(0.9, 1.0)), dict(schedule="step"),
-                                 dict(grad_clip=-1)])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(lr=0), dict(min_lr_ratio=2), dict(betas=(0.9, 1.0)), dict(schedule="step"), dict(grad_clip=-1)],
+)
 def test_optim_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         OptimConfig(**bad)
 
 
-@pytest.mark.parametrize("bad, message", [(dict(agg="sum"), "agg='sum'"), (dict(eps_low=1.0), "eps_low=1.0"),
-                                          (dict(dual_clip=0.5), "dual_clip=0.5"),
-                                          (dict(temperature=0.0), "temperature=0.0")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(agg="sum"), "agg='sum'"),
+        (dict(eps_low=1.0), "eps_low=1.0"),
+        (dict(dual_clip=0.5), "dual_clip=0.5"),
+        (dict(temperature=0.0), "temperature=0.0"),
+    ],
+)
 def test_grpo_objective_rejects_what_the_kernel_rejects_when_built(bad, message):
     scaling = {k: bad.pop(k) for k in ("temperature",) if k in bad}
     with pytest.raises(ValueError, match=message):
@@ -90,9 +99,14 @@ def _grpo_mb(rows=4, seq=12, seed=3) -> dict:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, ARGS.vocab_size, (rows, seq), generator=g)
     lens = torch.tensor([3, 12, 0, 7])[:rows]
-    return {"tokens": tokens, "targets": tokens.roll(-1, 1), "mask": (torch.arange(seq) < lens[:, None]).float(),
-            "advantages": torch.randn(rows, generator=g), "old_logprobs": -6 + 0.2 * torch.randn(rows, seq, generator=g),
-            "ref_logprobs": -6 + 0.2 * torch.randn(rows, seq, generator=g)}
+    return {
+        "tokens": tokens,
+        "targets": tokens.roll(-1, 1),
+        "mask": (torch.arange(seq) < lens[:, None]).float(),
+        "advantages": torch.randn(rows, generator=g),
+        "old_logprobs": -6 + 0.2 * torch.randn(rows, seq, generator=g),
+        "ref_logprobs": -6 + 0.2 * torch.randn(rows, seq, generator=g),
+    }
 
 
 @pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
@@ -105,11 +119,24 @@ def test_grpo_objective_over_microbatches_equals_the_whole_batch_loss(agg):
     obj = GRPOObjective(settings, norm_len=12, impl="ref")
     h = torch.randn(4, 12, ARGS.dim, requires_grad=True)
     w = model.head.weight
-    want, _ = grpo_loss(h, w, mb["targets"], mb["mask"], mb["advantages"], mb["old_logprobs"], mb["ref_logprobs"],
-                        beta=0.04, eps_high=0.28, dual_clip=3.0, agg=agg, norm_len=12, impl="ref")
-    parts = [{k: v[i:i + 2] for k, v in mb.items()} for i in (0, 2)]
+    want, _ = grpo_loss(
+        h,
+        w,
+        mb["targets"],
+        mb["mask"],
+        mb["advantages"],
+        mb["old_logprobs"],
+        mb["ref_logprobs"],
+        beta=0.04,
+        eps_high=0.28,
+        dual_clip=3.0,
+        agg=agg,
+        norm_len=12,
+        impl="ref",
+    )
+    parts = [{k: v[i : i + 2] for k, v in mb.items()} for i in (0, 2)]
     denoms = {k: obj.totals(parts[0])[k] + obj.totals(parts[1])[k] for k in obj.totals(mb)}
-    got = sum(obj(h[i:i + 2], w, None, p, model, denoms=denoms)[0] for i, p in zip((0, 2), parts))
+    got = sum(obj(h[i : i + 2], w, None, p, model, denoms=denoms)[0] for i, p in zip((0, 2), parts))
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     (g_want,) = torch.autograd.grad(want, h)
     (g_got,) = torch.autograd.grad(got, h)
@@ -179,16 +206,21 @@ def test_export_hf_loads_back_with_identical_logits(tmp_path):
 
 
 def test_load_hf_starts_an_engine_from_exported_weights(tmp_path):
-    source, mb = _engine(seed=4), _batch()
+    source = _engine(seed=4)
     source.export_hf(tmp_path / "hf")
     for dtype in (torch.float32, torch.bfloat16):
         engine = LocalEngine(ARGS, ParallelConfig(), OPTIM, "cpu", dtype, 0)
         engine.load_hf(tmp_path / "hf")
-        torch.testing.assert_close(engine.model.layers["1"].ffn.experts.w2.float(),
-                                   source.model.layers["1"].ffn.experts.w2.to(dtype).float(), rtol=0, atol=0)
+        torch.testing.assert_close(
+            engine.model.layers["1"].ffn.experts.w2.float(),
+            source.model.layers["1"].ffn.experts.w2.to(dtype).float(),
+            rtol=0,
+            atol=0,
+        )
         if engine.master is not None:  # the fp32 masters hold the checkpoint's exact values
-            torch.testing.assert_close(dict(engine.master.named)["head.weight"], source.model.head.weight,
-                                       rtol=0, atol=0)
+            torch.testing.assert_close(
+                dict(engine.master.named)["head.weight"], source.model.head.weight, rtol=0, atol=0
+            )
 
 
 def test_build_engine_without_torch_distributed_is_local():
@@ -198,8 +230,20 @@ def test_build_engine_without_torch_distributed_is_local():
 def test_train_entry_runs_synthetic_pretraining_steps(tmp_path):
     from r1core.train.__main__ import main
 
-    log = main(["--steps", "3", "--seq-len", "16", "--batch", "2", "--out", str(tmp_path / "m.json"),
-                "--save", str(tmp_path / "ckpt")])
+    log = main(
+        [
+            "--steps",
+            "3",
+            "--seq-len",
+            "16",
+            "--batch",
+            "2",
+            "--out",
+            str(tmp_path / "m.json"),
+            "--save",
+            str(tmp_path / "ckpt"),
+        ]
+    )
     assert len(log) == 3 and all(math.isfinite(m["loss"]) for m in log)
     assert (tmp_path / "m.json").exists() and (tmp_path / "ckpt" / ".metadata").exists()
 
@@ -245,8 +289,9 @@ def test_bf16_master_weights_keep_updates_below_bf16_resolution_and_checkpoint_f
     engine.save(tmp_path / "ckpt")
     fp32 = _engine(seed=3)
     fp32.load(tmp_path / "ckpt")
-    torch.testing.assert_close(fp32.model.get_parameter(name), dict(engine.master.named)[name].detach(),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        fp32.model.get_parameter(name), dict(engine.master.named)[name].detach(), rtol=0, atol=0
+    )
 
 
 class _PoisonOnce(LMObjective):
@@ -282,5 +327,7 @@ def test_nonfinite_gradient_skips_the_step_and_too_many_in_a_row_stop_training(c
     poison = _PoisonOnce(range(1, 100))
     for _ in range(OPTIM.max_nonfinite_steps):
         b.train_step([mb], poison)
-    with pytest.raises(FloatingPointError, match=r"4 consecutive optimizer steps \(after step 2\).*non-finite"):
+    with pytest.raises(
+        FloatingPointError, match=r"4 consecutive optimizer steps \(after step 2\).*non-finite"
+    ):
         b.train_step([mb], poison)

@@ -19,10 +19,20 @@ EXAMPLES = ROOT / "examples"
 
 
 def _bash(script, *args, env=None, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           **(env or {})}
-    return subprocess.run(["bash", str(EXAMPLES / script), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        **(env or {}),
+    }
+    return subprocess.run(
+        ["bash", str(EXAMPLES / script), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _json_lines(text):
@@ -31,6 +41,7 @@ def _json_lines(text):
 
 # ---------------------------------------------------------------- distributed
 
+
 def _printed_command(script, *args, env):
     """The command an example would run (its DRY_RUN=1 output), as an argument list."""
     done = _bash(script, *args, env={"DRY_RUN": "1", **env})
@@ -38,13 +49,25 @@ def _printed_command(script, *args, env):
     return shlex.split(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("script, preset, env, layout", [
-    ("distributed/train_node.sh", "v2_lite", {}, dict(world_size=8, tp=2, pp=1, ep=4, dp=4)),
-    ("distributed/train_node.sh", "v3", {}, dict(world_size=8, tp=1, pp=1, ep=8, dp=8, n_layers=4)),
-    ("distributed/train_slurm.sbatch", "v2_lite", {"NNODES": "3"}, dict(world_size=24, tp=2, pp=3, ep=4, dp=4)),
-    ("distributed/train_slurm.sbatch", "v3", {"NNODES": "256"},
-     dict(world_size=2048, tp=8, pp=1, ep=256, dp=256, n_layers=61, routed_experts_per_rank=1)),
-])
+@pytest.mark.parametrize(
+    "script, preset, env, layout",
+    [
+        ("distributed/train_node.sh", "v2_lite", {}, dict(world_size=8, tp=2, pp=1, ep=4, dp=4)),
+        ("distributed/train_node.sh", "v3", {}, dict(world_size=8, tp=1, pp=1, ep=8, dp=8, n_layers=4)),
+        (
+            "distributed/train_slurm.sbatch",
+            "v2_lite",
+            {"NNODES": "3"},
+            dict(world_size=24, tp=2, pp=3, ep=4, dp=4),
+        ),
+        (
+            "distributed/train_slurm.sbatch",
+            "v3",
+            {"NNODES": "256"},
+            dict(world_size=2048, tp=8, pp=1, ep=256, dp=256, n_layers=61, routed_experts_per_rank=1),
+        ),
+    ],
+)
 def test_distributed_example_layouts_are_valid(script, preset, env, layout, capsys):
     """CHECK=1 validates the script's layout; its command runs here in-process (one interpreter start saved)."""
     from r1core.train.__main__ import main
@@ -59,7 +82,9 @@ def test_distributed_example_layouts_are_valid(script, preset, env, layout, caps
 def test_distributed_example_names_why_a_layout_cannot_run():
     from r1core.train.__main__ import main
 
-    cmd = _printed_command("distributed/train_node.sh", env={"CHECK": "1", "PRESET": "v3", "LAYOUT": "--tp 8 --pp 2"})
+    cmd = _printed_command(
+        "distributed/train_node.sh", env={"CHECK": "1", "PRESET": "v3", "LAYOUT": "--tp 8 --pp 2"}
+    )
     with pytest.raises(SystemExit, match="n_layers=61 is not divisible by the 2 pipeline stages"):
         main(cmd[3:])
 
@@ -71,8 +96,16 @@ def _check_steps(stdout, n):
 
 
 def test_node_example_trains_with_torchrun_on_two_gloo_processes():
-    done = _bash("distributed/train_node.sh", "--steps", "2", "--batch", "4", "--seq-len", "16",
-                 env={"PRESET": "tiny", "NPROC": "2", "LAYOUT": "--tp 2", "DTYPE": "fp32"})
+    done = _bash(
+        "distributed/train_node.sh",
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--seq-len",
+        "16",
+        env={"PRESET": "tiny", "NPROC": "2", "LAYOUT": "--tp 2", "DTYPE": "fp32"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     _check_steps(done.stdout, 2)
     assert "Transformer Engine" not in done.stderr  # megatron-core's import warnings are filtered
@@ -90,13 +123,23 @@ def test_slurm_example_trains_on_two_nodes_through_srun_and_rendezvous(tmp_path)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho localhost\n")
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nshift  # --ntasks-per-node=1\n'
-                                  'for n in $(seq 1 "$SLURM_NNODES"); do "$@" & done\nwait -n && wait -n\n')
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\nshift  # --ntasks-per-node=1\n"
+        'for n in $(seq 1 "$SLURM_NNODES"); do "$@" & done\nwait -n && wait -n\n'
+    )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", "SLURM_NNODES": "2",
-           "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "7", "GPUS_PER_NODE": "1", "PRESET": "tiny",
-           "LAYOUT": "--tp 2", "DTYPE": "fp32", "PORT": str(_free_port())}
+    env = {
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_JOB_ID": "7",
+        "GPUS_PER_NODE": "1",
+        "PRESET": "tiny",
+        "LAYOUT": "--tp 2",
+        "DTYPE": "fp32",
+        "PORT": str(_free_port()),
+    }
     done = _bash("distributed/train_slurm.sbatch", "--steps", "2", "--batch", "4", "--seq-len", "16", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     _check_steps(done.stdout, 2)
@@ -104,9 +147,17 @@ def test_slurm_example_trains_on_two_nodes_through_srun_and_rendezvous(tmp_path)
 
 # ---------------------------------------------------------------- benchmarks
 
+
 def test_benchmarks_example_runs_a_tiny_bench_and_summarizes_its_json(tmp_path):
-    done = _bash("benchmarks/run.sh", "--skip-hf", "--variants", "eager", "--repeats", "1",
-                 env={"TINY": "1", "BENCHES": "bench_rollout", "OUT": str(tmp_path)})
+    done = _bash(
+        "benchmarks/run.sh",
+        "--skip-hf",
+        "--variants",
+        "eager",
+        "--repeats",
+        "1",
+        env={"TINY": "1", "BENCHES": "bench_rollout", "OUT": str(tmp_path)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(done.stdout.strip().splitlines()[-2])  # the bench's last line, before "results: ..."
     assert record["bench"] == "bench_rollout" and (tmp_path / "bench_rollout.json").exists()
@@ -122,6 +173,7 @@ def test_benchmarks_example_runs_a_tiny_bench_and_summarizes_its_json(tmp_path):
 
 
 # ---------------------------------------------------------------- continue from a checkpoint
+
 
 def test_continue_rl_example_runs_r1_zero_from_a_checkpoint_on_the_sample_data(tmp_path, hf_dir):  # noqa: F811
     from r1core.pipeline.runner import run_pipeline

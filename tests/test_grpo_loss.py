@@ -15,8 +15,13 @@ import torch.nn.functional as F
 
 from r1core.kernels import _grpo_loss_triton as tk
 from r1core.kernels import grpo_loss as G
-from r1core.kernels.grpo_loss import (grpo_loss, grpo_loss_ref, linear_cross_entropy, linear_cross_entropy_ref,
-                                     token_logprobs)
+from r1core.kernels.grpo_loss import (
+    grpo_loss,
+    grpo_loss_ref,
+    linear_cross_entropy,
+    linear_cross_entropy_ref,
+    token_logprobs,
+)
 from r1core.kernels.grpo_loss_terms import PolicyLossConfig
 from r1core.model.transformer import cross_entropy_sum
 from r1core.testing import assert_close_to_ref, run_distributed
@@ -44,15 +49,24 @@ def make_inputs(b=B, t=T, h=H, v=V, dtype=torch.float32, device="cpu", hidden_sc
     # old / ref log-probs near the current ones so ratios straddle both clip edges
     with torch.no_grad():
         logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[..., None])[..., 0]
-    return dict(hidden=hidden.to(dtype), weight=weight.to(dtype), targets=targets, mask=mask,
-                advantages=randn(b), old_logprobs=logp + 0.3 * randn(b, t), ref_logprobs=logp + 0.3 * randn(b, t),
-                is_weights=(torch.rand(b, t, generator=g, device=device) * 2).clamp(min=0.4))
+    return dict(
+        hidden=hidden.to(dtype),
+        weight=weight.to(dtype),
+        targets=targets,
+        mask=mask,
+        advantages=randn(b),
+        old_logprobs=logp + 0.3 * randn(b, t),
+        ref_logprobs=logp + 0.3 * randn(b, t),
+        is_weights=(torch.rand(b, t, generator=g, device=device) * 2).clamp(min=0.4),
+    )
 
 
 def run(fn, inputs, grad_scale=1.0, **kw):
     hidden = inputs["hidden"].detach().clone().requires_grad_()
     weight = inputs["weight"].detach().clone().requires_grad_()
-    loss, stats = fn(hidden, weight, **{k: v for k, v in inputs.items() if k not in ("hidden", "weight")}, **kw)
+    loss, stats = fn(
+        hidden, weight, **{k: v for k, v in inputs.items() if k not in ("hidden", "weight")}, **kw
+    )
     (loss * grad_scale).backward()
     return loss.detach(), stats, hidden.grad, weight.grad
 
@@ -62,10 +76,15 @@ def check_against_ref(impl, inputs, floor=1e-6, grad_scale=1.0, **kw):
     reference's own error as the budget (x2) plus a floor relative to the largest magnitude."""
     out = run(grpo_loss, inputs, grad_scale, impl=impl, **kw)
     lowp = run(grpo_loss_ref, inputs, grad_scale, **kw)
-    oracle = run(grpo_loss_ref, dict(inputs, hidden=inputs["hidden"].double(), weight=inputs["weight"].double()),
-                 grad_scale, **kw)
-    for name, i, key in [("loss", 0, None), ("grad hidden", 2, None), ("grad weight", 3, None)] + \
-            [(key, 1, key) for key in ("logprobs", "entropy") + STAT_KEYS]:
+    oracle = run(
+        grpo_loss_ref,
+        dict(inputs, hidden=inputs["hidden"].double(), weight=inputs["weight"].double()),
+        grad_scale,
+        **kw,
+    )
+    for name, i, key in [("loss", 0, None), ("grad hidden", 2, None), ("grad weight", 3, None)] + [
+        (key, 1, key) for key in ("logprobs", "entropy") + STAT_KEYS
+    ]:
         x, ref, ref_lowp = (r[i] if key is None else r[i][key] for r in (out, oracle, lowp))
         assert_close_to_ref(x, ref, ref_lowp, floor=floor * max(1.0, ref.abs().max().item()), name=name)
     return out
@@ -75,8 +94,15 @@ def check_against_ref(impl, inputs, floor=1e-6, grad_scale=1.0, **kw):
 @pytest.mark.parametrize("impl", FUSED)
 def test_grpo_loss_matches_reference_with_kl_old_logprobs_and_is_weights(impl, agg):
     inputs = make_inputs()
-    _, stats, gh, _ = check_against_ref(impl, inputs, grad_scale=3.0, beta=0.1, eps_high=0.28, agg=agg,
-                                        norm_len=7 if agg == "seq_mean_token_sum_norm" else None)
+    _, stats, gh, _ = check_against_ref(
+        impl,
+        inputs,
+        grad_scale=3.0,
+        beta=0.1,
+        eps_high=0.28,
+        agg=agg,
+        norm_len=7 if agg == "seq_mean_token_sum_norm" else None,
+    )
     assert gh[-1].abs().max() == 0, "the all-masked row must get no gradient"
     assert 0 < stats["clip_frac_low"] + stats["clip_frac_high"] < 1, "inputs should clip some tokens"
 
@@ -93,8 +119,9 @@ def test_grpo_loss_on_policy_with_temperature_and_dual_clip_matches_reference(im
 def test_grpo_loss_extreme_logits_stay_finite_and_match(impl):
     inputs = make_inputs(hidden_scale=1e3, seed=2)  # logits in the thousands
     with torch.no_grad():
-        _, s = grpo_loss_ref(inputs["hidden"], inputs["weight"], inputs["targets"], inputs["mask"],
-                             inputs["advantages"])
+        _, s = grpo_loss_ref(
+            inputs["hidden"], inputs["weight"], inputs["targets"], inputs["mask"], inputs["advantages"]
+        )
     inputs["old_logprobs"] = s["logprobs"] + 0.1 * torch.randn(B, T)
     inputs["ref_logprobs"] = s["logprobs"] + 0.1 * torch.randn(B, T)
     assert s["logprobs"].abs().max() > 100
@@ -110,9 +137,12 @@ def test_grpo_loss_ignores_garbage_old_ref_and_is_weights_outside_the_mask(impl)
     inputs = make_inputs(seed=8)
     clean = run(grpo_loss, inputs, impl=impl, beta=0.1)
     off = ~inputs["mask"]
-    dirty = dict(inputs, old_logprobs=inputs["old_logprobs"].masked_fill(off, 1e4),
-                 ref_logprobs=inputs["ref_logprobs"].masked_fill(off, 1e4),
-                 is_weights=inputs["is_weights"].masked_fill(off, float("nan")))
+    dirty = dict(
+        inputs,
+        old_logprobs=inputs["old_logprobs"].masked_fill(off, 1e4),
+        ref_logprobs=inputs["ref_logprobs"].masked_fill(off, 1e4),
+        is_weights=inputs["is_weights"].masked_fill(off, float("nan")),
+    )
     out = run(grpo_loss, dirty, impl=impl, beta=0.1)
     for name, i in (("loss", 0), ("grad hidden", 2), ("grad weight", 3)):
         assert torch.equal(out[i], clean[i]), name
@@ -126,8 +156,15 @@ def two_token_case(ratios, advs, dual_clip=None):
     weight = torch.eye(3)
     targets = torch.tensor([[0, 2]])
     old = math.log(1 / 3) - torch.log(torch.tensor([ratios]))
-    kw = dict(hidden=hidden, weight=weight, targets=targets, mask=torch.ones(1, 2, dtype=torch.bool),
-              advantages=torch.tensor([advs]), old_logprobs=old, ref_logprobs=torch.full((1, 2), math.log(1 / 3)))
+    kw = dict(
+        hidden=hidden,
+        weight=weight,
+        targets=targets,
+        mask=torch.ones(1, 2, dtype=torch.bool),
+        advantages=torch.tensor([advs]),
+        old_logprobs=old,
+        ref_logprobs=torch.full((1, 2), math.log(1 / 3)),
+    )
     return kw, dict(eps_low=0.2, eps_high=0.2, agg="token_mean", beta=0.5, dual_clip=dual_clip)
 
 
@@ -171,9 +208,11 @@ def test_linear_cross_entropy_matches_f_cross_entropy_with_ignore_index(impl, re
     targets = inputs["targets"].reshape(-1).clone()
     targets[::4] = -100
     outs = []
-    for fn in (lambda h, w: linear_cross_entropy(h, w, targets, reduction=reduction, impl=impl),
-               lambda h, w: F.cross_entropy((h @ w.T).float(), targets, ignore_index=-100, reduction=reduction),
-               lambda h, w: linear_cross_entropy_ref(h, w, targets, reduction=reduction)):
+    for fn in (
+        lambda h, w: linear_cross_entropy(h, w, targets, reduction=reduction, impl=impl),
+        lambda h, w: F.cross_entropy((h @ w.T).float(), targets, ignore_index=-100, reduction=reduction),
+        lambda h, w: linear_cross_entropy_ref(h, w, targets, reduction=reduction),
+    ):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         loss = fn(h, w)
         loss.backward()
@@ -204,7 +243,9 @@ def test_fused_loss_backward_split_into_input_then_weight_pass_matches_one_backw
         h = proj(x)
         if loss_name == "grpo_loss":
             return 3.0 * grpo_loss(h, head.weight, **rest, beta=0.1, impl=impl)[0]
-        return 3.0 * linear_cross_entropy(h.reshape(-1, H), head.weight, rest["targets"].reshape(-1), impl=impl)
+        return 3.0 * linear_cross_entropy(
+            h.reshape(-1, H), head.weight, rest["targets"].reshape(-1), impl=impl
+        )
 
     loss_of_x().backward()
     want = [x.grad] + [p.grad for p in params]
@@ -214,7 +255,9 @@ def test_fused_loss_backward_split_into_input_then_weight_pass_matches_one_backw
     dx, groups = stage_backward_input([loss_of_x()], None, [x], iter(params))
     assert all(p.grad is None for p in params)  # the input pass leaves the weights alone
     stage_backward_weight(iter(params), groups)
-    for name, got, ref in zip(("grad x", "grad proj", "grad head"), [x.grad] + [p.grad for p in params], want):
+    for name, got, ref in zip(
+        ("grad x", "grad proj", "grad head"), [x.grad] + [p.grad for p in params], want
+    ):
         assert_close_to_ref(got, ref, floor=1e-6, name=name)
 
 
@@ -222,8 +265,12 @@ def test_linear_cross_entropy_is_the_models_ce_sum_and_all_ignored_is_zero():
     inputs = make_inputs(seed=4)
     hidden, weight = inputs["hidden"].reshape(-1, H), inputs["weight"]
     targets = inputs["targets"].reshape(-1)
-    assert_close_to_ref(linear_cross_entropy(hidden, weight, targets), cross_entropy_sum(hidden, weight, targets),
-                        floor=1e-4, name="ce_sum")
+    assert_close_to_ref(
+        linear_cross_entropy(hidden, weight, targets),
+        cross_entropy_sum(hidden, weight, targets),
+        floor=1e-4,
+        name="ce_sum",
+    )
     ignored = torch.full_like(targets, -100)
     for reduction in ("sum", "mean"):
         assert linear_cross_entropy(hidden, weight, ignored, reduction=reduction).item() == 0.0
@@ -235,8 +282,14 @@ def test_token_logprobs_match_reference_without_a_graph(impl):
     hidden = inputs["hidden"].clone().requires_grad_()
     logp, ent = token_logprobs(hidden, inputs["weight"], inputs["targets"], temperature=1.3, impl=impl)
     with torch.no_grad():
-        _, s = grpo_loss_ref(inputs["hidden"], inputs["weight"], inputs["targets"], inputs["mask"],
-                             inputs["advantages"], temperature=1.3)
+        _, s = grpo_loss_ref(
+            inputs["hidden"],
+            inputs["weight"],
+            inputs["targets"],
+            inputs["mask"],
+            inputs["advantages"],
+            temperature=1.3,
+        )
     assert logp.grad_fn is None and ent.grad_fn is None and logp.shape == (B, T)
     assert_close_to_ref(logp, s["logprobs"], floor=1e-5, name="logprobs")
     assert_close_to_ref(ent, s["entropy"], floor=1e-5, name="entropy")
@@ -295,7 +348,9 @@ def test_settings_as_a_config_or_as_keywords_give_the_same_loss_and_not_both():
     cfg = PolicyLossConfig(beta=0.1, eps_high=0.3, agg="seq_mean_token_mean")
     by_config = grpo_loss(*args, loss=cfg)[0]
     assert by_config.item() == grpo_loss(*args, beta=0.1, eps_high=0.3, agg="seq_mean_token_mean")[0].item()
-    assert by_config.item() != grpo_loss(*args)[0].item()  # the defaults differ (token_mean): the config was used
+    assert (
+        by_config.item() != grpo_loss(*args)[0].item()
+    )  # the defaults differ (token_mean): the config was used
     with pytest.raises(ValueError, match="not both"):
         grpo_loss(*args, loss=cfg, beta=0.2)
 
@@ -303,7 +358,9 @@ def test_settings_as_a_config_or_as_keywords_give_the_same_loss_and_not_both():
 def test_second_backward_through_chunked_loss_adds_the_same_gradient_again():
     inputs = make_inputs()
     h = inputs["hidden"].clone().requires_grad_()
-    loss, _ = grpo_loss(h, inputs["weight"], **{k: v for k, v in inputs.items() if k not in ("hidden", "weight")})
+    loss, _ = grpo_loss(
+        h, inputs["weight"], **{k: v for k, v in inputs.items() if k not in ("hidden", "weight")}
+    )
     (2 * loss).backward(retain_graph=True)
     once = h.grad.clone()
     (2 * loss).backward()  # the saved buffers were scaled out of place: the first backward left them intact
@@ -312,23 +369,27 @@ def test_second_backward_through_chunked_loss_adds_the_same_gradient_again():
 
 # ----------------------------------------------------------------------------- vocab parallel (gloo)
 
+
 def _vocab_parallel_worker(rank, world, inputs, impls):
     import torch.distributed as dist
 
     group = dist.group.WORLD
     G.CHUNK_BYTES = 4 * V * 4
     shard = inputs["weight"].shape[0] // world
-    local = dict(inputs, weight=inputs["weight"][rank * shard:(rank + 1) * shard])
+    local = dict(inputs, weight=inputs["weight"][rank * shard : (rank + 1) * shard])
     out = {}
     for impl in impls:
         loss, stats, gh, gw = run(grpo_loss, local, beta=0.1, vocab_group=group, impl=impl)
         h = inputs["hidden"].reshape(-1, H).clone().requires_grad_()
         w = local["weight"].clone().requires_grad_()
-        ce = linear_cross_entropy(h, w, inputs["targets"].reshape(-1), reduction="mean", vocab_group=group,
-                                  impl=impl)
+        ce = linear_cross_entropy(
+            h, w, inputs["targets"].reshape(-1), reduction="mean", vocab_group=group, impl=impl
+        )
         ce.backward()
-        out[impl] = [x.detach().numpy() for x in (loss, stats["logprobs"], stats["entropy"], gh, gw, ce, h.grad,
-                                                  w.grad)]
+        out[impl] = [
+            x.detach().numpy()
+            for x in (loss, stats["logprobs"], stats["entropy"], gh, gw, ce, h.grad, w.grad)
+        ]
     return out  # numpy: torch tensors would cross the queue as shared memory that dies with the worker
 
 
@@ -345,9 +406,26 @@ def test_vocab_parallel_matches_single_process_for_grpo_and_cross_entropy():
         rows = slice(rank * 49, (rank + 1) * 49)
         for impl in impls:
             loss, logp, ent, gh, gw, ce, ce_gh, ce_gw = map(torch.from_numpy, res[impl])
-            refs = (loss_r, stats_r["logprobs"], stats_r["entropy"], gh_r, gw_r[rows], ce_r, h.grad, w.grad[rows])
-            names = ("loss", "logprobs", "entropy", "grad hidden", "grad weight shard", "ce", "ce grad hidden",
-                     "ce grad weight shard")
+            refs = (
+                loss_r,
+                stats_r["logprobs"],
+                stats_r["entropy"],
+                gh_r,
+                gw_r[rows],
+                ce_r,
+                h.grad,
+                w.grad[rows],
+            )
+            names = (
+                "loss",
+                "logprobs",
+                "entropy",
+                "grad hidden",
+                "grad weight shard",
+                "ce",
+                "ce grad hidden",
+                "ce grad weight shard",
+            )
             for name, x, ref in zip(names, (loss, logp, ent, gh, gw, ce, ce_gh, ce_gw), refs):
                 assert_close_to_ref(x, ref, floor=2e-5, name=f"rank {rank} {impl} {name}")
 
@@ -414,12 +492,17 @@ def test_linear_cross_entropy_bf16_matches_fp32_reference_on_gpu(monkeypatch):
     targets = inputs["targets"].reshape(-1)
     outs = []
     hid16, w16 = (inputs["hidden"].reshape(-1, h) / 4).bfloat16(), inputs["weight"].bfloat16()
-    for dtype, fn in ((torch.float32, linear_cross_entropy_ref), (torch.bfloat16, linear_cross_entropy_ref),
-                      (torch.bfloat16, linear_cross_entropy)):
+    for dtype, fn in (
+        (torch.float32, linear_cross_entropy_ref),
+        (torch.bfloat16, linear_cross_entropy_ref),
+        (torch.bfloat16, linear_cross_entropy),
+    ):
         hid = hid16.to(dtype).requires_grad_()  # every run sees the same bf16-representable values
         w = w16.to(dtype).requires_grad_()
         loss = fn(hid, w, targets, reduction="mean")
         loss.backward()
         outs.append((loss.detach(), hid.grad, w.grad))
     for i, name in enumerate(("loss", "grad hidden", "grad weight")):
-        assert_close_to_ref(outs[2][i], outs[0][i], outs[1][i], floor=1e-6 * outs[0][i].abs().max().item(), name=name)
+        assert_close_to_ref(
+            outs[2][i], outs[0][i], outs[1][i], floor=1e-6 * outs[0][i].abs().max().item(), name=name
+        )

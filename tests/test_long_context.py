@@ -26,9 +26,11 @@ def test_passkey_document_has_the_asked_length_and_its_answer_is_the_key(tok):
         for depth in (0.0, 0.5, 1.0):
             d = passkey_document(tok, length, depth, rng)
             assert len(d.tokens) == length and d.tokens[-1] == tok.eos_id
-            assert tok.decode(d.tokens[d.answer_start: d.answer_start + d.answer_len]) == d.key
+            assert tok.decode(d.tokens[d.answer_start : d.answer_start + d.answer_len]) == d.key
             text = tok.decode(d.tokens)
-            assert text.count(d.key) == 2 and text.endswith(f"What is the pass key? The pass key is {d.key}.<|eos|>")
+            assert text.count(d.key) == 2 and text.endswith(
+                f"What is the pass key? The pass key is {d.key}.<|eos|>"
+            )
 
 
 def test_needle_moves_back_with_depth_and_the_grid_is_a_function_of_its_arguments(tok):
@@ -54,7 +56,12 @@ class _Rows:
         while True:
             t = torch.arange(self.T).repeat(self.B, 1) + 100 * self.i
             self.i += 1
-            yield {"tokens": t, "labels": t + 1, "doc_ids": torch.zeros_like(t), "positions": torch.arange(self.T).repeat(self.B, 1)}
+            yield {
+                "tokens": t,
+                "labels": t + 1,
+                "doc_ids": torch.zeros_like(t),
+                "positions": torch.arange(self.T).repeat(self.B, 1),
+            }
 
     def state_dict(self):
         return {"i": self.i}
@@ -67,14 +74,19 @@ def test_passkey_mix_replaces_a_share_of_rows_with_next_token_documents_and_resu
     mix = PasskeyMix(_Rows(), tok, fraction=0.5, seed=3)
     it = iter(mix)
     batches = [next(it) for _ in range(30)]
-    replaced = [(mb, r) for mb in batches for r in range(4) if not torch.equal(mb["tokens"][r], mb["labels"][r] - 1)]
+    replaced = [
+        (mb, r) for mb in batches for r in range(4) if not torch.equal(mb["tokens"][r], mb["labels"][r] - 1)
+    ]
     assert 0.3 < len(replaced) / 120 < 0.7
     for mb, r in replaced:
         keep = mb["labels"][r] != IGNORE_INDEX
         n = int(keep.sum())
         assert keep[:n].all() and n >= min_length(tok) - 1  # one document at the row's start, then padding
         assert torch.equal(mb["tokens"][r, 1:n], mb["labels"][r, : n - 1])
-        assert mb["labels"][r, n - 1] == tok.eos_id and tok.decode(mb["tokens"][r, :n].tolist()).count("pass key") == 3
+        assert (
+            mb["labels"][r, n - 1] == tok.eos_id
+            and tok.decode(mb["tokens"][r, :n].tolist()).count("pass key") == 3
+        )
         assert torch.equal(mb["positions"][r, :n], torch.arange(n)) and (mb["doc_ids"][r, n:] == 1).all()
     full = next(iter(PasskeyMix(_Rows(), tok, fraction=1.0, seed=3, full_length=True)))
     assert (full["labels"] != IGNORE_INDEX).all() and (full["labels"][:, -1] == tok.eos_id).all()
@@ -117,7 +129,9 @@ def test_retrieval_is_scored_digit_for_digit_and_tabled_per_length_and_depth(tok
     table = passkey_table(docs, correct)
     cell = {(c["length"], c["depth"]): c for c in table["cells"]}
     assert cell[70, 0.0]["accuracy"] == 0.75 and cell[100, 1.0]["accuracy"] == 0.0
-    assert cell[70, 0.0]["se"] == pytest.approx((0.75 / 3 / 4) ** 0.5)  # sum of squares 0.75, n - 1 = 3, n = 4
+    assert cell[70, 0.0]["se"] == pytest.approx(
+        (0.75 / 3 / 4) ** 0.5
+    )  # sum of squares 0.75, n - 1 = 3, n = 4
     assert table["by_length"]["100"]["accuracy"] == 3 / 8
     record = {"lengths": [70, 100], "depths": [0.0, 1.0], "per_problem": correct}
     assert per_length(record) == {70: correct[:8], 100: correct[8:]}
@@ -131,7 +145,10 @@ def test_rope_settings_round_trip_through_an_exported_model(tmp_path):
     assert rope == {f: getattr(args, f) for f in rope}
     plain = presets["tiny"].replace(max_seq_len=64, original_seq_len=64, rope_factor=1.0)
     save_pretrained(Transformer(plain), tmp_path / "p")
-    assert rope_of(tmp_path / "p")["max_seq_len"] == 64 and not plain.replace(**rope_of(tmp_path / "p")).uses_yarn
+    assert (
+        rope_of(tmp_path / "p")["max_seq_len"] == 64
+        and not plain.replace(**rope_of(tmp_path / "p")).uses_yarn
+    )
 
 
 def _compose(overrides):
@@ -155,9 +172,16 @@ def test_a_stage_after_long_context_trains_the_extended_model_and_long_context_s
 
     def engine_args(kind, job_model):
         spec = StageSpec(name="s", kind=kind)
-        ctx = StageContext(spec=spec, job=job.__class__(**{**job.__dict__, "model": job_model}), stage_dir=tmp_path,
-                           init_model=str(tmp_path / "extended"), dataset=None, prepared={},
-                           device=torch.device("cpu"), dtype=torch.float32)
+        ctx = StageContext(
+            spec=spec,
+            job=job.__class__(**{**job.__dict__, "model": job_model}),
+            stage_dir=tmp_path,
+            init_model=str(tmp_path / "extended"),
+            dataset=None,
+            prepared={},
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+        )
         return make_engine(ctx, 1, 1e-3).model.args
 
     assert not job.model.uses_yarn
@@ -168,11 +192,16 @@ def test_a_stage_after_long_context_trains_the_extended_model_and_long_context_s
     assert (own.rope_factor, own.max_seq_len) == (8.0, 512)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("++pipeline.stages.3.overrides={model.max_seq_len: 64, model.rope_factor: 1.0}",
-     "long_context.seq_len=128 exceeds the model's context (model.max_seq_len=64)"),
-    ("pipeline.stages.5.baseline=pretrain", "baseline='pretrain' must name an earlier stage of its kind"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "++pipeline.stages.3.overrides={model.max_seq_len: 64, model.rope_factor: 1.0}",
+            "long_context.seq_len=128 exceeds the model's context (model.max_seq_len=64)",
+        ),
+        ("pipeline.stages.5.baseline=pretrain", "baseline='pretrain' must name an earlier stage of its kind"),
+    ],
+)
 def test_long_context_config_errors_name_the_stage_before_any_work(tmp_path, override, message):
     from r1core.pipeline.config import ConfigError, to_job, validate_pipeline
 

@@ -8,8 +8,15 @@ import torch.nn.functional as F
 
 import r1core
 from r1core.model import IGNORE_INDEX, Impl, ModelArgs, ScoreFunc, Transformer, update_expert_bias
-from r1core.model.moe import (RouterSpec, grouped_swiglu_ref, permute_ref, permuted_rows, route_ref,
-                              seq_balance_loss, unpermute_ref)
+from r1core.model.moe import (
+    RouterSpec,
+    grouped_swiglu_ref,
+    permute_ref,
+    permuted_rows,
+    route_ref,
+    seq_balance_loss,
+    unpermute_ref,
+)
 from r1core.model.rope import apply_rope, rope_cos_sin, yarn_inv_freq
 
 
@@ -23,6 +30,7 @@ def tokens(args, B=2, T=12, seed=0):
 
 
 # ---------------------------------------------------------------- parameters
+
 
 def test_v3_preset_counts_671b_total_on_meta_device():
     total, active = r1core.count_parameters(r1core.presets["v3"])
@@ -49,12 +57,15 @@ def test_presets_return_fresh_objects_and_reject_unknown_names():
         r1core.presets["nope"]
 
 
-@pytest.mark.parametrize("bad, msg", [
-    (dict(n_routed_experts=9), "not divisible by n_expert_groups"),
-    (dict(n_limited_groups=5), "n_limited_groups=5"),
-    (dict(n_dense_layers=9), "n_dense_layers=9"),
-    (dict(qk_rope_head_dim=15), "must be even"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (dict(n_routed_experts=9), "not divisible by n_expert_groups"),
+        (dict(n_limited_groups=5), "n_limited_groups=5"),
+        (dict(n_dense_layers=9), "n_dense_layers=9"),
+        (dict(qk_rope_head_dim=15), "must be even"),
+    ],
+)
 def test_model_args_reject_contradictions(bad, msg):
     with pytest.raises(ValueError, match=msg):
         tiny(**bad)
@@ -62,20 +73,31 @@ def test_model_args_reject_contradictions(bad, msg):
 
 # ---------------------------------------------------------------- rope / yarn
 
+
 def test_yarn_inv_freq_matches_transformers():
     from transformers import DeepseekV3Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     args = r1core.presets["v3"]
-    cfg = DeepseekV3Config(qk_rope_head_dim=64, max_position_embeddings=args.max_seq_len, rope_parameters=dict(
-        rope_type="yarn", rope_theta=args.rope_theta, factor=args.rope_factor,
-        original_max_position_embeddings=args.original_seq_len, beta_fast=32, beta_slow=1,
-        mscale=1.0, mscale_all_dim=1.0))
+    cfg = DeepseekV3Config(
+        qk_rope_head_dim=64,
+        max_position_embeddings=args.max_seq_len,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=args.rope_theta,
+            factor=args.rope_factor,
+            original_max_position_embeddings=args.original_seq_len,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        ),
+    )
     inv_freq, attn_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
     torch.testing.assert_close(yarn_inv_freq(args), inv_freq, rtol=1e-6, atol=0)  # 1-ulp operand order
     assert attn_factor == 1.0
     # softmax scale: 1/sqrt(192) * (0.1 ln 40 + 1)^2
-    assert math.isclose(args.softmax_scale, 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+    assert math.isclose(args.softmax_scale, 192**-0.5 * (0.1 * math.log(40) + 1) ** 2)
 
 
 def test_rope_rotates_pairs_and_preserves_norm_and_relative_position():
@@ -87,14 +109,17 @@ def test_rope_rotates_pairs_and_preserves_norm_and_relative_position():
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
     # <R(p)q, R(s)k> depends only on p - s
     q, k = torch.randn(2, args.qk_rope_head_dim).unbind(0)
+
     def dot(p, s):
         cq, sq = rope_cos_sin(args, torch.tensor([[p]]))
         ck, sk = rope_cos_sin(args, torch.tensor([[s]]))
         return (apply_rope(q.view(1, 1, -1), cq, sq) * apply_rope(k.view(1, 1, -1), ck, sk)).sum()
+
     torch.testing.assert_close(dot(7, 3), dot(104, 100), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- attention
+
 
 def test_absorbed_and_naive_mla_agree():
     for q_lora in (64, 0):
@@ -103,7 +128,9 @@ def test_absorbed_and_naive_mla_agree():
         attn = model.layers["0"].attn
         x = torch.randn(2, 9, args.dim)
         meta = model.attn_meta(torch.zeros(2, 9, dtype=torch.long))
-        torch.testing.assert_close(attn(x, meta, absorb=True), attn(x, meta, absorb=False), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            attn(x, meta, absorb=True), attn(x, meta, absorb=False), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_cached_decode_equals_full_forward_and_cache_holds_only_latents():
@@ -115,7 +142,7 @@ def test_cached_decode_equals_full_forward_and_cache_holds_only_latents():
         cache = model.new_cache(2, 32)
         outs = [model(tok[:, :9], positions=torch.arange(9).expand(2, 9), cache=cache)]
         for t in range(9, 14):
-            outs.append(model(tok[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache))
+            outs.append(model(tok[:, t : t + 1], positions=torch.full((2, 1), t), cache=cache))
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-4)
     per_token = cache.nbytes() / (args.n_layers * 2 * 32)
     assert per_token == (args.kv_lora_rank + args.qk_rope_head_dim) * 4
@@ -160,6 +187,7 @@ def test_packed_documents_equal_separate_sequences():
 
 
 # ---------------------------------------------------------------- routing
+
 
 def test_route_hand_computed_group_limited_sigmoid():
     # 4 experts in 2 groups, keep 1 group, top-2; bias steers selection but not the weights.
@@ -213,6 +241,7 @@ def test_expert_bias_update_moves_toward_balance():
 
 # ---------------------------------------------------------------- permute / experts
 
+
 @pytest.mark.parametrize("pad", [1, 4])
 def test_permute_roundtrip_and_segment_layout(pad):
     T, K, E, D = 7, 2, 5, 3
@@ -253,6 +282,7 @@ def test_grouped_swiglu_ref_equals_per_token_expert_mlp():
 
 
 # ---------------------------------------------------------------- losses and training
+
 
 def test_mtp_loss_targets_shifted_labels():
     args = tiny()
@@ -315,10 +345,10 @@ def test_masked_attention_backward_is_finite_where_cudnn_sdpa_gives_nan(T):
     for dtype, fn in ((torch.bfloat16, sdpa), (torch.float32, None)):
         leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
         if fn is None:  # fp32 reference: explicit softmax
-            scores = (leaves[0] @ leaves[1].transpose(-1, -2)) * 192 ** -0.5
+            scores = (leaves[0] @ leaves[1].transpose(-1, -2)) * 192**-0.5
             out = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ leaves[2]
         else:
-            out = fn(*leaves, mask, 192 ** -0.5)
+            out = fn(*leaves, mask, 192**-0.5)
         out.backward(dout.to(dtype))
         grads.append([t.grad.float() for t in leaves])
     for name, got, want in zip("qkv", *grads):
@@ -328,5 +358,10 @@ def test_masked_attention_backward_is_finite_where_cudnn_sdpa_gives_nan(T):
             # a fused kernel's D_i = rowsum(dO * O) on the bf16 O leaves ~1e-2 of it, times 120. Finite is all
             # one can ask of that column; the others carry the real gradient.
             got, want = got[..., 1:], want[..., 1:]
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item(),
-                                   msg=lambda m, name=name: f"d{name}: {m}")
+        torch.testing.assert_close(
+            got,
+            want,
+            rtol=2e-2,
+            atol=2e-2 * want.abs().max().item(),
+            msg=lambda m, name=name: f"d{name}: {m}",
+        )

@@ -20,20 +20,69 @@ from r1core.model import Impl, ScoreFunc, Transformer, presets
 from r1core.model.moe import RouterSpec, permute_ref, permuted_rows, route_ref, unpermute_ref
 from r1core.testing import assert_close_to_ref
 
-V3 = RouterSpec(n_experts=256, top_k=8, n_groups=8, topk_groups=4, score_func=ScoreFunc.sigmoid, route_scale=2.5,
-                norm_topk_prob=True)
-TINY = RouterSpec(n_experts=8, top_k=2, n_groups=4, topk_groups=2, score_func=ScoreFunc.sigmoid, route_scale=2.5,
-                  norm_topk_prob=True)
-V2_LITE = RouterSpec(n_experts=64, top_k=6, n_groups=1, topk_groups=1, score_func=ScoreFunc.softmax, route_scale=1.0,
-                     norm_topk_prob=False)
-V2_GROUPED = RouterSpec(n_experts=160, top_k=6, n_groups=8, topk_groups=3, score_func=ScoreFunc.softmax,
-                        route_scale=16.0, norm_topk_prob=False)
-ODD = RouterSpec(n_experts=40, top_k=3, n_groups=5, topk_groups=2, score_func=ScoreFunc.sigmoid, route_scale=1.0,
-                 norm_topk_prob=True)
-WIDE = RouterSpec(n_experts=512, top_k=8, n_groups=16, topk_groups=4, score_func=ScoreFunc.sigmoid, route_scale=2.5,
-                  norm_topk_prob=True)
-UNGROUPED_33 = RouterSpec(n_experts=33, top_k=4, n_groups=1, topk_groups=1, score_func=ScoreFunc.sigmoid,
-                          route_scale=1.0, norm_topk_prob=True)
+V3 = RouterSpec(
+    n_experts=256,
+    top_k=8,
+    n_groups=8,
+    topk_groups=4,
+    score_func=ScoreFunc.sigmoid,
+    route_scale=2.5,
+    norm_topk_prob=True,
+)
+TINY = RouterSpec(
+    n_experts=8,
+    top_k=2,
+    n_groups=4,
+    topk_groups=2,
+    score_func=ScoreFunc.sigmoid,
+    route_scale=2.5,
+    norm_topk_prob=True,
+)
+V2_LITE = RouterSpec(
+    n_experts=64,
+    top_k=6,
+    n_groups=1,
+    topk_groups=1,
+    score_func=ScoreFunc.softmax,
+    route_scale=1.0,
+    norm_topk_prob=False,
+)
+V2_GROUPED = RouterSpec(
+    n_experts=160,
+    top_k=6,
+    n_groups=8,
+    topk_groups=3,
+    score_func=ScoreFunc.softmax,
+    route_scale=16.0,
+    norm_topk_prob=False,
+)
+ODD = RouterSpec(
+    n_experts=40,
+    top_k=3,
+    n_groups=5,
+    topk_groups=2,
+    score_func=ScoreFunc.sigmoid,
+    route_scale=1.0,
+    norm_topk_prob=True,
+)
+WIDE = RouterSpec(
+    n_experts=512,
+    top_k=8,
+    n_groups=16,
+    topk_groups=4,
+    score_func=ScoreFunc.sigmoid,
+    route_scale=2.5,
+    norm_topk_prob=True,
+)
+UNGROUPED_33 = RouterSpec(
+    n_experts=33,
+    top_k=4,
+    n_groups=1,
+    topk_groups=1,
+    score_func=ScoreFunc.sigmoid,
+    route_scale=1.0,
+    norm_topk_prob=True,
+)
 
 
 def _close(out, oracle, lowp=None, rel=1e-6, name="output"):
@@ -43,6 +92,7 @@ def _close(out, oracle, lowp=None, rel=1e-6, name="output"):
 
 
 # ----------------------------------------------------------------------------- CPU: the fallback error
+
 
 def test_every_op_without_extension_raises_error_naming_build_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "r1core._C", None)  # an import of r1core._C now fails, built or not
@@ -57,13 +107,16 @@ def test_every_op_without_extension_raises_error_naming_build_command(monkeypatc
         moe_cuda.moe_unpermute_cuda(x, idx, torch.ones(4, 2))
 
 
-@pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch may have the extension built")
+@pytest.mark.skipif(
+    torch.version.cuda is not None, reason="a CUDA build of torch may have the extension built"
+)
 def test_is_built_is_false_with_cpu_torch():
     # setup.py only builds r1core._C beside a CUDA build of torch.
     assert not moe_cuda.is_built()
 
 
 # ----------------------------------------------------------------------------- GPU: routing
+
 
 def _weights_oracle(logits, idx, spec):
     """route_ref's weights for a given selection, in float64."""
@@ -88,17 +141,20 @@ def _check_route(logits, bias, spec):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("spec,T,dtype,with_bias", [
-    (V3, 16384, torch.float32, True),     # the benchmark shape: near ties are certain at this size
-    (V3, 37, torch.bfloat16, True),
-    (TINY, 1, torch.float32, True),
-    (TINY, 300, torch.float32, False),
-    (ODD, 129, torch.float16, True),
-    (WIDE, 513, torch.float32, True),
-    (UNGROUPED_33, 64, torch.float32, True),
-    (V2_LITE, 1000, torch.float32, False),  # softmax without groups
-    (V2_GROUPED, 257, torch.float32, False),  # softmax, group score = max
-])
+@pytest.mark.parametrize(
+    "spec,T,dtype,with_bias",
+    [
+        (V3, 16384, torch.float32, True),  # the benchmark shape: near ties are certain at this size
+        (V3, 37, torch.bfloat16, True),
+        (TINY, 1, torch.float32, True),
+        (TINY, 300, torch.float32, False),
+        (ODD, 129, torch.float16, True),
+        (WIDE, 513, torch.float32, True),
+        (UNGROUPED_33, 64, torch.float32, True),
+        (V2_LITE, 1000, torch.float32, False),  # softmax without groups
+        (V2_GROUPED, 257, torch.float32, False),  # softmax, group score = max
+    ],
+)
 def test_route_matches_ref_indices_counts_and_weights(spec, T, dtype, with_bias):
     logits = (torch.randn(T, spec.n_experts, device="cuda") * 2).to(dtype)
     bias = torch.randn(spec.n_experts, device="cuda") * 0.1 if with_bias else None
@@ -108,8 +164,15 @@ def test_route_matches_ref_indices_counts_and_weights(spec, T, dtype, with_bias)
 @pytest.mark.gpu
 def test_route_fused_sigmoid_is_bitwise_torch_sigmoid():
     # Exact selection hinges on these scores being torch's to the bit (see moe_route.cu).
-    spec = RouterSpec(n_experts=256, top_k=32, n_groups=1, topk_groups=1, score_func=ScoreFunc.sigmoid,
-                      route_scale=1.0, norm_topk_prob=False)
+    spec = RouterSpec(
+        n_experts=256,
+        top_k=32,
+        n_groups=1,
+        topk_groups=1,
+        score_func=ScoreFunc.sigmoid,
+        route_scale=1.0,
+        norm_topk_prob=False,
+    )
     logits = torch.randn(4096, 256, device="cuda") * 6
     w, idx, _ = moe_cuda.moe_route_cuda(logits, None, spec)
     expected = logits.sigmoid().gather(1, idx)
@@ -173,8 +236,9 @@ def test_ops_reject_bad_inputs_naming_them():
     with pytest.raises(RuntimeError, match="x_TD must be float32, bfloat16 or float16"):
         moe_cuda.moe_permute_cuda(x.double(), torch.zeros(16, 2, device="cuda", dtype=torch.long), counts)
     with pytest.raises(RuntimeError, match=re.escape("weights_TK shape [16, 3] != pos_TK shape [16, 2]")):
-        moe_cuda.moe_unpermute_cuda(x, torch.zeros(16, 2, device="cuda", dtype=torch.long),
-                                    torch.ones(16, 3, device="cuda"))
+        moe_cuda.moe_unpermute_cuda(
+            x, torch.zeros(16, 2, device="cuda", dtype=torch.long), torch.ones(16, 3, device="cuda")
+        )
 
 
 @pytest.mark.gpu
@@ -193,6 +257,7 @@ def test_ops_accept_non_contiguous_inputs():
 
 
 # ----------------------------------------------------------------------------- GPU: permute / unpermute
+
 
 def _distinct_experts(T, K, experts, device="cuda"):
     """idx_TK with K distinct experts per token drawn from `experts`."""
@@ -217,8 +282,8 @@ def _case(name, T, D, E, K, dtype):
 
 PERMUTE_CASES = [  # (case, T, D, E, K, pad, dtype)
     ("random", 37, 64, 8, 2, 1, torch.float32),
-    ("random", 37, 33, 8, 2, 4, torch.bfloat16),      # 66-byte rows: 2-byte accesses
-    ("random", 100, 36, 16, 4, 8, torch.float32),     # 144-byte rows: 16-byte accesses
+    ("random", 37, 33, 8, 2, 4, torch.bfloat16),  # 66-byte rows: 2-byte accesses
+    ("random", 100, 36, 16, 4, 8, torch.float32),  # 144-byte rows: 16-byte accesses
     ("zero_token_experts", 50, 128, 16, 2, 1, torch.bfloat16),
     ("zero_token_experts", 50, 128, 16, 2, 128, torch.float16),
     ("one_expert_only", 64, 256, 8, 1, 1, torch.bfloat16),
@@ -226,8 +291,8 @@ PERMUTE_CASES = [  # (case, T, D, E, K, pad, dtype)
     ("one_expert_in_every_token", 77, 200, 32, 3, 1, torch.float32),
     ("random", 2500, 512, 256, 8, 1, torch.bfloat16),  # several chunks per expert
     ("random", 1, 7168, 256, 8, 128, torch.bfloat16),
-    ("random", 33, 1000, 64, 40, 1, torch.bfloat16),   # K > 32 (two shuffle groups); a partial column chunk
-    ("random", 45, 520, 16, 9, 2, torch.float16),      # K not a multiple of the 8-row load batch
+    ("random", 33, 1000, 64, 40, 1, torch.bfloat16),  # K > 32 (two shuffle groups); a partial column chunk
+    ("random", 45, 520, 16, 9, 2, torch.float16),  # K not a multiple of the 8-row load batch
 ]
 
 
@@ -303,7 +368,9 @@ def test_v3_shape_route_permute_unpermute_forward_and_backward():
     grad_yref, grad_wref = torch.autograd.grad(out_ref, (y_ref, w_ref), g)
     # chain through y = 0.5 x by hand for the reference: grad_x = 0.5 * gather-sum(grad_y)
     grad_x_ref = (grad_yref.float()[pos].sum(1) * 0.5).to(torch.bfloat16)
-    grad_x64 = (g.double()[:, None, :] * w.detach().double()[..., None]).to(torch.bfloat16).double().sum(1) * 0.5
+    grad_x64 = (g.double()[:, None, :] * w.detach().double()[..., None]).to(torch.bfloat16).double().sum(
+        1
+    ) * 0.5
     _close(grad_x, grad_x64, grad_x_ref, name="grad x_TD")
     grad_w64 = (g.double()[:, None, :] * y_PD.double()[pos]).sum(-1)
     _close(grad_w, grad_w64, grad_wref, rel=1e-5, name="grad weights_TK")
@@ -311,11 +378,14 @@ def test_v3_shape_route_permute_unpermute_forward_and_backward():
 
 # ----------------------------------------------------------------------------- GPU: model parity
 
+
 def _loss_and_grads(model, tokens, labels):
     model.zero_grad(set_to_none=True)
     out = model.compute_loss(tokens, labels)
     out.loss.backward()
-    return out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), {
+        n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 def _assert_same_training_step(model_a, model_b):

@@ -40,7 +40,9 @@ def _check_route(logits_TE, bias_E, spec, floor=1e-6):
     l_ref = logits_TE.clone().requires_grad_()
     w_ref, idx_ref, counts_ref = moe_route_ref(l_ref, bias_E, spec)
     assert w.dtype == torch.float32 and idx.dtype == torch.int64 and counts.dtype == torch.int64
-    assert torch.equal(idx, idx_ref), f"{(idx != idx_ref).any(dim=1).sum().item()} tokens select other experts"
+    assert torch.equal(idx, idx_ref), (
+        f"{(idx != idx_ref).any(dim=1).sum().item()} tokens select other experts"
+    )
     assert torch.equal(counts, counts_ref)
     w64, l64 = _weights_fp64(logits_TE, idx_ref, spec)
     assert_close_to_ref(w, w64, w_ref, floor=floor, name="weights_TK")
@@ -173,10 +175,10 @@ def _ffn_inputs(E, D, I, seg, tail, dtype=torch.float64, device="cpu", seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     P = sum(seg) + tail
     x = torch.randn(P, D, generator=g, device=device, dtype=dtype)
-    x[sum(seg):] = 0  # rows past the last segment are zero by the permute contract
-    w1 = torch.randn(E, I, D, generator=g, device=device, dtype=dtype) * D ** -0.5
-    w2 = torch.randn(E, D, I, generator=g, device=device, dtype=dtype) * I ** -0.5
-    w3 = torch.randn(E, I, D, generator=g, device=device, dtype=dtype) * D ** -0.5
+    x[sum(seg) :] = 0  # rows past the last segment are zero by the permute contract
+    w1 = torch.randn(E, I, D, generator=g, device=device, dtype=dtype) * D**-0.5
+    w2 = torch.randn(E, D, I, generator=g, device=device, dtype=dtype) * I**-0.5
+    w3 = torch.randn(E, I, D, generator=g, device=device, dtype=dtype) * D**-0.5
     return (x, w1, w2, w3), torch.tensor(seg, device=device)
 
 
@@ -247,7 +249,9 @@ def _loss_and_grads(model, tokens, labels, impl):
     model.zero_grad(set_to_none=True)
     out = model.compute_loss(tokens, labels)
     out.loss.backward()
-    return out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), {
+        n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 def test_tiny_model_loss_and_grads_equal_ref_with_triton_moe():
@@ -297,18 +301,27 @@ def check_permute_unpermute(T, K, E, D, pad, dtype, device):
     (gx_ref,) = torch.autograd.grad(x_ref, x, g)
     assert_close_to_ref(gx, g.float()[pos].sum(dim=1), gx_ref, floor=1e-5, name="grad x_TD")
     del x_PD, x_ref, g, gx, gx_ref
-    y = torch.randn(pos_ref.numel() + (E * (pad - 1) if pad > 1 else 0), D, device=device, dtype=dtype,
-                    requires_grad=True)
+    y = torch.randn(
+        pos_ref.numel() + (E * (pad - 1) if pad > 1 else 0), D, device=device, dtype=dtype, requires_grad=True
+    )
     w = torch.rand(T, K, device=device, requires_grad=True)
     out, out_ref = moe_unpermute(y, pos, w), moe_unpermute_ref(y, pos, w)
     gy = torch.randn_like(out)
     y32, gy32 = y.detach().float(), gy.float()
-    out32 = torch.cat([(y32[pos[t:t + 1024]] * w.detach()[t:t + 1024, :, None]).sum(1) for t in range(0, T, 1024)])
+    out32 = torch.cat(
+        [(y32[pos[t : t + 1024]] * w.detach()[t : t + 1024, :, None]).sum(1) for t in range(0, T, 1024)]
+    )
     assert_close_to_ref(out, out32, out_ref, floor=1e-5, name="y_TD")
     grads, grads_ref = torch.autograd.grad(out, (y, w), gy), torch.autograd.grad(out_ref, (y, w), gy)
-    gw64 = torch.cat([(gy32[t:t + 1024, None].double() * y32[pos[t:t + 1024]].double()).sum(-1)
-                      for t in range(0, T, 1024)])
-    gy32_PD = torch.zeros_like(y32).index_put_((pos.flatten(),), (gy32[:, None] * w.detach()[..., None]).flatten(0, 1))
+    gw64 = torch.cat(
+        [
+            (gy32[t : t + 1024, None].double() * y32[pos[t : t + 1024]].double()).sum(-1)
+            for t in range(0, T, 1024)
+        ]
+    )
+    gy32_PD = torch.zeros_like(y32).index_put_(
+        (pos.flatten(),), (gy32[:, None] * w.detach()[..., None]).flatten(0, 1)
+    )
     assert_close_to_ref(grads[0], gy32_PD, grads_ref[0], floor=1e-5, name="grad y_PD")
     assert_close_to_ref(grads[1], gw64, grads_ref[1], floor=1e-4, name="grad weights_TK")
 
@@ -337,7 +350,9 @@ def check_grouped_swiglu(T, K, E, D, I, backend, dtype, device, tail=64):
         rows = slice(start, start + n)
         start += n
         if n == 0:
-            assert all((gw[e] == 0).all() for gw in grads[1:]), f"expert {e} has no rows but nonzero weight grads"
+            assert all((gw[e] == 0).all() for gw in grads[1:]), (
+                f"expert {e} has no rows but nonzero weight grads"
+            )
             continue
         ref32 = _expert_refs(x[rows], w1[e], w2[e], w3[e], g[rows], torch.float32)
         ref_lp = _expert_refs(x[rows], w1[e], w2[e], w3[e], g[rows], dtype)
@@ -367,11 +382,15 @@ def check_model_parity(args, B, T, device):
     loss_t, grads_t = _loss_and_grads(model, tokens, labels, "triton")
     assert_close_to_ref(loss_t, loss32, floor=1e-5 * loss32.abs().item(), name="fp32 loss")
     for name, g32 in grads32.items():
-        assert_close_to_ref(grads_t[name], g32, floor=1e-4 * g32.abs().max().item() + 1e-8, name=f"fp32 {name}")
+        assert_close_to_ref(
+            grads_t[name], g32, floor=1e-4 * g32.abs().max().item() + 1e-8, name=f"fp32 {name}"
+        )
     model.to(torch.bfloat16)
     loss_lp, grads_lp = _loss_and_grads(model, tokens, labels, "ref")
     loss_t, grads_t = _loss_and_grads(model, tokens, labels, "triton")
-    assert abs(loss_t.item() - loss32.item()) <= 2 * abs(loss_lp.item() - loss32.item()) + 1e-3 * loss32.item()
+    assert (
+        abs(loss_t.item() - loss32.item()) <= 2 * abs(loss_lp.item() - loss32.item()) + 1e-3 * loss32.item()
+    )
     for name, g32 in grads32.items():
         err, err_lp = _rel_err(grads_t[name], g32), _rel_err(grads_lp[name], g32)
         assert err <= 2 * err_lp + 1e-3, f"bf16 {name}: relative error {err:.3e} > 2 * {err_lp:.3e} + 1e-3"

@@ -25,9 +25,13 @@ def test_readme_quick_start_is_exactly_two_commands_and_ci_runs_the_second():
 
 def test_non_editable_install_ships_kernels_and_configs(tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(ROOT)],
-                   check=True, capture_output=True, timeout=600, env={"R1CORE_BUILD_CUDA": "0", "PATH": "/usr/bin:/bin",
-                                                                       "HOME": str(tmp_path)})
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        env={"R1CORE_BUILD_CUDA": "0", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     probe = f"""
 import sys
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__]  # hide the dev checkout
@@ -44,7 +48,9 @@ assert resources.files("r1core.conf").joinpath("pipeline/r1.yaml").is_file()
 assert resources.files("r1core.data").joinpath("builtin/text.txt").is_file()
 print("ok", r1core.kernels.__file__)
 """
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ok" in r.stdout
     (shipped,) = target.glob("r1core-*.dist-info/licenses/LICENSE")
@@ -66,8 +72,12 @@ _REPO_DIRS = ("r1core/", "docs/", "examples/", "benchmarks/", "tests/", "conf/",
 
 
 def _user_docs() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").rglob("*.md")),
-            ROOT / "r1core" / "rewards" / "README.md"]
+    return [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        *sorted((ROOT / "examples").rglob("*.md")),
+        ROOT / "r1core" / "rewards" / "README.md",
+    ]
 
 
 def test_user_docs_point_only_at_files_inside_the_repository():
@@ -77,8 +87,9 @@ def test_user_docs_point_only_at_files_inside_the_repository():
         assert not outside, f"{doc.relative_to(ROOT)} points outside the repository: {outside}"
         for path in re.findall(r"`((?:%s)[\w./-]*?)[`:]" % "|".join(map(re.escape, _REPO_DIRS)), text):
             target = ROOT / path.split("::")[0]
-            assert target.exists() or any(ROOT.glob(path)) or _output_location(path), \
+            assert target.exists() or any(ROOT.glob(path)) or _output_location(path), (
                 f"{doc.relative_to(ROOT)} names {path}, which does not exist"
+            )
 
 
 def _output_location(path: str) -> bool:
@@ -107,7 +118,7 @@ from kernels import CUDAProperties
 assert CUDAProperties == 'the pypi package' and kernels.layers.X == 1, kernels.__file__
 import r1core.kernels
 from r1core.model.moe import moe_ops
-assert r1core.kernels.__file__.startswith({str(ROOT / 'r1core' / 'kernels')!r}) and moe_ops("cuda").experts is not None
+assert r1core.kernels.__file__.startswith({str(ROOT / "r1core" / "kernels")!r}) and moe_ops("cuda").experts is not None
 print("ok")
 """)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

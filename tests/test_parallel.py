@@ -40,9 +40,12 @@ TOL = {torch.float32: (2e-5, 1e-4, 1e-4), torch.bfloat16: (1e-3, 2e-2, 8e-3)}
 def lm_batch() -> dict:
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, ARGS.vocab_size, (ROWS, SEQ + 1), generator=g)
-    doc_ids = (torch.arange(SEQ) >= torch.tensor([5, 9, 16, 12])[:, None]).long()  # two packed documents per row
-    labels = data[:, 1:].masked_fill(torch.cat([doc_ids[:, 1:] != doc_ids[:, :-1],
-                                                torch.zeros(ROWS, 1, dtype=torch.bool)], 1), -100)
+    doc_ids = (
+        torch.arange(SEQ) >= torch.tensor([5, 9, 16, 12])[:, None]
+    ).long()  # two packed documents per row
+    labels = data[:, 1:].masked_fill(
+        torch.cat([doc_ids[:, 1:] != doc_ids[:, :-1], torch.zeros(ROWS, 1, dtype=torch.bool)], 1), -100
+    )
     starts = torch.tensor([5, 9, 16, 12])[:, None]
     positions = torch.where(doc_ids.bool(), torch.arange(SEQ) - starts, torch.arange(SEQ))
     return {"tokens": data[:, :-1], "labels": labels, "doc_ids": doc_ids, "positions": positions}
@@ -52,18 +55,24 @@ def grpo_batch() -> dict:
     g = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, ARGS.vocab_size, (ROWS, SEQ), generator=g)
     mask = (torch.arange(SEQ) >= torch.tensor([3, 6, 8, 16])[:, None]).float()  # the last row has no response
-    return {"tokens": tokens, "targets": tokens.roll(-1, 1), "mask": mask,
-            "advantages": torch.tensor([1.0, -0.5, 0.25, 0.0]),
-            "ref_logprobs": -6.0 + 0.1 * torch.randn(ROWS, SEQ, generator=g)}
+    return {
+        "tokens": tokens,
+        "targets": tokens.roll(-1, 1),
+        "mask": mask,
+        "advantages": torch.tensor([1.0, -0.5, 0.25, 0.0]),
+        "ref_logprobs": -6.0 + 0.1 * torch.randn(ROWS, SEQ, generator=g),
+    }
 
 
-OBJECTIVES = {"lm": (LMObjective, lm_batch),
-              "grpo": (lambda: GRPOObjective(PolicyLossConfig(beta=0.04, eps_high=0.28, agg="token_mean")), grpo_batch)}
+OBJECTIVES = {
+    "lm": (LMObjective, lm_batch),
+    "grpo": (lambda: GRPOObjective(PolicyLossConfig(beta=0.04, eps_high=0.28, agg="token_mean")), grpo_batch),
+}
 
 
 def _rows(engine, batch: dict) -> dict:
     n = ROWS // engine.dp_size
-    return {k: v[engine.dp_rank * n:(engine.dp_rank + 1) * n] for k, v in batch.items()}
+    return {k: v[engine.dp_rank * n : (engine.dp_rank + 1) * n] for k, v in batch.items()}
 
 
 def _steps(engine, kind: str, n: int = 2) -> list[dict]:
@@ -98,7 +107,9 @@ def _two_steps(engine, kind: str) -> dict:
 
 
 def _train_layout(kind: str, cfg: dict, dtype=torch.float32) -> dict:
-    return _two_steps(build_engine(ARGS, ParallelConfig(**cfg), OPTIM, device="cpu", dtype=dtype, seed=0), kind)
+    return _two_steps(
+        build_engine(ARGS, ParallelConfig(**cfg), OPTIM, device="cpu", dtype=dtype, seed=0), kind
+    )
 
 
 def _reshard(save_cfg: dict, load_cfg: dict, path: str) -> dict:
@@ -204,13 +215,17 @@ def _assert_matches(run: dict, ref: dict, name: str, dtype=torch.float32) -> Non
     for step, (got, want) in enumerate(zip(run["metrics"], ref["metrics"]), start=1):
         for key in ("loss", "grad_norm", "ce", "policy_loss", "aux"):
             if key in want:
-                np.testing.assert_allclose(got[key], want[key], rtol=loss_rtol, err_msg=f"{name} step {step} {key}")
+                np.testing.assert_allclose(
+                    got[key], want[key], rtol=loss_rtol, err_msg=f"{name} step {step} {key}"
+                )
     assert set(run["grads"]) == set(ref["grads"]), name
     for key, want in ref["grads"].items():
         atol = grad_atol * max(np.abs(want).max(), 1e-8)
         np.testing.assert_allclose(run["grads"][key], want, rtol=0, atol=atol, err_msg=f"{name} grad {key}")
     for key, want in ref["state"].items():
-        np.testing.assert_allclose(run["state"][key], want, rtol=0, atol=weight_atol, err_msg=f"{name} weight {key}")
+        np.testing.assert_allclose(
+            run["state"][key], want, rtol=0, atol=weight_atol, err_msg=f"{name} weight {key}"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(TWO_RANK))
@@ -255,18 +270,21 @@ def test_checkpoint_saved_at_tp2_pp2_ep2_loads_at_tp4_ep2_on_one_device_and_as_h
     _assert_reshard(results["reshard"], path)
 
 
-@pytest.mark.parametrize("cfg, world, words", [
-    (dict(tp=3), 6, ["n_heads=4 is not divisible by tp=3", "vocab_size=512"]),
-    (dict(tp=2, pp=2), 6, ["world size 6 is not divisible by tp*pp"]),
-    (dict(ep=3), 3, ["n_routed_experts=8 is not divisible by ep=3"]),
-    (dict(ep=4), 2, ["ep=4 must divide cp*dp=1*2"]),
-    (dict(pp=3), 3, ["n_layers=4 is not divisible by the 3 pipeline stages"]),
-    (dict(pp=2, pp_schedule="interleaved", pp_virtual=4), 2, ["8 pipeline stages"]),
-    (dict(tp=2, dp=2), 2, ["tp*pp*cp*dp = 2*1*1*2 != world size 2"]),
-    (dict(sequence_parallel=True), 1, ["sequence_parallel needs tp > 1"]),
-    (dict(pp=2), 2, ["pp=2 with 1f1b needs parallel.microbatches >= 2, got 1"]),
-    (dict(pp=2, pp_schedule="dualpipev", microbatches=2), 2, ["needs parallel.microbatches >= 4, got 2"]),
-])
+@pytest.mark.parametrize(
+    "cfg, world, words",
+    [
+        (dict(tp=3), 6, ["n_heads=4 is not divisible by tp=3", "vocab_size=512"]),
+        (dict(tp=2, pp=2), 6, ["world size 6 is not divisible by tp*pp"]),
+        (dict(ep=3), 3, ["n_routed_experts=8 is not divisible by ep=3"]),
+        (dict(ep=4), 2, ["ep=4 must divide cp*dp=1*2"]),
+        (dict(pp=3), 3, ["n_layers=4 is not divisible by the 3 pipeline stages"]),
+        (dict(pp=2, pp_schedule="interleaved", pp_virtual=4), 2, ["8 pipeline stages"]),
+        (dict(tp=2, dp=2), 2, ["tp*pp*cp*dp = 2*1*1*2 != world size 2"]),
+        (dict(sequence_parallel=True), 1, ["sequence_parallel needs tp > 1"]),
+        (dict(pp=2), 2, ["pp=2 with 1f1b needs parallel.microbatches >= 2, got 1"]),
+        (dict(pp=2, pp_schedule="dualpipev", microbatches=2), 2, ["needs parallel.microbatches >= 4, got 2"]),
+    ],
+)
 def test_bad_layout_fails_at_start_with_one_message_naming_every_problem(cfg, world, words):
     with pytest.raises(ValueError, match="bad parallel layout") as err:
         check_layout(ARGS, ParallelConfig(**cfg), world)
@@ -311,20 +329,30 @@ def test_launcher_names_a_rank_that_died_without_reporting():
     assert time.monotonic() - t0 < 60  # reported when it happens, not at the timeout
 
 
-@pytest.mark.parametrize("mode, failing, cause", [
-    ("stage", 0, "deliberate failure in stage 0"),   # an exception mid-schedule; the peer waits in a recv
-    ("timeout", 1, "Timed out waiting 3000ms"),       # a peer that hangs without raising: parallel.timeout_s
-])
+@pytest.mark.parametrize(
+    "mode, failing, cause",
+    [
+        ("stage", 0, "deliberate failure in stage 0"),  # an exception mid-schedule; the peer waits in a recv
+        ("timeout", 1, "Timed out waiting 3000ms"),  # a peer that hangs without raising: parallel.timeout_s
+    ],
+)
 def test_a_failing_rank_ends_a_torchrun_job_with_an_error_instead_of_hanging(mode, failing, cause):
     import subprocess
     import sys
 
     job = os.path.join(os.path.dirname(__file__), "dist_fail_fast_job.py")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
     t0 = time.monotonic()
     # the hang this guards against lasts the process-group timeout (600 s in "stage", gloo's 30 min by default)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", job,
-                           mode], capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", job, mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"rank {failing} of 2 failed" in proc.stderr and cause in proc.stderr, proc.stderr[-3000:]

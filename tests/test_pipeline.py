@@ -24,17 +24,40 @@ from r1core.rl.rewarding import Scorer
 from r1core.rollout import Sample
 
 # Step counts small enough for CI; every stage still trains, samples, filters and evaluates.
-TOY = ["pretrain.steps=6", "pretrain.save_every=3", "pretrain.seq_len=48", "pretrain.batch_size=8",
-       "pretrain.micro_batch_size=8", "sft.steps=3", "sft.save_every=2", "sft.seq_len=64", "sft.batch_size=8",
-       "sft.micro_batch_size=8", "rl.steps=2", "rl.save_every=1", "rl.prompts_per_step=3", "rl.group_size=2",
-       "rl.sampling.max_new_tokens=12", "rl.max_refill_rounds=0", "eval.problems=4", "eval.k=2",
-       "eval.sampling.max_new_tokens=12",
-       "rejection.prompts=4", "rejection.samples_per_prompt=2", "rejection.sampling.max_new_tokens=12",
-       "rejection.filters.require_correct=false", "rejection.filters.require_format=false",
-       "rejection.filters.require_finished=false", "distill.prompts=4",
-       "distill.sampling.max_new_tokens=12", "distill.filters.require_correct=false",
-       "distill.filters.require_finished=false", "data.corpus_docs=300",
-       "data.cold_start_examples=40", "data.eval_problems=4"]
+TOY = [
+    "pretrain.steps=6",
+    "pretrain.save_every=3",
+    "pretrain.seq_len=48",
+    "pretrain.batch_size=8",
+    "pretrain.micro_batch_size=8",
+    "sft.steps=3",
+    "sft.save_every=2",
+    "sft.seq_len=64",
+    "sft.batch_size=8",
+    "sft.micro_batch_size=8",
+    "rl.steps=2",
+    "rl.save_every=1",
+    "rl.prompts_per_step=3",
+    "rl.group_size=2",
+    "rl.sampling.max_new_tokens=12",
+    "rl.max_refill_rounds=0",
+    "eval.problems=4",
+    "eval.k=2",
+    "eval.sampling.max_new_tokens=12",
+    "rejection.prompts=4",
+    "rejection.samples_per_prompt=2",
+    "rejection.sampling.max_new_tokens=12",
+    "rejection.filters.require_correct=false",
+    "rejection.filters.require_format=false",
+    "rejection.filters.require_finished=false",
+    "distill.prompts=4",
+    "distill.sampling.max_new_tokens=12",
+    "distill.filters.require_correct=false",
+    "distill.filters.require_finished=false",
+    "data.corpus_docs=300",
+    "data.cold_start_examples=40",
+    "data.eval_problems=4",
+]
 
 
 def _compose(overrides):
@@ -49,13 +72,23 @@ def _cfg(tmp_path, *extra, pipeline="default"):
 
 # ---------------------------------------------------------------- validation before any work
 
-@pytest.mark.parametrize("override, message", [
-    ("rl.group_size=1", "rl.group_size=1"),
-    ("parallel.tp=3", "incompatible parallel layout"),
-    ("data.rl_prompts_jsonl=/nope/problems.jsonl", "data.rl_prompts_jsonl='/nope/problems.jsonl' does not exist"),
-    ("+pipeline.stages.1.overrides={rl.no_such_key: 1}", "override key 'rl.no_such_key' is not a job setting"),
-    ("pipeline.stages.3.init=eval_zero", "init='eval_zero' names no earlier stage"),
-])
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rl.group_size=1", "rl.group_size=1"),
+        ("parallel.tp=3", "incompatible parallel layout"),
+        (
+            "data.rl_prompts_jsonl=/nope/problems.jsonl",
+            "data.rl_prompts_jsonl='/nope/problems.jsonl' does not exist",
+        ),
+        (
+            "+pipeline.stages.1.overrides={rl.no_such_key: 1}",
+            "override key 'rl.no_such_key' is not a job setting",
+        ),
+        ("pipeline.stages.3.init=eval_zero", "init='eval_zero' names no earlier stage"),
+    ],
+)
 def test_config_errors_fail_before_any_work_with_one_clear_message(tmp_path, override, message):
     cfg = _cfg(tmp_path / "run", override)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -71,8 +104,20 @@ def test_unknown_stage_kind_is_rejected_at_compose_time(tmp_path):
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "r1core.cli", "run", f"run_dir={tmp_path}/x",
-                        f"hydra.run.dir={tmp_path}/x", "rl.group_size=1"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "r1core.cli",
+            "run",
+            f"run_dir={tmp_path}/x",
+            f"hydra.run.dir={tmp_path}/x",
+            "rl.group_size=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "rl.group_size=1" in r.stderr + r.stdout and "Traceback" not in r.stderr
 
@@ -88,7 +133,9 @@ def test_every_stage_validates_under_several_processes_and_a_student_that_does_n
     cfg = _cfg(tmp_path)
     assert len(validate_pipeline(cfg, to_job(cfg), world_size=2)) == 14
     cfg = _cfg(tmp_path, "parallel.tp=2", "distill.student.n_heads=3")
-    with pytest.raises(ConfigError, match=r"stage 'distill': the student \(distill.student\) does not fit .*n_heads=3"):
+    with pytest.raises(
+        ConfigError, match=r"stage 'distill': the student \(distill.student\) does not fit .*n_heads=3"
+    ):
         validate_pipeline(cfg, to_job(cfg), world_size=2)
 
 
@@ -99,15 +146,18 @@ def test_stage_overrides_apply_to_that_stage_only(tmp_path):
 
     before, after = rl_steps(), rl_steps("+pipeline.stages.3.overrides={rl.steps: 7}")
     assert after["zero_rl"] == 7 and before["zero_rl"] != 7
-    assert {k: v for k, v in after.items() if k != "zero_rl"} == {k: v for k, v in before.items() if k != "zero_rl"}
+    assert {k: v for k, v in after.items() if k != "zero_rl"} == {
+        k: v for k, v in before.items() if k != "zero_rl"
+    }
 
 
 # ---------------------------------------------------------------- eval metrics and filters
 
+
 def test_majority_vote_hand_cases():
     assert majority_correct(["4", "5", "4"], [1, 0, 1]) == 1.0
     assert majority_correct(["5", "4", "5"], [0, 1, 0]) == 0.0
-    assert majority_correct(["4", "5"], [1, 0]) == 1.0      # tie: the first seen
+    assert majority_correct(["4", "5"], [1, 0]) == 1.0  # tie: the first seen
     assert majority_correct([None, None], [0, 0]) == 0.0
     assert final_answer("<think>2+2</think> \\boxed{ 4 }") == "4"
     assert final_answer("<think>never closed \\boxed{4}") is None
@@ -123,35 +173,59 @@ class CannedRollout:
         out = []
         for i, _ in enumerate(prompts):
             texts = self.responses[i][:n] if sampling.temperature > 0 else self.responses[i][-1:]
-            out += [Sample(prompt_ids=[1], response_ids=[2], logprobs=[0.0], finish_reason="stop", prompt_index=i,
-                           sample_index=j, response_text=t) for j, t in enumerate(texts)]
+            out += [
+                Sample(
+                    prompt_ids=[1],
+                    response_ids=[2],
+                    logprobs=[0.0],
+                    finish_reason="stop",
+                    prompt_index=i,
+                    sample_index=j,
+                    response_text=t,
+                )
+                for j, t in enumerate(texts)
+            ]
         return out
 
 
 def test_eval_pass_at_1_and_cons_at_k_hand_computed():
-    probs = [Problem(prompt="1+1=", answer="2", task="arithmetic"), Problem(prompt="2+2=", answer="4", task="arithmetic")]
+    probs = [
+        Problem(prompt="1+1=", answer="2", task="arithmetic"),
+        Problem(prompt="2+2=", answer="4", task="arithmetic"),
+    ]
     box = lambda x: f"<think>x</think> \\boxed{{{x}}}"  # noqa: E731
-    rollout = CannedRollout([[box(2), box(3), box(3), box(2)],   # 1 of 3 sampled right, greedy (last) right
-                             [box(4), box(4), box(5), box(9)]])  # 2 of 3 right, greedy wrong
+    rollout = CannedRollout(
+        [
+            [box(2), box(3), box(3), box(2)],  # 1 of 3 sampled right, greedy (last) right
+            [box(4), box(4), box(5), box(9)],
+        ]
+    )  # 2 of 3 right, greedy wrong
     metrics, rows = evaluate(rollout, lambda p: [0], probs, EvalConfig(k=3), seed=0)
     assert metrics["pass@1"] == pytest.approx((1 / 3 + 2 / 3) / 2)
-    assert metrics["cons@3"] == pytest.approx(0.5)   # problem 1 votes 3 (wrong), problem 2 votes 4
+    assert metrics["cons@3"] == pytest.approx(0.5)  # problem 1 votes 3 (wrong), problem 2 votes 4
     assert metrics["greedy"] == pytest.approx(0.5)
     assert [r["cons"] for r in rows] == [0.0, 1.0]
 
 
 def _sample(text, ids=(5, 6, 7), finish="stop"):
-    return Sample(prompt_ids=[1], response_ids=list(ids), logprobs=[0.0] * len(ids), finish_reason=finish,
-                  response_text=text)
+    return Sample(
+        prompt_ids=[1],
+        response_ids=list(ids),
+        logprobs=[0.0] * len(ids),
+        finish_reason=finish,
+        response_text=text,
+    )
 
 
 def test_rejection_filters_on_hand_written_samples():
     p = Problem(prompt="3+4=", answer="7", task="arithmetic")
-    f = Filters(require_correct=True, require_format=True, language="en", min_language_share=0.9, max_ngram_repeats=3)
+    f = Filters(
+        require_correct=True, require_format=True, language="en", min_language_share=0.9, max_ngram_repeats=3
+    )
     sc = Scorer({"accuracy": 1.0})
     good = "<think>\n3+4=7\n</think>\n\\boxed{7}"
     cases = {
-        "kept": (_sample(good[len("<think>\n"):]), good),
+        "kept": (_sample(good[len("<think>\n") :]), good),
         "truncated": (_sample("3+4=", finish="length"), "<think>\n3+4="),
         "incorrect": (_sample("3+4=8\n</think>\n\\boxed{8}"), "<think>\n3+4=8\n</think>\n\\boxed{8}"),
         "format": (_sample("\\boxed{7}"), "\\boxed{7} no think"),
@@ -166,6 +240,7 @@ def test_rejection_filters_on_hand_written_samples():
 
 
 # ---------------------------------------------------------------- manifest
+
 
 def test_all_scenario_reward_model_is_the_value_head_on_the_last_tokens_final_hidden_state(tmp_path):
     """TransformerRewardModel (a rewards.ScalarHeadRewardModel) against the model run by hand: prompt +
@@ -205,14 +280,15 @@ def test_manifest_skips_only_done_stages_with_the_same_hash(tmp_path):
     assert not m.is_done("a", "h1")
     m.finish("a", {"model": str(out)}, {}, 1.0)
     assert Manifest(tmp_path, "p").is_done("a", "h1")
-    assert not m.is_done("a", "h2")          # config changed: rerun
+    assert not m.is_done("a", "h2")  # config changed: rerun
     out.unlink()
-    assert not m.is_done("a", "h1")          # output gone: rerun
+    assert not m.is_done("a", "h1")  # output gone: rerun
     with pytest.raises(RuntimeError, match="belongs to pipeline 'p'"):
         Manifest(tmp_path, "other")
 
 
 # ---------------------------------------------------------------- wiring and resume
+
 
 def test_default_pipeline_wires_every_stage_and_a_rerun_skips_them(tmp_path):
     cfg = _cfg(tmp_path)
@@ -220,29 +296,54 @@ def test_default_pipeline_wires_every_stage_and_a_rerun_skips_them(tmp_path):
     man = json.loads((tmp_path / "manifest.json").read_text())
     stages = man["stages"]
     assert all(s["status"] == "done" for s in stages.values()), {k: s["status"] for k, s in stages.items()}
-    for name in ("pretrain", "zero_rl", "cold_start_sft", "reasoning_rl", "sft", "all_scenario_rl", "distill"):
+    for name in (
+        "pretrain",
+        "zero_rl",
+        "cold_start_sft",
+        "reasoning_rl",
+        "sft",
+        "all_scenario_rl",
+        "distill",
+    ):
         assert (Path(stages[name]["outputs"]["model"]) / "config.json").exists(), name
     assert Path(stages["rejection_sampling"]["outputs"]["dataset"]).exists()
-    rows = [json.loads(x) for x in Path(stages["rejection_sampling"]["outputs"]["dataset"]).read_text().splitlines()]
+    rows = [
+        json.loads(x)
+        for x in Path(stages["rejection_sampling"]["outputs"]["dataset"]).read_text().splitlines()
+    ]
     assert all("provenance" in r for r in rows)
     for name in ("eval_base", "eval_zero", "eval_sft", "eval_r1", "eval_student"):
         m = stages[name]["metrics"]
-        assert {"pass@1", f"cons@{m['k']}", "greedy", "pass@1_lo", "pass@1_hi", "direct_share"} <= set(m), name
+        assert {"pass@1", f"cons@{m['k']}", "greedy", "pass@1_lo", "pass@1_hi", "direct_share"} <= set(m), (
+            name
+        )
         assert m["pass@1_lo"] <= m["pass@1"] <= m["pass@1_hi"]
     assert stages["eval_base"]["metrics"]["k"] == 16  # the base's pass@k curve reaches k = 16
     # the student is the dense preset: its export has no MoE layer
     student = json.loads((Path(stages["distill"]["outputs"]["model"]) / "config.json").read_text())
     assert student["first_k_dense_replace"] == student["num_hidden_layers"]
     # the export is the last save: no full optimizer checkpoint after the last step (6 steps, every 3)
-    assert sorted(p.name for p in (tmp_path / "stages" / "pretrain" / "checkpoints").glob("step_*")) == ["step_000003"]
-    assert sorted(p.name for p in (tmp_path / "stages" / "zero_rl" / "checkpoints").glob("step_*")) == ["step_000001"]
+    assert sorted(p.name for p in (tmp_path / "stages" / "pretrain" / "checkpoints").glob("step_*")) == [
+        "step_000003"
+    ]
+    assert sorted(p.name for p in (tmp_path / "stages" / "zero_rl" / "checkpoints").glob("step_*")) == [
+        "step_000001"
+    ]
     report = (tmp_path / "report.md").read_text()
     assert "## Held-out evaluation" in report and "## The built-in data" in report
     assert all((tmp_path / png).exists() for png in ("eval.png", "rl.png", "pass_at_k.png", "zero_rl.png"))
-    for name, against in (("eval_zero", "eval_base"), ("eval_r1", "eval_base"), ("eval_r1", "eval_sft"),
-                          ("eval_student", "eval_base")):
-        assert re.search(rf"^\| {name} \| {against} \| [+-]\d\.\d{{3}} \| .* \| \*\*(above|below|no significant change)"
-                         rf"\*\* \|$", report, re.M), (name, against)
+    for name, against in (
+        ("eval_zero", "eval_base"),
+        ("eval_r1", "eval_base"),
+        ("eval_r1", "eval_sft"),
+        ("eval_student", "eval_base"),
+    ):
+        assert re.search(
+            rf"^\| {name} \| {against} \| [+-]\d\.\d{{3}} \| .* \| \*\*(above|below|no significant change)"
+            rf"\*\* \|$",
+            report,
+            re.M,
+        ), (name, against)
     t0 = time.time()
     run_pipeline(cfg)
     assert time.time() - t0 < 30  # nothing reruns
@@ -261,8 +362,12 @@ def test_killed_run_resumes_to_the_same_final_checkpoint(tmp_path):
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "r1core.cli", "run", *overrides]
-    proc = subprocess.Popen(cmd + [f"run_dir={killed_dir}", f"hydra.run.dir={killed_dir}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd + [f"run_dir={killed_dir}", f"hydra.run.dir={killed_dir}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     latest = killed_dir / "stages" / "pretrain" / "checkpoints" / "latest"
     deadline = time.time() + 300
     while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_000004"):
@@ -272,10 +377,20 @@ def test_killed_run_resumes_to_the_same_final_checkpoint(tmp_path):
     assert latest.exists(), "the run never reached its second checkpoint"
     man = json.loads((killed_dir / "manifest.json").read_text())
     assert man["stages"]["pretrain"]["status"] == "running"
-    subprocess.run(cmd + [f"run_dir={killed_dir}", f"hydra.run.dir={killed_dir}"], env=env, check=True,
-                   capture_output=True, timeout=600)
-    subprocess.run(cmd + [f"run_dir={ref_dir}", f"hydra.run.dir={ref_dir}"], env=env, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        cmd + [f"run_dir={killed_dir}", f"hydra.run.dir={killed_dir}"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    subprocess.run(
+        cmd + [f"run_dir={ref_dir}", f"hydra.run.dir={ref_dir}"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     for stage in ("pretrain", "zero_rl"):
         a, b = _weights(ref_dir, stage), _weights(killed_dir, stage)
         assert a.keys() == b.keys()
@@ -297,20 +412,29 @@ def test_stage_hash_covers_only_the_sections_the_stage_reads(tmp_path):
 
 
 def test_a_changed_stage_config_starts_fresh_and_keeps_the_old_directory(tmp_path):
-    stages = ("pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]",
-              "pretrain.last_save_model_only=false")           # full checkpoints at the last step too
-    run_pipeline(_cfg(tmp_path, *stages))                     # pretrain.steps=6, checkpoints at 3 and 6
+    stages = (
+        "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]",
+        "pretrain.last_save_model_only=false",
+    )  # full checkpoints at the last step too
+    run_pipeline(_cfg(tmp_path, *stages))  # pretrain.steps=6, checkpoints at 3 and 6
     old_hash = json.loads((tmp_path / "manifest.json").read_text())["stages"]["pretrain"]["config_hash"]
     run_pipeline(_cfg(tmp_path, *stages, "pretrain.steps=4"))  # must not resume from the 6-step checkpoint
+
     def steps(stage_dir):
-        return ([json.loads(r)["step"] for r in (stage_dir / "metrics.jsonl").read_text().splitlines()],
-                sorted(p.name for p in (stage_dir / "checkpoints").glob("step_*")))
+        return (
+            [json.loads(r)["step"] for r in (stage_dir / "metrics.jsonl").read_text().splitlines()],
+            sorted(p.name for p in (stage_dir / "checkpoints").glob("step_*")),
+        )
 
     logged, ckpts = steps(tmp_path / "stages" / "pretrain")
     assert logged[-1] == 4 and "step_000006" not in ckpts and "step_000004" in ckpts, (logged, ckpts)
-    logged, ckpts = steps(tmp_path / "stages" / f"pretrain.stale-{old_hash}")  # the earlier run's work is kept
+    logged, ckpts = steps(
+        tmp_path / "stages" / f"pretrain.stale-{old_hash}"
+    )  # the earlier run's work is kept
     assert logged[-1] == 6 and "step_000006" in ckpts, (logged, ckpts)
-    assert not (tmp_path / "stages" / "prepare.stale-").exists() and not list((tmp_path / "stages").glob("prepare.*"))
+    assert not (tmp_path / "stages" / "prepare.stale-").exists() and not list(
+        (tmp_path / "stages").glob("prepare.*")
+    )
 
 
 class _Killed(BaseException):
@@ -357,6 +481,7 @@ def test_rl_stage_killed_mid_run_resumes_with_identical_continuation(tmp_path, m
 
 # ---------------------------------------------------------------- several processes (gloo)
 
+
 def _pipeline_rank(rank, world, run_dir, overrides):
     from r1core.pipeline.runner import run_pipeline as run
 
@@ -364,13 +489,21 @@ def _pipeline_rank(rank, world, run_dir, overrides):
     if rank:
         return None
     man = json.loads((Path(run_dir) / "manifest.json").read_text())
-    rows = [json.loads(r) for r in (Path(run_dir) / "stages" / "zero_rl" / "metrics.jsonl").read_text().splitlines()]
-    return {"status": {k: v["status"] for k, v in man["stages"].items()}, "rl": rows,
-            "weights": _weights(run_dir, "zero_rl")}
+    rows = [
+        json.loads(r)
+        for r in (Path(run_dir) / "stages" / "zero_rl" / "metrics.jsonl").read_text().splitlines()
+    ]
+    return {
+        "status": {k: v["status"] for k, v in man["stages"].items()},
+        "rl": rows,
+        "weights": _weights(run_dir, "zero_rl"),
+    }
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2", "rl.group_size=3"],
-                                    ["parallel.pp=2", "parallel.microbatches=2"]])
+@pytest.mark.parametrize(
+    "layout",
+    [["parallel.tp=2"], ["parallel.ep=2", "rl.group_size=3"], ["parallel.pp=2", "parallel.microbatches=2"]],
+)
 def test_rl_pipeline_under_two_processes_matches_one_process(tmp_path, layout):
     """R1-Zero under a 2-rank layout (TP2; DP2 with EP2 and group size 3, so shards get padding rows; PP2):
     rank 0 generates from the gathered weights, every rank trains its shard. Step 1 samples from the
@@ -399,7 +532,9 @@ def test_whole_default_pipeline_runs_under_tensor_parallel_two_processes(tmp_pat
     gathered weights, eval/rejection sampling on rank 0, distillation's teacher rows broadcast."""
     from r1core.testing import run_distributed
 
-    out = run_distributed(_pipeline_rank, 2, str(tmp_path), ["pipeline=default", "parallel.tp=2"], timeout=600)[0]
+    out = run_distributed(
+        _pipeline_rank, 2, str(tmp_path), ["pipeline=default", "parallel.tp=2"], timeout=600
+    )[0]
     assert out["status"] == {name: "done" for name in out["status"]} and len(out["status"]) == 14
     student = json.loads((tmp_path / "stages" / "distill" / "model" / "config.json").read_text())
     assert student["first_k_dense_replace"] == student["num_hidden_layers"]
@@ -408,11 +543,21 @@ def test_whole_default_pipeline_runs_under_tensor_parallel_two_processes(tmp_pat
 
 def test_multirun_sweep_gives_each_job_its_own_run_directory(tmp_path):
     """`r1core run --multirun a=1,2`: Hydra runs one job per value, each in its own run_dir (the sweep subdir)."""
-    cmd = [sys.executable, "-m", "r1core.cli", "run", "--multirun",
-           "pipeline.stages=[{name: prepare, kind: prepare}]", "data.corpus_docs=120,160", "data.eval_problems=8",
-           f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=job${hydra.job.num}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "r1core.cli",
+        "run",
+        "--multirun",
+        "pipeline.stages=[{name: prepare, kind: prepare}]",
+        "data.corpus_docs=120,160",
+        "data.eval_problems=8",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweep.subdir=job${hydra.job.num}",
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     hashes = []
     for job in ("job0", "job1"):

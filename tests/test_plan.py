@@ -63,18 +63,21 @@ def test_deepseek_v3_gpu_hours_imply_about_39_percent_mfu():
 
 def test_activation_elements_per_token_by_hand_at_the_tiny_preset():
     a = presets["tiny"]  # D 128, 4 heads, q 64, kv 32, qk 32+16, v 32, inter 256, 8 experts top-2 of 64
-    mla = 2 * 128 + 2 * 64 + 2 * 32 + 2 * 4 * 48 + 2 * 4 * 32                  # 1088
-    assert layer_activation_elems(a, dense=True) == mla + 2 * 128 + 3 * 256       # 2112
+    mla = 2 * 128 + 2 * 64 + 2 * 32 + 2 * 4 * 48 + 2 * 4 * 32  # 1088
+    assert layer_activation_elems(a, dense=True) == mla + 2 * 128 + 3 * 256  # 2112
     assert layer_activation_elems(a, dense=False) == mla + 2 * 128 + 8 * 2 + 2 * 2 * 128 + 3 * 2 * 64 + 3 * 64
-    mla_tp2_sp = 128 + 2 * 64 + 2 * 32 + (2 * 4 * 48 + 2 * 4 * 32) / 2          # latent ranks are not split
+    mla_tp2_sp = 128 + 2 * 64 + 2 * 32 + (2 * 4 * 48 + 2 * 4 * 32) / 2  # latent ranks are not split
     assert layer_activation_elems(a, dense=True, tp=2, sp=True) == mla_tp2_sp + 128 + 3 * 256 / 2
 
 
-@pytest.mark.parametrize("schedule, virtual, flight, bubble", [
-    ("1f1b", 2, 4, 3 * 3),                      # pp micro-batches; (pp-1)(F+B)
-    ("interleaved", 2, 4 * (1 + 3 / 8), 4.5),   # pp(1 + (pp-1)/(pp v)); (pp-1)(F+B)/v
-    ("dualpipev", 2, 5, 1.0),                   # pp+1; (pp/2-1)(F&B + B - 3W) over half-rank chunks
-])
+@pytest.mark.parametrize(
+    "schedule, virtual, flight, bubble",
+    [
+        ("1f1b", 2, 4, 3 * 3),  # pp micro-batches; (pp-1)(F+B)
+        ("interleaved", 2, 4 * (1 + 3 / 8), 4.5),  # pp(1 + (pp-1)/(pp v)); (pp-1)(F+B)/v
+        ("dualpipev", 2, 5, 1.0),  # pp+1; (pp/2-1)(F&B + B - 3W) over half-rank chunks
+    ],
+)
 def test_in_flight_micro_batches_and_bubble_by_schedule_at_pp4(schedule, virtual, flight, bubble):
     cfg = ParallelConfig(pp=4, pp_schedule=schedule, pp_virtual=virtual, microbatches=8)
     assert in_flight(cfg, 8) == pytest.approx(flight)
@@ -104,17 +107,25 @@ def test_memory_and_communication_by_hand_for_tiny_on_two_ranks():
     assert ep2.comm_gb["dp"] == pytest.approx(2 * (1 / 2) * (P - 4 * 8 * c.expert) * 2 / 1e9)
 
 
-@pytest.mark.parametrize("ac, master, measured_gib, rel", [
-    (False, False, 23.3, 0.06),  # compile
-    (False, True, 44.5, 0.06),   # compile + fp32 master weights
-    (True, False, 16.9, 0.10),   # compile + activation checkpointing
-])
-def test_small_preset_one_gpu_memory_is_within_a_few_percent_of_the_measured_peak(ac, master, measured_gib,
-                                                                                   rel):
+@pytest.mark.parametrize(
+    "ac, master, measured_gib, rel",
+    [
+        (False, False, 23.3, 0.06),  # compile
+        (False, True, 44.5, 0.06),  # compile + fp32 master weights
+        (True, False, 16.9, 0.10),  # compile + activation checkpointing
+    ],
+)
+def test_small_preset_one_gpu_memory_is_within_a_few_percent_of_the_measured_peak(
+    ac, master, measured_gib, rel
+):
     # benchmarks/RESULTS.md section 3: small preset, one H100, B4 x T2048 bf16, peak torch.cuda memory
     wl = Workload(seq_len=2048, global_batch=4, micro_batch=4, master_weights=master)
-    est = estimate(presets["small"], ParallelConfig(dp=1, activation_checkpointing=ac),
-                   Hardware(gpus=1, reserve_gib=0), wl)
+    est = estimate(
+        presets["small"],
+        ParallelConfig(dp=1, activation_checkpointing=ac),
+        Hardware(gpus=1, reserve_gib=0),
+        wl,
+    )
     assert est.mem_total == pytest.approx(measured_gib, rel=rel)
 
 
@@ -146,7 +157,7 @@ def test_plan_ranks_layouts_that_fit_first_fastest_first():
     fit = [e for e in ests if e.fits]
     assert fit and len(fit) < len(ests)
     assert [e.step_s for e in fit] == sorted(e.step_s for e in fit)
-    assert all(e.mem_total <= 20 for e in fit) and all(not e.fits for e in ests[len(fit):])
+    assert all(e.mem_total <= 20 for e in fit) and all(not e.fits for e in ests[len(fit) :])
 
 
 def test_cli_prints_a_table_and_json_last_and_names_an_unknown_setting(capsys):

@@ -34,11 +34,20 @@ def scored(name, response, answer=None, **kw):
 
 
 def test_names_lists_every_registered_reward():
-    assert rewards.names() == ["code", "countdown", "format", "language_consistency", "math_accuracy", "reward_model"]
+    assert rewards.names() == [
+        "code",
+        "countdown",
+        "format",
+        "language_consistency",
+        "math_accuracy",
+        "reward_model",
+    ]
 
 
 def test_unknown_reward_raises_keyerror_listing_registered_names():
-    with pytest.raises(KeyError, match="unknown reward 'nope'; registered: code, countdown, format, language_consistency"):
+    with pytest.raises(
+        KeyError, match="unknown reward 'nope'; registered: code, countdown, format, language_consistency"
+    ):
         rewards.get("nope")
 
 
@@ -112,7 +121,9 @@ def test_rewards_package_imports_neither_torch_nor_the_model():
         if (name.startswith("_") and name != "__init__.py") or name == "mathcheck.py":
             assert "r1core" not in roots, name
     # And at run time (conftest already imported torch here, so ask a fresh interpreter).
-    code = "import sys, r1core.rewards; print(sorted(m for m in ('torch', 'r1core.model') if m in sys.modules))"
+    code = (
+        "import sys, r1core.rewards; print(sorted(m for m in ('torch', 'r1core.model') if m in sys.modules))"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "[]\n"
 
 
@@ -168,7 +179,10 @@ def test_math_accuracy_rejects_a_different_answer():
 
 
 def test_math_accuracy_never_reads_the_answer_out_of_the_reasoning():
-    assert scored("math_accuracy", "<think>it is \\boxed{7}</think> I give up.", "7") == (0.0, {"no_answer": 1})
+    assert scored("math_accuracy", "<think>it is \\boxed{7}</think> I give up.", "7") == (
+        0.0,
+        {"no_answer": 1},
+    )
     assert scored("math_accuracy", "<think>\\boxed{7}</think> \\boxed{8}", "7") == (0.0, {"wrong": 1})
     assert scored("math_accuracy", "<think>so \\boxed{7} and then", "7") == (0.0, {"no_answer": 1})
 
@@ -226,7 +240,11 @@ def test_math_accuracy_off_the_main_thread_uses_the_worker_process():
         ("<think>reason</think> 4", {"require_boxed": True}, (0.0, {"no_boxed": 1})),
         ("<think>\\boxed{4}</think> 4", {"require_boxed": True}, (0.0, {"no_boxed": 1})),
         ("<think>r</think> <answer>4</answer>", {"require_answer_tags": True}, (1.0, {"ok": 1})),
-        ("<think>r</think> 4 <answer>4</answer>", {"require_answer_tags": True}, (0.0, {"no_answer_tags": 1})),
+        (
+            "<think>r</think> 4 <answer>4</answer>",
+            {"require_answer_tags": True},
+            (0.0, {"no_answer_tags": 1}),
+        ),
         ("reason</think> 4", {"think_in_prompt": True}, (1.0, {"ok": 1})),
         ("<think>reason</think> 4", {"think_in_prompt": True}, (0.0, {"multiple_think": 1})),
         (b"<think>r</think>\xff", {}, (0.0, {"non_utf8": 1})),
@@ -313,10 +331,15 @@ def test_code_without_a_program_after_think_is_no_code():
 
 
 def test_code_call_tests_use_fn_name_or_a_solution_class():
-    tests = {"fn_name": "add", "tests": [{"args": [1, 2], "output": 3}, {"args": [[1], [2]], "output": [1, 2]}]}
+    tests = {
+        "fn_name": "add",
+        "tests": [{"args": [1, 2], "output": 3}, {"args": [[1], [2]], "output": [1, 2]}],
+    }
     plain = "def add(a, b):\n    print('noise')\n    return a + b"
     assert scored("code", program(plain), tests, limits=FAST) == (1.0, {"passed": 1})
-    leetcode = "class Solution:\n    def add(self, a, b):\n        return a + b if isinstance(a, int) else 1 / 0"
+    leetcode = (
+        "class Solution:\n    def add(self, a, b):\n        return a + b if isinstance(a, int) else 1 / 0"
+    )
     assert scored("code", program(leetcode), tests, limits=FAST) == (0.5, {"runtime_error": 1})
     assert scored("code", program("def other(): pass"), tests, limits=FAST) == (0.0, {"no_function": 1})
 
@@ -334,7 +357,9 @@ def test_score_batch_deadline_returns_without_waiting_for_slow_samples():
     slow = program("import time\ntime.sleep(30)")
     start = time.monotonic()
     limits = rewards.SandboxLimits(wall_s=3, cpu_s=1)
-    scores = rewards.score_batch("code", [slow, slow], [SUM_TESTS] * 2, limits=limits, deadline_s=0.5, stats=stats)
+    scores = rewards.score_batch(
+        "code", [slow, slow], [SUM_TESTS] * 2, limits=limits, deadline_s=0.5, stats=stats
+    )
     assert (scores, stats.snapshot()) == ([0.0, 0.0], {"code": {"timeout": 2}})
     assert time.monotonic() - start < 2
 
@@ -385,7 +410,9 @@ def test_score_batch_reward_model_makes_one_batched_call(no_reward_model):
 
     rewards.set_reward_model(rewards.ScalarHeadRewardModel(lambda s: [0] * len(s), head, batched=True))
     stats = rewards.RewardStats()
-    scores = rewards.score_batch("reward_model", ["b", "", b"\xff"], [None] * 3, prompts=["a", "z", "q"], stats=stats)
+    scores = rewards.score_batch(
+        "reward_model", ["b", "", b"\xff"], [None] * 3, prompts=["a", "z", "q"], stats=stats
+    )
     assert (scores, calls) == ([0.5, 0.0, 0.0], [2])
     assert stats.snapshot() == {"reward_model": {"scored": 1, "non_finite": 1, "non_utf8": 1}}
 
@@ -402,10 +429,12 @@ def test_countdown_reward_checks_the_boxed_expression_against_numbers_and_target
     stats = rewards.RewardStats()
     r = rewards.get("countdown", stats=stats)
     assert r("<think>8+3=11</think> \\boxed{(12-4)+(8+3)}", "19", numbers=[12, 8, 3, 4]) == 1.0
-    assert r("<think>..</think> \\boxed{12*4}", "19", numbers=[12, 8, 3, 4]) == 0.0          # wrong value
-    assert r("<think>..</think> \\boxed{12+7}", "19", numbers=[12, 8, 3, 4]) == 0.0          # 7 not given
-    assert r("<think>..</think> \\boxed{__import__('os')}", "19", numbers=[12]) == 0.0       # never executed
-    assert r("<think>\\boxed{(12-4)+(8+3)}</think> no box", "19", numbers=[12, 8, 3, 4]) == 0.0  # only after </think>
+    assert r("<think>..</think> \\boxed{12*4}", "19", numbers=[12, 8, 3, 4]) == 0.0  # wrong value
+    assert r("<think>..</think> \\boxed{12+7}", "19", numbers=[12, 8, 3, 4]) == 0.0  # 7 not given
+    assert r("<think>..</think> \\boxed{__import__('os')}", "19", numbers=[12]) == 0.0  # never executed
+    assert (
+        r("<think>\\boxed{(12-4)+(8+3)}</think> no box", "19", numbers=[12, 8, 3, 4]) == 0.0
+    )  # only after </think>
     assert stats.snapshot() == {"countdown": {"correct": 1, "wrong": 3, "no_answer": 1}}
     with pytest.raises(rewards.RewardConfigError, match="needs numbers"):
         r("<think>x</think> \\boxed{1}", "1")
@@ -414,8 +443,21 @@ def test_countdown_reward_checks_the_boxed_expression_against_numbers_and_target
 def test_mathcheck_plain_integer_path_gives_math_verifys_verdict():
     from r1core.rewards import mathcheck
 
-    values = ["7", "07", "+7", "-7", "-0", "0", " 12 ", "1234567", "1234568", "999999999999999",
-              "-999999999999999", "100", "1000"]
+    values = [
+        "7",
+        "07",
+        "+7",
+        "-7",
+        "-0",
+        "0",
+        " 12 ",
+        "1234567",
+        "1234568",
+        "999999999999999",
+        "-999999999999999",
+        "100",
+        "1000",
+    ]
     pairs = [(p, g) for p in values for g in values]
     fast = 0
     for p, g in pairs:

@@ -6,8 +6,14 @@ import torch
 from r1core.data import Problem
 from r1core.parallel.comm import run_on_rank0
 from r1core.rl import AdvantageEstimator, GRPOConfig, Overlong
-from r1core.rl.algo import (build_policy_batch, group_advantages, informative_groups, overlong_shaping,
-                            split_rows, truncated_is_weights)
+from r1core.rl.algo import (
+    build_policy_batch,
+    group_advantages,
+    informative_groups,
+    overlong_shaping,
+    split_rows,
+    truncated_is_weights,
+)
 from r1core.rl.rewarding import Scorer
 from r1core.rollout import Sample
 
@@ -17,13 +23,17 @@ def test_group_advantages_standardize_within_each_group():
     a = group_advantages(r, AdvantageEstimator.grpo, eps=0.0)
     std0 = torch.tensor([1.0, 0.0, 0.0, 1.0]).std()  # unbiased: sqrt(1/3)
     torch.testing.assert_close(a[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / std0)
-    torch.testing.assert_close(a[1], torch.tensor([-0.25, -0.25, -0.25, 0.75]) / torch.tensor([0., 0., 0., 1.]).std())
+    torch.testing.assert_close(
+        a[1], torch.tensor([-0.25, -0.25, -0.25, 0.75]) / torch.tensor([0.0, 0.0, 0.0, 1.0]).std()
+    )
     torch.testing.assert_close(a.sum(1), torch.zeros(2), atol=1e-6, rtol=0)
 
 
 def test_dr_grpo_advantages_are_centered_rewards():
     r = torch.tensor([[2.0, 0.0, 1.0]])
-    torch.testing.assert_close(group_advantages(r, AdvantageEstimator.dr_grpo), torch.tensor([[1.0, -1.0, 0.0]]))
+    torch.testing.assert_close(
+        group_advantages(r, AdvantageEstimator.dr_grpo), torch.tensor([[1.0, -1.0, 0.0]])
+    )
 
 
 def test_uniform_groups_are_uninformative_and_get_zero_advantage():
@@ -42,13 +52,16 @@ def test_overlong_penalty_is_linear_over_the_buffer():
 
 
 def test_truncated_is_weights_cap_the_ratio():
-    w = truncated_is_weights(torch.log(torch.tensor([0.5, 0.9])), torch.log(torch.tensor([0.5, 0.3])), cap=2.0)
+    w = truncated_is_weights(
+        torch.log(torch.tensor([0.5, 0.9])), torch.log(torch.tensor([0.5, 0.3])), cap=2.0
+    )
     torch.testing.assert_close(w, torch.tensor([1.0, 2.0]))
 
 
 def test_policy_batch_masks_exactly_the_response_targets():
-    b = build_policy_batch([[1, 2, 3], [4, 5]], [[6, 7], [8]], [[-0.1, -0.2], [-0.3]], [1.0, -1.0],
-                           keep=[True, True], pad_id=0)
+    b = build_policy_batch(
+        [[1, 2, 3], [4, 5]], [[6, 7], [8]], [[-0.1, -0.2], [-0.3]], [1.0, -1.0], keep=[True, True], pad_id=0
+    )
     assert b["tokens"].tolist() == [[1, 2, 3, 6], [4, 5, 0, 0]]
     assert b["targets"].tolist() == [[2, 3, 6, 7], [5, 8, 0, 0]]
     assert b["mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]
@@ -58,8 +71,14 @@ def test_policy_batch_masks_exactly_the_response_targets():
 
 
 def test_split_rows_trims_trailing_padding():
-    b = build_policy_batch([[1, 2, 3], [4, 5], [9]], [[6, 7], [8], [1]], [[0.0, 0.0], [0.0], [0.0]],
-                           [1.0, -1.0, 0.0], keep=[True, True, True], pad_id=0)
+    b = build_policy_batch(
+        [[1, 2, 3], [4, 5], [9]],
+        [[6, 7], [8], [1]],
+        [[0.0, 0.0], [0.0], [0.0]],
+        [1.0, -1.0, 0.0],
+        keep=[True, True, True],
+        pad_id=0,
+    )
     mbs = split_rows(b, 2)
     assert [m["tokens"].shape for m in mbs] == [(2, 4), (1, 1)]
     assert mbs[1]["mask"].tolist() == [[1.0]]
@@ -73,13 +92,17 @@ def test_group_size_below_two_fails_with_a_clear_message():
 def test_scoring_fills_each_samples_weighted_reward_and_named_rewards():
     problem = Problem(prompt="2+2?", answer="4", task="arith")
     texts = ["add\n</think>\n\\boxed{4}", "4\n</think>\nthe answer is 5", "no think \\boxed{4}"]
-    samples = [Sample(prompt_ids=[1], response_ids=[2], logprobs=[0.0], finish_reason="stop", response_text=t)
-               for t in texts]
+    samples = [
+        Sample(prompt_ids=[1], response_ids=[2], logprobs=[0.0], finish_reason="stop", response_text=t)
+        for t in texts
+    ]
     Scorer({"accuracy": 1.0, "format": 0.5}).score_samples(samples, [problem] * 3)
     # format: a closed think block before the answer (the prompt opens it); accuracy: the answer is 4
-    assert [s.rewards for s in samples] == [{"format": 1.0, "accuracy": 1.0},
-                                           {"format": 1.0, "accuracy": 0.0},
-                                           {"format": 0.0, "accuracy": 1.0}]
+    assert [s.rewards for s in samples] == [
+        {"format": 1.0, "accuracy": 1.0},
+        {"format": 1.0, "accuracy": 0.0},
+        {"format": 0.0, "accuracy": 1.0},
+    ]
     assert [s.reward for s in samples] == [1.5, 0.5, 1.0]
     with pytest.raises(ValueError):
         Scorer({"accuracy": 1.0}).score_samples(samples, [problem])

@@ -16,10 +16,12 @@ from r1core.pipeline.config import register_configs
 from r1core.pipeline.runner import run_pipeline
 from r1core.rl.stats import paired_difference
 
-R1_ZERO_STAGES = ("pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}, "
-                  "{name: eval_base, kind: eval}, "
-                  "{name: zero_rl, kind: reasoning_rl, init: pretrain, overrides: {optim.schedule: constant}}, "
-                  "{name: eval_zero, kind: eval}]")
+R1_ZERO_STAGES = (
+    "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}, "
+    "{name: eval_base, kind: eval}, "
+    "{name: zero_rl, kind: reasoning_rl, init: pretrain, overrides: {optim.schedule: constant}}, "
+    "{name: eval_zero, kind: eval}]"
+)
 
 
 def _per_problem(run_dir, stage):
@@ -30,7 +32,9 @@ def _per_problem(run_dir, stage):
 def test_r1_zero_lifts_held_out_pass_at_1_and_response_length(tmp_path):
     register_configs()
     with initialize_config_module(config_module="r1core.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["pipeline=default", f"run_dir={tmp_path}", R1_ZERO_STAGES])
+        cfg = compose(
+            config_name="config", overrides=["pipeline=default", f"run_dir={tmp_path}", R1_ZERO_STAGES]
+        )
     run_pipeline(cfg)
     base, base_ev = _per_problem(tmp_path, "eval_base")
     zero, zero_ev = _per_problem(tmp_path, "eval_zero")
@@ -38,7 +42,9 @@ def test_r1_zero_lifts_held_out_pass_at_1_and_response_length(tmp_path):
     diff = paired_difference(base, zero)
     assert diff.mean > 2 * diff.se and diff.verdict() == "above", (base_ev["pass@1"], zero_ev["pass@1"], diff)
 
-    rows = [json.loads(x) for x in (tmp_path / "stages" / "zero_rl" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x) for x in (tmp_path / "stages" / "zero_rl" / "metrics.jsonl").read_text().splitlines()
+    ]
     lengths = [r["response_len"] for r in rows]
     first, last = sum(lengths[:5]) / 5, sum(lengths[-5:]) / 5
     assert last >= 1.1 * first, (first, last, lengths)

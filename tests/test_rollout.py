@@ -50,7 +50,7 @@ def reference_greedy(model: Transformer, prompt: list[int], steps: int) -> tuple
         tok = int(logits.argmax())
         logprobs.append(float(logits.log_softmax(-1)[tok]))
         tokens.append(tok)
-    return tokens[len(prompt):], logprobs
+    return tokens[len(prompt) :], logprobs
 
 
 def greedy(max_new=12, **kw) -> SamplingParams:
@@ -72,8 +72,13 @@ def test_sampler_frequencies_match_truncated_distribution():
             break
         keep[i], mass = True, mass + float(probs[i])
     expected = torch.where(keep, probs, 0) / probs[keep].sum()
-    tokens, logprobs = sample(logits.expand(N, V), torch.full((N,), T), torch.full((N,), top_p),
-                              torch.full((N,), top_k), request_uniforms(7, N))
+    tokens, logprobs = sample(
+        logits.expand(N, V),
+        torch.full((N,), T),
+        torch.full((N,), top_p),
+        torch.full((N,), top_k),
+        request_uniforms(7, N),
+    )
     freq = torch.bincount(tokens, minlength=V).double() / N
     assert not freq[~keep].any(), "sampled a token outside top-k / top-p"
     assert (freq - expected).abs().max() < 0.015, f"freq {freq} vs expected {expected}"
@@ -95,8 +100,13 @@ def test_sampler_untruncated_path_matches_sorted_path_without_top_k_top_p():
 
 def test_sampler_greedy_rows_take_argmax_with_unscaled_logprob():
     logits = torch.tensor([[0.1, 2.0, 2.0, -1.0], [3.0, 0.0, 0.0, 0.0]])
-    tokens, logprobs = sample(logits, torch.tensor([0.0, 0.0]), torch.tensor([0.5, 1.0]),
-                              torch.tensor([1, 0]), torch.tensor([0.99, 0.99], dtype=torch.float64))
+    tokens, logprobs = sample(
+        logits,
+        torch.tensor([0.0, 0.0]),
+        torch.tensor([0.5, 1.0]),
+        torch.tensor([1, 0]),
+        torch.tensor([0.99, 0.99], dtype=torch.float64),
+    )
     assert tokens.tolist() == [1, 0]  # ties go to the lower index
     torch.testing.assert_close(logprobs, logits.log_softmax(-1)[[0, 1], [1, 0]])
 
@@ -108,8 +118,14 @@ def test_request_seed_is_stable_and_distinct():
 
 
 def test_sampling_params_reject_invalid_values():
-    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2), dict(max_new_tokens=0),
-                dict(stop=[""])):
+    for bad in (
+        dict(temperature=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_k=-2),
+        dict(max_new_tokens=0),
+        dict(stop=[""]),
+    ):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     with pytest.raises(ValueError):
@@ -173,8 +189,10 @@ def test_decode_over_a_length_bucket_matches_the_exact_key_range(model, monkeypa
 
 def test_sampling_is_reproducible_and_independent_of_batching(model):
     sp = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=10, seed=2024)
-    runs = [BuiltinEngine(model, max_batch=mb, max_len=64, max_prefill_tokens=chunk).generate(PROMPTS, 3, sp)
-            for mb, chunk in ((16, 4096), (1, 4096), (4, 8))]
+    runs = [
+        BuiltinEngine(model, max_batch=mb, max_len=64, max_prefill_tokens=chunk).generate(PROMPTS, 3, sp)
+        for mb, chunk in ((16, 4096), (1, 4096), (4, 8))
+    ]
     base = runs[0]
     assert [(s.prompt_index, s.sample_index) for s in base] == [(i, j) for i in range(5) for j in range(3)]
     for other in runs[1:]:
@@ -183,7 +201,9 @@ def test_sampling_is_reproducible_and_independent_of_batching(model):
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
     group = [s.response_ids for s in base[:3]]
     assert len({tuple(g) for g in group}) == 3, "samples of one prompt must differ"
-    fresh = BuiltinEngine(model, max_batch=4, max_len=64).generate(PROMPTS, 3, SamplingParams(max_new_tokens=10))
+    fresh = BuiltinEngine(model, max_batch=4, max_len=64).generate(
+        PROMPTS, 3, SamplingParams(max_new_tokens=10)
+    )
     assert [s.response_ids for s in fresh] != [s.response_ids for s in base]
 
 
@@ -233,7 +253,7 @@ def test_logprobs_are_temperature_scaled_full_distribution(model):
     sp = SamplingParams(temperature=0.5, top_k=3, max_new_tokens=6, seed=1)
     s = BuiltinEngine(model, max_batch=2, max_len=64).generate([PROMPTS[0]], 1, sp)[0]
     with torch.no_grad():
-        logits = model(torch.tensor([PROMPTS[0] + s.response_ids]))[0, len(PROMPTS[0]) - 1:-1].float()
+        logits = model(torch.tensor([PROMPTS[0] + s.response_ids]))[0, len(PROMPTS[0]) - 1 : -1].float()
     ranks = (logits > logits.gather(1, torch.tensor(s.response_ids)[:, None])).sum(-1)
     assert (ranks < 3).all(), "top_k=3 sampled outside the top 3"
     expected = (logits / 0.5).log_softmax(-1).gather(1, torch.tensor(s.response_ids)[:, None])[:, 0]
@@ -241,14 +261,21 @@ def test_logprobs_are_temperature_scaled_full_distribution(model):
 
 
 def test_stop_token_ids_and_tokenizer_eos_end_the_response(model):
-    free_run = BuiltinEngine(model, LetterTokenizer(), max_batch=2, max_len=64).generate([PROMPTS[2]], 1, greedy(12))[0]
+    free_run = BuiltinEngine(model, LetterTokenizer(), max_batch=2, max_len=64).generate(
+        [PROMPTS[2]], 1, greedy(12)
+    )[0]
     R = free_run.response_ids
     stop_tok = R[5]
     k = R.index(stop_tok)
-    for engine, sp in ((BuiltinEngine(model, LetterTokenizer(), max_batch=2, max_len=64), greedy(12, stop_token_ids=[stop_tok])),
-                       (BuiltinEngine(model, LetterTokenizer(eos_id=stop_tok), max_batch=2, max_len=64), greedy(12))):
+    for engine, sp in (
+        (
+            BuiltinEngine(model, LetterTokenizer(), max_batch=2, max_len=64),
+            greedy(12, stop_token_ids=[stop_tok]),
+        ),
+        (BuiltinEngine(model, LetterTokenizer(eos_id=stop_tok), max_batch=2, max_len=64), greedy(12)),
+    ):
         s = engine.generate([PROMPTS[2]], 1, sp)[0]
-        assert s.response_ids == R[:k + 1] and len(s.logprobs) == k + 1
+        assert s.response_ids == R[: k + 1] and len(s.logprobs) == k + 1
         assert s.finish_reason == "stop" and s.metadata["matched_stop"] == stop_tok
         assert s.response_text == LetterTokenizer().decode(R[:k])
 
@@ -261,7 +288,7 @@ def test_stop_string_ends_response_and_is_trimmed_from_text(model):
     stop = text[6:8]
     i = text.find(stop)
     s = engine.generate([PROMPTS[0], PROMPTS[1]], 1, greedy(16, stop=["@@", stop]))[0]
-    assert s.response_ids == R[:i + len(stop)]
+    assert s.response_ids == R[: i + len(stop)]
     assert s.response_text == text[:i]
     assert s.finish_reason == "stop" and s.metadata["matched_stop"] == stop
     with pytest.raises(ValueError, match="tokenizer"):
@@ -288,7 +315,9 @@ def test_update_weights_private_copy_follows_trainer(model):
     with torch.no_grad():
         for p in trainer.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    assert [s.response_ids for s in engine.generate(PROMPTS[:2], 1, greedy(6))] == [s.response_ids for s in before]
+    assert [s.response_ids for s in engine.generate(PROMPTS[:2], 1, greedy(6))] == [
+        s.response_ids for s in before
+    ]
     engine.update_weights(trainer)
     after = engine.generate(PROMPTS[:2], 1, greedy(6))
     assert [s.response_ids for s in after] == [reference_greedy(trainer.eval(), p, 6)[0] for p in PROMPTS[:2]]
@@ -315,8 +344,11 @@ def test_cuda_graph_decode_matches_eager_decode_gpu():
     model = Transformer(presets["tiny"]).cuda().eval()
     eager = BuiltinEngine(model, max_batch=8, max_len=128, cuda_graphs=False)
     graphs = BuiltinEngine(model, max_batch=8, max_len=128, cuda_graphs=True)
-    for sp in (greedy(24), SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=24, seed=3),
-               SamplingParams(max_new_tokens=24, seed=4)):
+    for sp in (
+        greedy(24),
+        SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=24, seed=3),
+        SamplingParams(max_new_tokens=24, seed=4),
+    ):
         a, b = eager.generate(PROMPTS, 2, sp), graphs.generate(PROMPTS, 2, sp)
         assert [s.response_ids for s in a] == [s.response_ids for s in b]
         for x, y in zip(a, b):
@@ -324,8 +356,9 @@ def test_cuda_graph_decode_matches_eager_decode_gpu():
     assert graphs.stats["graphs_captured"] >= 3 and "graph_error" not in graphs.stats
     graphs.sleep()
     graphs.wake()
-    assert [s.response_ids for s in graphs.generate(PROMPTS, 1, greedy(8))] == \
-           [s.response_ids for s in eager.generate(PROMPTS, 1, greedy(8))]
+    assert [s.response_ids for s in graphs.generate(PROMPTS, 1, greedy(8))] == [
+        s.response_ids for s in eager.generate(PROMPTS, 1, greedy(8))
+    ]
 
 
 @pytest.mark.gpu
@@ -339,7 +372,7 @@ def test_cuda_graph_greedy_equals_full_recompute_reference_gpu():
             tokens = list(p)
             for _ in range(16):
                 tokens.append(int(model(torch.tensor([tokens], device="cuda"))[0, -1].argmax()))
-        assert s.response_ids == tokens[len(p):]
+        assert s.response_ids == tokens[len(p) :]
 
 
 # ---------------------------------------------------------------- SGLang adapter (fake sglang module)
@@ -348,8 +381,9 @@ class FakeSGLangEngine:
 
     def __init__(self, **kwargs):
         self.kwargs, self.calls, self.fail_update = kwargs, [], False
-        self.server_args = type("ServerArgs", (), {"enable_weights_cpu_backup":
-                                                   kwargs.get("enable_weights_cpu_backup", False)})()
+        self.server_args = type(
+            "ServerArgs", (), {"enable_weights_cpu_backup": kwargs.get("enable_weights_cpu_backup", False)}
+        )()
         self.outputs = None
 
     def generate(self, input_ids=None, sampling_params=None, return_logprob=False):
@@ -359,9 +393,15 @@ class FakeSGLangEngine:
         outs = []
         for ids, sp in zip(input_ids, sampling_params):
             toks = [(sp["sampling_seed"] + 7 * k + ids[0]) % 500 for k in range(3)]
-            outs.append({"output_ids": toks, "meta_info": {
-                "output_token_logprobs": [(-0.25 * (k + 1), t, None) for k, t in enumerate(toks)],
-                "finish_reason": {"type": "length", "length": 3}}})
+            outs.append(
+                {
+                    "output_ids": toks,
+                    "meta_info": {
+                        "output_token_logprobs": [(-0.25 * (k + 1), t, None) for k, t in enumerate(toks)],
+                        "finish_reason": {"type": "length", "length": 3},
+                    },
+                }
+            )
         return outs
 
     def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
@@ -418,7 +458,10 @@ def test_hf_export_names_shapes_match_checkpoint_writer(model, tmp_path):
     main = dict(hf_named_tensors(state, model.args, torch.bfloat16))
     L = model.args.n_layers
     assert main.keys() == {k for k in on_disk if not k.startswith(f"model.layers.{L}.")}
-    assert main["model.layers.1.mlp.experts.5.down_proj.weight"].shape == (model.args.dim, model.args.moe_inter_dim)
+    assert main["model.layers.1.mlp.experts.5.down_proj.weight"].shape == (
+        model.args.dim,
+        model.args.moe_inter_dim,
+    )
     assert main["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
 
 
@@ -426,7 +469,9 @@ def test_buckets_respect_the_byte_bound_and_keep_every_tensor_once():
     from r1core.rollout.sglang_engine import buckets
 
     torch.manual_seed(0)
-    named = [(f"t{i}", torch.zeros(int(torch.randint(1, 300, ())))) for i in range(60)] + [("big", torch.zeros(2000))]
+    named = [(f"t{i}", torch.zeros(int(torch.randint(1, 300, ())))) for i in range(60)] + [
+        ("big", torch.zeros(2000))
+    ]
     out = list(buckets(named, max_bytes=1024))
     assert [n for b in out for n, _ in b] == [n for n, _ in named]
     for b in out:
@@ -435,7 +480,9 @@ def test_buckets_respect_the_byte_bound_and_keep_every_tensor_once():
     assert any(len(b) == 1 and b[0][0] == "big" for b in out)
 
 
-def test_sglang_update_weights_sends_every_tensor_once_in_bounded_buckets_then_flushes(model, fake_sglang, tmp_path):
+def test_sglang_update_weights_sends_every_tensor_once_in_bounded_buckets_then_flushes(
+    model, fake_sglang, tmp_path
+):
     from r1core.rollout.sglang_engine import hf_named_tensors
 
     engine = _sglang_engine(model, tmp_path, bucket_bytes=64 << 10)
@@ -465,8 +512,15 @@ def test_sglang_generate_builds_requests_and_reads_logprobs(model, fake_sglang, 
     samples = engine.generate(PROMPTS[:2], 2, sp)
     _, input_ids, params, return_logprob = engine.engine.calls[-1]
     assert return_logprob and input_ids == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
-    assert params[0] == {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_new_tokens": 3, "no_stop_trim": False,
-                         "stop_token_ids": [2], "sampling_seed": request_seed(11, 0, 0) % 2**31}
+    assert params[0] == {
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": -1,
+        "max_new_tokens": 3,
+        "no_stop_trim": False,
+        "stop_token_ids": [2],
+        "sampling_seed": request_seed(11, 0, 0) % 2**31,
+    }
     assert len({p["sampling_seed"] for p in params}) == 4
     assert [(s.prompt_index, s.sample_index) for s in samples] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     s = samples[3]
@@ -477,13 +531,26 @@ def test_sglang_generate_builds_requests_and_reads_logprobs(model, fake_sglang, 
         engine.generate(PROMPTS[:1], 1, SamplingParams(stop=["</answer>"]))
     # A stop-string finish with SGLang's own (already trimmed) text, and an abort.
     engine.engine.outputs = [
-        {"text": "42", "output_ids": [7, 8, 9], "meta_info": {
-            "output_token_logprobs": [(-1.0, 7, None), (-2.0, 8, None), (-3.0, 9, None)],
-            "finish_reason": {"type": "stop", "matched": "</answer>"}}},
-        {"output_ids": [], "meta_info": {"output_token_logprobs": [], "finish_reason": {"type": "abort", "message": "x"}}}]
+        {
+            "text": "42",
+            "output_ids": [7, 8, 9],
+            "meta_info": {
+                "output_token_logprobs": [(-1.0, 7, None), (-2.0, 8, None), (-3.0, 9, None)],
+                "finish_reason": {"type": "stop", "matched": "</answer>"},
+            },
+        },
+        {
+            "output_ids": [],
+            "meta_info": {"output_token_logprobs": [], "finish_reason": {"type": "abort", "message": "x"}},
+        },
+    ]
     stop, abort = engine.generate(PROMPTS[:2], 1, SamplingParams(max_new_tokens=3, top_k=5))
     assert engine.engine.calls[-1][2][0]["top_k"] == 5
-    assert stop.response_text == "42" and stop.finish_reason == "stop" and stop.metadata["matched_stop"] == "</answer>"
+    assert (
+        stop.response_text == "42"
+        and stop.finish_reason == "stop"
+        and stop.metadata["matched_stop"] == "</answer>"
+    )
     assert abort.finish_reason == "abort" and abort.response_ids == []
 
 

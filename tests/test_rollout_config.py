@@ -19,7 +19,9 @@ def test_builtin_engine_is_the_default_and_generates():
     assert cfg.rollout.engine.value == "builtin"
     engine = build_rollout(RolloutConfig(), model, tokenizer=None, max_len=32, max_batch=4)
     assert isinstance(engine, BuiltinEngine)
-    samples = engine.generate([[1, 2, 3]], n=2, sampling=SamplingParams(temperature=1.0, max_new_tokens=4, seed=0))
+    samples = engine.generate(
+        [[1, 2, 3]], n=2, sampling=SamplingParams(temperature=1.0, max_new_tokens=4, seed=0)
+    )
     assert len(samples) == 2 and all(len(s.response_ids) == 4 for s in samples)
 
 
@@ -32,11 +34,17 @@ def test_sglang_is_refused_before_any_work_with_one_line_when_not_installed(tmp_
     from r1core.rollout import config as rollout_config
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(rollout_config.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "sglang" else real(name, *a))
+    monkeypatch.setattr(
+        rollout_config.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "sglang" else real(name, *a),
+    )
     cfg = _compose([f"run_dir={tmp_path / 'run'}", "rollout.engine=sglang"])
-    with pytest.raises(ConfigError, match=r"^rollout.engine=sglang but SGLang is not installed: "
-                                          r"pip install 'r1core\[sglang\]'") as e:
+    with pytest.raises(
+        ConfigError,
+        match=r"^rollout.engine=sglang but SGLang is not installed: "
+        r"pip install 'r1core\[sglang\]'",
+    ) as e:
         run_pipeline(cfg)
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
 
@@ -56,12 +64,18 @@ def test_pipeline_stages_build_the_configured_engine_with_its_arguments(monkeypa
 
     monkeypatch.setattr(sglang_engine, "SGLangEngine", FakeSGLang)
     model = object()
-    rollout = RolloutConfig(engine=EngineKind.sglang, sglang=SGLangArgs(tp_size=2, mem_fraction_static=0.3,
-                                                                        server_args={"max_running_requests": 8}))
+    rollout = RolloutConfig(
+        engine=EngineKind.sglang,
+        sglang=SGLangArgs(tp_size=2, mem_fraction_static=0.3, server_args={"max_running_requests": 8}),
+    )
     ctx = SimpleNamespace(job=SimpleNamespace(rollout=rollout))
     engine = make_rollout(ctx, SimpleNamespace(model=model), tok="tok", max_len=64)
     assert isinstance(engine, FakeSGLang) and made["model"] is model and made["tokenizer"] == "tok"
     assert made["tp_size"] == 2 and made["mem_fraction_static"] == 0.3 and made["max_running_requests"] == 8
-    builtin = make_rollout(SimpleNamespace(job=SimpleNamespace(rollout=RolloutConfig())),
-                           r1core.Transformer(r1core.presets["tiny"]).eval(), tok=None, max_len=32)
+    builtin = make_rollout(
+        SimpleNamespace(job=SimpleNamespace(rollout=RolloutConfig())),
+        r1core.Transformer(r1core.presets["tiny"]).eval(),
+        tok=None,
+        max_len=32,
+    )
     assert isinstance(builtin, BuiltinEngine)

@@ -28,7 +28,9 @@ from r1core.rewards import SandboxUnavailable  # exported: callers catch it with
 from r1core.rewards.sandbox import SandboxLimits, check_isolation, isolation_layers
 
 FAST = SandboxLimits(wall_s=5, cpu_s=2, memory_mb=512)
-HOSTILE = dict(wall_s=1.5, cpu_s=1, memory_mb=256, fsize_mb=1, write_mb=8, max_files=100, max_output_bytes=10_000)
+HOSTILE = dict(
+    wall_s=1.5, cpu_s=1, memory_mb=256, fsize_mb=1, write_mb=8, max_files=100, max_output_bytes=10_000
+)
 SUM_TESTS = [{"input": "1 2\n", "output": "3\n"}]
 SECRET = "r1core-test-secret-0451"
 NOBODY = 65534
@@ -41,24 +43,61 @@ ESCAPES = {
     "list_root": ("import os\nprint(os.listdir('/root'))", "runtime_error", None, "PermissionError"),
     "read_run_directory_file": ("print(open({secret!r}).read())", "runtime_error", None, "FileNotFoundError"),
     # /tmp is private and writable: the write succeeds there and nowhere else (checked afterwards).
-    "write_tmp": ("open('/tmp/{marker}', 'w').write('x')\nprint(open('/tmp/{marker}').read())", "wrong", "x\n", None),
-    "create_100k_files": ("for i in range(100_000):\n    open(f'f{{i}}', 'w').close()", "write_limit", None,
-                          "No space left"),
-    "fill_the_disk": ("for i in range(64):\n    open(f'b{{i}}', 'wb').write(bytes(1 << 19))", "write_limit", None,
-                      "No space left"),
-    "follow_planted_symlink": ("import os\nos.symlink({secret!r}, 'link')\nprint(open('link').read())",
-                               "runtime_error", None, "FileNotFoundError"),
-    "hard_link_host_file": ("import os\nos.link({secret!r}, 'hard')\nprint(open('hard').read())", "runtime_error",
-                            None, "FileNotFoundError"),
-    "plant_a_module": ("import os\nopen(os.path.dirname(os.__file__) + '/sitecustomize.py', 'w')", "runtime_error",
-                       None, "Read-only file system"),
+    "write_tmp": (
+        "open('/tmp/{marker}', 'w').write('x')\nprint(open('/tmp/{marker}').read())",
+        "wrong",
+        "x\n",
+        None,
+    ),
+    "create_100k_files": (
+        "for i in range(100_000):\n    open(f'f{{i}}', 'w').close()",
+        "write_limit",
+        None,
+        "No space left",
+    ),
+    "fill_the_disk": (
+        "for i in range(64):\n    open(f'b{{i}}', 'wb').write(bytes(1 << 19))",
+        "write_limit",
+        None,
+        "No space left",
+    ),
+    "follow_planted_symlink": (
+        "import os\nos.symlink({secret!r}, 'link')\nprint(open('link').read())",
+        "runtime_error",
+        None,
+        "FileNotFoundError",
+    ),
+    "hard_link_host_file": (
+        "import os\nos.link({secret!r}, 'hard')\nprint(open('hard').read())",
+        "runtime_error",
+        None,
+        "FileNotFoundError",
+    ),
+    "plant_a_module": (
+        "import os\nopen(os.path.dirname(os.__file__) + '/sitecustomize.py', 'w')",
+        "runtime_error",
+        None,
+        "Read-only file system",
+    ),
     # pidfd_send_signal raises no audit event: only the PID namespace keeps the caller out of reach.
-    "signal_caller_below_the_hook": ("import os, signal\nsignal.pidfd_send_signal(os.pidfd_open({pid}), 0)",
-                                     "runtime_error", None, "ProcessLookupError"),
-    "no_capabilities": ("print([l for l in open('/proc/self/status') if l.startswith('Cap')])", "wrong",
-                        repr([f"Cap{s}:\t{0:016x}\n" for s in ("Inh", "Prm", "Eff", "Bnd", "Amb")]) + "\n", None),
-    "network_namespace_is_empty": ("print([l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:]])",
-                                   "wrong", "['lo']\n", None),
+    "signal_caller_below_the_hook": (
+        "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open({pid}), 0)",
+        "runtime_error",
+        None,
+        "ProcessLookupError",
+    ),
+    "no_capabilities": (
+        "print([l for l in open('/proc/self/status') if l.startswith('Cap')])",
+        "wrong",
+        repr([f"Cap{s}:\t{0:016x}\n" for s in ("Inh", "Prm", "Eff", "Bnd", "Amb")]) + "\n",
+        None,
+    ),
+    "network_namespace_is_empty": (
+        "print([l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:]])",
+        "wrong",
+        "['lo']\n",
+        None,
+    ),
     # _posixsubprocess.fork_exec raises no audit event: only RLIMIT_NPROC (with a uid that is not
     # root) stops it. Python 3.11 signature.
     "fork_below_the_hook": (
@@ -66,15 +105,29 @@ ESCAPES = {
         "args = ([b'/bin/true'], [b'/bin/true'], True, (w,), None, None, -1, -1, -1, -1, -1, -1, r, w,"
         " True, False, -1, None, None, None, -1, None, False)\n"
         "try:\n    _posixsubprocess.fork_exec(*args)\n    print('forked')\n"
-        "except BlockingIOError:\n    print('refused')\n", "wrong", "refused\n", None),
-    "thread": ("import threading\nthreading.Thread(target=print).start()", "runtime_error", None, "new thread"),
+        "except BlockingIOError:\n    print('refused')\n",
+        "wrong",
+        "refused\n",
+        None,
+    ),
+    "thread": (
+        "import threading\nthreading.Thread(target=print).start()",
+        "runtime_error",
+        None,
+        "new thread",
+    ),
     # Today's cases (before the private filesystem): each stopped by the hook or a limit.
     "syntax_error": ("def f(:\n  pass", "syntax_error", None, None),
     "deep_nesting": ("x = " + "(" * 5000 + "1" + ")" * 5000, "syntax_error", None, None),
     "raise": ("raise ValueError('boom')", "runtime_error", None, "ValueError"),
     "fork_bomb": ("import os\nwhile True:\n    os.fork()", "process", None, None),
     "subprocess": ("import subprocess\nsubprocess.run(['true'])", "process", None, None),
-    "network": ("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)", "network", None, None),
+    "network": (
+        "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)",
+        "network",
+        None,
+        None,
+    ),
     "huge_allocation": ("x = bytearray(10**10)", "memory", None, None),
     "growing_memory": ("chunks = []\nwhile True:\n    chunks.append(' ' * 10**7)", "memory", None, None),
     "big_file": ("open('big.bin', 'wb').write(b'x' * (2 << 20))", "file_size", None, None),
@@ -88,7 +141,7 @@ ESCAPES = {
 
 # Runs the ESCAPES through the code reward and prints {name: [score, reasons, stdout, stderr]}.
 # The same function serves the in-process variant and, as a script, the unprivileged one.
-RUN_ESCAPES = '''
+RUN_ESCAPES = """
 import json, os, sys
 from r1core import rewards
 from r1core.rewards import code_reward
@@ -113,7 +166,7 @@ if __name__ == "__main__":
     cases, limits, values = json.loads(sys.argv[1])
     values["pid"] = os.getpid()
     print(json.dumps({"uid": os.getuid(), "results": run_escapes(cases, limits, values)}))
-'''
+"""
 _namespace: dict = {}
 exec(compile(RUN_ESCAPES, "RUN_ESCAPES", "exec"), _namespace)
 run_escapes = _namespace["run_escapes"]
@@ -149,16 +202,35 @@ def as_user(script: str, args: list[str], uid: int | None, cwd: str) -> dict:
             stage = os.path.join(scratch, "stage")
             inner = os.path.join(stage, os.path.relpath(sys.base_prefix, closed))
             os.mkdir(stage)
-            steps += [f"mount -t tmpfs -o mode=755 tmpfs {shlex.quote(stage)}", f"mkdir -p {shlex.quote(inner)}",
-                      f"mount --bind {shlex.quote(sys.base_prefix)} {shlex.quote(inner)}",
-                      f"mount --move {shlex.quote(stage)} {shlex.quote(closed)}"]
-        drop = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                                       "--inh-caps=-all", "--bounding-set=-all"]
+            steps += [
+                f"mount -t tmpfs -o mode=755 tmpfs {shlex.quote(stage)}",
+                f"mkdir -p {shlex.quote(inner)}",
+                f"mount --bind {shlex.quote(sys.base_prefix)} {shlex.quote(inner)}",
+                f"mount --move {shlex.quote(stage)} {shlex.quote(closed)}",
+            ]
+        drop = (
+            []
+            if uid is None
+            else [
+                "setpriv",
+                f"--reuid={uid}",
+                f"--regid={uid}",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+            ]
+        )
         steps.append("exec " + shlex.join([*drop, sys.executable, "-c", script, *args]))
         package_root = os.path.dirname(os.path.dirname(rewards.__file__))
         env = {"PATH": os.defpath, "HOME": "/", "TMPDIR": tmp, "PYTHONPATH": package_root, "LANG": "C.UTF-8"}
-        proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", " && ".join(steps)],
-                              capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+        proc = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", " && ".join(steps)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=cwd,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert os.listdir(tmp) == [], "sandbox input directories were left behind"
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -192,7 +264,11 @@ def run_dir():
 
 
 def _values(run_dir: str) -> dict:
-    return {"secret": os.path.join(run_dir, "secret.txt"), "marker": f"r1core-escape-{os.getpid()}", "pid": os.getpid()}
+    return {
+        "secret": os.path.join(run_dir, "secret.txt"),
+        "marker": f"r1core-escape-{os.getpid()}",
+        "pid": os.getpid(),
+    }
 
 
 def _check_traces(run_dir: str, values: dict) -> None:
@@ -250,52 +326,68 @@ def test_escape_scores_zero_with_its_reason_and_leaves_no_trace(user, name, requ
 def test_all_layers_are_active_here_as_root_and_as_nobody(strong):
     expected = {"private_fs": True, "drop_root": os.geteuid() == 0, "netns": True}
     assert isolation_layers(SandboxLimits()) == check_isolation(SandboxLimits()) == expected
-    script = ("import json; from r1core.rewards.sandbox import SandboxLimits, isolation_layers; "
-              "print(json.dumps(isolation_layers(SandboxLimits())))")
+    script = (
+        "import json; from r1core.rewards.sandbox import SandboxLimits, isolation_layers; "
+        "print(json.dumps(isolation_layers(SandboxLimits())))"
+    )
     assert as_user(script, [], NOBODY, "/") == {"private_fs": True, "drop_root": False, "netns": True}
 
 
 def test_program_sees_a_read_only_root_with_its_own_work_dir_and_tmp(strong):
-    src = ("import os, sys\nprint(os.getcwd(), os.environ['HOME'], os.environ['TMPDIR'])\n"
-           "print(sorted(os.listdir('/')))\nprint(os.path.exists('/etc/passwd'), os.path.exists('/home'))\n"
-           "for path in ('/x', '/etc/x', sys.prefix + '/x'):\n"
-           "    try:\n        open(path, 'w')\n    except OSError as e:\n        print(e.strerror)\n")
+    src = (
+        "import os, sys\nprint(os.getcwd(), os.environ['HOME'], os.environ['TMPDIR'])\n"
+        "print(sorted(os.listdir('/')))\nprint(os.path.exists('/etc/passwd'), os.path.exists('/home'))\n"
+        "for path in ('/x', '/etc/x', sys.prefix + '/x'):\n"
+        "    try:\n        open(path, 'w')\n    except OSError as e:\n        print(e.strerror)\n"
+    )
     result = rewards.run_python(src, b"", FAST)
     lines = result.stdout.decode().splitlines()
     assert (result.reason, lines[0], lines[2]) == (None, "/sandbox /sandbox /tmp", "False False")
     top = {p.strip("/").split("/")[0] for p in (sys.base_prefix, sys.prefix)}
-    assert set(eval(lines[1])) <= {"dev", "etc", "lib", "lib32", "lib64", "proc", "sandbox", "tmp", "usr"} | top
+    assert (
+        set(eval(lines[1])) <= {"dev", "etc", "lib", "lib32", "lib64", "proc", "sandbox", "tmp", "usr"} | top
+    )
     # Read-only mounts; a folder that nobody may write anyway (a root-owned venv) can answer EACCES first.
     assert len(lines[3:]) == 3 and set(lines[3:]) <= {"Read-only file system", "Permission denied"}, lines[3:]
 
 
 def test_write_caps_count_files_and_bytes_across_work_and_tmp(strong):
     limits = SandboxLimits(wall_s=5, cpu_s=2, write_mb=2, max_files=20, fsize_mb=16)
-    files = ("n = 0\ntry:\n    while True:\n        open(('/tmp/' if n % 2 else '') + f'f{n}', 'w').close()\n"
-             "        n += 1\nexcept OSError:\n    print(n)\n")
+    files = (
+        "n = 0\ntry:\n    while True:\n        open(('/tmp/' if n % 2 else '') + f'f{n}', 'w').close()\n"
+        "        n += 1\nexcept OSError:\n    print(n)\n"
+    )
     assert rewards.run_python(files, b"", limits).stdout == b"20\n"
-    data = ("n = 0\ntry:\n    for i in range(64):\n        path = ('/tmp/' if i % 2 else '') + f'b{i}'\n"
-            "        with open(path, 'wb', buffering=0) as f:\n            n += f.write(bytes(1 << 18))\n"
-            "except OSError:\n    print(n)\n")
+    data = (
+        "n = 0\ntry:\n    for i in range(64):\n        path = ('/tmp/' if i % 2 else '') + f'b{i}'\n"
+        "        with open(path, 'wb', buffering=0) as f:\n            n += f.write(bytes(1 << 18))\n"
+        "except OSError:\n    print(n)\n"
+    )
     written = int(rewards.run_python(data, b"", limits).stdout)
     assert (2 << 20) - (1 << 18) <= written <= 2 << 20
 
 
 def test_written_files_cannot_be_executed(strong):
-    src = ("import os\nfor path in ('run.sh', '/tmp/run.sh'):\n    open(path, 'w').write('#!/bin/sh\\n')\n"
-           "    os.chmod(path, 0o755)\n    print(os.access(path, os.X_OK))\n")
+    src = (
+        "import os\nfor path in ('run.sh', '/tmp/run.sh'):\n    open(path, 'w').write('#!/bin/sh\\n')\n"
+        "    os.chmod(path, 0o755)\n    print(os.access(path, os.X_OK))\n"
+    )
     assert rewards.run_python(src, b"", FAST).stdout == b"False\nFalse\n"
 
 
 @pytest.mark.parametrize("uid", [None, NOBODY], ids=["root", "nobody"])
 def test_weak_isolation_never_runs_programs_as_root_or_with_capabilities(uid):
     # Weak mode as root needs an interpreter that nobody can read; as_user provides one.
-    src = ("import os\nprint(os.getresuid(), [l for l in open('/proc/self/status') if l.startswith('CapEff')])\n"
-           "open('/etc/shadow')\n")
-    script = ("import json, sys; from r1core.rewards import run_python, SandboxLimits; "
-              "limits = SandboxLimits(wall_s=5, cpu_s=2, private_fs=False, allow_weak_isolation=True); "
-              "r = run_python(sys.argv[1], b'', limits); "
-              "print(json.dumps([r.reason, r.stdout.decode(), r.stderr.decode()]))")
+    src = (
+        "import os\nprint(os.getresuid(), [l for l in open('/proc/self/status') if l.startswith('CapEff')])\n"
+        "open('/etc/shadow')\n"
+    )
+    script = (
+        "import json, sys; from r1core.rewards import run_python, SandboxLimits; "
+        "limits = SandboxLimits(wall_s=5, cpu_s=2, private_fs=False, allow_weak_isolation=True); "
+        "r = run_python(sys.argv[1], b'', limits); "
+        "print(json.dumps([r.reason, r.stdout.decode(), r.stderr.decode()]))"
+    )
     reason, stdout, stderr = as_user(script, [src], uid, "/")
     assert (reason, stdout) == ("runtime_error", "(65534, 65534, 65534) ['CapEff:\\t0000000000000000\\n']\n")
     assert "PermissionError" in stderr
@@ -321,8 +413,11 @@ def test_a_missing_layer_refuses_the_run_and_the_reward_unless_weak_isolation_is
     with pytest.raises(rewards.RewardConfigError, match="cannot set up netns"):
         rewards.get("code", rewards.RewardStats())("no program at all", SUM_TESTS)
     weak = {"allow_weak_isolation": True}
-    assert isolation_layers(SandboxLimits(**weak)) == {"private_fs": True, "drop_root": os.geteuid() == 0,
-                                                       "netns": False}
+    assert isolation_layers(SandboxLimits(**weak)) == {
+        "private_fs": True,
+        "drop_root": os.geteuid() == 0,
+        "netns": False,
+    }
     program = "<think>x</think>\n```python\nprint(sum(map(int, input().split())))\n```"
     assert rewards.get("code", rewards.RewardStats())(program, SUM_TESTS, limits=weak) == 1.0
 
@@ -366,7 +461,9 @@ def test_sandbox_deletes_its_input_directory(monkeypatch):
     base = tempfile.mkdtemp()
     monkeypatch.setattr(tempfile, "tempdir", base)
     try:
-        result = rewards.run_python("open('scratch.txt', 'w').write('x')\nprint(open('scratch.txt').read())", b"", FAST)
+        result = rewards.run_python(
+            "open('scratch.txt', 'w').write('x')\nprint(open('scratch.txt').read())", b"", FAST
+        )
         assert (result.reason, result.stdout, os.listdir(base)) == (None, b"x\n", [])
     finally:
         os.rmdir(base)

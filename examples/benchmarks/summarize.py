@@ -30,14 +30,22 @@ def rows(record: dict) -> list[dict]:
     if isinstance(found, list):
         return [{"provider": r.get("provider", r.get("variant")), **r} for r in found]
     if isinstance(found, dict):
-        return [{"shape": name, "provider": p, **r} for name, by in found.items() for p, r in by.items()
-                if isinstance(r, dict)]
-    return [{"provider": name, **r} for name, r in (record.get("results") or {}).items() if isinstance(r, dict)]
+        return [
+            {"shape": name, "provider": p, **r}
+            for name, by in found.items()
+            for p, r in by.items()
+            if isinstance(r, dict)
+        ]
+    return [
+        {"provider": name, **r} for name, r in (record.get("results") or {}).items() if isinstance(r, dict)
+    ]
 
 
 def summarize(record: dict) -> list[str]:
-    head = f"{record.get('bench')} on {record.get('device')} ({record.get('gpu', record.get('torch'))}, " \
-           f"commit {record.get('commit')}, {record.get('date')})"
+    head = (
+        f"{record.get('bench')} on {record.get('device')} ({record.get('gpu', record.get('torch'))}, "
+        f"commit {record.get('commit')}, {record.get('date')})"
+    )
     lines = [head]
     for r in rows(record):
         where = " ".join(str(r[k]) for k in ("shape", "mode") if r.get(k))

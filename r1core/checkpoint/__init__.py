@@ -2,4 +2,10 @@
 
 from .hf import CheckpointError, args_from_hf_config, from_pretrained, hf_config_from_args, save_pretrained
 
-__all__ = ["CheckpointError", "args_from_hf_config", "from_pretrained", "hf_config_from_args", "save_pretrained"]
+__all__ = [
+    "CheckpointError",
+    "args_from_hf_config",
+    "from_pretrained",
+    "hf_config_from_args",
+    "save_pretrained",
+]

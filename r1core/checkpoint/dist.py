@@ -46,7 +46,9 @@ def save(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
         tmp.mkdir(parents=True)
     _barrier()
     with warnings.catch_warnings():  # one process on purpose (no_dist): torch warns about that at every save
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not _dist())
     _barrier()
     if _is_rank0():
@@ -67,7 +69,9 @@ def load(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     if not (path / ".metadata").exists():
         raise FileNotFoundError(f"{path} is not a distributed checkpoint (no .metadata)")
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
         dcp.load(state, checkpoint_id=str(path), no_dist=not _dist())
 
 

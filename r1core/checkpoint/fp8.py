@@ -17,8 +17,12 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, in
     return (-(-rows // block[0]), -(-cols // block[1]))
 
 
-def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_block_fp8(
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """fp8 [O, I] * per-block scale_inv -> `dtype` [O, I], computed in fp32 on weight's device.
 
     Works one block-row at a time so the fp32 temporary is bo x I, not O x I (DeepSeek-V3's
@@ -28,8 +32,10 @@ def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
         raise ValueError(f"block fp8 weights are 2-D, got shape {tuple(weight.shape)}")
     expected = scale_shape(tuple(weight.shape), block)
     if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"scale_inv shape {list(scale_inv.shape)} does not match weight {list(weight.shape)} "
-                         f"with block {list(block)}: expected {list(expected)}")
+        raise ValueError(
+            f"scale_inv shape {list(scale_inv.shape)} does not match weight {list(weight.shape)} "
+            f"with block {list(block)}: expected {list(expected)}"
+        )
     rows, cols = weight.shape
     bo, bi = block
     scale = scale_inv.to(device=weight.device, dtype=torch.float32)

@@ -38,8 +38,15 @@ from .fp8 import FP8_DTYPE, dequantize_block_fp8
 from .hf_config import CheckpointError, HFExtras, args_from_hf_config, hf_config_from_args, parse_hf_config
 from .hf_names import IGNORED_HF, Target, hf_to_r1, mtp_copies, save_plan
 
-__all__ = ["CheckpointError", "args_from_hf_config", "check_pretrained", "hf_config_from_args", "hf_model_args",
-           "from_pretrained", "save_pretrained"]
+__all__ = [
+    "CheckpointError",
+    "args_from_hf_config",
+    "check_pretrained",
+    "hf_config_from_args",
+    "hf_model_args",
+    "from_pretrained",
+    "save_pretrained",
+]
 
 SCALE_SUFFIX = "_scale_inv"  # `...weight` -> `...weight_scale_inv`
 INDEX_FILE = "model.safetensors.index.json"
@@ -102,7 +109,9 @@ def _empty_model(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> T
         if name in persistent:
             continue
         if not name.endswith("expert_load"):
-            raise NotImplementedError(f"non-persistent buffer {name} has no initializer in the checkpoint loader")
+            raise NotImplementedError(
+                f"non-persistent buffer {name} has no initializer in the checkpoint loader"
+            )
         buf.zero_()
     return model
 
@@ -114,7 +123,9 @@ class _Loader:
         self.dest = model.state_dict(keep_vars=True)
         if self.args.tie_embeddings:
             del self.dest["head.weight"]  # the same tensor as embed.weight
-        self.count = {name: [0] * (t.shape[0] if ".ffn.experts.w" in name else 1) for name, t in self.dest.items()}
+        self.count = {
+            name: [0] * (t.shape[0] if ".ffn.experts.w" in name else 1) for name, t in self.dest.items()
+        }
 
     def _target(self, t: Target) -> torch.Tensor:
         dest = self.dest[t.name].detach()
@@ -131,7 +142,11 @@ class _Loader:
             if IGNORED_HF.fullmatch(hf):
                 continue
             t = hf_to_r1(hf, self.args)
-            if t is None or t.name not in self.dest or (t.expert is not None and t.expert >= self.dest[t.name].shape[0]):
+            if (
+                t is None
+                or t.name not in self.dest
+                or (t.expert is not None and t.expert >= self.dest[t.name].shape[0])
+            ):
                 unexpected.append(hf)
             else:
                 (copies if t.copy else by_file[file]).append((hf, t))
@@ -139,9 +154,12 @@ class _Loader:
             raise CheckpointError(
                 f"checkpoint tensor(s) with no place in r1core for this config.json (num_hidden_layers="
                 f"{self.args.n_layers}, num_nextn_predict_layers={self.args.n_mtp_modules}, q_lora_rank="
-                f"{self.args.q_lora_rank or None}): {sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''}")
+                f"{self.args.q_lora_rank or None}): {sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''}"
+            )
         optional = {hf for hf, _ in mtp_copies(self.args)}
-        missing = sorted(hf for hf, _, _ in save_plan(self.dest, self.args) if hf not in self.files and hf not in optional)
+        missing = sorted(
+            hf for hf, _, _ in save_plan(self.dest, self.args) if hf not in self.files and hf not in optional
+        )
         if missing:
             more = " ..." if len(missing) > 8 else ""
             raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s): {missing[:8]}{more}")
@@ -154,7 +172,9 @@ class _Loader:
         dest = self._target(t)
         shape = list(f.get_slice(hf).get_shape())
         if shape != list(dest.shape):
-            raise CheckpointError(f"{file}: tensor {hf} has shape {shape}, r1core {t.name} expects {list(dest.shape)}")
+            raise CheckpointError(
+                f"{file}: tensor {hf} has shape {shape}, r1core {t.name} expects {list(dest.shape)}"
+            )
         value = f.get_tensor(hf)
         if scale is None and hf + SCALE_SUFFIX in keys:
             scale = f.get_tensor(hf + SCALE_SUFFIX)
@@ -162,14 +182,19 @@ class _Loader:
             if scale is None:
                 raise CheckpointError(f"{file}: {hf} is float8_e4m3fn but {hf}{SCALE_SUFFIX} is missing")
             try:
-                return dequantize_block_fp8(value.to(dest.device), scale, self.extras.weight_block_size, dest.dtype)
+                return dequantize_block_fp8(
+                    value.to(dest.device), scale, self.extras.weight_block_size, dest.dtype
+                )
             except ValueError as e:
                 raise CheckpointError(f"{file}: {hf}{SCALE_SUFFIX}: {e}") from e
         if scale is not None:
-            raise CheckpointError(f"{file}: {hf}{SCALE_SUFFIX} given for a {value.dtype} weight "
-                                  "(only float8_e4m3fn is scaled)")
+            raise CheckpointError(
+                f"{file}: {hf}{SCALE_SUFFIX} given for a {value.dtype} weight (only float8_e4m3fn is scaled)"
+            )
         if not value.is_floating_point():
-            raise CheckpointError(f"{file}: tensor {hf} has dtype {value.dtype}, expected a floating-point tensor")
+            raise CheckpointError(
+                f"{file}: tensor {hf} has dtype {value.dtype}, expected a floating-point tensor"
+            )
         return value
 
     def _read_alone(self, hf: str, t: Target) -> torch.Tensor:
@@ -178,7 +203,9 @@ class _Loader:
         if scale_file is not None and scale_file != self.files[hf]:
             with _open(scale_file) as f:
                 if hf + SCALE_SUFFIX not in set(f.keys()):
-                    raise CheckpointError(f"{scale_file}: the index lists {hf}{SCALE_SUFFIX} but the file lacks it")
+                    raise CheckpointError(
+                        f"{scale_file}: the index lists {hf}{SCALE_SUFFIX} but the file lacks it"
+                    )
                 scale = f.get_tensor(hf + SCALE_SUFFIX)
         with _open(self.files[hf]) as f:
             return self._read(f, self.files[hf], hf, t, set(f.keys()), scale)
@@ -216,18 +243,31 @@ class _Loader:
                     if hf not in keys:
                         raise CheckpointError(f"{file}: the index lists {hf} but the file lacks it")
                     info = f.get_slice(hf)
-                    shape, dtype, expected = list(info.get_shape()), info.get_dtype(), list(self._target(t).shape)
+                    shape, dtype, expected = (
+                        list(info.get_shape()),
+                        info.get_dtype(),
+                        list(self._target(t).shape),
+                    )
                     if shape != expected:
-                        raise CheckpointError(f"{file}: tensor {hf} has shape {shape}, r1core {t.name} expects "
-                                              f"{expected}")
+                        raise CheckpointError(
+                            f"{file}: tensor {hf} has shape {shape}, r1core {t.name} expects {expected}"
+                        )
                     if dtype not in _WEIGHT_DTYPES:
-                        raise CheckpointError(f"{file}: tensor {hf} has dtype {dtype}, expected one of "
-                                              f"{sorted(_WEIGHT_DTYPES)}")
+                        raise CheckpointError(
+                            f"{file}: tensor {hf} has dtype {dtype}, expected one of {sorted(_WEIGHT_DTYPES)}"
+                        )
                     if dtype == "F8_E4M3" and hf + SCALE_SUFFIX not in self.files:
-                        raise CheckpointError(f"{file}: {hf} is float8_e4m3fn but {hf}{SCALE_SUFFIX} is missing")
+                        raise CheckpointError(
+                            f"{file}: {hf} is float8_e4m3fn but {hf}{SCALE_SUFFIX} is missing"
+                        )
 
     def _check_complete(self) -> None:
-        bad = [f"{name}[{i}]" if len(c) > 1 else name for name, c in self.count.items() for i, n in enumerate(c) if n != 1]
+        bad = [
+            f"{name}[{i}]" if len(c) > 1 else name
+            for name, c in self.count.items()
+            for i, n in enumerate(c)
+            if n != 1
+        ]
         if bad:
             raise CheckpointError(f"r1core tensor(s) not written exactly once: {bad[:8]}")
 
@@ -236,8 +276,11 @@ class _Loader:
             value, main = self._read_alone(hf, t), self._target(t)
             if not torch.equal(value.to(main.device, main.dtype), main):
                 diff = (value.to(main.device).float() - main.float()).abs().max().item()
-                warnings.warn(f"checkpoint tensor {hf} differs from {t.name} (max |diff| {diff:.3g}); "
-                              f"r1core shares the main model's {t.name}", stacklevel=3)
+                warnings.warn(
+                    f"checkpoint tensor {hf} differs from {t.name} (max |diff| {diff:.3g}); "
+                    f"r1core shares the main model's {t.name}",
+                    stacklevel=3,
+                )
 
 
 def hf_model_args(path, drop_missing_mtp: bool = True) -> tuple[ModelArgs, HFExtras, dict[str, Path]]:
@@ -253,17 +296,23 @@ def hf_model_args(path, drop_missing_mtp: bool = True) -> tuple[ModelArgs, HFExt
         raise CheckpointError(f"{path}: not a directory (an HF checkpoint is a directory with config.json)")
     args, extras = parse_hf_config(_read_json(path / "config.json"))
     files = _weight_map(path)
-    if args.n_mtp_modules and drop_missing_mtp and not any(
-            n.startswith(f"model.layers.{args.n_layers}.") for n in files):
-        warnings.warn(f"{path}: config has num_nextn_predict_layers={args.n_mtp_modules} but the checkpoint has no "
-                      "MTP weights (transformers does not save them); loading without multi-token prediction",
-                      stacklevel=2)
+    if (
+        args.n_mtp_modules
+        and drop_missing_mtp
+        and not any(n.startswith(f"model.layers.{args.n_layers}.") for n in files)
+    ):
+        warnings.warn(
+            f"{path}: config has num_nextn_predict_layers={args.n_mtp_modules} but the checkpoint has no "
+            "MTP weights (transformers does not save them); loading without multi-token prediction",
+            stacklevel=2,
+        )
         args = args.replace(n_mtp_modules=0)
     return args, extras, files
 
 
-def from_pretrained(path, dtype: torch.dtype | None = torch.float32, device=None, *,
-                    drop_missing_mtp: bool = True) -> Transformer:
+def from_pretrained(
+    path, dtype: torch.dtype | None = torch.float32, device=None, *, drop_missing_mtp: bool = True
+) -> Transformer:
     """A Transformer (in eval mode, like transformers' from_pretrained) from an HF DeepSeek-V3 / V2 directory.
 
     FP8 weights are dequantized to `dtype`; `e_score_correction_bias` stays fp32. A checkpoint whose
@@ -292,8 +341,10 @@ def check_pretrained(path, args: ModelArgs | None = None) -> ModelArgs:
         shape_of = lambda a: {k: v for k, v in dataclasses.asdict(a).items() if k not in TRAINING_ONLY}  # noqa: E731
         diff = {k: (v, shape_of(found)[k]) for k, v in shape_of(args).items() if shape_of(found)[k] != v}
         if diff:
-            raise CheckpointError(f"{Path(path) / 'config.json'}: differs from the job's model in "
-                                  + ", ".join(f"{k} (job {a}, checkpoint {b})" for k, (a, b) in sorted(diff.items())))
+            raise CheckpointError(
+                f"{Path(path) / 'config.json'}: differs from the job's model in "
+                + ", ".join(f"{k} (job {a}, checkpoint {b})" for k, (a, b) in sorted(diff.items()))
+            )
     with torch.device("meta"):
         model = Transformer(found)
     _Loader(model, files, extras).check()
@@ -305,6 +356,7 @@ TRAINING_ONLY = frozenset({"bias_update_speed", "seq_aux_alpha", "mtp_loss_weigh
 
 
 # ---------------------------------------------------------------- saving
+
 
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -330,13 +382,22 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def _check_saveable(model: Transformer, state: dict) -> None:
     args = model.args
-    complete = (model.embed is not None and model.norm is not None and model.head is not None
-                and len(model.layers) == args.n_layers and len(model.mtp) == args.n_mtp_modules)
+    complete = (
+        model.embed is not None
+        and model.norm is not None
+        and model.head is not None
+        and len(model.layers) == args.n_layers
+        and len(model.mtp) == args.n_mtp_modules
+    )
     if not complete:
-        raise CheckpointError("save_pretrained needs the whole model (a pipeline stage holds only part of it)")
+        raise CheckpointError(
+            "save_pretrained needs the whole model (a pipeline stage holds only part of it)"
+        )
     sharded = [k for k, t in state.items() if type(t) is not torch.Tensor]
     if sharded:
-        raise CheckpointError(f"save_pretrained needs plain tensors; gather sharded ones first: {sharded[:4]}")
+        raise CheckpointError(
+            f"save_pretrained needs plain tensors; gather sharded ones first: {sharded[:4]}"
+        )
 
 
 def _shards(plan, nbytes, max_shard_bytes: int) -> list[list]:
@@ -351,8 +412,9 @@ def _shards(plan, nbytes, max_shard_bytes: int) -> list[list]:
     return shards
 
 
-def save_pretrained(model: Transformer, out_dir, max_shard_bytes: int = 5 * 2**30,
-                    dtype: torch.dtype | None = None) -> Path:
+def save_pretrained(
+    model: Transformer, out_dir, max_shard_bytes: int = 5 * 2**30, dtype: torch.dtype | None = None
+) -> Path:
     """Write `model` as an HF DeepSeek-V3 checkpoint directory; returns its path.
 
     `dtype` casts the weights (default: as they are); `e_score_correction_bias` is always fp32.
@@ -386,7 +448,9 @@ def save_pretrained(model: Transformer, out_dir, max_shard_bytes: int = 5 * 2**3
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file({hf: tensor(key, e) for hf, key, e in shard}, str(tmp / fname), metadata={"format": "pt"})
+            save_file(
+                {hf: tensor(key, e) for hf, key, e in shard}, str(tmp / fname), metadata={"format": "pt"}
+            )
             fsync_path(tmp / fname)
             weight_map.update(dict.fromkeys((hf for hf, _, _ in shard), fname))
         total = sum(nbytes(entry) for entry in plan)

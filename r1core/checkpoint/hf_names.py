@@ -16,8 +16,16 @@ from dataclasses import dataclass
 
 from r1core.model.args import ModelArgs
 
-_ATTN = {"q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b", "q_proj": "wq",
-         "kv_a_proj_with_mqa": "wkv_a", "kv_a_layernorm": "kv_norm", "kv_b_proj": "wkv_b", "o_proj": "wo"}
+_ATTN = {
+    "q_a_proj": "wq_a",
+    "q_a_layernorm": "q_norm",
+    "q_b_proj": "wq_b",
+    "q_proj": "wq",
+    "kv_a_proj_with_mqa": "wkv_a",
+    "kv_a_layernorm": "kv_norm",
+    "kv_b_proj": "wkv_b",
+    "o_proj": "wo",
+}
 _SWIGLU = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 # HF suffix inside `model.layers.{i}.` -> r1core suffix inside `layers.{i}.` (or `mtp.{k}.block.`)
@@ -32,12 +40,20 @@ _BLOCK = {
 }
 _BLOCK_INV = {r: h for h, r in _BLOCK.items()}
 # HF suffix inside `model.layers.{L+k}.` -> r1core suffix inside `mtp.{k}.`
-_MTP = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
-        "shared_head.norm.weight": "norm.weight"}
+_MTP = {
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "eh_proj.weight": "eh_proj.weight",
+    "shared_head.norm.weight": "norm.weight",
+}
 _MTP_INV = {r: h for h, r in _MTP.items()}
 # MTP tensors the release stores as copies of main-model tensors
 _MTP_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
-_TOP = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "head.weight"}
+_TOP = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "head.weight",
+}
 _TOP_INV = {r: h for h, r in _TOP.items()}
 
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -51,9 +67,9 @@ IGNORED_HF = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
 
 @dataclass(frozen=True)
 class Target:
-    name: str                  # r1core state_dict key
+    name: str  # r1core state_dict key
     expert: int | None = None  # slice of a stacked expert tensor
-    copy: bool = False         # a duplicate of `name` (MTP embed/head copies, tied lm_head): verified, not loaded
+    copy: bool = False  # a duplicate of `name` (MTP embed/head copies, tied lm_head): verified, not loaded
 
 
 def _block_hf_to_r1(rest: str, prefix: str) -> Target | None:
@@ -113,7 +129,7 @@ def r1_to_hf(r1_name: str, args: ModelArgs) -> list[tuple[str, int | None]]:
             if rest in _MTP_INV:
                 return [(f"model.layers.{layer}.{_MTP_INV[rest]}", None)]
             if rest.startswith("block."):
-                return _block_r1_to_hf(rest[len("block."):], f"model.layers.{layer}.", args.n_routed_experts)
+                return _block_r1_to_hf(rest[len("block.") :], f"model.layers.{layer}.", args.n_routed_experts)
     except KeyError:
         pass
     raise KeyError(f"r1core tensor {r1_name!r} has no HF DeepSeek-V3 name")
@@ -125,8 +141,10 @@ def mtp_copies(args: ModelArgs) -> list[tuple[str, str]]:
     out = []
     for k in range(args.n_mtp_modules):
         layer = args.n_layers + k
-        out += [(f"model.layers.{layer}.embed_tokens.weight", "embed.weight"),
-                (f"model.layers.{layer}.shared_head.head.weight", head)]
+        out += [
+            (f"model.layers.{layer}.embed_tokens.weight", "embed.weight"),
+            (f"model.layers.{layer}.shared_head.head.weight", head),
+        ]
     return out
 
 

@@ -17,8 +17,17 @@ from r1core.data.tasks import draw_problem
 
 # (kind, weight, difficulty choices): difficulty is drawn uniformly from the list per document.
 DEFAULT_MIX: tuple[tuple[str, float, tuple[dict, ...]], ...] = (
-    ("arithmetic", 0.45, ({"digits": 1}, {"digits": 2}, {"digits": 2, "ops": "+-"},
-                          {"digits": 1, "n_operands": 3}, {"digits": 3, "ops": "+-"})),
+    (
+        "arithmetic",
+        0.45,
+        (
+            {"digits": 1},
+            {"digits": 2},
+            {"digits": 2, "ops": "+-"},
+            {"digits": 1, "n_operands": 3},
+            {"digits": 3, "ops": "+-"},
+        ),
+    ),
     ("equations", 0.2, ({"digits": 1}, {"digits": 2})),
     ("countdown", 0.15, ({"n_numbers": 3}, {"n_numbers": 4})),
     ("text", 0.2, ({},)),

@@ -52,8 +52,9 @@ class SkipStats:
         return f"kept {self.kept}, skipped {self.n_skipped}" + (f" ({reasons})" if reasons else "")
 
 
-def iter_records(path: str | Path, parse: Callable[[Any], T], stats: SkipStats | None = None
-                 ) -> Iterator[tuple[int, T]]:
+def iter_records(
+    path: str | Path, parse: Callable[[Any], T], stats: SkipStats | None = None
+) -> Iterator[tuple[int, T]]:
     """Yield (line number, parse(obj)) for every usable line of a JSONL file.
 
     `parse` receives the decoded JSON value and raises RecordError to skip it. Blank lines are
@@ -86,7 +87,9 @@ def iter_records(path: str | Path, parse: Callable[[Any], T], stats: SkipStats |
             first_here = first_here or f"{where}: {reason}"
             stats.skip(where, reason)
     if seen and stats.kept == kept_before:
-        raise ValueError(f"no usable record in {path} ({seen} non-empty lines); first problem at {first_here}")
+        raise ValueError(
+            f"no usable record in {path} ({seen} non-empty lines); first problem at {first_here}"
+        )
     if stats.n_skipped:
         log.info("%s: %s", path, stats.summary())
 

@@ -32,11 +32,11 @@ QUESTION = " What is the pass key? The pass key is"
 
 @dataclass(frozen=True)
 class PasskeyDoc:
-    tokens: list[int]   # the whole document, EOS last
-    answer_start: int   # index of the key's first token in the final answer
-    answer_len: int     # the key's token count
-    depth: float        # the depth asked for, in [0, 1] (0: the needle first, 1: right before the question)
-    needle_at: float    # the depth it got: the nearest sentence boundary, as a share of the filler
+    tokens: list[int]  # the whole document, EOS last
+    answer_start: int  # index of the key's first token in the final answer
+    answer_len: int  # the key's token count
+    depth: float  # the depth asked for, in [0, 1] (0: the needle first, 1: right before the question)
+    needle_at: float  # the depth it got: the nearest sentence boundary, as a share of the filler
     key: str
 
 
@@ -59,8 +59,9 @@ def min_length(tok: Tokenizer, digits: int = 5) -> int:
     return len(tok.encode(fixed)) + 4  # + EOS, and slack for how pieces tokenize apart
 
 
-def passkey_document(tok: Tokenizer, length: int, depth: float, rng: random.Random,
-                     digits: int = 5) -> PasskeyDoc:
+def passkey_document(
+    tok: Tokenizer, length: int, depth: float, rng: random.Random, digits: int = 5
+) -> PasskeyDoc:
     """A document of exactly `length` tokens with a random `digits`-digit key at `depth` in [0, 1]."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"passkey depth must be in [0, 1], got {depth}")
@@ -84,12 +85,19 @@ def passkey_document(tok: Tokenizer, length: int, depth: float, rng: random.Rand
     start = len(doc) - len(tail) - len(answer)
     # the key's digits: " 40721" may tokenize as a space token then digits, or a spaced first digit
     n_space = len(answer) - digits if len(answer) > digits else 0
-    return PasskeyDoc(tokens=doc, answer_start=start + n_space, answer_len=len(answer) - n_space, depth=depth,
-                      needle_at=cut / budget if budget else 0.0, key=key)
+    return PasskeyDoc(
+        tokens=doc,
+        answer_start=start + n_space,
+        answer_len=len(answer) - n_space,
+        depth=depth,
+        needle_at=cut / budget if budget else 0.0,
+        key=key,
+    )
 
 
-def passkey_grid(tok: Tokenizer, lengths: list[int], depths: list[float], per_cell: int, seed: int,
-                 digits: int = 5) -> list[PasskeyDoc]:
+def passkey_grid(
+    tok: Tokenizer, lengths: list[int], depths: list[float], per_cell: int, seed: int, digits: int = 5
+) -> list[PasskeyDoc]:
     """`per_cell` documents for every (length, depth), a pure function of the arguments.
 
     Each cell's keys and filler come from its own stream, so the same cell holds the same problems
@@ -111,8 +119,9 @@ class PasskeyMix:
     the wrapped source's state plus a counter and resumes exactly.
     """
 
-    def __init__(self, source, tok: Tokenizer, fraction: float, seed: int, full_length: bool = False,
-                 digits: int = 5):
+    def __init__(
+        self, source, tok: Tokenizer, fraction: float, seed: int, full_length: bool = False, digits: int = 5
+    ):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"passkey fraction must be in [0, 1], got {fraction}")
         self.source, self.tok, self.fraction, self.seed = source, tok, fraction, seed

@@ -43,18 +43,18 @@ def parse_text_record(obj) -> str:
 
 # dataset kind -> the parser its stage uses (RecordError rejects one line)
 PARSERS: dict[str, Callable[[Any], Any]] = {
-    "problems": parse_problem_record,   # RL prompts and evaluation problems with gold answers
-    "sft": parse_sft_record,            # (prompt, response) pairs or chats
-    "general": parse_general_prompt,    # all-scenario RL prompts judged by the reward model
-    "text": parse_text_record,          # pretraining documents in .jsonl / .json
+    "problems": parse_problem_record,  # RL prompts and evaluation problems with gold answers
+    "sft": parse_sft_record,  # (prompt, response) pairs or chats
+    "general": parse_general_prompt,  # all-scenario RL prompts judged by the reward model
+    "text": parse_text_record,  # pretraining documents in .jsonl / .json
 }
 
 
 @dataclass(frozen=True)
 class DataFile:
-    key: str    # the config key naming the file, e.g. "data.eval_jsonl"
+    key: str  # the config key naming the file, e.g. "data.eval_jsonl"
     path: str
-    kind: str   # a key of PARSERS
+    kind: str  # a key of PARSERS
 
 
 class _Strict(SkipStats):
@@ -85,18 +85,26 @@ def check_file(f: DataFile, strict: bool = False, max_bad_fraction: float = 0.0)
     if not total:
         raise DataError(f"{f.key}={f.path!r} holds no record")
     if stats.n_skipped > max_bad_fraction * total:
-        raise DataError(f"{f.key}: {stats.n_skipped} of {total} lines of {path} are bad "
-                        f"({stats.n_skipped / total:.1%} > data.max_bad_fraction={max_bad_fraction:g}; "
-                        f"{stats.summary()}); first: {stats.first_problem}")
+        raise DataError(
+            f"{f.key}: {stats.n_skipped} of {total} lines of {path} are bad "
+            f"({stats.n_skipped / total:.1%} > data.max_bad_fraction={max_bad_fraction:g}; "
+            f"{stats.summary()}); first: {stats.first_problem}"
+        )
     return stats
 
 
-def preflight(files: list[DataFile], strict: bool = False, max_bad_fraction: float = 0.0) -> dict[str, SkipStats]:
+def preflight(
+    files: list[DataFile], strict: bool = False, max_bad_fraction: float = 0.0
+) -> dict[str, SkipStats]:
     """check_file over every file, logging one summary line for each file with skipped lines."""
     out = {}
     for f in files:
         stats = out[f.key] = check_file(f, strict, max_bad_fraction)
         if stats.n_skipped:
-            log.warning("%s=%s: %s; bad lines are skipped (data.strict=true fails instead)", f.key, f.path,
-                        stats.summary())
+            log.warning(
+                "%s=%s: %s; bad lines are skipped (data.strict=true fails instead)",
+                f.key,
+                f.path,
+                stats.summary(),
+            )
     return out

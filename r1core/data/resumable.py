@@ -19,8 +19,8 @@ class EpochCursor:
 
     epoch: int = 0
     pos: int = 0
-    loop: bool = True               # False: stop after the current epoch
-    what: str = ""                  # named in the resume error (" the prompt order")
+    loop: bool = True  # False: stop after the current epoch
+    what: str = ""  # named in the resume error (" the prompt order")
 
     def order(self, epoch: int) -> Sequence[int]:
         """Item indices in the order `epoch` reads them."""

@@ -36,8 +36,13 @@ log = logging.getLogger(__name__)
 
 PROMPT_KEYS = ("prompt", "problem", "question")
 RESPONSE_KEYS = ("response", "completion", "solution", "answer")
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 @dataclass
@@ -48,17 +53,23 @@ class SFTExample:
 
 
 def _turns(obj: dict) -> list[tuple[str, str]]:
-    key, role_key, text_key = (("messages", "role", "content") if "messages" in obj
-                               else ("conversations", "from", "value"))
+    key, role_key, text_key = (
+        ("messages", "role", "content") if "messages" in obj else ("conversations", "from", "value")
+    )
     turns = obj[key]
     if not isinstance(turns, list) or not turns:
         raise RecordError(f"bad chat: {key!r} is not a non-empty list")
     out = []
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str) \
-                or not isinstance(turn.get(text_key), str):
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get(role_key), str)
+            or not isinstance(turn.get(text_key), str)
+        ):
             raise RecordError(f"bad chat: {key}[{i}] needs string {role_key!r} and {text_key!r}")
-        role = _SHAREGPT_ROLES.get(turn[role_key], turn[role_key]) if key == "conversations" else turn[role_key]
+        role = (
+            _SHAREGPT_ROLES.get(turn[role_key], turn[role_key]) if key == "conversations" else turn[role_key]
+        )
         out.append((role, turn[text_key]))
     return out
 
@@ -91,7 +102,9 @@ def parse_sft_record(obj) -> SFTExample:
     return SFTExample(prompt, response, system)
 
 
-def load_sft_jsonl(paths: str | Path | Iterable[str | Path], stats: SkipStats | None = None) -> list[SFTExample]:
+def load_sft_jsonl(
+    paths: str | Path | Iterable[str | Path], stats: SkipStats | None = None
+) -> list[SFTExample]:
     """All usable examples of one or more JSONL files (skips counted in `stats`)."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     stats = stats if stats is not None else SkipStats()
@@ -102,11 +115,17 @@ def load_sft_jsonl(paths: str | Path | Iterable[str | Path], stats: SkipStats | 
 
 class SFTDoc(NamedTuple):
     ids: np.ndarray  # [n] int64: rendered prompt, then response, then the stop token
-    n_prompt: int    # ids[:n_prompt] is the prompt (no loss on predicting it)
+    n_prompt: int  # ids[:n_prompt] is the prompt (no loss on predicting it)
 
 
-def tokenize_sft(examples: list[SFTExample], tok: Tokenizer, fmt: ChatFormat, max_len: int,
-                 progress: bool = False, batch: int = 1024) -> list[SFTDoc]:
+def tokenize_sft(
+    examples: list[SFTExample],
+    tok: Tokenizer,
+    fmt: ChatFormat,
+    max_len: int,
+    progress: bool = False,
+    batch: int = 1024,
+) -> list[SFTDoc]:
     """Encode examples with the chat format; responses longer than the room left are truncated
     (their stop token is lost), examples whose prompt alone fills max_len are dropped; both counted.
 
@@ -132,15 +151,19 @@ def tokenize_sft(examples: list[SFTExample], tok: Tokenizer, fmt: ChatFormat, ma
         bar.update(len(chunk))
     bar.close()
     if n_trunc or n_drop:
-        log.warning("tokenize_sft: %d responses truncated, %d examples dropped (prompt >= %d tokens)",
-                    n_trunc, n_drop, max_len)
+        log.warning(
+            "tokenize_sft: %d responses truncated, %d examples dropped (prompt >= %d tokens)",
+            n_trunc,
+            n_drop,
+            max_len,
+        )
     return docs
 
 
 class PackedRow(NamedTuple):
-    tokens: torch.Tensor     # [T]
-    labels: torch.Tensor     # [T] next token on response targets, else IGNORE_INDEX
-    doc_ids: torch.Tensor    # [T] 0, 1, ... per document; padding is the next id
+    tokens: torch.Tensor  # [T]
+    labels: torch.Tensor  # [T] next token on response targets, else IGNORE_INDEX
+    doc_ids: torch.Tensor  # [T] 0, 1, ... per document; padding is the next id
     positions: torch.Tensor  # [T] restart at 0 in every document
 
 
@@ -176,14 +199,25 @@ class PackedSFTDataset(EpochCursor):
     into different numbers of rows: with loop=True (the default) the trainer's step count decides.
     """
 
-    def __init__(self, docs: list[SFTDoc], seq_len: int, pad_id: int, seed: int = 0, dp_rank: int = 0,
-                 dp_size: int = 1, shuffle: bool = True, loop: bool = True):
+    def __init__(
+        self,
+        docs: list[SFTDoc],
+        seq_len: int,
+        pad_id: int,
+        seed: int = 0,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        shuffle: bool = True,
+        loop: bool = True,
+    ):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         too_long = [i for i, d in enumerate(docs) if len(d.ids) > seq_len]
         if too_long:
-            raise ValueError(f"{len(too_long)} documents exceed seq_len {seq_len} (first: #{too_long[0]}); "
-                             "tokenize_sft with max_len=seq_len truncates them")
+            raise ValueError(
+                f"{len(too_long)} documents exceed seq_len {seq_len} (first: #{too_long[0]}); "
+                "tokenize_sft with max_len=seq_len truncates them"
+            )
         self.docs, self.seq_len, self.pad_id = docs, seq_len, pad_id
         self.seed, self.shuffle, self.loop = seed, shuffle, loop
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -212,8 +246,13 @@ class PackedSFTDataset(EpochCursor):
                 return
 
     def identity(self) -> dict:
-        return {"seed": self.seed, "seq_len": self.seq_len, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                "n_docs": len(self.docs)}
+        return {
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "n_docs": len(self.docs),
+        }
 
 
 def _gold_answer(obj: dict) -> str:
@@ -246,7 +285,9 @@ def parse_problem_record(obj, task: str = "math") -> Problem:
     return Problem(prompt=prompt, answer=answer, task=kind, meta=meta)
 
 
-def load_problems_jsonl(path: str | Path, task: str = "math", stats: SkipStats | None = None) -> list[Problem]:
+def load_problems_jsonl(
+    path: str | Path, task: str = "math", stats: SkipStats | None = None
+) -> list[Problem]:
     """RL prompts with gold answers from JSONL (`prompt|problem|question` + `answer|solution`).
 
     The gold answer is `answer` (GSM8K's "#### n" tail taken when present), else the last \\boxed{}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from r1core.data.jsonl import RecordError, SkipStats, iter_records, pick_string, require_object
+from r1core.data.jsonl import SkipStats, iter_records, pick_string, require_object
 from r1core.data.resumable import EpochCursor
 from r1core.data.tokenizer import Tokenizer
 
@@ -36,12 +36,14 @@ FORMAT = "r1core.token_shard.v1"
 
 
 class Window(NamedTuple):
-    tokens: torch.Tensor   # [T] int64
-    labels: torch.Tensor   # [T] int64, next token; IGNORE_INDEX where it would cross a document end
+    tokens: torch.Tensor  # [T] int64
+    labels: torch.Tensor  # [T] int64, next token; IGNORE_INDEX where it would cross a document end
     doc_ids: torch.Tensor  # [T] int64, 0 for the window's first document, +1 at each new one
 
 
-def iter_documents(paths: Iterable[str | Path], field: str = "text", stats: SkipStats | None = None) -> Iterator[str]:
+def iter_documents(
+    paths: Iterable[str | Path], field: str = "text", stats: SkipStats | None = None
+) -> Iterator[str]:
     """Documents of .jsonl files (string `field` of each record) or text files (one per non-empty line)."""
     stats = stats if stats is not None else SkipStats()
 
@@ -67,8 +69,13 @@ class _ShardWriter:
     def __init__(self, out_dir: Path, name: str, tok: Tokenizer, max_tokens: int):
         self.out_dir, self.name, self.max_tokens = out_dir, name, max_tokens
         self.dtype = shard_dtype(tok.vocab_size)
-        self.meta = {"format": FORMAT, "dtype": self.dtype.name, "tokenizer_hash": tok.hash,
-                     "eos_id": tok.eos_id, "vocab_size": tok.vocab_size}
+        self.meta = {
+            "format": FORMAT,
+            "dtype": self.dtype.name,
+            "tokenizer_hash": tok.hash,
+            "eos_id": tok.eos_id,
+            "vocab_size": tok.vocab_size,
+        }
         self.staged: list[tuple[Path, Path, dict]] = []  # (tmp bin, final stem, index)
         self._file = None
 
@@ -108,9 +115,16 @@ class _ShardWriter:
             tmp.unlink(missing_ok=True)
 
 
-def prepare_shards(docs: Iterable[str], out_dir: str | Path, tokenizer: Tokenizer, name: str = "shard",
-                   max_shard_tokens: int = 1 << 28, batch_docs: int = 512, overwrite: bool = False,
-                   progress: bool = True) -> list[Path]:
+def prepare_shards(
+    docs: Iterable[str],
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    name: str = "shard",
+    max_shard_tokens: int = 1 << 28,
+    batch_docs: int = 512,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
     """Tokenize `docs` into shards under out_dir (EOS after every document); returns the .bin paths.
 
     Documents never straddle shards; a shard closes before the document that would push it past
@@ -150,7 +164,13 @@ def prepare_shards(docs: Iterable[str], out_dir: str | Path, tokenizer: Tokenize
     for path in old:
         path.unlink()
     paths = writer.commit()
-    log.info("wrote %d shards, %d tokens to %s (%d empty documents skipped)", len(paths), n_tokens, out_dir, n_empty)
+    log.info(
+        "wrote %d shards, %d tokens to %s (%d empty documents skipped)",
+        len(paths),
+        n_tokens,
+        out_dir,
+        n_empty,
+    )
     return paths
 
 
@@ -160,8 +180,9 @@ def _chain_end(docs: Iterable[str]) -> Iterator[str | None]:
     yield None
 
 
-def prepare(paths: Iterable[str | Path], out_dir: str | Path, tokenizer: Tokenizer, field: str = "text",
-            **kwargs) -> list[Path]:
+def prepare(
+    paths: Iterable[str | Path], out_dir: str | Path, tokenizer: Tokenizer, field: str = "text", **kwargs
+) -> list[Path]:
     """prepare_shards over the documents of JSONL / text files (see iter_documents)."""
     stats = SkipStats()
     out = prepare_shards(iter_documents(list(paths), field, stats), out_dir, tokenizer, **kwargs)
@@ -181,20 +202,29 @@ def _load_shards(path: str | Path | list, seq_len: int, tokenizer_hash: str | No
     indexes: list[Path] = []
     for p in paths:
         # Names starting with "." are another prepare's staging files.
-        indexes += sorted(q for q in p.glob("*.json") if not q.name.startswith(".")) if p.is_dir() \
+        indexes += (
+            sorted(q for q in p.glob("*.json") if not q.name.startswith("."))
+            if p.is_dir()
             else [p.with_suffix(".json")]
+        )
     shards = []
     for index_path in indexes:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         if index.get("format") != FORMAT:
             continue  # other JSON files in the directory
         if tokenizer_hash is not None and index["tokenizer_hash"] != tokenizer_hash:
-            raise ValueError(f"{index_path} was tokenized with a different tokenizer "
-                             f"({index['tokenizer_hash'][:12]} != {tokenizer_hash[:12]})")
+            raise ValueError(
+                f"{index_path} was tokenized with a different tokenizer "
+                f"({index['tokenizer_hash'][:12]} != {tokenizer_hash[:12]})"
+            )
         tokens = np.memmap(index_path.with_suffix(".bin"), dtype=np.dtype(index["dtype"]), mode="r")
         if tokens.shape[0] != index["n_tokens"]:
-            raise ValueError(f"{index_path.with_suffix('.bin')} holds {tokens.shape[0]} tokens, index says {index['n_tokens']}")
-        shards.append(_Shard(tokens, np.asarray(index["doc_ends"], dtype=np.int64), (index["n_tokens"] - 1) // seq_len))
+            raise ValueError(
+                f"{index_path.with_suffix('.bin')} holds {tokens.shape[0]} tokens, index says {index['n_tokens']}"
+            )
+        shards.append(
+            _Shard(tokens, np.asarray(index["doc_ends"], dtype=np.int64), (index["n_tokens"] - 1) // seq_len)
+        )
     if not shards:
         raise FileNotFoundError(f"no token shard index (*.json, format {FORMAT}) under {path}")
     return shards
@@ -208,14 +238,25 @@ class TokenShardDataset(EpochCursor):
     parallel ranks never disagree on the number of steps.
     """
 
-    def __init__(self, path: str | Path | list, seq_len: int, seed: int = 0, dp_rank: int = 0, dp_size: int = 1,
-                 shuffle: bool = True, loop: bool = True, tokenizer_hash: str | None = None):
+    def __init__(
+        self,
+        path: str | Path | list,
+        seq_len: int,
+        seed: int = 0,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        shuffle: bool = True,
+        loop: bool = True,
+        tokenizer_hash: str | None = None,
+    ):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         self.seq_len, self.seed, self.shuffle, self.loop = seq_len, seed, shuffle, loop
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self._shards = _load_shards(path, seq_len, tokenizer_hash)
-        self._first = np.cumsum([0] + [s.n_windows for s in self._shards])  # global index of each shard's window 0
+        self._first = np.cumsum(
+            [0] + [s.n_windows for s in self._shards]
+        )  # global index of each shard's window 0
         self.n_windows = int(self._first[-1])
         self.per_rank = self.n_windows // dp_size
         if self.per_rank == 0:
@@ -229,8 +270,11 @@ class TokenShardDataset(EpochCursor):
     def order(self, epoch: int) -> np.ndarray:
         """Global window indices this rank reads in `epoch`, in reading order."""
         if epoch != self._order_epoch:
-            perm = (np.random.default_rng([self.seed, epoch]).permutation(self.n_windows) if self.shuffle
-                    else np.arange(self.n_windows))
+            perm = (
+                np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+                if self.shuffle
+                else np.arange(self.n_windows)
+            )
             self._order = perm[: self.per_rank * self.dp_size][self.dp_rank :: self.dp_size]
             self._order_epoch = epoch
         return self._order
@@ -250,8 +294,13 @@ class TokenShardDataset(EpochCursor):
         return (self.window(g) for g in self.walk())
 
     def identity(self) -> dict:
-        return {"seed": self.seed, "seq_len": self.seq_len, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                "n_windows": self.n_windows}
+        return {
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "n_windows": self.n_windows,
+        }
 
 
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -260,5 +309,7 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
     change = torch.ones_like(doc_ids, dtype=torch.bool)
     change[..., 1:] = doc_ids[..., 1:] != doc_ids[..., :-1]
-    start = torch.where(change, idx, torch.zeros_like(idx)).cummax(dim=-1).values  # index where each token's doc began
+    start = (
+        torch.where(change, idx, torch.zeros_like(idx)).cummax(dim=-1).values
+    )  # index where each token's doc began
     return idx - start

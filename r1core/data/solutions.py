@@ -109,6 +109,6 @@ def extract_boxed(text: str) -> str | None:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         if depth == 0:
-            return text[body_start:i - 1].strip()
+            return text[body_start : i - 1].strip()
         start = text.rfind("\\boxed{", 0, start)  # unbalanced: try an earlier one
     return None

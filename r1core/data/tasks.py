@@ -44,6 +44,7 @@ def split_of(prompt: str, test_fraction: float = 0.1) -> str:
 # ---------------------------------------------------------------------------------------------
 # arithmetic
 
+
 def _check_range(name: str, value: int, lo: int, hi: int) -> None:
     if not isinstance(value, int) or not lo <= value <= hi:
         raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
@@ -73,12 +74,14 @@ def _arithmetic(rng: random.Random, digits: int = 2, n_operands: int = 2, ops: s
     opseq = [rng.choice(ops) for _ in range(n_operands - 1)]
     text = str(operands[0]) + "".join(op + str(b) for op, b in zip(opseq, operands[1:]))
     value = eval_chain(operands, opseq)
-    return Problem(prompt=text + "=", answer=str(value), task="arithmetic",
-                   meta={"operands": operands, "ops": opseq})
+    return Problem(
+        prompt=text + "=", answer=str(value), task="arithmetic", meta={"operands": operands, "ops": opseq}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # equations
+
 
 def _equations(rng: random.Random, digits: int = 1, coef_digits: int = 1) -> Problem:
     _check_range("digits", digits, 1, 6)
@@ -89,12 +92,17 @@ def _equations(rng: random.Random, digits: int = 1, coef_digits: int = 1) -> Pro
     b = rng.choice((-1, 1)) * rng.randint(1, top)
     c = a * x + b
     sign = "+" if b > 0 else "-"
-    return Problem(prompt=f"{a}*x{sign}{abs(b)}={c} x=", answer=str(x), task="equations",
-                   meta={"a": a, "b": b, "c": c, "x": x})
+    return Problem(
+        prompt=f"{a}*x{sign}{abs(b)}={c} x=",
+        answer=str(x),
+        task="equations",
+        meta={"a": a, "b": b, "c": c, "x": x},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # countdown
+
 
 def _combine(rng: random.Random, a: tuple[int, str], b: tuple[int, str], max_value: int):
     """One random exact integer step on two (value, expression) items, or None if none fits."""
@@ -120,7 +128,9 @@ def _combine(rng: random.Random, a: tuple[int, str], b: tuple[int, str], max_val
     return None
 
 
-def _countdown(rng: random.Random, n_numbers: int = 4, max_number: int = 20, max_target: int = 100) -> Problem:
+def _countdown(
+    rng: random.Random, n_numbers: int = 4, max_number: int = 20, max_target: int = 100
+) -> Problem:
     _check_range("n_numbers", n_numbers, 2, 6)
     _check_range("max_number", max_number, 2, 1000)
     _check_range("max_target", max_target, 10, 10**6)
@@ -138,10 +148,16 @@ def _countdown(rng: random.Random, n_numbers: int = 4, max_number: int = 20, max
         target, expr = pool[0]
         if len(pool) == 1 and 1 <= target <= max_target and target not in numbers:
             prompt = f"reach {target} with {' '.join(map(str, numbers))}:"
-            return Problem(prompt=prompt, answer=str(target), task="countdown",
-                           meta={"numbers": numbers, "target": target, "solution": expr, "steps": steps})
-    raise ValueError(f"no countdown problem found for n_numbers={n_numbers}, max_number={max_number}, "
-                     f"max_target={max_target}; raise max_target")
+            return Problem(
+                prompt=prompt,
+                answer=str(target),
+                task="countdown",
+                meta={"numbers": numbers, "target": target, "solution": expr, "steps": steps},
+            )
+    raise ValueError(
+        f"no countdown problem found for n_numbers={n_numbers}, max_number={max_number}, "
+        f"max_target={max_target}; raise max_target"
+    )
 
 
 class _Reject(Exception):
@@ -150,8 +166,12 @@ class _Reject(Exception):
 
 MAX_EXPR_CHARS = 256
 _MAX_DEPTH = 32
-_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
-           ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
+_BINOPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+}
 
 
 def _eval_node(node: ast.AST, left: Counter, depth: int) -> Fraction:
@@ -210,8 +230,14 @@ def difficulty_knobs(task: str) -> dict[str, object]:
     return {p.name: p.default for p in params}
 
 
-def draw_problem(task: str, rng: random.Random, split: str = "train", test_fraction: float = 0.1,
-                 max_attempts: int = 10_000, **difficulty) -> Problem:
+def draw_problem(
+    task: str,
+    rng: random.Random,
+    split: str = "train",
+    test_fraction: float = 0.1,
+    max_attempts: int = 10_000,
+    **difficulty,
+) -> Problem:
     """One problem of `task` from `split`, drawing from rng until the prompt hashes into it.
 
     A difficulty knob given as a list (`n_operands=[2, 3, 4]`) takes one of its values per problem."""
@@ -222,18 +248,29 @@ def draw_problem(task: str, rng: random.Random, split: str = "train", test_fract
         raise ValueError(f"task {task!r}: difficulty knob(s) {empty} given as an empty list")
     bad = set(difficulty) - set(difficulty_knobs(task))
     if bad:
-        raise ValueError(f"task {task!r} has no difficulty knob {sorted(bad)}; knobs: {difficulty_knobs(task)}")
+        raise ValueError(
+            f"task {task!r} has no difficulty knob {sorted(bad)}; knobs: {difficulty_knobs(task)}"
+        )
     for _ in range(max_attempts):
         # A knob given as a list is drawn per problem: one task set spanning several difficulties.
         knobs = {k: rng.choice(v) if isinstance(v, (list, tuple)) else v for k, v in difficulty.items()}
         p = TASKS[task](rng, **knobs)
         if split_of(p.prompt, test_fraction) == split:
             return p
-    raise ValueError(f"no {split} problem of {task!r} in {max_attempts} draws (test_fraction={test_fraction})")
+    raise ValueError(
+        f"no {split} problem of {task!r} in {max_attempts} draws (test_fraction={test_fraction})"
+    )
 
 
-def generate(task: str, n: int, seed: int, split: str = "train", test_fraction: float = 0.1,
-             unique: bool = False, **difficulty) -> list[Problem]:
+def generate(
+    task: str,
+    n: int,
+    seed: int,
+    split: str = "train",
+    test_fraction: float = 0.1,
+    unique: bool = False,
+    **difficulty,
+) -> list[Problem]:
     """`n` problems of `task` from `split`, a pure function of its arguments.
 
     unique=True drops repeated prompts and raises if the settings cannot give n distinct ones.
@@ -247,8 +284,10 @@ def generate(task: str, n: int, seed: int, split: str = "train", test_fraction: 
         budget -= 1
         if unique and p.prompt in seen:
             if budget < 0:
-                raise ValueError(f"only {len(out)} distinct {split} problems of {task!r} with {difficulty}; "
-                                 f"asked for {n}: raise the difficulty or set unique=False")
+                raise ValueError(
+                    f"only {len(out)} distinct {split} problems of {task!r} with {difficulty}; "
+                    f"asked for {n}: raise the difficulty or set unique=False"
+                )
             continue
         seen.add(p.prompt)
         out.append(p)

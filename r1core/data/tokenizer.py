@@ -26,10 +26,20 @@ from r1core.data.solutions import THINK_CLOSE, THINK_OPEN
 
 # name -> token text, per known template.
 TEMPLATES: dict[str, dict[str, str]] = {
-    "r1core": {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>",
-               "user": "<|user|>", "assistant": "<|assistant|>"},
-    "deepseek": {"bos": "<｜begin▁of▁sentence｜>", "eos": "<｜end▁of▁sentence｜>", "pad": "<｜▁pad▁｜>",
-                 "user": "<｜User｜>", "assistant": "<｜Assistant｜>"},
+    "r1core": {
+        "bos": "<|bos|>",
+        "eos": "<|eos|>",
+        "pad": "<|pad|>",
+        "user": "<|user|>",
+        "assistant": "<|assistant|>",
+    },
+    "deepseek": {
+        "bos": "<｜begin▁of▁sentence｜>",
+        "eos": "<｜end▁of▁sentence｜>",
+        "pad": "<｜▁pad▁｜>",
+        "user": "<｜User｜>",
+        "assistant": "<｜Assistant｜>",
+    },
 }
 SPECIAL_TOKENS = tuple(TEMPLATES["r1core"].values())
 
@@ -40,8 +50,9 @@ class Tokenizer:
     def __init__(self, tok: tokenizers.Tokenizer, overrides: dict[str, str] | None = None):
         self._tok = tok
         vocab = tok.get_vocab(with_added_tokens=True)
-        self.style = next((s for s, t in TEMPLATES.items() if t["user"] in vocab and t["assistant"] in vocab),
-                          "plain")
+        self.style = next(
+            (s for s, t in TEMPLATES.items() if t["user"] in vocab and t["assistant"] in vocab), "plain"
+        )
         names = dict(TEMPLATES.get(self.style, {}))
         names.update(overrides or {})
         if names.get("pad") not in vocab and "eos" in names:
@@ -51,24 +62,38 @@ class Tokenizer:
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def train_bpe(cls, texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str] = SPECIAL_TOKENS,
-                  added_tokens: Iterable[str] = (THINK_OPEN, THINK_CLOSE), min_frequency: int = 2,
-                  show_progress: bool = False) -> "Tokenizer":
+    def train_bpe(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        special_tokens: Iterable[str] = SPECIAL_TOKENS,
+        added_tokens: Iterable[str] = (THINK_OPEN, THINK_CLOSE),
+        min_frequency: int = 2,
+        show_progress: bool = False,
+    ) -> "Tokenizer":
         """Byte-level BPE with individual digits; the result has exactly `vocab_size` ids."""
         special_tokens, added_tokens = list(special_tokens), list(added_tokens)
         n_bpe = vocab_size - len(added_tokens)
         if n_bpe < 256 + len(special_tokens):
-            raise ValueError(f"vocab_size {vocab_size} leaves no room beyond the 256 bytes, "
-                             f"{len(special_tokens)} special and {len(added_tokens)} added tokens")
+            raise ValueError(
+                f"vocab_size {vocab_size} leaves no room beyond the 256 bytes, "
+                f"{len(special_tokens)} special and {len(added_tokens)} added tokens"
+            )
         tok = tokenizers.Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=n_bpe, min_frequency=min_frequency, special_tokens=special_tokens,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=show_progress)
+        trainer = trainers.BpeTrainer(
+            vocab_size=n_bpe,
+            min_frequency=min_frequency,
+            special_tokens=special_tokens,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
         tok.train_from_iterator(texts, trainer=trainer)
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added_tokens])
         return cls(tok)
@@ -84,7 +109,9 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer file at {path}")
-        return cls(tokenizers.Tokenizer.from_file(str(path)), _config_specials(path.parent / "tokenizer_config.json"))
+        return cls(
+            tokenizers.Tokenizer.from_file(str(path)), _config_specials(path.parent / "tokenizer_config.json")
+        )
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -171,13 +198,24 @@ class ChatFormat:
     system: str = ""
 
     @classmethod
-    def for_tokenizer(cls, tok: Tokenizer, think_prefix: str = THINK_OPEN + "\n", system: str = "") -> "ChatFormat":
+    def for_tokenizer(
+        cls, tok: Tokenizer, think_prefix: str = THINK_OPEN + "\n", system: str = ""
+    ) -> "ChatFormat":
         if tok.style not in TEMPLATES:
-            raise ValueError("tokenizer has neither the r1core nor the DeepSeek chat tokens "
-                             f"({', '.join(TEMPLATES['r1core'].values())} / {', '.join(TEMPLATES['deepseek'].values())})")
+            raise ValueError(
+                "tokenizer has neither the r1core nor the DeepSeek chat tokens "
+                f"({', '.join(TEMPLATES['r1core'].values())} / {', '.join(TEMPLATES['deepseek'].values())})"
+            )
         t = tok.special_tokens
-        return cls(bos=t["bos"], user=t["user"], assistant=t["assistant"], eos=t["eos"],
-                   stop_ids=(tok.eos_id,), think_prefix=think_prefix, system=system)
+        return cls(
+            bos=t["bos"],
+            user=t["user"],
+            assistant=t["assistant"],
+            eos=t["eos"],
+            stop_ids=(tok.eos_id,),
+            think_prefix=think_prefix,
+            system=system,
+        )
 
     @property
     def assistant_prefix(self) -> str:
@@ -192,10 +230,10 @@ class ChatFormat:
         """The response without the part the prompt already supplies (SFT data often repeats
         "<think>\\n"); also accepts "<think>" followed by other whitespace."""
         if self.think_prefix and response.startswith(self.think_prefix):
-            return response[len(self.think_prefix):]
+            return response[len(self.think_prefix) :]
         stripped = self.think_prefix.strip()
         if stripped and response.startswith(stripped):
-            return response[len(stripped):].lstrip()
+            return response[len(stripped) :].lstrip()
         return response
 
     def full_response(self, generated: str) -> str:

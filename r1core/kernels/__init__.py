@@ -11,6 +11,7 @@ package registers the MoE ops as the model's `moe_impl: triton | cuda` and the G
 
 from __future__ import annotations
 
+
 def _triton_moe_ops():
     from r1core.model.moe import MoEOps
 

@@ -27,9 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
+
 @triton.jit
-def _row_stats_kernel(x_ptr, stride_x, tgt_ptr, m_ptr, s_ptr, u_ptr, zt_ptr, V, vocab_start, scale,
-                      BLOCK_V: tl.constexpr):
+def _row_stats_kernel(
+    x_ptr, stride_x, tgt_ptr, m_ptr, s_ptr, u_ptr, zt_ptr, V, vocab_start, scale, BLOCK_V: tl.constexpr
+):
     """One token: online (m, s, u) over the vocab tiles of its logits row, and its target's z."""
     row = tl.program_id(0)
     base = x_ptr + row.to(tl.int64) * stride_x
@@ -57,8 +59,20 @@ def _row_stats_kernel(x_ptr, stride_x, tgt_ptr, m_ptr, s_ptr, u_ptr, zt_ptr, V, 
 
 
 @triton.jit
-def _row_grad_kernel(x_ptr, stride_x, g_ptr, stride_g, tgt_ptr, lse_ptr, coef_ptr, V, vocab_start, scale,
-                     BLOCK_V: tl.constexpr, ALIASED_NARROW: tl.constexpr):
+def _row_grad_kernel(
+    x_ptr,
+    stride_x,
+    g_ptr,
+    stride_g,
+    tgt_ptr,
+    lse_ptr,
+    coef_ptr,
+    V,
+    vocab_start,
+    scale,
+    BLOCK_V: tl.constexpr,
+    ALIASED_NARROW: tl.constexpr,
+):
     """One token: g_j = coef * (1[j = target] - exp(scale * x_j - lse)), coef already holding the scale.
 
     g may alias x. Same dtype: each element is overwritten by the thread that read it. A narrower g
@@ -83,7 +97,7 @@ def _row_grad_kernel(x_ptr, stride_x, g_ptr, stride_g, tgt_ptr, lse_ptr, coef_pt
 
 def _row_block(V: int, elem_bytes: int) -> tuple[int, int]:
     if not torch.cuda.is_available():
-        return 64, 4   # interpreter: small tiles so odd V spans several tiles with a ragged last one
+        return 64, 4  # interpreter: small tiles so odd V spans several tiles with a ragged last one
     block = min(triton.next_power_of_2(V), 8192 if elem_bytes <= 2 else 4096)
     return block, 16 if block >= 4096 else 8
 
@@ -94,43 +108,109 @@ def row_stats(x: torch.Tensor, targets: torch.Tensor, vocab_start: int, scale: f
     assert x.stride(1) == 1 and targets.shape == (C,) and targets.is_contiguous(), "row_stats: bad layout"
     out = torch.empty(4, C, device=x.device, dtype=torch.float32)
     block, warps = _row_block(V, x.element_size())
-    _row_stats_kernel[(C,)](x, x.stride(0), targets, out[0], out[1], out[2], out[3], V, vocab_start, scale,
-                            BLOCK_V=block, num_warps=warps)
+    _row_stats_kernel[(C,)](
+        x,
+        x.stride(0),
+        targets,
+        out[0],
+        out[1],
+        out[2],
+        out[3],
+        V,
+        vocab_start,
+        scale,
+        BLOCK_V=block,
+        num_warps=warps,
+    )
     return out
 
 
-def row_grad(x: torch.Tensor, g: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
-             vocab_start: int, scale: float) -> None:
+def row_grad(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    vocab_start: int,
+    scale: float,
+) -> None:
     """Write dL/dx into g [C, V] (may alias x, see the kernel); coef = scale * dL/dlogp, fp32 [C]."""
     C, V = x.shape
     assert g.shape == x.shape and x.stride(1) == 1 and g.stride(1) == 1, "row_grad: bad layout"
     assert lse.dtype == coef.dtype == torch.float32 and lse.is_contiguous() and coef.is_contiguous()
     narrow = g.data_ptr() == x.data_ptr() and g.element_size() != x.element_size()
     block, warps = _row_block(V, x.element_size())
-    _row_grad_kernel[(C,)](x, x.stride(0), g, g.stride(0), targets, lse, coef, V, vocab_start, scale,
-                           BLOCK_V=block, ALIASED_NARROW=narrow, num_warps=warps)
+    _row_grad_kernel[(C,)](
+        x,
+        x.stride(0),
+        g,
+        g.stride(0),
+        targets,
+        lse,
+        coef,
+        V,
+        vocab_start,
+        scale,
+        BLOCK_V=block,
+        ALIASED_NARROW=narrow,
+        num_warps=warps,
+    )
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, H, stride_h, stride_w,
-                 BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+def _logits_tile(
+    h_ptr,
+    w_ptr,
+    rows,
+    cols,
+    rmask,
+    cmask,
+    H,
+    stride_h,
+    stride_w,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """x[rows, cols] = h[rows] . w[cols]^T, fp32 accumulation over H in BK steps."""
     acc = tl.zeros((BM, BV), dtype=tl.float32)
     for k0 in range(0, H, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < H
-        a = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + ks[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_w + ks[:, None],
-                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        a = tl.load(
+            h_ptr + rows[:, None].to(tl.int64) * stride_h + ks[None, :],
+            mask=rmask[:, None] & kmask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_ptr + cols[None, :].to(tl.int64) * stride_w + ks[:, None],
+            mask=kmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
-def _tiled_stats_kernel(h_ptr, w_ptr, tgt_ptr, part_ptr, N, V, H, stride_h, stride_w, vocab_start, scale,
-                        V_PER_SPLIT, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-                        PRECISION: tl.constexpr):
+def _tiled_stats_kernel(
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    part_ptr,
+    N,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    vocab_start,
+    scale,
+    V_PER_SPLIT,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """(m, s, u, z_target) of BM tokens over one vocabulary split, logits computed tile by tile."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -165,9 +245,26 @@ def _tiled_stats_kernel(h_ptr, w_ptr, tgt_ptr, part_ptr, N, V, H, stride_h, stri
 
 
 @triton.jit
-def _tiled_grad_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, coef_ptr, gh_ptr, gw_ptr, N, V, H, stride_h, stride_w,
-                       vocab_start, scale, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-                       PRECISION: tl.constexpr):
+def _tiled_grad_kernel(
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    lse_ptr,
+    coef_ptr,
+    gh_ptr,
+    gw_ptr,
+    N,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    vocab_start,
+    scale,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One vocab tile owns gw[cols] (plain read-modify-write); gh rows are shared: atomic adds (fp32).
 
     Logits are recomputed from h and w; coef = scale * dL/dlogp (grad_output folded in).
@@ -188,17 +285,26 @@ def _tiled_grad_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, coef_ptr, gh_ptr, gw_ptr,
         for k0 in range(0, H, BK):
             ks = k0 + tl.arange(0, BK)
             kmask = ks < H
-            a = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + ks[None, :],
-                        mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :],
-                        mask=cmask[:, None] & kmask[None, :], other=0.0)
-            gh = tl.dot(g, b, input_precision=PRECISION)                  # [BM, BK]
-            tl.atomic_add(gh_ptr + rows[:, None].to(tl.int64) * H + ks[None, :], gh,
-                          mask=rmask[:, None] & kmask[None, :])
+            a = tl.load(
+                h_ptr + rows[:, None].to(tl.int64) * stride_h + ks[None, :],
+                mask=rmask[:, None] & kmask[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :],
+                mask=cmask[:, None] & kmask[None, :],
+                other=0.0,
+            )
+            gh = tl.dot(g, b, input_precision=PRECISION)  # [BM, BK]
+            tl.atomic_add(
+                gh_ptr + rows[:, None].to(tl.int64) * H + ks[None, :],
+                gh,
+                mask=rmask[:, None] & kmask[None, :],
+            )
             gw_ptrs = gw_ptr + cols[:, None].to(tl.int64) * H + ks[None, :]
             wmask = cmask[:, None] & kmask[None, :]
             gw = tl.load(gw_ptrs, mask=wmask, other=0.0)
-            gw += tl.dot(tl.trans(g), a, input_precision=PRECISION)       # [BV, BK]
+            gw += tl.dot(tl.trans(g), a, input_precision=PRECISION)  # [BV, BK]
             tl.store(gw_ptrs, gw, mask=wmask)
 
 
@@ -209,8 +315,14 @@ def _tile_config(dtype: torch.dtype) -> dict:
     return dict(BM=64, BV=128, BK=64, PRECISION="ieee" if dtype == torch.float32 else "tf32", num_warps=8)
 
 
-def tiled_stats(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_start: int, scale: float,
-                splits: int | None = None) -> torch.Tensor:
+def tiled_stats(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_start: int,
+    scale: float,
+    splits: int | None = None,
+) -> torch.Tensor:
     """Partial (m, s, u, z_target) [splits, 4, N] of h [N, H] against w [V, H], logits never stored."""
     N, H = h.shape
     V = w.shape[0]
@@ -218,26 +330,37 @@ def tiled_stats(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab_s
     cfg = _tile_config(h.dtype)
     n_vt = triton.cdiv(V, cfg["BV"])
     if splits is None:  # enough programs to fill the GPU when N is small
-        splits = 2 if not torch.cuda.is_available() else max(1, min(n_vt, 4 * 132 // triton.cdiv(N, cfg["BM"])))
+        splits = (
+            2 if not torch.cuda.is_available() else max(1, min(n_vt, 4 * 132 // triton.cdiv(N, cfg["BM"])))
+        )
     per_split = triton.cdiv(n_vt, splits) * cfg["BV"]
     splits = triton.cdiv(V, per_split)
     parts = torch.empty(splits, 4, N, device=h.device, dtype=torch.float32)
     grid = (triton.cdiv(N, cfg["BM"]), splits)
-    _tiled_stats_kernel[grid](h, w, targets, parts, N, V, H, h.stride(0), w.stride(0), vocab_start, scale,
-                              per_split, **cfg)
+    _tiled_stats_kernel[grid](
+        h, w, targets, parts, N, V, H, h.stride(0), w.stride(0), vocab_start, scale, per_split, **cfg
+    )
     return parts
 
 
-def tiled_grad(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
-               vocab_start: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def tiled_grad(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    vocab_start: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_h, grad_w) in fp32, recomputing the logits; coef = scale * grad_output * dL/dlogp."""
     N, H = h.shape
     V = w.shape[0]
     gh = torch.zeros(N, H, device=h.device, dtype=torch.float32)
     gw = torch.zeros(V, H, device=h.device, dtype=torch.float32)
     cfg = _tile_config(h.dtype)
-    _tiled_grad_kernel[(triton.cdiv(V, cfg["BV"]),)](h, w, targets, lse, coef, gh, gw, N, V, H, h.stride(0),
-                                                    w.stride(0), vocab_start, scale, **cfg)
+    _tiled_grad_kernel[(triton.cdiv(V, cfg["BV"]),)](
+        h, w, targets, lse, coef, gh, gw, N, V, H, h.stride(0), w.stride(0), vocab_start, scale, **cfg
+    )
     return gh, gw
 
 

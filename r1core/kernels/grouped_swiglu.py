@@ -34,7 +34,9 @@ BACKENDS = ("grouped_mm", "triton")
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _tile_rows(pid_m, tile_end_ptr, seg_start_ptr, seg_ptr, P, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+def _tile_rows(
+    pid_m, tile_end_ptr, seg_start_ptr, seg_ptr, P, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr
+):
     """Expert and rows of row-tile pid_m: tiles are numbered expert by expert (tile_end = cumsum cdiv(seg, BM))."""
     ar = tl.arange(0, BLOCK_E)
     ends = tl.load(tile_end_ptr + ar, mask=ar < E, other=2147483647)
@@ -48,8 +50,21 @@ def _tile_rows(pid_m, tile_end_ptr, seg_start_ptr, seg_ptr, P, E, BLOCK_M: tl.co
 
 
 @triton.jit
-def _mma(acc, a_ptr, b_ptr, rows, row_ok, cols, col_ok, K, stride_am, stride_bk, stride_bn,
-         BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+def _mma(
+    acc,
+    a_ptr,
+    b_ptr,
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    K,
+    stride_am,
+    stride_bk,
+    stride_bn,
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """acc += A[rows, :K] @ B[:K, cols]; A has unit stride along K."""
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + rk[None, :]
@@ -72,9 +87,29 @@ def _swiglu_bwd_math(da, h1, h3):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w1_ptr, w3_ptr, h1_ptr, h3_ptr, a_ptr, tile_end_ptr, seg_start_ptr, seg_ptr,
-                    P, D, I, E, stride_we, stride_wk, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr):
+def _gate_up_kernel(
+    x_ptr,
+    w1_ptr,
+    w3_ptr,
+    h1_ptr,
+    h3_ptr,
+    a_ptr,
+    tile_end_ptr,
+    seg_start_ptr,
+    seg_ptr,
+    P,
+    D,
+    I,
+    E,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """h1 = x W1^T, h3 = x W3^T sharing each x tile; epilogue a = silu(h1) * h3 from the rounded h1, h3."""
     n_tiles = tl.cdiv(I, BLOCK_N)
     pid_m = tl.program_id(0) // n_tiles
@@ -107,10 +142,34 @@ def _gate_up_kernel(x_ptr, w1_ptr, w3_ptr, h1_ptr, h3_ptr, a_ptr, tile_end_ptr, 
 
 
 @triton.jit
-def _rows_gemm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, h1_ptr, h3_ptr, dh3_ptr, act_ptr,
-                      tile_end_ptr, seg_start_ptr, seg_ptr, P, K, N, E, stride_be, stride_bk, stride_bn,
-                      DUAL: tl.constexpr, SWIGLU_BWD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr):
+def _rows_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    a2_ptr,
+    b2_ptr,
+    c_ptr,
+    h1_ptr,
+    h3_ptr,
+    dh3_ptr,
+    act_ptr,
+    tile_end_ptr,
+    seg_start_ptr,
+    seg_ptr,
+    P,
+    K,
+    N,
+    E,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    DUAL: tl.constexpr,
+    SWIGLU_BWD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """C[seg e] = A[seg e] @ B_e (+ A2 @ B2_e when DUAL). With SWIGLU_BWD, C is da and the epilogue
     writes dh1 to c_ptr, dh3 and the recomputed a, reading the saved h1, h3."""
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -121,11 +180,37 @@ def _rows_gemm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, h1_ptr, h3_ptr, dh3_p
     cols = (tl.program_id(0) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    acc = _mma(acc, a_ptr, b_ptr + e64 * stride_be, rows, row_ok, cols, col_ok, K, K, stride_bk, stride_bn,
-               BLOCK_K, PREC)
+    acc = _mma(
+        acc,
+        a_ptr,
+        b_ptr + e64 * stride_be,
+        rows,
+        row_ok,
+        cols,
+        col_ok,
+        K,
+        K,
+        stride_bk,
+        stride_bn,
+        BLOCK_K,
+        PREC,
+    )
     if DUAL:
-        acc = _mma(acc, a2_ptr, b2_ptr + e64 * stride_be, rows, row_ok, cols, col_ok, K, K, stride_bk, stride_bn,
-                   BLOCK_K, PREC)
+        acc = _mma(
+            acc,
+            a2_ptr,
+            b2_ptr + e64 * stride_be,
+            rows,
+            row_ok,
+            cols,
+            col_ok,
+            K,
+            K,
+            stride_bk,
+            stride_bn,
+            BLOCK_K,
+            PREC,
+        )
     out = rows[:, None] * N + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     dt = c_ptr.dtype.element_ty
@@ -141,8 +226,19 @@ def _rows_gemm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, h1_ptr, h3_ptr, dh3_p
 
 
 @triton.jit
-def _wgrad_kernel(a_ptr, b_ptr, c_ptr, seg_start_ptr, seg_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+def _wgrad_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    seg_start_ptr,
+    seg_ptr,
+    M,
+    N,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """C_e[M, N] = A[seg e]^T @ B[seg e] (A: [P, M], B: [P, N], row-major); an empty segment gives zeros."""
     n_tiles = tl.cdiv(N, BLOCK_N)
     e = tl.program_id(1).to(tl.int64)
@@ -163,8 +259,20 @@ def _wgrad_kernel(a_ptr, b_ptr, c_ptr, seg_start_ptr, seg_ptr, M, N, BLOCK_M: tl
 
 
 @triton.jit
-def _swiglu_ew_kernel(h1_ptr, h3_ptr, da_ptr, a_ptr, dh1_ptr, dh3_ptr, used_ptr, N, stride_m,
-                      BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def _swiglu_ew_kernel(
+    h1_ptr,
+    h3_ptr,
+    da_ptr,
+    a_ptr,
+    dh1_ptr,
+    dh3_ptr,
+    used_ptr,
+    N,
+    stride_m,
+    BACKWARD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Elementwise SwiGLU for the grouped_mm path, over the rows of the segments only."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -190,8 +298,11 @@ def _zero_tail_kernel(out_ptr, used_ptr, P, N, stride_m, BLOCK_R: tl.constexpr, 
         for n0 in range(0, N, BLOCK_N):
             c = n0 + tl.arange(0, BLOCK_N)
             zeros = tl.zeros((BLOCK_R, BLOCK_N), out_ptr.dtype.element_ty)
-            tl.store(out_ptr + r.to(tl.int64)[:, None] * stride_m + c[None, :], zeros,
-                     mask=tail[:, None] & (c < N)[None, :])
+            tl.store(
+                out_ptr + r.to(tl.int64)[:, None] * stride_m + c[None, :],
+                zeros,
+                mask=tail[:, None] & (c < N)[None, :],
+            )
 
 
 @triton.jit
@@ -216,8 +327,14 @@ def _configs(x: torch.Tensor) -> dict:
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     if not x.is_cuda:  # interpreter: N and K tiles are fitted per call in _fit
         t = dict(BLOCK_M=_INTERP_BLOCK_M, BLOCK_N=128, BLOCK_K=128)
-        return dict(gate_up=t, rows=t, swiglu_bwd=t, wgrad=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16), prec=prec,
-                    fit=True)
+        return dict(
+            gate_up=t,
+            rows=t,
+            swiglu_bwd=t,
+            wgrad=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16),
+            prec=prec,
+            fit=True,
+        )
     if x.dtype == torch.float32:
         t = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
         return dict(gate_up=t, rows=t, swiglu_bwd=t, wgrad=t, prec=prec, fit=False)
@@ -233,8 +350,10 @@ def _fit(cfg: dict, family: str, M: int | None, N: int, K: int) -> dict:
     the tiles to the problem (never below 16, tl.dot's minimum)."""
     t = dict(cfg[family])
     if cfg["fit"]:
+
         def fit(b, n):
             return min(b, max(16, triton.next_power_of_2(n)))
+
         t["BLOCK_N"], t["BLOCK_K"] = fit(t["BLOCK_N"], N), fit(t["BLOCK_K"], K)
         if M is not None:
             t["BLOCK_M"] = fit(t["BLOCK_M"], M)
@@ -256,8 +375,9 @@ class _Segments:
 def _zero_tail(out: torch.Tensor, segs: _Segments) -> None:
     P, N = out.shape
     if P:
-        _zero_tail_kernel[(triton.cdiv(P, 64),)](out, segs.used, P, N, out.stride(0), BLOCK_R=64,
-                                                 BLOCK_N=min(256, triton.next_power_of_2(N)))
+        _zero_tail_kernel[(triton.cdiv(P, 64),)](
+            out, segs.used, P, N, out.stride(0), BLOCK_R=64, BLOCK_N=min(256, triton.next_power_of_2(N))
+        )
 
 
 def _rows_gemm(a, b, out, segs, cfg, b_strides, a2=None, b2=None, swiglu=None):
@@ -268,10 +388,30 @@ def _rows_gemm(a, b, out, segs, cfg, b_strides, a2=None, b2=None, swiglu=None):
     t = _fit(cfg, "rows" if swiglu is None else "swiglu_bwd", None, N, K)
     grid = ((triton.cdiv(P, t["BLOCK_M"]) + E) * triton.cdiv(N, t["BLOCK_N"]),)
     h1, h3, dh3, act = swiglu if swiglu is not None else (out, out, out, out)
-    _rows_gemm_kernel[grid](a, b, a2 if a2 is not None else a, b2 if b2 is not None else b, out, h1, h3, dh3, act,
-                            segs.tile_end, segs.start, segs.seg, P, K, N, E, *b_strides,
-                            DUAL=a2 is not None, SWIGLU_BWD=swiglu is not None,
-                            BLOCK_E=triton.next_power_of_2(E), PREC=cfg["prec"], **t)
+    _rows_gemm_kernel[grid](
+        a,
+        b,
+        a2 if a2 is not None else a,
+        b2 if b2 is not None else b,
+        out,
+        h1,
+        h3,
+        dh3,
+        act,
+        segs.tile_end,
+        segs.start,
+        segs.seg,
+        P,
+        K,
+        N,
+        E,
+        *b_strides,
+        DUAL=a2 is not None,
+        SWIGLU_BWD=swiglu is not None,
+        BLOCK_E=triton.next_power_of_2(E),
+        PREC=cfg["prec"],
+        **t,
+    )
 
 
 def _wgrad(a, b, segs, cfg, dtype):
@@ -291,11 +431,31 @@ def _fwd_triton(x, w1, w2, w3, segs, cfg):
     h1, h3, act = (torch.empty(P, I, device=x.device, dtype=x.dtype) for _ in range(3))
     t = _fit(cfg, "gate_up", None, I, D)
     grid = ((triton.cdiv(P, t["BLOCK_M"]) + E) * triton.cdiv(I, t["BLOCK_N"]),)
-    _gate_up_kernel[grid](x, w1, w3, h1, h3, act, segs.tile_end, segs.start, segs.seg, P, D, I, E,
-                          w1.stride(0), w1.stride(2), w1.stride(1), BLOCK_E=triton.next_power_of_2(E),
-                          PREC=cfg["prec"], **t)
+    _gate_up_kernel[grid](
+        x,
+        w1,
+        w3,
+        h1,
+        h3,
+        act,
+        segs.tile_end,
+        segs.start,
+        segs.seg,
+        P,
+        D,
+        I,
+        E,
+        w1.stride(0),
+        w1.stride(2),
+        w1.stride(1),
+        BLOCK_E=triton.next_power_of_2(E),
+        PREC=cfg["prec"],
+        **t,
+    )
     y = torch.empty(P, D, device=x.device, dtype=x.dtype)
-    _rows_gemm(act, w2, y, segs, cfg, (w2.stride(0), w2.stride(2), w2.stride(1)))  # B_e[k=i, n=d] = W2_e[d, i]
+    _rows_gemm(
+        act, w2, y, segs, cfg, (w2.stride(0), w2.stride(2), w2.stride(1))
+    )  # B_e[k=i, n=d] = W2_e[d, i]
     _zero_tail(y, segs)
     return y, h1, h3
 
@@ -325,8 +485,19 @@ def _swiglu_ew(h1, h3, segs, da=None):
     if P:
         block_n = min(256, triton.next_power_of_2(I))
         _swiglu_ew_kernel[(triton.cdiv(P, 16), triton.cdiv(I, block_n))](
-            h1, h3, da if da is not None else h1, act, dh1, dh3, segs.used, I, h1.stride(0),
-            BACKWARD=da is not None, BLOCK_R=16, BLOCK_N=block_n)
+            h1,
+            h3,
+            da if da is not None else h1,
+            act,
+            dh1,
+            dh3,
+            segs.used,
+            I,
+            h1.stride(0),
+            BACKWARD=da is not None,
+            BLOCK_R=16,
+            BLOCK_N=block_n,
+        )
     return act, dh1, dh3
 
 
@@ -335,7 +506,9 @@ def _zero_empty_experts(w_grad: torch.Tensor, segs: _Segments) -> None:
     E = w_grad.shape[0]
     numel = w_grad[0].numel()
     chunk = max(8192, triton.next_power_of_2(triton.cdiv(numel, 32)))
-    _zero_empty_experts_kernel[(triton.cdiv(numel, chunk), E)](w_grad, segs.seg, numel, CHUNK=chunk, BLOCK=4096)
+    _zero_empty_experts_kernel[(triton.cdiv(numel, chunk), E)](
+        w_grad, segs.seg, numel, CHUNK=chunk, BLOCK=4096
+    )
 
 
 def _fwd_grouped_mm(x, w1, w2, w3, segs):
@@ -363,13 +536,21 @@ def _bwd_grouped_mm(dy, x, w1, w2, w3, h1, h3, segs, needs):
         _zero_empty_experts(g, segs)
         return g
 
-    return (dx, wgrad(dh1, x) if needs[1] else None, wgrad(dy, act) if needs[2] else None,
-            wgrad(dh3, x) if needs[3] else None)
+    return (
+        dx,
+        wgrad(dh1, x) if needs[1] else None,
+        wgrad(dy, act) if needs[2] else None,
+        wgrad(dh3, x) if needs[3] else None,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- public API
-def grouped_swiglu_backend(x_PD: torch.Tensor, w1_EID: torch.Tensor, w2_EDI: torch.Tensor | None = None,
-                           w3_EID: torch.Tensor | None = None) -> str:
+def grouped_swiglu_backend(
+    x_PD: torch.Tensor,
+    w1_EID: torch.Tensor,
+    w2_EDI: torch.Tensor | None = None,
+    w3_EID: torch.Tensor | None = None,
+) -> str:
     """The implementation `grouped_swiglu` runs for these operands.
 
     "grouped_mm" on Hopper (sm90) when x and the weights are bf16 (its only fast path: other dtypes
@@ -389,18 +570,25 @@ def grouped_swiglu_backend(x_PD: torch.Tensor, w1_EID: torch.Tensor, w2_EDI: tor
 
 def _check(x, w1, w2, w3, seg) -> None:
     if x.dim() != 2 or w1.dim() != 3:
-        raise ValueError(f"grouped_swiglu: need x_PD [P, D] and w1_EID [E, I, D], "
-                         f"got {tuple(x.shape)}, {tuple(w1.shape)}")
+        raise ValueError(
+            f"grouped_swiglu: need x_PD [P, D] and w1_EID [E, I, D], got {tuple(x.shape)}, {tuple(w1.shape)}"
+        )
     E, I, D = w1.shape
     if x.shape[1] != D or w3.shape != w1.shape or w2.shape != (E, D, I):
-        raise ValueError(f"grouped_swiglu: shapes x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, "
-                         f"w3 {tuple(w3.shape)} do not match x [P, D], w1/w3 [E, I, D], w2 [E, D, I]")
+        raise ValueError(
+            f"grouped_swiglu: shapes x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, "
+            f"w3 {tuple(w3.shape)} do not match x [P, D], w1/w3 [E, I, D], w2 [E, D, I]"
+        )
     if seg.shape != (E,) or seg.is_floating_point():
-        raise ValueError(f"grouped_swiglu: seg_E must be an integer tensor of shape [{E}], "
-                         f"got {seg.dtype} {tuple(seg.shape)}")
+        raise ValueError(
+            f"grouped_swiglu: seg_E must be an integer tensor of shape [{E}], "
+            f"got {seg.dtype} {tuple(seg.shape)}"
+        )
     if len({t.dtype for t in (x, w1, w2, w3)}) != 1 or not x.is_floating_point():
-        raise ValueError(f"grouped_swiglu: x and weights need one float dtype, "
-                         f"got {x.dtype}, {w1.dtype}, {w2.dtype}, {w3.dtype}")
+        raise ValueError(
+            f"grouped_swiglu: x and weights need one float dtype, "
+            f"got {x.dtype}, {w1.dtype}, {w2.dtype}, {w3.dtype}"
+        )
     if len({t.device for t in (x, w1, w2, w3, seg)}) != 1:
         raise ValueError("grouped_swiglu: x, weights and seg_E must be on one device")
 
@@ -432,8 +620,14 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def grouped_swiglu(x_PD: torch.Tensor, w1_EID: torch.Tensor, w2_EDI: torch.Tensor, w3_EID: torch.Tensor,
-                   seg_E: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+def grouped_swiglu(
+    x_PD: torch.Tensor,
+    w1_EID: torch.Tensor,
+    w2_EDI: torch.Tensor,
+    w3_EID: torch.Tensor,
+    seg_E: torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Per-segment SwiGLU FFN with `grouped_swiglu_ref`'s contract; differentiable in x and the weights.
 
     `backend` None picks by `grouped_swiglu_backend`; "grouped_mm" / "triton" force one (benchmarks).

@@ -49,9 +49,20 @@ import torch.nn.functional as F
 
 from . import _grpo_loss_triton as tk
 from .grpo_loss_terms import AGGS, LossAgg  # noqa: F401  (re-exported: the aggregation names)
-from .grpo_loss_terms import (CETerms, PolicyLossConfig, PolicyLossTerms, check_head, check_scaling,
-                               check_targets_cpu, grpo_inputs, group_size, neutralize_unmasked, policy_stats,
-                               policy_terms, vocab_offset)
+from .grpo_loss_terms import (
+    CETerms,
+    PolicyLossConfig,
+    PolicyLossTerms,
+    check_head,
+    check_scaling,
+    check_targets_cpu,
+    grpo_inputs,
+    group_size,
+    neutralize_unmasked,
+    policy_stats,
+    policy_terms,
+    vocab_offset,
+)
 
 IMPLS = ("chunked", "chunked_fp32", "triton", "ref")
 DEFAULT_IMPL = "chunked"
@@ -59,6 +70,7 @@ CHUNK_BYTES = 768 << 20  # per-chunk logits buffer budget of the chunked paths
 
 
 # ----------------------------------------------------------------------------- fused engine
+
 
 def _finish_lse(parts: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse, entropy, z_target) from combined (m, s, u, z_target) [4, N], merged across `group`'s ranks."""
@@ -112,7 +124,11 @@ def _chunked_pass(h, w, targets, scale, group, coef_fn, need_gh, need_gw, fp32_l
     buf = torch.empty(C, V, device=h.device, dtype=buf_dtype)
     # fp32 logits get their own bf16 gradient buffer: writing it in place over the logits raced on the GPU
     # (the narrow writes of one tile land on logits of earlier tiles that other warps may still read).
-    gbuf = torch.empty(C, V, device=h.device, dtype=h.dtype) if buf_dtype != h.dtype and (need_gh or need_gw) else None
+    gbuf = (
+        torch.empty(C, V, device=h.device, dtype=h.dtype)
+        if buf_dtype != h.dtype and (need_gh or need_gw)
+        else None
+    )
     logp = torch.empty(N, device=h.device, dtype=torch.float32)
     entropy = torch.empty_like(logp)
     gh = torch.empty_like(h) if need_gh else None
@@ -120,14 +136,14 @@ def _chunked_pass(h, w, targets, scale, group, coef_fn, need_gh, need_gw, fp32_l
     for start in range(0, N, C):
         end = min(start + C, N)
         hc, tc, x = h[start:end], targets[start:end], buf[: end - start]
-        _mm_into(hc, w.t(), x)                                                   # [c, V]
+        _mm_into(hc, w.t(), x)  # [c, V]
         lse, ent, zt = _finish_lse(tk.row_stats(x, tc, vocab_start, scale), group)
         logp[start:end] = zt - lse
         entropy[start:end] = ent
         if not (need_gh or need_gw):
             continue
         coef = coef_fn(logp[start:end], start, end) * scale
-        g = x if gbuf is None else gbuf[: end - start]                            # gradient over the logits
+        g = x if gbuf is None else gbuf[: end - start]  # gradient over the logits
         tk.row_grad(x, g, tc, lse, coef.contiguous(), vocab_start, scale)
         if need_gh:
             torch.mm(g, w, out=gh[start:end])
@@ -161,8 +177,9 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, objective, opts):
         scale, group, need_gh, need_gw, fp32_logits = opts
-        logp, ent, gh, gw = _chunked_pass(hidden, weight, objective.targets, scale, group, objective.coef,
-                                          need_gh, need_gw, fp32_logits)
+        logp, ent, gh, gw = _chunked_pass(
+            hidden, weight, objective.targets, scale, group, objective.coef, need_gh, need_gw, fp32_logits
+        )
         ctx.save_for_backward(gh, gw)
         ctx.mark_non_differentiable(logp, ent)
         return objective.value(logp), logp, ent
@@ -201,30 +218,57 @@ class _TiledLoss(torch.autograd.Function):
             import torch.distributed as dist
 
             dist.all_reduce(gh, group=group)
-        return (gh.to(hidden.dtype) if need_gh else None), (gw.to(weight.dtype) if need_gw else None), None, None
+        return (
+            (gh.to(hidden.dtype) if need_gh else None),
+            (gw.to(weight.dtype) if need_gw else None),
+            None,
+            None,
+        )
 
 
 def _run(impl: str, hidden2d, weight, objective, temperature: float, group):
     if impl not in ("chunked", "chunked_fp32", "triton"):
         raise ValueError(f"impl={impl!r}: choose one of {IMPLS}")
     grad = torch.is_grad_enabled()
-    opts = (1.0 / temperature, group, grad and hidden2d.requires_grad, grad and weight.requires_grad,
-            impl == "chunked_fp32")
+    opts = (
+        1.0 / temperature,
+        group,
+        grad and hidden2d.requires_grad,
+        grad and weight.requires_grad,
+        impl == "chunked_fp32",
+    )
     fn = _TiledLoss if impl == "triton" else _ChunkedLoss
     return fn.apply(hidden2d.contiguous(), weight.contiguous(), objective, opts)
 
 
 # ----------------------------------------------------------------------------- public API
 
+
 def _settings(loss: PolicyLossConfig | None, settings: dict) -> PolicyLossConfig:
     if loss is not None and settings:
-        raise ValueError(f"grpo_loss: pass the settings as `loss` or as keywords, not both ({sorted(settings)})")
+        raise ValueError(
+            f"grpo_loss: pass the settings as `loss` or as keywords, not both ({sorted(settings)})"
+        )
     return loss if loss is not None else PolicyLossConfig(**settings)
 
 
-def grpo_loss(hidden, weight, targets, mask, advantages, old_logprobs=None, ref_logprobs=None, *,
-              loss: PolicyLossConfig | None = None, temperature=1.0, norm_len=None, is_weights=None,
-              vocab_group=None, impl=DEFAULT_IMPL, **settings):
+def grpo_loss(
+    hidden,
+    weight,
+    targets,
+    mask,
+    advantages,
+    old_logprobs=None,
+    ref_logprobs=None,
+    *,
+    loss: PolicyLossConfig | None = None,
+    temperature=1.0,
+    norm_len=None,
+    is_weights=None,
+    vocab_group=None,
+    impl=DEFAULT_IMPL,
+    **settings,
+):
     """GRPO loss from hidden [B, T, H] and the head weight [V, H] (or its vocab shard); see the module doc.
 
     `loss` holds the settings (clip range, KL weight, aggregation); PolicyLossConfig's fields given as
@@ -235,9 +279,20 @@ def grpo_loss(hidden, weight, targets, mask, advantages, old_logprobs=None, ref_
     """
     cfg = _settings(loss, settings)
     if impl == "ref":
-        return grpo_loss_ref(hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, loss=cfg,
-                             temperature=temperature, norm_len=norm_len, is_weights=is_weights,
-                             vocab_group=vocab_group)
+        return grpo_loss_ref(
+            hidden,
+            weight,
+            targets,
+            mask,
+            advantages,
+            old_logprobs,
+            ref_logprobs,
+            loss=cfg,
+            temperature=temperature,
+            norm_len=norm_len,
+            is_weights=is_weights,
+            vocab_group=vocab_group,
+        )
     check_scaling(temperature, norm_len)
     check_head(hidden, weight, targets, "grpo_loss", 3)
     B, T, H = hidden.shape
@@ -258,21 +313,33 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, vocab_group=None, i
     t = targets.reshape(-1).contiguous()
     with torch.no_grad():
         if impl == "ref":
-            logp_all = torch.log_softmax(_ref_logits(h, weight.detach(), vocab_group).float() / temperature, -1)
+            logp_all = torch.log_softmax(
+                _ref_logits(h, weight.detach(), vocab_group).float() / temperature, -1
+            )
             logp, ent = logp_all.gather(-1, t[:, None])[:, 0], -(logp_all.exp() * logp_all).sum(-1)
         elif impl == "triton":
             lse, ent, zt = _tiled_forward(h, weight.detach().contiguous(), t, 1.0 / temperature, vocab_group)
             logp = zt - lse
         elif impl in ("chunked", "chunked_fp32"):
-            logp, ent, _, _ = _chunked_pass(h, weight.detach().contiguous(), t, 1.0 / temperature, vocab_group,
-                                            None, False, False, impl == "chunked_fp32")
+            logp, ent, _, _ = _chunked_pass(
+                h,
+                weight.detach().contiguous(),
+                t,
+                1.0 / temperature,
+                vocab_group,
+                None,
+                False,
+                False,
+                impl == "chunked_fp32",
+            )
         else:
             raise ValueError(f"impl={impl!r}: choose one of {IMPLS}")
     return logp.view(targets.shape), ent.view(targets.shape)
 
 
-def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="sum", vocab_group=None,
-                         impl=DEFAULT_IMPL):
+def linear_cross_entropy(
+    hidden, weight, targets, ignore_index=-100, reduction="sum", vocab_group=None, impl=DEFAULT_IMPL
+):
     """Cross-entropy of hidden [N, H] . weight^T against targets [N], logits never stored.
 
     reduction "sum" (the model's `ce_sum`) or "mean" over non-ignored targets (0 when all are ignored).
@@ -292,6 +359,7 @@ def _check_ce(hidden, weight, targets, ignore_index, reduction, group) -> None:
 
 
 # ----------------------------------------------------------------------------- references
+
 
 class _CopyToGroup(torch.autograd.Function):
     """Identity forward; backward sums the gradient over the group (every rank used the same input)."""
@@ -324,7 +392,7 @@ class _GatherVocab(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return g[..., ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width], None
+        return g[..., ctx.rank * ctx.width : (ctx.rank + 1) * ctx.width], None
 
 
 def _ref_logits(hidden, weight, group):
@@ -347,29 +415,50 @@ def _aggregate_ref(loss_tok, mask, cfg: PolicyLossConfig, norm_len: int | None):
     return ((mask * loss_tok).sum(1)[keep] / lens[keep]).mean()
 
 
-def grpo_loss_ref(hidden, weight, targets, mask, advantages, old_logprobs=None, ref_logprobs=None, *,
-                  loss: PolicyLossConfig | None = None, temperature=1.0, norm_len=None, is_weights=None,
-                  vocab_group=None, impl="ref", **settings):
+def grpo_loss_ref(
+    hidden,
+    weight,
+    targets,
+    mask,
+    advantages,
+    old_logprobs=None,
+    ref_logprobs=None,
+    *,
+    loss: PolicyLossConfig | None = None,
+    temperature=1.0,
+    norm_len=None,
+    is_weights=None,
+    vocab_group=None,
+    impl="ref",
+    **settings,
+):
     """Readable PyTorch GRPO loss: materialized logits, autograd. Same contract as `grpo_loss`."""
     cfg = _settings(loss, settings)
     check_scaling(temperature, norm_len)
     check_head(hidden, weight, targets, "grpo_loss_ref", 3)
     B, T, _ = hidden.shape
-    mask, adv, old, ref, is_w = grpo_inputs(mask, advantages, old_logprobs, ref_logprobs, is_weights, B, T,
-                                             hidden.device)
+    mask, adv, old, ref, is_w = grpo_inputs(
+        mask, advantages, old_logprobs, ref_logprobs, is_weights, B, T, hidden.device
+    )
     logits = _ref_logits(hidden, weight, vocab_group)
-    logp_all = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, -1)
+    logp_all = torch.log_softmax(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, -1
+    )
     logp = logp_all.gather(-1, targets[..., None])[..., 0]
     loss_tok, ratio, kl = policy_terms(logp, adv, *neutralize_unmasked(logp, mask, old, ref, is_w), cfg)
     with torch.no_grad():  # a detached stat: no graph over two more [B, T, V] tensors
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-    stats = {"logprobs": logp.detach(), "entropy": entropy,
-             **policy_stats(ratio.detach(), None if kl is None else kl.detach(), adv, mask, cfg)}
+    stats = {
+        "logprobs": logp.detach(),
+        "entropy": entropy,
+        **policy_stats(ratio.detach(), None if kl is None else kl.detach(), adv, mask, cfg),
+    }
     return _aggregate_ref(loss_tok, mask, cfg, norm_len), stats
 
 
-def linear_cross_entropy_ref(hidden, weight, targets, ignore_index=-100, reduction="sum", vocab_group=None,
-                             impl="ref"):
+def linear_cross_entropy_ref(
+    hidden, weight, targets, ignore_index=-100, reduction="sum", vocab_group=None, impl="ref"
+):
     """F.cross_entropy on materialized fp32 logits; "mean" of no valid target is 0 (not NaN)."""
     _check_ce(hidden, weight, targets, ignore_index, reduction, vocab_group)
     logits = _ref_logits(hidden, weight, vocab_group).float()

@@ -15,8 +15,8 @@ import torch
 
 
 class LossAgg(str, enum.Enum):
-    seq_mean_token_mean = "seq_mean_token_mean"          # GRPO paper
-    token_mean = "token_mean"                            # DAPO
+    seq_mean_token_mean = "seq_mean_token_mean"  # GRPO paper
+    token_mean = "token_mean"  # DAPO
     seq_mean_token_sum_norm = "seq_mean_token_sum_norm"  # Dr. GRPO (constant normalizer)
 
 
@@ -27,9 +27,9 @@ AGGS = tuple(a.value for a in LossAgg)
 class PolicyLossConfig:
     """The clipped policy loss (config section `rl.loss`); grpo_loss and the trainer's objective take it."""
 
-    beta: float = 0.0               # k3 KL weight against the frozen reference; 0 skips the reference pass
-    eps_low: float = 0.2            # PPO clip below: ratio >= 1 - eps_low
-    eps_high: float = 0.28          # DAPO clip-higher: ratio <= 1 + eps_high
+    beta: float = 0.0  # k3 KL weight against the frozen reference; 0 skips the reference pass
+    eps_low: float = 0.2  # PPO clip below: ratio >= 1 - eps_low
+    eps_high: float = 0.28  # DAPO clip-higher: ratio <= 1 + eps_high
     dual_clip: float | None = None  # dual-clip bound c > 1 for negative advantages; None = off
     agg: LossAgg = LossAgg.token_mean  # how token losses are averaged (GRPO, DAPO, Dr. GRPO)
 
@@ -85,8 +85,11 @@ def neutralize_unmasked(logp, mask, old, ref, is_w):
     and exp() of it gives inf * 0 = NaN: there they become logp (rho = 1, D = 0) and the IS weight 1."""
     keep = mask != 0
     lp = logp.detach()
-    return (None if old is None else torch.where(keep, old, lp), None if ref is None else torch.where(keep, ref, lp),
-            None if is_w is None else torch.where(keep, is_w, 1.0))
+    return (
+        None if old is None else torch.where(keep, old, lp),
+        None if ref is None else torch.where(keep, ref, lp),
+        None if is_w is None else torch.where(keep, is_w, 1.0),
+    )
 
 
 def agg_weights(mask: torch.Tensor, cfg: PolicyLossConfig, norm_len: int | None) -> torch.Tensor:
@@ -111,27 +114,41 @@ def policy_stats(ratio, kl, adv, mask, cfg: PolicyLossConfig) -> dict:
     with torch.no_grad():
         low = ((ratio < 1 - cfg.eps_low) & (adv < 0)).float()
         high = ((ratio > 1 + cfg.eps_high) & (adv > 0)).float()
-        return {"clip_frac_low": masked_mean(low, mask), "clip_frac_high": masked_mean(high, mask),
-                "kl": masked_mean(kl, mask) if kl is not None else mask.new_zeros(()),
-                "ratio": masked_mean(ratio, mask)}
+        return {
+            "clip_frac_low": masked_mean(low, mask),
+            "clip_frac_high": masked_mean(high, mask),
+            "kl": masked_mean(kl, mask) if kl is not None else mask.new_zeros(()),
+            "ratio": masked_mean(ratio, mask),
+        }
 
 
 # ----------------------------------------------------------------------------- input checks
 
+
 def check_head(hidden, weight, targets, op: str, ndim: int) -> None:
     # the references also take fp64 (a tighter oracle); the kernels take bf16 / fp32
-    dtypes = (torch.bfloat16, torch.float32, torch.float64) if op.endswith("_ref") else (torch.bfloat16, torch.float32)
+    dtypes = (
+        (torch.bfloat16, torch.float32, torch.float64)
+        if op.endswith("_ref")
+        else (torch.bfloat16, torch.float32)
+    )
     if hidden.dim() != ndim:
         raise ValueError(f"{op}: hidden must be {ndim}-D, got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{op}: weight must be [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
     if hidden.dtype not in dtypes or weight.dtype != hidden.dtype:
-        raise ValueError(f"{op}: hidden and weight must share one dtype of {dtypes}, got {hidden.dtype} / {weight.dtype}")
+        raise ValueError(
+            f"{op}: hidden and weight must share one dtype of {dtypes}, got {hidden.dtype} / {weight.dtype}"
+        )
     if targets.shape != hidden.shape[:-1] or targets.dtype != torch.int64:
-        raise ValueError(f"{op}: targets must be int64 {tuple(hidden.shape[:-1])}, "
-                         f"got {targets.dtype} {tuple(targets.shape)}")
+        raise ValueError(
+            f"{op}: targets must be int64 {tuple(hidden.shape[:-1])}, "
+            f"got {targets.dtype} {tuple(targets.shape)}"
+        )
     if not (hidden.device == weight.device == targets.device):
-        raise ValueError(f"{op}: hidden, weight and targets are on {hidden.device}, {weight.device}, {targets.device}")
+        raise ValueError(
+            f"{op}: hidden, weight and targets are on {hidden.device}, {weight.device}, {targets.device}"
+        )
 
 
 def check_targets_cpu(targets, V: int, op: str, ignore_index: int | None = None) -> None:
@@ -140,7 +157,9 @@ def check_targets_cpu(targets, V: int, op: str, ignore_index: int | None = None)
         return
     t = targets if ignore_index is None else targets[targets != ignore_index]
     if t.numel() and (t.min() < 0 or t.max() >= V):
-        raise ValueError(f"{op}: targets must lie in [0, {V}), got range [{t.min().item()}, {t.max().item()}]")
+        raise ValueError(
+            f"{op}: targets must lie in [0, {V}), got range [{t.min().item()}, {t.max().item()}]"
+        )
 
 
 def per_token(x, name: str, B: int, T: int, device, allow_row: bool = False) -> torch.Tensor | None:
@@ -166,9 +185,13 @@ def vocab_offset(weight, group) -> int:
 def grpo_inputs(mask, advantages, old, ref, is_w, B, T, device):
     if mask is None or advantages is None:
         raise ValueError("grpo_loss: mask and advantages are required")
-    return (per_token(mask, "mask", B, T, device), per_token(advantages, "advantages", B, T, device, True),
-            per_token(old, "old_logprobs", B, T, device), per_token(ref, "ref_logprobs", B, T, device),
-            per_token(is_w, "is_weights", B, T, device))
+    return (
+        per_token(mask, "mask", B, T, device),
+        per_token(advantages, "advantages", B, T, device, True),
+        per_token(old, "old_logprobs", B, T, device),
+        per_token(ref, "ref_logprobs", B, T, device),
+        per_token(is_w, "is_weights", B, T, device),
+    )
 
 
 def group_size(group) -> int:
@@ -191,7 +214,9 @@ class PolicyLossTerms:
 
     def _inputs(self, logp, start, end):
         """(adv, old, ref, is_w) of tokens start:end, neutralized outside the mask."""
-        sl = [None if x is None else x[start:end] for x in (self.mask, self.adv, self.old, self.ref, self.is_w)]
+        sl = [
+            None if x is None else x[start:end] for x in (self.mask, self.adv, self.old, self.ref, self.is_w)
+        ]
         return (sl[1], *neutralize_unmasked(logp, *sl[:1], *sl[2:]))
 
     def coef(self, logp, start, end):

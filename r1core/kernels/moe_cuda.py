@@ -87,8 +87,16 @@ class _Route(torch.autograd.Function):
         else:
             inputs, mode, group = logits_TE.float().softmax(dim=-1), _PRECOMPUTED_SCORES, _GROUP_MAX
         weights_TK, idx_TK, counts_E = _ext().moe_route(
-            inputs, bias_E, spec.top_k, spec.n_groups, spec.topk_groups, mode, group, spec.norm_topk_prob,
-            float(spec.route_scale))
+            inputs,
+            bias_E,
+            spec.top_k,
+            spec.n_groups,
+            spec.topk_groups,
+            mode,
+            group,
+            spec.norm_topk_prob,
+            float(spec.route_scale),
+        )
         ctx.save_for_backward(logits_TE, idx_TK)
         ctx.spec = spec
         ctx.mark_non_differentiable(idx_TK, counts_E)
@@ -100,7 +108,9 @@ class _Route(torch.autograd.Function):
         logits_TE, idx_TK = ctx.saved_tensors
         with torch.enable_grad():
             logits = logits_TE.detach().requires_grad_()
-            (grad_logits,) = torch.autograd.grad(_gathered_weights(logits, idx_TK, ctx.spec), logits, grad_weights_TK)
+            (grad_logits,) = torch.autograd.grad(
+                _gathered_weights(logits, idx_TK, ctx.spec), logits, grad_weights_TK
+            )
         return grad_logits, None, None
 
 
@@ -133,7 +143,8 @@ class _Unpermute(torch.autograd.Function):
         y_PD, pos_TK, weights_TK = ctx.saved_tensors
         need_y, _, need_w = ctx.needs_input_grad
         grad_y_PD, grad_w_TK = _ext().moe_unpermute_backward(
-            grad_y_TD.contiguous(), y_PD, pos_TK, weights_TK, need_y, need_w)
+            grad_y_TD.contiguous(), y_PD, pos_TK, weights_TK, need_y, need_w
+        )
         return grad_y_PD, None, grad_w_TK
 
 
@@ -155,14 +166,21 @@ def moe_route_cuda(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: R
     """Group-limited top-k routing -> (weights_TK fp32, idx_TK int64, counts_E int64); see the module docstring."""
     _ext()
     _check_cuda(logits_TE, "logits_TE")
-    _require(logits_TE.dtype in _FLOATS, f"logits_TE must be float32, bfloat16 or float16, got {logits_TE.dtype}")
+    _require(
+        logits_TE.dtype in _FLOATS, f"logits_TE must be float32, bfloat16 or float16, got {logits_TE.dtype}"
+    )
     if logits_TE.dim() != 2 or logits_TE.shape[1] != spec.n_experts:
         raise ValueError(f"logits_TE must be [T, n_experts={spec.n_experts}], got {tuple(logits_TE.shape)}")
     if bias_E is not None:
         _check_cuda(bias_E, "bias_E")
-        _require(bias_E.device == logits_TE.device, f"bias_E is on {bias_E.device}, logits_TE on {logits_TE.device}")
-        _require(bias_E.dim() == 1 and bias_E.numel() == spec.n_experts,
-                 f"bias_E has {bias_E.numel()} entries for {spec.n_experts} experts")
+        _require(
+            bias_E.device == logits_TE.device,
+            f"bias_E is on {bias_E.device}, logits_TE on {logits_TE.device}",
+        )
+        _require(
+            bias_E.dim() == 1 and bias_E.numel() == spec.n_experts,
+            f"bias_E has {bias_E.numel()} entries for {spec.n_experts} experts",
+        )
     bias_E = None if bias_E is None else bias_E.float().contiguous()
     return _Route.apply(logits_TE.contiguous(), bias_E, spec)
 
@@ -177,9 +195,13 @@ def moe_permute_cuda(x_TD: torch.Tensor, idx_TK: torch.Tensor, counts_E: torch.T
         _check_cuda(t, name)
     _require(x_TD.dtype in _FLOATS, f"x_TD must be float32, bfloat16 or float16, got {x_TD.dtype}")
     _require(idx_TK.dtype == torch.int64, f"idx_TK must be Long (int64), got {idx_TK.dtype}")
-    _require(x_TD.dim() == 2 and idx_TK.dim() == 2, f"x_TD and idx_TK must be 2-D, got {tuple(x_TD.shape)}, "
-             f"{tuple(idx_TK.shape)}")
-    _require(idx_TK.shape[0] == x_TD.shape[0], f"idx_TK has {idx_TK.shape[0]} rows for {x_TD.shape[0]} tokens")
+    _require(
+        x_TD.dim() == 2 and idx_TK.dim() == 2,
+        f"x_TD and idx_TK must be 2-D, got {tuple(x_TD.shape)}, {tuple(idx_TK.shape)}",
+    )
+    _require(
+        idx_TK.shape[0] == x_TD.shape[0], f"idx_TK has {idx_TK.shape[0]} rows for {x_TD.shape[0]} tokens"
+    )
     _require(int(pad_multiple) >= 1, f"pad_multiple must be >= 1, got {pad_multiple}")
     return _Permute.apply(x_TD.contiguous(), idx_TK.contiguous(), counts_E, int(pad_multiple))
 
@@ -191,6 +213,8 @@ def moe_unpermute_cuda(y_PD: torch.Tensor, pos_TK: torch.Tensor, weights_TK: tor
         _check_cuda(t, name)
     _require(y_PD.dtype in _FLOATS, f"y_PD must be float32, bfloat16 or float16, got {y_PD.dtype}")
     _require(pos_TK.dtype == torch.int64, f"pos_TK must be Long (int64), got {pos_TK.dtype}")
-    _require(weights_TK.shape == pos_TK.shape,
-             f"weights_TK shape {list(weights_TK.shape)} != pos_TK shape {list(pos_TK.shape)}")
+    _require(
+        weights_TK.shape == pos_TK.shape,
+        f"weights_TK shape {list(weights_TK.shape)} != pos_TK shape {list(pos_TK.shape)}",
+    )
     return _Unpermute.apply(y_PD.contiguous(), pos_TK.contiguous(), weights_TK.float().contiguous())

@@ -48,8 +48,9 @@ def _hist_kernel(idx_ptr, hist_ptr, F, E, BLOCK_F: tl.constexpr, BLOCK_E: tl.con
 
 
 @triton.jit
-def _scan_kernel(hist_ptr, counts_ptr, base_ptr, NB, E, PAD: tl.constexpr, BLOCK_B: tl.constexpr,
-                 BLOCK_E: tl.constexpr):
+def _scan_kernel(
+    hist_ptr, counts_ptr, base_ptr, NB, E, PAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr
+):
     """base[b, e] = seg_start[e] + sum_{b' < b} hist[b', e] for this program's experts."""
     e_lo = tl.program_id(0) * BLOCK_E
     ar = tl.arange(0, BLOCK_E)
@@ -65,7 +66,9 @@ def _scan_kernel(hist_ptr, counts_ptr, base_ptr, NB, E, PAD: tl.constexpr, BLOCK
         rb = b0 + tl.arange(0, BLOCK_B)
         mask = (rb < NB)[:, None] & (cols < E)[None, :]
         h = tl.load(hist_ptr + rb[:, None] * E + cols[None, :], mask=mask, other=0).to(tl.int64)
-        tl.store(base_ptr + rb[:, None] * E + cols[None, :], running[None, :] + tl.cumsum(h, axis=0) - h, mask=mask)
+        tl.store(
+            base_ptr + rb[:, None] * E + cols[None, :], running[None, :] + tl.cumsum(h, axis=0) - h, mask=mask
+        )
         running += tl.sum(h, axis=0)
 
 
@@ -83,9 +86,22 @@ def _pos_kernel(idx_ptr, base_ptr, pos_ptr, F, E, BLOCK_F: tl.constexpr):
 
 
 @triton.jit
-def _scatter_rows_kernel(src_ptr, pos_ptr, w_ptr, out_ptr, y_ptr, dot_ptr, T, D, stride_src,
-                         K: tl.constexpr, HAS_W: tl.constexpr, DOT: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _scatter_rows_kernel(
+    src_ptr,
+    pos_ptr,
+    w_ptr,
+    out_ptr,
+    y_ptr,
+    dot_ptr,
+    T,
+    D,
+    stride_src,
+    K: tl.constexpr,
+    HAS_W: tl.constexpr,
+    DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """out[pos[t,k]] = (w[t,k] *) src[t]; with DOT also dot[t,k,pid_d] = <src[t], y[pos[t,k]]> on this D block."""
     pid_d = tl.program_id(1)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -98,7 +114,9 @@ def _scatter_rows_kernel(src_ptr, pos_ptr, w_ptr, out_ptr, y_ptr, dot_ptr, T, D,
         rows = p[:, None] * D + d[None, :]
         if HAS_W:
             w = tl.load(w_ptr + t * K + k, mask=t_ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + rows, (src.to(tl.float32) * w[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                out_ptr + rows, (src.to(tl.float32) * w[:, None]).to(out_ptr.dtype.element_ty), mask=mask
+            )
         else:
             tl.store(out_ptr + rows, src, mask=mask)
         if DOT:
@@ -108,8 +126,18 @@ def _scatter_rows_kernel(src_ptr, pos_ptr, w_ptr, out_ptr, y_ptr, dot_ptr, T, D,
 
 
 @triton.jit
-def _gather_rows_kernel(src_ptr, pos_ptr, w_ptr, out_ptr, T, D, K: tl.constexpr, HAS_W: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gather_rows_kernel(
+    src_ptr,
+    pos_ptr,
+    w_ptr,
+    out_ptr,
+    T,
+    D,
+    K: tl.constexpr,
+    HAS_W: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """out[t] = sum_k (w[t,k] *) src[pos[t,k]], accumulated in fp32 in k order (as unpermute_ref)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -133,7 +161,11 @@ def _zero_unmarked_rows_kernel(out_ptr, marks_ptr, P, D, BLOCK_R: tl.constexpr, 
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             zeros = tl.zeros((BLOCK_R, BLOCK_D), out_ptr.dtype.element_ty)
-            tl.store(out_ptr + r.to(tl.int64)[:, None] * D + d[None, :], zeros, mask=empty[:, None] & (d < D)[None, :])
+            tl.store(
+                out_ptr + r.to(tl.int64)[:, None] * D + d[None, :],
+                zeros,
+                mask=empty[:, None] & (d < D)[None, :],
+            )
 
 
 def _row_tiles(T: int, D: int) -> tuple[int, int, tuple[int, int]]:
@@ -154,12 +186,21 @@ def _positions(idx_TK: torch.Tensor, counts_E: torch.Tensor, pad_multiple: int) 
     pos_TK = torch.empty(T, K, device=dev, dtype=torch.int64)
     if F == 0:
         return pos_TK
-    _hist_kernel[(nb,)](idx_TK, hist, F, E, BLOCK_F=_BLOCK_F, BLOCK_E=min(64, triton.next_power_of_2(E)),
-                        num_warps=_NUM_WARPS)
+    _hist_kernel[(nb,)](
+        idx_TK, hist, F, E, BLOCK_F=_BLOCK_F, BLOCK_E=min(64, triton.next_power_of_2(E)), num_warps=_NUM_WARPS
+    )
     # The scan is latency-bound (a chain of load -> cumsum -> store over the blocks): few, wide trips.
     scan_e = min(16, triton.next_power_of_2(E))
-    _scan_kernel[(triton.cdiv(E, scan_e),)](hist, counts_E, base, nb, E, PAD=pad_multiple,
-                                            BLOCK_B=min(256, triton.next_power_of_2(nb)), BLOCK_E=scan_e)
+    _scan_kernel[(triton.cdiv(E, scan_e),)](
+        hist,
+        counts_E,
+        base,
+        nb,
+        E,
+        PAD=pad_multiple,
+        BLOCK_B=min(256, triton.next_power_of_2(nb)),
+        BLOCK_E=scan_e,
+    )
     _pos_kernel[(nb,)](idx_TK, base, pos_TK, F, E, BLOCK_F=_BLOCK_F, num_warps=_NUM_WARPS)
     return pos_TK
 
@@ -176,8 +217,19 @@ def _gather(src_PD: torch.Tensor, pos_TK: torch.Tensor, w_TK: torch.Tensor | Non
     out_TD = torch.empty(T, D, device=src_PD.device, dtype=dtype)
     if T and D:
         block_t, block_d, grid = _row_tiles(T, D)
-        _gather_rows_kernel[grid](src_PD, pos_TK, w_TK if w_TK is not None else src_PD, out_TD, T, D, K=K,
-                                  HAS_W=w_TK is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_NUM_WARPS)
+        _gather_rows_kernel[grid](
+            src_PD,
+            pos_TK,
+            w_TK if w_TK is not None else src_PD,
+            out_TD,
+            T,
+            D,
+            K=K,
+            HAS_W=w_TK is not None,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            num_warps=_NUM_WARPS,
+        )
     return out_TD
 
 
@@ -189,10 +241,23 @@ def _scatter(src_TD, pos_TK, w_TK, P: int, dtype, y_PD=None):
     block_t, block_d, grid = _row_tiles(T, D)
     dots = torch.empty(T, K, grid[1], device=src_TD.device, dtype=torch.float32) if y_PD is not None else None
     if T and D:
-        _scatter_rows_kernel[grid](src_TD, pos_TK, w_TK if w_TK is not None else src_TD, out_PD,
-                                   y_PD if y_PD is not None else out_PD, dots if dots is not None else out_PD,
-                                   T, D, src_TD.stride(0), K=K, HAS_W=w_TK is not None, DOT=y_PD is not None,
-                                   BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_NUM_WARPS)
+        _scatter_rows_kernel[grid](
+            src_TD,
+            pos_TK,
+            w_TK if w_TK is not None else src_TD,
+            out_PD,
+            y_PD if y_PD is not None else out_PD,
+            dots if dots is not None else out_PD,
+            T,
+            D,
+            src_TD.stride(0),
+            K=K,
+            HAS_W=w_TK is not None,
+            DOT=y_PD is not None,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            num_warps=_NUM_WARPS,
+        )
     if P > T * K:  # padding rows and the tail receive no token: zero just them, never a P x D memset
         marks = torch.zeros(P, device=src_TD.device, dtype=torch.int8)
         marks.index_fill_(0, pos_TK.flatten(), 1)
@@ -202,19 +267,26 @@ def _scatter(src_TD, pos_TK, w_TK, P: int, dtype, y_PD=None):
 
 def _check_permute(x_TD, idx_TK, counts_E, pad_multiple) -> None:
     if x_TD.dim() != 2 or x_TD.stride(-1) != 1:
-        raise ValueError(f"moe_permute: x_TD must be 2-D with unit stride in D, "
-                         f"got shape {tuple(x_TD.shape)} strides {x_TD.stride()}")
+        raise ValueError(
+            f"moe_permute: x_TD must be 2-D with unit stride in D, "
+            f"got shape {tuple(x_TD.shape)} strides {x_TD.stride()}"
+        )
     if idx_TK.dim() != 2 or idx_TK.shape[0] != x_TD.shape[0] or idx_TK.dtype != torch.int64:
-        raise ValueError(f"moe_permute: idx_TK must be int64 [T={x_TD.shape[0]}, K], "
-                         f"got {idx_TK.dtype} {tuple(idx_TK.shape)}")
+        raise ValueError(
+            f"moe_permute: idx_TK must be int64 [T={x_TD.shape[0]}, K], "
+            f"got {idx_TK.dtype} {tuple(idx_TK.shape)}"
+        )
     if counts_E.dim() != 1 or counts_E.dtype != torch.int64:
-        raise ValueError(f"moe_permute: counts_E must be a 1-D int64 tensor, "
-                         f"got {counts_E.dtype} {tuple(counts_E.shape)}")
+        raise ValueError(
+            f"moe_permute: counts_E must be a 1-D int64 tensor, got {counts_E.dtype} {tuple(counts_E.shape)}"
+        )
     if not isinstance(pad_multiple, int) or pad_multiple < 1:
         raise ValueError(f"moe_permute: pad_multiple must be an int >= 1, got {pad_multiple!r}")
     if len({x_TD.device, idx_TK.device, counts_E.device}) != 1:
-        raise ValueError(f"moe_permute: x_TD, idx_TK, counts_E on different devices "
-                         f"({x_TD.device}, {idx_TK.device}, {counts_E.device})")
+        raise ValueError(
+            f"moe_permute: x_TD, idx_TK, counts_E on different devices "
+            f"({x_TD.device}, {idx_TK.device}, {counts_E.device})"
+        )
 
 
 class _Permute(torch.autograd.Function):
@@ -222,7 +294,9 @@ class _Permute(torch.autograd.Function):
     def forward(ctx, x_TD, idx_TK, counts_E, pad_multiple):
         T, K = idx_TK.shape
         pos_TK = _positions(idx_TK.contiguous(), counts_E.contiguous(), pad_multiple)
-        x_PD, _ = _scatter(x_TD, pos_TK, None, permuted_rows(T, K, counts_E.numel(), pad_multiple), x_TD.dtype)
+        x_PD, _ = _scatter(
+            x_TD, pos_TK, None, permuted_rows(T, K, counts_E.numel(), pad_multiple), x_TD.dtype
+        )
         ctx.save_for_backward(pos_TK)
         ctx.x_dtype = x_TD.dtype
         ctx.mark_non_differentiable(pos_TK)
@@ -263,10 +337,14 @@ def moe_permute(x_TD: torch.Tensor, idx_TK: torch.Tensor, counts_E: torch.Tensor
 def moe_unpermute(y_PD: torch.Tensor, pos_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
     """`unpermute_ref`'s contract: y_TD[t] = sum_k w[t,k] * y_PD[pos[t,k]] (fp32 accumulation, y's dtype)."""
     if y_PD.dim() != 2 or pos_TK.dim() != 2 or pos_TK.dtype != torch.int64:
-        raise ValueError(f"moe_unpermute: need y_PD [P, D] and int64 pos_TK [T, K], got {tuple(y_PD.shape)}, "
-                         f"{pos_TK.dtype} {tuple(pos_TK.shape)}")
+        raise ValueError(
+            f"moe_unpermute: need y_PD [P, D] and int64 pos_TK [T, K], got {tuple(y_PD.shape)}, "
+            f"{pos_TK.dtype} {tuple(pos_TK.shape)}"
+        )
     if weights_TK.shape != pos_TK.shape:
-        raise ValueError(f"moe_unpermute: weights_TK {tuple(weights_TK.shape)} != pos_TK {tuple(pos_TK.shape)}")
+        raise ValueError(
+            f"moe_unpermute: weights_TK {tuple(weights_TK.shape)} != pos_TK {tuple(pos_TK.shape)}"
+        )
     if y_PD.shape[0] < pos_TK.numel():
         raise ValueError(f"moe_unpermute: y_PD has {y_PD.shape[0]} rows < T*K = {pos_TK.numel()}")
     return _Unpermute.apply(y_PD.contiguous(), pos_TK.contiguous(), weights_TK)

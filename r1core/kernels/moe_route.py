@@ -68,8 +68,16 @@ def _load_scores(logits_ptr, stride_t, rows, cols, T, E, SIGMOID: tl.constexpr, 
 
 
 @triton.jit
-def _keep_groups(choice, cols, E, SIGMOID: tl.constexpr, N_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
-                 GROUP_SIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+def _keep_groups(
+    choice,
+    cols,
+    E,
+    SIGMOID: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     """Mask of the experts in each row's `TOPK_GROUPS` best groups (ties toward the lower group)."""
     NEG: tl.constexpr = float("-inf")
     gid = cols // GROUP_SIZE
@@ -98,10 +106,28 @@ def _keep_groups(choice, cols, E, SIGMOID: tl.constexpr, N_GROUPS: tl.constexpr,
 
 
 @triton.jit
-def _route_fwd_kernel(logits_ptr, bias_ptr, w_ptr, idx_ptr, counts_ptr, T, E, stride_t, route_scale,
-                      HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, N_GROUPS: tl.constexpr,
-                      TOPK_GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                      NORM: tl.constexpr, PRECISE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+def _route_fwd_kernel(
+    logits_ptr,
+    bias_ptr,
+    w_ptr,
+    idx_ptr,
+    counts_ptr,
+    T,
+    E,
+    stride_t,
+    route_scale,
+    HAS_BIAS: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    N_GROUPS: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    NORM: tl.constexpr,
+    PRECISE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     NEG: tl.constexpr = float("-inf")
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
@@ -139,9 +165,22 @@ def _route_fwd_kernel(logits_ptr, bias_ptr, w_ptr, idx_ptr, counts_ptr, T, E, st
 
 
 @triton.jit
-def _route_bwd_kernel(logits_ptr, idx_ptr, gw_ptr, glogits_ptr, T, E, stride_t, route_scale,
-                      SIGMOID: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, PRECISE: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+def _route_bwd_kernel(
+    logits_ptr,
+    idx_ptr,
+    gw_ptr,
+    glogits_ptr,
+    T,
+    E,
+    stride_t,
+    route_scale,
+    SIGMOID: tl.constexpr,
+    K: tl.constexpr,
+    NORM: tl.constexpr,
+    PRECISE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     row_ok = rows < T
@@ -182,18 +221,22 @@ def _tile_shape(E: int) -> tuple[int, int]:
 
 def _check(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: RouterSpec) -> None:
     if logits_TE.dim() != 2 or not logits_TE.is_floating_point():
-        raise ValueError(f"moe_route: logits_TE must be a 2-D float tensor, "
-                         f"got {tuple(logits_TE.shape)} {logits_TE.dtype}")
+        raise ValueError(
+            f"moe_route: logits_TE must be a 2-D float tensor, got {tuple(logits_TE.shape)} {logits_TE.dtype}"
+        )
     E = logits_TE.shape[1]
     if E != spec.n_experts:
         raise ValueError(f"moe_route: logits_TE has {E} experts, spec.n_experts={spec.n_experts}")
     if bias_E is not None and (bias_E.shape != (E,) or bias_E.device != logits_TE.device):
-        raise ValueError(f"moe_route: bias_E must be [{E}] on {logits_TE.device}, "
-                         f"got {tuple(bias_E.shape)} on {bias_E.device}")
+        raise ValueError(
+            f"moe_route: bias_E must be [{E}] on {logits_TE.device}, "
+            f"got {tuple(bias_E.shape)} on {bias_E.device}"
+        )
     groups = max(spec.n_groups, 1)
     if E % groups or not 1 <= spec.topk_groups <= groups:
-        raise ValueError(f"moe_route: n_experts={E} / n_groups={spec.n_groups} / "
-                         f"topk_groups={spec.topk_groups} invalid")
+        raise ValueError(
+            f"moe_route: n_experts={E} / n_groups={spec.n_groups} / topk_groups={spec.topk_groups} invalid"
+        )
     kept = spec.topk_groups * (E // groups) if groups > 1 else E
     if not 1 <= spec.top_k <= kept:
         raise ValueError(f"moe_route: top_k={spec.top_k} must be in [1, {kept}] (experts in the kept groups)")
@@ -216,11 +259,28 @@ def _route_fwd(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: Route
     groups = max(spec.n_groups, 1)
     bias = bias_E.contiguous() if bias_E is not None else logits_TE  # dummy pointer when HAS_BIAS=False
     _route_fwd_kernel[(triton.cdiv(T, block_t),)](
-        logits_TE, bias, weights_TK, idx_TK, counts_E, T, E, logits_TE.stride(0), float(spec.route_scale),
-        HAS_BIAS=bias_E is not None, SIGMOID=spec.score_func == ScoreFunc.sigmoid, N_GROUPS=groups,
-        TOPK_GROUPS=spec.topk_groups, GROUP_SIZE=E // groups, K=K, K_PAD=triton.next_power_of_2(K),
-        NORM=bool(spec.norm_topk_prob), PRECISE=logits_TE.is_cuda, BLOCK_T=block_t, BLOCK_E=block_e,
-        num_warps=_NUM_WARPS)
+        logits_TE,
+        bias,
+        weights_TK,
+        idx_TK,
+        counts_E,
+        T,
+        E,
+        logits_TE.stride(0),
+        float(spec.route_scale),
+        HAS_BIAS=bias_E is not None,
+        SIGMOID=spec.score_func == ScoreFunc.sigmoid,
+        N_GROUPS=groups,
+        TOPK_GROUPS=spec.topk_groups,
+        GROUP_SIZE=E // groups,
+        K=K,
+        K_PAD=triton.next_power_of_2(K),
+        NORM=bool(spec.norm_topk_prob),
+        PRECISE=logits_TE.is_cuda,
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        num_warps=_NUM_WARPS,
+    )
     return weights_TK, idx_TK, counts_E
 
 
@@ -231,9 +291,22 @@ def _route_bwd(logits_TE: torch.Tensor, idx_TK: torch.Tensor, grad_w_TK: torch.T
     if T:
         block_t, block_e = _tile_shape(E)
         _route_bwd_kernel[(triton.cdiv(T, block_t),)](
-            logits_TE, idx_TK, grad_w_TK, grad_TE, T, E, logits_TE.stride(0), float(spec.route_scale),
-            SIGMOID=spec.score_func == ScoreFunc.sigmoid, K=spec.top_k, NORM=bool(spec.norm_topk_prob),
-            PRECISE=logits_TE.is_cuda, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=_NUM_WARPS)
+            logits_TE,
+            idx_TK,
+            grad_w_TK,
+            grad_TE,
+            T,
+            E,
+            logits_TE.stride(0),
+            float(spec.route_scale),
+            SIGMOID=spec.score_func == ScoreFunc.sigmoid,
+            K=spec.top_k,
+            NORM=bool(spec.norm_topk_prob),
+            PRECISE=logits_TE.is_cuda,
+            BLOCK_T=block_t,
+            BLOCK_E=block_e,
+            num_warps=_NUM_WARPS,
+        )
     return grad_TE.to(logits_TE.dtype)
 
 

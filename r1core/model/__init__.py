@@ -7,6 +7,19 @@ from .params import count_parameters, parameter_breakdown
 from .transformer import IGNORE_INDEX, LossOutput, Transformer
 
 __all__ = [
-    "IGNORE_INDEX", "Impl", "MLA", "AttnMeta", "LatentKVCache", "LossOutput", "ModelArgs", "MoE", "RouterSpec",
-    "ScoreFunc", "Transformer", "count_parameters", "parameter_breakdown", "presets", "update_expert_bias",
+    "IGNORE_INDEX",
+    "Impl",
+    "MLA",
+    "AttnMeta",
+    "LatentKVCache",
+    "LossOutput",
+    "ModelArgs",
+    "MoE",
+    "RouterSpec",
+    "ScoreFunc",
+    "Transformer",
+    "count_parameters",
+    "parameter_breakdown",
+    "presets",
+    "update_expert_bias",
 ]

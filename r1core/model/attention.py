@@ -54,8 +54,13 @@ class AttnMeta:
 
     def prefix(self, n: int) -> "AttnMeta":
         """The first n positions of every row (multi-token prediction depth k runs on T - k of them)."""
-        return replace(self, positions=self.positions[:, :n], cos=self.cos[:, :n], sin=self.sin[:, :n],
-                       doc_ids=None if self.doc_ids is None else self.doc_ids[:, :n])
+        return replace(
+            self,
+            positions=self.positions[:, :n],
+            cos=self.cos[:, :n],
+            sin=self.sin[:, :n],
+            doc_ids=None if self.doc_ids is None else self.doc_ids[:, :n],
+        )
 
     def training_mask(self) -> torch.Tensor:
         """Boolean [B, 1, T, T]: True where query t may attend key s."""
@@ -74,7 +79,9 @@ class AttnMeta:
 MASKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """F.scaled_dot_product_attention on [B, H, T, *]: causal when `mask` is None, else boolean `mask`."""
     with sdpa_kernel(MASKED_SDPA_BACKENDS) if mask is not None and q.is_cuda else nullcontext():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
@@ -88,8 +95,9 @@ class LatentKVCache:
     rows when a batch uses a subset of them.
     """
 
-    def __init__(self, args: ModelArgs, n_layers: int, n_rows: int, max_len: int,
-                 device=None, dtype=torch.float32):
+    def __init__(
+        self, args: ModelArgs, n_layers: int, n_rows: int, max_len: int, device=None, dtype=torch.float32
+    ):
         self.kv = torch.zeros(n_layers, n_rows, max_len, args.kv_lora_rank, device=device, dtype=dtype)
         self.pe = torch.zeros(n_layers, n_rows, max_len, args.qk_rope_head_dim, device=device, dtype=dtype)
         self.rows: torch.Tensor | None = None
@@ -143,8 +151,9 @@ class MLA(nn.Module):
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         return self.kv_norm(kv), apply_rope(k_pe, meta.cos, meta.sin)  # [B, T, C], [B, T, R]
 
-    def forward(self, x: torch.Tensor, meta: AttnMeta, cache: LatentKVCache | None = None,
-                absorb: bool | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, meta: AttnMeta, cache: LatentKVCache | None = None, absorb: bool | None = None
+    ) -> torch.Tensor:
         q_nope, q_pe = self._queries(x, meta)
         kv, k_pe = self._latents(x, meta)
         if cache is None and meta.context is not None:
@@ -179,8 +188,10 @@ class MLA(nn.Module):
         return out.transpose(1, 2)  # [B, T, H, V]
 
     def _attend_absorbed(self, q_nope, q_pe, kv, k_pe, mask):
-        wkv_b = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim:]
+        wkv_b = self.wkv_b.weight.view(
+            self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank
+        )
+        w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim :]
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
         scores = torch.einsum("bthc,bsc->bhts", q_lat, kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
         scores = scores.float() * self.softmax_scale

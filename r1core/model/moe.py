@@ -41,8 +41,15 @@ class RouterSpec:
 
     @classmethod
     def from_args(cls, args: ModelArgs) -> "RouterSpec":
-        return cls(args.n_routed_experts, args.n_activated_experts, args.n_expert_groups, args.n_limited_groups,
-                   args.score_func, args.route_scale, args.norm_topk_prob)
+        return cls(
+            args.n_routed_experts,
+            args.n_activated_experts,
+            args.n_expert_groups,
+            args.n_limited_groups,
+            args.score_func,
+            args.route_scale,
+            args.norm_topk_prob,
+        )
 
 
 def _topk_lowest_index_first(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -75,7 +82,8 @@ def route_ref(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: Router
         weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
     # scatter_add rather than bincount: no host sync, so routing can sit inside a CUDA graph
     counts_E = torch.zeros(E, dtype=torch.int64, device=idx_TK.device).scatter_add_(
-        0, idx_TK.flatten(), torch.ones(idx_TK.numel(), dtype=torch.int64, device=idx_TK.device))
+        0, idx_TK.flatten(), torch.ones(idx_TK.numel(), dtype=torch.int64, device=idx_TK.device)
+    )
     return weights_TK * spec.route_scale, idx_TK, counts_E
 
 
@@ -118,15 +126,16 @@ def grouped_swiglu_ref(x_PD, w1_EID, w2_EDI, w3_EID, seg_E) -> torch.Tensor:
     start = 0
     for e, n in enumerate(seg_E.tolist()):
         if n:
-            xs = x_PD[start:start + n]
+            xs = x_PD[start : start + n]
             y = (F.silu(xs @ w1_EID[e].T) * (xs @ w3_EID[e].T)) @ w2_EDI[e].T
             y_PD = y_PD.index_copy(0, torch.arange(start, start + n, device=x_PD.device), y)
         start += n
     return y_PD
 
 
-def seq_balance_loss(logits_BTE: torch.Tensor, idx_BTK: torch.Tensor, spec: RouterSpec,
-                     seq_sum: Callable | None = None) -> torch.Tensor:
+def seq_balance_loss(
+    logits_BTE: torch.Tensor, idx_BTK: torch.Tensor, spec: RouterSpec, seq_sum: Callable | None = None
+) -> torch.Tensor:
     """Complementary sequence-wise balance loss (DeepSeek-V3 eq. 17-20), without its alpha.
 
     f_i = E / (K T) * #{t : i in topk_t};  P_i = mean_t s'_{i,t},  s' = s / sum_j s_j;  L = sum_i f_i P_i.
@@ -173,8 +182,10 @@ def moe_ops(impl: Impl | str) -> MoEOps:
     impl = Impl(impl)
     entry = _REGISTRY.get(impl)
     if entry is None:
-        raise LookupError(f"model.moe_impl={impl.value}: no MoE ops are registered for it; "
-                          "`import r1core.kernels` registers triton and cuda")
+        raise LookupError(
+            f"model.moe_impl={impl.value}: no MoE ops are registered for it; "
+            "`import r1core.kernels` registers triton and cuda"
+        )
     if not isinstance(entry, MoEOps):
         entry = _REGISTRY[impl] = entry()
     return entry
@@ -189,11 +200,15 @@ class Gate(nn.Module):
         self.bias_update_speed = args.bias_update_speed
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
         if args.score_func == ScoreFunc.sigmoid:
-            self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+            self.register_buffer(
+                "e_score_correction_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32)
+            )
         else:
             self.e_score_correction_bias = None
         # Tokens routed to each expert since the last bias update (training only).
-        self.register_buffer("expert_load", torch.zeros(args.n_routed_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "expert_load", torch.zeros(args.n_routed_experts, dtype=torch.float32), persistent=False
+        )
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         # The GEMM runs in the activation dtype (fp32 accumulation inside cuBLAS) and scoring in fp32,
@@ -243,7 +258,9 @@ class MoE(nn.Module):
         self.gate = Gate(args)
         self.experts = GroupedExperts(args.n_routed_experts, args.dim, args.moe_inter_dim)
         self.experts.impl = args.moe_impl
-        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
+        self.shared_experts = (
+            MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
+        )
         self.dispatcher = LocalDispatcher(args.n_routed_experts, args.moe_impl)
         self.seq_sum: Callable | None = None  # see seq_balance_loss; set by context parallelism
 
@@ -262,7 +279,8 @@ class MoE(nn.Module):
                 self.gate.expert_load += counts_E.to(self.gate.expert_load.dtype)
             if self.args.seq_aux_alpha > 0:
                 aux = self.args.seq_aux_alpha * seq_balance_loss(
-                    logits_TE.view(B, T, -1), idx_TK.view(B, T, -1), self.gate.spec, self.seq_sum)
+                    logits_TE.view(B, T, -1), idx_TK.view(B, T, -1), self.gate.spec, self.seq_sum
+                )
         x_PD, seg_E, state = self.dispatcher.dispatch(x_TD, idx_TK, counts_E)
         y_TD = self.dispatcher.combine(self.experts(x_PD, seg_E), weights_TK, state)
         if self.shared_experts is not None:

@@ -12,10 +12,10 @@ from .moe import GroupedExperts
 
 @dataclass(frozen=True)
 class ParamCount:
-    total: int          # main model (embedding, layers, final norm, head)
-    active: int         # per token: everything but the routed experts a token does not visit
-    mtp: int            # MTP modules as the released checkpoint stores them (with their copies of embedding and head)
-    mtp_unique: int     # MTP parameters not shared with the main model
+    total: int  # main model (embedding, layers, final norm, head)
+    active: int  # per token: everything but the routed experts a token does not visit
+    mtp: int  # MTP modules as the released checkpoint stores them (with their copies of embedding and head)
+    mtp_unique: int  # MTP parameters not shared with the main model
 
 
 def parameter_breakdown(args: ModelArgs) -> ParamCount:
@@ -31,7 +31,9 @@ def parameter_breakdown(args: ModelArgs) -> ParamCount:
             per_expert = sum(p[0].numel() for p in module.parameters())
             inactive += per_expert * (args.n_routed_experts - args.n_activated_experts)
     shared_copies = args.n_mtp_modules * (model.embed.weight.numel() + model.head.weight.numel())
-    return ParamCount(total=total, active=total - inactive, mtp=mtp_unique + shared_copies, mtp_unique=mtp_unique)
+    return ParamCount(
+        total=total, active=total - inactive, mtp=mtp_unique + shared_copies, mtp_unique=mtp_unique
+    )
 
 
 def count_parameters(args: ModelArgs) -> tuple[int, int]:

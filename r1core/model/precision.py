@@ -34,8 +34,8 @@ class Fp8Ops(NamedTuple):
     """The FP8 GEMMs (contracts of r1core.kernels.fp8), which `r1core.kernels` registers when imported,
     as it does the MoE ops: the model itself never imports kernel code."""
 
-    linear: Callable                     # (x, weight, impl) -> x @ weight.T
-    grouped_swiglu: Callable             # (x_PD, w1, w2, w3, seg_E, impl) -> y_PD
+    linear: Callable  # (x, weight, impl) -> x @ weight.T
+    grouped_swiglu: Callable  # (x_PD, w1, w2, w3, seg_E, impl) -> y_PD
     torch_blockwise_supported: Callable  # (device_index, b_rows) -> bool
 
 
@@ -48,8 +48,9 @@ def register_fp8_ops(ops: Fp8Ops | Callable[[], Fp8Ops]) -> None:
 
 def fp8_ops() -> Fp8Ops:
     if not _FP8_OPS:
-        raise LookupError("model.precision=fp8: no FP8 GEMMs are registered; "
-                          "`import r1core.kernels` registers them")
+        raise LookupError(
+            "model.precision=fp8: no FP8 GEMMs are registered; `import r1core.kernels` registers them"
+        )
     if not isinstance(_FP8_OPS[0], Fp8Ops):
         _FP8_OPS[0] = _FP8_OPS[0]()
     return _FP8_OPS[0]
@@ -116,6 +117,11 @@ def apply_precision(model: nn.Module, precision: Precision | str) -> list[str]:
         if isinstance(mod, MoE) and isinstance(mod.experts, Fp8GroupedExperts):
             mod.dispatcher.pad_multiple = TILE
     if kept:
-        log.info("precision %s: %d layers keep bf16 GEMMs (dims not multiples of %d): %s",
-                 Precision(precision).value, len(kept), TILE, ", ".join(kept))
+        log.info(
+            "precision %s: %d layers keep bf16 GEMMs (dims not multiples of %d): %s",
+            Precision(precision).value,
+            len(kept),
+            TILE,
+            ", ".join(kept),
+        )
     return kept

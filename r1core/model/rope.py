@@ -44,7 +44,9 @@ def rope_cos_sin(args: ModelArgs, positions: torch.Tensor) -> tuple[torch.Tensor
     # where ym(f, 0) = 1. It is 1.0 whenever mscale == mscale_all_dim (DeepSeek-V3, V2-Lite).
     scale = 1.0
     if args.uses_yarn:
-        scale = yarn_mscale(args.rope_factor, args.mscale) / yarn_mscale(args.rope_factor, args.mscale_all_dim)
+        scale = yarn_mscale(args.rope_factor, args.mscale) / yarn_mscale(
+            args.rope_factor, args.mscale_all_dim
+        )
     return angles.cos() * scale, angles.sin() * scale
 
 

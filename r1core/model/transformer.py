@@ -27,8 +27,9 @@ IGNORE_INDEX = -100
 CrossEntropyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def mtp_targets(labels: torch.Tensor, doc_ids: torch.Tensor | None, depths: int,
-                shift: Callable | None = None) -> list[torch.Tensor]:
+def mtp_targets(
+    labels: torch.Tensor, doc_ids: torch.Tensor | None, depths: int, shift: Callable | None = None
+) -> list[torch.Tensor]:
     """Targets [B, T - k] of MTP depths k = 1..depths (fewer when T <= depths).
 
     Depth k at position i predicts labels[i + k]; never across a document boundary (IGNORE_INDEX there).
@@ -92,17 +93,17 @@ class MTPModule(nn.Module):
 
 @dataclass
 class MTPOutput:
-    ce_sums: list[torch.Tensor]   # per depth: CE summed over its valid targets
-    n_valid: list[torch.Tensor]   # per depth: how many targets are valid
-    aux: torch.Tensor | None      # the MTP blocks' balance loss (None without MoE or outside training)
+    ce_sums: list[torch.Tensor]  # per depth: CE summed over its valid targets
+    n_valid: list[torch.Tensor]  # per depth: how many targets are valid
+    aux: torch.Tensor | None  # the MTP blocks' balance loss (None without MoE or outside training)
 
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor          # what backward runs on: ce + mtp_weight * mean(mtp) + aux
-    ce: torch.Tensor            # main next-token CE, mean over target tokens
-    mtp: list[torch.Tensor]     # per-depth CE, mean over target tokens
-    aux: torch.Tensor           # sequence-wise balance loss (already scaled by alpha)
+    loss: torch.Tensor  # what backward runs on: ce + mtp_weight * mean(mtp) + aux
+    ce: torch.Tensor  # main next-token CE, mean over target tokens
+    mtp: list[torch.Tensor]  # per-depth CE, mean over target tokens
+    aux: torch.Tensor  # sequence-wise balance loss (already scaled by alpha)
     n_tokens: int
 
 
@@ -139,16 +140,23 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def attn_meta(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                  doc_ids: torch.Tensor | None = None, cached: bool = False, context=None) -> AttnMeta:
+    def attn_meta(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cached: bool = False,
+        context=None,
+    ) -> AttnMeta:
         """Rope tables and masking facts for one forward; `context`: see AttnMeta (context parallelism)."""
         B, T = tokens.shape[:2]
         fast = positions is None and doc_ids is None and not cached
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         cos, sin = rope_cos_sin(self.args, positions)
-        return AttnMeta(positions=positions, cos=cos, sin=sin, doc_ids=doc_ids, causal_fast_path=fast,
-                        context=context)
+        return AttnMeta(
+            positions=positions, cos=cos, sin=sin, doc_ids=doc_ids, causal_fast_path=fast, context=context
+        )
 
     def forward_layers(self, h: torch.Tensor, meta: AttnMeta, cache: LatentKVCache | None = None):
         aux_total = h.new_zeros((), dtype=torch.float32)
@@ -158,21 +166,38 @@ class Transformer(nn.Module):
                 aux_total = aux_total + aux
         return h, aux_total
 
-    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                      doc_ids: torch.Tensor | None = None, cache: LatentKVCache | None = None):
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: LatentKVCache | None = None,
+    ):
         """Final normalized hidden states [B, T, D] (the head's input) and the summed balance loss."""
         meta = self.attn_meta(tokens, positions, doc_ids, cached=cache is not None)
         h, aux = self.forward_layers(self.embed(tokens), meta, cache)
         return self.norm(h), aux
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, cache: LatentKVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: LatentKVCache | None = None,
+    ) -> torch.Tensor:
         """Logits [B, T, vocab]. Multi-token prediction is off here (training and speculation use `compute_loss`)."""
         h, _ = self.hidden_states(tokens, positions, doc_ids, cache)
         return self.head(h)
 
-    def mtp_losses(self, h_main: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor, meta: AttnMeta,
-                   head_weight: torch.Tensor, ce_sum: CrossEntropyFn = cross_entropy_sum) -> MTPOutput:
+    def mtp_losses(
+        self,
+        h_main: torch.Tensor,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        meta: AttnMeta,
+        head_weight: torch.Tensor,
+        ce_sum: CrossEntropyFn = cross_entropy_sum,
+    ) -> MTPOutput:
         """Multi-token prediction (DeepSeek-V3 §2.2, eq. 21-25) on top of the main model's output.
 
         h_main [B, T, D] is the main model's final normalized hidden state. Depth k combines the
@@ -192,8 +217,13 @@ class Transformer(nn.Module):
             out.n_valid.append((target != IGNORE_INDEX).sum())
         return out
 
-    def compute_loss(self, tokens: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                     ce_sum: CrossEntropyFn = cross_entropy_sum) -> LossOutput:
+    def compute_loss(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        ce_sum: CrossEntropyFn = cross_entropy_sum,
+    ) -> LossOutput:
         """Next-token CE + multi-token prediction (`mtp_losses`) + balance loss, on one device.
 
         labels[b, i] is the target after tokens[b, i] (IGNORE_INDEX to skip).
@@ -214,4 +244,6 @@ class Transformer(nn.Module):
 
     def new_cache(self, n_rows: int, max_len: int, dtype: torch.dtype | None = None) -> LatentKVCache:
         p = self.head.weight if self.head is not None else next(self.parameters())
-        return LatentKVCache(self.args, self.args.n_layers, n_rows, max_len, device=p.device, dtype=dtype or p.dtype)
+        return LatentKVCache(
+            self.args, self.args.n_layers, n_rows, max_len, device=p.device, dtype=dtype or p.dtype
+        )

@@ -40,7 +40,9 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: float | Non
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         nccl = device.type == "cuda"
         timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group("nccl" if nccl else "gloo", device_id=device if nccl else None, timeout=timeout)
+        dist.init_process_group(
+            "nccl" if nccl else "gloo", device_id=device if nccl else None, timeout=timeout
+        )
     return device
 
 
@@ -50,5 +52,13 @@ def parallelize(model, topo):
     return _parallelize(model, topo)
 
 
-__all__ = ["PPSchedule", "ParallelConfig", "Topology", "check_layout", "init_distributed", "init_topology",
-           "megatron_kwargs", "parallelize"]
+__all__ = [
+    "PPSchedule",
+    "ParallelConfig",
+    "Topology",
+    "check_layout",
+    "init_distributed",
+    "init_topology",
+    "megatron_kwargs",
+    "parallelize",
+]

@@ -65,8 +65,11 @@ def _collective(name: str, fwd, bwd):
     def backward(ctx, g):
         return bwd(g, ctx.group, ctx.dim), None, None
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                   "backward": staticmethod(backward)})
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+    )
 
 
 _GatherSeq = _collective("_GatherSeq", _gather, _reduce_scatter)

@@ -46,8 +46,10 @@ from . import comm
 def chunk_index(seq_len: int, cp: int, rank: int) -> torch.Tensor:
     """Sequence positions held by `rank` in local order: chunks rank and 2·cp−1−rank of 2·cp."""
     if seq_len % (2 * cp):
-        raise ValueError(f"context parallelism cuts each sequence into 2*cp = {2 * cp} equal chunks: "
-                         f"sequence length {seq_len} is not a multiple of {2 * cp}")
+        raise ValueError(
+            f"context parallelism cuts each sequence into 2*cp = {2 * cp} equal chunks: "
+            f"sequence length {seq_len} is not a multiple of {2 * cp}"
+        )
     c = seq_len // (2 * cp)
     late = 2 * cp - 1 - rank
     return torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange(late * c, (late + 1) * c)])
@@ -72,10 +74,10 @@ class SequenceShard:
 
     group: dist.ProcessGroup
     cp: int
-    seq_len: int                   # T, the whole sequence
-    index: torch.Tensor            # [2c] sequence position of each local token, increasing (on the CPU)
-    order: torch.Tensor            # [T] rank-major gathered row -> sequence order
-    doc_ids: torch.Tensor | None   # [B, T] the whole sequence's document ids (masks of the keys)
+    seq_len: int  # T, the whole sequence
+    index: torch.Tensor  # [2c] sequence position of each local token, increasing (on the CPU)
+    order: torch.Tensor  # [T] rank-major gathered row -> sequence order
+    doc_ids: torch.Tensor | None  # [B, T] the whole sequence's document ids (masks of the keys)
 
     def attend(self, mla, q_nope, q_pe, kv, k_pe, meta) -> torch.Tensor:
         """MLA over the whole sequence's keys for this rank's queries: [B, n, H, *] -> [B, n, H, V].
@@ -105,8 +107,13 @@ class SequenceShard:
                 causal = q_pos[:, None] >= torch.arange(end, device=device)[None, :]
                 same_doc = meta.doc_ids[:, lo:hi, None] == self.doc_ids[:, None, :end]
                 mask = (causal[None] & same_doc).unsqueeze(1)  # [B, 1, hi - lo, end]
-            out = sdpa(q[:, lo:hi].transpose(1, 2), k[:, :end].transpose(1, 2), v[:, :end].transpose(1, 2),
-                       mask, mla.softmax_scale)
+            out = sdpa(
+                q[:, lo:hi].transpose(1, 2),
+                k[:, :end].transpose(1, 2),
+                v[:, :end].transpose(1, 2),
+                mask,
+                mla.softmax_scale,
+            )
             outs.append(out.transpose(1, 2))
         return torch.cat(outs, dim=1)
 
@@ -136,12 +143,14 @@ class ContextParallel:
         if "positions" not in mb:
             mb = {**mb, "positions": torch.arange(seq_len, device=device).expand(rows, seq_len)}
         gathered = torch.cat([chunk_index(seq_len, self.cp, r) for r in range(self.cp)])
-        context = SequenceShard(self.group, self.cp, seq_len, index, torch.argsort(gathered).to(device),
-                                mb.get("doc_ids"))
+        context = SequenceShard(
+            self.group, self.cp, seq_len, index, torch.argsort(gathered).to(device), mb.get("doc_ids")
+        )
         out = {}
         for key, value in mb.items():
-            along_seq = (isinstance(value, torch.Tensor) and value.dim() >= 2
-                         and value.shape[:2] == (rows, seq_len))
+            along_seq = (
+                isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (rows, seq_len)
+            )
             out[key] = value.index_select(1, local) if along_seq else value
         out["context"] = context
         return out

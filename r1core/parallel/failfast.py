@@ -57,6 +57,11 @@ def fail_fast(what: str = "r1core", passthrough: tuple[type[BaseException], ...]
         rank, world = _rank_world()
         if world == 1:
             raise
-        log.error("%s: rank %d of %d failed; ending this process so the launcher stops the others:\n%s",
-                  what, rank, world, traceback.format_exc())
+        log.error(
+            "%s: rank %d of %d failed; ending this process so the launcher stops the others:\n%s",
+            what,
+            rank,
+            world,
+            traceback.format_exc(),
+        )
         exit_rank(1)

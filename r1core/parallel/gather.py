@@ -15,8 +15,12 @@ import torch.distributed as dist
 from .layout import Meshes, ParamLayout, to_dtensor
 
 
-def iter_full_state(local: dict[str, torch.Tensor], layouts: dict[str, ParamLayout], meshes: Meshes,
-                    full_shapes: dict[str, torch.Size]) -> Iterator[tuple[str, torch.Tensor | None]]:
+def iter_full_state(
+    local: dict[str, torch.Tensor],
+    layouts: dict[str, ParamLayout],
+    meshes: Meshes,
+    full_shapes: dict[str, torch.Size],
+) -> Iterator[tuple[str, torch.Tensor | None]]:
     """Yield (name, whole tensor) on rank 0 and (name, None) elsewhere, name by name; collective."""
     rank = dist.get_rank()
     held = [None] * dist.get_world_size()

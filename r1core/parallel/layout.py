@@ -16,10 +16,12 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class ParamLayout:
-    tp_dim: int | None = None   # dim split over TP ranks (None: every TP rank holds it whole)
-    ep_dim: int | None = None   # dim split over EP ranks (routed experts: 0)
-    tp_partial: bool = False    # held whole on every TP rank, but each rank's gradient is a partial sum
-    stage_copy: bool = False    # a copy of a parameter owned by another pipeline stage (embedding on the last stage)
+    tp_dim: int | None = None  # dim split over TP ranks (None: every TP rank holds it whole)
+    ep_dim: int | None = None  # dim split over EP ranks (routed experts: 0)
+    tp_partial: bool = False  # held whole on every TP rank, but each rank's gradient is a partial sum
+    stage_copy: bool = (
+        False  # a copy of a parameter owned by another pipeline stage (embedding on the last stage)
+    )
 
     @property
     def is_expert(self) -> bool:
@@ -41,8 +43,9 @@ class Meshes:
         grid = torch.zeros(topo.ep, topo.tp, dtype=torch.long)
         for e, t, r in (b.tolist() for b in block):
             grid[e, t] = r
-        self.ep_tp = DeviceMesh.from_group([topo.ep_group, topo.tp_group], kind, mesh=grid,
-                                           mesh_dim_names=("ep", "tp"))
+        self.ep_tp = DeviceMesh.from_group(
+            [topo.ep_group, topo.tp_group], kind, mesh=grid, mesh_dim_names=("ep", "tp")
+        )
 
 
 def to_dtensor(t: torch.Tensor, layout: ParamLayout, meshes: Meshes, global_shape: torch.Size):
@@ -74,7 +77,9 @@ def counts_in_norm(layout: ParamLayout, ranks: dict[str, int]) -> bool:
     return ranks["dp"] == 0 and (layout.tp_dim is not None or ranks["tp"] == 0)
 
 
-def local_shard(full: torch.Tensor, layout: ParamLayout, ranks: dict[str, int], sizes: dict[str, int]) -> torch.Tensor:
+def local_shard(
+    full: torch.Tensor, layout: ParamLayout, ranks: dict[str, int], sizes: dict[str, int]
+) -> torch.Tensor:
     """This rank's piece of a whole tensor: split over EP, then over TP (the inverse of to_dtensor)."""
     if layout.ep_dim is not None:
         full = full.chunk(sizes["ep"], dim=layout.ep_dim)[ranks["ep"]]

@@ -66,7 +66,9 @@ def reduce_gradients(named_params, layouts: dict[str, ParamLayout], topo, embed_
 def global_grad_norm(named_params, layouts: dict[str, ParamLayout], topo) -> torch.Tensor:
     """L2 norm of the whole model's gradient, each distinct shard counted once (fp32)."""
     ranks = {"tp": topo.rank_in("tp"), "dp": topo.rank_in("dp_cp"), "edp": topo.rank_in("edp")}
-    sq = grad_norm_sq([p.grad for name, p in named_params if counts_in_norm(layouts[name], ranks)], topo.device)
+    sq = grad_norm_sq(
+        [p.grad for name, p in named_params if counts_in_norm(layouts[name], ranks)], topo.device
+    )
     dist.all_reduce(sq)
     return sq.sqrt()
 
@@ -87,8 +89,11 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
     """Decay matrices (and stacked experts), not norms: the usual LM recipe (and DeepSeek's)."""
     decay = [p for _, p in named_params if p.ndim >= 2]
     rest = [p for _, p in named_params if p.ndim < 2]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
-            if g["params"]]
+    return [
+        g
+        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
+        if g["params"]
+    ]
 
 
 def adamw(named_params, optim_cfg, group=None, group_size: int = 1, zero1: bool = False):
@@ -116,9 +121,11 @@ def init_adam_state_(opt) -> None:
     for group in inner.param_groups:
         for p in group["params"]:
             if not inner.state.get(p):
-                inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
-                                  "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                inner.state[p] = {
+                    "step": torch.zeros((), dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
 
 
 class MasterWeights:

@@ -24,8 +24,11 @@ from r1core.model.transformer import Transformer
 
 from .config import ParallelConfig, PPSchedule
 
-SCHEDULES = {PPSchedule.one_f_one_b: "Schedule1F1B", PPSchedule.interleaved: "ScheduleInterleaved1F1B",
-             PPSchedule.dualpipev: "ScheduleDualPipeV"}
+SCHEDULES = {
+    PPSchedule.one_f_one_b: "Schedule1F1B",
+    PPSchedule.interleaved: "ScheduleInterleaved1F1B",
+    PPSchedule.dualpipev: "ScheduleDualPipeV",
+}
 
 
 def rank_stages(pp_rank: int, cfg: ParallelConfig) -> list[int]:
@@ -66,8 +69,8 @@ class StepContext:
     """What the stages of one schedule run read by microbatch index."""
 
     microbatches: list[dict] = field(default_factory=list)
-    aux_weight: list[float] = field(default_factory=list)   # each microbatch's share of the batch's sequences
-    aux_total: torch.Tensor | None = None                   # balance loss of this rank's layers, weighted
+    aux_weight: list[float] = field(default_factory=list)  # each microbatch's share of the batch's sequences
+    aux_total: torch.Tensor | None = None  # balance loss of this rank's layers, weighted
 
 
 class StageModule(nn.Module):
@@ -76,8 +79,9 @@ class StageModule(nn.Module):
     def __init__(self, model: Transformer, stage: int, n_stages: int, ctx: StepContext):
         super().__init__()
         self.is_first, self.is_last = stage == 0, stage == n_stages - 1
-        self.layers = nn.ModuleDict({str(i): model.layers[str(i)]
-                                     for i in stage_layers(stage, model.args.n_layers, n_stages)})
+        self.layers = nn.ModuleDict(
+            {str(i): model.layers[str(i)] for i in stage_layers(stage, model.args.n_layers, n_stages)}
+        )
         self.embed = model.embed if self.is_first else None
         self.norm = model.norm if self.is_last else None
         if self.is_last:
@@ -94,8 +98,9 @@ class StageModule(nn.Module):
         i = int(mb.reshape(-1)[0])
         batch = self._ctx.microbatches[i]
         tokens = batch["tokens"]
-        meta = self._attn_meta(tokens, batch.get("positions"), batch.get("doc_ids"),
-                               context=batch.get("context"))  # context parallelism (r1core.parallel.context)
+        meta = self._attn_meta(
+            tokens, batch.get("positions"), batch.get("doc_ids"), context=batch.get("context")
+        )  # context parallelism (r1core.parallel.context)
         h = self.embed(tokens) if self.is_first else x
         aux = None
         for block in self.layers.values():
@@ -120,13 +125,22 @@ def schedule_class(cfg: ParallelConfig):
     name = SCHEDULES[cfg.pp_schedule]
     cls = getattr(pipelining, name, None)
     if cls is None:
-        raise RuntimeError(f"pp_schedule={cfg.pp_schedule.value!r} needs torch.distributed.pipelining.{name}, "
-                           f"which torch {torch.__version__} does not have; choose another pp_schedule")
+        raise RuntimeError(
+            f"pp_schedule={cfg.pp_schedule.value!r} needs torch.distributed.pipelining.{name}, "
+            f"which torch {torch.__version__} does not have; choose another pp_schedule"
+        )
     return cls
 
 
-def build_schedule(stages: list[tuple[int, StageModule]], cfg: ParallelConfig, topo, n_microbatches: int,
-                   act_shape: tuple[int, ...], dtype: torch.dtype, loss_fn):
+def build_schedule(
+    stages: list[tuple[int, StageModule]],
+    cfg: ParallelConfig,
+    topo,
+    n_microbatches: int,
+    act_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    loss_fn,
+):
     """A schedule over this rank's stage modules for microbatches whose activations are `act_shape`."""
     from torch.distributed.pipelining import PipelineStage
 
@@ -136,8 +150,18 @@ def build_schedule(stages: list[tuple[int, StageModule]], cfg: ParallelConfig, t
     # requires_grad on the examples tells the stages that activations carry gradients both ways
     act = act.requires_grad_(loss_fn is not None)
     index = torch.zeros(1, 1, dtype=torch.long, device=device)
-    pipe_stages = [PipelineStage(mod, s, cfg.n_stages, device, input_args=index if s == 0 else act,
-                                 output_args=act, group=topo.pp_group) for s, mod in stages]
+    pipe_stages = [
+        PipelineStage(
+            mod,
+            s,
+            cfg.n_stages,
+            device,
+            input_args=index if s == 0 else act,
+            output_args=act,
+            group=topo.pp_group,
+        )
+        for s, mod in stages
+    ]
     if len(pipe_stages) == 1:
         return cls(pipe_stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
     return cls(pipe_stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
@@ -161,8 +185,10 @@ class StageRunner:
         if self.cfg.pp > 1 and len(shapes) > 1:
             raise ValueError(f"pipeline parallelism needs microbatches of one shape, got {sorted(shapes)}")
         if self.cfg.sequence_parallel and any(seq % self.cfg.tp for _, seq in shapes):
-            raise ValueError(f"sequence parallelism splits sequences over tp={self.cfg.tp} ranks: sequence lengths "
-                             f"{sorted({seq for _, seq in shapes})} must be multiples of it")
+            raise ValueError(
+                f"sequence parallelism splits sequences over tp={self.cfg.tp} ranks: sequence lengths "
+                f"{sorted({seq for _, seq in shapes})} must be multiples of it"
+            )
 
     def _act_shape(self, mbs: list[dict]) -> tuple[int, ...]:
         rows, seq = mbs[0]["tokens"].shape
@@ -172,8 +198,15 @@ class StageRunner:
         key = (len(mbs), self._act_shape(mbs), dtype, train)
         if key not in self._schedules:
             # schedules are cached across steps: they call the current step's loss_fn through the runner
-            self._schedules[key] = build_schedule(self.stages, self.cfg, self.topo, len(mbs), key[1], dtype,
-                                                  (lambda h, index: self._loss_fn(h, index)) if train else None)
+            self._schedules[key] = build_schedule(
+                self.stages,
+                self.cfg,
+                self.topo,
+                len(mbs),
+                key[1],
+                dtype,
+                (lambda h, index: self._loss_fn(h, index)) if train else None,
+            )
         return self._schedules[key]
 
     def train(self, mbs: list[dict], aux_weight: list[float], loss_fn, dtype) -> None:
@@ -183,7 +216,7 @@ class StageRunner:
         self._loss_fn = loss_fn
         index = torch.arange(len(mbs), device=self.topo.device).view(-1, 1)
         if self.cfg.pp == 1:
-            (_, stage), = self.stages
+            ((_, stage),) = self.stages
             for i in index:
                 loss_fn(stage(i, i), i).backward()
         else:
@@ -195,7 +228,7 @@ class StageRunner:
         self.ctx.microbatches, self.ctx.aux_weight, self.ctx.aux_total = mbs, [0.0] * len(mbs), None
         index = torch.arange(len(mbs), device=self.topo.device).view(-1, 1)
         if self.cfg.pp == 1:
-            (_, stage), = self.stages
+            ((_, stage),) = self.stages
             return [stage(i, i) for i in index]
         merged = self._schedule(mbs, dtype, train=False).eval(index, mb=index)
         if not self.is_last:

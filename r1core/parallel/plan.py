@@ -47,21 +47,21 @@ from r1core.model.args import ModelArgs
 
 from .config import ParallelConfig, PPSchedule, check_layout
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclass(frozen=True)
 class ParamCounts:
     embed: int
     head: int
-    attn: int           # one MLA layer, its norms included
-    dense_mlp: int      # one dense MLP
-    moe_shared: int     # one MoE layer without its routed experts: gate and shared experts
-    expert: int         # one routed expert
-    mtp_unique: int     # MTP modules without the embedding and head they share
-    total: int          # main model (the paper's 671B)
-    active: int         # per token (37B)
-    mtp: int            # MTP as the released checkpoint stores it, with its embedding and head copies (14B)
+    attn: int  # one MLA layer, its norms included
+    dense_mlp: int  # one dense MLP
+    moe_shared: int  # one MoE layer without its routed experts: gate and shared experts
+    expert: int  # one routed expert
+    mtp_unique: int  # MTP modules without the embedding and head they share
+    total: int  # main model (the paper's 671B)
+    active: int  # per token (37B)
+    mtp: int  # MTP as the released checkpoint stores it, with its embedding and head copies (14B)
 
 
 def param_counts(a: ModelArgs) -> ParamCounts:
@@ -70,8 +70,11 @@ def param_counts(a: ModelArgs) -> ParamCounts:
         q = D * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * H * a.qk_head_dim
     else:
         q = D * H * a.qk_head_dim
-    kv = D * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank + a.kv_lora_rank * H * (
-        a.qk_nope_head_dim + a.v_head_dim)
+    kv = (
+        D * (a.kv_lora_rank + a.qk_rope_head_dim)
+        + a.kv_lora_rank
+        + a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim)
+    )
     attn = q + kv + H * a.v_head_dim * D + 2 * D  # + attn_norm, ffn_norm
     expert = 3 * D * a.moe_inter_dim
     moe_shared = a.n_routed_experts * D + 3 * D * a.n_shared_experts * a.moe_inter_dim
@@ -82,10 +85,18 @@ def param_counts(a: ModelArgs) -> ParamCounts:
     total = embed + head + D + a.n_layers * attn + a.n_dense_layers * dense_mlp + a.n_moe_layers * moe
     active = total - a.n_moe_layers * (a.n_routed_experts - a.n_activated_experts) * expert
     mtp_unique = a.n_mtp_modules * (2 * D + 2 * D * D + attn + moe + D)  # enorm, hnorm, eh_proj, block, norm
-    return ParamCounts(embed=embed, head=head, attn=attn, dense_mlp=dense_mlp, moe_shared=moe_shared,
-                       expert=expert,
-                       mtp_unique=mtp_unique, total=total, active=active,
-                       mtp=mtp_unique + a.n_mtp_modules * (embed + embed))
+    return ParamCounts(
+        embed=embed,
+        head=head,
+        attn=attn,
+        dense_mlp=dense_mlp,
+        moe_shared=moe_shared,
+        expert=expert,
+        mtp_unique=mtp_unique,
+        total=total,
+        active=active,
+        mtp=mtp_unique + a.n_mtp_modules * (embed + embed),
+    )
 
 
 def flops_per_token(a: ModelArgs, seq: int) -> float:
@@ -106,19 +117,23 @@ def layer_activation_elems(a: ModelArgs, dense: bool, tp: int = 1, sp: bool = Fa
     """
     D, H = a.dim, a.n_heads
     rep = 1 / tp if sp else 1.0
-    mla = (2 * D * rep                                   # attn_norm input, its output (wq_a / wkv_a input)
-           + (2 * a.q_lora_rank if a.q_lora_rank else 0)  # q_norm input and output (wq_b input)
-           + 2 * a.kv_lora_rank                          # kv_norm input and output (wkv_b input)
-           + (2 * H * a.qk_head_dim + 2 * H * a.v_head_dim) / tp)  # q, k, v, attention output (wo input)
+    mla = (
+        2 * D * rep  # attn_norm input, its output (wq_a / wkv_a input)
+        + (2 * a.q_lora_rank if a.q_lora_rank else 0)  # q_norm input and output (wq_b input)
+        + 2 * a.kv_lora_rank  # kv_norm input and output (wkv_b input)
+        + (2 * H * a.qk_head_dim + 2 * H * a.v_head_dim) / tp
+    )  # q, k, v, attention output (wo input)
     if dense:
-        ffn = 2 * D * rep + 3 * a.inter_dim / tp        # ffn_norm in/out; w1, w3 outputs and w2 input
+        ffn = 2 * D * rep + 3 * a.inter_dim / tp  # ffn_norm in/out; w1, w3 outputs and w2 input
     else:
         k = a.n_activated_experts
-        ffn = (2 * D * rep                               # ffn_norm in/out (gate and dispatch input)
-               + a.n_routed_experts * 2 * rep            # router scores (fp32)
-               + 2 * k * D                               # permuted rows in, expert rows out (combine)
-               + 3 * k * a.moe_inter_dim / tp            # routed SwiGLU: w1, w3 outputs, w2 input
-               + 3 * a.n_shared_experts * a.moe_inter_dim / tp)
+        ffn = (
+            2 * D * rep  # ffn_norm in/out (gate and dispatch input)
+            + a.n_routed_experts * 2 * rep  # router scores (fp32)
+            + 2 * k * D  # permuted rows in, expert rows out (combine)
+            + 3 * k * a.moe_inter_dim / tp  # routed SwiGLU: w1, w3 outputs, w2 input
+            + 3 * a.n_shared_experts * a.moe_inter_dim / tp
+        )
     return mla + ffn
 
 
@@ -127,35 +142,48 @@ class Hardware:
     """Defaults: the DeepSeek-V3 cluster (H800, §3.1-3.2: IB 50 GB/s, NVLink ~160 GB/s achieved per GPU)."""
 
     gpus: int = 8
-    node_size: int = 8            # GPUs per node (NVLink domain)
+    node_size: int = 8  # GPUs per node (NVLink domain)
     gpu_mem_gib: float = 80.0
-    reserve_gib: float = 4.0      # CUDA context, NCCL buffers, allocator fragmentation
-    peak_tflops: float = 989.0    # dense bf16 (H100 / H800 SXM)
-    mfu: float = 0.40             # share of the peak the matmuls reach while computing
+    reserve_gib: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
+    peak_tflops: float = 989.0  # dense bf16 (H100 / H800 SXM)
+    mfu: float = 0.40  # share of the peak the matmuls reach while computing
     nvlink_gbps: float = 160.0
     ib_gbps: float = 50.0
-    overlap: float = 0.0          # share of EP, PP and DP traffic hidden behind compute
+    overlap: float = 0.0  # share of EP, PP and DP traffic hidden behind compute
 
     def __post_init__(self) -> None:
-        _check(self, unit=("mfu", "overlap"),
-               positive=("gpus", "node_size", "gpu_mem_gib", "peak_tflops", "mfu", "nvlink_gbps", "ib_gbps"))
+        _check(
+            self,
+            unit=("mfu", "overlap"),
+            positive=("gpus", "node_size", "gpu_mem_gib", "peak_tflops", "mfu", "nvlink_gbps", "ib_gbps"),
+        )
 
 
 @dataclass(kw_only=True)
 class Workload:
     seq_len: int = 4096
-    global_batch: int = 1024      # sequences per optimizer step
-    micro_batch: int = 1          # sequences per micro-batch on one rank
-    weight_bytes: int = 2         # bf16 weights and activations
+    global_batch: int = 1024  # sequences per optimizer step
+    micro_batch: int = 1  # sequences per micro-batch on one rank
+    weight_bytes: int = 2  # bf16 weights and activations
     grad_bytes: int = 2
-    master_weights: bool = True   # fp32 master weights and gradients (+8 B/param) and fp32 AdamW moments
-    shard_master: bool = False    # ZeRO-1 shards the masters too (megatron's distributed optimizer, DeepSeek)
-    moment_bytes: int = 4         # per AdamW moment with master weights (DeepSeek-V3 keeps them in BF16: 2)
-    dispatch_bytes: int = 2       # EP all-to-all element size (DeepSeek-V3 dispatches in FP8: 1)
+    master_weights: bool = True  # fp32 master weights and gradients (+8 B/param) and fp32 AdamW moments
+    shard_master: bool = False  # ZeRO-1 shards the masters too (megatron's distributed optimizer, DeepSeek)
+    moment_bytes: int = 4  # per AdamW moment with master weights (DeepSeek-V3 keeps them in BF16: 2)
+    dispatch_bytes: int = 2  # EP all-to-all element size (DeepSeek-V3 dispatches in FP8: 1)
 
     def __post_init__(self) -> None:
-        _check(self, positive=("seq_len", "global_batch", "micro_batch", "weight_bytes", "grad_bytes",
-                               "moment_bytes", "dispatch_bytes"))
+        _check(
+            self,
+            positive=(
+                "seq_len",
+                "global_batch",
+                "micro_batch",
+                "weight_bytes",
+                "grad_bytes",
+                "moment_bytes",
+                "dispatch_bytes",
+            ),
+        )
 
 
 def _check(obj, positive=(), unit=()) -> None:
@@ -169,11 +197,11 @@ def _check(obj, positive=(), unit=()) -> None:
 class Estimate:
     layout: ParallelConfig
     microbatches: int
-    runnable: str                 # "" when r1core's layout check accepts it, else why not
-    mem: dict = field(default_factory=dict)     # GiB on the fullest rank, by kind
-    time: dict = field(default_factory=dict)    # seconds per step, by kind
+    runnable: str  # "" when r1core's layout check accepts it, else why not
+    mem: dict = field(default_factory=dict)  # GiB on the fullest rank, by kind
+    time: dict = field(default_factory=dict)  # seconds per step, by kind
     comm_gb: dict = field(default_factory=dict)  # GB sent per GPU per step, by group
-    mfu: float = 0.0              # model FLOPs / (step time × GPUs × peak)
+    mfu: float = 0.0  # model FLOPs / (step time × GPUs × peak)
     fits: bool = False
 
     @property
@@ -186,13 +214,24 @@ class Estimate:
 
     def row(self) -> dict:
         c = self.layout
-        return {"tp": c.tp, "pp": c.pp, "ep": c.ep, "dp": c.dp,
-                "schedule": c.pp_schedule.value if c.pp > 1 else "-", "ac": c.activation_checkpointing,
-                "sp": c.sequence_parallel, "microbatches": self.microbatches,
-                "mem_gib": round(self.mem_total, 2), **{f"mem_{k}": round(v, 2) for k, v in self.mem.items()},
-                "step_s": round(self.step_s, 4), **{f"t_{k}": round(v, 4) for k, v in self.time.items()},
-                **{f"gb_{k}": round(v, 3) for k, v in self.comm_gb.items()}, "mfu": round(self.mfu, 4),
-                "fits": self.fits, "runnable": self.runnable or "yes"}
+        return {
+            "tp": c.tp,
+            "pp": c.pp,
+            "ep": c.ep,
+            "dp": c.dp,
+            "schedule": c.pp_schedule.value if c.pp > 1 else "-",
+            "ac": c.activation_checkpointing,
+            "sp": c.sequence_parallel,
+            "microbatches": self.microbatches,
+            "mem_gib": round(self.mem_total, 2),
+            **{f"mem_{k}": round(v, 2) for k, v in self.mem.items()},
+            "step_s": round(self.step_s, 4),
+            **{f"t_{k}": round(v, 4) for k, v in self.time.items()},
+            **{f"gb_{k}": round(v, 3) for k, v in self.comm_gb.items()},
+            "mfu": round(self.mfu, 4),
+            "fits": self.fits,
+            "runnable": self.runnable or "yes",
+        }
 
 
 def stage_layer_ranges(n_layers: int, n_stages: int) -> list[range]:
@@ -284,17 +323,22 @@ def estimate(a: ModelArgs, cfg: ParallelConfig, hw: Hardware, wl: Workload) -> E
         opt_bytes = 2 * wl.moment_bytes if wl.master_weights else 2 * wb
         shard = (dense / dp + expert / max(dp // ep, 1)) if cfg.zero1 else params
         master = (shard if wl.shard_master else params) * 8 if wl.master_weights else 0.0
-        mem = {"weights": params * wb, "grads": params * wl.grad_bytes, "master": master,
-               "optimizer": shard * opt_bytes}
-        per_layer = ([layer_activation_elems(a, True, tp, sp)] * n_dense
-                     + [layer_activation_elems(a, False, tp, sp)] * n_moe)
+        mem = {
+            "weights": params * wb,
+            "grads": params * wl.grad_bytes,
+            "master": master,
+            "optimizer": shard * opt_bytes,
+        }
+        per_layer = [layer_activation_elems(a, True, tp, sp)] * n_dense + [
+            layer_activation_elems(a, False, tp, sp)
+        ] * n_moe
         if ac:
             act = (len(per_layer) * a.dim / (tp if sp else 1) + max(per_layer, default=0)) * tokens * wb
         else:
             act = sum(per_layer) * tokens * wb
         mem["activations"] = act * in_flight(cfg, m, rank)
         if cfg.n_stages - 1 in rank_stage_ids(rank, cfg):  # fused loss: one logits chunk, the head's gradient
-            mem["loss"] = min(768 * 2 ** 20, tokens * a.vocab_size / tp * wb) + c.head / tp * wb
+            mem["loss"] = min(768 * 2**20, tokens * a.vocab_size / tp * wb) + c.head / tp * wb
         mem = {k: v / GIB for k, v in mem.items()}
         if best is None or sum(mem.values()) > sum(best[0].values()):
             best = (mem, n_dense + n_moe, n_moe, params, dense, expert)
@@ -307,8 +351,19 @@ def estimate(a: ModelArgs, cfg: ParallelConfig, hw: Hardware, wl: Workload) -> E
     act_bytes = tokens * a.dim * wb
     gb = {}
     gb["tp"] = n_layers_rank * m * (6 if ac else 4) * 2 * (tp - 1) / tp * act_bytes / 1e9
-    gb["ep"] = n_moe_rank * m * (6 if ac else 4) * (ep - 1) / ep * tokens / (tp if sp else 1) \
-        * a.n_activated_experts * a.dim * wl.dispatch_bytes / 1e9
+    gb["ep"] = (
+        n_moe_rank
+        * m
+        * (6 if ac else 4)
+        * (ep - 1)
+        / ep
+        * tokens
+        / (tp if sp else 1)
+        * a.n_activated_experts
+        * a.dim
+        * wl.dispatch_bytes
+        / 1e9
+    )
     gb["pp"] = (2 * m * cfg.stages_per_rank * act_bytes / (tp if sp else 1) / 1e9) if pp > 1 else 0.0
     edp = max(dp // ep, 1)
     gb["dp"] = (2 * (dp - 1) / dp * dense + 2 * (edp - 1) / edp * expert) * wl.grad_bytes / 1e9
@@ -316,11 +371,14 @@ def estimate(a: ModelArgs, cfg: ParallelConfig, hw: Hardware, wl: Workload) -> E
     if tp * ep > hw.node_size:  # the share of a rank's EP peers outside its node goes over InfiniBand
         off = 1 - (hw.node_size / tp) / ep
         t_ep = gb["ep"] * (off / hw.ib_gbps + (1 - off) / hw.nvlink_gbps)
-    time = {"compute": compute, "bubble": bubble_units(cfg) * fwd_mb,
-            "tp": gb["tp"] / _bandwidth(hw, tp),
-            "ep": (1 - hw.overlap) * t_ep,
-            "pp": (1 - hw.overlap) * gb["pp"] / _bandwidth(hw, tp * dp * pp),
-            "dp": (1 - hw.overlap) * gb["dp"] / _bandwidth(hw, tp * dp)}
+    time = {
+        "compute": compute,
+        "bubble": bubble_units(cfg) * fwd_mb,
+        "tp": gb["tp"] / _bandwidth(hw, tp),
+        "ep": (1 - hw.overlap) * t_ep,
+        "pp": (1 - hw.overlap) * gb["pp"] / _bandwidth(hw, tp * dp * pp),
+        "dp": (1 - hw.overlap) * gb["dp"] / _bandwidth(hw, tp * dp),
+    }
     est = Estimate(layout=cfg, microbatches=m, runnable=runnable, mem=mem, time=time, comm_gb=gb)
     est.mfu = flops / (est.step_s * hw.gpus * hw.peak_tflops * 1e12)
     est.fits = est.mem_total <= hw.gpu_mem_gib
@@ -347,8 +405,16 @@ def enumerate_layouts(a: ModelArgs, hw: Hardware, wl: Workload, fixed: dict | No
             for ep, sched, ac in itertools.product(_divisors(dp), schedules, (False, True)):
                 if a.n_routed_experts % ep:
                     continue
-                cfg = ParallelConfig(tp=tp, pp=pp, ep=ep, dp=dp, pp_schedule=sched, microbatches=m,
-                                     sequence_parallel=tp > 1, activation_checkpointing=ac)
+                cfg = ParallelConfig(
+                    tp=tp,
+                    pp=pp,
+                    ep=ep,
+                    dp=dp,
+                    pp_schedule=sched,
+                    microbatches=m,
+                    sequence_parallel=tp > 1,
+                    activation_checkpointing=ac,
+                )
                 if sched != PPSchedule.one_f_one_b and cfg.n_stages > a.n_layers:
                     continue
                 if m < {PPSchedule.one_f_one_b: pp, PPSchedule.dualpipev: 2 * pp}.get(sched, pp) and pp > 1:
@@ -368,8 +434,9 @@ def plan(a: ModelArgs, hw: Hardware, wl: Workload, fixed: dict | None = None) ->
     return sorted(ests, key=lambda e: (not e.fits, e.step_s if e.fits else e.mem_total))
 
 
-def deepseek_v3_mfu(gpu_hours: float = 2.788e6, tokens: float = 14.8e12, seq: int = 4096,
-                    peak_tflops: float = 989.0) -> float:
+def deepseek_v3_mfu(
+    gpu_hours: float = 2.788e6, tokens: float = 14.8e12, seq: int = 4096, peak_tflops: float = 989.0
+) -> float:
     """MFU the DeepSeek-V3 report's GPU-hours imply: model FLOPs of 14.8T tokens / (H800 hours × bf16 peak).
 
     2.788M H800 hours cover pre-training (2.664M), context extension (119K) and post-training (5K);
@@ -432,10 +499,12 @@ def parse_settings(argv: list[str]) -> tuple[str, Hardware, Workload, dict, dict
 
 
 def format_table(ests: list[Estimate]) -> str:
-    head = (f"{'tp':>3} {'pp':>3} {'ep':>4} {'dp':>5} {'schedule':>11} {'ac':>3} {'mb':>5} | {'GiB':>6} "
-            f"{'wgt':>5} {'grad':>5} {'mast':>5} {'opt':>5} {'act':>6} | {'step s':>8} {'comp':>7} "
-            f"{'bubl':>6} "
-            f"{'tp':>6} {'ep':>6} {'pp':>6} {'dp':>6} | {'MFU':>5} runs in r1core")
+    head = (
+        f"{'tp':>3} {'pp':>3} {'ep':>4} {'dp':>5} {'schedule':>11} {'ac':>3} {'mb':>5} | {'GiB':>6} "
+        f"{'wgt':>5} {'grad':>5} {'mast':>5} {'opt':>5} {'act':>6} | {'step s':>8} {'comp':>7} "
+        f"{'bubl':>6} "
+        f"{'tp':>6} {'ep':>6} {'pp':>6} {'dp':>6} | {'MFU':>5} runs in r1core"
+    )
     lines = [head, "-" * len(head)]
     for e in ests:
         c, m, t = e.layout, e.mem, e.time
@@ -446,7 +515,8 @@ def format_table(ests: list[Estimate]) -> str:
             f"{m['weights']:>5.1f} {m['grads']:>5.1f} {m['master']:>5.1f} "
             f"{m['optimizer']:>5.1f} {m['activations']:>6.1f} | {e.step_s:>8.3f} {t['compute']:>7.3f} "
             f"{t['bubble']:>6.3f} {t['tp']:>6.3f} {t['ep']:>6.3f} {t['pp']:>6.3f} {t['dp']:>6.3f} | "
-            f"{100 * e.mfu:>4.1f}% {'yes' if not e.runnable else 'no: ' + e.runnable.split(';')[0][:48]}")
+            f"{100 * e.mfu:>4.1f}% {'yes' if not e.runnable else 'no: ' + e.runnable.split(';')[0][:48]}"
+        )
     return "\n".join(lines)
 
 
@@ -472,14 +542,26 @@ def main(argv: list[str]) -> list[Estimate]:
         ests = [e for e in ests if not e.runnable]
     fit = [e for e in ests if e.fits]
     c = param_counts(args)
-    print(f"{preset}: {c.total / 1e9:.1f}B parameters, {c.active / 1e9:.1f}B active, MTP {c.mtp / 1e9:.1f}B; "
-          f"{hw.gpus} GPUs of {hw.gpu_mem_gib:g} GiB, {wl.global_batch} x {wl.seq_len} tokens per step, "
-          f"{flops_per_token(args, wl.seq_len) / 1e9:.1f} GFLOP/token")
+    print(
+        f"{preset}: {c.total / 1e9:.1f}B parameters, {c.active / 1e9:.1f}B active, MTP {c.mtp / 1e9:.1f}B; "
+        f"{hw.gpus} GPUs of {hw.gpu_mem_gib:g} GiB, {wl.global_batch} x {wl.seq_len} tokens per step, "
+        f"{flops_per_token(args, wl.seq_len) / 1e9:.1f} GFLOP/token"
+    )
     order = "fastest first:" if fit else "none fits; least memory first:"
     print(f"{len(ests)} layouts, {len(fit)} fit; {order}")
-    shown = (fit or ests)[:opts["top"]]
+    shown = (fit or ests)[: opts["top"]]
     print(format_table(shown))
-    print(json.dumps({"model": preset, "hardware": dataclasses.asdict(hw), "workload": dataclasses.asdict(wl),
-                      "fixed": fixed, "n_layouts": len(ests), "n_fit": len(fit),
-                      "layouts": [e.row() for e in shown]}))
+    print(
+        json.dumps(
+            {
+                "model": preset,
+                "hardware": dataclasses.asdict(hw),
+                "workload": dataclasses.asdict(wl),
+                "fixed": fixed,
+                "n_layouts": len(ests),
+                "n_fit": len(fit),
+                "layouts": [e.row() for e in shown],
+            }
+        )
+    )
     return ests

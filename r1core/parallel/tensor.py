@@ -90,7 +90,9 @@ def _parallel_block(block: Block, topo: Topology, sp: bool) -> None:
         if block.ffn.shared_experts is not None:
             _parallel_mlp(block.ffn.shared_experts, group, rank, n, sp=False)
         if sp:
-            _region(block.ffn, lambda x: comm.gather_seq_replicated(x, group), lambda y: comm.split_seq(y, group))
+            _region(
+                block.ffn, lambda x: comm.gather_seq_replicated(x, group), lambda y: comm.split_seq(y, group)
+            )
     else:
         _parallel_mlp(block.ffn, group, rank, n, sp)
 
@@ -100,9 +102,12 @@ def _vocab_parallel_embedding(embed: nn.Embedding, topo: Topology) -> nn.Module:
     from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
 
     w = embed.weight
-    config = ModelParallelConfig(use_cpu_initialization=True, perform_initialization=False, params_dtype=w.dtype)
-    vpe = VocabParallelEmbedding(w.shape[0], w.shape[1], init_method=nn.init.zeros_, config=config,
-                                 tp_group=topo.tp_group)
+    config = ModelParallelConfig(
+        use_cpu_initialization=True, perform_initialization=False, params_dtype=w.dtype
+    )
+    vpe = VocabParallelEmbedding(
+        w.shape[0], w.shape[1], init_method=nn.init.zeros_, config=config, tp_group=topo.tp_group
+    )
     vpe.weight = nn.Parameter(_shard(w, 0, topo.rank_in("tp"), topo.tp), requires_grad=w.requires_grad)
     return vpe
 
@@ -120,7 +125,9 @@ def apply_tensor_parallel(model: Transformer, topo: Topology, sequence_parallel:
         _shard_linear_(model.head, 0, rank, n)
     if sequence_parallel and "0" in model.layers:
         # The residual stream leaves the embedding whole (it all-reduces) and is split entering layer 0.
-        model.layers["0"].register_forward_pre_hook(lambda m, args: (comm.split_seq(args[0], group), *args[1:]))
+        model.layers["0"].register_forward_pre_hook(
+            lambda m, args: (comm.split_seq(args[0], group), *args[1:])
+        )
 
 
 def tp_layouts(model: Transformer, sequence_parallel: bool) -> dict[str, ParamLayout]:

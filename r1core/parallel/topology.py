@@ -23,28 +23,36 @@ def megatron_kwargs(cfg: ParallelConfig) -> dict:
     as well (expert_tensor_parallel_size = tp), so EP groups stay inside the cp x dp dimensions.
     Virtual pipeline stages are ours (torch.distributed.pipelining), not megatron's.
     """
-    return dict(tensor_model_parallel_size=cfg.tp, pipeline_model_parallel_size=cfg.pp,
-                expert_model_parallel_size=cfg.ep, expert_tensor_parallel_size=cfg.tp,
-                context_parallel_size=cfg.cp, order="tp-cp-ep-dp-pp", create_gloo_process_groups=False)
+    return dict(
+        tensor_model_parallel_size=cfg.tp,
+        pipeline_model_parallel_size=cfg.pp,
+        expert_model_parallel_size=cfg.ep,
+        expert_tensor_parallel_size=cfg.tp,
+        context_parallel_size=cfg.cp,
+        order="tp-cp-ep-dp-pp",
+        create_gloo_process_groups=False,
+    )
 
 
 @dataclass
 class Topology:
-    cfg: ParallelConfig            # dp resolved
+    cfg: ParallelConfig  # dp resolved
     rank: int
     world_size: int
     device: torch.device
     tp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup
     ep_group: dist.ProcessGroup
-    dp_group: dist.ProcessGroup    # ranks with the same model shard that read different batches (EP included)
-    cp_group: dist.ProcessGroup    # ranks holding pieces of the same sequences (r1core.parallel.context)
-    dp_cp_group: dist.ProcessGroup # dp x cp: replicas of one dense shard that see different tokens
-    edp_group: dist.ProcessGroup   # replicas of one expert shard (cp * dp / ep of them)
-    tp_dp_group: dist.ProcessGroup # tp x dp x cp: replicas of TP-replicated parameters
-    ep_tp_group: dist.ProcessGroup # ep x tp: the ranks that split one copy of the routed experts
-    embed_group: dist.ProcessGroup | None  # first and last pipeline stage (embedding shared with MTP / tied head)
-    pp_ranks: list[int]            # global ranks of this rank's pipeline, by stage rank
+    dp_group: dist.ProcessGroup  # ranks with the same model shard that read different batches (EP included)
+    cp_group: dist.ProcessGroup  # ranks holding pieces of the same sequences (r1core.parallel.context)
+    dp_cp_group: dist.ProcessGroup  # dp x cp: replicas of one dense shard that see different tokens
+    edp_group: dist.ProcessGroup  # replicas of one expert shard (cp * dp / ep of them)
+    tp_dp_group: dist.ProcessGroup  # tp x dp x cp: replicas of TP-replicated parameters
+    ep_tp_group: dist.ProcessGroup  # ep x tp: the ranks that split one copy of the routed experts
+    embed_group: (
+        dist.ProcessGroup | None
+    )  # first and last pipeline stage (embedding shared with MTP / tied head)
+    pp_ranks: list[int]  # global ranks of this rank's pipeline, by stage rank
 
     @property
     def tp(self) -> int:
@@ -84,13 +92,19 @@ def init_topology(cfg: ParallelConfig, device: torch.device) -> Topology:
     pp_group = ps.get_pipeline_model_parallel_group()
     embed = ps.get_embedding_group() if cfg.pp > 1 else None
     return Topology(
-        cfg=cfg, rank=dist.get_rank(), world_size=dist.get_world_size(), device=device,
-        tp_group=ps.get_tensor_model_parallel_group(), pp_group=pp_group,
-        ep_group=ps.get_expert_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
+        cfg=cfg,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        device=device,
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=pp_group,
+        ep_group=ps.get_expert_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
         cp_group=ps.get_context_parallel_group(),
         dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         edp_group=ps.get_expert_data_parallel_group(),
         tp_dp_group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True),
         ep_tp_group=ps.get_expert_tensor_and_model_parallel_group(),
-        embed_group=embed, pp_ranks=dist.get_process_group_ranks(pp_group),
+        embed_group=embed,
+        pp_ranks=dist.get_process_group_ranks(pp_group),
     )

@@ -23,15 +23,23 @@ from r1core.rl.rewarding import Scorer
 GENERAL_TASK = "general"
 
 
-def all_scenario_problems(reasoning: list[Problem], general_path: str, seed: int, general_share: float = 0.25):
+def all_scenario_problems(
+    reasoning: list[Problem], general_path: str, seed: int, general_share: float = 0.25
+):
     """Reasoning problems interleaved with general prompts at `general_share`."""
     general = []
     with open(general_path) as f:
         for line in f:
             if line.strip():
                 r = json.loads(line)
-                general.append(Problem(prompt=r["prompt"], answer=r.get("answer", ""), task=GENERAL_TASK,
-                                       meta={"reference": r.get("reference", "")}))
+                general.append(
+                    Problem(
+                        prompt=r["prompt"],
+                        answer=r.get("answer", ""),
+                        task=GENERAL_TASK,
+                        meta={"reference": r.get("reference", "")},
+                    )
+                )
     if not general:
         return reasoning
     n_general = max(1, int(len(reasoning) * general_share / (1 - general_share)))

@@ -29,59 +29,76 @@ from r1core.train.engine import OptimConfig
 
 
 class StageKind(str, enum.Enum):
-    prepare = "prepare"                        # tokenizer + token shards + eval/RL problem sets
-    pretrain = "pretrain"                      # next-token (+ MTP) training on the shards
-    load = "load"                              # start from released HF / FP8 weights instead
-    cold_start_sft = "cold_start_sft"          # long-CoT SFT in the <think> format
-    reasoning_rl = "reasoning_rl"              # GRPO with rule rewards
+    prepare = "prepare"  # tokenizer + token shards + eval/RL problem sets
+    pretrain = "pretrain"  # next-token (+ MTP) training on the shards
+    load = "load"  # start from released HF / FP8 weights instead
+    cold_start_sft = "cold_start_sft"  # long-CoT SFT in the <think> format
+    reasoning_rl = "reasoning_rl"  # GRPO with rule rewards
     rejection_sampling = "rejection_sampling"  # k samples/prompt, filtered, deduped, mixed -> JSONL
-    sft = "sft"                                # SFT on a dataset (rejection sampling's by default)
-    all_scenario_rl = "all_scenario_rl"        # GRPO: rule rewards + the reward-model hook
-    distill = "distill"                        # SFT a small dense student on teacher samples
-    eval = "eval"                              # pass@1 over k samples and cons@k
-    long_context = "long_context"              # continued pretraining at a longer length under YaRN
-    passkey_eval = "passkey_eval"              # passkey retrieval accuracy over a depth x length grid
+    sft = "sft"  # SFT on a dataset (rejection sampling's by default)
+    all_scenario_rl = "all_scenario_rl"  # GRPO: rule rewards + the reward-model hook
+    distill = "distill"  # SFT a small dense student on teacher samples
+    eval = "eval"  # pass@1 over k samples and cons@k
+    long_context = "long_context"  # continued pretraining at a longer length under YaRN
+    passkey_eval = "passkey_eval"  # passkey retrieval accuracy over a depth x length grid
 
 
-MODEL_STAGES = {StageKind.pretrain, StageKind.load, StageKind.cold_start_sft, StageKind.reasoning_rl,
-                StageKind.sft, StageKind.all_scenario_rl, StageKind.distill, StageKind.long_context}
+MODEL_STAGES = {
+    StageKind.pretrain,
+    StageKind.load,
+    StageKind.cold_start_sft,
+    StageKind.reasoning_rl,
+    StageKind.sft,
+    StageKind.all_scenario_rl,
+    StageKind.distill,
+    StageKind.long_context,
+}
 
 
 @dataclass(kw_only=True)
 class StageSpec:
-    name: str                       # unique within the pipeline; the stage's directory name
-    kind: StageKind                 # what the stage does
-    init: str = "previous"   # model to start from: "previous" model stage, a stage name, or "scratch"
-    dataset: str = ""        # stage whose dataset this stage trains on ("" = its kind's default)
+    name: str  # unique within the pipeline; the stage's directory name
+    kind: StageKind  # what the stage does
+    init: str = "previous"  # model to start from: "previous" model stage, a stage name, or "scratch"
+    dataset: str = ""  # stage whose dataset this stage trains on ("" = its kind's default)
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted job keys, e.g. {"rl.steps": 20}
-    baseline: str = ""       # eval / passkey_eval stages: an earlier one of the same kind the report compares this one with (besides the first)
+    baseline: str = ""  # eval / passkey_eval stages: an earlier one of the same kind the report compares this one with (besides the first)
 
 
 @dataclass(kw_only=True)
 class PipelineConfig:
-    name: str = MISSING             # the pipeline's name (the run directory's prefix)
-    stages: list[StageSpec] = MISSING # stages in order
+    name: str = MISSING  # the pipeline's name (the run directory's prefix)
+    stages: list[StageSpec] = MISSING  # stages in order
+
+
 @dataclass(kw_only=True)
 class DataConfig:
-    tokenizer: str = ""            # tokenizer.json (or its folder); "" trains a BPE on the corpus
-    vocab_size: int = 512          # for a trained tokenizer
-    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])  # built-in: arithmetic, equations, countdown
+    tokenizer: str = ""  # tokenizer.json (or its folder); "" trains a BPE on the corpus
+    vocab_size: int = 512  # for a trained tokenizer
+    tasks: list[str] = field(
+        default_factory=lambda: ["arithmetic"]
+    )  # built-in: arithmetic, equations, countdown
     task_kwargs: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {"arithmetic": {"digits": 2, "ops": "+-"}})  # per-task generator settings
-    corpus_docs: int = 40000       # built-in pretraining corpus (worked solutions + prose)
-    prose_fraction: float = 0.1     # built-in corpus: share of plain-English paragraphs
-    answer_noise: float = 0.0      # built-in corpus: share of worked solutions whose final answer is corrupted
-    direct_fraction: float = 0.0   # built-in corpus: share of problems answered at once, with an empty think block
-    direct_noise: float = 0.0      # built-in corpus: share of those direct answers that are near misses
-    passkey_fraction: float = 0.0  # share of pretraining / long_context rows that are passkey retrieval documents
+        default_factory=lambda: {"arithmetic": {"digits": 2, "ops": "+-"}}
+    )  # per-task generator settings
+    corpus_docs: int = 40000  # built-in pretraining corpus (worked solutions + prose)
+    prose_fraction: float = 0.1  # built-in corpus: share of plain-English paragraphs
+    answer_noise: float = 0.0  # built-in corpus: share of worked solutions whose final answer is corrupted
+    direct_fraction: float = (
+        0.0  # built-in corpus: share of problems answered at once, with an empty think block
+    )
+    direct_noise: float = 0.0  # built-in corpus: share of those direct answers that are near misses
+    passkey_fraction: float = (
+        0.0  # share of pretraining / long_context rows that are passkey retrieval documents
+    )
     pretrain_files: list[str] = field(default_factory=list)  # text / JSONL: replaces the built-in corpus
-    cold_start_jsonl: str = ""     # long-CoT SFT data; "" = generated worked solutions
-    cold_start_examples: int = 2000 # built-in cold-start set size (without data.cold_start_jsonl)
-    rl_prompts_jsonl: str = ""     # RL problems; "" = built-in tasks
+    cold_start_jsonl: str = ""  # long-CoT SFT data; "" = generated worked solutions
+    cold_start_examples: int = 2000  # built-in cold-start set size (without data.cold_start_jsonl)
+    rl_prompts_jsonl: str = ""  # RL problems; "" = built-in tasks
     general_prompts_jsonl: str = ""  # all-scenario RL prompts for the reward model
-    eval_jsonl: str = ""           # held-out problems; "" = built-in test split
-    eval_problems: int = 200        # held-out problems kept from data.eval_jsonl or the built-in test split
-    strict: bool = False           # fail at the first bad line of any data file instead of skipping it
+    eval_jsonl: str = ""  # held-out problems; "" = built-in test split
+    eval_problems: int = 200  # held-out problems kept from data.eval_jsonl or the built-in test split
+    strict: bool = False  # fail at the first bad line of any data file instead of skipping it
     max_bad_fraction: float = 0.05  # a data file with a larger share of bad lines fails the pre-flight
 
 
@@ -89,34 +106,37 @@ class DataConfig:
 class Filters:
     """Which sampled responses a stage keeps (rejection sampling, the distillation teacher's samples)."""
 
-    require_correct: bool = True    # keep only samples the accuracy checker accepts
-    require_finished: bool = True   # keep only samples that stopped before max_new_tokens (not truncated)
-    require_format: bool = True     # keep only samples in the <think>...</think> format
-    language: str = "en"            # target language of the language-consistency filter
-    min_language_share: float = 0.0 # least share of target-language words (0: no language filter)
-    max_ngram_repeats: int = 0      # a repetition loop: some 4-gram occurs more often than this (0: off)
-    dedupe: bool = True             # drop duplicate responses to the same prompt
+    require_correct: bool = True  # keep only samples the accuracy checker accepts
+    require_finished: bool = True  # keep only samples that stopped before max_new_tokens (not truncated)
+    require_format: bool = True  # keep only samples in the <think>...</think> format
+    language: str = "en"  # target language of the language-consistency filter
+    min_language_share: float = 0.0  # least share of target-language words (0: no language filter)
+    max_ngram_repeats: int = 0  # a repetition loop: some 4-gram occurs more often than this (0: off)
+    dedupe: bool = True  # drop duplicate responses to the same prompt
 
 
 @dataclass(kw_only=True)
 class RejectionConfig:
-    prompts: int = 256              # RL prompts sampled from
-    samples_per_prompt: int = 4     # samples drawn for each prompt
+    prompts: int = 256  # RL prompts sampled from
+    samples_per_prompt: int = 4  # samples drawn for each prompt
     sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=64))
+        default_factory=lambda: SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=64)
+    )
     filters: Filters = field(default_factory=lambda: Filters(min_language_share=0.9, max_ngram_repeats=4))
     non_reasoning_ratio: float = 0.25  # share of non-reasoning examples in the written dataset
-    non_reasoning_jsonl: str = ""      # "" = built-in short prose Q/A
+    non_reasoning_jsonl: str = ""  # "" = built-in short prose Q/A
 
 
 @dataclass(kw_only=True)
 class DistillConfig:
     student: ModelArgs = field(  # the dense student; its vocab_size follows the teacher's
-        default_factory=lambda: presets["tiny"].replace(n_dense_layers=4, n_mtp_modules=0))
-    prompts: int = 512              # teacher prompts
-    samples_per_prompt: int = 2     # teacher samples per prompt
+        default_factory=lambda: presets["tiny"].replace(n_dense_layers=4, n_mtp_modules=0)
+    )
+    prompts: int = 512  # teacher prompts
+    samples_per_prompt: int = 2  # teacher samples per prompt
     sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=64))
+        default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=64)
+    )
     filters: Filters = field(default_factory=lambda: Filters(require_format=False))  # teacher samples kept
 
 
@@ -124,10 +144,14 @@ class DistillConfig:
 class PasskeyConfig:
     """The passkey_eval stage's grid (run by r1core.pipeline.long_context)."""
 
-    lengths: list[int] = field(default_factory=list)  # document lengths in tokens; [] = 1, 2, 4 x the model's original context
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depths (0: first, 1: last)
-    per_cell: int = 20              # documents per (length, depth)
-    batch_size: int = 8             # documents per forward pass
+    lengths: list[int] = field(
+        default_factory=list
+    )  # document lengths in tokens; [] = 1, 2, 4 x the model's original context
+    depths: list[float] = field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0]
+    )  # needle depths (0: first, 1: last)
+    per_cell: int = 20  # documents per (length, depth)
+    batch_size: int = 8  # documents per forward pass
 
     def __post_init__(self) -> None:
         if any(n < 1 for n in self.lengths) or not self.depths or self.per_cell < 1 or self.batch_size < 1:
@@ -139,11 +163,13 @@ class PasskeyConfig:
 @dataclass(kw_only=True)
 class JobConfig:
     run_dir: str = "runs/default"  # manifest, stages and report (the CLI sets it to Hydra's run directory)
-    seed: int = 0                   # seeds data order, initialization, sampling
-    device: str = "auto"           # auto: cuda when present
-    dtype: str = "auto"            # auto: bf16 on cuda, fp32 on cpu
-    hf_checkpoint: str = ""        # HF DeepSeek-V3/V2 directory to start from: sets model.*, the tokenizer; pretrain -> load
-    require_boxed: bool = True     # R1's rule for RL rewards, eval, sample filters: \boxed{} after </think>
+    seed: int = 0  # seeds data order, initialization, sampling
+    device: str = "auto"  # auto: cuda when present
+    dtype: str = "auto"  # auto: bf16 on cuda, fp32 on cpu
+    hf_checkpoint: str = (
+        ""  # HF DeepSeek-V3/V2 directory to start from: sets model.*, the tokenizer; pretrain -> load
+    )
+    require_boxed: bool = True  # R1's rule for RL rewards, eval, sample filters: \boxed{} after </think>
     model: ModelArgs = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -156,8 +182,11 @@ class JobConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     # one YaRN phase of context extension (its YaRN settings: the stage's model.* overrides)
-    long_context: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(
-        steps=50, seq_len=384, batch_size=8, micro_batch_size=8, lr=1e-3, save_every=25))
+    long_context: LMTrainConfig = field(
+        default_factory=lambda: LMTrainConfig(
+            steps=50, seq_len=384, batch_size=8, micro_batch_size=8, lr=1e-3, save_every=25
+        )
+    )
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
     pipeline: PipelineConfig = MISSING
 
@@ -190,8 +219,10 @@ def check_known_keys(cfg: DictConfig, schema: type = None, prefix: str = "") -> 
                 sub = next(iter(node.keys()))
                 where, node = f"{where}.{sub}", node._get_node(sub)
             section = repr(prefix.rstrip(".")) if prefix else "the job"
-            raise ConfigError(f"unknown setting {where!r}: {section} has no key {key!r} (a leading '+' does not "
-                              "create settings; docs/config.md and `r1core run --cfg job` list them)")
+            raise ConfigError(
+                f"unknown setting {where!r}: {section} has no key {key!r} (a leading '+' does not "
+                "create settings; docs/config.md and `r1core run --cfg job` list them)"
+            )
         if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
             check_known_keys(node, OmegaConf.get_type(node), where + ".")
         elif isinstance(node, ListConfig) and not node._is_none() and not node._is_missing():
@@ -240,8 +271,10 @@ def apply_hf_checkpoint(cfg: DictConfig) -> None:
         cfg.model = args.replace(**{k: user[k] for k in TRAINING_ONLY - {"init_std"}})
         if not cfg.data.tokenizer:
             if not (path / "tokenizer.json").is_file():
-                raise ConfigError(f"hf_checkpoint={str(path)!r} has no tokenizer.json: set "
-                                  "data.tokenizer=<its tokenizer.json or folder>")
+                raise ConfigError(
+                    f"hf_checkpoint={str(path)!r} has no tokenizer.json: set "
+                    "data.tokenizer=<its tokenizer.json or folder>"
+                )
             cfg.data.tokenizer = str(path)
         for st in cfg.pipeline.stages:
             if st.kind == StageKind.pretrain:
@@ -296,12 +329,17 @@ def config_hash(job: JobConfig, stage: StageSpec) -> str:
     """What a finished stage's output depends on, so a rerun with a changed config redoes it."""
     full = OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
     settings = {k: full[k] for k in STAGE_SECTIONS[stage.kind]}
-    blob = json.dumps({"job": settings,
-                       "stage": OmegaConf.to_container(OmegaConf.structured(stage))}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"job": settings, "stage": OmegaConf.to_container(OmegaConf.structured(stage))},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> list[tuple[StageSpec, JobConfig]]:
+def validate_pipeline(
+    base: DictConfig, job: JobConfig, world_size: int = 1
+) -> list[tuple[StageSpec, JobConfig]]:
     """Every stage resolved and checked: names, references, datasets, layouts. One clear error, before any work."""
     from r1core.parallel.config import check_layout
 
@@ -321,12 +359,16 @@ def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> 
             raise ConfigError(f"pipeline {job.pipeline.name!r}: stage name {st.name!r} appears twice")
         evals = (StageKind.eval, StageKind.passkey_eval)
         if st.baseline and (st.kind not in evals or seen.get(st.baseline, st).kind != st.kind):
-            raise ConfigError(f"stage {st.name!r}: baseline={st.baseline!r} must name an earlier stage of its kind, "
-                              "and only eval and passkey_eval stages take one")
+            raise ConfigError(
+                f"stage {st.name!r}: baseline={st.baseline!r} must name an earlier stage of its kind, "
+                "and only eval and passkey_eval stages take one"
+            )
         for ref, what in ((st.init, "init"), (st.dataset, "dataset")):
             if ref not in ("", "previous", "scratch") and ref not in seen:
-                raise ConfigError(f"stage {st.name!r}: {what}={ref!r} names no earlier stage "
-                                  f"(earlier: {', '.join(seen) or 'none'})")
+                raise ConfigError(
+                    f"stage {st.name!r}: {what}={ref!r} names no earlier stage "
+                    f"(earlier: {', '.join(seen) or 'none'})"
+                )
         sj = stage_job(base, st)
         _check_files(sj, st, base_paths)
         try:
@@ -338,27 +380,37 @@ def validate_pipeline(base: DictConfig, job: JobConfig, world_size: int = 1) -> 
             try:
                 check_layout(student, sj.parallel, world_size)
             except ValueError as e:
-                raise ConfigError(f"stage {st.name!r}: the student (distill.student) does not fit the parallel "
-                                  f"layout: {e}") from None
+                raise ConfigError(
+                    f"stage {st.name!r}: the student (distill.student) does not fit the parallel layout: {e}"
+                ) from None
         if st.kind == StageKind.long_context and sj.long_context.seq_len > sj.model.max_seq_len:
-            raise ConfigError(f"stage {st.name!r}: long_context.seq_len={sj.long_context.seq_len} exceeds the "
-                              f"model's context (model.max_seq_len={sj.model.max_seq_len}): set the stage's YaRN "
-                              "settings (model.rope_factor, model.original_seq_len, model.max_seq_len)")
+            raise ConfigError(
+                f"stage {st.name!r}: long_context.seq_len={sj.long_context.seq_len} exceeds the "
+                f"model's context (model.max_seq_len={sj.model.max_seq_len}): set the stage's YaRN "
+                "settings (model.rope_factor, model.original_seq_len, model.max_seq_len)"
+            )
         if st.kind == StageKind.load and not sj.hf_checkpoint:
             raise ConfigError(f"stage {st.name!r} loads released weights: set hf_checkpoint=<HF directory>")
         seen[st.name] = st
         resolved.append((st, sj))
     if not any(s.kind == StageKind.prepare for s in stages):
-        raise ConfigError(f"pipeline {job.pipeline.name!r} has no prepare stage (it makes the tokenizer and data)")
+        raise ConfigError(
+            f"pipeline {job.pipeline.name!r} has no prepare stage (it makes the tokenizer and data)"
+        )
     return resolved
 
 
 def _job_paths(job: JobConfig) -> dict[str, str]:
     d = job.data
-    paths = {"data.tokenizer": d.tokenizer, "data.cold_start_jsonl": d.cold_start_jsonl,
-             "data.rl_prompts_jsonl": d.rl_prompts_jsonl, "data.general_prompts_jsonl": d.general_prompts_jsonl,
-             "data.eval_jsonl": d.eval_jsonl, "rejection.non_reasoning_jsonl": job.rejection.non_reasoning_jsonl,
-             "hf_checkpoint": job.hf_checkpoint}
+    paths = {
+        "data.tokenizer": d.tokenizer,
+        "data.cold_start_jsonl": d.cold_start_jsonl,
+        "data.rl_prompts_jsonl": d.rl_prompts_jsonl,
+        "data.general_prompts_jsonl": d.general_prompts_jsonl,
+        "data.eval_jsonl": d.eval_jsonl,
+        "rejection.non_reasoning_jsonl": job.rejection.non_reasoning_jsonl,
+        "hf_checkpoint": job.hf_checkpoint,
+    }
     paths.update({f"data.pretrain_files[{i}]": p for i, p in enumerate(d.pretrain_files)})
     return {k: p for k, p in paths.items() if p}
 

@@ -24,9 +24,9 @@ class StageContext:
     spec: StageSpec
     job: JobConfig
     stage_dir: Path
-    init_model: str | None          # HF directory to start from (None: fresh weights)
-    dataset: str | None             # a dataset produced by an earlier stage
-    prepared: dict                  # the prepare stage's outputs
+    init_model: str | None  # HF directory to start from (None: fresh weights)
+    dataset: str | None  # a dataset produced by an earlier stage
+    prepared: dict  # the prepare stage's outputs
     device: torch.device
     dtype: torch.dtype
     is_main: bool = True
@@ -47,12 +47,15 @@ def make_engine(ctx: StageContext, steps: int, lr: float, model_args=None, init:
 
     args = model_args or ctx.job.model
     if init and ctx.init_model and ctx.spec.kind != StageKind.long_context:
-        from .long_context import rope_of  # the starting model's context, which a long_context stage may have extended
+        from .long_context import (
+            rope_of,
+        )  # the starting model's context, which a long_context stage may have extended
 
         args = args.replace(**rope_of(ctx.init_model))
     optim = dataclasses.replace(ctx.job.optim, lr=lr, total_steps=max(steps, 1))
-    engine = build_engine(args, ctx.job.parallel, optim, device=ctx.device, dtype=ctx.dtype,
-                          seed=ctx.job.seed)
+    engine = build_engine(
+        args, ctx.job.parallel, optim, device=ctx.device, dtype=ctx.dtype, seed=ctx.job.seed
+    )
     if init and ctx.init_model:
         engine.load_hf(ctx.init_model)
     return engine
@@ -71,7 +74,8 @@ def prompt_renderer(tok: Tokenizer, fmt: ChatFormat) -> Callable[[Problem], list
     return lambda problem: tok.encode(fmt.render_prompt(problem.prompt))
 
 
-def rollout_len(render: Callable[[Problem], list[int]], problems: Sequence[Problem],
-                max_new_tokens: int) -> int:
+def rollout_len(
+    render: Callable[[Problem], list[int]], problems: Sequence[Problem], max_new_tokens: int
+) -> int:
     """The sequence length a rollout engine needs for these prompts and responses (8 tokens of slack)."""
     return max(len(render(p)) for p in problems) + max_new_tokens + 8

@@ -29,8 +29,16 @@ import torch
 PASSKEY_SEED_OFFSET = 7919
 
 
-ROPE_FIELDS = ("max_seq_len", "original_seq_len", "rope_theta", "rope_factor", "beta_fast", "beta_slow", "mscale",
-               "mscale_all_dim")
+ROPE_FIELDS = (
+    "max_seq_len",
+    "original_seq_len",
+    "rope_theta",
+    "rope_factor",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+)
 
 
 def rope_of(model_dir: str | Path) -> dict:
@@ -48,8 +56,11 @@ def original_context(args) -> int:
 
 def rope_summary(args) -> dict:
     """The rotary settings a manifest records for a model stage."""
-    return {"max_seq_len": args.max_seq_len, "original_seq_len": original_context(args),
-            "rope_factor": args.rope_factor if args.uses_yarn else 1.0}
+    return {
+        "max_seq_len": args.max_seq_len,
+        "original_seq_len": original_context(args),
+        "rope_factor": args.rope_factor if args.uses_yarn else 1.0,
+    }
 
 
 @torch.no_grad()
@@ -61,7 +72,7 @@ def passkey_correct(model, docs, batch_size: int) -> list[float]:
     device = next(model.parameters()).device
     out: list[float] = []
     for i in range(0, len(docs), batch_size):
-        batch = docs[i: i + batch_size]
+        batch = docs[i : i + batch_size]
         width = max(len(d.tokens) for d in batch)
         x = torch.zeros(len(batch), width, dtype=torch.long)
         for j, d in enumerate(batch):  # right-padding: causal attention never reads it
@@ -69,7 +80,7 @@ def passkey_correct(model, docs, batch_size: int) -> list[float]:
         pred = model(x.to(device)).argmax(-1).cpu()  # [B, T]: the token predicted after each position
         for j, d in enumerate(batch):
             s, n = d.answer_start, d.answer_len
-            out.append(float(torch.equal(pred[j, s - 1: s - 1 + n], x[j, s: s + n])))
+            out.append(float(torch.equal(pred[j, s - 1 : s - 1 + n], x[j, s : s + n])))
     return out
 
 
@@ -86,8 +97,10 @@ def passkey_table(docs, correct: list[float]) -> dict:
         e = bootstrap_mean(values, resamples=200)
         return {"accuracy": e.mean, "se": e.se, "n": e.n}
 
-    return {"cells": [{"length": n, "depth": depth, **est(v)} for (n, depth), v in cells.items()],
-            "by_length": {str(n): est(v) for n, v in lengths.items()}}
+    return {
+        "cells": [{"length": n, "depth": depth, **est(v)} for (n, depth), v in cells.items()],
+        "by_length": {str(n): est(v) for n, v in lengths.items()},
+    }
 
 
 def heatmap(path: Path, table: dict, title: str) -> None:
@@ -106,7 +119,9 @@ def heatmap(path: Path, table: dict, title: str) -> None:
     fig, ax = plt.subplots(figsize=(1.3 * len(lengths) + 2, 0.6 * len(depths) + 1.6))
     im = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for (i, j), text in notes.items():
-        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if grid[i, j] < 0.6 else "black")
+        ax.text(
+            j, i, text, ha="center", va="center", fontsize=7, color="white" if grid[i, j] < 0.6 else "black"
+        )
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
     ax.set_xlabel("document length (tokens)")
@@ -135,13 +150,23 @@ def stage_passkey_eval(ctx):
     docs = passkey_grid(tok, lengths, cfg.depths, cfg.per_cell, seed=ctx.job.seed + PASSKEY_SEED_OFFSET)
     correct = passkey_correct(model, docs, cfg.batch_size)
     table = passkey_table(docs, correct)
-    record = {"model": ctx.init_model, **rope_summary(model.args), "lengths": lengths, "depths": cfg.depths,
-              **table, "per_problem": correct}
+    record = {
+        "model": ctx.init_model,
+        **rope_summary(model.args),
+        "lengths": lengths,
+        "depths": cfg.depths,
+        **table,
+        "per_problem": correct,
+    }
     path = ctx.stage_dir / "passkey.json"
     if ctx.is_main:
         atomic_write_json(path, record)
-        heatmap(ctx.stage_dir / "passkey.png", table, f"{ctx.spec.name}: passkey retrieval "
-                f"(context {rope_summary(model.args)['original_seq_len']}, YaRN x{record['rope_factor']:g})")
+        heatmap(
+            ctx.stage_dir / "passkey.png",
+            table,
+            f"{ctx.spec.name}: passkey retrieval "
+            f"(context {rope_summary(model.args)['original_seq_len']}, YaRN x{record['rope_factor']:g})",
+        )
     metrics = {"model": ctx.init_model, "rope_factor": record["rope_factor"]}
     for n, e in table["by_length"].items():
         metrics[f"passkey@{n}"] = e["accuracy"]
@@ -150,6 +175,7 @@ def stage_passkey_eval(ctx):
 
 
 # ---------------------------------------------------------------------------- report
+
 
 def passkey_section(run_dir: Path, manifest, resolved) -> list[str]:
     """The report's passkey tables (accuracy ± standard error per length) and paired comparisons
@@ -167,25 +193,45 @@ def passkey_section(run_dir: Path, manifest, resolved) -> list[str]:
     if not stages:
         return []
     lengths = sorted({int(n) for _, r in stages for n in r["by_length"]})
-    lines = ["## Passkey retrieval (depth x length)", "",
-             "Share of documents whose hidden key the model predicts digit for digit (greedy), ± standard error "
-             "over documents; every passkey stage reads the same documents.", "",
-             "| stage | model context | YaRN factor | " + " | ".join(f"{n} tokens" for n in lengths) + " | heatmap |",
-             "| --- | --- | --- |" + " --- |" * (len(lengths) + 1)]
+    lines = [
+        "## Passkey retrieval (depth x length)",
+        "",
+        "Share of documents whose hidden key the model predicts digit for digit (greedy), ± standard error "
+        "over documents; every passkey stage reads the same documents.",
+        "",
+        "| stage | model context | YaRN factor | "
+        + " | ".join(f"{n} tokens" for n in lengths)
+        + " | heatmap |",
+        "| --- | --- | --- |" + " --- |" * (len(lengths) + 1),
+    ]
     for spec, r in stages:
         cells = [_acc(r["by_length"].get(str(n))) for n in lengths]
         png = Path(manifest.stage(spec.name)["outputs"].get("heatmap", ""))
-        link = f"![{spec.name}]({png.relative_to(run_dir)})" if png.is_file() and png.is_relative_to(run_dir) else ""
-        lines.append(f"| {spec.name} | {r['original_seq_len']} | {r['rope_factor']:g} | " + " | ".join(cells)
-                     + f" | {link} |")
+        link = (
+            f"![{spec.name}]({png.relative_to(run_dir)})"
+            if png.is_file() and png.is_relative_to(run_dir)
+            else ""
+        )
+        lines.append(
+            f"| {spec.name} | {r['original_seq_len']} | {r['rope_factor']:g} | "
+            + " | ".join(cells)
+            + f" | {link} |"
+        )
     rows = _passkey_comparisons(stages, paired_difference)
     if rows:
-        lines += ["", "Paired differences in retrieval accuracy (same documents); \"above\" or \"below\" only when "
-                  "the 95 % interval excludes zero.", "",
-                  "| stage | against | length | difference | standard error | interval | verdict |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['model']} | {r['against']} | {r['length']} | {r['diff']:+.3f} | {r['se']:.3f} | "
-                  f"[{r['lo']:+.3f}, {r['hi']:+.3f}] | **{r['verdict']}** |" for r in rows]
+        lines += [
+            "",
+            'Paired differences in retrieval accuracy (same documents); "above" or "below" only when '
+            "the 95 % interval excludes zero.",
+            "",
+            "| stage | against | length | difference | standard error | interval | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['model']} | {r['against']} | {r['length']} | {r['diff']:+.3f} | {r['se']:.3f} | "
+            f"[{r['lo']:+.3f}, {r['hi']:+.3f}] | **{r['verdict']}** |"
+            for r in rows
+        ]
     return lines + [""]
 
 
@@ -199,7 +245,7 @@ def per_length(record: dict) -> dict[int, list[float]]:
     n_depths = len(record["depths"])
     per = len(record["per_problem"]) // max(len(record["lengths"]) * n_depths, 1)
     for i, n in enumerate(record["lengths"]):
-        out[int(n)] = record["per_problem"][i * n_depths * per: (i + 1) * n_depths * per]
+        out[int(n)] = record["per_problem"][i * n_depths * per : (i + 1) * n_depths * per]
     return out
 
 
@@ -216,6 +262,16 @@ def _passkey_comparisons(stages, paired_difference) -> list[dict]:
                 if len(a[n]) != len(b[n]):
                     continue
                 e = paired_difference(a[n], b[n])
-                out.append({"model": spec.name, "against": against, "length": n, "diff": e.mean, "se": e.se,
-                            "lo": e.lo, "hi": e.hi, "verdict": e.verdict()})
+                out.append(
+                    {
+                        "model": spec.name,
+                        "against": against,
+                        "length": n,
+                        "diff": e.mean,
+                        "se": e.se,
+                        "lo": e.lo,
+                        "hi": e.hi,
+                        "verdict": e.verdict(),
+                    }
+                )
     return out

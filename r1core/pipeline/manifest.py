@@ -29,11 +29,15 @@ class Manifest:
             try:
                 self.data = json.loads(self.path.read_text())
             except json.JSONDecodeError as e:
-                raise RuntimeError(f"run manifest {self.path} is not valid JSON ({e}); it is only ever written "
-                                   "atomically, so it was edited by hand: fix or delete it") from None
+                raise RuntimeError(
+                    f"run manifest {self.path} is not valid JSON ({e}); it is only ever written "
+                    "atomically, so it was edited by hand: fix or delete it"
+                ) from None
             if self.data.get("pipeline") != pipeline:
-                raise RuntimeError(f"{self.path} belongs to pipeline {self.data.get('pipeline')!r}, not {pipeline!r}: "
-                                   "use another run_dir")
+                raise RuntimeError(
+                    f"{self.path} belongs to pipeline {self.data.get('pipeline')!r}, not {pipeline!r}: "
+                    "use another run_dir"
+                )
 
     def stage(self, name: str) -> dict:
         return self.data["stages"].get(name, {})
@@ -42,7 +46,9 @@ class Manifest:
         st = self.stage(name)
         if st.get("status") != "done" or st.get("config_hash") != config_hash:
             return False
-        return all(Path(p).exists() for p in st.get("outputs", {}).values() if isinstance(p, str) and "/" in p)
+        return all(
+            Path(p).exists() for p in st.get("outputs", {}).values() if isinstance(p, str) and "/" in p
+        )
 
     def start(self, name: str, config_hash: str, last_activity: float | None = None) -> None:
         """A new attempt. `last_activity`: when the stage last wrote progress, which closes an earlier attempt
@@ -54,10 +60,14 @@ class Manifest:
         if resumed and killed_at is not None and last_activity is not None:
             seconds += max(0.0, last_activity - killed_at)
         now = time.time()
-        self.data["stages"][name] = {"status": "running", "config_hash": config_hash,
-                                     "started": prev.get("started") if resumed else now,
-                                     "attempts": prev.get("attempts", 0) + 1 if resumed else 1,
-                                     "seconds": round(seconds, 2), "attempt_started": now}
+        self.data["stages"][name] = {
+            "status": "running",
+            "config_hash": config_hash,
+            "started": prev.get("started") if resumed else now,
+            "attempts": prev.get("attempts", 0) + 1 if resumed else 1,
+            "seconds": round(seconds, 2),
+            "attempt_started": now,
+        }
         self.save()
 
     def _end_attempt(self, name: str, seconds: float) -> dict:
@@ -67,7 +77,9 @@ class Manifest:
         return st
 
     def finish(self, name: str, outputs: dict, metrics: dict, seconds: float) -> None:
-        self._end_attempt(name, seconds).update(status="done", outputs=outputs, metrics=metrics, finished=time.time())
+        self._end_attempt(name, seconds).update(
+            status="done", outputs=outputs, metrics=metrics, finished=time.time()
+        )
         self.save()
 
     def fail(self, name: str, error: str, seconds: float) -> None:

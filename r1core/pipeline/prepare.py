@@ -14,8 +14,16 @@ import re
 from itertools import chain
 from pathlib import Path
 
-from r1core.data import (ChatFormat, Problem, Tokenizer, builtin_paragraphs, generate, load_problems_jsonl,
-                         prepare_shards, worked_solution)
+from r1core.data import (
+    ChatFormat,
+    Problem,
+    Tokenizer,
+    builtin_paragraphs,
+    generate,
+    load_problems_jsonl,
+    prepare_shards,
+    worked_solution,
+)
 from r1core.data.corpus import builtin_corpus
 from r1core.data.jsonl import SkipStats, iter_records, require_object
 from r1core.data.preflight import DataFile, parse_general_prompt, preflight
@@ -26,15 +34,23 @@ log = logging.getLogger(__name__)
 
 
 def problems_to_jsonl(path: Path, problems: list[Problem]) -> None:
-    lines = [json.dumps({"prompt": p.prompt, "answer": p.answer, "task": p.task, "meta": p.meta}) for p in problems]
+    lines = [
+        json.dumps({"prompt": p.prompt, "answer": p.answer, "task": p.task, "meta": p.meta}) for p in problems
+    ]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _parse_prepared(obj) -> Problem:
     """A line written by problems_to_jsonl (it carries "meta"), or any record load_problems_jsonl accepts."""
     obj = require_object(obj)
-    if isinstance(obj.get("meta"), dict) and isinstance(obj.get("task"), str) and isinstance(obj.get("prompt"), str):
-        return Problem(prompt=obj["prompt"], answer=str(obj.get("answer", "")), task=obj["task"], meta=obj["meta"])
+    if (
+        isinstance(obj.get("meta"), dict)
+        and isinstance(obj.get("task"), str)
+        and isinstance(obj.get("prompt"), str)
+    ):
+        return Problem(
+            prompt=obj["prompt"], answer=str(obj.get("answer", "")), task=obj["task"], meta=obj["meta"]
+        )
     return parse_problem_record(obj)
 
 
@@ -47,13 +63,17 @@ def read_problems(path: str | Path) -> list[Problem]:
 def data_files(job) -> list[DataFile]:
     """Every user data file the job names, with the parser the stage reading it uses."""
     d = job.data
-    pretrain = [] if job.hf_checkpoint else d.pretrain_files  # with a checkpoint to start from, nothing pretrains
+    pretrain = (
+        [] if job.hf_checkpoint else d.pretrain_files
+    )  # with a checkpoint to start from, nothing pretrains
     files = [DataFile(f"data.pretrain_files[{i}]", p, "text") for i, p in enumerate(pretrain)]
-    for key, path, kind in (("data.cold_start_jsonl", d.cold_start_jsonl, "sft"),
-                            ("data.rl_prompts_jsonl", d.rl_prompts_jsonl, "problems"),
-                            ("data.general_prompts_jsonl", d.general_prompts_jsonl, "general"),
-                            ("data.eval_jsonl", d.eval_jsonl, "problems"),
-                            ("rejection.non_reasoning_jsonl", job.rejection.non_reasoning_jsonl, "sft")):
+    for key, path, kind in (
+        ("data.cold_start_jsonl", d.cold_start_jsonl, "sft"),
+        ("data.rl_prompts_jsonl", d.rl_prompts_jsonl, "problems"),
+        ("data.general_prompts_jsonl", d.general_prompts_jsonl, "general"),
+        ("data.eval_jsonl", d.eval_jsonl, "problems"),
+        ("rejection.non_reasoning_jsonl", job.rejection.non_reasoning_jsonl, "sft"),
+    ):
         if path:
             files.append(DataFile(key, path, kind))
     return files
@@ -67,7 +87,9 @@ def preflight_data(job) -> None:
 def _task_problems(data, n: int, split: str, seed: int) -> list[Problem]:
     """n problems spread evenly over data.tasks, interleaved."""
     per = [n // len(data.tasks) + (i < n % len(data.tasks)) for i in range(len(data.tasks))]
-    groups = [generate(t, k, seed=seed, split=split, **data.task_kwargs.get(t, {})) for t, k in zip(data.tasks, per)]
+    groups = [
+        generate(t, k, seed=seed, split=split, **data.task_kwargs.get(t, {})) for t, k in zip(data.tasks, per)
+    ]
     return [g[i] for i in range(max(per)) for g in groups if i < len(g)]
 
 
@@ -114,8 +136,10 @@ def run_prepare(job, stage_dir: Path, skipped: dict[str, int] | None = None) -> 
     if d.cold_start_jsonl:
         _write_sft(cold, load_sft_jsonl(d.cold_start_jsonl, stats["data.cold_start_jsonl"]))
     else:
-        rows = [{"prompt": p.prompt, "response": worked_solution(p)}
-                for p in _task_problems(d, d.cold_start_examples, "train", seed + 3)]
+        rows = [
+            {"prompt": p.prompt, "response": worked_solution(p)}
+            for p in _task_problems(d, d.cold_start_examples, "train", seed + 3)
+        ]
         atomic_write_text(cold, "\n".join(json.dumps(r) for r in rows) + "\n")
     outputs["cold_start"] = str(cold)
     outputs["general_prompts"] = str(_general_prompts(d, stage_dir, stats.get("data.general_prompts_jsonl")))
@@ -131,8 +155,10 @@ def _shards(job, stage_dir: Path, tok: Tokenizer, fmt: ChatFormat, stats: dict) 
     if d.pretrain_files:
         from r1core.data.shards import iter_documents
 
-        docs = chain.from_iterable(iter_documents([p], stats=stats[f"data.pretrain_files[{i}]"])
-                                   for i, p in enumerate(d.pretrain_files))
+        docs = chain.from_iterable(
+            iter_documents([p], stats=stats[f"data.pretrain_files[{i}]"])
+            for i, p in enumerate(d.pretrain_files)
+        )
     else:
         docs = _builtin_docs(job, fmt)
     shards = stage_dir / "shards"
@@ -148,7 +174,9 @@ def _write_sft(path: Path, examples) -> None:
 
 def _builtin_docs(job, fmt: ChatFormat):
     d = job.data
-    mix = tuple((t, (1 - d.prose_fraction) / len(d.tasks), (dict(d.task_kwargs.get(t, {})),)) for t in d.tasks)
+    mix = tuple(
+        (t, (1 - d.prose_fraction) / len(d.tasks), (dict(d.task_kwargs.get(t, {})),)) for t in d.tasks
+    )
     mix = mix + (("text", d.prose_fraction, ({},)),)
     paragraphs = set(builtin_paragraphs())
     rng = random.Random(f"answer-noise/{job.seed}")
@@ -205,8 +233,12 @@ def corrupt_answer(solution: str, rng: random.Random) -> str:
 
 
 GENERAL_PROMPTS = (
-    "Say something about the river.", "Describe the old lighthouse.", "Write one sentence about bread.",
-    "Tell me about the morning market.", "What do you know about the library?", "Describe a quiet evening.",
+    "Say something about the river.",
+    "Describe the old lighthouse.",
+    "Write one sentence about bread.",
+    "Tell me about the morning market.",
+    "What do you know about the library?",
+    "Describe a quiet evening.",
 )
 
 
@@ -217,7 +249,9 @@ def _general_prompts(d, stage_dir: Path, stats: SkipStats | None = None) -> Path
         rows = [row for _, row in iter_records(d.general_prompts_jsonl, parse_general_prompt, stats)]
         atomic_write_text(path, "\n".join(json.dumps(r) for r in rows) + "\n")
     else:
-        atomic_write_text(path, "\n".join(json.dumps({"prompt": p, "answer": ""}) for p in GENERAL_PROMPTS) + "\n")
+        atomic_write_text(
+            path, "\n".join(json.dumps({"prompt": p, "answer": ""}) for p in GENERAL_PROMPTS) + "\n"
+        )
     return path
 
 

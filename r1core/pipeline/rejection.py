@@ -28,10 +28,12 @@ def max_ngram_repeats(ids: list[int], n: int = 4) -> int:
     """How often the most frequent n-gram occurs: a loop shows up as a large count."""
     if len(ids) < n:
         return 0
-    return max(Counter(tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)).values())
+    return max(Counter(tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)).values())
 
 
-def rejection_reason(sample, problem, full_response: str, scorer: Scorer, f: Filters) -> tuple[str | None, dict]:
+def rejection_reason(
+    sample, problem, full_response: str, scorer: Scorer, f: Filters
+) -> tuple[str | None, dict]:
     """None when the sample is kept, else the first failed check; plus the reward values."""
     _, values = scorer.score(sample.response_text, problem)
     if f.require_finished and sample.finish_reason != "stop":
@@ -50,8 +52,9 @@ def rejection_reason(sample, problem, full_response: str, scorer: Scorer, f: Fil
     return None, values
 
 
-def sample_and_filter(ctx: StageContext, model_dir: str, problems, k: int, sampling: SamplingParams,
-                      filters: Filters):
+def sample_and_filter(
+    ctx: StageContext, model_dir: str, problems, k: int, sampling: SamplingParams, filters: Filters
+):
     """(kept rows with provenance, stats) from k samples per problem of the model in `model_dir`."""
     from r1core.checkpoint.hf import from_pretrained
 
@@ -72,12 +75,27 @@ def sample_and_filter(ctx: StageContext, model_dir: str, problems, k: int, sampl
         reasons[why or "kept"] += 1
         if why is None:
             seen.add((problem.prompt, s.response_text.strip()))
-            rows.append({"prompt": problem.prompt, "response": full, "source": ctx.spec.name,
-                         "provenance": {"model": model_dir, "stage": ctx.spec.name, "seed": sampling.seed,
-                                        "prompt_index": s.prompt_index, "sample_index": s.sample_index,
-                                        "task": problem.task, "rewards": values}})
-    stats = {"generated": len(samples), "kept": len(rows), **{f"rejected/{k_}": v for k_, v in reasons.items()
-                                                              if k_ != "kept"}}
+            rows.append(
+                {
+                    "prompt": problem.prompt,
+                    "response": full,
+                    "source": ctx.spec.name,
+                    "provenance": {
+                        "model": model_dir,
+                        "stage": ctx.spec.name,
+                        "seed": sampling.seed,
+                        "prompt_index": s.prompt_index,
+                        "sample_index": s.sample_index,
+                        "task": problem.task,
+                        "rewards": values,
+                    },
+                }
+            )
+    stats = {
+        "generated": len(samples),
+        "kept": len(rows),
+        **{f"rejected/{k_}": v for k_, v in reasons.items() if k_ != "kept"},
+    }
     return rows, stats
 
 
@@ -86,17 +104,27 @@ def run_rejection_sampling(ctx: StageContext):
     problems = read_problems(ctx.prepared["rl_prompts"])
     problems = random.Random(ctx.job.seed + 11).sample(problems, min(cfg.prompts, len(problems)))
     sampling = cfg.sampling.params(seed=ctx.job.seed + 12)
-    rows, stats = sample_and_filter(ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling,
-                                    cfg.filters)
+    rows, stats = sample_and_filter(
+        ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling, cfg.filters
+    )
     if not rows:
-        raise RuntimeError(f"rejection sampling kept no sample ({stats}): the model is too weak for the filters")
+        raise RuntimeError(
+            f"rejection sampling kept no sample ({stats}): the model is too weak for the filters"
+        )
     extra = []
     if cfg.non_reasoning_ratio > 0:
         pool = load_sft_jsonl(ctx.prepared["non_reasoning"])
         n = round(len(rows) * cfg.non_reasoning_ratio / (1 - cfg.non_reasoning_ratio))
         rng = random.Random(ctx.job.seed + 13)
-        extra = [{"prompt": e.prompt, "response": e.response, "source": "non_reasoning",
-                  "provenance": {"file": ctx.prepared["non_reasoning"]}} for e in (rng.choice(pool) for _ in range(n))]
+        extra = [
+            {
+                "prompt": e.prompt,
+                "response": e.response,
+                "source": "non_reasoning",
+                "provenance": {"file": ctx.prepared["non_reasoning"]},
+            }
+            for e in (rng.choice(pool) for _ in range(n))
+        ]
     dataset = rows + extra
     random.Random(ctx.job.seed + 14).shuffle(dataset)
     path = ctx.stage_dir / "dataset.jsonl"
@@ -112,10 +140,15 @@ def teacher_dataset(ctx: StageContext) -> tuple[list[SFTExample], dict]:
     problems = random.Random(ctx.job.seed + 21).sample(problems, min(cfg.prompts, len(problems)))
     sampling = cfg.sampling.params(seed=ctx.job.seed + 22)
     # under torchrun rank 0 samples and the student's ranks get its rows
-    rows, stats = run_on_rank0(sample_and_filter, ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling,
-                               cfg.filters)
+    rows, stats = run_on_rank0(
+        sample_and_filter, ctx, ctx.init_model, problems, cfg.samples_per_prompt, sampling, cfg.filters
+    )
     if not rows:
         raise RuntimeError(f"the teacher produced no usable sample for distillation ({stats})")
     if ctx.is_main:
-        atomic_write_text(ctx.stage_dir / "teacher_samples.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
-    return [SFTExample(r["prompt"], r["response"]) for r in rows], {f"teacher/{k}": v for k, v in stats.items()}
+        atomic_write_text(
+            ctx.stage_dir / "teacher_samples.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n"
+        )
+    return [SFTExample(r["prompt"], r["response"]) for r in rows], {
+        f"teacher/{k}": v for k, v in stats.items()
+    }

@@ -20,8 +20,15 @@ from r1core.parallel import init_distributed
 from r1core.parallel.comm import broadcast_from_rank0
 from r1core.train.metrics import forget_progress
 
-from .config import (MODEL_STAGES, ConfigError, StageKind, config_hash, resolve_job_config, to_job,
-                     validate_pipeline)
+from .config import (
+    MODEL_STAGES,
+    ConfigError,
+    StageKind,
+    config_hash,
+    resolve_job_config,
+    to_job,
+    validate_pipeline,
+)
 from .manifest import Manifest
 from .report import write_report
 from .stages import STAGES, StageContext
@@ -44,14 +51,25 @@ def _user_errors() -> tuple[type, ...]:
 
     return (CheckpointError, DataError, ConfigError)
 
+
 # Stages that only read a model and write files run on rank 0; the others wait for it.
-RANK0_STAGES = {StageKind.prepare, StageKind.eval, StageKind.rejection_sampling, StageKind.load,
-                StageKind.passkey_eval}
+RANK0_STAGES = {
+    StageKind.prepare,
+    StageKind.eval,
+    StageKind.rejection_sampling,
+    StageKind.load,
+    StageKind.passkey_eval,
+}
 
 
 def _dtype(job, device: torch.device) -> torch.dtype:
-    names = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    names = {
+        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
     if job.dtype not in names:
         raise ConfigError(f"dtype={job.dtype!r}: choose one of {sorted(names)}")
     return names[job.dtype]
@@ -118,15 +136,18 @@ def run_pipeline(cfg: DictConfig) -> Path:
             if rank == 0:
                 log.info("%s: done earlier, skipped", header)
         else:
-            outputs = _run_stage(spec, sj, run_dir, manifest, chain, prepared, last_model, device, dtype, rank, world,
-                                 header)
+            outputs = _run_stage(
+                spec, sj, run_dir, manifest, chain, prepared, last_model, device, dtype, rank, world, header
+            )
         if spec.kind == StageKind.prepare:
             prepared = outputs
         if spec.kind in MODEL_STAGES and "model" in outputs:
             last_model = outputs["model"]
     if rank == 0:
         report = write_report(run_dir, Manifest(run_dir, job.pipeline.name), resolved, job)
-        log.info("pipeline %s finished in %.0f s; report: %s", job.pipeline.name, time.time() - t_start, report)
+        log.info(
+            "pipeline %s finished in %.0f s; report: %s", job.pipeline.name, time.time() - t_start, report
+        )
     if world > 1:
         dist.barrier()
     return run_dir
@@ -142,22 +163,45 @@ def _set_aside_stale(stage_dir: Path, recorded_hash: str | None, chain: str) -> 
     while dest.exists():
         dest, n = stage_dir.with_name(f"{stage_dir.name}.stale-{recorded_hash or 'unrecorded'}-{n}"), n + 1
     stage_dir.rename(dest)
-    log.info("stage %s: its config changed since %s was written; that directory was moved to %s",
-             stage_dir.name, stage_dir, dest)
+    log.info(
+        "stage %s: its config changed since %s was written; that directory was moved to %s",
+        stage_dir.name,
+        stage_dir,
+        dest,
+    )
 
 
-def _run_stage(spec, sj, run_dir, manifest, chain, prepared, last_model, device, dtype, rank, world, header) -> dict:
-    ctx = StageContext(spec=spec, job=sj, stage_dir=run_dir / "stages" / spec.name,
-                       init_model=_resolve_init(spec, last_model, manifest),
-                       dataset=manifest.output(spec.dataset, "dataset") if spec.dataset else None,
-                       prepared=prepared, device=device, dtype=dtype, is_main=rank == 0)
+def _run_stage(
+    spec, sj, run_dir, manifest, chain, prepared, last_model, device, dtype, rank, world, header
+) -> dict:
+    ctx = StageContext(
+        spec=spec,
+        job=sj,
+        stage_dir=run_dir / "stages" / spec.name,
+        init_model=_resolve_init(spec, last_model, manifest),
+        dataset=manifest.output(spec.dataset, "dataset") if spec.dataset else None,
+        prepared=prepared,
+        device=device,
+        dtype=dtype,
+        is_main=rank == 0,
+    )
     if rank == 0:
         _set_aside_stale(ctx.stage_dir, manifest.stage(spec.name).get("config_hash"), chain)
     if world > 1:
         dist.barrier()
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-    if spec.kind in (StageKind.pretrain, StageKind.cold_start_sft, StageKind.sft, StageKind.reasoning_rl,
-                     StageKind.all_scenario_rl, StageKind.distill) and spec.init == "scratch":
+    if (
+        spec.kind
+        in (
+            StageKind.pretrain,
+            StageKind.cold_start_sft,
+            StageKind.sft,
+            StageKind.reasoning_rl,
+            StageKind.all_scenario_rl,
+            StageKind.distill,
+        )
+        and spec.init == "scratch"
+    ):
         ctx.init_model = None
     only_rank0 = spec.kind in RANK0_STAGES
     if rank == 0:
@@ -175,8 +219,10 @@ def _run_stage(spec, sj, run_dir, manifest, chain, prepared, last_model, device,
     except KeyboardInterrupt:
         if rank == 0:
             manifest.fail(spec.name, "interrupted", time.time() - t0)
-        raise StageInterrupted(f"interrupted in stage {spec.name} at step {_step_reached(ctx.stage_dir)}; "
-                               "rerun the same command to resume") from None
+        raise StageInterrupted(
+            f"interrupted in stage {spec.name} at step {_step_reached(ctx.stage_dir)}; "
+            "rerun the same command to resume"
+        ) from None
     except BaseException as e:
         if rank == 0:
             manifest.fail(spec.name, f"{type(e).__name__}: {e}", time.time() - t0)

@@ -31,6 +31,7 @@ def _export(ctx: StageContext, engine) -> dict:
 
 # ---------------------------------------------------------------------------- stages
 
+
 def stage_prepare(ctx: StageContext):
     skipped: dict[str, int] = {}
     outputs = run_prepare(ctx.job, ctx.stage_dir, skipped)
@@ -65,23 +66,36 @@ def stage_pretrain(ctx: StageContext):
     cfg = ctx.job.long_context if long else ctx.job.pretrain
     tok, _ = ctx.tokenizer()
     engine = make_engine(ctx, cfg.steps, cfg.lr)
-    ds = TokenShardDataset(ctx.prepared["shards"], cfg.seq_len, seed=ctx.job.seed, dp_rank=engine.dp_rank,
-                           dp_size=engine.dp_size, tokenizer_hash=tok.hash)
+    ds = TokenShardDataset(
+        ctx.prepared["shards"],
+        cfg.seq_len,
+        seed=ctx.job.seed,
+        dp_rank=engine.dp_rank,
+        dp_size=engine.dp_size,
+        tokenizer_hash=tok.hash,
+    )
     data = WindowBatches(ds, cfg.micro_batch_size // engine.dp_size or 1, cfg.doc_masking)
     if ctx.job.data.passkey_fraction:
-        data = PasskeyMix(data, tok, ctx.job.data.passkey_fraction, seed=ctx.job.seed + engine.dp_rank,
-                          full_length=long)
-    metrics = train_lm(engine, data, cfg, ctx.stage_dir, LMObjective(), desc=ctx.spec.name, is_main=ctx.is_main)
-    return _export(ctx, engine), {**_keep(metrics, "loss", "ce", "mtp", "tokens_per_s"),
-                                  **rope_summary(engine.model.args), "seq_len": cfg.seq_len}
+        data = PasskeyMix(
+            data, tok, ctx.job.data.passkey_fraction, seed=ctx.job.seed + engine.dp_rank, full_length=long
+        )
+    metrics = train_lm(
+        engine, data, cfg, ctx.stage_dir, LMObjective(), desc=ctx.spec.name, is_main=ctx.is_main
+    )
+    return _export(ctx, engine), {
+        **_keep(metrics, "loss", "ce", "mtp", "tokens_per_s"),
+        **rope_summary(engine.model.args),
+        "seq_len": cfg.seq_len,
+    }
 
 
 def _sft_data(ctx: StageContext, cfg, examples, tok, fmt, engine):
     from r1core.train.lm import SFTBatches
 
     docs = tokenize_sft(examples, tok, fmt, max_len=cfg.seq_len)
-    ds = PackedSFTDataset(docs, cfg.seq_len, tok.pad_id, seed=ctx.job.seed, dp_rank=engine.dp_rank,
-                          dp_size=engine.dp_size)
+    ds = PackedSFTDataset(
+        docs, cfg.seq_len, tok.pad_id, seed=ctx.job.seed, dp_rank=engine.dp_rank, dp_size=engine.dp_size
+    )
     return SFTBatches(ds, max(cfg.micro_batch_size // engine.dp_size, 1))
 
 
@@ -92,7 +106,9 @@ def _run_sft(ctx: StageContext, cfg, examples, model_args=None, init=True):
     tok, fmt = ctx.tokenizer()
     engine = make_engine(ctx, cfg.steps, cfg.lr, model_args, init)
     data = _sft_data(ctx, cfg, examples, tok, fmt, engine)
-    metrics = train_lm(engine, data, cfg, ctx.stage_dir, LMObjective(), desc=ctx.spec.name, is_main=ctx.is_main)
+    metrics = train_lm(
+        engine, data, cfg, ctx.stage_dir, LMObjective(), desc=ctx.spec.name, is_main=ctx.is_main
+    )
     return engine, _keep(metrics, "loss", "ce", "tokens_per_s")
 
 
@@ -131,18 +147,46 @@ def stage_rl(ctx: StageContext):
     if engine.world_size > 1:  # rank 0 generates with a whole-model copy refreshed from the shards
         from r1core.rollout.gathered import GatheredRollout
 
-        rollout = GatheredRollout(engine, ctx.job.model, lambda m: make_rollout(ctx, m, tok, max_len),
-                                  device=ctx.device, dtype=ctx.dtype)
+        rollout = GatheredRollout(
+            engine,
+            ctx.job.model,
+            lambda m: make_rollout(ctx, m, tok, max_len),
+            device=ctx.device,
+            dtype=ctx.dtype,
+        )
     else:
         rollout = make_rollout(ctx, engine, tok, max_len=max_len)
     eval_set = read_problems(ctx.prepared["eval"])[: ctx.job.eval.problems]
-    eval_fn = (lambda step: evaluate(rollout, render, eval_set, ctx.job.eval, seed=ctx.job.seed,
-                                     require_boxed=boxed)[0])
-    trainer = GRPOTrainer(cfg, engine, rollout, render, problems, ctx.stage_dir, ref_engine=ref, pad_id=tok.pad_id,
-                          seed=ctx.job.seed, scorer=scorer, eval_fn=eval_fn, is_main=ctx.is_main)
+
+    def eval_fn(step):
+        return evaluate(rollout, render, eval_set, ctx.job.eval, seed=ctx.job.seed, require_boxed=boxed)[0]
+
+    trainer = GRPOTrainer(
+        cfg,
+        engine,
+        rollout,
+        render,
+        problems,
+        ctx.stage_dir,
+        ref_engine=ref,
+        pad_id=tok.pad_id,
+        seed=ctx.job.seed,
+        scorer=scorer,
+        eval_fn=eval_fn,
+        is_main=ctx.is_main,
+    )
     metrics = trainer.run()
-    return _export(ctx, engine), _keep(metrics, "reward", "reward/accuracy", "reward/format", "response_len", "kl",
-                                       "entropy", "rollout_tok_s", "train_tok_s")
+    return _export(ctx, engine), _keep(
+        metrics,
+        "reward",
+        "reward/accuracy",
+        "reward/format",
+        "response_len",
+        "kl",
+        "entropy",
+        "rollout_tok_s",
+        "train_tok_s",
+    )
 
 
 def stage_eval(ctx: StageContext):
@@ -157,13 +201,20 @@ def stage_eval(ctx: StageContext):
     render = prompt_renderer(tok, fmt)
     max_len = rollout_len(render, problems, ctx.job.eval.sampling.max_new_tokens)
     rollout = make_rollout(ctx, model, tok, max_len=max_len)
-    metrics, rows = evaluate(rollout, render, problems, ctx.job.eval, seed=ctx.job.seed,
-                             require_boxed=ctx.job.require_boxed)
+    metrics, rows = evaluate(
+        rollout, render, problems, ctx.job.eval, seed=ctx.job.seed, require_boxed=ctx.job.require_boxed
+    )
     metrics["model"] = ctx.init_model
     if ctx.is_main:  # per-problem counts let the report compare models problem by problem
         atomic_write_text(ctx.stage_dir / "samples.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
-        atomic_write_json(ctx.stage_dir / "eval.json", {**metrics, "per_problem_correct": [r["correct"] for r in rows],
-                                                             "per_problem_pass1": [r["pass1"] for r in rows]})
+        atomic_write_json(
+            ctx.stage_dir / "eval.json",
+            {
+                **metrics,
+                "per_problem_correct": [r["correct"] for r in rows],
+                "per_problem_pass1": [r["pass1"] for r in rows],
+            },
+        )
     return {"eval": str(ctx.stage_dir / "eval.json")}, metrics
 
 
@@ -190,15 +241,23 @@ def stage_distill(ctx: StageContext):
 
 
 STAGES = {
-    StageKind.prepare: stage_prepare, StageKind.load: stage_load, StageKind.pretrain: stage_pretrain,
-    StageKind.cold_start_sft: stage_sft, StageKind.sft: stage_sft, StageKind.reasoning_rl: stage_rl,
-    StageKind.all_scenario_rl: stage_rl, StageKind.rejection_sampling: stage_rejection_sampling,
-    StageKind.distill: stage_distill, StageKind.eval: stage_eval, StageKind.long_context: stage_pretrain,
+    StageKind.prepare: stage_prepare,
+    StageKind.load: stage_load,
+    StageKind.pretrain: stage_pretrain,
+    StageKind.cold_start_sft: stage_sft,
+    StageKind.sft: stage_sft,
+    StageKind.reasoning_rl: stage_rl,
+    StageKind.all_scenario_rl: stage_rl,
+    StageKind.rejection_sampling: stage_rejection_sampling,
+    StageKind.distill: stage_distill,
+    StageKind.eval: stage_eval,
+    StageKind.long_context: stage_pretrain,
     StageKind.passkey_eval: stage_passkey_eval,
 }
 
 
 # ---------------------------------------------------------------------------- helpers
+
 
 def _keep(metrics: dict, *keys: str) -> dict:
     return {k: metrics[k] for k in keys if k in metrics}

@@ -39,7 +39,23 @@ from r1core.rewards.reward_model import (
 from r1core.rewards.sandbox import RunResult, SandboxLimits, SandboxUnavailable, run_python
 
 __all__ = [
-    "STATS", "Reward", "RewardConfigError", "RewardError", "RewardModel", "RewardModelError", "RewardStats",
-    "RunResult", "SandboxLimits", "SandboxUnavailable", "ScalarHeadRewardModel", "combine", "get",
-    "get_reward_model", "names", "register", "run_python", "score_batch", "set_reward_model",
+    "STATS",
+    "Reward",
+    "RewardConfigError",
+    "RewardError",
+    "RewardModel",
+    "RewardModelError",
+    "RewardStats",
+    "RunResult",
+    "SandboxLimits",
+    "SandboxUnavailable",
+    "ScalarHeadRewardModel",
+    "combine",
+    "get",
+    "get_reward_model",
+    "names",
+    "register",
+    "run_python",
+    "score_batch",
+    "set_reward_model",
 ]

@@ -47,19 +47,47 @@ import signal
 import sys
 import traceback  # now: after the uid change the library may be out of reach
 
-EXIT = {"syntax_error": 241, "runtime_error": 242, "memory": 243, "network": 244, "process": 245,
-        "forbidden": 246, "no_function": 247, "file_size": 248, "sandbox_error": 249, "write_limit": 250}
+EXIT = {
+    "syntax_error": 241,
+    "runtime_error": 242,
+    "memory": 243,
+    "network": 244,
+    "process": 245,
+    "forbidden": 246,
+    "no_function": 247,
+    "file_size": 248,
+    "sandbox_error": 249,
+    "write_limit": 250,
+}
 
-_PROCESS_EVENTS = frozenset({
-    "os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.spawn", "os.system", "os.startfile",
-    "subprocess.Popen", "pty.spawn",
-})
+_PROCESS_EVENTS = frozenset(
+    {
+        "os.fork",
+        "os.forkpty",
+        "os.posix_spawn",
+        "os.exec",
+        "os.spawn",
+        "os.system",
+        "os.startfile",
+        "subprocess.Popen",
+        "pty.spawn",
+    }
+)
 # ctypes may be imported (numpy does), but looking up or calling a C symbol is refused: with
 # those a program could call fork() or socket() behind the hook's back.
-_FORBIDDEN_EVENTS = frozenset({
-    "os.kill", "os.killpg", "signal.pthread_kill", "ctypes.dlsym", "ctypes.dlsym/handle",
-    "ctypes.call_function", "ctypes.cdata", "ctypes.cdata/buffer", "sys.remote_exec",
-})
+_FORBIDDEN_EVENTS = frozenset(
+    {
+        "os.kill",
+        "os.killpg",
+        "signal.pthread_kill",
+        "ctypes.dlsym",
+        "ctypes.dlsym/handle",
+        "ctypes.call_function",
+        "ctypes.cdata",
+        "ctypes.cdata/buffer",
+        "sys.remote_exec",
+    }
+)
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -94,8 +122,10 @@ def _c(text):
 
 
 def _mount(source, target, fstype, flags, data=None):
-    _check(_libc.mount(_c(source), _c(target), _c(fstype), ctypes.c_ulong(flags), _c(data)),
-           f"mount {source or ''} on {target}")
+    _check(
+        _libc.mount(_c(source), _c(target), _c(fstype), ctypes.c_ulong(flags), _c(data)),
+        f"mount {source or ''} on {target}",
+    )
 
 
 def _write(path, text):
@@ -109,7 +139,9 @@ def _write(path, text):
 def _enter_namespaces(config):
     """unshare, then fork. Returns in the child (PID 1 of the new PID namespace); the parent never
     returns: it waits and exits the way the child did, so sandbox.py sees the program's status."""
-    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | (CLONE_NEWNET if config["netns"] else 0)
+    flags = (
+        CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | (CLONE_NEWNET if config["netns"] else 0)
+    )
     uid, gid = os.geteuid(), os.getegid()
     if uid != 0:
         flags |= CLONE_NEWUSER
@@ -198,7 +230,13 @@ def _build_root(config):
     dirs, files = _skeleton(binds, (work, "/tmp"))
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates to the host
     inodes = len(dirs) + len(files) + _SKELETON_INODES + config["max_files"]
-    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, f"size={config['write_bytes']},nr_inodes={inodes},mode=755")
+    _mount(
+        "tmpfs",
+        root,
+        "tmpfs",
+        MS_NOSUID | MS_NODEV,
+        f"size={config['write_bytes']},nr_inodes={inodes},mode=755",
+    )
     for d in dirs:
         os.mkdir(root + d, 0o755)
     for f in files:
@@ -253,7 +291,11 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
 
 
 def _drop_privileges(uid):

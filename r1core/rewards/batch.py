@@ -10,8 +10,16 @@ from typing import Any, Sequence
 from r1core.rewards.registry import RewardConfigError, RewardStats, get
 
 
-def score_batch(name: str, responses: Sequence, answers: Sequence, *, max_workers: int | None = None,
-                deadline_s: float | None = None, stats: RewardStats | None = None, **kwargs: Any) -> list[float]:
+def score_batch(
+    name: str,
+    responses: Sequence,
+    answers: Sequence,
+    *,
+    max_workers: int | None = None,
+    deadline_s: float | None = None,
+    stats: RewardStats | None = None,
+    **kwargs: Any,
+) -> list[float]:
     """Scores in input order; every outcome is counted in `stats` (default: the global STATS).
 
     Rewards with a batch form (the reward model) get one call. Rewards that wait on subprocesses

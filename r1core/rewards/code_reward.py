@@ -35,8 +35,9 @@ from r1core.rewards.registry import RewardConfigError, register
 from r1core.rewards.sandbox import SandboxLimits, check_isolation, run_python
 from r1core.rewards.text import as_text, extract_code, split_think
 
-_STOP_EARLY = frozenset({"syntax_error", "timeout", "network", "process", "forbidden", "no_function",
-                         "sandbox_error"})
+_STOP_EARLY = frozenset(
+    {"syntax_error", "timeout", "network", "process", "forbidden", "no_function", "sandbox_error"}
+)
 
 
 class BadTests(ValueError):

@@ -28,4 +28,6 @@ def countdown(response, answer, numbers=None, use_all: bool = False):
         return 0.0, "too_complex"
     if expr is None:
         return 0.0, "no_answer"
-    return (1.0, "correct") if check_countdown(expr, list(numbers), answer, use_all=use_all) else (0.0, "wrong")
+    return (
+        (1.0, "correct") if check_countdown(expr, list(numbers), answer, use_all=use_all) else (0.0, "wrong")
+    )

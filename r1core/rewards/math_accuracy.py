@@ -67,7 +67,10 @@ class _MathWorker:
         self._buf = b""
         self._proc = subprocess.Popen(
             [sys.executable, "-I", _WORKER_PATH, str(self.memory_mb)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            bufsize=0,
         )
         if self._readline(time.monotonic() + self.startup_s) != b"ready":
             self.close()
@@ -136,7 +139,9 @@ def gold_text(answer) -> str:
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         return repr(answer)
     if not isinstance(answer, str):
-        raise RewardConfigError(f"math gold answer must be str, int, float or Fraction, got {type(answer).__name__}")
+        raise RewardConfigError(
+            f"math gold answer must be str, int, float or Fraction, got {type(answer).__name__}"
+        )
     boxed = last_boxed(answer, max_chars=len(answer) + 1, max_depth=len(answer) + 1)
     return (boxed if boxed is not None else answer).strip().strip("$").strip()
 

@@ -47,9 +47,15 @@ class ScalarHeadRewardModel:
     max_tokens: keep only the last `max_tokens` ids, so the response (at the end) is never cut.
     """
 
-    def __init__(self, tokenize: Callable[[str], list[int]], scalar_fn: Callable, *,
-                 join: Callable[[str, str], str] = lambda prompt, response: prompt + response,
-                 max_tokens: int | None = None, batched: bool = False) -> None:
+    def __init__(
+        self,
+        tokenize: Callable[[str], list[int]],
+        scalar_fn: Callable,
+        *,
+        join: Callable[[str, str], str] = lambda prompt, response: prompt + response,
+        max_tokens: int | None = None,
+        batched: bool = False,
+    ) -> None:
         self.tokenize, self.scalar_fn, self.join = tokenize, scalar_fn, join
         self.max_tokens, self.batched = max_tokens, batched
 
@@ -112,7 +118,9 @@ def _score_pairs(prompts: Sequence[str], responses: Sequence) -> list[tuple[floa
     return out
 
 
-def _batch(responses: Sequence, answers: Sequence, *, prompts: Sequence[str] | None = None) -> list[tuple[float, str]]:
+def _batch(
+    responses: Sequence, answers: Sequence, *, prompts: Sequence[str] | None = None
+) -> list[tuple[float, str]]:
     prompts = [""] * len(responses) if prompts is None else list(prompts)
     if len(prompts) != len(responses):
         raise RewardConfigError(f"{len(prompts)} prompts for {len(responses)} responses")

@@ -47,8 +47,18 @@ log = logging.getLogger(__name__)
 
 _RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_runner.py")
 # Mirrors EXIT in _sandbox_runner.py.
-_EXIT_REASONS = {241: "syntax_error", 242: "runtime_error", 243: "memory", 244: "network", 245: "process",
-                 246: "forbidden", 247: "no_function", 248: "file_size", 249: "sandbox_error", 250: "write_limit"}
+_EXIT_REASONS = {
+    241: "syntax_error",
+    242: "runtime_error",
+    243: "memory",
+    244: "network",
+    245: "process",
+    246: "forbidden",
+    247: "no_function",
+    248: "file_size",
+    249: "sandbox_error",
+    250: "write_limit",
+}
 _NOBODY = 65534
 _LAYERS = ("private_fs", "drop_root", "netns")  # weak mode gives up netns first, then private_fs
 
@@ -87,13 +97,23 @@ class SandboxLimits:
             is_bool = isinstance(value, bool)
             if (f.type == "bool") != is_bool or not isinstance(value, bool if is_bool else number):
                 raise ValueError(f"invalid sandbox limits: {f.name}={value!r} is not {f.type}")
-        if (not 0 < self.wall_s < math.inf or self.cpu_s < 1 or self.memory_mb < 64 or self.fsize_mb < 1 or self.write_mb < 1
-                or self.max_files < 0 or self.max_output_bytes < 1 or self.nproc < 1):
+        if (
+            not 0 < self.wall_s < math.inf
+            or self.cpu_s < 1
+            or self.memory_mb < 64
+            or self.fsize_mb < 1
+            or self.write_mb < 1
+            or self.max_files < 0
+            or self.max_output_bytes < 1
+            or self.nproc < 1
+        ):
             raise ValueError(f"invalid sandbox limits: {self}")
         off = [name for name in ("private_fs", "use_netns", "drop_root") if not getattr(self, name)]
         if off and not self.allow_weak_isolation:
-            raise ValueError(f"invalid sandbox limits: turning off {off} weakens isolation; "
-                             "set allow_weak_isolation=True to accept that")
+            raise ValueError(
+                f"invalid sandbox limits: turning off {off} weakens isolation; "
+                "set allow_weak_isolation=True to accept that"
+            )
 
 
 @dataclass
@@ -115,10 +135,18 @@ def _wanted(limits: SandboxLimits) -> tuple[bool, bool, bool]:
 
 def _config(layers: tuple[bool, bool, bool], limits: SandboxLimits, fn_name: str | None) -> dict:
     private_fs, drop_root, netns = layers
-    return {"cpu_s": limits.cpu_s, "memory_bytes": limits.memory_mb << 20, "fsize_bytes": limits.fsize_mb << 20,
-            "nproc": limits.nproc, "fn_name": fn_name, "private_fs": private_fs, "netns": netns,
-            "uid": _NOBODY if drop_root else None, "write_bytes": limits.write_mb << 20,
-            "max_files": limits.max_files}
+    return {
+        "cpu_s": limits.cpu_s,
+        "memory_bytes": limits.memory_mb << 20,
+        "fsize_bytes": limits.fsize_mb << 20,
+        "nproc": limits.nproc,
+        "fn_name": fn_name,
+        "private_fs": private_fs,
+        "netns": netns,
+        "uid": _NOBODY if drop_root else None,
+        "write_bytes": limits.write_mb << 20,
+        "max_files": limits.max_files,
+    }
 
 
 # The probe imports a C extension not loaded at startup: it proves the library directories and
@@ -154,8 +182,9 @@ def _plan(wanted: tuple[bool, bool, bool]) -> tuple[tuple[bool, bool, bool] | No
     capability, still owns every file root owns (/etc/shadow, /root)."""
     errors = []
     private_fs, drop_root, netns = wanted
-    for layers in itertools.product((True, False) if private_fs else (False,), (drop_root,),
-                                    (True, False) if netns else (False,)):
+    for layers in itertools.product(
+        (True, False) if private_fs else (False,), (drop_root,), (True, False) if netns else (False,)
+    ):
         error = _probe(layers)
         if error is None:
             if errors:
@@ -183,13 +212,15 @@ def _layers_for(limits: SandboxLimits) -> tuple[bool, bool, bool]:
         raise SandboxUnavailable(
             f"the code sandbox cannot run here at all ({'; '.join(errors)}). Allow mount namespaces "
             "(CAP_SYS_ADMIN, or unprivileged user namespaces for a non-root user) or, as root without "
-            "them, use an interpreter that the user nobody can read.")
+            "them, use an interpreter that the user nobody can read."
+        )
     missing = [n for n, w, got in zip(_LAYERS, wanted, layers) if w and not got]
     if missing and not limits.allow_weak_isolation:
         raise SandboxUnavailable(
             f"the code sandbox cannot set up {', '.join(missing)} on this machine ({'; '.join(errors)}). "
             "Untrusted code would be less isolated than requested; pass allow_weak_isolation=True in the "
-            "sandbox limits to accept that (see r1core/rewards/README.md).")
+            "sandbox limits to accept that (see r1core/rewards/README.md)."
+        )
     return layers
 
 
@@ -202,7 +233,9 @@ def _exited(pid: int) -> bool:
         return True
 
 
-def _collect(proc: subprocess.Popen, limits: SandboxLimits, deadline: float) -> tuple[bytes, bytes, str | None]:
+def _collect(
+    proc: subprocess.Popen, limits: SandboxLimits, deadline: float
+) -> tuple[bytes, bytes, str | None]:
     """Read stdout/stderr until both close and the process exits, the deadline passes or a stream
     exceeds the cap. Returns (stdout, stderr, None | "timeout" | "output_limit")."""
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
@@ -240,20 +273,34 @@ def _classify(returncode: int) -> str | None:
     return "crash" if returncode < 0 else "runtime_error"
 
 
-def run_python(source: str, stdin: bytes = b"", limits: SandboxLimits | None = None, *,
-               fn_name: str | None = None, calls: list | None = None) -> RunResult:
+def run_python(
+    source: str,
+    stdin: bytes = b"",
+    limits: SandboxLimits | None = None,
+    *,
+    fn_name: str | None = None,
+    calls: list | None = None,
+) -> RunResult:
     """Run `source` with `stdin`; in call mode (`fn_name`), call `fn_name(*args)` for each args
     list in `calls` and print one JSON line per call (see _sandbox_runner._run_calls). Raises
     SandboxUnavailable (module doc) and TypeError for arguments of the wrong type."""
     if not isinstance(source, str) or not isinstance(stdin, (bytes, bytearray)):
-        raise TypeError(f"run_python needs str source and bytes stdin, got {type(source).__name__}, "
-                        f"{type(stdin).__name__}")
+        raise TypeError(
+            f"run_python needs str source and bytes stdin, got {type(source).__name__}, "
+            f"{type(stdin).__name__}"
+        )
     limits = limits or SandboxLimits()
     return _execute(source, bytes(stdin), limits, _layers_for(limits), fn_name, calls)
 
 
-def _execute(source: str, stdin: bytes, limits: SandboxLimits, layers: tuple[bool, bool, bool],
-             fn_name: str | None, calls: list | None) -> RunResult:
+def _execute(
+    source: str,
+    stdin: bytes,
+    limits: SandboxLimits,
+    layers: tuple[bool, bool, bool],
+    fn_name: str | None,
+    calls: list | None,
+) -> RunResult:
     config = _config(layers, limits, fn_name)
     workdir = tempfile.mkdtemp(prefix="r1core-sandbox-")
     start = time.monotonic()
@@ -273,12 +320,25 @@ def _execute(source: str, stdin: bytes, limits: SandboxLimits, layers: tuple[boo
 
 
 def _run(argv: list[str], workdir: str, limits: SandboxLimits, start: float) -> RunResult:
-    env = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": workdir,
-           # BLAS libraries start a thread per core at import; RLIMIT_NPROC would refuse them.
-           "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {
+        "PATH": os.defpath,
+        "LANG": "C.UTF-8",
+        "HOME": workdir,
+        # BLAS libraries start a thread per core at import; RLIMIT_NPROC would refuse them.
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
     with open(os.path.join(workdir, "stdin.txt"), "rb") as stdin:
-        proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=workdir, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=workdir,
+            env=env,
+            start_new_session=True,
+        )
     out, err, cut = b"", b"", "timeout"
     try:
         out, err, cut = _collect(proc, limits, start + limits.wall_s)

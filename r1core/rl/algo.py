@@ -12,7 +12,9 @@ import torch
 from .config import AdvantageEstimator, Overlong
 
 
-def group_advantages(rewards_NG: torch.Tensor, estimator: AdvantageEstimator, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(
+    rewards_NG: torch.Tensor, estimator: AdvantageEstimator, eps: float = 1e-6
+) -> torch.Tensor:
     """A_i = (r_i - mean(r)) / (std(r) + eps) per group of G samples; Dr. GRPO drops the std.
 
     std is the unbiased sample std, as TRL's and verl's GRPO use.
@@ -28,8 +30,14 @@ def informative_groups(rewards_NG: torch.Tensor) -> torch.Tensor:
     return (rewards_NG.max(dim=1).values - rewards_NG.min(dim=1).values) > 0
 
 
-def overlong_shaping(lengths: torch.Tensor, truncated: torch.Tensor, max_new_tokens: int, mode: Overlong,
-                     buffer: int, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+def overlong_shaping(
+    lengths: torch.Tensor,
+    truncated: torch.Tensor,
+    max_new_tokens: int,
+    mode: Overlong,
+    buffer: int,
+    penalty: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(reward delta, keep-in-loss mask) for each sample.
 
     penalty: DAPO's soft overlong punishment, linear from 0 at (max - buffer) tokens to -penalty at max.
@@ -46,15 +54,22 @@ def overlong_shaping(lengths: torch.Tensor, truncated: torch.Tensor, max_new_tok
     return delta, keep
 
 
-def truncated_is_weights(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+def truncated_is_weights(
+    trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float
+) -> torch.Tensor:
     """min(pi_trainer / pi_sampler, cap) per token: corrects the sampler/trainer probability mismatch
     (truncated importance sampling, Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL")."""
     return torch.exp(trainer_logprobs - sampler_logprobs).clamp(max=cap)
 
 
-def build_policy_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-                       sampler_logprobs: Sequence[Sequence[float]], advantages: Sequence[float],
-                       keep: Sequence[bool], pad_id: int) -> dict[str, torch.Tensor]:
+def build_policy_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    sampler_logprobs: Sequence[Sequence[float]],
+    advantages: Sequence[float],
+    keep: Sequence[bool],
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
     """Right-padded training rows: tokens = (prompt + response)[:-1], targets = next tokens.
 
     mask[b, i] is 1 where targets[b, i] is a response token of a kept sample; `sampler_logprobs`
@@ -73,10 +88,15 @@ def build_policy_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequen
         targets[b, :n] = torch.tensor(s[1:])
         start = len(p) - 1  # the position whose target is the first response token
         if keep[b] and len(r):
-            mask[b, start:start + len(r)] = 1.0
-            lp[b, start:start + len(r)] = torch.tensor(list(sampler_logprobs[b]), dtype=torch.float32)
-    return {"tokens": tokens, "targets": targets, "mask": mask, "sampler_logprobs": lp,
-            "advantages": torch.tensor(list(advantages), dtype=torch.float32)}
+            mask[b, start : start + len(r)] = 1.0
+            lp[b, start : start + len(r)] = torch.tensor(list(sampler_logprobs[b]), dtype=torch.float32)
+    return {
+        "tokens": tokens,
+        "targets": targets,
+        "mask": mask,
+        "sampler_logprobs": lp,
+        "advantages": torch.tensor(list(advantages), dtype=torch.float32),
+    }
 
 
 def dp_shard(batch: dict[str, torch.Tensor], dp_rank: int, dp_size: int) -> dict[str, torch.Tensor]:
@@ -94,7 +114,7 @@ def dp_shard(batch: dict[str, torch.Tensor], dp_rank: int, dp_size: int) -> dict
         filler["advantages"].zero_()
         batch = {k: torch.cat([v, filler[k]]) for k, v in batch.items()}
         batch["pad_row"] = torch.arange(B + pad) >= B
-    return {k: v[dp_rank * per:(dp_rank + 1) * per] for k, v in batch.items()}
+    return {k: v[dp_rank * per : (dp_rank + 1) * per] for k, v in batch.items()}
 
 
 def split_rows(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
@@ -102,7 +122,7 @@ def split_rows(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torc
     out = []
     B = batch["tokens"].shape[0]
     for i in range(0, B, size):
-        mb = {k: v[i:i + size] for k, v in batch.items()}
+        mb = {k: v[i : i + size] for k, v in batch.items()}
         width = int((mb["mask"].sum(0) > 0).nonzero().max()) + 1 if mb["mask"].any() else 1
         out.append({k: (v[:, :width] if v.dim() == 2 else v) for k, v in mb.items()})
     return out

@@ -24,12 +24,13 @@ from .stats import bootstrap_mean, pass_at_k_curve
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    problems: int = 200             # held-out problems (the first N of the eval set)
-    k: int = 4                      # samples per problem (pass@1 averages them; pass@2..k, cons@k)
+    problems: int = 200  # held-out problems (the first N of the eval set)
+    k: int = 4  # samples per problem (pass@1 averages them; pass@2..k, cons@k)
     # R1's evaluation sampling: temperature 0.6, top-p 0.95
     sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=64))
-    greedy: bool = True             # also report greedy accuracy (one more pass)
+        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=64)
+    )
+    greedy: bool = True  # also report greedy accuracy (one more pass)
 
 
 def final_answer(response: str) -> str | None:
@@ -53,9 +54,15 @@ def majority_correct(answers: Sequence[str | None], correct: Sequence[float]) ->
     return float(correct[answers.index(best)])
 
 
-def evaluate(rollout, render: Callable[[Problem], list[int]], problems: Sequence[Problem], cfg: EvalConfig,
-             seed: int = 0, stop: list[str] | None = None,
-             require_boxed: bool = True) -> tuple[dict, list[dict]]:
+def evaluate(
+    rollout,
+    render: Callable[[Problem], list[int]],
+    problems: Sequence[Problem],
+    cfg: EvalConfig,
+    seed: int = 0,
+    stop: list[str] | None = None,
+    require_boxed: bool = True,
+) -> tuple[dict, list[dict]]:
     """(metrics, per-problem rows). Deterministic for a given seed. `require_boxed`: R1's answer rule
     (the pipeline passes the job's `require_boxed`)."""
     scorer = Scorer({"accuracy": 1.0}, require_boxed=require_boxed)
@@ -64,7 +71,7 @@ def evaluate(rollout, render: Callable[[Problem], list[int]], problems: Sequence
     samples = rollout.generate(prompts, k, cfg.sampling.params(stop=stop or [], seed=seed))
     rows, pass1, cons, lengths, direct = [], 0.0, 0.0, [], 0
     for i, p in enumerate(problems):
-        group = samples[i * k:(i + 1) * k]
+        group = samples[i * k : (i + 1) * k]
         correct = [scorer.score(s.response_text, p)[1]["accuracy"] for s in group]
         answers = [final_answer(s.response_text) for s in group]
         c = majority_correct(answers, correct)
@@ -74,11 +81,25 @@ def evaluate(rollout, render: Callable[[Problem], list[int]], problems: Sequence
         direct += sum(_empty_think(s.response_text) for s in group)
         # pass@k needs solved / not solved: a partial score (a code reward's share of tests) is not solved
         solved = sum(1 for a in correct if a >= 1.0)
-        rows.append({"prompt": p.prompt, "answer": p.answer, "correct": solved, "pass1": sum(correct) / k,
-                     "cons": c, "sample": group[0].response_text})
+        rows.append(
+            {
+                "prompt": p.prompt,
+                "answer": p.answer,
+                "correct": solved,
+                "pass1": sum(correct) / k,
+                "cons": c,
+                "sample": group[0].response_text,
+            }
+        )
     n = max(len(problems), 1)
-    metrics = {"pass@1": pass1 / n, f"cons@{k}": cons / n, "response_len": sum(lengths) / max(len(lengths), 1),
-               "direct_share": direct / max(len(lengths), 1), "problems": len(problems), "k": k}
+    metrics = {
+        "pass@1": pass1 / n,
+        f"cons@{k}": cons / n,
+        "response_len": sum(lengths) / max(len(lengths), 1),
+        "direct_share": direct / max(len(lengths), 1),
+        "problems": len(problems),
+        "k": k,
+    }
     if rows:
         est = bootstrap_mean([r["pass1"] for r in rows], seed=seed)
         metrics.update({"pass@1_se": est.se, "pass@1_lo": est.lo, "pass@1_hi": est.hi})

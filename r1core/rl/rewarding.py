@@ -34,8 +34,13 @@ def _keyword_params(fn) -> frozenset[str]:
 
 
 class Scorer:
-    def __init__(self, weights: dict[str, float], reward_kwargs: dict[str, dict] | None = None,
-                 think_in_prompt: bool = True, require_boxed: bool = False):
+    def __init__(
+        self,
+        weights: dict[str, float],
+        reward_kwargs: dict[str, dict] | None = None,
+        think_in_prompt: bool = True,
+        require_boxed: bool = False,
+    ):
         self.weights = dict(weights)
         self.reward_kwargs = {k: dict(v) for k, v in (reward_kwargs or {}).items()}
         fmt = self.reward_kwargs.setdefault("format", {})

@@ -69,8 +69,9 @@ class Estimate:
         return "no significant change"
 
 
-def bootstrap_mean(values: Sequence[float], resamples: int = 2000, seed: int = 0,
-                   confidence: float = CONFIDENCE) -> Estimate:
+def bootstrap_mean(
+    values: Sequence[float], resamples: int = 2000, seed: int = 0, confidence: float = CONFIDENCE
+) -> Estimate:
     """Mean of per-problem values, its standard error, and the percentile bootstrap interval."""
     n = len(values)
     if n == 0:
@@ -83,8 +84,9 @@ def bootstrap_mean(values: Sequence[float], resamples: int = 2000, seed: int = 0
     return Estimate(mean=mean, se=se, lo=_percentile(means, alpha), hi=_percentile(means, 1 - alpha), n=n)
 
 
-def paired_difference(base: Sequence[float], other: Sequence[float], resamples: int = 2000,
-                      seed: int = 0) -> Estimate:
+def paired_difference(
+    base: Sequence[float], other: Sequence[float], resamples: int = 2000, seed: int = 0
+) -> Estimate:
     """`other` minus `base`, problem by problem (same problems, same order)."""
     if len(base) != len(other):
         raise ValueError(f"paired comparison needs the same problems: {len(base)} vs {len(other)} values")

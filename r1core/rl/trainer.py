@@ -28,8 +28,15 @@ from r1core.rollout import Sample, SamplingParams
 from r1core.train.checkpointing import CheckpointManager, save_due
 from r1core.train.metrics import MetricsLog, progress
 
-from .algo import (build_policy_batch, dp_shard, group_advantages, informative_groups, overlong_shaping, split_rows,
-                   truncated_is_weights)
+from .algo import (
+    build_policy_batch,
+    dp_shard,
+    group_advantages,
+    informative_groups,
+    overlong_shaping,
+    split_rows,
+    truncated_is_weights,
+)
 from .config import GRPOConfig
 from .rewarding import Scorer
 
@@ -79,12 +86,31 @@ class GRPOTrainer:
     """Single-controller GRPO driver over a TrainEngine (policy), an optional frozen reference engine
     and a RolloutEngine. `render(problem) -> prompt ids` comes from the chat format."""
 
-    def __init__(self, cfg: GRPOConfig, engine, rollout, render: Callable[[Problem], list[int]],
-                 problems: Sequence[Problem], out_dir: str | Path, *, ref_engine=None, pad_id: int = 0,
-                 seed: int = 0, scorer: Scorer | None = None, stop: list[str] | None = None,
-                 eval_fn: Callable[[int], dict] | None = None, is_main: bool = True):
+    def __init__(
+        self,
+        cfg: GRPOConfig,
+        engine,
+        rollout,
+        render: Callable[[Problem], list[int]],
+        problems: Sequence[Problem],
+        out_dir: str | Path,
+        *,
+        ref_engine=None,
+        pad_id: int = 0,
+        seed: int = 0,
+        scorer: Scorer | None = None,
+        stop: list[str] | None = None,
+        eval_fn: Callable[[int], dict] | None = None,
+        is_main: bool = True,
+    ):
         self.cfg, self.engine, self.rollout, self.render = cfg, engine, rollout, render
-        self.ref_engine, self.pad_id, self.seed, self.eval_fn, self.is_main = ref_engine, pad_id, seed, eval_fn, is_main
+        self.ref_engine, self.pad_id, self.seed, self.eval_fn, self.is_main = (
+            ref_engine,
+            pad_id,
+            seed,
+            eval_fn,
+            is_main,
+        )
         self.sampler = PromptSampler(problems, seed)
         # Under torchrun only rank 0 generates, scores and evaluates (a GatheredRollout); the others get
         # its batch.
@@ -114,21 +140,29 @@ class GRPOTrainer:
                 break
             problems = self.sampler.take(need)
             t0 = time.perf_counter()
-            samples = self.rollout.generate([self.render(p) for p in problems], c.group_size, self._sampling(step, round_))
+            samples = self.rollout.generate(
+                [self.render(p) for p in problems], c.group_size, self._sampling(step, round_)
+            )
             t_generate += time.perf_counter() - t0
             n_generated += len(samples)
             n_tokens += sum(len(s.response_ids) for s in samples)
             self.scorer.score_samples(samples, [p for p in problems for _ in range(c.group_size)])
             seen += samples
             for i, problem in enumerate(problems):
-                g = Group(problem, samples[i * c.group_size:(i + 1) * c.group_size])
+                g = Group(problem, samples[i * c.group_size : (i + 1) * c.group_size])
                 n_groups += 1
                 if not c.dynamic_sampling or bool(informative_groups(torch.tensor([g.rewards]))[0]):
                     kept.append(g)
             if not c.dynamic_sampling:
                 break
-        stats = {"generated": n_generated, "gen_tokens": n_tokens, "groups_seen": n_groups, "groups_kept": len(kept),
-                 "reward": sum(s.reward for s in seen) / len(seen), "t_generate_s": t_generate}
+        stats = {
+            "generated": n_generated,
+            "gen_tokens": n_tokens,
+            "groups_seen": n_groups,
+            "groups_kept": len(kept),
+            "reward": sum(s.reward for s in seen) / len(seen),
+            "t_generate_s": t_generate,
+        }
         for name in seen[0].rewards:
             vals = [s.rewards[name] for s in seen if s.rewards[name] == s.rewards[name]]  # NaN: n/a here
             if vals:
@@ -142,15 +176,26 @@ class GRPOTrainer:
         totals = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # [N, G]
         lengths = torch.tensor([len(s.response_ids) for s in samples])
         truncated = torch.tensor([s.finish_reason == "length" for s in samples])
-        delta, keep = overlong_shaping(lengths, truncated, c.sampling.max_new_tokens, c.overlong,
-                                       c.overlong_buffer, c.overlong_penalty)
+        delta, keep = overlong_shaping(
+            lengths, truncated, c.sampling.max_new_tokens, c.overlong, c.overlong_buffer, c.overlong_penalty
+        )
         shaped = totals + delta.view_as(totals)
         adv = group_advantages(shaped, c.advantage, c.adv_eps).flatten()
-        batch = build_policy_batch([s.prompt_ids for s in samples], [s.response_ids for s in samples],
-                                   [s.logprobs for s in samples], adv.tolist(), keep.tolist(), self.pad_id)
-        stats = {"train_reward": shaped.mean().item(), "train_reward_std": shaped.std(dim=1).mean().item(),
-                 "response_len": lengths.float().mean().item(), "response_len_max": int(lengths.max()),
-                 "truncated_frac": truncated.float().mean().item()}
+        batch = build_policy_batch(
+            [s.prompt_ids for s in samples],
+            [s.response_ids for s in samples],
+            [s.logprobs for s in samples],
+            adv.tolist(),
+            keep.tolist(),
+            self.pad_id,
+        )
+        stats = {
+            "train_reward": shaped.mean().item(),
+            "train_reward_std": shaped.std(dim=1).mean().item(),
+            "response_len": lengths.float().mean().item(),
+            "response_len_max": int(lengths.max()),
+            "truncated_frac": truncated.float().mean().item(),
+        }
         return batch, stats
 
     def _logprobs(self, engine, micro: list[dict]) -> list[torch.Tensor]:
@@ -166,8 +211,10 @@ class GRPOTrainer:
         from r1core.train.objectives import GRPOObjective
 
         c = self.cfg
-        micro = split_rows(dp_shard(batch, self.engine.dp_rank, self.engine.dp_size),
-                           max(c.micro_batch_size // self.engine.dp_size, 1))
+        micro = split_rows(
+            dp_shard(batch, self.engine.dp_rank, self.engine.dp_size),
+            max(c.micro_batch_size // self.engine.dp_size, 1),
+        )
         t0 = time.perf_counter()
         needs_old = c.minibatches > 1 or c.tis_cap is not None
         mismatch, n_tok = 0.0, 0.0
@@ -178,7 +225,10 @@ class GRPOTrainer:
                 mismatch += ((mb["old_logprobs"] - mb["sampler_logprobs"]).abs() * mb["mask"]).sum().item()
                 n_tok += mb["mask"].sum().item()
                 if c.tis_cap is not None:
-                    mb["is_weights"] = truncated_is_weights(mb["old_logprobs"], mb["sampler_logprobs"], c.tis_cap) * mb["mask"]
+                    mb["is_weights"] = (
+                        truncated_is_weights(mb["old_logprobs"], mb["sampler_logprobs"], c.tis_cap)
+                        * mb["mask"]
+                    )
         if c.loss.beta > 0:
             for mb, lp in zip(micro, self._logprobs(self.ref_engine, micro)):
                 mb["ref_logprobs"] = lp.float().cpu() * mb["mask"]
@@ -191,7 +241,7 @@ class GRPOTrainer:
         t1 = time.perf_counter()
         agg: dict[str, float] = {}
         for i in range(0, len(micro), per):
-            m = self.engine.train_step(micro[i:i + per], objective)
+            m = self.engine.train_step(micro[i : i + per], objective)
             for k, v in m.items():
                 agg[k] = agg.get(k, 0.0) + float(v) / n_mini
         agg.update(t_logprob_s=t_logprob, t_update_s=time.perf_counter() - t1)
@@ -239,9 +289,14 @@ class GRPOTrainer:
                     torch.cuda.synchronize()  # the copies are asynchronous: time them, not their launch
                 upd["t_refresh_s"] = time.perf_counter() - t_refresh  # ~0 when colocated (shared module)
                 n_train = int(batch["mask"].sum())
-                metrics = {**stats, **gen, **upd, "t_rollout_s": t_rollout,
-                           "rollout_tok_s": gen["gen_tokens"] / max(t_rollout, 1e-9),
-                           "train_tok_s": n_train / max(upd["t_update_s"], 1e-9)}
+                metrics = {
+                    **stats,
+                    **gen,
+                    **upd,
+                    "t_rollout_s": t_rollout,
+                    "rollout_tok_s": gen["gen_tokens"] / max(t_rollout, 1e-9),
+                    "train_tok_s": n_train / max(upd["t_update_s"], 1e-9),
+                }
             metrics.update({f"reason/{k}": v for k, v in reasons.items()})
             if self.eval_fn is not None and self.generates and c.eval_every and step % c.eval_every == 0:
                 metrics.update({f"eval/{k}": v for k, v in self.eval_fn(step).items()})
@@ -249,8 +304,11 @@ class GRPOTrainer:
             log.log(step, metrics)
             last = metrics
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics.get('reward', float('nan')):.3f}",
-                            acc=f"{metrics.get('reward/accuracy', float('nan')):.2f}", refresh=False)
+            bar.set_postfix(
+                reward=f"{metrics.get('reward', float('nan')):.3f}",
+                acc=f"{metrics.get('reward/accuracy', float('nan')):.2f}",
+                refresh=False,
+            )
             if save_due(step, c.steps, c.save_every, c.last_save_model_only):
                 ckpts.save(step, self.engine, {"sampler": self.sampler.state_dict()})
         bar.close()

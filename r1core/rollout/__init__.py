@@ -19,5 +19,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BuiltinEngine", "RolloutEngine", "SGLangEngine", "Sample", "SamplingParams", "request_seed",
-           "request_uniforms", "sample"]
+__all__ = [
+    "BuiltinEngine",
+    "RolloutEngine",
+    "SGLangEngine",
+    "Sample",
+    "SamplingParams",
+    "request_seed",
+    "request_uniforms",
+    "sample",
+]

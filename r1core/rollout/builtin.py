@@ -44,9 +44,9 @@ class _Request:
     prompt_index: int
     sample_index: int
     seed: int
-    max_new: int                      # max_new_tokens, capped by the cache length
+    max_new: int  # max_new_tokens, capped by the cache length
     row: int = -1
-    next_pos: int = 0                 # position of the row's next decode input (host mirror)
+    next_pos: int = 0  # position of the row's next decode input (host mirror)
     response: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: str | None = None
@@ -134,10 +134,21 @@ class BuiltinEngine(RolloutEngine):
     admit_min: queued requests wait until this many rows are free (1: refill every freed row at once).
     """
 
-    def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 64, max_len: int = 4096,
-                 device=None, dtype=None, cuda_graphs: bool = True, decode_moe: str = "dense",
-                 max_prefill_tokens: int = 16384, offload_weights_on_sleep: bool = False,
-                 share_prefill: bool = True, admit_min: int = 1):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer=None,
+        max_batch: int = 64,
+        max_len: int = 4096,
+        device=None,
+        dtype=None,
+        cuda_graphs: bool = True,
+        decode_moe: str = "dense",
+        max_prefill_tokens: int = 16384,
+        offload_weights_on_sleep: bool = False,
+        share_prefill: bool = True,
+        admit_min: int = 1,
+    ):
         ref = model.head.weight
         self.device = torch.device(device) if device is not None else ref.device
         self.dtype = dtype or ref.dtype
@@ -153,16 +164,25 @@ class BuiltinEngine(RolloutEngine):
         if admit_min < 1:
             raise ValueError(f"admit_min={admit_min} must be >= 1")
         self.admit_min = admit_min
-        self.batch_buckets = _buckets(max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512])
+        self.batch_buckets = _buckets(
+            max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+        )
         # Every row of a step reads S cache slots: steps of 1.5x (32, 48, 64, 96, ...) keep the slots read
         # within 1.5x of the longest row (powers of two allowed 2x) for twice the graphs of one batch bucket.
-        steps = [2 ** i for i in range(5, 24)] + [3 * 2 ** i for i in range(4, 23)]
+        steps = [2**i for i in range(5, 24)] + [3 * 2**i for i in range(4, 23)]
         self.len_buckets = _buckets(max_len, sorted(steps))
         self.weight_version = 0
         # host_s: host time in the generate loop outside waits; wait_s: time blocked on the device's
         # results. wait_s near 0 means the host, not the GPU, sets the pace of decoding.
-        self.stats = {"decode_steps": 0, "prefills": 0, "graphs_captured": 0, "prefill_rows": 0,
-                      "prefill_rows_shared": 0, "host_s": 0.0, "wait_s": 0.0}
+        self.stats = {
+            "decode_steps": 0,
+            "prefills": 0,
+            "graphs_captured": 0,
+            "prefill_rows": 0,
+            "prefill_rows_shared": 0,
+            "host_s": 0.0,
+            "wait_s": 0.0,
+        }
         self._cache = self._bufs = self._step = self._pool = None
         self._graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self._offloaded = False
@@ -186,7 +206,11 @@ class BuiltinEngine(RolloutEngine):
         if model_or_state_dict is self.model:
             self.weight_version += 1
             return
-        src = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+        src = (
+            model_or_state_dict.state_dict()
+            if isinstance(model_or_state_dict, nn.Module)
+            else model_or_state_dict
+        )
         own = self.model.state_dict()
         unexpected = [k for k in src if k not in own and not k.startswith("mtp.")]
         missing = [k for k in own if k not in src]
@@ -203,7 +227,9 @@ class BuiltinEngine(RolloutEngine):
         offload = self.offload_weights_on_sleep if offload_weights is None else offload_weights
         if offload and self.device.type == "cuda":
             if not self._owns_model:
-                raise RuntimeError("the engine shares the trainer's model: offloading it would move the trainer's weights")
+                raise RuntimeError(
+                    "the engine shares the trainer's model: offloading it would move the trainer's weights"
+                )
             for t in list(self.model.parameters()) + list(self.model.buffers()):
                 t.data = t.data.to("cpu").pin_memory()
             self._offloaded = True
@@ -226,9 +252,17 @@ class BuiltinEngine(RolloutEngine):
             raise ValueError("stop strings need a tokenizer (BuiltinEngine(tokenizer=...))")
         self._ensure_runtime()
         seed = base_seed(sampling)
-        reqs = [_Request(list(p), i, j, request_seed(seed, i, j),
-                         max_new=min(sampling.max_new_tokens, self.max_len - len(p)))
-                for i, p in enumerate(prompts) for j in range(n)]
+        reqs = [
+            _Request(
+                list(p),
+                i,
+                j,
+                request_seed(seed, i, j),
+                max_new=min(sampling.max_new_tokens, self.max_len - len(p)),
+            )
+            for i, p in enumerate(prompts)
+            for j in range(n)
+        ]
         for r in reqs:
             if not r.prompt_ids or r.max_new < 1:  # empty prompt, or no room in the cache
                 r.finish = "abort"
@@ -277,8 +311,14 @@ class BuiltinEngine(RolloutEngine):
                 while pending:
                     self._consume(pending.popleft(), stop_ids, sampling, free, running)
 
-    def _consume(self, p: _Pending, stop_ids: set[int], sampling: SamplingParams, free: list[int],
-                 running: dict[int, _Request]) -> None:
+    def _consume(
+        self,
+        p: _Pending,
+        stop_ids: set[int],
+        sampling: SamplingParams,
+        free: list[int],
+        running: dict[int, _Request],
+    ) -> None:
         t0 = time.perf_counter()
         tokens, logprobs = p.wait()
         self.stats["wait_s"] += time.perf_counter() - t0
@@ -315,13 +355,20 @@ class BuiltinEngine(RolloutEngine):
             text = self.tokenizer.decode(ids)
             cuts = [i for s in sampling.stop if (i := text.find(s)) >= 0]
             if isinstance(req.matched, str) and cuts:
-                text = text[:min(cuts)]
+                text = text[: min(cuts)]
         meta = {"weight_version": self.weight_version}
         if req.matched is not None:
             meta["matched_stop"] = req.matched
-        return Sample(prompt_ids=req.prompt_ids, response_ids=req.response, logprobs=req.logprobs,
-                      finish_reason=req.finish or "abort", prompt_index=req.prompt_index,
-                      sample_index=req.sample_index, response_text=text, metadata=meta)
+        return Sample(
+            prompt_ids=req.prompt_ids,
+            response_ids=req.response,
+            logprobs=req.logprobs,
+            finish_reason=req.finish or "abort",
+            prompt_index=req.prompt_index,
+            sample_index=req.sample_index,
+            response_text=text,
+            metadata=meta,
+        )
 
     # ------------------------------------------------------------------ device work
     def _prefill(self, reqs: list[_Request], truncate: bool) -> list[_Pending]:
@@ -337,7 +384,10 @@ class BuiltinEngine(RolloutEngine):
         out, start = [], 0
         while start < len(units):
             end = start + 1
-            while end < len(units) and (end - start + 1) * len(units[end][0].prompt_ids) <= self.max_prefill_tokens:
+            while (
+                end < len(units)
+                and (end - start + 1) * len(units[end][0].prompt_ids) <= self.max_prefill_tokens
+            ):
                 end += 1
             out.append(self._prefill_chunk(units[start:end], truncate))
             start = end
@@ -352,9 +402,9 @@ class BuiltinEngine(RolloutEngine):
         tokens = torch.zeros(len(leaders), T, dtype=torch.long)
         uniforms = torch.zeros(len(reqs), U, dtype=torch.float64)
         for i, r in enumerate(leaders):
-            tokens[i, :lens[i]] = torch.tensor(r.prompt_ids)
+            tokens[i, : lens[i]] = torch.tensor(r.prompt_ids)
         for i, r in enumerate(reqs):
-            uniforms[i, :r.max_new] = request_uniforms(r.seed, r.max_new)
+            uniforms[i, : r.max_new] = request_uniforms(r.seed, r.max_new)
             r.next_pos = len(r.prompt_ids)
         lead_rows = _to_device(torch.tensor([r.row for r in leaders]), dev)
         rows = _to_device(torch.tensor([r.row for r in reqs]), dev)
@@ -376,8 +426,14 @@ class BuiltinEngine(RolloutEngine):
             cache.kv[:, dst, :T] = cache.kv[:, src, :T]
             cache.pe[:, dst, :T] = cache.pe[:, src, :T]
         logits = self.model.head(h[torch.arange(len(leaders), device=dev), lens_d - 1])[unit_R]
-        tok, lp = sample(logits, bufs.temperature[rows], bufs.top_p[rows], bufs.top_k[rows],
-                         bufs.uniforms[rows, 0], truncate)
+        tok, lp = sample(
+            logits,
+            bufs.temperature[rows],
+            bufs.top_p[rows],
+            bufs.top_k[rows],
+            bufs.uniforms[rows, 0],
+            truncate,
+        )
         bufs.tokens[rows] = tok
         bufs.positions[rows] = lens_d[unit_R]
         bufs.gen_idx[rows] = 1
@@ -396,8 +452,9 @@ class BuiltinEngine(RolloutEngine):
         for r in running.values():
             r.next_pos += 1
         self.stats["decode_steps"] += 1
-        return _readback(self._bufs.out_tokens[:B], self._bufs.out_logprobs[:B],
-                         [(r.row, r) for r in running.values()])
+        return _readback(
+            self._bufs.out_tokens[:B], self._bufs.out_logprobs[:B], [(r.row, r) for r in running.values()]
+        )
 
     def _decode(self, B: int, S: int, truncate: bool) -> None:
         if not self.cuda_graphs:

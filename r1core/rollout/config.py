@@ -15,16 +15,16 @@ from typing import Any
 
 class EngineKind(str, enum.Enum):
     builtin = "builtin"  # r1core.rollout.BuiltinEngine: continuous batching, CUDA-graph decode
-    sglang = "sglang"    # r1core.rollout.SGLangEngine on sglang.Engine
+    sglang = "sglang"  # r1core.rollout.SGLangEngine on sglang.Engine
 
 
 @dataclass(kw_only=True)
 class SGLangArgs:
-    tokenizer_path: str = ""        # HF tokenizer folder for SGLang (stop strings, text); "" = r1core decodes
-    colocated: bool = True          # training shares the GPUs: SGLang's memory saver, sleep/wake around rollouts
-    deterministic: bool = False     # batch-invariant kernels, so per-request sampling seeds are honoured
-    bucket_bytes: int = 512 << 20   # bound on one weight-update call
-    tp_size: int = 1                # SGLang's own tensor parallelism for inference
+    tokenizer_path: str = ""  # HF tokenizer folder for SGLang (stop strings, text); "" = r1core decodes
+    colocated: bool = True  # training shares the GPUs: SGLang's memory saver, sleep/wake around rollouts
+    deterministic: bool = False  # batch-invariant kernels, so per-request sampling seeds are honoured
+    bucket_bytes: int = 512 << 20  # bound on one weight-update call
+    tp_size: int = 1  # SGLang's own tensor parallelism for inference
     mem_fraction_static: float = 0.5  # GPU memory share for SGLang's weights and KV cache
     server_args: dict[str, Any] = field(default_factory=dict)  # any other sglang ServerArgs field
 
@@ -40,8 +40,10 @@ def check_engine(cfg: RolloutConfig) -> None:
     if EngineKind(cfg.engine) != EngineKind.sglang:
         return
     if importlib.util.find_spec("sglang") is None:
-        raise ValueError("rollout.engine=sglang but SGLang is not installed: pip install 'r1core[sglang]' "
-                         "(docs/sglang.md), or use rollout.engine=builtin")
+        raise ValueError(
+            "rollout.engine=sglang but SGLang is not installed: pip install 'r1core[sglang]' "
+            "(docs/sglang.md), or use rollout.engine=builtin"
+        )
 
 
 def build_rollout(cfg: RolloutConfig, model, tokenizer, max_len: int, max_batch: int = 256):
@@ -53,6 +55,14 @@ def build_rollout(cfg: RolloutConfig, model, tokenizer, max_len: int, max_batch:
     from .sglang_engine import SGLangEngine
 
     s = cfg.sglang
-    return SGLangEngine(model, tokenizer=tokenizer, tokenizer_path=s.tokenizer_path or None, colocated=s.colocated,
-                        deterministic=s.deterministic, bucket_bytes=s.bucket_bytes, tp_size=s.tp_size,
-                        mem_fraction_static=s.mem_fraction_static, **s.server_args)
+    return SGLangEngine(
+        model,
+        tokenizer=tokenizer,
+        tokenizer_path=s.tokenizer_path or None,
+        colocated=s.colocated,
+        deterministic=s.deterministic,
+        bucket_bytes=s.bucket_bytes,
+        tp_size=s.tp_size,
+        mem_fraction_static=s.mem_fraction_static,
+        **s.server_args,
+    )

@@ -48,7 +48,9 @@ def moe_dense(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     B, T, D = x.shape
     x_TD = x.reshape(-1, D)
     weights_TK, idx_TK = route_topk(moe.gate.logits(x_TD), moe.gate.e_score_correction_bias, moe.gate.spec)
-    w_TE = torch.zeros(x_TD.shape[0], moe.gate.spec.n_experts, device=x.device).scatter_(1, idx_TK, weights_TK)
+    w_TE = torch.zeros(x_TD.shape[0], moe.gate.spec.n_experts, device=x.device).scatter_(
+        1, idx_TK, weights_TK
+    )
     ex = moe.experts
     h_ETI = F.silu(torch.matmul(x_TD, ex.w1.transpose(1, 2))) * torch.matmul(x_TD, ex.w3.transpose(1, 2))
     y_ETD = torch.bmm(h_ETI, ex.w2.transpose(1, 2))
@@ -69,11 +71,13 @@ def moe_grouped(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     flat_P = idx_TK.flatten()
     order_P = torch.sort(flat_P, stable=True).indices  # rows by expert, then (token, k)
     counts_E = torch.zeros(spec.n_experts, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat_P, torch.ones_like(flat_P, dtype=torch.int32))
+        0, flat_P, torch.ones_like(flat_P, dtype=torch.int32)
+    )
     offs_E = counts_E.cumsum(0, dtype=torch.int32)
     x_PD = x_TD[order_P // spec.top_k]
-    h_PI = F.silu(torch._grouped_mm(x_PD, ex.w1.transpose(1, 2), offs=offs_E)) * \
-        torch._grouped_mm(x_PD, ex.w3.transpose(1, 2), offs=offs_E)
+    h_PI = F.silu(torch._grouped_mm(x_PD, ex.w1.transpose(1, 2), offs=offs_E)) * torch._grouped_mm(
+        x_PD, ex.w3.transpose(1, 2), offs=offs_E
+    )
     y_PD = torch._grouped_mm(h_PI, ex.w2.transpose(1, 2), offs=offs_E)
     y_TKD = torch.empty_like(y_PD).index_copy_(0, order_P, y_PD).view(-1, spec.top_k, D)
     y_TD = (y_TKD.float() * weights_TK[..., None]).sum(1).to(x.dtype)  # fp32 combine, as unpermute_ref
@@ -127,7 +131,9 @@ class DecodeStep:
     consecutive calls (or graph replays) need nothing from the host.
     """
 
-    def __init__(self, model: Transformer, cache: LatentKVCache, bufs: DecodeBuffers, moe_path: str = "dense"):
+    def __init__(
+        self, model: Transformer, cache: LatentKVCache, bufs: DecodeBuffers, moe_path: str = "dense"
+    ):
         if moe_path not in (*MOE_PATHS, "model"):
             raise ValueError(f"moe_path={moe_path!r}: choose one of {[*MOE_PATHS, 'model']}")
         self.model, self.cache, self.bufs, self.moe_path = model, cache, bufs, moe_path
@@ -152,7 +158,9 @@ class DecodeStep:
     def logits(self, B: int, S: int) -> torch.Tensor:
         bufs, model = self.bufs, self.model
         pos_B = bufs.positions[:B]
-        meta = AttnMeta(positions=pos_B[:, None], cos=self.rope_cos[pos_B][:, None], sin=self.rope_sin[pos_B][:, None])
+        meta = AttnMeta(
+            positions=pos_B[:, None], cos=self.rope_cos[pos_B][:, None], sin=self.rope_sin[pos_B][:, None]
+        )
         mask = (bufs.slot_ids[None, :S] <= pos_B[:, None])[:, None, None, :]  # [B, 1, 1, S]
         x = model.embed(bufs.tokens[:B, None])
         for block in model.layers.values():
@@ -164,7 +172,9 @@ class DecodeStep:
         bufs = self.bufs
         logits_BV = self.logits(B, S)
         u_B = bufs.uniforms[bufs.row_ids[:B], bufs.gen_idx[:B].clamp(max=bufs.uniforms.shape[1] - 1)]
-        tokens_B, logprobs_B = sample(logits_BV, bufs.temperature[:B], bufs.top_p[:B], bufs.top_k[:B], u_B, truncate)
+        tokens_B, logprobs_B = sample(
+            logits_BV, bufs.temperature[:B], bufs.top_p[:B], bufs.top_k[:B], u_B, truncate
+        )
         bufs.out_tokens[:B].copy_(tokens_B)
         bufs.out_logprobs[:B].copy_(logprobs_B)
         bufs.tokens[:B].copy_(tokens_B)

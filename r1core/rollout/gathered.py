@@ -20,8 +20,15 @@ from .types import RolloutEngine, Sample, SamplingParams
 
 
 class GatheredRollout(RolloutEngine):
-    def __init__(self, engine, model_args: ModelArgs, make: Callable[[Transformer], RolloutEngine], *, device,
-                 dtype: torch.dtype):
+    def __init__(
+        self,
+        engine,
+        model_args: ModelArgs,
+        make: Callable[[Transformer], RolloutEngine],
+        *,
+        device,
+        dtype: torch.dtype,
+    ):
         self.engine = engine
         self.generates = engine.rank == 0
         self.inner: RolloutEngine | None = None
@@ -43,7 +50,9 @@ class GatheredRollout(RolloutEngine):
             if own is None:
                 continue
             if name not in own:
-                raise KeyError(f"GatheredRollout: the trainer's weight {name!r} has no place in the rollout model")
+                raise KeyError(
+                    f"GatheredRollout: the trainer's weight {name!r} has no place in the rollout model"
+                )
             own[name].copy_(full)
             seen.add(name)
         if own is not None:
@@ -54,7 +63,9 @@ class GatheredRollout(RolloutEngine):
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Sample]:
         if self.inner is None:
-            raise RuntimeError(f"rank {self.engine.rank} does not generate: rank 0 does, and broadcasts the batch")
+            raise RuntimeError(
+                f"rank {self.engine.rank} does not generate: rank 0 does, and broadcasts the batch"
+            )
         return self.inner.generate(prompts, n, sampling)
 
     def sleep(self) -> None:

@@ -27,8 +27,14 @@ def _inverse_cdf(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     return idx_B1.clamp_(max=probs_BV.shape[-1] - 1)[:, 0]
 
 
-def sample(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_p_B: torch.Tensor, top_k_B: torch.Tensor,
-           u_B: torch.Tensor, truncate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    logits_BV: torch.Tensor,
+    temperature_B: torch.Tensor,
+    top_p_B: torch.Tensor,
+    top_k_B: torch.Tensor,
+    u_B: torch.Tensor,
+    truncate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B] int64, logprobs [B] fp32) for one step.
 
     Rows with temperature 0 take the argmax (lowest index on ties). Others sample from

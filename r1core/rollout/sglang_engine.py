@@ -56,8 +56,12 @@ def import_sglang():
     return sglang
 
 
-def hf_named_tensors(state: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype | None = None,
-                     include_mtp: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_named_tensors(
+    state: dict[str, torch.Tensor],
+    args: ModelArgs,
+    dtype: torch.dtype | None = None,
+    include_mtp: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every tensor of an r1core state dict, in checkpoint order.
 
     Stacked experts yield one view per expert; `dtype` casts everything but the fp32 routing bias.
@@ -71,7 +75,9 @@ def hf_named_tensors(state: dict[str, torch.Tensor], args: ModelArgs, dtype: tor
         yield hf, t.detach().to(to)
 
 
-def buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def buckets(
+    named: Iterable[tuple[str, torch.Tensor]], max_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Group tensors into consecutive buckets of at most max_bytes (a larger tensor travels alone)."""
     bucket, size = [], 0
     for name, t in named:
@@ -87,8 +93,13 @@ def buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterat
 
 def sglang_sampling_params(sp: SamplingParams, seed: int | None) -> dict:
     """Our SamplingParams as an SGLang sampling_params dict (SGLang maps temperature 0 to greedy itself)."""
-    out = {"temperature": sp.temperature, "top_p": sp.top_p, "top_k": sp.top_k if sp.top_k > 0 else -1,
-           "max_new_tokens": sp.max_new_tokens, "no_stop_trim": False}
+    out = {
+        "temperature": sp.temperature,
+        "top_p": sp.top_p,
+        "top_k": sp.top_k if sp.top_k > 0 else -1,
+        "max_new_tokens": sp.max_new_tokens,
+        "no_stop_trim": False,
+    }
     if sp.stop:
         out["stop"] = list(sp.stop)
     if sp.stop_token_ids:
@@ -98,14 +109,17 @@ def sglang_sampling_params(sp: SamplingParams, seed: int | None) -> dict:
     return out
 
 
-def sample_from_output(out: dict, prompt_ids: list[int], prompt_index: int, sample_index: int,
-                       tokenizer=None) -> Sample:
+def sample_from_output(
+    out: dict, prompt_ids: list[int], prompt_index: int, sample_index: int, tokenizer=None
+) -> Sample:
     """One SGLang generate() result as a Sample (ids and logprobs from meta_info.output_token_logprobs)."""
     meta = out["meta_info"]
     entries = meta.get("output_token_logprobs") or []
     logprobs = [e[0] for e in entries]
     if any(lp is None for lp in logprobs):
-        raise ValueError("SGLang returned no logprob for some output tokens (was return_logprob=True passed?)")
+        raise ValueError(
+            "SGLang returned no logprob for some output tokens (was return_logprob=True passed?)"
+        )
     ids = list(out.get("output_ids") or [e[1] for e in entries])
     if len(ids) != len(logprobs):
         raise ValueError(f"SGLang returned {len(ids)} output ids but {len(logprobs)} logprobs")
@@ -115,13 +129,22 @@ def sample_from_output(out: dict, prompt_ids: list[int], prompt_index: int, samp
     reason = finish.get("type", "abort")
     text = out.get("text")
     if text is None:
-        text = tokenizer.decode(ids[:-1] if isinstance(finish.get("matched"), int) else ids) if tokenizer else ""
+        text = (
+            tokenizer.decode(ids[:-1] if isinstance(finish.get("matched"), int) else ids) if tokenizer else ""
+        )
     metadata = {"sglang_finish_reason": finish}
     if reason == "stop" and finish.get("matched") is not None:
         metadata["matched_stop"] = finish["matched"]
-    return Sample(prompt_ids=list(prompt_ids), response_ids=ids, logprobs=[float(x) for x in logprobs],
-                  finish_reason=reason if reason in ("stop", "length") else "abort", prompt_index=prompt_index,
-                  sample_index=sample_index, response_text=text, metadata=metadata)
+    return Sample(
+        prompt_ids=list(prompt_ids),
+        response_ids=ids,
+        logprobs=[float(x) for x in logprobs],
+        finish_reason=reason if reason in ("stop", "length") else "abort",
+        prompt_index=prompt_index,
+        sample_index=sample_index,
+        response_text=text,
+        metadata=metadata,
+    )
 
 
 class SGLangEngine(RolloutEngine):
@@ -136,19 +159,33 @@ class SGLangEngine(RolloutEngine):
     engine_kwargs: more ServerArgs fields (tp_size, base_gpu_id, mem_fraction_static, ...).
     """
 
-    def __init__(self, model: Transformer, tokenizer=None, tokenizer_path: str | None = None,
-                 export_dir: str | None = None, dtype: torch.dtype = torch.bfloat16, colocated: bool = True,
-                 deterministic: bool = False, bucket_bytes: int = 512 << 20, include_mtp: bool = False,
-                 **engine_kwargs):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer=None,
+        tokenizer_path: str | None = None,
+        export_dir: str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        colocated: bool = True,
+        deterministic: bool = False,
+        bucket_bytes: int = 512 << 20,
+        include_mtp: bool = False,
+        **engine_kwargs,
+    ):
         sglang = import_sglang()
         self.args, self.dtype, self.tokenizer = model.args, dtype, tokenizer
         self.bucket_bytes, self.include_mtp = bucket_bytes, include_mtp
         self.export_dir = export_dir or tempfile.mkdtemp(prefix="r1core-sglang-")
         save_pretrained(model, self.export_dir, dtype=dtype)
         self.has_tokenizer = tokenizer_path is not None
-        kwargs = dict(model_path=self.export_dir, tokenizer_path=tokenizer_path,
-                      skip_tokenizer_init=not self.has_tokenizer, dtype=str(dtype).removeprefix("torch."),
-                      enable_memory_saver=colocated, enable_deterministic_inference=deterministic)
+        kwargs = dict(
+            model_path=self.export_dir,
+            tokenizer_path=tokenizer_path,
+            skip_tokenizer_init=not self.has_tokenizer,
+            dtype=str(dtype).removeprefix("torch."),
+            enable_memory_saver=colocated,
+            enable_deterministic_inference=deterministic,
+        )
         kwargs.update(engine_kwargs)
         self.engine = sglang.Engine(**kwargs)
         self.weight_version = 0
@@ -166,8 +203,9 @@ class SGLangEngine(RolloutEngine):
         # One request per sample (not SGLang's own n): each gets its own seed and a fixed output slot.
         # SGLang stores sampling_seed as int32 in some versions: keep 31 bits.
         params = [sglang_sampling_params(sampling, request_seed(seed, i, j) % 2**31) for i, j in index]
-        outs = self.engine.generate(input_ids=[list(prompts[i]) for i, _ in index], sampling_params=params,
-                                    return_logprob=True)
+        outs = self.engine.generate(
+            input_ids=[list(prompts[i]) for i, _ in index], sampling_params=params, return_logprob=True
+        )
         samples = [sample_from_output(o, prompts[i], i, j, self.tokenizer) for o, (i, j) in zip(outs, index)]
         for s in samples:
             s.metadata["weight_version"] = self.weight_version
@@ -176,11 +214,19 @@ class SGLangEngine(RolloutEngine):
     @torch.no_grad()
     def update_weights(self, model_or_state_dict: nn.Module | dict) -> None:
         """Push weights in buckets of at most bucket_bytes, then flush SGLang's prefix cache once."""
-        state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
-        for bucket in buckets(hf_named_tensors(state, self.args, self.dtype, self.include_mtp), self.bucket_bytes):
+        state = (
+            model_or_state_dict.state_dict()
+            if isinstance(model_or_state_dict, nn.Module)
+            else model_or_state_dict
+        )
+        for bucket in buckets(
+            hf_named_tensors(state, self.args, self.dtype, self.include_mtp), self.bucket_bytes
+        ):
             result = self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
             if isinstance(result, tuple) and result and result[0] is False:
-                raise RuntimeError(f"SGLang rejected a weight update: {result[1] if len(result) > 1 else result}")
+                raise RuntimeError(
+                    f"SGLang rejected a weight update: {result[1] if len(result) > 1 else result}"
+                )
         self.engine.flush_cache()  # cached prefixes hold KV computed with the old weights
         self._released.discard("weights")
         self.weight_version += 1

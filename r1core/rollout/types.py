@@ -27,10 +27,10 @@ class SamplingConfig:
     """How a stage samples responses; the config sections that sample nest one (`rl.sampling`,
     `eval.sampling`, `rejection.sampling`, `distill.sampling`), each with its own values."""
 
-    temperature: float = 1.0        # 0: greedy (argmax)
-    top_p: float = 1.0              # nucleus mass kept, in (0, 1] (1: off)
-    top_k: int = 0                  # most likely tokens kept (0: whole vocabulary)
-    max_new_tokens: int = 256       # response cap; a truncated response has no answer
+    temperature: float = 1.0  # 0: greedy (argmax)
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1] (1: off)
+    top_k: int = 0  # most likely tokens kept (0: whole vocabulary)
+    max_new_tokens: int = 256  # response cap; a truncated response has no answer
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -59,9 +59,9 @@ class SamplingConfig:
 class SamplingParams(SamplingConfig):
     """One generate call's sampling: the settings plus what belongs to the request."""
 
-    stop: list[str] = field(default_factory=list)          # stop strings, trimmed from response_text
+    stop: list[str] = field(default_factory=list)  # stop strings, trimmed from response_text
     stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's eos
-    seed: int | None = None         # None: fresh randomness on every call
+    seed: int | None = None  # None: fresh randomness on every call
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -84,11 +84,11 @@ class SamplingParams(SamplingConfig):
 class Sample:
     prompt_ids: list[int]
     response_ids: list[int]
-    logprobs: list[float]           # one per response token, see the module docstring
-    finish_reason: str              # "stop" | "length" | "abort"
-    prompt_index: int = -1          # index of the prompt in the generate() call
-    sample_index: int = 0           # 0..n-1 within the prompt's group
-    response_text: str = ""         # decoded response, stop string and stop token removed
+    logprobs: list[float]  # one per response token, see the module docstring
+    finish_reason: str  # "stop" | "length" | "abort"
+    prompt_index: int = -1  # index of the prompt in the generate() call
+    sample_index: int = 0  # 0..n-1 within the prompt's group
+    response_text: str = ""  # decoded response, stop string and stop token removed
     metadata: dict = field(default_factory=dict)
     reward: float | None = None
     rewards: dict[str, float] = field(default_factory=dict)
@@ -119,8 +119,7 @@ class RolloutEngine(abc.ABC):
     """
 
     @abc.abstractmethod
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Sample]:
-        ...
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[Sample]: ...
 
     @abc.abstractmethod
     def update_weights(self, model_or_state_dict: nn.Module | dict) -> None:

@@ -3,5 +3,14 @@
 from .engine import LocalEngine, LRSchedule, OptimConfig, ParallelEngine, TrainEngine, build_engine, lr_at
 from .objectives import GRPOObjective, LMObjective
 
-__all__ = ["GRPOObjective", "LMObjective", "LRSchedule", "LocalEngine", "OptimConfig", "ParallelEngine",
-           "TrainEngine", "build_engine", "lr_at"]
+__all__ = [
+    "GRPOObjective",
+    "LMObjective",
+    "LRSchedule",
+    "LocalEngine",
+    "OptimConfig",
+    "ParallelEngine",
+    "TrainEngine",
+    "build_engine",
+    "lr_at",
+]

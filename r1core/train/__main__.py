@@ -66,9 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", default="", help="write a distributed checkpoint here at the end")
     p.add_argument("--out", default="", help="write the per-step metrics here as JSON (rank 0)")
-    p.add_argument("--check", action="store_true",
-                   help="validate the layout for --world-size processes and print it as JSON; start nothing")
-    p.add_argument("--world-size", type=int, default=0, help="with --check: the process count (0: $WORLD_SIZE)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the layout for --world-size processes and print it as JSON; start nothing",
+    )
+    p.add_argument(
+        "--world-size", type=int, default=0, help="with --check: the process count (0: $WORLD_SIZE)"
+    )
     return p.parse_args(argv)
 
 
@@ -85,11 +90,21 @@ def check(a: argparse.Namespace, args, parallel: ParallelConfig) -> dict:
     except ValueError as e:
         raise SystemExit(f"--preset {a.preset} on {world} processes: {e}") from None
     total, active = count_parameters(args)
-    out = {"preset": a.preset, "world_size": world, "tp": resolved.tp, "pp": resolved.pp, "cp": resolved.cp,
-           "ep": resolved.ep, "dp": resolved.dp, "microbatches": resolved.microbatches,
-           "pp_schedule": resolved.pp_schedule.value,
-           "n_layers": args.n_layers, "params_total": total, "params_active": active,
-           "routed_experts_per_rank": args.n_routed_experts // resolved.ep}
+    out = {
+        "preset": a.preset,
+        "world_size": world,
+        "tp": resolved.tp,
+        "pp": resolved.pp,
+        "cp": resolved.cp,
+        "ep": resolved.ep,
+        "dp": resolved.dp,
+        "microbatches": resolved.microbatches,
+        "pp_schedule": resolved.pp_schedule.value,
+        "n_layers": args.n_layers,
+        "params_total": total,
+        "params_active": active,
+        "routed_experts_per_rank": args.n_routed_experts // resolved.ep,
+    }
     print(json.dumps(out), flush=True)
     return out
 
@@ -100,7 +115,7 @@ def synthetic_batches(vocab: int, batch: int, seq_len: int, dp_rank: int, dp_siz
     rows = batch // dp_size
     while True:
         data = torch.randint(0, vocab, (batch, seq_len + 1), generator=g)
-        mine = data[dp_rank * rows:(dp_rank + 1) * rows]
+        mine = data[dp_rank * rows : (dp_rank + 1) * rows]
         yield {"tokens": mine[:, :-1], "labels": mine[:, 1:]}
 
 
@@ -109,8 +124,12 @@ def shard_batches(path: str, batch: int, seq_len: int, dp_rank: int, dp_size: in
 
     data = TokenShardDataset(path, seq_len, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
     for w in data.batches(batch // dp_size):
-        yield {"tokens": w.tokens, "labels": w.labels, "doc_ids": w.doc_ids,
-               "positions": positions_from_doc_ids(w.doc_ids)}
+        yield {
+            "tokens": w.tokens,
+            "labels": w.labels,
+            "doc_ids": w.doc_ids,
+            "positions": positions_from_doc_ids(w.doc_ids),
+        }
 
 
 def main(argv=None) -> list[dict]:
@@ -143,7 +162,10 @@ def _train(a: argparse.Namespace, args, parallel: ParallelConfig, device) -> lis
         metrics["step_s"] = time.perf_counter() - t0
         log.append(metrics)
         if engine.rank == 0:
-            print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
+            print(
+                json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}),
+                flush=True,
+            )
     if a.save:
         engine.save(a.save)
     if a.out and engine.rank == 0:

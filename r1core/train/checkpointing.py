@@ -41,8 +41,10 @@ class CheckpointManager:
             return None
         path = self.root / pointer.read_text().strip()
         if not (path / "trainer_state.json").exists():
-            raise RuntimeError(f"checkpoint pointer {pointer} names {path}, which has no trainer_state.json: "
-                               "the checkpoint directory was modified outside r1core")
+            raise RuntimeError(
+                f"checkpoint pointer {pointer} names {path}, which has no trainer_state.json: "
+                "the checkpoint directory was modified outside r1core"
+            )
         return path
 
     def step_dir(self, step: int) -> Path:

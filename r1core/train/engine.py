@@ -44,16 +44,16 @@ class LRSchedule(str, enum.Enum):
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    lr: float = 3e-4                # peak learning rate (r1core run stages use their own: pretrain.lr, sft.lr, rl.lr)
-    min_lr_ratio: float = 0.1       # the schedule decays to lr * min_lr_ratio
-    warmup_steps: int = 0           # linear warmup steps
-    total_steps: int = 1000         # schedule length (r1core run stages set it to their own step count)
-    schedule: LRSchedule = LRSchedule.cosine # learning-rate decay after warmup
-    weight_decay: float = 0.1       # AdamW decoupled weight decay
-    betas: tuple[float, float] = (0.9, 0.95) # AdamW betas
-    eps: float = 1e-8               # AdamW epsilon
-    grad_clip: float = 1.0      # max global gradient norm; 0 turns clipping off
-    master_weights: bool = True # fp32 master weights and AdamW state when the model's dtype is lower
+    lr: float = 3e-4  # peak learning rate (r1core run stages use their own: pretrain.lr, sft.lr, rl.lr)
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 0  # linear warmup steps
+    total_steps: int = 1000  # schedule length (r1core run stages set it to their own step count)
+    schedule: LRSchedule = LRSchedule.cosine  # learning-rate decay after warmup
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    master_weights: bool = True  # fp32 master weights and AdamW state when the model's dtype is lower
     # A step whose global gradient norm is inf/NaN is skipped (no update, no expert-bias change, the LR
     # schedule does not advance), logged with the parameters whose gradients were non-finite; this many
     # in a row stop training with an error instead of carrying on with a broken model. 0: stop at once.
@@ -67,14 +67,18 @@ class OptimConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.warmup_steps < 0 or self.total_steps < 1:
-            problems.append(f"warmup_steps={self.warmup_steps} must be >= 0 and total_steps={self.total_steps} >= 1")
+            problems.append(
+                f"warmup_steps={self.warmup_steps} must be >= 0 and total_steps={self.total_steps} >= 1"
+            )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             problems.append(f"betas={self.betas} must be two numbers in [0, 1)")
         if self.max_nonfinite_steps < 0:
             problems.append(f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 0")
         if not self.eps > 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            problems.append(f"eps={self.eps} must be > 0, grad_clip={self.grad_clip} and "
-                            f"weight_decay={self.weight_decay} >= 0")
+            problems.append(
+                f"eps={self.eps} must be > 0, grad_clip={self.grad_clip} and "
+                f"weight_decay={self.weight_decay} >= 0"
+            )
         if problems:
             raise ValueError("invalid OptimConfig: " + "; ".join(problems))
 
@@ -112,14 +116,17 @@ def split_microbatches(microbatches: list[dict], n: int) -> list[dict]:
 
 def _on_device(batch: dict, device: torch.device) -> dict:
     """The batch's tensors on the engine's device (data loaders build them on the CPU)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
 def _add(acc: dict, new: dict, device) -> None:
     """acc[k] += new[k] as fp32 tensors on `device` (no host sync: metrics stay on the GPU until the step ends)."""
     for key, value in new.items():
-        value = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value,
-                                dtype=torch.float32, device=device)
+        value = torch.as_tensor(
+            value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float32, device=device
+        )
         acc[key] = acc[key] + value if key in acc else value
 
 
@@ -143,7 +150,9 @@ class TrainEngine:
     is_last_stage = True
     dp_rank, dp_size, rank, world_size = 0, 1, 0, 1
 
-    def __init__(self, args: ModelArgs, parallel: ParallelConfig, optim: OptimConfig, device, dtype, seed: int):
+    def __init__(
+        self, args: ModelArgs, parallel: ParallelConfig, optim: OptimConfig, device, dtype, seed: int
+    ):
         self.args, self.parallel, self.optim_cfg = args, parallel, optim
         self.device, self.dtype = torch.device(device), dtype
         self.step = 0
@@ -233,7 +242,9 @@ class TrainEngine:
     def train_step(self, microbatches: list[dict], objective) -> dict:
         """One optimizer step on this rank's microbatches; returns the whole batch's metrics (every rank):
         loss, the objective's metrics, aux, grad_norm (before clipping), lr, step, n_tokens."""
-        mbs = split_microbatches([_on_device(mb, self.device) for mb in microbatches], self.parallel.microbatches)
+        mbs = split_microbatches(
+            [_on_device(mb, self.device) for mb in microbatches], self.parallel.microbatches
+        )
         denoms = self._totals(objective, mbs)
         self._zero_grad()
         sums = self._forward_backward(mbs, objective, denoms)
@@ -270,13 +281,16 @@ class TrainEngine:
         self._zero_grad()
         for gate in (m.gate for m in self.model.moe_layers()):  # this forward's expert loads are not applied
             gate.expert_load.zero_()
-        what = (f"loss={metrics.get('loss', float('nan')):.4g}, grad_norm={norm}; "
-                f"non-finite gradients on this rank in {len(bad)} tensors, e.g. {bad[:5]}")
+        what = (
+            f"loss={metrics.get('loss', float('nan')):.4g}, grad_norm={norm}; "
+            f"non-finite gradients on this rank in {len(bad)} tensors, e.g. {bad[:5]}"
+        )
         if self.nonfinite_streak > self.optim_cfg.max_nonfinite_steps:
             raise FloatingPointError(
                 f"{self.nonfinite_streak} consecutive optimizer steps (after step {self.step}) had a non-finite "
                 f"gradient norm ({what}); the weights are still those of the last finite step. Lower the learning "
-                "rate, raise optim.warmup_steps, or check the data; optim.max_nonfinite_steps sets the tolerance")
+                "rate, raise optim.warmup_steps, or check the data; optim.max_nonfinite_steps sets the tolerance"
+            )
         _log.warning("skipped optimizer step %d: %s", self.step + 1, what)
 
     @torch.no_grad()
@@ -467,8 +481,10 @@ class ParallelEngine(TrainEngine):
         head = self.model.head.weight if self.is_last_stage else None
         if self.context is not None:
             if not getattr(objective, "context_parallel", False):
-                raise ValueError(f"{type(objective).__name__} does not support context parallelism "
-                                 f"(parallel.cp={self.topo.cp}): its loss needs whole sequences on one rank")
+                raise ValueError(
+                    f"{type(objective).__name__} does not support context parallelism "
+                    f"(parallel.cp={self.topo.cp}): its loss needs whole sequences on one rank"
+                )
             mbs = [self.context.shard(mb) for mb in mbs]
 
         def loss_fn(h, index):
@@ -520,7 +536,7 @@ class ParallelEngine(TrainEngine):
         if self.context is not None:
             mbs = [self.context.shard(mb) for mb in mbs]
         hs = self.runner.forward(mbs, self.dtype)
-        hs = [torch.cat(hs[i:i + n]) for i in range(0, len(hs), n)]  # back to the given batches
+        hs = [torch.cat(hs[i : i + n]) for i in range(0, len(hs), n)]  # back to the given batches
         out = []
         for h, mb in zip(hs, microbatches):
             if self.parallel.sequence_parallel:
@@ -558,8 +574,15 @@ class ParallelEngine(TrainEngine):
         return full if self.rank == 0 else None
 
 
-def build_engine(model_args: ModelArgs, parallel: ParallelConfig, optim: OptimConfig, *, device,
-                 dtype: torch.dtype = torch.float32, seed: int = 0) -> TrainEngine:
+def build_engine(
+    model_args: ModelArgs,
+    parallel: ParallelConfig,
+    optim: OptimConfig,
+    *,
+    device,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> TrainEngine:
     """A LocalEngine when the world has one rank (torch.distributed optional), else the parallel engine."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     parallel = check_layout(model_args, parallel, world)

@@ -19,15 +19,15 @@ from .metrics import MetricsLog, progress
 
 @dataclass(kw_only=True)
 class LMTrainConfig:
-    steps: int = 300                # optimizer steps of this stage
-    lr: float = 3e-4            # peak learning rate of this stage (the rest of the schedule: `optim`)
-    batch_size: int = 32        # sequences per optimizer step (global)
+    steps: int = 300  # optimizer steps of this stage
+    lr: float = 3e-4  # peak learning rate of this stage (the rest of the schedule: `optim`)
+    batch_size: int = 32  # sequences per optimizer step (global)
     micro_batch_size: int = 32  # sequences per forward/backward
-    seq_len: int = 96               # tokens per training sequence
-    doc_masking: bool = True    # attention stays inside each packed document
-    log_every: int = 10             # steps between metrics.jsonl rows
-    save_every: int = 100           # steps between resumable checkpoints
-    keep_checkpoints: int = 2       # checkpoints kept (older ones are deleted)
+    seq_len: int = 96  # tokens per training sequence
+    doc_masking: bool = True  # attention stays inside each packed document
+    log_every: int = 10  # steps between metrics.jsonl rows
+    save_every: int = 100  # steps between resumable checkpoints
+    keep_checkpoints: int = 2  # checkpoints kept (older ones are deleted)
     # The last step writes no full (optimizer) checkpoint: the stage's model export is the last save,
     # as torchtitan's `checkpoint.last_save_model_only`. At 1.7B parameters the full state is ~24 GB
     # (fp32 masters + AdamW), a 36 s write on an H100 node's disk. False keeps it, to extend the run.
@@ -35,7 +35,9 @@ class LMTrainConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}")
+            raise ValueError(
+                f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}"
+            )
         if min(self.steps, self.seq_len, self.micro_batch_size) < 1:
             raise ValueError("steps, seq_len and micro_batch_size must be >= 1")
 
@@ -48,8 +50,15 @@ class ResumableBatches(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def train_lm(engine, data: ResumableBatches, cfg: LMTrainConfig, out_dir: str | Path, objective,
-             desc: str = "train", is_main: bool = True) -> dict:
+def train_lm(
+    engine,
+    data: ResumableBatches,
+    cfg: LMTrainConfig,
+    out_dir: str | Path,
+    objective,
+    desc: str = "train",
+    is_main: bool = True,
+) -> dict:
     """Run (or resume) `cfg.steps` optimizer steps; returns the last logged metrics."""
     out_dir = Path(out_dir)
     ckpts = CheckpointManager(out_dir / "checkpoints", keep=cfg.keep_checkpoints, is_writer=is_main)
@@ -126,5 +135,9 @@ class SFTBatches(DatasetBatches):
     """Packed SFT rows (r1core.data.PackedSFTDataset) as engine micro-batches."""
 
     def micro_batch(self, rows) -> dict[str, torch.Tensor]:
-        return {"tokens": rows.tokens, "labels": rows.labels, "doc_ids": rows.doc_ids,
-                "positions": rows.positions}
+        return {
+            "tokens": rows.tokens,
+            "labels": rows.labels,
+            "doc_ids": rows.doc_ids,
+            "positions": rows.positions,
+        }

@@ -22,7 +22,11 @@ class MetricsLog:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step] if self.path.exists() else []
+        rows = (
+            [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            if self.path.exists()
+            else []
+        )
         with open(self.path, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
@@ -31,8 +35,11 @@ class MetricsLog:
         if not self.enabled:
             return
         # the engine's own counter (optimizer steps) is kept apart: in RL a skipped step makes no update
-        row = {"step": step, "time": round(time.time(), 3),
-               **{("optim_step" if k == "step" else k): _plain(v) for k, v in metrics.items()}}
+        row = {
+            "step": step,
+            "time": round(time.time(), 3),
+            **{("optim_step" if k == "step" else k): _plain(v) for k, v in metrics.items()},
+        }
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -77,9 +84,17 @@ def progress(total: int, initial: int, desc: str, enabled: bool = True) -> tqdm:
     import sys
 
     tty = sys.stderr.isatty()
-    bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
-                mininterval=1.0 if tty else 15.0, smoothing=0.1, ascii=not tty,
-                file=sys.stderr if tty else _Lines(sys.stderr))
+    bar = tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=1.0 if tty else 15.0,
+        smoothing=0.1,
+        ascii=not tty,
+        file=sys.stderr if tty else _Lines(sys.stderr),
+    )
     _bars[:] = [bar]
     return bar
 
@@ -109,8 +124,13 @@ def pyplot():
     return plt
 
 
-def plot_curves(path: str | os.PathLike, title: str, series: dict[str, tuple[list, list]], xlabel: str = "step",
-                smooth: int = 1) -> None:
+def plot_curves(
+    path: str | os.PathLike,
+    title: str,
+    series: dict[str, tuple[list, list]],
+    xlabel: str = "step",
+    smooth: int = 1,
+) -> None:
     """One PNG with a subplot per series: {name: (steps, values)}."""
     plt = pyplot()
     series = {k: v for k, v in series.items() if v[0]}
@@ -123,7 +143,7 @@ def plot_curves(path: str | os.PathLike, title: str, series: dict[str, tuple[lis
     for ax, (name, (xs, ys)) in zip(axes.flat, series.items()):
         ax.plot(xs, ys, color="#9db7d5", linewidth=1)
         if smooth > 1 and len(ys) >= smooth:
-            ax.plot(xs[smooth - 1:], moving_average(ys, smooth), color="#1f4e89", linewidth=1.6)
+            ax.plot(xs[smooth - 1 :], moving_average(ys, smooth), color="#1f4e89", linewidth=1.6)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(alpha=0.3)

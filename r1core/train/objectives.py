@@ -29,8 +29,13 @@ def _kernel_impl(device: torch.device, impl: str | None) -> str | None:
     return impl or ("ref" if device.type == "cpu" else None)
 
 
-def ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_group=None,
-           impl: str | None = None) -> torch.Tensor:
+def ce_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_group=None,
+    impl: str | None = None,
+) -> torch.Tensor:
     """Summed next-token CE of hidden [N, D] against targets [N] (IGNORE_INDEX skipped), vocab-parallel if asked.
 
     The fused r1core.kernels.linear_cross_entropy when it imports, else the model's reference
@@ -84,8 +89,9 @@ class LMObjective:
         if not len(model.mtp) or tokens.shape[1] < 2:
             return loss, metrics
         meta = model.attn_meta(tokens, mb.get("positions"), mb.get("doc_ids"), context=mb.get("context"))
-        out = model.mtp_losses(hidden, tokens, labels, meta, head_weight,
-                               lambda h, w, t: ce_sum(h, w, t, vocab_group, self.impl))
+        out = model.mtp_losses(
+            hidden, tokens, labels, meta, head_weight, lambda h, w, t: ce_sum(h, w, t, vocab_group, self.impl)
+        )
         per_depth = [s / d[f"mtp{k}"].clamp(min=1) for k, s in enumerate(out.ce_sums, start=1)]
         mtp = sum(per_depth) / len(per_depth)
         loss = loss + model.args.mtp_loss_weight * mtp
@@ -139,9 +145,20 @@ class GRPOObjective:
         key = _AGG_TOTAL[self.loss.agg.value]
         kw = {} if (impl := _kernel_impl(hidden.device, self.impl)) is None else {"impl": impl}
         loss, stats = grpo_loss(
-            hidden, head_weight, mb["targets"], mb["mask"], mb["advantages"], mb.get("old_logprobs"),
-            mb.get("ref_logprobs"), loss=self.loss, temperature=self.temperature, norm_len=self.norm_len,
-            is_weights=mb.get("is_weights"), vocab_group=vocab_group, **kw)
+            hidden,
+            head_weight,
+            mb["targets"],
+            mb["mask"],
+            mb["advantages"],
+            mb.get("old_logprobs"),
+            mb.get("ref_logprobs"),
+            loss=self.loss,
+            temperature=self.temperature,
+            norm_len=self.norm_len,
+            is_weights=mb.get("is_weights"),
+            vocab_group=vocab_group,
+            **kw,
+        )
         # the kernel averages over this microbatch (over all its rows for "seqs"); rescale to this
         # microbatch's share of the batch
         div = mb["mask"].shape[0] if key == "seqs" else own[key]
@@ -167,5 +184,6 @@ class TokenLogprobs:
         from r1core.kernels.grpo_loss import token_logprobs
 
         kw = {} if (impl := _kernel_impl(hidden.device, self.impl)) is None else {"impl": impl}
-        return token_logprobs(hidden, head_weight, mb["targets"], temperature=self.temperature,
-                              vocab_group=vocab_group, **kw)[0]
+        return token_logprobs(
+            hidden, head_weight, mb["targets"], temperature=self.temperature, vocab_group=vocab_group, **kw
+        )[0]
