@@ -148,14 +148,15 @@ part_fp8_first_steps() {
   run fp8_tests 40 python3 -m pytest -q -m gpu tests/test_fp8.py -rfE -p no:cacheprovider
   run fp8_first_steps 200 python3 benchmarks/fp8_first_steps.py --preset small --steps 30 --batch 8 --seq 512
   [ "${FP8_SPREAD:-0}" = 1 ] || return 0
-  # optional (+80 s): bf16 at seeds 0 and 1, final19's settings: how far two bf16 runs' CE curves lie apart
+  # optional (+80 s): bf16 at seeds 0 and 1, final19's settings logged every step: how far two bf16 runs' CE
+  # curves lie apart (is fp8 vs bf16 in gpu/4 beyond that?)
   local seed d
   for seed in 0 1; do
     d=/tmp/bf16_seed$seed
     run bf16_seed$seed 40 python3 -m r1core.cli run model=small seed=$seed run_dir=$d hydra.run.dir=$d \
       "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]" \
       model.moe_impl=triton data.corpus_docs=20000 pretrain.steps=300 pretrain.batch_size=8 \
-      pretrain.micro_batch_size=8 pretrain.seq_len=512 pretrain.lr=1e-3 pretrain.log_every=5 pretrain.save_every=100000
+      pretrain.micro_batch_size=8 pretrain.seq_len=512 pretrain.lr=1e-3 pretrain.log_every=1 pretrain.save_every=100000
     cp $d/stages/*pretrain*/metrics.jsonl "$R/bf16_seed$seed.metrics.jsonl" 2>/dev/null
   done
   run bf16_spread 10 python3 benchmarks/compare_loss.py "$R/bf16_seed0.metrics.jsonl" "$R/bf16_seed1.metrics.jsonl" \
