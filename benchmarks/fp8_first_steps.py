@@ -92,26 +92,42 @@ def main(argv=None) -> dict:
     if dev.type == "cuda":
         variants.append(("fp8 training path", "fp8", None))
     ref_params, ref_groups = None, None
-    table = Table(f"fp8 vs bf16, {a.preset}, B{a.batch} x T{a.seq}, fresh random tokens (ln V = "
-                  f"{math.log(args.vocab_size):.3f}), lr {a.lr}",
-                  ["variant", "params = bf16's", "groups = bf16's", "causal leak (max |dlogit|)",
-                   "CE step 1", "grad norm step 1", f"CE step {a.steps}", "min CE - ln V"])
+    table = Table(
+        f"fp8 vs bf16, {a.preset}, B{a.batch} x T{a.seq}, fresh random tokens (ln V = "
+        f"{math.log(args.vocab_size):.3f}), lr {a.lr}",
+        [
+            "variant",
+            "params = bf16's",
+            "groups = bf16's",
+            "causal leak (max |dlogit|)",
+            "CE step 1",
+            "grad norm step 1",
+            f"CE step {a.steps}",
+            "min CE - ln V",
+        ],
+    )
     record = {"preset": a.preset, "ln_vocab": math.log(args.vocab_size), "variants": {}}
     for name, precision, backend in variants:
         model = build(args, precision, backend, dev, dtype)
         named = list(model.named_parameters())
         if ref_params is None:
             ref_params = {n: p.detach().clone() for n, p in named}
-            ref_groups = [[n for n, q in named if any(q is x for x in g["params"])]
-                          for g in param_groups(named, 0.1)]
+            ref_groups = [
+                [n for n, q in named if any(q is x for x in g["params"])] for g in param_groups(named, 0.1)
+            ]
         same = all(torch.equal(p, ref_params[n]) for n, p in named) and len(named) == len(ref_params)
         groups = [[n for n, q in named if any(q is x for x in g["params"])] for g in param_groups(named, 0.1)]
         leak = causality(model, args.vocab_size, dev, a.seq // 2, a.seq)
         ces, norms = random_token_training(model, args.vocab_size, dev, a.steps, a.batch, a.seq, a.lr)
         excess = min(ces) - math.log(args.vocab_size)
         table.add(name, same, groups == ref_groups, leak, ces[0], norms[0], ces[-1], excess)
-        record["variants"][name] = {"params_equal": same, "groups_equal": groups == ref_groups,
-                                    "causal_leak": leak, "ce": ces, "grad_norm": norms}
+        record["variants"][name] = {
+            "params_equal": same,
+            "groups_equal": groups == ref_groups,
+            "causal_leak": leak,
+            "ce": ces,
+            "grad_norm": norms,
+        }
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -32,10 +32,12 @@ def test_quantize_rows_scales_each_1x128_tile_by_its_amax():
     q, s = fp8.quantize_rows(x)
     assert q.dtype == E4M3 and s.shape == (3, 5, 2) and s.dtype == torch.float32
     for t in range(2):
-        tile = x[..., t * 128:(t + 1) * 128]
+        tile = x[..., t * 128 : (t + 1) * 128]
         s_ref = tile.abs().amax(-1) * INV_448
         torch.testing.assert_close(s[..., t], s_ref, rtol=0, atol=0)
-        assert torch.equal(q[..., t * 128:(t + 1) * 128].float(), (tile / s_ref[..., None]).to(E4M3).float())
+        assert torch.equal(
+            q[..., t * 128 : (t + 1) * 128].float(), (tile / s_ref[..., None]).to(E4M3).float()
+        )
     # dequantized values are x rounded to e4m3 (3 mantissa bits): relative error <= 2^-4, plus subnormals
     err = (fp8.dequantize_rows(q, s) - x).abs()
     bound = x.abs() * 2**-4 + s.repeat_interleave(128, -1) * 2**-10
@@ -49,7 +51,7 @@ def test_quantize_blocks_scales_each_128x128_block_and_transposes_exactly():
     assert s.shape == (2, 3)
     for i in range(2):
         for j in range(3):
-            blk = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+            blk = w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128]
             assert s[i, j] == blk.abs().amax() * INV_448
     assert s[0, 1] > 100 * s[1, 1]
     assert _rel(fp8.dequantize_blocks(q, s)[128:], w[128:]) < 0.03
@@ -129,6 +131,7 @@ def test_fp8_linear_compiles_as_one_graph_with_its_backward():
 
     def f(x_, w_):
         return F.silu(fp8.fp8_linear(x_ * 2, w_, "ref")).sum()
+
     grads = []
     for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
         x.grad = w.grad = None
@@ -169,7 +172,7 @@ def test_fp8_linear_tiles_each_gemm_along_its_reduction_dim():
 def _grouped_case(P=512, D=128, n_out=256, seg=(128, 0, 256)):
     seg_E = torch.tensor(seg)
     x = torch.randn(P, D)
-    x[sum(seg):] = 0  # rows past the last segment are zero by contract
+    x[sum(seg) :] = 0  # rows past the last segment are zero by contract
     w = torch.randn(len(seg), n_out, D) * 0.05
     return x, w, seg_E
 
@@ -192,8 +195,9 @@ def test_grouped_linear_fp8_triton_matches_per_expert_reference():
 
 def test_fp8_experts_reject_segments_not_padded_to_128_rows():
     with pytest.raises(RuntimeError, match="padded to 128 rows"):
-        fp8.grouped_linear_fp8(torch.randn(256, 128), torch.randn(2, 128, 128), torch.tensor([100, 128]),
-                               "ref")
+        fp8.grouped_linear_fp8(
+            torch.randn(256, 128), torch.randn(2, 128, 128), torch.tensor([100, 128]), "ref"
+        )
 
 
 def test_fp8_model_trains_like_fp32():
@@ -213,8 +217,9 @@ def test_fp8_model_trains_like_fp32():
     assert abs(losses[1] - losses[0]) < 0.01 * losses[0]
     # Per-GEMM errors of a few % (e4m3 keeps 3 mantissa bits) flip some routing choices in a random
     # model, so single experts' gradients differ a lot; the whole gradient must still point the same way.
-    grads = [torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
-             for m in (ref, model)]
+    grads = [
+        torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]) for m in (ref, model)
+    ]
     assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.95
 
 
@@ -233,8 +238,10 @@ def test_fp8_model_starts_where_bf16_does():
     named = [list(m.named_parameters()) for m in models]
     assert [n for n, _ in named[0]] == [n for n, _ in named[1]]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(*named))
-    groups = [[[n for n, p in nps if any(p is q for q in g["params"])] for g in param_groups(nps, 0.1)]
-              for nps in named]
+    groups = [
+        [[n for n, p in nps if any(p is q for q in g["params"])] for g in param_groups(nps, 0.1)]
+        for nps in named
+    ]
     assert groups[0] == groups[1]
     tokens = torch.randint(0, args.vocab_size, (2, 65), generator=torch.Generator().manual_seed(1))
     bf16, fp8_ = (m.compute_loss(tokens[:, :-1], tokens[:, 1:]) for m in models)
@@ -244,6 +251,7 @@ def test_fp8_model_starts_where_bf16_does():
 
 
 # ----------------------------------------------------------------------------------------- GPU
+
 
 def _tolerance_check(out, ref_emul, exact, floor=1e-3):
     """Tolerance rule: |out - fp32| <= 2 |emulation - fp32| + floor (relative Frobenius norms)."""
@@ -278,14 +286,16 @@ def test_fused_quantizers_gpu_match_reference_bit_for_bit():
     names = ("q", "s", "qt", "st")
     for name, got, ref in zip(names, fp8.quantize_dual(x, "triton"), fp8.quantize_dual(x, "ref")):
         diff = got.float() != ref.float()
-        assert not diff.any(), (f"x {name}: {int(diff.sum())} of {diff.numel()} differ, max rel "
-                                f"{_rel_max(got, ref):.3g}")
+        assert not diff.any(), (
+            f"x {name}: {int(diff.sum())} of {diff.numel()} differ, max rel {_rel_max(got, ref):.3g}"
+        )
     w = torch.randn(4, 2048, 7168, device=dev, dtype=torch.bfloat16)
     outs = fp8.quantize_blocks_t(w, "triton"), fp8.quantize_blocks_t(w, "ref")
     for name, got, ref in zip(("q", "s", "qt"), *outs):
         diff = got.float() != ref.float()
-        assert not diff.any(), (f"w {name}: {int(diff.sum())} of {diff.numel()} differ, max rel "
-                                f"{_rel_max(got, ref):.3g}")
+        assert not diff.any(), (
+            f"w {name}: {int(diff.sum())} of {diff.numel()} differ, max rel {_rel_max(got, ref):.3g}"
+        )
 
 
 @pytest.mark.gpu

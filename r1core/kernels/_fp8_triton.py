@@ -16,9 +16,24 @@ BLOCK = 128
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_e_ptr, M, N, K,
-                     stride_be, stride_bse, B_ROWS: tl.constexpr, GROUPED: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fp8_gemm_kernel(
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    c_ptr,
+    tile_e_ptr,
+    M,
+    N,
+    K,
+    stride_be,
+    stride_bse,
+    B_ROWS: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -65,8 +80,26 @@ def fp8_gemm_triton(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16, block_m: int =
     N = b_q.shape[0]
     c = torch.empty(M, N, dtype=out_dtype, device=a_q.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _fp8_gemm_kernel[grid](a_q, a_s, b_q, b_s, c, a_s, M, N, K, 0, 0, B_ROWS=b_s.shape[0] == N, GROUPED=False,
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK, num_warps=8, num_stages=3)
+    _fp8_gemm_kernel[grid](
+        a_q,
+        a_s,
+        b_q,
+        b_s,
+        c,
+        a_s,
+        M,
+        N,
+        K,
+        0,
+        0,
+        B_ROWS=b_s.shape[0] == N,
+        GROUPED=False,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=BLOCK,
+        num_warps=8,
+        num_stages=3,
+    )
     return c
 
 
@@ -79,15 +112,45 @@ def grouped_fp8_gemm_triton(x_q, x_s, w_q, w_s, tile_e, out_dtype=torch.bfloat16
     assert tile_e.numel() == triton.cdiv(P, BLOCK), "grouped fp8 GEMM: one expert per 128-row tile"
     y = torch.empty(P, n_out, dtype=out_dtype, device=x_q.device)
     grid = (triton.cdiv(P, BLOCK), triton.cdiv(n_out, BLOCK))
-    _fp8_gemm_kernel[grid](x_q, x_s, w_q, w_s, y, tile_e, P, n_out, K, w_q.stride(0), w_s.stride(0),
-                           B_ROWS=False, GROUPED=True, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK,
-                           num_warps=8, num_stages=3)
+    _fp8_gemm_kernel[grid](
+        x_q,
+        x_s,
+        w_q,
+        w_s,
+        y,
+        tile_e,
+        P,
+        n_out,
+        K,
+        w_q.stride(0),
+        w_s.stride(0),
+        B_ROWS=False,
+        GROUPED=True,
+        BLOCK_M=BLOCK,
+        BLOCK_N=BLOCK,
+        BLOCK_K=BLOCK,
+        num_warps=8,
+        num_stages=3,
+    )
     return y
 
 
 @triton.jit
-def _fp8_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, seg_start_ptr, seg_len_ptr, N, K, P,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+def _fp8_wgrad_kernel(
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    c_ptr,
+    seg_start_ptr,
+    seg_len_ptr,
+    N,
+    K,
+    P,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     """c[e] [N, K] = Σ over e's rows p of a[:, p] b[:, p]ᵀ; a [N, P], b [K, P] 1×128-scaled along P."""
     e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -121,8 +184,23 @@ def grouped_fp8_wgrad_triton(dyt_q, dyt_s, xt_q, xt_s, seg_E):
     seg_start = (torch.cumsum(seg_E, 0) - seg_E).to(torch.int32)
     dw = torch.empty(E, N, K, dtype=torch.float32, device=dyt_q.device)
     grid = (E, triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK))
-    _fp8_wgrad_kernel[grid](dyt_q, dyt_s, xt_q, xt_s, dw, seg_start, seg_E.to(torch.int32), N, K, P,
-                            BLOCK_N=BLOCK, BLOCK_K=BLOCK, BLOCK_P=BLOCK, num_warps=8, num_stages=3)
+    _fp8_wgrad_kernel[grid](
+        dyt_q,
+        dyt_s,
+        xt_q,
+        xt_s,
+        dw,
+        seg_start,
+        seg_E.to(torch.int32),
+        N,
+        K,
+        P,
+        BLOCK_N=BLOCK,
+        BLOCK_K=BLOCK,
+        BLOCK_P=BLOCK,
+        num_warps=8,
+        num_stages=3,
+    )
     return dw
 
 
@@ -135,6 +213,7 @@ def grouped_fp8_wgrad_triton(dyt_q, dyt_s, xt_q, xt_s, seg_E):
 # division (div_rn; Triton's `/` is an approximate one). Triton flushes fp32 subnormals in div_rn, which
 # changes no e4m3 value: any x / s below 2^-126 rounds to e4m3 zero either way.
 INV_448 = tl.constexpr(1 / 448)  # fp32 0x3B124925, fp8.FP8_INV_MAX
+
 
 @triton.jit
 def _e4m3_round(v):
@@ -150,8 +229,9 @@ def _e4m3_round(v):
 
 
 @triton.jit
-def _fp8_quant_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, stride_xm,
-                           TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr):
+def _fp8_quant_dual_kernel(
+    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, stride_xm, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr
+):
     """x [M, K] -> q [M, K], s [M, K/128] (1x128 tiles along K); with TRANSPOSED also
     qt [K, Mp], st [K, Mp/128] (128 tokens x 1 column tiles, stored K-major for wgrad; rows >= M are 0)."""
     pid_m = tl.program_id(0)
@@ -159,13 +239,17 @@ def _fp8_quant_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, stride
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
     m_ok = offs_m < M
-    x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=m_ok[:, None],
-                other=0.0).to(tl.float32)
+    x = tl.load(
+        x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0
+    ).to(tl.float32)
     a = tl.abs(x)
     s_row = tl.maximum(tl.max(a, axis=1), 1e-12) * INV_448
     q = _e4m3_round(tl.math.div_rn(x, s_row[:, None]))
-    tl.store(q_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
-             mask=m_ok[:, None])
+    tl.store(
+        q_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :],
+        q.to(q_ptr.dtype.element_ty),
+        mask=m_ok[:, None],
+    )
     tl.store(s_ptr + offs_m * (K // BLOCK) + pid_k, s_row, mask=m_ok)
     if TRANSPOSED:
         s_col = tl.maximum(tl.max(a, axis=0), 1e-12) * INV_448
@@ -185,8 +269,9 @@ def quantize_dual_triton(x: torch.Tensor, transposed: bool = True):
     qt = torch.empty(K, Mp, dtype=torch.float8_e4m3fn, device=x.device) if transposed else q
     st = torch.empty(K, Mp // BLOCK, dtype=torch.float32, device=x.device) if transposed else s
     grid = (Mp // BLOCK, K // BLOCK)
-    _fp8_quant_dual_kernel[grid](x, q, s, qt, st, M, K, Mp, x.stride(0), TRANSPOSED=transposed, BLOCK=BLOCK,
-                                 num_warps=8)
+    _fp8_quant_dual_kernel[grid](
+        x, q, s, qt, st, M, K, Mp, x.stride(0), TRANSPOSED=transposed, BLOCK=BLOCK, num_warps=8
+    )
     return (q, s, qt, st) if transposed else (q, s)
 
 

@@ -50,6 +50,7 @@ FP8_INV_MAX = 1 / FP8_MAX  # rounds to fp32 0x3B124925 as the factor of a float3
 # --------------------------------------------------------------------------- quantization (PyTorch: the
 # reference; the training path uses quantize_dual / quantize_blocks_t, one Triton pass off "ref")
 
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (q [..., K] e4m3, s [..., K/128] fp32), one scale per 1×128 tile of the last dim."""
     *lead, K = x.shape
@@ -115,6 +116,7 @@ def quantize_blocks_t(w: torch.Tensor, impl: str = "ref"):
 
 # --------------------------------------------------------------------------- the GEMM primitive
 
+
 def blockwise_gemm_ref(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16) -> torch.Tensor:
     """dequant(a) [M, K] · dequant(b)ᵀ [K, N] in fp32: what every backend must reproduce."""
     return (dequantize_rows(a_q, a_s) @ _dequantize_b(b_q, b_s).T).to(out_dtype)
@@ -137,8 +139,9 @@ def _torch_gemm(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16) -> torch.Tensor:
     else:  # [N/128, K/128] -> [round_up(K/128, 4), N/128], strides (1, round_up(K/128, 4))
         recipe_b = ScalingType.BlockWise128x128
         scale_b = F.pad(b_s, (0, _round_up(b_s.shape[1], 4) - b_s.shape[1])).t()
-    return F.scaled_mm(a_q, b_q.t(), _outer_major(a_s), ScalingType.BlockWise1x128, scale_b, recipe_b,
-                       output_dtype=out_dtype)
+    return F.scaled_mm(
+        a_q, b_q.t(), _outer_major(a_s), ScalingType.BlockWise1x128, scale_b, recipe_b, output_dtype=out_dtype
+    )
 
 
 @functools.cache
@@ -172,8 +175,10 @@ def blockwise_gemm(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16, impl: str | Non
     """dequant(a) · dequant(b)ᵀ with fp32 accumulation; a [M, K] 1×128 scales, b [N, K] (see module doc)."""
     M, K = a_q.shape
     if b_q.shape[1] != K or a_s.shape != (M, K // BLOCK):
-        raise ValueError(f"blockwise_gemm: a {tuple(a_q.shape)}, its scales {tuple(a_s.shape)}, "
-                         f"b {tuple(b_q.shape)}: K or the 1x128 scale shape disagree")
+        raise ValueError(
+            f"blockwise_gemm: a {tuple(a_q.shape)}, its scales {tuple(a_s.shape)}, "
+            f"b {tuple(b_q.shape)}: K or the 1x128 scale shape disagree"
+        )
     impl = impl or backend(a_q.device, _b_is_rows(b_q, b_s))
     b_rows = _b_is_rows(b_q, b_s)
     if impl == "torch" and a_q.is_cuda and not torch_blockwise_supported(a_q.device.index or 0, b_rows):
@@ -189,6 +194,7 @@ def blockwise_gemm(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16, impl: str | Non
 
 # --------------------------------------------------------------------------- linear layers
 
+
 def _pad_rows(x: torch.Tensor) -> torch.Tensor:
     """Zero rows up to a multiple of 128: wgrad reduces over rows in 128-row tiles (zeros add nothing)."""
     pad = _round_up(x.shape[0], BLOCK) - x.shape[0]
@@ -199,10 +205,11 @@ def _pad_rows(x: torch.Tensor) -> torch.Tensor:
 # break at cuBLASLt's scaled_mm or the Triton launches, no recompiles per input rank), and inductor fuses
 # everything around them. Outputs are contiguous, as the fake (shape-only) versions below promise.
 
+
 @torch.library.custom_op("r1core::fp8_linear_fwd", mutates_args=())
-def _linear_fwd(x2: torch.Tensor, weight: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor,
-                                                                             torch.Tensor, torch.Tensor,
-                                                                             torch.Tensor]:
+def _linear_fwd(
+    x2: torch.Tensor, weight: torch.Tensor, impl: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = x Wᵀ, and what backward reads: xᵀ in 128-token tiles, Wᵀ's fp8 copy, W's block scales."""
     x_q, x_s, xt_q, xt_s = quantize_dual(x2, impl)
     w_q, w_s, wt_q = quantize_blocks_t(weight, impl)
@@ -213,13 +220,25 @@ def _linear_fwd(x2: torch.Tensor, weight: torch.Tensor, impl: str) -> tuple[torc
 def _(x2, weight, impl):
     (M, K), N, Mp = x2.shape, weight.shape[0], _round_up(x2.shape[0], BLOCK)
     f32 = torch.float32
-    return (x2.new_empty(M, N), x2.new_empty(K, Mp, dtype=FP8), x2.new_empty(K, Mp // BLOCK, dtype=f32),
-            weight.new_empty(K, N, dtype=FP8), weight.new_empty(N // BLOCK, K // BLOCK, dtype=f32))
+    return (
+        x2.new_empty(M, N),
+        x2.new_empty(K, Mp, dtype=FP8),
+        x2.new_empty(K, Mp // BLOCK, dtype=f32),
+        weight.new_empty(K, N, dtype=FP8),
+        weight.new_empty(N // BLOCK, K // BLOCK, dtype=f32),
+    )
 
 
 @torch.library.custom_op("r1core::fp8_linear_bwd", mutates_args=())
-def _linear_bwd(dy2: torch.Tensor, xt_q: torch.Tensor, xt_s: torch.Tensor, wt_q: torch.Tensor,
-                w_s: torch.Tensor, w_dtype: torch.dtype, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear_bwd(
+    dy2: torch.Tensor,
+    xt_q: torch.Tensor,
+    xt_s: torch.Tensor,
+    wt_q: torch.Tensor,
+    w_s: torch.Tensor,
+    w_dtype: torch.dtype,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """dgrad dx = dy W (dy 1x128 along N, W 128x128) and wgrad dW = dyᵀ x (both 128x1 along tokens)."""
     dy_q, dy_s, dyt_q, dyt_s = quantize_dual(dy2, impl)
     dx = blockwise_gemm(dy_q, dy_s, wt_q, w_s.t().contiguous(), dy2.dtype, impl)
@@ -261,6 +280,7 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- grouped experts
 
+
 def tile_experts(seg_E: torch.Tensor, n_rows: int, block_m: int = BLOCK) -> torch.Tensor:
     """Expert of each block_m-row tile of x_PD (segments padded to 128 rows); -1 past the last segment."""
     ends = torch.cumsum(seg_E, 0)
@@ -288,7 +308,7 @@ def _grouped_wgrad_ref(dyt_q, dyt_s, xt_q, xt_s, seg_E):
     dy_t, x_t = dequantize_rows(dyt_q, dyt_s), dequantize_rows(xt_q, xt_s)
     start = 0
     for e, n in enumerate(seg_E.tolist()):
-        dw[e] = dy_t[:, start:start + n] @ x_t[:, start:start + n].T
+        dw[e] = dy_t[:, start : start + n] @ x_t[:, start : start + n].T
         start += n
     return dw
 
