@@ -1,7 +1,8 @@
 """GRPO loss from hidden states, fwd+bwd and forward-only log-probs: naive PyTorch, Liger, ours.
 
-    python benchmarks/bench_grpo_loss.py            # GPU: B8xT1024 H4096 V151936 and B4xT1024 H7168 V129280, bf16
-    python benchmarks/bench_grpo_loss.py --tiny     # CPU check at a tiny shape (Triton interpreter)
+    python benchmarks/bench_grpo_loss.py         # GPU: B8xT1024 H4096 V151936 and B4xT1024 H7168 V129280,
+                                                 # bf16
+    python benchmarks/bench_grpo_loss.py --tiny  # CPU check at a tiny shape (Triton interpreter)
 
 Per provider: median ms, x the roofline (6*N*H*V FLOPs at the matmul peak measured in this run; 2NHV for
 forward-only), x naive, x Liger (best Liger variant that ran), TFLOP/s and % of peak, peak memory beyond

@@ -85,7 +85,8 @@ def topk_route(logits_TE, bias_E, spec):
 
 
 def torch_permute(x_TD, idx_TK):
-    """Plain PyTorch permute: stable argsort of the flat expert ids, then index_select (the 1.45 ms anchor)."""
+    """Plain PyTorch permute: stable argsort of the flat expert ids, then index_select (the 1.45 ms
+    anchor)."""
     order = idx_TK.flatten().argsort(stable=True)
     return x_TD.index_select(0, order // idx_TK.shape[1]), order
 
@@ -322,7 +323,8 @@ def ffn_row(moe, T, zipf, ceil, repeats):
 
 
 def plain_layer(moe, x_BTD):
-    """Plain PyTorch MoE layer: topk routing, argsort permute, torch._grouped_mm experts, index_add combine."""
+    """Plain PyTorch MoE layer: topk routing, argsort permute, torch._grouped_mm experts, index_add
+    combine."""
     x_TD = x_BTD.flatten(0, 1)
     spec = moe.gate.spec
     w, idx, counts = topk_route(moe.gate.logits(x_TD), moe.gate.e_score_correction_bias, spec)

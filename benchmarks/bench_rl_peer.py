@@ -96,7 +96,10 @@ PRESETS = {
 
 UNMATCHED = [
     "sampling seeds and engines: r1core's BuiltinEngine vs transformers' generate draw different samples",
-    "r1core's aux-loss-free expert-bias update (bias_update_speed) runs after each step; HF's model keeps the bias",
+    (
+        "r1core's aux-loss-free expert-bias update (bias_update_speed) runs after each step; "
+        "HF's model keeps the bias"
+    ),
     "TRL's model is transformers' DeepseekV3ForCausalLM (no MTP layer; unused by the GRPO loss either way)",
     "on GPU: r1core trains bf16 weights with fp32 master copies, TRL fp32 weights under bf16 autocast",
 ]
@@ -299,7 +302,8 @@ class Trained:
 def train_r1core(
     base: Base, s: PeerSettings, work: Path, device: torch.device, dtype: torch.dtype, moe_impl: str = "ref"
 ) -> Trained:
-    """stage_rl's construction, without the pipeline: engine from the base, BuiltinEngine rollout, GRPOTrainer."""
+    """stage_rl's construction, without the pipeline: engine from the base, BuiltinEngine rollout,
+    GRPOTrainer."""
     from r1core.checkpoint.hf import hf_model_args
     from r1core.model.args import Impl
     from r1core.parallel.config import ParallelConfig

@@ -16,8 +16,9 @@ without shared prefill; and the weight refresh cost of a non-colocated engine.
 
   python benchmarks/bench_rollout.py            # GPU, the anchor workload, sweep, GRPO rows
   python benchmarks/bench_rollout.py --tiny     # CPU smoke run (tiny preset, small batch)
-  python benchmarks/bench_rollout.py --repeats 1 --variants graphs,triton --sweep-presets bench:256,small:64:256:1024 \
-      --sweep-moe auto --grpo 32x8,128x8 --grpo-configs old,admit --profile small:256:auto   # the compact run
+  python benchmarks/bench_rollout.py --repeats 1 --variants graphs,triton \
+      --sweep-presets bench:256,small:64:256:1024 --sweep-moe auto --grpo 32x8,128x8 \
+      --grpo-configs old,admit --profile small:256:auto   # the compact run
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ from r1core.model.moe import RouterSpec, route_ref  # noqa: E402
 
 
 def kernel_table(fn, label: str, calls: int = 5, detail: bool = False) -> None:
-    """Per-kernel GPU time of fn (torch.profiler); `detail` also lists the last call's kernels in launch order."""
+    """Per-kernel GPU time of fn (torch.profiler); `detail` also lists the last call's kernels in launch
+    order."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -74,7 +75,8 @@ def dispatch(T, args, x, ceil):
     nbytes = (T + T * K) * D * x.element_size()
     bound = nbytes / ceil.copy_gbps / 1e6
     print(
-        f"\npermute/unpermute bytes {nbytes / 1e9:.3f} GB; at the measured copy BW {ceil.copy_gbps:.0f} GB/s: "
+        f"\npermute/unpermute bytes {nbytes / 1e9:.3f} GB; "
+        f"at the measured copy BW {ceil.copy_gbps:.0f} GB/s: "
         f"{bound:.3f} ms; 80% goal: {bound / 0.8:.3f} ms"
     )
     src = idx.flatten().argsort(stable=True) // K

@@ -35,7 +35,10 @@ def _first_nonfinite(model, run):
                     (
                         "forward",
                         name,
-                        f"inputs finite={not ins_bad}, out dtypes={[getattr(o, 'dtype', None) for o in outs]}",
+                        (
+                            f"inputs finite={not ins_bad}, "
+                            f"out dtypes={[getattr(o, 'dtype', None) for o in outs]}"
+                        ),
                     )
                 )
 

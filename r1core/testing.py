@@ -42,7 +42,8 @@ def assert_close_to_ref(
             else f", lowp ref max {lowp_err.max().item():.3e} mean {lowp_err.mean().item():.3e}"
         )
         raise AssertionError(
-            f"{name}: max err {err.max().item():.3e} mean {err.mean().item():.3e} > budget {budget:.3e}{extra}"
+            f"{name}: max err {err.max().item():.3e} mean {err.mean().item():.3e} "
+            f"> budget {budget:.3e}{extra}"
         )
 
 
@@ -72,7 +73,8 @@ def _worker(rank, world_size, port, fn, args, queue, done):
         queue.put((rank, None, traceback.format_exc()))
     finally:
         dist.destroy_process_group()
-    # CPU tensors cross the queue as shared memory owned by this process: stay alive until the parent has them.
+    # CPU tensors cross the queue as shared memory owned by this process: stay alive until the parent has
+    # them.
     done.wait(600)
 
 
@@ -98,7 +100,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
             try:
                 rank, value, err = queue.get(timeout=1.0)
             except queue_mod.Empty:
-                # a rank that died without reporting (segfault, OOM kill) would leave the others hanging in a collective
+                # a rank that died without reporting (segfault, OOM kill) would leave the others hanging in a
+                # collective
                 dead = [
                     (r, p.exitcode)
                     for r, p in enumerate(procs)

@@ -1,4 +1,5 @@
-"""bench_rollout's decode roofline accounting (benchmarks/rollout_roofline.py), on the CPU at the tiny preset."""
+"""bench_rollout's decode roofline accounting (benchmarks/rollout_roofline.py), on the CPU at the tiny
+preset."""
 
 import os
 import sys

@@ -1,5 +1,6 @@
 """Bring your own model and data: a transformers-saved DeepSeek-V3 through `pipeline=r1_zero`, the `load`
-stage's checkpoint validation, the data pre-flight over every dataset kind, `+key` typos, Ctrl-C and resume."""
+stage's checkpoint validation, the data pre-flight over every dataset kind, `+key` typos, Ctrl-C and
+resume."""
 
 import json
 import logging

@@ -69,7 +69,8 @@ def _printed_command(script, *args, env):
     ],
 )
 def test_distributed_example_layouts_are_valid(script, preset, env, layout, capsys):
-    """CHECK=1 validates the script's layout; its command runs here in-process (one interpreter start saved)."""
+    """CHECK=1 validates the script's layout; its command runs here in-process (one interpreter start
+    saved)."""
     from r1core.train.__main__ import main
 
     cmd = _printed_command(script, env={"CHECK": "1", "PRESET": preset, **env})

@@ -193,7 +193,8 @@ def test_grpo_loss_unclipped_token_gradient_is_exact(impl):
 
 @pytest.mark.parametrize("impl", FUSED + ["ref"])
 def test_grpo_loss_dual_clip_bounds_negative_advantage_objective(impl):
-    # rho 4 with A = -1 and c = 3: min(-4, -1.2) = -4 < -3 -> objective -3 (loss 1.5 per token / 2), no gradient
+    # rho 4 with A = -1 and c = 3: min(-4, -1.2) = -4 < -3 -> objective -3 (loss 1.5 per token / 2), no
+    # gradient
     inputs, kw = two_token_case([4.0, 1.0], [-1.0, 0.0], dual_clip=3.0)
     loss, _, gh, _ = run(grpo_loss, inputs, impl=impl, **kw)
     assert loss.item() == pytest.approx(3.0 / 2, abs=1e-6)

@@ -354,7 +354,8 @@ def test_masked_attention_backward_is_finite_where_cudnn_sdpa_gives_nan(T):
     for name, got, want in zip("qkv", *grads):
         assert torch.isfinite(got).all(), f"d{name} has non-finite values"
         if name == "q":
-            # dq[..., 0] = scale * k0 * sum_j dS_ij with k0 ~ -1663 shared by every key: the exact sum is 0, and
+            # dq[..., 0] = scale * k0 * sum_j dS_ij with k0 ~ -1663 shared by every key: the exact sum
+            # is 0, and
             # a fused kernel's D_i = rowsum(dO * O) on the bf16 O leaves ~1e-2 of it, times 120. Finite is all
             # one can ask of that column; the others carry the real gradient.
             got, want = got[..., 1:], want[..., 1:]

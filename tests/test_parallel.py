@@ -345,7 +345,8 @@ def test_a_failing_rank_ends_a_torchrun_job_with_an_error_instead_of_hanging(mod
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
     }
     t0 = time.monotonic()
-    # the hang this guards against lasts the process-group timeout (600 s in "stage", gloo's 30 min by default)
+    # the hang this guards against lasts the process-group timeout (600 s in "stage", gloo's 30 min by
+    # default)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", job, mode],
         capture_output=True,

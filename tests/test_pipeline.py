@@ -542,7 +542,8 @@ def test_whole_default_pipeline_runs_under_tensor_parallel_two_processes(tmp_pat
 
 
 def test_multirun_sweep_gives_each_job_its_own_run_directory(tmp_path):
-    """`r1core run --multirun a=1,2`: Hydra runs one job per value, each in its own run_dir (the sweep subdir)."""
+    """`r1core run --multirun a=1,2`: Hydra runs one job per value, each in its own run_dir (the sweep
+    subdir)."""
     cmd = [
         sys.executable,
         "-m",

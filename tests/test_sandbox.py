@@ -154,7 +154,9 @@ def run_escapes(cases, limits, values):
         for name, body in cases.items():
             stats = rewards.RewardStats()
             program = "<think>plan</think>\\n```python\\n" + body.format(**values) + "\\n```\\n"
-            score = rewards.get("code", stats)(program, [{"input": "1 2\\n", "output": "3\\n"}], limits=limits)
+            score = rewards.get("code", stats)(
+                program, [{"input": "1 2\\n", "output": "3\\n"}], limits=limits
+            )
             run = runs[-1]
             results[name] = [score, stats.snapshot().get("code", {}), run.stdout.decode("utf-8", "replace"),
                              run.stderr.decode("utf-8", "replace")[-2000:]]

@@ -154,7 +154,8 @@ class _Loader:
             raise CheckpointError(
                 f"checkpoint tensor(s) with no place in r1core for this config.json (num_hidden_layers="
                 f"{self.args.n_layers}, num_nextn_predict_layers={self.args.n_mtp_modules}, q_lora_rank="
-                f"{self.args.q_lora_rank or None}): {sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''}"
+                f"{self.args.q_lora_rank or None}): {sorted(unexpected)[:8]}"
+                f"{' ...' if len(unexpected) > 8 else ''}"
             )
         optional = {hf for hf, _ in mtp_copies(self.args)}
         missing = sorted(

@@ -220,8 +220,9 @@ def _rope_section(config: dict) -> dict:
 
 
 def _check_cos_sin_scale(factor: float, mscale, mscale_all_dim, attention_factor) -> None:
-    """transformers scales YaRN's cos/sin by attention_factor, else ym(f, mscale) / ym(f, mscale_all_dim) when both
-    are set, else ym(f); r1core by ym(f, mscale) / ym(f, mscale_all_dim) when mscale_all_dim is set, else 1."""
+    """transformers scales YaRN's cos/sin by attention_factor, else ym(f, mscale) / ym(f, mscale_all_dim)
+    when both are set, else ym(f); r1core by ym(f, mscale) / ym(f, mscale_all_dim) when mscale_all_dim is
+    set, else 1."""
     hf_scale = attention_factor
     if hf_scale is None:
         hf_scale = (
@@ -340,7 +341,8 @@ def parse_hf_config(config: dict) -> tuple[ModelArgs, HFExtras]:
 
 
 def args_from_hf_config(config: dict) -> ModelArgs:
-    """ModelArgs for an HF DeepSeek-V3 / V2 `config.json` dict; CheckpointError names any key r1core cannot honour."""
+    """ModelArgs for an HF DeepSeek-V3 / V2 `config.json` dict; CheckpointError names any key r1core cannot
+    honour."""
     return parse_hf_config(config)[0]
 
 

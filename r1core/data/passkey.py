@@ -9,8 +9,8 @@ lets one generator serve pretraining (documents that fit a training window), lon
 and the evaluation grid (a document of each length with the needle at each depth).
 
 The answer is the key's digits after the question's "The pass key is", the needle's own words, so
-that a model answers by finding them and copying what followed (an induction head; every digit is its own token in
-r1core's tokenizer). A model retrieves the key when it predicts each of those tokens greedily,
+that a model answers by finding them and copying what followed (an induction head; every digit is its own
+token in r1core's tokenizer). A model retrieves the key when it predicts each of those tokens greedily,
 which, teacher-forced, is one forward pass per document.
 """
 

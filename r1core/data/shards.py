@@ -220,7 +220,8 @@ def _load_shards(path: str | Path | list, seq_len: int, tokenizer_hash: str | No
         tokens = np.memmap(index_path.with_suffix(".bin"), dtype=np.dtype(index["dtype"]), mode="r")
         if tokens.shape[0] != index["n_tokens"]:
             raise ValueError(
-                f"{index_path.with_suffix('.bin')} holds {tokens.shape[0]} tokens, index says {index['n_tokens']}"
+                f"{index_path.with_suffix('.bin')} holds {tokens.shape[0]} tokens, "
+                f"index says {index['n_tokens']}"
             )
         shards.append(
             _Shard(tokens, np.asarray(index["doc_ends"], dtype=np.int64), (index["n_tokens"] - 1) // seq_len)

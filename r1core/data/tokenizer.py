@@ -7,7 +7,8 @@ non-special tokens (as in DeepSeek-R1's tokenizer), so they survive decode(skip_
 
 Two chat templates are known, chosen from the tokenizer's vocabulary:
     r1core    <|bos|>{system}<|user|>{prompt}<|assistant|><think>\\n  ... <|eos|>
-    deepseek  <｜begin▁of▁sentence｜>{system}<｜User｜>{prompt}<｜Assistant｜><think>\\n ... <｜end▁of▁sentence｜>
+    deepseek  <｜begin▁of▁sentence｜>{system}<｜User｜>{prompt}<｜Assistant｜><think>\\n
+              ... <｜end▁of▁sentence｜>
 The trailing "<think>\\n" is R1's forced start of the reasoning; ChatFormat.think_prefix sets it.
 """
 

@@ -1,4 +1,5 @@
-"""Triton kernels behind r1core.kernels.grpo_loss (kernels/grpo_loss.py): log-sum-exp statistics and d(loss)/d(logits).
+"""Triton kernels behind r1core.kernels.grpo_loss (kernels/grpo_loss.py): log-sum-exp statistics
+and d(loss)/d(logits).
 
 All kernels work on z = scale * x (scale = 1 / temperature) and keep, per token, the online
 log-sum-exp triple of Milakov & Gimelshein, "Online normalizer calculation for softmax" (2018):

@@ -37,7 +37,8 @@ BACKENDS = ("grouped_mm", "triton")
 def _tile_rows(
     pid_m, tile_end_ptr, seg_start_ptr, seg_ptr, P, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr
 ):
-    """Expert and rows of row-tile pid_m: tiles are numbered expert by expert (tile_end = cumsum cdiv(seg, BM))."""
+    """Expert and rows of row-tile pid_m: tiles are numbered expert by expert
+    (tile_end = cumsum cdiv(seg, BM))."""
     ar = tl.arange(0, BLOCK_E)
     ends = tl.load(tile_end_ptr + ar, mask=ar < E, other=2147483647)
     e = tl.sum((ends <= pid_m).to(tl.int32), axis=0)

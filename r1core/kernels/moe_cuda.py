@@ -9,7 +9,8 @@ The contracts are r1core.model.moe's refs (docs/ARCHITECTURE.md, "MoE contracts"
     moe_permute_cuda(x_TD, idx_TK, counts_E, pad_multiple)  -> x_PD, pos_TK
         segment e starts at exclusive_cumsum(round_up(counts, pad))[e]; rows in (token, k) order;
         P = T*K (+ E*(pad-1) when padded) is static; padding rows and the tail are zero
-    moe_unpermute_cuda(y_PD, pos_TK, weights_TK)            -> y_TD[t] = sum_k w[t,k] * y_PD[pos[t,k]]  (fp32 acc)
+    moe_unpermute_cuda(y_PD, pos_TK, weights_TK)            -> y_TD[t] = sum_k w[t,k] * y_PD[pos[t,k]]
+        (fp32 acc)
 
 Each op is an autograd.Function: the router's backward is PyTorch math on the [T, K] gathered scores,
 permute's backward is the gather-sum kernel (unpermute with unit weights), unpermute's backward is a
@@ -68,7 +69,8 @@ def _ext():
 
 
 def _gathered_weights(logits_TE: torch.Tensor, idx_TK: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
-    """The router's weights as a differentiable function of the logits, given the selection (route_ref's math)."""
+    """The router's weights as a differentiable function of the logits, given the selection (route_ref's
+    math)."""
     logits_TE = logits_TE.float()
     if spec.score_func == ScoreFunc.sigmoid:
         s_TK = logits_TE.gather(1, idx_TK).sigmoid()  # elementwise, so gather first: [T, K] work only
@@ -163,7 +165,8 @@ def _check_cuda(t: torch.Tensor, name: str) -> None:
 
 
 def moe_route_cuda(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: RouterSpec):
-    """Group-limited top-k routing -> (weights_TK fp32, idx_TK int64, counts_E int64); see the module docstring."""
+    """Group-limited top-k routing -> (weights_TK fp32, idx_TK int64, counts_E int64); see the module
+    docstring."""
     _ext()
     _check_cuda(logits_TE, "logits_TE")
     _require(
@@ -188,7 +191,8 @@ def moe_route_cuda(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: R
 def moe_permute_cuda(x_TD: torch.Tensor, idx_TK: torch.Tensor, counts_E: torch.Tensor, pad_multiple: int = 1):
     """Expert-contiguous copy of the routed tokens -> (x_PD, pos_TK); see the module docstring.
 
-    Segment sizes are counted on the device from idx_TK (counts_E must be its bincount; only its shape is used).
+    Segment sizes are counted on the device from idx_TK (counts_E must be its bincount; only its shape is
+    used).
     """
     _ext()
     for t, name in ((x_TD, "x_TD"), (idx_TK, "idx_TK"), (counts_E, "counts_E")):

@@ -102,7 +102,8 @@ def _scatter_rows_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """out[pos[t,k]] = (w[t,k] *) src[t]; with DOT also dot[t,k,pid_d] = <src[t], y[pos[t,k]]> on this D block."""
+    """out[pos[t,k]] = (w[t,k] *) src[t]; with DOT also dot[t,k,pid_d] = <src[t], y[pos[t,k]]>
+    on this D block."""
     pid_d = tl.program_id(1)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -234,7 +235,8 @@ def _gather(src_PD: torch.Tensor, pos_TK: torch.Tensor, w_TK: torch.Tensor | Non
 
 
 def _scatter(src_TD, pos_TK, w_TK, P: int, dtype, y_PD=None):
-    """Rows of src to their K destinations (scaled by w); with y_PD also returns <src[t], y_PD[pos]> [T, K]."""
+    """Rows of src to their K destinations (scaled by w); with y_PD also returns
+    <src[t], y_PD[pos]> [T, K]."""
     T, K = pos_TK.shape
     D = src_TD.shape[1]
     out_PD = torch.empty(P, D, device=src_TD.device, dtype=dtype)

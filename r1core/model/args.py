@@ -25,7 +25,8 @@ class Precision(str, enum.Enum):
     """Which number format the GEMMs of linear layers and routed experts run in (r1core.model.precision)."""
 
     bf16 = "bf16"  # every GEMM in the parameters' dtype
-    fp8 = "fp8"  # DeepSeek-V3's recipe: e4m3 GEMMs with 1x128 / 128x128 scales; attention, norms, router, head bf16
+    # DeepSeek-V3's recipe: e4m3 GEMMs with 1x128 / 128x128 scales; attention, norms, router, head bf16
+    fp8 = "fp8"
     fp8_dense = (
         "fp8_dense"  # fp8 in the linear layers only; routed experts keep bf16 grouped GEMMs (faster today)
     )
@@ -85,20 +86,24 @@ class ModelArgs:
         problems = []
         if self.n_routed_experts % max(self.n_expert_groups, 1):
             problems.append(
-                f"n_routed_experts={self.n_routed_experts} is not divisible by n_expert_groups={self.n_expert_groups}"
+                f"n_routed_experts={self.n_routed_experts} is not divisible by "
+                f"n_expert_groups={self.n_expert_groups}"
             )
         if not 1 <= self.n_limited_groups <= self.n_expert_groups:
             problems.append(
-                f"n_limited_groups={self.n_limited_groups} must be in [1, n_expert_groups={self.n_expert_groups}]"
+                f"n_limited_groups={self.n_limited_groups} must be in "
+                f"[1, n_expert_groups={self.n_expert_groups}]"
             )
         per_group = self.n_routed_experts // max(self.n_expert_groups, 1)
         if self.n_activated_experts > self.n_limited_groups * per_group:
             problems.append(
-                f"n_activated_experts={self.n_activated_experts} exceeds the {self.n_limited_groups * per_group} experts in the kept groups"
+                f"n_activated_experts={self.n_activated_experts} exceeds the "
+                f"{self.n_limited_groups * per_group} experts in the kept groups"
             )
         if self.n_expert_groups > 1 and self.score_func == ScoreFunc.sigmoid and per_group < 2:
             problems.append(
-                "group-limited sigmoid routing scores a group by its top-2 experts: need >= 2 experts per group"
+                "group-limited sigmoid routing scores a group by its top-2 experts: "
+                "need >= 2 experts per group"
             )
         if self.n_dense_layers > self.n_layers:
             problems.append(f"n_dense_layers={self.n_dense_layers} > n_layers={self.n_layers}")
@@ -106,7 +111,8 @@ class ModelArgs:
             problems.append(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
         if self.max_seq_len > self.original_seq_len and self.rope_factor <= 1:
             problems.append(
-                f"max_seq_len={self.max_seq_len} exceeds original_seq_len={self.original_seq_len} but rope_factor={self.rope_factor} <= 1"
+                f"max_seq_len={self.max_seq_len} exceeds original_seq_len={self.original_seq_len} "
+                f"but rope_factor={self.rope_factor} <= 1"
             )
         if problems:
             raise ValueError("invalid ModelArgs: " + "; ".join(problems))

@@ -18,7 +18,8 @@ def _correction_dim(n_rotations: float, dim: int, base: float, max_len: int) -> 
 
 
 def yarn_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies [rope_dim // 2]: extrapolated for fast dims, interpolated by `rope_factor` for slow ones."""
+    """Inverse frequencies [rope_dim // 2]: extrapolated for fast dims, interpolated by `rope_factor` for slow
+    ones."""
     dim, base = args.qk_rope_head_dim, args.rope_theta
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     if not args.uses_yarn:

@@ -185,7 +185,8 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache: LatentKVCache | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab]. Multi-token prediction is off here (training and speculation use `compute_loss`)."""
+        """Logits [B, T, vocab]. Multi-token prediction is off here (training and speculation use
+        `compute_loss`)."""
         h, _ = self.hidden_states(tokens, positions, doc_ids, cache)
         return self.head(h)
 

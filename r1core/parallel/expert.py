@@ -96,7 +96,8 @@ def _shard_experts_(experts: GroupedExperts, topo: Topology) -> None:
 
 
 def apply_expert_parallel(model: Transformer, topo: Topology) -> None:
-    """Keep this rank's experts (and their TP slice) in every MoE layer and swap in the parallel dispatcher."""
+    """Keep this rank's experts (and their TP slice) in every MoE layer and swap in the parallel
+    dispatcher."""
     for moe in model.modules():
         if isinstance(moe, MoE):
             _shard_experts_(moe.experts, topo)

@@ -97,7 +97,8 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
 
 
 def adamw(named_params, optim_cfg, group=None, group_size: int = 1, zero1: bool = False):
-    """AdamW over `named_params`; its state sharded over `group` (ZeRO-1) when asked and the group has > 1 rank."""
+    """AdamW over `named_params`; its state sharded over `group` (ZeRO-1) when asked and the group has > 1
+    rank."""
     groups = param_groups(named_params, optim_cfg.weight_decay)
     kw = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
     if named_params and named_params[0][1].is_cuda:

@@ -111,7 +111,8 @@ class StageModule(nn.Module):
             weighted = aux * self._ctx.aux_weight[i]
             h = MoEAuxLossAutoScaler.apply(h, weighted)
             if not self.is_last:
-                # the scaler returns its input as a view; zero-bubble schedules detach_() stage outputs in place
+                # the scaler returns its input as a view; zero-bubble schedules detach_() stage outputs in
+                # place
                 h = h.clone()
             total = self._ctx.aux_total
             self._ctx.aux_total = weighted.detach() if total is None else total + weighted.detach()
@@ -168,7 +169,8 @@ def build_schedule(
 
 
 class StageRunner:
-    """Runs this rank's stages over a list of microbatches: a plain loop without PP, a torch schedule with it."""
+    """Runs this rank's stages over a list of microbatches: a plain loop without PP, a torch schedule with
+    it."""
 
     def __init__(self, model: Transformer, topo):
         self.topo, self.cfg = topo, topo.cfg

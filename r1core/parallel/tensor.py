@@ -113,7 +113,8 @@ def _vocab_parallel_embedding(embed: nn.Embedding, topo: Topology) -> nn.Module:
 
 
 def apply_tensor_parallel(model: Transformer, topo: Topology, sequence_parallel: bool) -> None:
-    """Shard this rank's part of `model` (after pipeline splitting) over TP in place; see the module docstring."""
+    """Shard this rank's part of `model` (after pipeline splitting) over TP in place; see the module
+    docstring."""
     group, rank, n = topo.tp_group, topo.rank_in("tp"), topo.tp
     for block in model.layers.values():
         _parallel_block(block, topo, sequence_parallel)

@@ -83,7 +83,8 @@ class Topology:
 
 
 def init_topology(cfg: ParallelConfig, device: torch.device) -> Topology:
-    """Initialize megatron-core's groups for a validated, dp-resolved config (torch.distributed must be up)."""
+    """Initialize megatron-core's groups for a validated, dp-resolved config (torch.distributed must be
+    up)."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():

@@ -50,7 +50,8 @@ def all_scenario_problems(
 
 
 class AllScenarioScorer(Scorer):
-    """Rule rewards for reasoning problems; the reward model (weight rl.reward_model_weight) for general ones."""
+    """Rule rewards for reasoning problems; the reward model (weight rl.reward_model_weight) for general
+    ones."""
 
     def __init__(self, weights, reward_kwargs, rm_weight: float, require_boxed: bool = True):
         super().__init__(weights, reward_kwargs, require_boxed=require_boxed)

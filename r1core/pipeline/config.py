@@ -62,7 +62,9 @@ class StageSpec:
     init: str = "previous"  # model to start from: "previous" model stage, a stage name, or "scratch"
     dataset: str = ""  # stage whose dataset this stage trains on ("" = its kind's default)
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted job keys, e.g. {"rl.steps": 20}
-    baseline: str = ""  # eval / passkey_eval stages: an earlier one of the same kind the report compares this one with (besides the first)
+    # eval / passkey_eval stages: an earlier one of the same kind the report compares this one with
+    # (besides the first)
+    baseline: str = ""
 
 
 @dataclass(kw_only=True)
@@ -340,7 +342,8 @@ def config_hash(job: JobConfig, stage: StageSpec) -> str:
 def validate_pipeline(
     base: DictConfig, job: JobConfig, world_size: int = 1
 ) -> list[tuple[StageSpec, JobConfig]]:
-    """Every stage resolved and checked: names, references, datasets, layouts. One clear error, before any work."""
+    """Every stage resolved and checked: names, references, datasets, layouts. One clear error, before any
+    work."""
     from r1core.parallel.config import check_layout
 
     stages = job.pipeline.stages

@@ -250,7 +250,8 @@ def _passk_plot(path: Path, evals: list[tuple[str, dict, dict | None]]) -> bool:
 
 
 def split_constant(series: dict[str, tuple[list, list]]) -> tuple[dict, dict[str, float]]:
-    """(series that vary, {name: value} of the constant ones): a flat panel says nothing, so it is named instead."""
+    """(series that vary, {name: value} of the constant ones): a flat panel says nothing, so it is named
+    instead."""
     varying, constant = {}, {}
     for name, (xs, ys) in series.items():
         finite = [y for y in ys if isinstance(y, (int, float)) and not math.isnan(y)]
@@ -338,7 +339,8 @@ def write_report(run_dir: Path, manifest, resolved, job) -> Path:
     lines = [
         f"# r1core run: pipeline `{job.pipeline.name}`",
         "",
-        f"Model: dim {job.model.dim}, {job.model.n_layers} layers, {job.model.n_routed_experts} routed experts; "
+        f"Model: dim {job.model.dim}, {job.model.n_layers} layers, "
+        f"{job.model.n_routed_experts} routed experts; "
         f"total stage time {total:.0f} s.",
         "",
         *describe_builtin_data(job, {s.kind for s, _ in resolved}),

@@ -37,7 +37,8 @@ log = logging.getLogger("r1core")
 
 
 class StageFailed(RuntimeError):
-    """A stage stopped on bad input (a checkpoint, a data file): the message names the stage and the culprit."""
+    """A stage stopped on bad input (a checkpoint, a data file): the message names the stage and the
+    culprit."""
 
 
 class StageInterrupted(KeyboardInterrupt):
@@ -250,7 +251,8 @@ def _checkpoint_step(stage_dir: Path) -> int | None:
 
 
 def _step_reached(stage_dir: Path) -> int:
-    """The step the stage's trainer had reached: its progress bar, else its metrics log (0 before the first)."""
+    """The step the stage's trainer had reached: its progress bar, else its metrics log (0 before the
+    first)."""
     from r1core.train.metrics import current_step, read_jsonl
 
     step = current_step()

@@ -158,7 +158,8 @@ def math_accuracy(
     require_boxed: bool = False,
 ) -> tuple[float, str]:
     """Reasons: correct, wrong, no_answer, no_boxed (require_boxed: no box after </think>), non_utf8,
-    too_complex, parse_error, timeout, memory, bad_gold (the dataset's answer does not parse: fix the data)."""
+    too_complex, parse_error, timeout, memory, bad_gold (the dataset's answer does not parse: fix the
+    data)."""
     if isolation not in ("auto", "inline", "process"):
         raise RewardConfigError(f"isolation must be auto, inline or process, got {isolation!r}")
     if not isinstance(timeout_s, int) or timeout_s < 1:

@@ -58,7 +58,8 @@ def truncated_is_weights(
     trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float
 ) -> torch.Tensor:
     """min(pi_trainer / pi_sampler, cap) per token: corrects the sampler/trainer probability mismatch
-    (truncated importance sampling, Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL")."""
+    (truncated importance sampling, Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL")."""
     return torch.exp(trainer_logprobs - sampler_logprobs).clamp(max=cap)
 
 

@@ -204,7 +204,8 @@ class GRPOTrainer:
         return engine.forward_only(micro, TokenLogprobs(temperature=self._temperature()))
 
     def _temperature(self) -> float:
-        """The sampler's temperature, which the log-probs and the loss use (greedy: the plain distribution)."""
+        """The sampler's temperature, which the log-probs and the loss use (greedy: the plain
+        distribution)."""
         return self.cfg.sampling.temperature if self.cfg.sampling.temperature > 0 else 1.0
 
     def update(self, batch: dict) -> dict:

@@ -178,6 +178,7 @@ class DecodeStep:
         bufs.out_tokens[:B].copy_(tokens_B)
         bufs.out_logprobs[:B].copy_(logprobs_B)
         bufs.tokens[:B].copy_(tokens_B)
-        # Rows that finished but still sit in the bucket keep stepping; clamping keeps their writes in the cache.
+        # Rows that finished but still sit in the bucket keep stepping; clamping keeps their writes in the
+        # cache.
         bufs.positions[:B] = (bufs.positions[:B] + 1).clamp_(max=self.cache.max_len - 1)
         bufs.gen_idx[:B] += 1

@@ -51,7 +51,8 @@ def import_sglang():
     except ImportError as e:
         raise ImportError(
             "SGLangEngine needs SGLang: pip install 'r1core[sglang]' (SGLang brings its own torch/CUDA "
-            "stack; see docs/sglang.md). The built-in engine, r1core.rollout.BuiltinEngine, needs nothing extra."
+            "stack; see docs/sglang.md). "
+            "The built-in engine, r1core.rollout.BuiltinEngine, needs nothing extra."
         ) from e
     return sglang
 

@@ -1,7 +1,8 @@
 """The training engine: one interface for one device and for any tp × pp × cp × ep × dp layout.
 
     engine = build_engine(model_args, ParallelConfig(...), OptimConfig(...), device=..., dtype=..., seed=0)
-    metrics = engine.train_step(microbatches, objective)    # grad accumulation / PP schedule, one optimizer step
+    metrics = engine.train_step(microbatches, objective)    # grad accumulation / PP schedule,
+                                                            # one optimizer step
     outs = engine.forward_only(microbatches, fn)            # e.g. old-policy or reference log-probs, no grad
     engine.save(dir); engine.load(dir)                      # DCP: sharded, reshardable, atomic
     engine.full_state_dict(); engine.export_hf(dir)         # unsharded weights on rank 0
@@ -122,7 +123,8 @@ def _on_device(batch: dict, device: torch.device) -> dict:
 
 
 def _add(acc: dict, new: dict, device) -> None:
-    """acc[k] += new[k] as fp32 tensors on `device` (no host sync: metrics stay on the GPU until the step ends)."""
+    """acc[k] += new[k] as fp32 tensors on `device` (no host sync: metrics stay on the GPU until the step
+    ends)."""
     for key, value in new.items():
         value = torch.as_tensor(
             value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float32, device=device
@@ -212,7 +214,8 @@ class TrainEngine:
         return dict(zip(keys, torch.stack([sums[k] for k in keys]).tolist())) if keys else {}  # one host sync
 
     def sum_over_ranks(self, values: list[float]) -> list[float]:
-        """Each number summed over every rank (host floats, e.g. a metric each rank takes from its own rows)."""
+        """Each number summed over every rank (host floats, e.g. a metric each rank takes from its own
+        rows)."""
         return list(values)
 
     # ------------------------------------------------------------------ the step
@@ -225,7 +228,8 @@ class TrainEngine:
         return dict(zip(keys, flat))
 
     def _zero_grad(self) -> None:
-        # Zeros rather than None: every parameter then steps identically in every layout (AdamW skips None grads).
+        # Zeros rather than None: every parameter then steps identically in every layout (AdamW skips None
+        # grads).
         for _, p in self.named_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -287,9 +291,10 @@ class TrainEngine:
         )
         if self.nonfinite_streak > self.optim_cfg.max_nonfinite_steps:
             raise FloatingPointError(
-                f"{self.nonfinite_streak} consecutive optimizer steps (after step {self.step}) had a non-finite "
-                f"gradient norm ({what}); the weights are still those of the last finite step. Lower the learning "
-                "rate, raise optim.warmup_steps, or check the data; optim.max_nonfinite_steps sets the tolerance"
+                f"{self.nonfinite_streak} consecutive optimizer steps (after step {self.step}) had a "
+                f"non-finite gradient norm ({what}); the weights are still those of the last finite step. "
+                "Lower the learning rate, raise optim.warmup_steps, or check the data; "
+                "optim.max_nonfinite_steps sets the tolerance"
             )
         _log.warning("skipped optimizer step %d: %s", self.step + 1, what)
 
@@ -397,7 +402,8 @@ class TrainEngine:
             self.master.weights_out()
 
     def full_grads(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's gradients of the last step (reduced, clipped) on rank 0; for checks. Collective."""
+        """The whole model's gradients of the last step (reduced, clipped) on rank 0; for checks.
+        Collective."""
         return {n: p.grad.detach().clone() for n, p in self.named_params}
 
     def export_hf(self, path) -> None:

@@ -36,7 +36,8 @@ def ce_sum(
     vocab_group=None,
     impl: str | None = None,
 ) -> torch.Tensor:
-    """Summed next-token CE of hidden [N, D] against targets [N] (IGNORE_INDEX skipped), vocab-parallel if asked.
+    """Summed next-token CE of hidden [N, D] against targets [N] (IGNORE_INDEX skipped), vocab-parallel if
+    asked.
 
     The fused r1core.kernels.linear_cross_entropy when it imports, else the model's reference
     (one device) or megatron-core's vocab_parallel_cross_entropy (vocab shards).
