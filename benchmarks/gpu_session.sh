@@ -98,18 +98,21 @@ part_fp8_check() {
 }
 # Issue 19: 300 pretraining steps of the small preset on the built-in corpus, bf16 then fp8 (same seed, data,
 # init), and their CE curves compared (the goal: within 1 %). ~6 min; FP8_LOSS_OVERRIDES adds settings.
-part_fp8_loss() {
-  local prec d
+part_fp8_loss() { fp8_loss_curves 32 30000 200 200 60; }
+# fp8_loss_curves BATCH DOCS BF16_TIMEOUT FP8_TIMEOUT COMPARE_TIMEOUT: bf16 then fp8 pretraining (same seed,
+# data, init), metrics copied to $R, and compare_loss's PNG/JSON.
+fp8_loss_curves() {
+  local batch=$1 docs=$2 t_bf16=$3 t_fp8=$4 t_cmp=$5 prec d
   for prec in bf16 fp8; do
     d=/tmp/fp8_loss_$prec
-    run fp8_loss_$prec 200 python3 -m r1core.cli run model=small run_dir=$d hydra.run.dir=$d \
-      "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]" \
-      model.moe_impl=triton model.precision=$prec data.corpus_docs=${FP8_LOSS_DOCS:-30000} \
-      pretrain.steps=${FP8_LOSS_STEPS:-300} pretrain.batch_size=32 pretrain.micro_batch_size=32 pretrain.seq_len=512 \
-      pretrain.lr=1e-3 pretrain.log_every=5 pretrain.save_every=100000 ${FP8_LOSS_OVERRIDES:-}
+    run fp8_loss_$prec $([ $prec = bf16 ] && echo $t_bf16 || echo $t_fp8) python3 -m r1core.cli run model=small \
+      run_dir=$d hydra.run.dir=$d "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]" \
+      model.moe_impl=triton model.precision=$prec data.corpus_docs=${FP8_LOSS_DOCS:-$docs} \
+      pretrain.steps=${FP8_LOSS_STEPS:-300} pretrain.batch_size=$batch pretrain.micro_batch_size=$batch \
+      pretrain.seq_len=512 pretrain.lr=1e-3 pretrain.log_every=5 pretrain.save_every=100000 ${FP8_LOSS_OVERRIDES:-}
     cp $d/stages/*pretrain*/metrics.jsonl "$R/fp8_loss_$prec.metrics.jsonl" 2>/dev/null
   done
-  run fp8_loss_compare 60 python3 benchmarks/compare_loss.py "$R/fp8_loss_bf16.metrics.jsonl" \
+  run fp8_loss_compare $t_cmp python3 benchmarks/compare_loss.py "$R/fp8_loss_bf16.metrics.jsonl" \
     "$R/fp8_loss_fp8.metrics.jsonl" --labels bf16,fp8
 }
 # Issue 19, the final figures in <= 5.5 min (each command's timeout is its share; they sum to 330 s; the
@@ -121,23 +124,12 @@ part_fp8_loss() {
 # skipped, not killed); then 300 pretraining steps bf16 vs fp8 (the full recipe) at B8xT512, eager, whose
 # metrics are appended as they go, so a timeout still leaves the curves so far, and compare_loss's PNG/JSON.
 part_final19() {
-  local prec d
   run fp8_tests 30 python3 -m pytest -q -m gpu tests/test_fp8.py -rfE -p no:cacheprovider
   run bench_fp8 45 python3 benchmarks/bench_fp8.py --quick --repeats 5
   run final19_train 160 python3 benchmarks/bench_train.py --budget-s 95 --steps 3 --warmup 2 \
     --variants ${FINAL19_VARIANTS:-torchtitan,compile_nomtp,compile_fp8dense_nomtp,compile_fp8_nomtp,compile}
   grep -E "^\| (torchtitan|compile|eager)" "$R/final19_train.log" | head -12 >> "$SUMMARY"
-  for prec in bf16 fp8; do
-    d=/tmp/fp8_loss_$prec
-    run fp8_loss_$prec $([ $prec = bf16 ] && echo 35 || echo 50) python3 -m r1core.cli run model=small \
-      run_dir=$d hydra.run.dir=$d "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]" \
-      model.moe_impl=triton model.precision=$prec data.corpus_docs=${FP8_LOSS_DOCS:-20000} \
-      pretrain.steps=${FP8_LOSS_STEPS:-300} pretrain.batch_size=8 pretrain.micro_batch_size=8 pretrain.seq_len=512 \
-      pretrain.lr=1e-3 pretrain.log_every=5 pretrain.save_every=100000 ${FP8_LOSS_OVERRIDES:-}
-    cp $d/stages/*pretrain*/metrics.jsonl "$R/fp8_loss_$prec.metrics.jsonl" 2>/dev/null
-  done
-  run fp8_loss_compare 10 python3 benchmarks/compare_loss.py "$R/fp8_loss_bf16.metrics.jsonl" \
-    "$R/fp8_loss_fp8.metrics.jsonl" --labels bf16,fp8
+  fp8_loss_curves 8 20000 35 50 10
 }
 # Issue 19, why fp8's pretraining CE was far below bf16's (gpu/4): <= 4 min. The FP8 GPU tests (the fused
 # quantizers must now match the reference bit for bit: scales are amax * fp32(1/448) on both), then
