@@ -594,31 +594,80 @@ def _check(x, w1, w2, w3, seg) -> None:
         raise ValueError("grouped_swiglu: x, weights and seg_E must be on one device")
 
 
-class _GroupedSwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w1, w2, w3, seg_E, backend):
-        cfg = _configs(x)
-        segs = _Segments(seg_E, cfg["rows"]["BLOCK_M"])
-        if backend == "grouped_mm":
-            y, h1, h3 = _fwd_grouped_mm(x, w1, w2, w3, segs)
-        else:
-            y, h1, h3 = _fwd_triton(x, w1, w2, w3, segs, cfg)
-        ctx.save_for_backward(x, w1, w2, w3, h1, h3, seg_E)
-        ctx.backend = backend
-        return y
+# Forward and backward are torch custom ops: torch.compile sees each as one opaque node, so a compiled block
+# stays one graph (dynamo cannot trace the backend choice, which reads data pointers, nor the Triton launches
+# under the CPU interpreter), and the backend is chosen inside, on real tensors, at run time. The fake
+# (shape-only) versions promise contiguous outputs, which every path returns.
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, w1, w2, w3, h1, h3, seg_E = ctx.saved_tensors
-        cfg = _configs(x)
-        segs = _Segments(seg_E, cfg["rows"]["BLOCK_M"])
-        needs = ctx.needs_input_grad[:4]
-        dy = dy.contiguous()
-        if ctx.backend == "grouped_mm":
-            grads = _bwd_grouped_mm(dy, x, w1, w2, w3, h1, h3, segs, needs)
-        else:
-            grads = _bwd_triton(dy, x, w1, w2, w3, h1, h3, segs, cfg, needs)
-        return (*grads, None, None)
+
+def _resolve(backend: str, x, w1, w2, w3) -> str:
+    return grouped_swiglu_backend(x, w1, w2, w3) if backend == "auto" else backend
+
+
+@torch.library.custom_op("r1core::grouped_swiglu_fwd", mutates_args=())
+def _fwd_op(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, seg_E: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h1, h3): the output and the gate / up projections backward reads."""
+    cfg = _configs(x)
+    segs = _Segments(seg_E, cfg["rows"]["BLOCK_M"])
+    if _resolve(backend, x, w1, w2, w3) == "grouped_mm":
+        y, h1, h3 = _fwd_grouped_mm(x, w1, w2, w3, segs)
+    else:
+        y, h1, h3 = _fwd_triton(x, w1, w2, w3, segs, cfg)
+    return y.contiguous(), h1.contiguous(), h3.contiguous()
+
+
+@_fwd_op.register_fake
+def _(x, w1, w2, w3, seg_E, backend):
+    P, I = x.shape[0], w1.shape[1]
+    return torch.empty_like(x), x.new_empty(P, I), x.new_empty(P, I)
+
+
+@torch.library.custom_op("r1core::grouped_swiglu_bwd", mutates_args=())
+def _bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor,
+    h1: torch.Tensor,
+    h3: torch.Tensor,
+    seg_E: torch.Tensor,
+    backend: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw1, dw2, dw3); a gradient not in `needs` comes back empty (custom ops return no None)."""
+    cfg = _configs(x)
+    segs = _Segments(seg_E, cfg["rows"]["BLOCK_M"])
+    dy = dy.contiguous()
+    if _resolve(backend, x, w1, w2, w3) == "grouped_mm":
+        grads = _bwd_grouped_mm(dy, x, w1, w2, w3, h1, h3, segs, needs)
+    else:
+        grads = _bwd_triton(dy, x, w1, w2, w3, h1, h3, segs, cfg, needs)
+    return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
+
+
+@_bwd_op.register_fake
+def _(dy, x, w1, w2, w3, h1, h3, seg_E, backend, needs):
+    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip((x, w1, w2, w3), needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, w2, w3, seg_E, backend = inputs
+    _, h1, h3 = output
+    ctx.save_for_backward(x, w1, w2, w3, h1, h3, seg_E)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy, _dh1, _dh3):
+    x, w1, w2, w3, h1, h3, seg_E = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
+    grads = _bwd_op(dy, x, w1, w2, w3, h1, h3, seg_E, ctx.backend, needs)
+    return (*(g if n else None for g, n in zip(grads, needs)), None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def grouped_swiglu(
@@ -631,13 +680,12 @@ def grouped_swiglu(
 ) -> torch.Tensor:
     """Per-segment SwiGLU FFN with `grouped_swiglu_ref`'s contract; differentiable in x and the weights.
 
-    `backend` None picks by `grouped_swiglu_backend`; "grouped_mm" / "triton" force one (benchmarks).
+    `backend` None picks by `grouped_swiglu_backend` at run time (inside the custom op, so torch.compile
+    never traces the choice); "grouped_mm" / "triton" force one (benchmarks).
     Precondition (not checked: it would need a host sync): sum(seg_E) <= P.
     """
     _check(x_PD, w1_EID, w2_EDI, w3_EID, seg_E)
-    if backend is None:
-        backend = grouped_swiglu_backend(x_PD, w1_EID, w2_EDI, w3_EID)
-    elif backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(f"grouped_swiglu: backend must be one of {BACKENDS} or None, got {backend!r}")
     if not x_PD.is_cuda and x_PD.dtype != torch.float32:
         # The interpreter's tl.dot multiplies bf16 / fp16 bit patterns as integers: run the CPU in
@@ -647,4 +695,4 @@ def grouped_swiglu(
     if x_PD.shape[0] == 0 or seg_E.numel() == 0:
         return torch.zeros_like(x_PD)  # as the reference: nothing to compute, nothing to differentiate
     x_PD, w1_EID, w2_EDI, w3_EID = (t.contiguous() for t in (x_PD, w1_EID, w2_EDI, w3_EID))
-    return _GroupedSwiGLU.apply(x_PD, w1_EID, w2_EDI, w3_EID, seg_E, backend)
+    return _fwd_op(x_PD, w1_EID, w2_EDI, w3_EID, seg_E, backend or "auto")[0]

@@ -291,49 +291,98 @@ def _check_permute(x_TD, idx_TK, counts_E, pad_multiple) -> None:
         )
 
 
-class _Permute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD, idx_TK, counts_E, pad_multiple):
-        T, K = idx_TK.shape
-        pos_TK = _positions(idx_TK.contiguous(), counts_E.contiguous(), pad_multiple)
-        x_PD, _ = _scatter(
-            x_TD, pos_TK, None, permuted_rows(T, K, counts_E.numel(), pad_multiple), x_TD.dtype
-        )
-        ctx.save_for_backward(pos_TK)
-        ctx.x_dtype = x_TD.dtype
-        ctx.mark_non_differentiable(pos_TK)
-        return x_PD, pos_TK
-
-    @staticmethod
-    def backward(ctx, grad_x_PD, _grad_pos):
-        (pos_TK,) = ctx.saved_tensors
-        return _gather(grad_x_PD.contiguous(), pos_TK, None, ctx.x_dtype), None, None, None
+# Forward and backward of both ops are torch custom ops: torch.compile sees each as one opaque node (no graph
+# break at the Triton launches, which dynamo cannot trace under the CPU interpreter), and inductor fuses
+# around them. Outputs are contiguous, as the fake (shape-only) versions promise.
 
 
-class _Unpermute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y_PD, pos_TK, weights_TK):
-        w_TK = weights_TK.float().contiguous()
-        ctx.save_for_backward(y_PD, pos_TK, w_TK)
-        ctx.w_dtype = weights_TK.dtype
-        return _gather(y_PD, pos_TK, w_TK, y_PD.dtype)
+@torch.library.custom_op("r1core::moe_permute_fwd", mutates_args=())
+def _permute_op(
+    x_TD: torch.Tensor, idx_TK: torch.Tensor, counts_E: torch.Tensor, pad_multiple: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    T, K = idx_TK.shape
+    pos_TK = _positions(idx_TK.contiguous(), counts_E.contiguous(), pad_multiple)
+    P = permuted_rows(T, K, counts_E.numel(), pad_multiple)
+    x_PD, _ = _scatter(x_TD, pos_TK, None, P, x_TD.dtype)
+    return x_PD, pos_TK
 
-    @staticmethod
-    def backward(ctx, grad_y_TD):
-        y_PD, pos_TK, w_TK = ctx.saved_tensors
-        need_y, _, need_w = ctx.needs_input_grad
-        grad_y_TD = grad_y_TD if grad_y_TD.stride(-1) == 1 else grad_y_TD.contiguous()
-        if not need_w:
-            grad_y_PD, _ = _scatter(grad_y_TD, pos_TK, w_TK, y_PD.shape[0], y_PD.dtype)
-            return grad_y_PD, None, None
-        grad_y_PD, dots = _scatter(grad_y_TD, pos_TK, w_TK, y_PD.shape[0], y_PD.dtype, y_PD=y_PD)
-        return (grad_y_PD if need_y else None), None, dots.to(ctx.w_dtype)
+
+@_permute_op.register_fake
+def _(x_TD, idx_TK, counts_E, pad_multiple):
+    T, K = idx_TK.shape
+    P = permuted_rows(T, K, counts_E.shape[0], pad_multiple)
+    return x_TD.new_empty(P, x_TD.shape[1]), idx_TK.new_empty(T, K, dtype=torch.int64)
+
+
+@torch.library.custom_op("r1core::moe_permute_bwd", mutates_args=())
+def _permute_bwd_op(grad_x_PD: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
+    """grad_x[t] = sum_k grad_x_PD[pos[t, k]]."""
+    return _gather(grad_x_PD.contiguous(), pos_TK, None, grad_x_PD.dtype)
+
+
+@_permute_bwd_op.register_fake
+def _(grad_x_PD, pos_TK):
+    return grad_x_PD.new_empty(pos_TK.shape[0], grad_x_PD.shape[1])
+
+
+def _permute_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.x_dtype = inputs[0].dtype
+
+
+def _permute_backward(ctx, grad_x_PD, _grad_pos):
+    (pos_TK,) = ctx.saved_tensors
+    return _permute_bwd_op(grad_x_PD.to(ctx.x_dtype), pos_TK), None, None, None
+
+
+_permute_op.register_autograd(_permute_backward, setup_context=_permute_setup_context)
+
+
+@torch.library.custom_op("r1core::moe_unpermute_fwd", mutates_args=())
+def _unpermute_op(y_PD: torch.Tensor, pos_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+    return _gather(y_PD, pos_TK, w_TK, y_PD.dtype)
+
+
+@_unpermute_op.register_fake
+def _(y_PD, pos_TK, w_TK):
+    return y_PD.new_empty(pos_TK.shape[0], y_PD.shape[1])
+
+
+@torch.library.custom_op("r1core::moe_unpermute_bwd", mutates_args=())
+def _unpermute_bwd_op(
+    grad_y_TD: torch.Tensor, y_PD: torch.Tensor, pos_TK: torch.Tensor, w_TK: torch.Tensor, need_w: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad y_PD, grad w_TK fp32); the latter empty when not `need_w` (custom ops return no None)."""
+    grad_y_TD = grad_y_TD if grad_y_TD.stride(-1) == 1 else grad_y_TD.contiguous()
+    grad_y_PD, dots = _scatter(
+        grad_y_TD, pos_TK, w_TK, y_PD.shape[0], y_PD.dtype, y_PD=y_PD if need_w else None
+    )
+    return grad_y_PD, dots if need_w else w_TK.new_empty(0)
+
+
+@_unpermute_bwd_op.register_fake
+def _(grad_y_TD, y_PD, pos_TK, w_TK, need_w):
+    return torch.empty_like(y_PD), (w_TK.new_empty(pos_TK.shape) if need_w else w_TK.new_empty(0))
+
+
+def _unpermute_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _unpermute_backward(ctx, grad_y_TD):
+    y_PD, pos_TK, w_TK = ctx.saved_tensors
+    need_y, _, need_w = ctx.needs_input_grad
+    grad_y_PD, grad_w = _unpermute_bwd_op(grad_y_TD, y_PD, pos_TK, w_TK, bool(need_w))
+    return (grad_y_PD if need_y else None), None, (grad_w if need_w else None)
+
+
+_unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup_context)
 
 
 def moe_permute(x_TD: torch.Tensor, idx_TK: torch.Tensor, counts_E: torch.Tensor, pad_multiple: int = 1):
     """`permute_ref`'s contract: (x_PD [P, D] expert-contiguous, zero padding; pos_TK int64). No host sync."""
     _check_permute(x_TD, idx_TK, counts_E, pad_multiple)
-    return _Permute.apply(x_TD, idx_TK, counts_E, pad_multiple)
+    return _permute_op(x_TD, idx_TK, counts_E, pad_multiple)
 
 
 def moe_unpermute(y_PD: torch.Tensor, pos_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -349,4 +398,5 @@ def moe_unpermute(y_PD: torch.Tensor, pos_TK: torch.Tensor, weights_TK: torch.Te
         )
     if y_PD.shape[0] < pos_TK.numel():
         raise ValueError(f"moe_unpermute: y_PD has {y_PD.shape[0]} rows < T*K = {pos_TK.numel()}")
-    return _Unpermute.apply(y_PD.contiguous(), pos_TK.contiguous(), weights_TK)
+    # fp32 weights into the op; autograd casts grad w back to the weights' dtype
+    return _unpermute_op(y_PD.contiguous(), pos_TK.contiguous(), weights_TK.float().contiguous())

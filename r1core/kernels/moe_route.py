@@ -310,22 +310,76 @@ def _route_bwd(logits_TE: torch.Tensor, idx_TK: torch.Tensor, grad_w_TK: torch.T
     return grad_TE.to(logits_TE.dtype)
 
 
-class _MoERoute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits_TE, bias_E, spec):
-        logits_TE = logits_TE if logits_TE.stride(1) == 1 else logits_TE.contiguous()
-        weights_TK, idx_TK, counts_E = _route_fwd(logits_TE, bias_E, spec)
-        ctx.save_for_backward(logits_TE, idx_TK)
-        ctx.spec = spec
-        ctx.mark_non_differentiable(idx_TK, counts_E)
-        return weights_TK, idx_TK, counts_E
+# Forward and backward are torch custom ops: torch.compile sees each as one opaque node (no graph break at
+# the Triton launches, which dynamo cannot trace under the CPU interpreter), and inductor fuses around them.
+# RouterSpec travels as its fields (custom ops take tensors and scalars). Outputs are contiguous.
 
-    @staticmethod
-    def backward(ctx, grad_w_TK, _grad_idx, _grad_counts):
-        logits_TE, idx_TK = ctx.saved_tensors
-        if grad_w_TK is None or not ctx.needs_input_grad[0]:
-            return None, None, None
-        return _route_bwd(logits_TE, idx_TK, grad_w_TK, ctx.spec), None, None
+
+def _spec(n_experts, top_k, n_groups, topk_groups, score_func, route_scale, norm) -> RouterSpec:
+    return RouterSpec(n_experts, top_k, n_groups, topk_groups, ScoreFunc(score_func), route_scale, norm)
+
+
+@torch.library.custom_op("r1core::moe_route_fwd", mutates_args=())
+def _route_fwd_op(
+    logits_TE: torch.Tensor,
+    bias_E: torch.Tensor | None,
+    n_experts: int,
+    top_k: int,
+    n_groups: int,
+    topk_groups: int,
+    score_func: str,
+    route_scale: float,
+    norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    spec = _spec(n_experts, top_k, n_groups, topk_groups, score_func, route_scale, norm)
+    return _route_fwd(logits_TE, bias_E, spec)
+
+
+@_route_fwd_op.register_fake
+def _(logits_TE, bias_E, n_experts, top_k, n_groups, topk_groups, score_func, route_scale, norm):
+    T, E = logits_TE.shape
+    return (
+        logits_TE.new_empty(T, top_k, dtype=torch.float32),
+        logits_TE.new_empty(T, top_k, dtype=torch.int64),
+        logits_TE.new_empty(E, dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("r1core::moe_route_bwd", mutates_args=())
+def _route_bwd_op(
+    logits_TE: torch.Tensor,
+    idx_TK: torch.Tensor,
+    grad_w_TK: torch.Tensor,
+    top_k: int,
+    score_func: str,
+    route_scale: float,
+    norm: bool,
+) -> torch.Tensor:
+    spec = RouterSpec(logits_TE.shape[1], top_k, 1, 1, ScoreFunc(score_func), route_scale, norm)
+    logits_TE = logits_TE if logits_TE.stride(1) == 1 else logits_TE.contiguous()
+    return _route_bwd(logits_TE, idx_TK, grad_w_TK, spec)
+
+
+@_route_bwd_op.register_fake
+def _(logits_TE, idx_TK, grad_w_TK, top_k, score_func, route_scale, norm):
+    return torch.empty_like(logits_TE, memory_format=torch.contiguous_format)
+
+
+def _route_setup_context(ctx, inputs, output):
+    logits_TE, _, _, top_k, _, _, score_func, route_scale, norm = inputs
+    ctx.save_for_backward(logits_TE, output[1])
+    ctx.route = (top_k, score_func, route_scale, norm)
+
+
+def _route_backward(ctx, grad_w_TK, _grad_idx, _grad_counts):
+    logits_TE, idx_TK = ctx.saved_tensors
+    grad = None
+    if grad_w_TK is not None and ctx.needs_input_grad[0]:
+        grad = _route_bwd_op(logits_TE, idx_TK, grad_w_TK, *ctx.route)
+    return (grad, *[None] * 8)
+
+
+_route_fwd_op.register_autograd(_route_backward, setup_context=_route_setup_context)
 
 
 def moe_route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: RouterSpec):
@@ -334,4 +388,15 @@ def moe_route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, spec: Router
     Returns (weights_TK fp32, idx_TK int64, counts_E int64); differentiable in logits_TE (through
     weights_TK). The bias is a selection-only buffer and gets no gradient.
     """
-    return _MoERoute.apply(logits_TE, bias_E, spec)
+    _check(logits_TE, bias_E, spec)
+    return _route_fwd_op(
+        logits_TE,
+        bias_E,
+        spec.n_experts,
+        spec.top_k,
+        spec.n_groups,
+        spec.topk_groups,
+        ScoreFunc(spec.score_func).value,
+        float(spec.route_scale),
+        bool(spec.norm_topk_prob),
+    )

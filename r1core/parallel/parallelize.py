@@ -9,6 +9,7 @@ reduction and ZeRO-1 in r1core.parallel.optim).
 
 from __future__ import annotations
 
+from r1core.model.moe import moe_ops
 from r1core.model.transformer import Transformer
 
 from .context import apply_context_parallel
@@ -59,5 +60,9 @@ def apply_activation_checkpointing(model: Transformer) -> None:
 def apply_compile(model: Transformer) -> None:
     """torch.compile each block in place (Module.compile keeps parameter names); graph breaks are allowed
     where routing needs host values (expert-parallel splits, the reference expert loop)."""
+    # Load the MoE kernels now: a lazily registered loader first resolved inside a traced block changes the
+    # registry dynamo guards on, and the block would be compiled twice.
+    for moe in model.moe_layers():
+        moe_ops(moe.impl)
     for block in list(model.layers.values()) + [m.block for m in model.mtp]:
         block.compile()
