@@ -1,12 +1,13 @@
 """r1core.kernels: Triton (and CUDA-extension) implementations of r1core's hot paths.
 
-Each `<op>.py` holds the Triton kernels, a launcher that asserts the contract, the
-autograd.Function, the public `<op>()` and `<op>_ref()` (readable PyTorch, the test oracle):
-`from r1core.kernels.grpo_loss import grpo_loss`. Ops: grpo_loss (also linear_cross_entropy and
-token_logprobs, which share its engine), moe_route, moe_permute (and moe_unpermute), grouped_swiglu;
-moe_cuda wraps the CUDA extension's versions of the MoE ops; fp8 holds the FP8 GEMMs. Importing this
-package registers the MoE ops as the model's `moe_impl: triton | cuda` and the GEMMs of
-`precision: fp8`; it needs neither Triton nor a GPU (the op modules load at first use).
+Each `<op>.py` holds the Triton kernels, a launcher that asserts the contract, the autograd (an
+autograd.Function, or, where torch.compile must see one opaque node, a torch custom op with its fake
+and backward: the MoE ops and the FP8 linear), the public `<op>()` and `<op>_ref()` (readable PyTorch,
+the test oracle): `from r1core.kernels.grpo_loss import grpo_loss`. Ops: grpo_loss (also
+linear_cross_entropy and token_logprobs, which share its engine), moe_route, moe_permute (and
+moe_unpermute), grouped_swiglu; moe_cuda wraps the CUDA extension's versions of the MoE ops; fp8 holds
+the FP8 GEMMs. Importing this package registers the MoE ops as the model's `moe_impl: triton | cuda`
+and the GEMMs of `precision: fp8`; it needs neither Triton nor a GPU (the op modules load at first use).
 """
 
 from __future__ import annotations
