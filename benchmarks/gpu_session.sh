@@ -136,8 +136,8 @@ part_final19() {
 # break and stays within the bf16 tolerance of eager; then bench_train's torchtitan and compile_nomtp rows in
 # the same run (B4xT2048): ms/step, tokens/s, x torchtitan, MFU and dynamo graphs / breaks (10b: 7 / 6 before).
 part_train_breaks() {
-  run train_breaks_tests 100 python3 -m pytest -q -m gpu tests/test_compiled_block.py -rfE -p no:cacheprovider
-  run train_breaks 150 python3 benchmarks/bench_train.py --budget-s 100 --steps 5 --warmup 2 \
+  run train_breaks_tests 110 python3 -m pytest -q -m gpu tests/test_compiled_block.py -rfE -p no:cacheprovider
+  run train_breaks 130 python3 benchmarks/bench_train.py --budget-s 90 --steps 5 --warmup 2 \
     --variants torchtitan,compile_nomtp
   grep -E "^\| (variant|torchtitan|compile)" "$R/train_breaks.log" | head -4 >> "$SUMMARY"
 }
