@@ -132,6 +132,10 @@ class BuiltinEngine(RolloutEngine):
         `model.set_moe_impl("triton")`; it must be free of host syncs to be captured).
     share_prefill: prefill each prompt once per admission and copy its latent rows to its other samples.
     admit_min: queued requests wait until this many rows are free (1: refill every freed row at once).
+    compile_decode: torch.compile the decode step (inductor) before its CUDA graphs are captured, so
+        its elementwise work runs fused (see decode.DecodeStep); a backend name instead of True picks
+        another torch.compile backend (the CPU tests use "aot_eager"). Compile time is counted in
+        stats["decode_compile_s"], apart from the decode steps.
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class BuiltinEngine(RolloutEngine):
         offload_weights_on_sleep: bool = False,
         share_prefill: bool = True,
         admit_min: int = 1,
+        compile_decode: bool | str = False,
     ):
         ref = model.head.weight
         self.device = torch.device(device) if device is not None else ref.device
@@ -164,6 +169,9 @@ class BuiltinEngine(RolloutEngine):
         if admit_min < 1:
             raise ValueError(f"admit_min={admit_min} must be >= 1")
         self.admit_min = admit_min
+        self.compile_backend = (
+            None if compile_decode is False else "inductor" if compile_decode is True else compile_decode
+        )
         self.batch_buckets = _buckets(
             max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
         )
@@ -182,6 +190,9 @@ class BuiltinEngine(RolloutEngine):
             "prefill_rows_shared": 0,
             "host_s": 0.0,
             "wait_s": 0.0,
+            "decode_compiles": 0,  # torch.compile runs of the decode step (compile_decode)
+            "decode_compile_s": 0.0,  # wall time of the decode calls that compiled
+            "capture_s": 0.0,  # wall time of CUDA-graph captures, their warm-up step (and compile) included
         }
         self._cache = self._bufs = self._step = self._pool = None
         self._graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
@@ -194,7 +205,14 @@ class BuiltinEngine(RolloutEngine):
         if self._cache is None:
             self._cache = self.model.new_cache(self.max_batch, self.max_len, dtype=self.dtype)
             self._bufs = DecodeBuffers(self.max_batch, self.max_len, self.device)
-            self._step = DecodeStep(self.model, self._cache, self._bufs, self.decode_moe)
+            self._step = DecodeStep(
+                self.model,
+                self._cache,
+                self._bufs,
+                self.decode_moe,
+                compile_backend=self.compile_backend,
+                stats=self.stats,
+            )
 
     def kv_cache_bytes_per_token(self) -> int:
         a = self.model.args
@@ -475,8 +493,10 @@ class BuiltinEngine(RolloutEngine):
         graph.replay()
 
     def _capture(self, B: int, S: int, truncate: bool) -> torch.cuda.CUDAGraph:
-        # Warm up on a side stream first (lazy library init must not happen inside capture). The
-        # warm-up step's cache writes are idempotent (same token, same slot); its state advance is undone.
+        # Warm up on a side stream first (lazy library init, and torch.compile's compile, must not happen
+        # inside capture). The warm-up step's cache writes are idempotent (same token, same slot); its state
+        # advance is undone.
+        t0 = time.perf_counter()
         snap = self._bufs.snapshot()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -490,4 +510,5 @@ class BuiltinEngine(RolloutEngine):
         with torch.cuda.graph(graph, pool=self._pool):
             self._step(B, S, truncate)
         self.stats["graphs_captured"] += 1
+        self.stats["capture_s"] += time.perf_counter() - t0
         return graph

@@ -30,8 +30,16 @@ class SGLangArgs:
 
 
 @dataclass(kw_only=True)
+class BuiltinArgs:
+    # torch.compile (inductor) the decode step before its CUDA graphs are captured: fused elementwise
+    # work; costs a compile per engine and batch shape class (tens of seconds on a GPU)
+    compile_decode: bool = False
+
+
+@dataclass(kw_only=True)
 class RolloutConfig:
     engine: EngineKind = EngineKind.builtin  # builtin, or sglang (the [sglang] extra)
+    builtin: BuiltinArgs = field(default_factory=BuiltinArgs)
     sglang: SGLangArgs = field(default_factory=SGLangArgs)
 
 
@@ -51,7 +59,13 @@ def build_rollout(cfg: RolloutConfig, model, tokenizer, max_len: int, max_batch:
     if EngineKind(cfg.engine) == EngineKind.builtin:
         from .builtin import BuiltinEngine
 
-        return BuiltinEngine(model, tokenizer=tokenizer, max_batch=max_batch, max_len=max_len)
+        return BuiltinEngine(
+            model,
+            tokenizer=tokenizer,
+            max_batch=max_batch,
+            max_len=max_len,
+            compile_decode=cfg.builtin.compile_decode,
+        )
     from .sglang_engine import SGLangEngine
 
     s = cfg.sglang

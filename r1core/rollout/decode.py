@@ -23,6 +23,8 @@ Legend: B rows (batch bucket), S key slots (length bucket), D dim, E experts, K 
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -123,29 +125,65 @@ class DecodeBuffers:
             dst.copy_(src)
 
 
+# Compiles of the decode step allowed per process before dynamo would silently run it eagerly: each engine
+# compiles about 2 per sampling variant (B = 1, B >= 2; decode_moe auto splits at its threshold), and a
+# process may build many engines (benchmarks, sleep / wake), which share the compiled code when shapes fit.
+RECOMPILE_LIMIT = 64
+
+
 class DecodeStep:
     """Callable `step(B, S, truncate)`: decode rows [0, B) attending to key slots [0, S).
 
     Writes each row's latent at its position, samples the next token with the row's own uniform,
     stores it in out_tokens / out_logprobs, then advances tokens, positions and gen_idx, so
     consecutive calls (or graph replays) need nothing from the host.
+
+    compile_backend: None runs the step op by op; a torch.compile backend ("inductor") compiles the
+    whole step (every layer, sampling and the state advance) into fused kernels first. A decode step is
+    hundreds of small kernels (norms, rope, residual adds, routing, sampling), so on the GPU it is bound
+    by kernel latency, not bandwidth; fusion cuts the kernel count, and the engine still captures the
+    compiled step in one CUDA graph per bucket (so the compile mode must not add CUDA graphs of its own).
+    B and S are symbolic in the compiled code (marked dynamic from the first call): one compile serves
+    every bucket, where a static compile per (B, S) bucket would cost tens of seconds each. Dynamo still
+    specializes B = 1 and every static branch (truncate, decode_moe auto's threshold): a few compiles
+    per engine, counted in stats["decode_compiles"] and stats["decode_compile_s"] (wall time of the calls
+    that compiled; `stats` is the engine's).
     """
 
     def __init__(
-        self, model: Transformer, cache: LatentKVCache, bufs: DecodeBuffers, moe_path: str = "dense"
+        self,
+        model: Transformer,
+        cache: LatentKVCache,
+        bufs: DecodeBuffers,
+        moe_path: str = "dense",
+        compile_backend: str | None = None,
+        stats: dict | None = None,
     ):
         if moe_path not in (*MOE_PATHS, "model"):
             raise ValueError(f"moe_path={moe_path!r}: choose one of {[*MOE_PATHS, 'model']}")
         self.model, self.cache, self.bufs, self.moe_path = model, cache, bufs, moe_path
         cos, sin = rope_cos_sin(model.args, bufs.slot_ids)  # a table, so steps compute no angles on the host
         self.rope_cos, self.rope_sin = cos, sin
+        self.layer_ids = torch.arange(cache.kv.shape[0], device=bufs.row_ids.device)
+        self.compile_backend = compile_backend
+        self.stats = stats if stats is not None else {}
+        self.stats.setdefault("decode_compiles", 0)
+        self.stats.setdefault("decode_compile_s", 0.0)
+        self._run = self._rows_step
+        if compile_backend is not None:
+            # decode_moe="model" may call kernels dynamo cannot trace: graph breaks are allowed there only.
+            self._run = torch.compile(self._rows_step, backend=compile_backend, fullgraph=moe_path != "model")
 
     def _attend(self, attn, h, meta: AttnMeta, mask, B: int, S: int) -> torch.Tensor:
         q_nope, q_pe = attn._queries(h, meta)
         kv, k_pe = attn._latents(h, meta)  # [B, 1, C], [B, 1, R]
         layer, rows, pos = attn.layer_id, self.bufs.row_ids[:B], meta.positions[:, 0]
-        self.cache.kv[layer].index_put_((rows, pos), kv[:, 0].to(self.cache.kv.dtype))
-        self.cache.pe[layer].index_put_((rows, pos), k_pe[:, 0].to(self.cache.pe.dtype))
+        # Index the whole cache tensor (layer as a one-element index, a view of a static arange), not a
+        # kv[layer] view: under torch.compile a scatter into a graph input is rewritten in place, while a
+        # scatter into a view of one may be functionalized into a copy of the whole cache.
+        at = (self.layer_ids[layer : layer + 1], rows, pos)
+        self.cache.kv.index_put_(at, kv[:, 0].to(self.cache.kv.dtype))
+        self.cache.pe.index_put_(at, k_pe[:, 0].to(self.cache.pe.dtype))
         kv_all = self.cache.kv[layer, :B, :S].to(h.dtype)
         pe_all = self.cache.pe[layer, :B, :S].to(h.dtype)
         return attn.wo(attn._attend_absorbed(q_nope, q_pe, kv_all, pe_all, mask).flatten(2))
@@ -169,6 +207,26 @@ class DecodeStep:
         return model.head(model.norm(x))[:, 0]
 
     def __call__(self, B: int, S: int, truncate: bool) -> None:
+        rows_B, slots_S = self.bufs.row_ids[:B], self.bufs.slot_ids[:S]
+        if self.compile_backend is None:
+            self._run(rows_B, slots_S, truncate)
+            return
+        import torch._dynamo
+        from torch._dynamo.utils import counters
+
+        torch._dynamo.maybe_mark_dynamic(rows_B, 0)
+        torch._dynamo.maybe_mark_dynamic(slots_S, 0)
+        graphs = counters["stats"]["unique_graphs"]
+        t0 = time.perf_counter()
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            self._run(rows_B, slots_S, truncate)
+        if counters["stats"]["unique_graphs"] > graphs:  # dynamo traced (and compiled) a graph
+            self.stats["decode_compiles"] += 1
+            self.stats["decode_compile_s"] += time.perf_counter() - t0
+
+    def _rows_step(self, rows_B: torch.Tensor, slots_S: torch.Tensor, truncate: bool) -> None:
+        """The step of `__call__` with B and S read from the sizes of row_ids[:B] and slot_ids[:S]."""
+        B, S = rows_B.shape[0], slots_S.shape[0]
         bufs = self.bufs
         logits_BV = self.logits(B, S)
         u_B = bufs.uniforms[bufs.row_ids[:B], bufs.gen_idx[:B].clamp(max=bufs.uniforms.shape[1] - 1)]
