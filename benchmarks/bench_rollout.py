@@ -19,6 +19,12 @@ without shared prefill; and the weight refresh cost of a non-colocated engine.
   python benchmarks/bench_rollout.py --repeats 1 --variants graphs,triton \
       --sweep-presets bench:256,small:64:256:1024 --sweep-moe auto --grpo 32x8,128x8 \
       --grpo-configs old,admit --profile small:256:auto   # the compact run
+  python benchmarks/bench_rollout.py --variants '' --skip-hf --sweep-presets small:256:64:1024 \
+      --sweep-moe auto --sweep-compile off,on --grpo ''   # the compiled decode step against today's
+
+With --sweep-compile off,on every roofline row runs twice in the same run, the decode step op by op and
+torch.compiled (compile_decode), and the ratio on/off is printed. Compile and capture happen in an untimed
+first run whose seconds, compile seconds and capture seconds are reported apart from the timed decode.
 """
 
 from __future__ import annotations
@@ -207,6 +213,11 @@ def parse() -> argparse.Namespace:
         help="decode_moe paths of the sweep (auto: dense up to 128 rows, grouped above)",
     )
     ap.add_argument("--sweep-new-tokens", type=int, default=128)
+    ap.add_argument(
+        "--sweep-compile",
+        default="off",
+        help="compile_decode settings of each roofline row: off, on, or off,on (both in the same run)",
+    )
     ap.add_argument("--grpo", default="32x8,128x8", help="GRPO workloads, prompts x group ('' skips them)")
     ap.add_argument("--grpo-mean-len", type=int, default=128, help="mean response length (EOS-like stops)")
     ap.add_argument("--grpo-max-new", type=int, default=512)
@@ -215,18 +226,23 @@ def parse() -> argparse.Namespace:
         "--grpo-configs",
         default="old,shared,auto,admit",
         help="GRPO engine settings per workload: old (today's engine: no shared prefill, dense), "
-        "shared (+ shared prefill), auto (+ decode_moe auto), admit (+ admit_min=G)",
+        "shared (+ shared prefill), auto (+ decode_moe auto), admit (+ admit_min=G), "
+        "compiled (admit + compile_decode)",
     )
     ap.add_argument(
         "--profile",
         default="",
-        metavar="PRESET:B:MOE",
-        help="GPU: top kernels of decode graph replays, e.g. small:256:auto ('' skips it)",
+        metavar="PRESET:B:MOE[:on]",
+        help="GPU: top kernels of decode graph replays, e.g. small:256:auto, or small:256:auto:on for the "
+        "compiled step ('' skips it)",
     )
     args = ap.parse_args()
-    bad = set(filter(None, args.grpo_configs.split(","))) - {"old", "shared", "auto", "admit"}
+    bad = set(filter(None, args.grpo_configs.split(","))) - set(GRPO_CONFIGS)
     if bad:
-        ap.error(f"--grpo-configs: unknown {sorted(bad)}; choose from old, shared, auto, admit")
+        ap.error(f"--grpo-configs: unknown {sorted(bad)}; choose from {', '.join(GRPO_CONFIGS)}")
+    compile_modes = args.sweep_compile.split(",")
+    if not compile_modes or set(compile_modes) - {"off", "on"}:
+        ap.error(f"--sweep-compile={args.sweep_compile}: choose off, on or off,on")
     if args.tiny:
         args.batch, args.prompt_len, args.new_tokens, args.repeats = 4, 16, 16, 1
         args.sweep_presets, args.sweep_batches, args.sweep_new_tokens = "tiny", "2,8", 6
@@ -249,6 +265,16 @@ def sweep_args(name: str) -> ModelArgs:
     return margs
 
 
+# --grpo-configs: (shared prefill, decode_moe, admit_min (None: the group size G), compile_decode)
+GRPO_CONFIGS = {
+    "old": (False, "dense", 0, False),
+    "shared": (True, "dense", 0, False),
+    "auto": (True, "auto", 0, False),
+    "admit": (True, "auto", None, False),
+    "compiled": (True, "auto", None, True),
+}
+
+
 def roofline_sweep(opts, dev, dtype, record: dict) -> list[Table]:
     """Decode roofline per model and batch size, GRPO rows and refresh cost (small preset); never raises."""
     ceil = Ceilings.measure()
@@ -261,10 +287,14 @@ def roofline_sweep(opts, dev, dtype, record: dict) -> list[Table]:
             "model",
             "batch",
             "decode_moe",
+            "compile",
             "decode tok/s",
             "ms/step",
             "roofline ms/step",
             "% roofline",
+            "on/off",
+            "compile s",
+            "capture s",
             "experts/layer (uniform)",
             "MB/step",
         ],
@@ -299,39 +329,7 @@ def roofline_sweep(opts, dev, dtype, record: dict) -> list[Table]:
         batches = own_batches or opts.sweep_batches.split(",")
         for B in map(int, filter(None, batches if opts.sweep_presets else [])):
             for path in opts.sweep_moe.split(","):
-                try:
-                    r = roofline_row(
-                        model,
-                        B,
-                        opts.prompt_len,
-                        opts.sweep_new_tokens,
-                        path,
-                        ceil.copy_gbps,
-                        opts.repeats,
-                        sync,
-                    )
-                except Exception as e:  # e.g. out of memory at one size: the other rows still print
-                    record["roofline_errors"].append(f"{name} B{B} {path}: {type(e).__name__}: {e}"[:300])
-                    print("[roofline] failed:", record["roofline_errors"][-1], flush=True)
-                    continue
-                r["model"] = name
-                record["roofline"].append(r)
-                roof.add(
-                    name,
-                    B,
-                    path,
-                    r["decode_tokens_per_s"],
-                    r["decode_step_ms"],
-                    r["roofline_step_ms"],
-                    r["pct_roofline"],
-                    f"{r['distinct_experts_measured']:.1f} ({r['distinct_experts_uniform']:.1f})",
-                    r["bytes_per_step"]["total"] / 1e6,
-                )
-                print(
-                    f"[roofline] {name} B{B} {path}: {r['decode_tokens_per_s']:,.0f} tok/s, "
-                    f"{r['pct_roofline']:.1f} % of roofline",
-                    flush=True,
-                )
+                roofline_rows(model, name, B, path, opts, ceil.copy_gbps, roof, record)
         if name == grpo_model and opts.grpo:
             tables += grpo_rows(model, name, opts, grpo, record)
         del model
@@ -340,25 +338,82 @@ def roofline_sweep(opts, dev, dtype, record: dict) -> list[Table]:
     return tables
 
 
+def roofline_rows(model, name: str, B: int, path: str, opts, copy_gbps: float, roof: Table, record: dict):
+    """One roofline row per --sweep-compile setting, same model, batch and MoE path; on/off: the ratio of
+    decode tokens/s of the compiled step to the op-by-op step measured just before (never raises)."""
+    off_tok_s = None
+    for mode in opts.sweep_compile.split(","):
+        try:
+            r = roofline_row(
+                model,
+                B,
+                opts.prompt_len,
+                opts.sweep_new_tokens,
+                path,
+                copy_gbps,
+                opts.repeats,
+                sync,
+                compile_decode=mode == "on",
+            )
+        except Exception as e:  # e.g. out of memory at one size: the other rows still print
+            msg = f"{name} B{B} {path} compile {mode}: {error_report(e)}"
+            record["roofline_errors"].append(msg[:600])
+            print("[roofline] failed:", record["roofline_errors"][-1], flush=True)
+            continue
+        if mode == "off":
+            off_tok_s = r["decode_tokens_per_s"]
+        ratio = r["decode_tokens_per_s"] / off_tok_s if mode == "on" and off_tok_s else None
+        r.update(model=name, compile_on_off=ratio)
+        record["roofline"].append(r)
+        roof.add(
+            name,
+            B,
+            path,
+            mode,
+            r["decode_tokens_per_s"],
+            r["decode_step_ms"],
+            r["roofline_step_ms"],
+            r["pct_roofline"],
+            "-" if ratio is None else ratio,
+            r["compile_s"],
+            r["capture_s"],
+            f"{r['distinct_experts_measured']:.1f} ({r['distinct_experts_uniform']:.1f})",
+            r["bytes_per_step"]["total"] / 1e6,
+        )
+        print(
+            f"[roofline] {name} B{B} {path} compile {mode}: {r['decode_tokens_per_s']:,.0f} tok/s, "
+            f"{r['decode_step_ms']:.2f} ms/step, {r['pct_roofline']:.1f} % of roofline"
+            + ("" if ratio is None else f", on/off {ratio:.2f}x")
+            + f"; untimed first run {r['warmup_s']:.1f} s ({r['compiles']} compiles {r['compile_s']:.1f} s, "
+            f"{r['graphs']} graphs captured {r['capture_s']:.1f} s), in the timed runs "
+            f"{r['compiles_timed']} compiles, {r['graphs_captured_timed']} captures",
+            flush=True,
+        )
+        for key in ("compile_error", "graph_error"):  # the row then ran uncompiled / without graphs
+            if r.get(key):
+                print(f"[roofline] {name} B{B} {path} compile {mode}: {key} {r[key]}", flush=True)
+
+
 def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
     """Per engine setting (today's engine first, then shared prefill, auto MoE, admission in groups) one
     engine runs every workload, smallest first: the first run warms it (graph captures), later ones reuse."""
     specs = [tuple(map(int, spec.split("x"))) for spec in filter(None, opts.grpo.split(","))]
-    named = {
-        "old": (False, "dense", 0),
-        "shared": (True, "dense", 0),
-        "auto": (True, "auto", 0),
-        "admit": (True, "auto", None),
-    }  # None: admit_min = G
     for config in filter(None, opts.grpo_configs.split(",")):
-        share, path, admit = named[config]
+        share, path, admit, compiled = GRPO_CONFIGS[config]
         for G in sorted({G for _, G in specs}):
             admit_g = G if admit is None else max(admit, 1)
             engine = None
             for P, _ in sorted(s for s in specs if s[1] == G):
                 try:
                     engine = engine or grpo_engine(
-                        model, opts.prompt_len, opts.grpo_max_new, opts.grpo_max_batch, share, path, admit_g
+                        model,
+                        opts.prompt_len,
+                        opts.grpo_max_new,
+                        opts.grpo_max_batch,
+                        share,
+                        path,
+                        admit_g,
+                        compiled,
                     )
                     r = grpo_row(
                         model,
@@ -381,6 +436,16 @@ def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
                     print("[grpo] failed:", record["roofline_errors"][-1], flush=True)
                     continue
                 r["model"], r["config"] = name, config
+                base = [
+                    g for g in record["grpo"] if (g["config"], g["prompts"], g["group"]) == ("admit", P, G)
+                ]
+                if compiled and base:  # same settings uncompiled, measured earlier in this run
+                    r["ms_per_sample_compiled_over_admit"] = r["ms_per_sample"] / base[0]["ms_per_sample"]
+                    print(
+                        f"[grpo] {P}x{G} compiled / admit ms per sample: "
+                        f"{r['ms_per_sample_compiled_over_admit']:.2f}",
+                        flush=True,
+                    )
                 record["grpo"].append(r)
                 grpo.add(
                     name,
@@ -400,8 +465,10 @@ def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
                 )
                 print(
                     f"[grpo] {P}x{G} {config} (shared={share} {path} admit_min={admit_g}): "
-                    f"{r['ms_per_sample']:.2f} ms/sample, {r['graphs_captured_timed']} graphs captured "
-                    f"in the timed runs",
+                    f"{r['ms_per_sample']:.2f} ms/sample, {r['graphs_captured_timed']} graphs captured and "
+                    f"{r['compiles_timed']} compiles in the timed runs; untimed first run "
+                    f"{r['warmup_s']:.1f} s, compile {r['compile_s']:.1f} s"
+                    + (f"; compile_error {r['compile_error']}" if r["compile_error"] else ""),
                     flush=True,
                 )
             del engine
@@ -478,10 +545,10 @@ def main() -> None:
 
 def profile_rows(opts, dev, dtype, record: dict) -> list[Table]:
     """--profile PRESET:B:MOE: where the time of one decode step goes (never raises; on the CPU its ops)."""
-    name, B, path = opts.profile.split(":")
+    name, B, path, *on = opts.profile.split(":")
     try:
         model = build_model(sweep_args(name), dev, dtype)
-        r = profile_decode(model, int(B), opts.prompt_len, path)
+        r = profile_decode(model, int(B), opts.prompt_len, path, compile_decode=on == ["on"])
         del model
     except Exception as e:  # the other figures stay
         record["profile_error"] = error_report(e)[:2000]
@@ -490,8 +557,9 @@ def profile_rows(opts, dev, dtype, record: dict) -> list[Table]:
     print(r.pop("table"), flush=True)
     record["profile"] = r
     t = Table(
-        f"top kernels of one decode step: {name} B{B} S{r['S']} decode_moe={path}, "
-        f"{r['step_ms']:.3f} ms of kernels per step",
+        f"top kernels of one decode step: {name} B{B} S{r['S']} decode_moe={path} "
+        f"compile_decode={r['compile_decode']}, {r['step_ms']:.3f} ms of kernels per step, "
+        f"{r['launches']:.0f} launches per step",
         ["kernel", "ms/step", "% of step"],
     )
     for k in r["kernels"]:

@@ -90,12 +90,12 @@ def uniform_distinct(n_experts: int, top_k: int, tokens: int) -> float:
     return n_experts * (1 - (1 - top_k / n_experts) ** tokens)
 
 
-def _gen_seconds(engine: BuiltinEngine, prompts, sp: SamplingParams, repeats: int, sync) -> float:
+def _gen_seconds(engine: BuiltinEngine, prompts, sp: SamplingParams, repeats: int, sync, n: int = 1) -> float:
     times = []
     for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
-        engine.generate(prompts, 1, sp)
+        engine.generate(prompts, n, sp)
         sync()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
@@ -110,15 +110,28 @@ def roofline_row(
     copy_gbps: float,
     repeats: int,
     sync,
+    compile_decode: bool = False,
 ) -> dict:
-    """Decode tokens/s of B rows x new_tokens and its share of the decode roofline."""
+    """Decode tokens/s of B rows x new_tokens and its share of the decode roofline.
+
+    The first, untimed run captures the graphs of every bucket the run visits (and, with compile_decode,
+    compiles the step first): its seconds, the compile and the capture time are reported apart."""
     dev = model.head.weight.device
     gen = torch.Generator().manual_seed(B)
     prompts = torch.randint(0, model.args.vocab_size, (B, prompt_len), generator=gen).tolist()
-    engine = BuiltinEngine(model, max_batch=B, max_len=prompt_len + new_tokens, decode_moe=decode_moe)
+    engine = BuiltinEngine(
+        model,
+        max_batch=B,
+        max_len=prompt_len + new_tokens,
+        decode_moe=decode_moe,
+        compile_decode=compile_decode,
+    )
     sp = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=0)
     one = SamplingParams(temperature=1.0, max_new_tokens=1, seed=0)
-    engine.generate(prompts, 1, sp)  # captures the graphs of every bucket the run visits
+    warmup_s = _gen_seconds(engine, prompts, sp, 1, sync)
+    setup = {
+        k: engine.stats[k] for k in ("decode_compiles", "decode_compile_s", "capture_s", "graphs_captured")
+    }
     t_full = _gen_seconds(engine, prompts, sp, repeats, sync)
     t_one = _gen_seconds(engine, prompts, one, repeats, sync)
     distinct = record_routing(engine, B)
@@ -133,6 +146,14 @@ def roofline_row(
     row = {
         "batch": B,
         "decode_moe": decode_moe,
+        "compile_decode": compile_decode,
+        "warmup_s": warmup_s,
+        "compile_s": setup["decode_compile_s"],
+        "compiles": setup["decode_compiles"],
+        "capture_s": setup["capture_s"],
+        # compiles and captures inside the timed runs: 0 when the warm-up visited every bucket
+        "compiles_timed": engine.stats["decode_compiles"] - setup["decode_compiles"],
+        "graphs_captured_timed": engine.stats["graphs_captured"] - setup["graphs_captured"],
         "seconds": t_full,
         "tokens_per_s": B * new_tokens / t_full,
         "decode_tokens_per_s": dec_tok_s,
@@ -147,6 +168,7 @@ def roofline_row(
         ),
         "graphs": engine.stats["graphs_captured"],
         "graph_error": engine.stats.get("graph_error"),
+        "compile_error": engine.stats.get("compile_error"),
     }
     del engine
     if dev.type == "cuda":
@@ -169,6 +191,7 @@ def grpo_engine(
     share_prefill: bool,
     decode_moe: str,
     admit_min: int,
+    compile_decode: bool = False,
 ) -> BuiltinEngine:
     """The engine of grpo_row, sized for every prompt grpo_prompts draws at this prompt_len."""
     return BuiltinEngine(
@@ -178,6 +201,7 @@ def grpo_engine(
         decode_moe=decode_moe,
         share_prefill=share_prefill,
         admit_min=admit_min,
+        compile_decode=compile_decode,
     )
 
 
@@ -195,6 +219,7 @@ def grpo_row(
     sync,
     admit_min: int = 1,
     engine: BuiltinEngine | None = None,
+    compile_decode: bool = False,
 ) -> dict:
     """Mean rollout seconds per sample for n_prompts x group with EOS-like stops (mean length ~mean_len).
 
@@ -206,12 +231,16 @@ def grpo_row(
     stop_ids = list(range(0, V, max(mean_len, 1)))  # P(stop) ~ 1 / mean_len per token under flat logits
     sp = SamplingParams(temperature=1.0, max_new_tokens=max_new, stop_token_ids=stop_ids, seed=0)
     if engine is None:
-        engine = grpo_engine(model, prompt_len, max_new, max_batch, share_prefill, decode_moe, admit_min)
+        engine = grpo_engine(
+            model, prompt_len, max_new, max_batch, share_prefill, decode_moe, admit_min, compile_decode
+        )
+    warmup_s = 0.0
     if engine.stats["decode_steps"] == 0:
-        engine.generate(prompts, group, sp)  # warm-up: graph captures
+        warmup_s = _gen_seconds(engine, prompts, sp, 1, sync, group)  # warm-up: graph captures, compiles
     for k in ("host_s", "wait_s", "prefill_rows", "prefill_rows_shared", "decode_steps", "prefills"):
         engine.stats[k] = 0
-    captured = engine.stats["graphs_captured"]
+    captured, compiled = engine.stats["graphs_captured"], engine.stats["decode_compiles"]
+    compile_s = engine.stats["decode_compile_s"]
     secs = []
     for _ in range(repeats):
         sync()
@@ -241,6 +270,11 @@ def grpo_row(
         "prefill_rows": st["prefill_rows"] / repeats,
         "prefill_rows_shared": st["prefill_rows_shared"] / repeats,
         "graphs_captured_timed": st["graphs_captured"] - captured,
+        "compile_decode": engine.compile_backend is not None,
+        "warmup_s": warmup_s,
+        "compile_s": compile_s,  # the engine's compile time so far (warm-ups of smaller workloads included)
+        "compiles_timed": st["decode_compiles"] - compiled,
+        "compile_error": st.get("compile_error"),
     }
     return row
 
@@ -266,18 +300,26 @@ def refresh_row(model: Transformer, sync, repeats: int = 3) -> dict:
 
 
 def profile_decode(
-    model: Transformer, B: int, prompt_len: int, decode_moe: str, top: int = 15, replays: int = 5
+    model: Transformer,
+    B: int,
+    prompt_len: int,
+    decode_moe: str,
+    top: int = 15,
+    replays: int = 5,
+    compile_decode: bool = False,
 ) -> dict:
     """Top kernels of decode steps of B rows at a key bucket just above prompt_len: CUDA graph replays
     (CUPTI traces each kernel of the graph) or, where no graph was captured, eager steps (on the CPU:
     its ops, so the path runs in tests). Returns {"kernels": [(name, ms per step, % of step)], "step_ms":
-    device ms per step, "S": key bucket, "table": profiler table}."""
+    device ms per step, "launches": kernels (ops) per step, "S": key bucket, "table": profiler table}."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = model.head.weight.device.type == "cuda"
     gen = torch.Generator().manual_seed(B)
     prompts = torch.randint(0, model.args.vocab_size, (B, prompt_len), generator=gen).tolist()
-    engine = BuiltinEngine(model, max_batch=B, max_len=prompt_len + 8, decode_moe=decode_moe)
+    engine = BuiltinEngine(
+        model, max_batch=B, max_len=prompt_len + 8, decode_moe=decode_moe, compile_decode=compile_decode
+    )
     engine.generate(prompts, 1, SamplingParams(temperature=1.0, max_new_tokens=4, seed=0))  # graph capture
     S = max(k[1] for k in engine._graphs) if engine._graphs else prompt_len + 4
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -307,8 +349,10 @@ def profile_decode(
         "batch": B,
         "S": S,
         "decode_moe": decode_moe,
+        "compile_decode": compile_decode,
         "graphs": len(engine._graphs),
         "step_ms": total_us / replays / 1e3,
+        "launches": sum(e.count for e in events) / replays,
         "kernels": kernels,
         "table": table,
     }

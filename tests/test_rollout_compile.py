@@ -41,29 +41,45 @@ def _assert_same_rollouts(ref, out, atol: float) -> None:
         torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=0, atol=atol)
 
 
-def _stop_ids(samples, at: int) -> list[int]:
+def _stop_ids(samples, at: int, which) -> list[int]:
     """Tokens that some responses produce early: with them as stops, rows finish at different steps."""
-    return sorted({s.response_ids[at] for s in samples[::2]})
+    return sorted({samples[i].response_ids[at] for i in which})
 
 
 def test_compiled_decode_gives_the_reference_tokens_finishes_logprobs_and_cache():
     model = _model(2)
-    # max_batch 2 < 5 prompts: continuous batching, B in {1, 2}; S takes every length from 3 to 19.
-    first = BuiltinEngine(model, max_batch=2, max_len=32).generate(
+    # max_batch 2 < 5 prompts: continuous batching, B in {1, 2}; S takes every length from 3 to 19, the
+    # longest prompt (9 tokens) fills max_len = 19.
+    first = BuiltinEngine(model, max_batch=2, max_len=19).generate(
         PROMPTS, 1, SamplingParams(temperature=0.0, max_new_tokens=10)
     )
-    sp = SamplingParams(temperature=0.0, max_new_tokens=10, stop_token_ids=_stop_ids(first, 3))
-    ref_engine = BuiltinEngine(model, max_batch=2, max_len=32)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=10, stop_token_ids=_stop_ids(first, 3, (0, 1, 4)))
+    ref_engine = BuiltinEngine(model, max_batch=2, max_len=19)
     ref = ref_engine.generate(PROMPTS, 1, sp)
-    assert {s.finish_reason for s in ref} == {"stop", "length"}
-    engine = BuiltinEngine(model, max_batch=2, max_len=32, compile_decode="aot_eager")
+    assert {s.finish_reason for s in ref} == {"stop", "length"} and ref[2].finish_reason == "length"
+    engine = BuiltinEngine(model, max_batch=2, max_len=19, compile_decode="aot_eager")
     _assert_same_rollouts(ref, engine.generate(PROMPTS, 1, sp), atol=1e-5)
     # The cache writes reached the engine's own cache: both engines leave the same latents behind.
     torch.testing.assert_close(engine._cache.kv, ref_engine._cache.kv, rtol=0, atol=1e-6)
     torch.testing.assert_close(engine._cache.pe, ref_engine._cache.pe, rtol=0, atol=1e-6)
-    # One compile per batch class (B = 1, B >= 2), not one per key length.
+    # One compile per batch class (B = 1, B >= 2), not one per key length (nor one more at S = max_len).
     assert 1 <= engine.stats["decode_compiles"] <= 2 and engine.stats["decode_compile_s"] > 0
     assert ref_engine.stats["decode_compiles"] == 0
+
+
+def test_a_failed_compile_is_reported_and_the_engine_decodes_uncompiled():
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no kernels for this graph")
+
+    model = _model(1)  # one dense layer: the shortest trace
+    sp = SamplingParams(temperature=0.0, max_new_tokens=4)
+    ref = BuiltinEngine(model, max_batch=2, max_len=16).generate(PROMPTS[:2], 1, sp)
+    engine = BuiltinEngine(model, max_batch=2, max_len=16, compile_decode=failing_backend)
+    with pytest.warns(UserWarning, match="compile_decode: compiling the decode step failed"):
+        out = engine.generate(PROMPTS[:2], 1, sp)
+    _assert_same_rollouts(ref, out, atol=0)
+    assert "no kernels for this graph" in engine.stats["compile_error"]
+    assert engine.stats["decode_compiles"] == 0 and engine._step.compile_backend is None
 
 
 def test_compile_decode_setting_reaches_the_builtin_engine():
@@ -81,7 +97,9 @@ def test_inductor_decode_under_cuda_graphs_matches_the_uncompiled_engine_gpu():
     compiled = BuiltinEngine(model, max_batch=8, max_len=128, compile_decode=True)
     first = plain.generate(PROMPTS, 2, SamplingParams(temperature=0.0, max_new_tokens=24))
     for sp in (
-        SamplingParams(temperature=0.0, max_new_tokens=24, stop_token_ids=_stop_ids(first, 6)),
+        SamplingParams(
+            temperature=0.0, max_new_tokens=24, stop_token_ids=_stop_ids(first, 6, range(0, 10, 3))
+        ),
         SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=24, seed=3),
     ):
         _assert_same_rollouts(plain.generate(PROMPTS, 2, sp), compiled.generate(PROMPTS, 2, sp), atol=1e-4)

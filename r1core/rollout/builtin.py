@@ -26,6 +26,7 @@ import heapq
 import time
 import warnings
 from collections import deque
+from typing import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -133,9 +134,10 @@ class BuiltinEngine(RolloutEngine):
     share_prefill: prefill each prompt once per admission and copy its latent rows to its other samples.
     admit_min: queued requests wait until this many rows are free (1: refill every freed row at once).
     compile_decode: torch.compile the decode step (inductor) before its CUDA graphs are captured, so
-        its elementwise work runs fused (see decode.DecodeStep); a backend name instead of True picks
-        another torch.compile backend (the CPU tests use "aot_eager"). Compile time is counted in
-        stats["decode_compile_s"], apart from the decode steps.
+        its elementwise work runs fused (see decode.DecodeStep); a torch.compile backend (name or callable)
+        instead of True picks another (the CPU tests use "aot_eager"). Compile time is counted in
+        stats["decode_compile_s"], apart from the decode steps; a failed compile is warned about, recorded
+        in stats["compile_error"], and the engine decodes uncompiled.
     """
 
     def __init__(
@@ -152,7 +154,7 @@ class BuiltinEngine(RolloutEngine):
         offload_weights_on_sleep: bool = False,
         share_prefill: bool = True,
         admit_min: int = 1,
-        compile_decode: bool | str = False,
+        compile_decode: bool | str | Callable = False,
     ):
         ref = model.head.weight
         self.device = torch.device(device) if device is not None else ref.device
@@ -203,7 +205,10 @@ class BuiltinEngine(RolloutEngine):
         if self._offloaded:
             self.wake()
         if self._cache is None:
-            self._cache = self.model.new_cache(self.max_batch, self.max_len, dtype=self.dtype)
+            # One slot more than any row uses: a decode step's key range [0, S) then never spans a whole
+            # cache row, so the sliced cache keeps one layout for every S (a compiled step would otherwise
+            # specialize, and compile again, for S == the cache length).
+            self._cache = self.model.new_cache(self.max_batch, self.max_len + 1, dtype=self.dtype)
             self._bufs = DecodeBuffers(self.max_batch, self.max_len, self.device)
             self._step = DecodeStep(
                 self.model,

@@ -24,6 +24,8 @@ Legend: B rows (batch bucket), S key slots (length bucket), D dim, E experts, K 
 from __future__ import annotations
 
 import time
+import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -156,7 +158,7 @@ class DecodeStep:
         cache: LatentKVCache,
         bufs: DecodeBuffers,
         moe_path: str = "dense",
-        compile_backend: str | None = None,
+        compile_backend: str | Callable | None = None,
         stats: dict | None = None,
     ):
         if moe_path not in (*MOE_PATHS, "model"):
@@ -218,8 +220,17 @@ class DecodeStep:
         torch._dynamo.maybe_mark_dynamic(slots_S, 0)
         graphs = counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        try:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                self._run(rows_B, slots_S, truncate)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            # Tracing or code generation failed before the step ran (one graph: nothing has moved), e.g. an
+            # op without a meta function for these dtypes: decode op by op from now on, and say so.
+            warnings.warn(f"compile_decode: compiling the decode step failed, decoding uncompiled: {e}")
+            self.stats["compile_error"] = f"{type(e).__name__}: {e}"[:300]
+            self.compile_backend, self._run = None, self._rows_step
             self._run(rows_B, slots_S, truncate)
+            return
         if counters["stats"]["unique_graphs"] > graphs:  # dynamo traced (and compiled) a graph
             self.stats["decode_compiles"] += 1
             self.stats["decode_compile_s"] += time.perf_counter() - t0
@@ -238,5 +249,5 @@ class DecodeStep:
         bufs.tokens[:B].copy_(tokens_B)
         # Rows that finished but still sit in the bucket keep stepping; clamping keeps their writes in the
         # cache.
-        bufs.positions[:B] = (bufs.positions[:B] + 1).clamp_(max=self.cache.max_len - 1)
+        bufs.positions[:B] = (bufs.positions[:B] + 1).clamp_(max=bufs.slot_ids.shape[0] - 1)
         bufs.gen_idx[:B] += 1
