@@ -84,24 +84,27 @@ part_final16() {
 # Issue 16, the compiled decode step (compile_decode: torch.compile inductor, then CUDA graphs per bucket), <= 4 min:
 # the engine's GPU tests (test_rollout_compile.py: inductor under CUDA graphs vs the uncompiled engine, fp32 dense
 # and bf16 grouped; test_rollout.py: graphs vs eager, whose cache writes changed too), then roofline rows of the
-# small preset (decode_moe auto) at B256, B64, B1024, each op by op ("off") and compiled ("on") in the same run:
+# small preset (decode_moe auto) at B256 and B64, each op by op ("off") and compiled ("on") in the same run:
 # decode tok/s, ms/step, % of roofline, on/off ratio, and the untimed first run's compile and capture seconds
 # (excluded from the timed decode). Rows print as they finish, so a timeout keeps the rows done.
 part_decode_compile() {
-  run test_decode_compile_gpu 100 python3 -m pytest -q -m gpu tests/test_rollout_compile.py tests/test_rollout.py \
+  run test_decode_compile_gpu 110 python3 -m pytest -q -m gpu tests/test_rollout_compile.py tests/test_rollout.py \
     -rfE -p no:cacheprovider
-  run bench_decode_compile 140 python3 benchmarks/bench_rollout.py --repeats 2 --variants '' --skip-hf \
-    --sweep-presets small:256:64:1024 --sweep-moe auto --sweep-compile off,on --grpo ''
+  run bench_decode_compile 130 python3 benchmarks/bench_rollout.py --repeats 2 --variants '' --skip-hf \
+    --sweep-presets small:256:64 --sweep-moe auto --sweep-compile off,on --grpo ''
   grep -E "^\[roofline\]|^\| small" "$R/bench_decode_compile.log" | head -20 >> "$SUMMARY"
 }
-# Issue 16, optional after part_decode_compile (<= 3.5 min): GRPO rollouts 32x8 and 128x8 (small preset, 256 rows)
-# on the current engine ("admit": shared prefill, auto MoE, admit_min=G) and compiled ("compiled"), mean ms per
-# sample and the compiled/admit ratio (compiles happen in each engine's untimed first run), then the top kernels
-# and kernel launches per step of a compiled B256 decode graph replay (11b: 5.43 ms of kernels per step uncompiled).
+# Issue 16, after part_decode_compile (<= 4 min): the B1024 roofline row off / on; GRPO rollouts 32x8 and 128x8
+# (small preset, 256 rows) on the current engine ("admit": shared prefill, auto MoE, admit_min=G) and compiled
+# ("compiled"), mean ms per sample and the compiled/admit ratio (compiles happen in each engine's untimed first
+# run); then the top kernels and kernel launches per step of a compiled B256 decode graph replay (11b: 5.43 ms of
+# kernels per step uncompiled). In that order, so a timeout costs the last.
 part_decode_compile_grpo() {
-  run bench_decode_compile_grpo 200 python3 benchmarks/bench_rollout.py --repeats 1 --variants '' --skip-hf \
-    --sweep-presets '' --grpo 32x8,128x8 --grpo-configs admit,compiled --profile small:256:auto:on
-  grep -E "^\[grpo\]|^\| small|launches per step" "$R/bench_decode_compile_grpo.log" | head -20 >> "$SUMMARY"
+  run bench_decode_compile_grpo 235 python3 benchmarks/bench_rollout.py --repeats 1 --variants '' --skip-hf \
+    --sweep-presets small:1024 --sweep-moe auto --sweep-compile off,on --grpo 32x8,128x8 \
+    --grpo-configs admit,compiled --profile small:256:auto:on
+  grep -E "^\[roofline\]|^\[grpo\]|^\| small|launches per step" "$R/bench_decode_compile_grpo.log" | head -24 \
+    >> "$SUMMARY"
 }
 part_train() { run bench_train 320 python3 benchmarks/bench_train.py; }
 # Issue 19: the step against torchtitan 0.2.2's own DeepSeekV3Model in the same run (needs the torchtitan,

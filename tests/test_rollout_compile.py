@@ -65,6 +65,13 @@ def test_compiled_decode_gives_the_reference_tokens_finishes_logprobs_and_cache(
     # One compile per batch class (B = 1, B >= 2), not one per key length (nor one more at S = max_len).
     assert 1 <= engine.stats["decode_compiles"] <= 2 and engine.stats["decode_compile_s"] > 0
     assert ref_engine.stats["decode_compiles"] == 0
+    # An engine of other sizes in the same process shares the compiled code object: it compiles its own
+    # graph (torch 2.13 once failed to build guards when dynamo made those sizes symbolic on its own).
+    sp = SamplingParams(temperature=0.0, max_new_tokens=4)
+    ref = BuiltinEngine(model, max_batch=3, max_len=24).generate(PROMPTS[:2], 1, sp)
+    other = BuiltinEngine(model, max_batch=3, max_len=24, compile_decode="aot_eager")
+    _assert_same_rollouts(ref, other.generate(PROMPTS[:2], 1, sp), atol=1e-5)
+    assert other.stats["decode_compiles"] == 1 and "compile_error" not in other.stats
 
 
 def test_a_failed_compile_is_reported_and_the_engine_decodes_uncompiled():

@@ -221,11 +221,15 @@ class DecodeStep:
         graphs = counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()
         try:
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            # No automatic dynamic shapes: an engine of other sizes (cache rows, max_len) compiles its own
+            # static-shaped step instead of turning those sizes symbolic too, which costs a compile but
+            # keeps the graphs simple (torch 2.13 failed to build guards for such a recompile).
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, automatic_dynamic_shapes=False):
                 self._run(rows_B, slots_S, truncate)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            # Tracing or code generation failed before the step ran (one graph: nothing has moved), e.g. an
-            # op without a meta function for these dtypes: decode op by op from now on, and say so.
+        except (torch._dynamo.exc.TorchDynamoException, AssertionError) as e:
+            # Tracing or code generation failed before the step ran (fullgraph: nothing has moved), e.g. an
+            # op without a meta function for these dtypes, or an internal check of dynamo's (a bare
+            # AssertionError): decode op by op from now on, and say so.
             warnings.warn(f"compile_decode: compiling the decode step failed, decoding uncompiled: {e}")
             self.stats["compile_error"] = f"{type(e).__name__}: {e}"[:300]
             self.compile_backend, self._run = None, self._rows_step
