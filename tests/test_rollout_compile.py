@@ -112,7 +112,7 @@ def test_inductor_decode_under_cuda_graphs_matches_the_uncompiled_engine_gpu():
         _assert_same_rollouts(plain.generate(PROMPTS, 2, sp), compiled.generate(PROMPTS, 2, sp), atol=1e-4)
     torch.testing.assert_close(compiled._cache.kv, plain._cache.kv, rtol=0, atol=1e-4)
     st = compiled.stats
-    assert "graph_error" not in st, st.get("graph_error")
+    assert "graph_error" not in st and "compile_error" not in st, st
     assert st["graphs_captured"] >= 3 and 1 <= st["decode_compiles"] <= 4, st
     # Replays need nothing from dynamo: a second rollout over the same buckets compiles nothing.
     n = st["decode_compiles"]
@@ -121,22 +121,26 @@ def test_inductor_decode_under_cuda_graphs_matches_the_uncompiled_engine_gpu():
 
 
 @pytest.mark.gpu
-def test_inductor_decode_with_grouped_moe_in_bf16_stays_close_to_the_uncompiled_engine_gpu():
+def test_inductor_decode_with_grouped_moe_in_bf16_samples_what_the_uncompiled_engine_samples_gpu():
     model = _model(4, "cuda").to(torch.bfloat16)
     for moe in model.moe_layers():  # the router bias stays fp32, as in the engine's private copies
         moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
-    sp = SamplingParams(temperature=0.0, max_new_tokens=16)
+    # Sampling, not greedy: a random model's logits are nearly flat, so bf16 rounding that fusion moves
+    # flips argmax near-ties often, while a sampled token moves only when its uniform falls within the
+    # rounding of a CDF boundary. A wrong step (e.g. a broken MoE) shifts the CDF by whole tokens instead.
+    sp = SamplingParams(temperature=1.0, max_new_tokens=16, seed=5)
     plain = BuiltinEngine(model, max_batch=8, max_len=64, decode_moe="grouped").generate(PROMPTS, 1, sp)
     engine = BuiltinEngine(model, max_batch=8, max_len=64, decode_moe="grouped", compile_decode=True)
     out = engine.generate(PROMPTS, 1, sp)
     assert "graph_error" not in engine.stats and engine.stats["decode_compiles"] >= 1
-    # bf16: fusion keeps some intermediates in fp32 that the op-by-op step rounds, so greedy paths may
-    # part after a near tie; up to there the log-probs agree to bf16 rounding.
+    assert "compile_error" not in engine.stats, engine.stats["compile_error"]
+    # bf16: fusion keeps some intermediates in fp32 that the op-by-op step rounds, so a sample may part
+    # from the uncompiled one; up to there the log-probs agree to bf16 rounding.
     agreed = 0
     for a, b in zip(plain, out, strict=True):
         n = next((i for i, (x, y) in enumerate(zip(a.response_ids, b.response_ids)) if x != y), 16)
         agreed += n
         torch.testing.assert_close(
-            torch.tensor(b.logprobs[: n + 1]), torch.tensor(a.logprobs[: n + 1]), rtol=0, atol=3e-2
+            torch.tensor(b.logprobs[:n]), torch.tensor(a.logprobs[:n]), rtol=0, atol=3e-2
         )
     assert agreed >= 0.8 * 16 * len(PROMPTS), agreed
