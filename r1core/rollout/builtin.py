@@ -257,6 +257,9 @@ class BuiltinEngine(RolloutEngine):
                 t.data = t.data.to("cpu").pin_memory()
             self._offloaded = True
         if self.device.type == "cuda":
+            import gc
+
+            gc.collect()  # the decode step refers to itself (its step function), so only gc frees the cache
             torch.cuda.empty_cache()
 
     def wake(self) -> None:

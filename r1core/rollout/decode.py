@@ -174,7 +174,13 @@ class DecodeStep:
         self._run = self._rows_step
         if compile_backend is not None:
             # decode_moe="model" may call kernels dynamo cannot trace: graph breaks are allowed there only.
-            self._run = torch.compile(self._rows_step, backend=compile_backend, fullgraph=moe_path != "model")
+            # No split reductions: with the batch dimension symbolic, inductor (torch 2.11) cannot generate
+            # a split reduction ("NYI TritonSplitDimKernel reductions") and failed at B64 and B256; a decode
+            # step's reductions (norms over dim, softmax over the vocabulary) need no split.
+            options = {"split_reductions": False} if compile_backend == "inductor" else None
+            self._run = torch.compile(
+                self._rows_step, backend=compile_backend, fullgraph=moe_path != "model", options=options
+            )
 
     def _attend(self, attn, h, meta: AttnMeta, mask, B: int, S: int) -> torch.Tensor:
         q_nope, q_pe = attn._queries(h, meta)
