@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from r1core.data import Problem
@@ -68,6 +69,33 @@ def _compose(overrides):
 
 def _cfg(tmp_path, *extra, pipeline="default"):
     return _compose([f"pipeline={pipeline}", f"run_dir={tmp_path}", *TOY, *extra])
+
+
+def _toy_stages(pipeline="default"):
+    """The shipped pipeline's stages as one `pipeline.stages=` override, with the step counts its stages set
+    for themselves dropped so TOY's apply (the default's distill stage alone trains 250 steps, 44 s of a toy
+    run's 66 s of stages); kinds, inits, datasets, baselines and every other stage setting are kept."""
+    import importlib.resources
+
+    path = importlib.resources.files("r1core.conf") / "pipeline" / f"{pipeline}.yaml"
+    stages = OmegaConf.to_container(OmegaConf.load(str(path)).pipeline.stages)
+
+    def fmt(d):
+        return "{" + ", ".join(f"{k}: {fmt(v) if isinstance(v, dict) else v}" for k, v in d.items()) + "}"
+
+    for stage in stages:
+        overrides = {k: v for k, v in stage.pop("overrides", {}).items() if not k.endswith(".steps")}
+        if overrides:
+            stage["overrides"] = overrides
+    return "pipeline.stages=[" + ", ".join(fmt(stage) for stage in stages) + "]"
+
+
+def test_toy_stages_keep_the_shipped_stages_but_their_step_counts():
+    shipped = OmegaConf.to_container(_compose(["pipeline=default", "run_dir=/tmp/unused"]).pipeline.stages)
+    toy = OmegaConf.to_container(_compose(["run_dir=/tmp/unused", _toy_stages()]).pipeline.stages)
+    for stage in shipped:
+        stage["overrides"] = {k: v for k, v in stage["overrides"].items() if not k.endswith(".steps")}
+    assert toy == shipped
 
 
 # ---------------------------------------------------------------- validation before any work
@@ -291,7 +319,7 @@ def test_manifest_skips_only_done_stages_with_the_same_hash(tmp_path):
 
 
 def test_default_pipeline_wires_every_stage_and_a_rerun_skips_them(tmp_path):
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, _toy_stages())
     run_pipeline(cfg)
     man = json.loads((tmp_path / "manifest.json").read_text())
     stages = man["stages"]
@@ -533,7 +561,7 @@ def test_whole_default_pipeline_runs_under_tensor_parallel_two_processes(tmp_pat
     from r1core.testing import run_distributed
 
     out = run_distributed(
-        _pipeline_rank, 2, str(tmp_path), ["pipeline=default", "parallel.tp=2"], timeout=600
+        _pipeline_rank, 2, str(tmp_path), ["pipeline=default", _toy_stages(), "parallel.tp=2"], timeout=600
     )[0]
     assert out["status"] == {name: "done" for name in out["status"]} and len(out["status"]) == 14
     student = json.loads((tmp_path / "stages" / "distill" / "model" / "config.json").read_text())
