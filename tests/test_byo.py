@@ -335,7 +335,16 @@ def test_ctrl_c_stops_with_one_line_and_a_rerun_resumes(tmp_path, caplog):
         f"hydra.run.dir={run}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background commands with SIGINT ignored, and Python keeps an ignored
+    # SIGINT: give the child the default disposition, as a terminal would, or Ctrl-C is never seen.
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     latest = run / "stages" / "pretrain" / "checkpoints" / "latest"
     deadline = time.time() + 240
     while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_000004"):
