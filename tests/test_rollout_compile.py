@@ -15,16 +15,7 @@ import torch
 from r1core.model import Transformer, presets
 from r1core.rollout import BuiltinEngine, SamplingParams
 from r1core.rollout.config import BuiltinArgs, RolloutConfig, build_rollout
-
-PROMPTS = [[5, 17, 99, 3, 250, 8], [42, 7], [300, 301, 302, 303, 304, 305, 306, 307, 308], [11], [60, 61, 62]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_rollout import PROMPTS, _one_thread  # noqa: F401  (the prompts, and the module's one-thread fixture)
 
 
 def _model(n_layers: int, device: str = "cpu") -> Transformer:

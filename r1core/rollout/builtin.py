@@ -22,12 +22,13 @@ uniform stream, so its tokens are those of a separate prefill.
 from __future__ import annotations
 
 import copy
+import gc
 import heapq
 import time
 import warnings
 from collections import deque
-from typing import Callable
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -257,8 +258,6 @@ class BuiltinEngine(RolloutEngine):
                 t.data = t.data.to("cpu").pin_memory()
             self._offloaded = True
         if self.device.type == "cuda":
-            import gc
-
             gc.collect()  # the decode step refers to itself (its step function), so only gc frees the cache
             torch.cuda.empty_cache()
 
