@@ -189,6 +189,15 @@ part_fp8_first_steps() {
   run bf16_spread 10 python3 benchmarks/compare_loss.py "$R/bf16_seed0.metrics.jsonl" "$R/bf16_seed1.metrics.jsonl" \
     --labels bf16_seed0,bf16_seed1
 }
+# Issue 19, fp8 ref's causal leak (2.77 in RESULTS 10c), ~2 min: where an earlier-position difference starts
+# (first block, its attn / ffn |dh|, earlier tokens re-routed per MoE layer) for bf16, the ref with the old
+# per-segment expert GEMMs, the ref with per-128-row-tile GEMMs (the fix, also under TF32), the training path;
+# then the GPU causality tests (small preset, B2 x T512, ref and training path, bit-identical earlier logits).
+part_fp8_leak() {
+  run fp8_leak_diag 120 python3 benchmarks/fp8_first_steps.py --preset small --seq 512 --diagnose
+  grep -E "^\| (variant|bf16|fp8)" "$R/fp8_leak_diag.log" >> "$SUMMARY"
+  run fp8_leak_tests 90 python3 -m pytest -q -m gpu tests/test_fp8.py -k causal -rfE -p no:cacheprovider
+}
 # GRPO end to end on the small preset (briefly pretrained on the built-in corpus): stage times and the
 # rollout / log-prob / update split of each RL step. Dynamic sampling is off so every step updates.
 part_pipeline() {

@@ -193,6 +193,84 @@ def test_grouped_linear_fp8_triton_matches_per_expert_reference():
     assert _rel(y_ref[128:384], x[128:384] @ w[2].T) < 0.05
 
 
+def _mm_shapes(fn):
+    """Run fn; return (its result, the operand shapes of every matmul it issued)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = []
+    mm_ops = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in mm_ops:
+                shapes.append(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        out = fn()
+    return out, shapes
+
+
+def test_grouped_reference_rows_do_not_depend_on_other_rows_or_segment_sizes():
+    """Issue 19: a GEMM library picks its kernel by shape, so a reference that ran one GEMM per expert segment
+    gave a row different last bits when other tokens changed the segment's length (on an H100; the CPU's
+    GEMMs happen to be row-invariant, so the shape check is what fails there). The same 128 rows of expert 2
+    must give the same bits with another tile beside them or with 384 other rows in expert 0 before them,
+    and every GEMM the reference issues has one shape, [128, K] x [K, N]."""
+    g = torch.Generator().manual_seed(0)
+    ours, others = torch.randn(128, 256, generator=g), torch.randn(384, 256, generator=g)
+    w = torch.randn(3, 256, 256, generator=g) * 0.05
+    x_a = torch.cat([others[:128], ours, others[128:256]])  # expert 0: 128 rows, expert 2: ours + 128
+    x_b = torch.cat([others, ours])  # expert 0: 384 rows, expert 2: ours
+    with torch.no_grad():
+        y_a, shapes_a = _mm_shapes(lambda: fp8.grouped_linear_fp8(x_a, w, torch.tensor([128, 0, 256]), "ref"))
+        y_b, shapes_b = _mm_shapes(lambda: fp8.grouped_linear_fp8(x_b, w, torch.tensor([384, 0, 128]), "ref"))
+    assert {s[0] for s in shapes_a + shapes_b} == {(128, 256)}, f"GEMM shapes {shapes_a} / {shapes_b}"
+    assert len(shapes_a) == 3 and len(shapes_b) == 4  # one GEMM per tile
+    assert torch.equal(y_a[128:256], y_b[384:512])
+    assert _rel(y_b[384:512], ours @ w[2].T) < 0.05
+
+
+def _tiny_all_fp8(**kw):
+    """A CPU-sized model whose every GEMM that can be fp8 is (dims multiples of 128, experts included);
+    as in the small preset only wkv_a (kv_lora_rank + rope dim outputs) keeps its bf16 GEMM."""
+    return presets["tiny"].replace(
+        moe_inter_dim=128, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32,
+        v_head_dim=32, n_mtp_modules=0, precision="fp8", **kw,
+    )  # fmt: skip
+
+
+def _earlier_and_later_change(model, vocab, dev, batch=2, seq=256):
+    """Change tokens from seq/2 on: (max |dlogit| before seq/2, after it, how many MoE layers' segment sizes
+    changed): a causal model gives exactly 0 before, whatever the re-routing of the later tokens."""
+    g = torch.Generator(device=dev).manual_seed(1)
+    tok = torch.randint(0, vocab, (batch, seq), device=dev, generator=g)
+    tok2 = tok.clone()
+    tok2[:, seq // 2 :] = torch.randint(0, vocab, (batch, seq - seq // 2), device=dev, generator=g)
+    segs = []
+    experts = [m.experts for m in model.moe_layers()]
+    hooks = [e.register_forward_hook(lambda m, i, o: segs.append(i[1].clone())) for e in experts]
+    with torch.no_grad():
+        a, b = model(tok).float(), model(tok2).float()
+    for h in hooks:
+        h.remove()
+    n = len(experts)
+    changed = sum(not torch.equal(x, y) for x, y in zip(segs[:n], segs[n:]))
+    t = seq // 2
+    return (a[:, :t] - b[:, :t]).abs().max().item(), (a[:, t:] - b[:, t:]).abs().max().item(), changed
+
+
+def test_fp8_reference_model_logits_are_causal_bit_for_bit():
+    torch.manual_seed(0)
+    model = Transformer(_tiny_all_fp8()).bfloat16()
+    linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert all(n == "head" or n.endswith("attn.wkv_a") for n in linears), linears
+    assert all(isinstance(m.experts, Fp8GroupedExperts) for m in model.moe_layers())
+    earlier, later, seg_changed = _earlier_and_later_change(model, 512, torch.device("cpu"))
+    assert seg_changed > 0 and later > 0  # the later tokens did re-route: segment sizes moved
+    assert earlier == 0, f"max |dlogit| {earlier:.3g} at positions before the change"
+
+
 def test_fp8_experts_reject_segments_not_padded_to_128_rows():
     with pytest.raises(RuntimeError, match="padded to 128 rows"):
         fp8.grouped_linear_fp8(
@@ -325,3 +403,22 @@ def test_fp8_linear_and_grouped_gpu_grads_match_reference():
         outs.append((y, xi.grad, wi.grad))
     for r, t in zip(*outs):
         assert _rel(t, r) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["ref", None])
+def test_fp8_small_preset_logits_are_causal_bit_for_bit_gpu(impl):
+    """Issue 19 at the shapes where it showed (small preset, bf16, B2 x T512): changing later tokens re-routes
+    them, which must leave earlier logits bit-identical on the reference (2.77 before the per-tile fix) and
+    on the training path (None: scaled_mm / Triton)."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    with dev:
+        model = Transformer(presets["small"].replace(precision="fp8", moe_impl="triton")).bfloat16()
+    if impl:
+        for m in model.modules():
+            if isinstance(m, (Fp8Linear, Fp8GroupedExperts)):
+                m.fp8_impl = impl
+    earlier, later, seg_changed = _earlier_and_later_change(model, model.args.vocab_size, dev, 2, 512)
+    assert seg_changed > 0 and later > 0
+    assert earlier == 0, f"max |dlogit| {earlier:.3g} at positions before the change"

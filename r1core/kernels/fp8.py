@@ -22,7 +22,8 @@ means 128×128 blocks, [N, K/128] means 1×128 rows. Backends:
           strides (1, that)) and K a multiple of 128. Probed once per device against the reference.
   triton  `_fp8_gemm_kernel` below (DeepSeek-V3 inference/kernel.py's `fp8_gemm`, generalized to
           both scale kinds and to grouped experts); used where torch's path is absent.
-  ref     dequantize to fp32 and matmul: the numerical specification (CPU).
+  ref     dequantize to fp32 and matmul (IEEE fp32, TF32 off): the numerical specification (CPU). Grouped
+          experts run one GEMM per 128-row tile, so no row's result depends on how other tokens route.
 Quantization: one Triton pass per tensor (`quantize_dual`: x's 1×128 tiles and its transposed 128-token
 tiles; `quantize_blocks_t`: W and the transposed copy dgrad reads), bit-identical to the PyTorch reference.
 A linear layer saves only xᵀ's fp8 tiles for wgrad. Its forward and backward are custom ops, so
@@ -34,6 +35,7 @@ holds one expert's rows; torch has no blockwise grouped GEMM for sm90, so they a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -117,9 +119,25 @@ def quantize_blocks_t(w: torch.Tensor, impl: str = "ref"):
 # --------------------------------------------------------------------------- the GEMM primitive
 
 
+@contextlib.contextmanager
+def _ieee_fp32():
+    """fp32 matmuls in full fp32 for the reference, even where the caller allows TF32 (whose 10-bit
+    mantissa would round the dequantized operands: e4m3's 4 significant bits times a 24-bit scale)."""
+    prev = torch.get_float32_matmul_precision()
+    if prev == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
 def blockwise_gemm_ref(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16) -> torch.Tensor:
     """dequant(a) [M, K] · dequant(b)ᵀ [K, N] in fp32: what every backend must reproduce."""
-    return (dequantize_rows(a_q, a_s) @ _dequantize_b(b_q, b_s).T).to(out_dtype)
+    with _ieee_fp32():
+        return (dequantize_rows(a_q, a_s) @ _dequantize_b(b_q, b_s).T).to(out_dtype)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -290,14 +308,25 @@ def tile_experts(seg_E: torch.Tensor, n_rows: int, block_m: int = BLOCK) -> torc
 
 
 def _grouped_gemm_ref(x_q, x_s, w_q, w_s, seg_E, out_dtype):
-    """y[rows of expert e] = dequant(x) · dequant(w[e])ᵀ; rows past the last segment are zero."""
+    """y[rows of expert e] = dequant(x) · dequant(w[e])ᵀ; rows past the last segment are zero.
+
+    One fp32 GEMM per 128-row tile, all of one shape, never one per segment: a GEMM library picks its
+    kernel (tiling, split-K) by shape, so with per-segment GEMMs a row's last bits depended on how many
+    other rows its expert received: changing later tokens re-routes them and could move earlier tokens'
+    outputs, and through a router near-tie their logits (the suspected cause of issue 19's max |Δlogit|
+    2.77 on an H100; `benchmarks/fp8_first_steps.py --diagnose` tells). Here a row's result depends on its
+    own values only, as in the Triton kernel (one program per 128-row tile).
+    """
     y = torch.zeros(x_q.shape[0], w_q.shape[1], dtype=out_dtype, device=x_q.device)
-    start = 0
-    for e, n in enumerate(seg_E.tolist()):
-        if n:
-            rows = slice(start, start + n)
-            y[rows] = blockwise_gemm_ref(x_q[rows], x_s[rows], w_q[e], w_s[e], out_dtype)
-        start += n
+    w_deq = {}
+    with _ieee_fp32():
+        for i, e in enumerate(tile_experts(seg_E, x_q.shape[0]).tolist()):
+            if e < 0:  # past the last segment
+                break
+            if e not in w_deq:
+                w_deq[e] = _dequantize_b(w_q[e], w_s[e])
+            rows = slice(i * BLOCK, (i + 1) * BLOCK)
+            y[rows] = (dequantize_rows(x_q[rows], x_s[rows]) @ w_deq[e].T).to(out_dtype)
     return y
 
 
@@ -307,9 +336,10 @@ def _grouped_wgrad_ref(dyt_q, dyt_s, xt_q, xt_s, seg_E):
     dw = torch.zeros(E, dyt_q.shape[0], xt_q.shape[0], dtype=torch.float32, device=dyt_q.device)
     dy_t, x_t = dequantize_rows(dyt_q, dyt_s), dequantize_rows(xt_q, xt_s)
     start = 0
-    for e, n in enumerate(seg_E.tolist()):
-        dw[e] = dy_t[:, start : start + n] @ x_t[:, start : start + n].T
-        start += n
+    with _ieee_fp32():
+        for e, n in enumerate(seg_E.tolist()):
+            dw[e] = dy_t[:, start : start + n] @ x_t[:, start : start + n].T
+            start += n
     return dw
 
 
@@ -349,7 +379,7 @@ class _GroupedFp8Linear(torch.autograd.Function):
 
 
 def grouped_linear_fp8(x_PD, w_EOI, seg_E, impl: str | None = None) -> torch.Tensor:
-    """Per-expert x · w[e]ᵀ over 128-padded row segments, all three GEMMs in FP8 (ref: per-expert loop)."""
+    """Per-expert x · w[e]ᵀ over 128-padded row segments, all three GEMMs in FP8 (ref: a per-tile loop)."""
     if impl is None:
         impl = os.environ.get("R1CORE_FP8_BACKEND") or ("triton" if x_PD.is_cuda else "ref")
     impl = "triton" if impl == "torch" else impl  # torch has no blockwise grouped GEMM for sm90
