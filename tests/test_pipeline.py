@@ -167,6 +167,15 @@ def test_every_stage_validates_under_several_processes_and_a_student_that_does_n
         validate_pipeline(cfg, to_job(cfg), world_size=2)
 
 
+def test_a_per_sequence_rl_loss_under_context_parallelism_is_refused_before_any_work(tmp_path):
+    cfg = _cfg(tmp_path, "parallel.cp=2", "rl.loss.agg=seq_mean_token_mean")
+    message = r"stage 'zero_rl': rl.loss.agg=seq_mean_token_mean .*parallel.cp=2"
+    with pytest.raises(ConfigError, match=message):
+        validate_pipeline(cfg, to_job(cfg), world_size=2)
+    cfg = _cfg(tmp_path, "parallel.cp=2", "rl.loss.agg=token_mean")  # a token sum splits exactly
+    assert len(validate_pipeline(cfg, to_job(cfg), world_size=2)) == 14
+
+
 def test_stage_overrides_apply_to_that_stage_only(tmp_path):
     def rl_steps(*extra):
         cfg = _cfg(tmp_path, *extra)

@@ -42,6 +42,12 @@ class PolicyLossConfig:
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip={self.dual_clip} must be > 1 (or None)")
 
+    @property
+    def context_parallel(self) -> bool:
+        """Under context parallelism a rank's tokens' loss over whole-batch totals is its exact share for the
+        token sums (token_mean, seq_mean_token_sum_norm); a per-row token mean needs whole rows."""
+        return self.agg != LossAgg.seq_mean_token_mean
+
 
 def check_scaling(temperature: float, norm_len: int | None) -> None:
     """The two numbers the loss takes from the rollout rather than from its settings."""

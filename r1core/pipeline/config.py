@@ -392,6 +392,13 @@ def validate_pipeline(
                 f"model's context (model.max_seq_len={sj.model.max_seq_len}): set the stage's YaRN "
                 "settings (model.rope_factor, model.original_seq_len, model.max_seq_len)"
             )
+        rl_kinds = (StageKind.reasoning_rl, StageKind.all_scenario_rl)
+        if st.kind in rl_kinds and sj.parallel.cp > 1 and not sj.rl.loss.context_parallel:
+            raise ConfigError(
+                f"stage {st.name!r}: rl.loss.agg={sj.rl.loss.agg.value} averages each sequence's tokens, "
+                f"which needs whole sequences on one rank, but parallel.cp={sj.parallel.cp} splits them: "
+                "use rl.loss.agg=token_mean or seq_mean_token_sum_norm, or parallel.cp=1"
+            )
         if st.kind == StageKind.load and not sj.hf_checkpoint:
             raise ConfigError(f"stage {st.name!r} loads released weights: set hf_checkpoint=<HF directory>")
         seen[st.name] = st

@@ -127,9 +127,7 @@ class GRPOObjective:
 
     @property
     def context_parallel(self) -> bool:
-        """Under context parallelism a rank's tokens' loss over whole-batch totals is its exact share for the
-        token sums (token_mean, seq_mean_token_sum_norm); a per-row token mean needs whole rows."""
-        return self.loss.agg.value != "seq_mean_token_mean"
+        return self.loss.context_parallel
 
     def totals(self, mb: dict, model: Transformer | None = None) -> dict[str, torch.Tensor]:
         mask = mb["mask"].float()
