@@ -318,7 +318,7 @@ def _grouped_gemm_ref(x_q, x_s, w_q, w_s, seg_E, out_dtype):
     own values only, as in the Triton kernel (one program per 128-row tile).
     """
     y = torch.zeros(x_q.shape[0], w_q.shape[1], dtype=out_dtype, device=x_q.device)
-    w_deq = {}
+    x, w_deq = dequantize_rows(x_q, x_s), {}  # elementwise: the same values as per tile
     with _ieee_fp32():
         for i, e in enumerate(tile_experts(seg_E, x_q.shape[0]).tolist()):
             if e < 0:  # past the last segment
@@ -326,7 +326,7 @@ def _grouped_gemm_ref(x_q, x_s, w_q, w_s, seg_E, out_dtype):
             if e not in w_deq:
                 w_deq[e] = _dequantize_b(w_q[e], w_s[e])
             rows = slice(i * BLOCK, (i + 1) * BLOCK)
-            y[rows] = (dequantize_rows(x_q[rows], x_s[rows]) @ w_deq[e].T).to(out_dtype)
+            y[rows] = (x[rows] @ w_deq[e].T).to(out_dtype)
     return y
 
 
