@@ -15,7 +15,7 @@ from pathlib import Path
 
 from r1core.rl.stats import CONFIDENCE, pass_at_k_curve, paired_difference
 from r1core.train.checkpointing import atomic_write_text
-from r1core.train.metrics import curves_from_log, moving_average, plot_curves, read_jsonl
+from r1core.train.metrics import curves_from_log, moving_average, plot_curves, pyplot, read_jsonl
 
 from .config import StageKind
 from .long_context import passkey_section
@@ -45,15 +45,6 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.3g}"
     return str(v)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # ---------------------------------------------------------------------------- data description
@@ -196,7 +187,7 @@ def _comparison_lines(rows: list[dict]) -> list[str]:
 
 
 def _eval_plot(path: Path, evals: list[tuple[str, dict]]) -> None:
-    plt = _plt()
+    plt = pyplot()
     names = [n for n, _ in evals]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names)), 3.6))
     means = [m.get("pass@1", 0.0) for _, m in evals]
@@ -219,7 +210,7 @@ def _eval_plot(path: Path, evals: list[tuple[str, dict]]) -> None:
 
 
 def _passk_plot(path: Path, evals: list[tuple[str, dict, dict | None]]) -> bool:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     drawn = False
     for name, _, ev in evals:
@@ -266,7 +257,7 @@ def split_constant(series: dict[str, tuple[list, list]]) -> tuple[dict, dict[str
 
 def _rl_page(path: Path, logs: list[tuple[str, list[dict]]]) -> None:
     """One figure: a row per RL stage, a column per RL_PAGE metric, raw and 5-step moving average."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(
         len(logs), len(RL_PAGE), figsize=(4.3 * len(RL_PAGE), 2.8 * len(logs)), squeeze=False
     )
