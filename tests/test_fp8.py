@@ -193,22 +193,23 @@ def test_grouped_linear_fp8_triton_matches_per_expert_reference():
     assert _rel(y_ref[128:384], x[128:384] @ w[2].T) < 0.05
 
 
-def _mm_shapes(fn):
-    """Run fn; return (its result, the operand shapes of every matmul it issued)."""
+def _mm_shapes(fn, probe=None):
+    """Run fn; return (its result, per matmul it issued: its operand shapes, or probe() at that moment)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    shapes = []
+    seen = []
     mm_ops = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in mm_ops:
-                shapes.append(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+                shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+                seen.append(probe() if probe else shapes)
             return func(*args, **(kwargs or {}))
 
     with Record():
         out = fn()
-    return out, shapes
+    return out, seen
 
 
 def test_grouped_reference_rows_do_not_depend_on_other_rows_or_segment_sizes():
@@ -229,6 +230,29 @@ def test_grouped_reference_rows_do_not_depend_on_other_rows_or_segment_sizes():
     assert len(shapes_a) == 3 and len(shapes_b) == 4  # one GEMM per tile
     assert torch.equal(y_a[128:256], y_b[384:512])
     assert _rel(y_b[384:512], ours @ w[2].T) < 0.05
+
+
+def test_reference_gemms_run_in_ieee_fp32_when_the_caller_allows_tf32():
+    """TF32 would round the dequantized operands to 10 mantissa bits: the specification pins IEEE fp32 for
+    its own GEMMs and hands the caller's setting back (the CPU backend's flag stands in for cuBLAS's)."""
+    flags = torch.backends.mkldnn.matmul
+    x, w, seg_E = _grouped_case()
+    a_q, a_s = fp8.quantize_rows(x)
+    b_q, b_s = fp8.quantize_blocks(w[0])
+    prev = flags.fp32_precision
+    flags.fp32_precision = "tf32"
+    try:
+        _, during = _mm_shapes(
+            lambda: fp8.blockwise_gemm_ref(a_q, a_s, b_q, b_s), lambda: flags.fp32_precision
+        )
+        with torch.no_grad():
+            _, during_grouped = _mm_shapes(
+                lambda: fp8.grouped_linear_fp8(x, w, seg_E, "ref"), lambda: flags.fp32_precision
+            )
+        after = flags.fp32_precision
+    finally:
+        flags.fp32_precision = prev
+    assert during == ["ieee"] and set(during_grouped) == {"ieee"} and after == "tf32"
 
 
 def _tiny_all_fp8(**kw):

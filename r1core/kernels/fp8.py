@@ -120,23 +120,30 @@ def quantize_blocks_t(w: torch.Tensor, impl: str = "ref"):
 
 
 @contextlib.contextmanager
-def _ieee_fp32():
+def _ieee_fp32(device: torch.device):
     """fp32 matmuls in full fp32 for the reference, even where the caller allows TF32 (whose 10-bit
-    mantissa would round the dequantized operands: e4m3's 4 significant bits times a 24-bit scale)."""
-    prev = torch.get_float32_matmul_precision()
-    if prev == "highest":
+    mantissa would round the dequantized operands: e4m3's 4 significant bits times a 24-bit scale).
+
+    Through the per-backend setting of torch >= 2.9 (`torch.backends.cuda.matmul.fp32_precision`, "none"
+    inheriting `torch.backends.fp32_precision`), which reads and restores safely whichever API the caller
+    used; torch's legacy getters raise once both APIs have been used, so they are never read here.
+    """
+    flags = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
+    prev = getattr(flags, "fp32_precision", None)
+    effective = torch.backends.fp32_precision if prev == "none" else prev
+    if prev is None or effective in ("ieee", "none"):  # the default (torch < 2.9: left as it is)
         yield
         return
-    torch.set_float32_matmul_precision("highest")
+    flags.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(prev)
+        flags.fp32_precision = prev
 
 
 def blockwise_gemm_ref(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16) -> torch.Tensor:
     """dequant(a) [M, K] · dequant(b)ᵀ [K, N] in fp32: what every backend must reproduce."""
-    with _ieee_fp32():
+    with _ieee_fp32(a_q.device):
         return (dequantize_rows(a_q, a_s) @ _dequantize_b(b_q, b_s).T).to(out_dtype)
 
 
@@ -319,7 +326,7 @@ def _grouped_gemm_ref(x_q, x_s, w_q, w_s, seg_E, out_dtype):
     """
     y = torch.zeros(x_q.shape[0], w_q.shape[1], dtype=out_dtype, device=x_q.device)
     x, w_deq = dequantize_rows(x_q, x_s), {}  # elementwise: the same values as per tile
-    with _ieee_fp32():
+    with _ieee_fp32(x_q.device):
         for i, e in enumerate(tile_experts(seg_E, x_q.shape[0]).tolist()):
             if e < 0:  # past the last segment
                 break
@@ -336,7 +343,7 @@ def _grouped_wgrad_ref(dyt_q, dyt_s, xt_q, xt_s, seg_E):
     dw = torch.zeros(E, dyt_q.shape[0], xt_q.shape[0], dtype=torch.float32, device=dyt_q.device)
     dy_t, x_t = dequantize_rows(dyt_q, dyt_s), dequantize_rows(xt_q, xt_s)
     start = 0
-    with _ieee_fp32():
+    with _ieee_fp32(dyt_q.device):
         for e, n in enumerate(seg_E.tolist()):
             dw[e] = dy_t[:, start : start + n] @ x_t[:, start : start + n].T
             start += n
