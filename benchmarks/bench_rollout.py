@@ -386,10 +386,11 @@ def roofline_rows(model, name: str, B: int, path: str, opts, copy_gbps: float, r
             + ("" if ratio is None else f", on/off {ratio:.2f}x")
             + f"; untimed first run {r['warmup_s']:.1f} s ({r['compiles']} compiles {r['compile_s']:.1f} s, "
             f"{r['graphs']} graphs captured {r['capture_s']:.1f} s), in the timed runs "
-            f"{r['compiles_timed']} compiles, {r['graphs_captured_timed']} captures",
+            f"{r['compiles_timed']} compiles, {r['graphs_captured_timed']} captures; "
+            f"compiled: {r['decode_compiled']}",
             flush=True,
         )
-        for key in ("compile_error", "graph_error"):  # the row then ran uncompiled / without graphs
+        for key in ("compile_error", "compile_error_layers", "graph_error"):  # what ran uncompiled / eagerly
             if r.get(key):
                 print(f"[roofline] {name} B{B} {path} compile {mode}: {key} {r[key]}", flush=True)
 
@@ -468,6 +469,7 @@ def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
                     f"{r['ms_per_sample']:.2f} ms/sample, {r['graphs_captured_timed']} graphs captured and "
                     f"{r['compiles_timed']} compiles in the timed runs; untimed first run "
                     f"{r['warmup_s']:.1f} s, compile {r['compile_s']:.1f} s"
+                    + f"; compiled: {r['decode_compiled']}"
                     + (f"; compile_error {r['compile_error']}" if r["compile_error"] else ""),
                     flush=True,
                 )

@@ -169,6 +169,8 @@ def roofline_row(
         "graphs": engine.stats["graphs_captured"],
         "graph_error": engine.stats.get("graph_error"),
         "compile_error": engine.stats.get("compile_error"),
+        "decode_compiled": engine.stats.get("decode_compiled", "none"),  # step, layers (fallback) or none
+        "compile_error_layers": engine.stats.get("compile_error_layers"),
     }
     del engine
     if dev.type == "cuda":
@@ -275,6 +277,7 @@ def grpo_row(
         "compile_s": compile_s,  # the engine's compile time so far (warm-ups of smaller workloads included)
         "compiles_timed": st["decode_compiles"] - compiled,
         "compile_error": st.get("compile_error"),
+        "decode_compiled": st.get("decode_compiled", "none"),
     }
     return row
 

@@ -11,17 +11,21 @@ import dataclasses
 
 import pytest
 import torch
+from torch._dynamo.backends.debugging import aot_eager
 
 from r1core.model import Transformer, presets
 from r1core.rollout import BuiltinEngine, SamplingParams
 from r1core.rollout.config import BuiltinArgs, RolloutConfig, build_rollout
+from r1core.rollout.sampling import sample
 from test_rollout import PROMPTS, _one_thread  # noqa: F401  (the prompts, and the module's one-thread fixture)
 
 
-def _model(n_layers: int, device: str = "cpu") -> Transformer:
+def _model(n_layers: int, device: str = "cpu", vocab_size: int | None = None) -> Transformer:
     # One dense and one MoE layer on the CPU: tracing time grows with the layers, the paths do not.
     torch.manual_seed(1234)
     args = dataclasses.replace(presets["tiny"], n_layers=n_layers, n_mtp_modules=0)
+    if vocab_size is not None:
+        args = dataclasses.replace(args, vocab_size=vocab_size)
     return Transformer(args).to(device).eval()
 
 
@@ -55,7 +59,8 @@ def test_compiled_decode_gives_the_reference_tokens_finishes_logprobs_and_cache(
     torch.testing.assert_close(engine._cache.pe, ref_engine._cache.pe, rtol=0, atol=1e-6)
     # One compile per batch class (B = 1, B >= 2), not one per key length (nor one more at S = max_len).
     assert 1 <= engine.stats["decode_compiles"] <= 2 and engine.stats["decode_compile_s"] > 0
-    assert ref_engine.stats["decode_compiles"] == 0
+    assert engine.stats["decode_compiled"] == "step" and "compile_error" not in engine.stats
+    assert ref_engine.stats["decode_compiles"] == 0 and ref_engine.stats["decode_compiled"] == "none"
     # An engine of other sizes in the same process shares the compiled code object: it compiles its own
     # graph (torch 2.13 once failed to build guards when dynamo made those sizes symbolic on its own).
     sp = SamplingParams(temperature=0.0, max_new_tokens=4)
@@ -77,7 +82,66 @@ def test_a_failed_compile_is_reported_and_the_engine_decodes_uncompiled():
         out = engine.generate(PROMPTS[:2], 1, sp)
     _assert_same_rollouts(ref, out, atol=0)
     assert "no kernels for this graph" in engine.stats["compile_error"]
+    assert "no kernels for this graph" in engine.stats["compile_error_layers"]
     assert engine.stats["decode_compiles"] == 0 and engine._step.compile_backend is None
+    assert engine.stats["decode_compiled"] == "none"
+
+
+def _is_sampling(node) -> bool:
+    return "vocab_cumsum" in str(node.target)
+
+
+def test_a_step_whose_sampling_fails_to_compile_runs_its_layers_compiled():
+    """The fallback of inductor's split-scan failure: only graphs with the sampler in them are refused."""
+    refused = []
+
+    def no_sampling_backend(gm, example_inputs):
+        if any(_is_sampling(n) for n in gm.graph.nodes):
+            refused.append(gm)
+            raise RuntimeError("NYI: the sampler")
+        return aot_eager(gm, example_inputs)
+
+    model = _model(1)
+    sp = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=5, seed=7)  # the sorted, truncated path
+    ref_engine = BuiltinEngine(model, max_batch=2, max_len=16)
+    ref = ref_engine.generate(PROMPTS[:3], 1, sp)
+    engine = BuiltinEngine(model, max_batch=2, max_len=16, compile_decode=no_sampling_backend)
+    with pytest.warns(UserWarning, match="compiling the decode step failed, compiling its layers only"):
+        out = engine.generate(PROMPTS[:3], 1, sp)
+    _assert_same_rollouts(ref, out, atol=1e-5)
+    torch.testing.assert_close(engine._cache.kv, ref_engine._cache.kv, rtol=0, atol=1e-6)
+    st = engine.stats
+    assert st["decode_compiled"] == "layers" and "NYI: the sampler" in st["compile_error"], st
+    assert "compile_error_layers" not in st and st["decode_compiles"] >= 1 and len(refused) == 1
+    # A rebuilt decode step (sleep / wake) starts from the layers: the whole step is not tried again.
+    engine.sleep()
+    _assert_same_rollouts(ref, engine.generate(PROMPTS[:3], 1, sp), atol=1e-5)
+    assert len(refused) == 1 and st["decode_compiled"] == "layers"
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_compiled_sampler_hands_no_vocabulary_scan_to_the_compiler(truncate):
+    # Inductor (torch 2.11, CUDA) splits a vocabulary scan across blocks at B < 2 x SMs and then failed to
+    # generate it ("NYI TritonSplitDimKernel reductions"): the compiler must see the cumsums as one opaque op.
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    g = torch.Generator().manual_seed(0)
+    B, V = 6, 9000  # V past inductor's 8192-entry no-split threshold
+    logits = torch.randn(B, V, generator=g) * 3
+    temperature = torch.tensor([0.0, 0.7, 1.0, 1.3, 0.7, 1.0])
+    top_p, top_k = torch.tensor([1.0, 0.9, 0.5, 1.0, 1.0, 0.95]), torch.tensor([0, 0, 5, 40, 0, 0])
+    u = torch.rand(B, generator=g, dtype=torch.float64)
+    args = (logits, temperature, top_p, top_k, u, truncate)
+    got = torch.compile(sample, backend=record, fullgraph=True)(*args)
+    want = sample(*args)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op in ("call_function", "call_method")]
+    assert not [t for t in targets if "cumsum" in t and "vocab_cumsum" not in t], targets
+    assert sum("vocab_cumsum" in t for t in targets) == (2 if truncate else 1), targets
 
 
 def test_compile_decode_setting_reaches_the_builtin_engine():
@@ -135,3 +199,20 @@ def test_inductor_decode_with_grouped_moe_in_bf16_samples_what_the_uncompiled_en
             torch.tensor(b.logprobs[:n]), torch.tensor(a.logprobs[:n]), rtol=0, atol=3e-2
         )
     assert agreed >= 0.8 * 16 * len(PROMPTS), agreed
+
+
+@pytest.mark.gpu
+def test_inductor_compiles_the_whole_step_at_a_small_batch_with_a_large_vocabulary_gpu():
+    # The small preset's vocabulary (32768 > 8192) at B < 264: the shapes where torch 2.11's inductor split
+    # the vocabulary scan across blocks and failed ("NYI TritonSplitDimKernel reductions").
+    model = _model(2, "cuda", vocab_size=32768)
+    plain = BuiltinEngine(model, max_batch=32, max_len=64)
+    compiled = BuiltinEngine(model, max_batch=32, max_len=64, compile_decode=True)
+    for sp in (
+        SamplingParams(temperature=1.0, max_new_tokens=12, seed=4),  # untruncated: the GRPO rollouts' path
+        SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=12, seed=3),  # sorted and truncated
+    ):
+        _assert_same_rollouts(plain.generate(PROMPTS, 4, sp), compiled.generate(PROMPTS, 4, sp), atol=1e-4)
+    st = compiled.stats
+    assert st["decode_compiled"] == "step" and "compile_error" not in st, st
+    assert "graph_error" not in st and st["decode_compiles"] >= 2, st

@@ -138,7 +138,8 @@ class BuiltinEngine(RolloutEngine):
         its elementwise work runs fused (see decode.DecodeStep); a torch.compile backend (name or callable)
         instead of True picks another (the CPU tests use "aot_eager"). Compile time is counted in
         stats["decode_compile_s"], apart from the decode steps; a failed compile is warned about, recorded
-        in stats["compile_error"], and the engine decodes uncompiled.
+        in stats["compile_error"], and the engine compiles only the model's layers, or else decodes
+        uncompiled: stats["decode_compiled"] says which ("step", "layers", "none").
     """
 
     def __init__(

@@ -150,6 +150,12 @@ class DecodeStep:
     specializes B = 1 and every static branch (truncate, decode_moe auto's threshold): a few compiles
     per engine, counted in stats["decode_compiles"] and stats["decode_compile_s"] (wall time of the calls
     that compiled; `stats` is the engine's).
+
+    A compile that fails falls back one part at a time, each fall warned about: the whole step, then the
+    layers only (`logits`: the model and its cache writes compiled, sampling and the state advance op by
+    op), then nothing. stats["decode_compiled"] says which part runs compiled ("step", "layers", "none");
+    stats["compile_error"] keeps the whole step's error, stats["compile_error_layers"] the layers'. A new
+    DecodeStep sharing those stats (the engine's, after sleep / wake) starts from the part that compiled.
     """
 
     def __init__(
@@ -171,14 +177,23 @@ class DecodeStep:
         self.stats = stats if stats is not None else {}
         self.stats.setdefault("decode_compiles", 0)
         self.stats.setdefault("decode_compile_s", 0.0)
-        self._run = self._rows_step
-        if compile_backend is not None:
-            # decode_moe="model" may call kernels dynamo cannot trace: graph breaks are allowed there only.
-            # On the H100 with torch 2.11, inductor compiles the small preset's step at B1024 but not at B64
-            # or B256 ("NYI TritonSplitDimKernel reductions", also with split_reductions off): those fall back
-            # to the uncompiled step below (stats["compile_error"]), which is why compile_decode is off by
-            # default.
-            self._run = torch.compile(self._rows_step, backend=compile_backend, fullgraph=moe_path != "model")
+        self._run, self._logits = self._rows_step, self._logits_rows
+        part = self.stats.get("decode_compiled", "step") if compile_backend is not None else "none"
+        self._compile(part)
+
+    def _compile(self, part: str) -> None:
+        """Run `part` ("step", "layers" or "none") compiled from the next call on, the rest op by op."""
+        self.stats["decode_compiled"] = part
+        if part == "none":
+            self.compile_backend, self._run, self._logits = None, self._rows_step, self._logits_rows
+            return
+        # decode_moe="model" may call kernels dynamo cannot trace: graph breaks are allowed there only.
+        fn = self._rows_step if part == "step" else self._logits_rows
+        compiled = torch.compile(fn, backend=self.compile_backend, fullgraph=self.moe_path != "model")
+        if part == "step":
+            self._run, self._logits = compiled, self._logits_rows
+        else:
+            self._run, self._logits = self._rows_step, compiled
 
     def _attend(self, attn, h, meta: AttnMeta, mask, B: int, S: int) -> torch.Tensor:
         q_nope, q_pe = attn._queries(h, meta)
@@ -212,6 +227,10 @@ class DecodeStep:
             x = x + self._ffn(block.ffn, block.ffn_norm(x))
         return model.head(model.norm(x))[:, 0]
 
+    def _logits_rows(self, rows_B: torch.Tensor, slots_S: torch.Tensor) -> torch.Tensor:
+        """`logits` with B and S the sizes of row_ids[:B] and slot_ids[:S] (symbolic when compiled)."""
+        return self.logits(rows_B.shape[0], slots_S.shape[0])
+
     def __call__(self, B: int, S: int, truncate: bool) -> None:
         rows_B, slots_S = self.bufs.row_ids[:B], self.bufs.slot_ids[:S]
         if self.compile_backend is None:
@@ -224,30 +243,42 @@ class DecodeStep:
         torch._dynamo.maybe_mark_dynamic(slots_S, 0)
         graphs = counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()
-        try:
-            # No automatic dynamic shapes: an engine of other sizes (cache rows, max_len) compiles its own
-            # static-shaped step instead of turning those sizes symbolic too, which costs a compile but
-            # keeps the graphs simple (torch 2.13 failed to build guards for such a recompile).
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, automatic_dynamic_shapes=False):
-                self._run(rows_B, slots_S, truncate)
-        except (torch._dynamo.exc.TorchDynamoException, AssertionError) as e:
-            # Tracing or code generation failed before the step ran (fullgraph: nothing has moved), e.g. an
-            # op without a meta function for these dtypes, or an internal check of dynamo's (a bare
-            # AssertionError): decode op by op from now on, and say so.
-            warnings.warn(f"compile_decode: compiling the decode step failed, decoding uncompiled: {e}")
-            self.stats["compile_error"] = f"{type(e).__name__}: {e}"[:300]
-            self.compile_backend, self._run = None, self._rows_step
+        while self.compile_backend is not None:
+            try:
+                # No automatic dynamic shapes: an engine of other sizes (cache rows, max_len) compiles its own
+                # static-shaped step instead of turning those sizes symbolic too, which costs a compile but
+                # keeps the graphs simple (torch 2.13 failed to build guards for such a recompile).
+                with torch._dynamo.config.patch(
+                    recompile_limit=RECOMPILE_LIMIT, automatic_dynamic_shapes=False
+                ):
+                    self._run(rows_B, slots_S, truncate)
+                break
+            except (torch._dynamo.exc.TorchDynamoException, AssertionError) as e:
+                # Tracing or code generation failed before the compiled part ran (fullgraph: nothing has
+                # moved), e.g. an op without a meta function for these dtypes, or an internal check of
+                # dynamo's (a bare AssertionError): compile less, and say so.
+                self._fall_back(e)
+        else:
             self._run(rows_B, slots_S, truncate)
             return
         if counters["stats"]["unique_graphs"] > graphs:  # dynamo traced (and compiled) a graph
             self.stats["decode_compiles"] += 1
             self.stats["decode_compile_s"] += time.perf_counter() - t0
 
+    def _fall_back(self, e: Exception) -> None:
+        part = self.stats["decode_compiled"]
+        after = "compiling its layers only" if part == "step" else "decoding uncompiled"
+        warnings.warn(f"compile_decode: compiling the decode {part} failed, {after}: {e}")
+        self.stats["compile_error" if part == "step" else f"compile_error_{part}"] = (
+            f"{type(e).__name__}: {e}"[:300]
+        )
+        self._compile("layers" if part == "step" else "none")
+
     def _rows_step(self, rows_B: torch.Tensor, slots_S: torch.Tensor, truncate: bool) -> None:
         """The step of `__call__` with B and S read from the sizes of row_ids[:B] and slot_ids[:S]."""
-        B, S = rows_B.shape[0], slots_S.shape[0]
+        B = rows_B.shape[0]
         bufs = self.bufs
-        logits_BV = self.logits(B, S)
+        logits_BV = self._logits(rows_B, slots_S)
         u_B = bufs.uniforms[bufs.row_ids[:B], bufs.gen_idx[:B].clamp(max=bufs.uniforms.shape[1] - 1)]
         tokens_B, logprobs_B = sample(
             logits_BV, bufs.temperature[:B], bufs.top_p[:B], bufs.top_k[:B], u_B, truncate

@@ -5,6 +5,15 @@ Each request owns a stream of uniforms u_0, u_1, ... drawn once on the CPU from 
 u_i. A request's tokens therefore depend only on its seed and its own logits, never on which
 rows share the batch, and the whole step is tensor ops on the device.
 
+The two prefix sums over the vocabulary (top-p's sorted mass, the inverse CDF) go through
+`vocab_cumsum`, which under torch.compile is an opaque op running aten's cumsum: inductor never lowers
+a vocabulary-long scan. On CUDA, inductor splits a scan over more than 8192 entries across blocks when
+it has few rows (B < 2 x SMs: 264 on an H100), and torch 2.11 may fuse that split scan with a
+reduction over the same rows (here the log-softmax's), which its split-scan code generator cannot emit
+("NYI TritonSplitDimKernel reductions", pytorch#183250; torch 2.13 refuses the fusion, pytorch#183653):
+the small preset (V 32768) compiled at B1024 but not at B64 / B256. The opaque op also keeps the
+compiled sampler's sums those of the uncompiled one (aten's kernel either way).
+
 Legend: B rows, V vocabulary.
 """
 
@@ -19,9 +28,26 @@ def request_uniforms(seed: int, n: int) -> torch.Tensor:
     return torch.rand(n, generator=gen, dtype=torch.float64)
 
 
+@torch.library.custom_op("r1core::vocab_cumsum", mutates_args=())
+def _vocab_cumsum_op(x_BV: torch.Tensor) -> torch.Tensor:
+    return x_BV.cumsum(-1).contiguous()
+
+
+@_vocab_cumsum_op.register_fake
+def _(x_BV: torch.Tensor) -> torch.Tensor:
+    return x_BV.new_empty(x_BV.shape)
+
+
+def vocab_cumsum(x_BV: torch.Tensor) -> torch.Tensor:
+    """x.cumsum(-1); under torch.compile an opaque op (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return _vocab_cumsum_op(x_BV)
+    return x_BV.cumsum(-1)
+
+
 def _inverse_cdf(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     """Index i with cdf[i-1] <= u * total < cdf[i]: zero-probability entries are never picked."""
-    cdf_BV = probs_BV.double().cumsum(-1)
+    cdf_BV = vocab_cumsum(probs_BV.double())
     target_B1 = (u_B.double() * cdf_BV[:, -1])[:, None]  # scale by the total: no renormalization pass
     idx_B1 = torch.searchsorted(cdf_BV, target_B1, right=True)
     return idx_B1.clamp_(max=probs_BV.shape[-1] - 1)[:, 0]
@@ -53,7 +79,7 @@ def sample(
         probs_BV = sorted_logp_BV.exp()
         rank_V = torch.arange(probs_BV.shape[-1], device=probs_BV.device)
         keep_BV = (top_k_B[:, None] <= 0) | (rank_V[None, :] < top_k_B[:, None])
-        mass_before_BV = probs_BV.cumsum(-1) - probs_BV
+        mass_before_BV = vocab_cumsum(probs_BV) - probs_BV
         keep_BV &= (mass_before_BV < top_p_B[:, None]) | (top_p_B[:, None] >= 1)
         sampled_B = order_BV.gather(1, _inverse_cdf(probs_BV * keep_BV, u_B)[:, None])[:, 0]
     else:
