@@ -106,6 +106,19 @@ part_decode_compile_grpo() {
   grep -E "^\[roofline\]|^\[grpo\]|^\| small|launches per step" "$R/bench_decode_compile_grpo.log" | head -24 \
     >> "$SUMMARY"
 }
+# Issue 16, the compiled decode step with the sampler's vocabulary cumsums opaque to inductor (the fix for "NYI
+# TritonSplitDimKernel reductions" at B < 264, V 32768), <= 4 min: the engine's GPU tests (test_rollout_compile.py,
+# now with the whole step compiled at V 32768 and B 20; test_rollout.py), then the small preset's roofline rows
+# (decode_moe auto) at B256, B64 and B1024, each op by op ("off") and compiled ("on") in the same run: decode
+# tok/s, % of roofline, on/off ratio, compile seconds, and "compiled: step | layers | none" (the part that ran
+# compiled; layers or none with the compile_error line when inductor failed). B1024 last: a timeout costs it.
+part_decode_compile2() {
+  run test_decode_compile2_gpu 100 python3 -m pytest -q -m gpu tests/test_rollout_compile.py tests/test_rollout.py \
+    -rfE -p no:cacheprovider
+  run bench_decode_compile2 140 python3 benchmarks/bench_rollout.py --repeats 2 --variants '' --skip-hf \
+    --sweep-presets small:256:64:1024 --sweep-moe auto --sweep-compile off,on --grpo ''
+  grep -E "^\[roofline\]|^\| small" "$R/bench_decode_compile2.log" | head -24 >> "$SUMMARY"
+}
 part_train() { run bench_train 320 python3 benchmarks/bench_train.py; }
 # Issue 19: the step against torchtitan 0.2.2's own DeepSeekV3Model in the same run (needs the torchtitan,
 # tyro, docstring_parser, typeguard, einops, torchdata wheels in .whl/), MTP off on both sides and r1core
