@@ -113,9 +113,9 @@ part_decode_compile_grpo() {
 # tok/s, % of roofline, on/off ratio, compile seconds, and "compiled: step | layers | none" (the part that ran
 # compiled; layers or none with the compile_error line when inductor failed). B1024 last: a timeout costs it.
 part_decode_compile2() {
-  run test_decode_compile2_gpu 100 python3 -m pytest -q -m gpu tests/test_rollout_compile.py tests/test_rollout.py \
+  run test_decode_compile2_gpu 110 python3 -m pytest -q -m gpu tests/test_rollout_compile.py tests/test_rollout.py \
     -rfE -p no:cacheprovider
-  run bench_decode_compile2 140 python3 benchmarks/bench_rollout.py --repeats 2 --variants '' --skip-hf \
+  run bench_decode_compile2 130 python3 benchmarks/bench_rollout.py --repeats 2 --variants '' --skip-hf \
     --sweep-presets small:256:64:1024 --sweep-moe auto --sweep-compile off,on --grpo ''
   grep -E "^\[roofline\]|^\| small" "$R/bench_decode_compile2.log" | head -24 >> "$SUMMARY"
 }
