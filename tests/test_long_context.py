@@ -209,3 +209,21 @@ def test_long_context_config_errors_name_the_stage_before_any_work(tmp_path, ove
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_pipeline(cfg, to_job(cfg))
     assert not any(tmp_path.iterdir())
+
+
+def test_extending_a_loaded_checkpoint_prepares_the_corpus_its_long_context_stages_train_on(tmp_path):
+    """With hf_checkpoint set, pretraining becomes a load stage and needs no corpus, but a long_context stage
+    still trains on it: prepare tokenizes it whenever the pipeline has one."""
+    from r1core.pipeline.config import resolve_job_config, to_job
+    from r1core.pipeline.prepare import run_prepare
+
+    ckpt = tmp_path / "ckpt"
+    save_pretrained(Transformer(presets["tiny"].replace(max_seq_len=64, rope_factor=1.0)), ckpt)
+    Tokenizer.train_bpe(builtin_corpus(200, seed=0), vocab_size=300).save(ckpt / "tokenizer.json")
+    for pipeline, shards in (("long_context", True), ("r1_zero", False)):
+        cfg = _compose([f"pipeline={pipeline}", f"run_dir={tmp_path}", f"hf_checkpoint={ckpt}"])
+        job = to_job(resolve_job_config(cfg))
+        job.data.corpus_docs = 300
+        assert "pretrain" not in {s.kind.value for s in job.pipeline.stages}, pipeline
+        out = run_prepare(job, tmp_path / pipeline)
+        assert ("shards" in out) == shards, pipeline

@@ -30,6 +30,8 @@ from r1core.data.preflight import DataFile, parse_general_prompt, preflight
 from r1core.data.sft import load_sft_jsonl, parse_problem_record
 from r1core.train.checkpointing import atomic_write_text
 
+from .config import StageKind
+
 log = logging.getLogger(__name__)
 
 
@@ -115,7 +117,8 @@ def run_prepare(job, stage_dir: Path, skipped: dict[str, int] | None = None) -> 
     fmt = ChatFormat.for_tokenizer(tok)
     outputs = {"tokenizer": str(tok_path)}
 
-    if job.hf_checkpoint:  # every pretrain stage loads the checkpoint instead: no pretraining tokens needed
+    # with hf_checkpoint every pretrain stage loads the checkpoint instead; a long_context stage still trains
+    if job.hf_checkpoint and not any(s.kind == StageKind.long_context for s in job.pipeline.stages):
         log.info("hf_checkpoint is set: no pretraining token shards written")
     else:
         outputs["shards"] = str(_shards(job, stage_dir, tok, fmt, stats))
