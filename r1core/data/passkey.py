@@ -113,19 +113,20 @@ def passkey_grid(
 class PasskeyMix:
     """Micro-batches of another source with a share of their rows replaced by passkey documents.
 
-    Each replaced row holds one document of a length drawn from [shortest, row length] (all of the
-    row when `full_length`), the needle at a uniform depth, then padding that no label reads. Which
+    Each replaced row holds one document of a length drawn from [shortest, row length], the needle at a
+    uniform depth, then padding that no label reads. Lengths spread over the whole range also when a
+    long_context stage trains at a longer row: documents that fill every row (each at the longest distance
+    the model has not yet learned) erased a tiny base's retrieval at every length within 50 steps, while
+    the spread lets it relearn retrieval at short distances under the new rotary code and carry it out. Which
     rows, and what they hold, is a function of (seed, micro-batch index, row), so the position is
     the wrapped source's state plus a counter and resumes exactly.
     """
 
-    def __init__(
-        self, source, tok: Tokenizer, fraction: float, seed: int, full_length: bool = False, digits: int = 5
-    ):
+    def __init__(self, source, tok: Tokenizer, fraction: float, seed: int, digits: int = 5):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"passkey fraction must be in [0, 1], got {fraction}")
         self.source, self.tok, self.fraction, self.seed = source, tok, fraction, seed
-        self.full_length, self.digits = full_length, digits
+        self.digits = digits
         self.index = 0
 
     def __iter__(self):
@@ -137,7 +138,7 @@ class PasskeyMix:
             T = mb["tokens"].shape[1]
             for row in range(mb["tokens"].shape[0]):
                 if rng.random() < self.fraction:
-                    n = T + 1 if self.full_length else rng.randint(min(shortest, T + 1), T + 1)
+                    n = rng.randint(min(shortest, T + 1), T + 1)
                     self._fill(mb, row, passkey_document(self.tok, n, rng.random(), rng, self.digits))
             yield mb
 

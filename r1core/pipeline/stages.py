@@ -55,7 +55,7 @@ def stage_load(ctx: StageContext):
 
 def stage_pretrain(ctx: StageContext):
     """Next-token training on the prepared shards. A long_context stage is the same at its own length,
-    under its YaRN settings, with its passkey documents filling whole rows (see long_context.py)."""
+    under its YaRN settings, its passkey documents of every length up to its own (see long_context.py)."""
     from r1core.data.passkey import PasskeyMix
     from r1core.train.lm import WindowBatches, train_lm
     from r1core.train.objectives import LMObjective
@@ -76,9 +76,7 @@ def stage_pretrain(ctx: StageContext):
     )
     data = WindowBatches(ds, cfg.micro_batch_size // engine.dp_size or 1, cfg.doc_masking)
     if ctx.job.data.passkey_fraction:
-        data = PasskeyMix(
-            data, tok, ctx.job.data.passkey_fraction, seed=ctx.job.seed + engine.dp_rank, full_length=long
-        )
+        data = PasskeyMix(data, tok, ctx.job.data.passkey_fraction, seed=ctx.job.seed + engine.dp_rank)
     metrics = train_lm(
         engine, data, cfg, ctx.stage_dir, LMObjective(), desc=ctx.spec.name, is_main=ctx.is_main
     )
