@@ -191,14 +191,20 @@ def test_inductor_decode_with_grouped_moe_in_bf16_samples_what_the_uncompiled_en
     assert "compile_error" not in engine.stats, engine.stats["compile_error"]
     # bf16: fusion keeps some intermediates in fp32 that the op-by-op step rounds, so a sample may part
     # from the uncompiled one; up to there the log-probs agree to bf16 rounding.
+    _assert_mostly_same_samples(plain, out, 16, atol=3e-2)
+
+
+def _assert_mostly_same_samples(plain, out, max_new: int, atol: float) -> None:
+    """Each compiled rollout follows the uncompiled one until a sample parts (a uniform within the rounding
+    of a CDF boundary), with the same log-probs up to there, and most tokens come before any parting."""
     agreed = 0
     for a, b in zip(plain, out, strict=True):
-        n = next((i for i, (x, y) in enumerate(zip(a.response_ids, b.response_ids)) if x != y), 16)
+        n = next((i for i, (x, y) in enumerate(zip(a.response_ids, b.response_ids)) if x != y), max_new)
         agreed += n
         torch.testing.assert_close(
-            torch.tensor(b.logprobs[:n]), torch.tensor(a.logprobs[:n]), rtol=0, atol=3e-2
+            torch.tensor(b.logprobs[:n]), torch.tensor(a.logprobs[:n]), rtol=0, atol=atol
         )
-    assert agreed >= 0.8 * 16 * len(PROMPTS), agreed
+    assert agreed >= 0.8 * max_new * len(plain), agreed
 
 
 @pytest.mark.gpu
@@ -212,7 +218,12 @@ def test_inductor_compiles_the_whole_step_at_a_small_batch_with_a_large_vocabula
         SamplingParams(temperature=1.0, max_new_tokens=12, seed=4),  # untruncated: the GRPO rollouts' path
         SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=12, seed=3),  # sorted and truncated
     ):
-        _assert_same_rollouts(plain.generate(PROMPTS, 4, sp), compiled.generate(PROMPTS, 4, sp), atol=1e-4)
+        # A random model over 32768 tokens is nearly flat: each token holds ~3e-5 of the CDF, so the fused
+        # log-softmax's last-bit rounding moves a sample now and then (seen on the H100); exact equality is
+        # what the small-vocabulary tests above check.
+        _assert_mostly_same_samples(
+            plain.generate(PROMPTS, 4, sp), compiled.generate(PROMPTS, 4, sp), 12, 1e-4
+        )
     st = compiled.stats
     assert st["decode_compiled"] == "step" and "compile_error" not in st, st
     assert "graph_error" not in st and st["decode_compiles"] >= 2, st
