@@ -53,6 +53,7 @@ MODEL_STAGES = {
     StageKind.distill,
     StageKind.long_context,
 }
+RL_KINDS = (StageKind.reasoning_rl, StageKind.all_scenario_rl)  # GRPO stages
 
 
 @dataclass(kw_only=True)
@@ -392,8 +393,7 @@ def validate_pipeline(
                 f"model's context (model.max_seq_len={sj.model.max_seq_len}): set the stage's YaRN "
                 "settings (model.rope_factor, model.original_seq_len, model.max_seq_len)"
             )
-        rl_kinds = (StageKind.reasoning_rl, StageKind.all_scenario_rl)
-        if st.kind in rl_kinds and sj.parallel.cp > 1 and not sj.rl.loss.context_parallel:
+        if st.kind in RL_KINDS and sj.parallel.cp > 1 and not sj.rl.loss.context_parallel:
             raise ConfigError(
                 f"stage {st.name!r}: rl.loss.agg={sj.rl.loss.agg.value} averages each sequence's tokens, "
                 f"which needs whole sequences on one rank, but parallel.cp={sj.parallel.cp} splits them: "

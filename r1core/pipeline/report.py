@@ -17,7 +17,7 @@ from r1core.rl.stats import CONFIDENCE, pass_at_k_curve, paired_difference
 from r1core.train.checkpointing import atomic_write_text
 from r1core.train.metrics import curves_from_log, moving_average, plot_curves, pyplot, read_jsonl
 
-from .config import StageKind
+from .config import RL_KINDS, StageKind
 from .long_context import passkey_section
 
 TRAIN_KEYS = ["loss", "ce", "mtp", "grad_norm", "lr", "tokens_per_s"]
@@ -38,7 +38,6 @@ RL_PAGE = [
     ("reward", "total reward (weighted sum)"),
     ("response_len", "mean response length (tokens)"),
 ]
-RL_KINDS = (StageKind.reasoning_rl, StageKind.all_scenario_rl)
 
 
 def _fmt(v) -> str:
