@@ -234,14 +234,17 @@ def test_shared_prefill_gives_each_sample_the_tokens_of_its_own_prefill(model):
     own = BuiltinEngine(model, max_batch=32, max_len=64, share_prefill=False)
     base = own.generate(PROMPTS, 4, sp)
     assert own.stats["prefill_rows_shared"] == 0
-    for mb, admit in ((32, 1), (3, 1), (6, 4)):
+    prefills = {}
+    for mb, admit in ((32, 1), (3, 1), (6, 4), (6, 0)):  # admit_min 0: each call's n (here 4)
         shared = BuiltinEngine(model, max_batch=mb, max_len=64, admit_min=admit)
         out = shared.generate(PROMPTS, 4, sp)
+        prefills[mb, admit] = shared.stats["prefills"], shared.stats["prefill_rows"]
         assert [s.response_ids for s in out] == [s.response_ids for s in base]
         for a, b in zip(base, out):
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
             assert a.finish_reason == b.finish_reason
     assert shared.stats["prefill_rows_shared"] > 0
+    assert prefills[6, 0] == prefills[6, 4] != prefills[3, 1]
     engine = BuiltinEngine(model, max_batch=32, max_len=64)
     samples = engine.generate(PROMPTS[:3], 3, greedy(8))
     assert engine.stats["prefill_rows"] == 3 and engine.stats["prefill_rows_shared"] == 6

@@ -79,3 +79,20 @@ def test_pipeline_stages_build_the_configured_engine_with_its_arguments(monkeypa
         max_len=32,
     )
     assert isinstance(builtin, BuiltinEngine)
+    # the built-in engine's defaults: auto MoE, and a prompt's samples admitted together
+    assert builtin.decode_moe == "auto" and builtin.admit_min == 0
+
+
+def test_builtin_decode_settings_reach_the_engine_and_bad_ones_are_refused_before_work(tmp_path):
+    cfg = _compose(
+        ["run_dir=/tmp/unused", "rollout.builtin.decode_moe=grouped", "rollout.builtin.admit_min=3"]
+    )
+    model = r1core.Transformer(r1core.presets["tiny"]).eval()
+    engine = build_rollout(cfg.rollout, model, tokenizer=None, max_len=32, max_batch=4)
+    assert engine.decode_moe == "grouped" and engine.admit_min == 3
+    with pytest.raises(ConfigCompositionException, match="rollout.builtin.decode_moe=sparse"):
+        _compose(["run_dir=/tmp/unused", "rollout.builtin.decode_moe=sparse"])
+    cfg = _compose([f"run_dir={tmp_path / 'run'}", "rollout.builtin.admit_min=-1"])
+    with pytest.raises(ConfigError, match=r"^rollout.builtin.admit_min=-1 must be >= 0"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "run").exists()

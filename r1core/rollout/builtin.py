@@ -133,7 +133,8 @@ class BuiltinEngine(RolloutEngine):
         decode.py), or "model" (the model's own MoE implementation, e.g. after
         `model.set_moe_impl("triton")`; it must be free of host syncs to be captured).
     share_prefill: prefill each prompt once per admission and copy its latent rows to its other samples.
-    admit_min: queued requests wait until this many rows are free (1: refill every freed row at once).
+    admit_min: queued requests wait until this many rows are free (1: refill every freed row at once;
+        0: each generate call's n, so the samples of a prompt are admitted together and share a prefill).
     compile_decode: torch.compile the decode step (inductor) before its CUDA graphs are captured, so
         its elementwise work runs fused (see decode.DecodeStep); a torch.compile backend (name or callable)
         instead of True picks another (the CPU tests use "aot_eager"). Compile time is counted in
@@ -170,8 +171,8 @@ class BuiltinEngine(RolloutEngine):
         self.max_prefill_tokens = max_prefill_tokens
         self.offload_weights_on_sleep = offload_weights_on_sleep
         self.share_prefill = share_prefill
-        if admit_min < 1:
-            raise ValueError(f"admit_min={admit_min} must be >= 1")
+        if admit_min < 0:
+            raise ValueError(f"admit_min={admit_min} must be >= 0 (0: each generate call's n)")
         self.admit_min = admit_min
         self.compile_backend = (
             None if compile_decode is False else "inductor" if compile_decode is True else compile_decode
@@ -299,13 +300,13 @@ class BuiltinEngine(RolloutEngine):
         self.model.eval()
         t0, wait0 = time.perf_counter(), self.stats["wait_s"]
         try:
-            self._run(deque(r for r in reqs if r.finish is None), sampling)
+            self._run(deque(r for r in reqs if r.finish is None), sampling, self.admit_min or n)
         finally:
             self.model.train(was_training)
         self.stats["host_s"] += time.perf_counter() - t0 - (self.stats["wait_s"] - wait0)
         return [self._to_sample(r, sampling) for r in reqs]
 
-    def _run(self, queue: deque, sampling: SamplingParams) -> None:
+    def _run(self, queue: deque, sampling: SamplingParams, admit_min: int) -> None:
         stop_ids = set(sampling.stop_token_ids)
         eos = _eos_id(self.tokenizer)
         if eos is not None:
@@ -325,7 +326,7 @@ class BuiltinEngine(RolloutEngine):
             admitted = []
             # Admit only once admit_min rows are free (or nothing runs): fewer, larger prefills, each of
             # which stalls the decode pipeline, and a prompt's samples more often share one.
-            ready = len(free) >= min(self.admit_min, len(queue)) or not running
+            ready = len(free) >= min(admit_min, len(queue)) or not running
             while ready and queue and free:
                 req = queue.popleft()
                 req.row = heapq.heappop(free)

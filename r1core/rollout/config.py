@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class DecodeMoE(str, enum.Enum):
+    dense = "dense"  # every expert over the whole batch, routing weights masking: best at few rows
+    grouped = "grouped"  # torch._grouped_mm over the rows each expert was routed
+    auto = "auto"  # dense up to 128 rows of a decode step, grouped above
+    model = "model"  # the model's own MoE implementation (model.moe_impl)
+
+
 class EngineKind(str, enum.Enum):
     builtin = "builtin"  # r1core.rollout.BuiltinEngine: continuous batching, CUDA-graph decode
     sglang = "sglang"  # r1core.rollout.SGLangEngine on sglang.Engine
@@ -34,6 +41,10 @@ class BuiltinArgs:
     # torch.compile (inductor) the decode step before its CUDA graphs are captured: fused elementwise
     # work; costs a compile per engine and batch shape class (tens of seconds on a GPU)
     compile_decode: bool = False
+    decode_moe: DecodeMoE = DecodeMoE.auto  # the decode step's MoE: dense, grouped, auto or model
+    # queued samples wait until this many rows are free, so a prompt's samples are admitted together and
+    # share one prefill; 0: each generate call's samples per prompt (the RL group size)
+    admit_min: int = 0
 
 
 @dataclass(kw_only=True)
@@ -45,6 +56,10 @@ class RolloutConfig:
 
 def check_engine(cfg: RolloutConfig) -> None:
     """ValueError with one line when the chosen engine cannot be built here."""
+    if cfg.builtin.admit_min < 0:
+        raise ValueError(
+            f"rollout.builtin.admit_min={cfg.builtin.admit_min} must be >= 0 (0: the samples per prompt)"
+        )
     if EngineKind(cfg.engine) != EngineKind.sglang:
         return
     if importlib.util.find_spec("sglang") is None:
@@ -65,6 +80,8 @@ def build_rollout(cfg: RolloutConfig, model, tokenizer, max_len: int, max_batch:
             max_batch=max_batch,
             max_len=max_len,
             compile_decode=cfg.builtin.compile_decode,
+            decode_moe=DecodeMoE(cfg.builtin.decode_moe).value,
+            admit_min=cfg.builtin.admit_min,
         )
     from .sglang_engine import SGLangEngine
 
