@@ -11,7 +11,7 @@ import torch
 from r1core.model import MoE, Transformer, presets
 from r1core.model.moe import route_ref
 from r1core.rollout import BuiltinEngine, Sample, SamplingParams, request_seed, request_uniforms, sample
-from r1core.rollout.decode import moe_auto, moe_dense, moe_grouped, route_topk
+from r1core.rollout.decode import expert_order, moe_auto, moe_dense, moe_grouped, route_topk
 
 PROMPTS = [[5, 17, 99, 3, 250, 8], [42, 7], [300, 301, 302, 303, 304, 305, 306, 307, 308], [11], [60, 61, 62]]
 
@@ -153,6 +153,15 @@ def test_decode_moe_paths_match_moe_forward(model, path):
         x = torch.randn(1, T, model.args.dim)
         with torch.no_grad():
             torch.testing.assert_close(path(moe, x), moe(x)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("E,P", [(8, 1), (8, 16), (32, 1024), (256, 2048)])
+def test_expert_order_is_the_stable_sort_by_expert_and_its_offsets(E, P):
+    g = torch.Generator().manual_seed(E + P)
+    for flat in (torch.randint(0, E, (P,), generator=g), torch.full((P,), E - 1), torch.arange(P) % E):
+        order, offs = expert_order(flat, E)
+        assert torch.equal(order, torch.sort(flat, stable=True).indices)
+        assert offs.dtype == torch.int32 and torch.equal(offs, torch.bincount(flat, minlength=E).cumsum(0).int())
 
 
 # ---------------------------------------------------------------- built-in engine

@@ -62,6 +62,24 @@ def moe_dense(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return _shared(moe, x_TD, y_TD).view(B, T, D)
 
 
+def expert_order(flat_P: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order_P, offs_E): the stable sort of the routed rows by expert (rows by expert, then (token, k)),
+    and each expert's end offset in it (int32), as `torch.sort(flat_P, stable=True).indices` and a
+    cumsum of the counts would give.
+
+    A counting sort over the E experts (E x P one-hot prefix sums, fused by inductor) instead of a sort:
+    the radix sort was 7.6 % of the compiled small-preset decode step at B256 on an H100 (0.25 of 3.35 ms).
+    """
+    P = flat_P.shape[0]
+    hit_EP = (flat_P[None, :] == torch.arange(n_experts, device=flat_P.device)[:, None]).to(torch.int32)
+    seen_EP = hit_EP.cumsum(-1, dtype=torch.int32)  # rows of each expert up to and including p
+    counts_E = seen_EP[:, -1]
+    offs_E = counts_E.cumsum(0, dtype=torch.int32)
+    dest_P = (offs_E - counts_E)[flat_P] + seen_EP.gather(0, flat_P[None, :])[0] - 1
+    order_P = torch.empty_like(flat_P).scatter_(0, dest_P.long(), torch.arange(P, device=flat_P.device))
+    return order_P, offs_E
+
+
 def moe_grouped(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """MoE output for x [B, T, D] through `torch._grouped_mm`: only the visited experts' weights are read.
 
@@ -72,12 +90,7 @@ def moe_grouped(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     x_TD = x.reshape(-1, D)
     spec, ex = moe.gate.spec, moe.experts
     weights_TK, idx_TK = route_topk(moe.gate.logits(x_TD), moe.gate.e_score_correction_bias, spec)
-    flat_P = idx_TK.flatten()
-    order_P = torch.sort(flat_P, stable=True).indices  # rows by expert, then (token, k)
-    counts_E = torch.zeros(spec.n_experts, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat_P, torch.ones_like(flat_P, dtype=torch.int32)
-    )
-    offs_E = counts_E.cumsum(0, dtype=torch.int32)
+    order_P, offs_E = expert_order(idx_TK.flatten(), spec.n_experts)
     x_PD = x_TD[order_P // spec.top_k]
     h_PI = F.silu(torch._grouped_mm(x_PD, ex.w1.transpose(1, 2), offs=offs_E)) * torch._grouped_mm(
         x_PD, ex.w3.transpose(1, 2), offs=offs_E
