@@ -161,7 +161,8 @@ def test_expert_order_is_the_stable_sort_by_expert_and_its_offsets(E, P):
     for flat in (torch.randint(0, E, (P,), generator=g), torch.full((P,), E - 1), torch.arange(P) % E):
         order, offs = expert_order(flat, E)
         assert torch.equal(order, torch.sort(flat, stable=True).indices)
-        assert offs.dtype == torch.int32 and torch.equal(offs, torch.bincount(flat, minlength=E).cumsum(0).int())
+        assert offs.dtype == torch.int32
+        assert torch.equal(offs, torch.bincount(flat, minlength=E).cumsum(0).int())
 
 
 # ---------------------------------------------------------------- built-in engine
