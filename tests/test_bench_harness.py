@@ -47,3 +47,24 @@ def test_error_report_names_the_chained_root_cause_and_where_it_was_raised():
     assert lines[0] == "ModuleNotFoundError: Could not import module 'DeepseekV3ForCausalLM'"
     assert lines[1] == "ModuleNotFoundError: No module named 'r1core_no_such_module'"
     assert lines[2].startswith("  at ") and "in load: import r1core_no_such_module" in lines[2]
+
+
+def test_compare_loss_paired_difference_and_its_interval_against_hand_values(tmp_path, monkeypatch):
+    import json
+
+    from compare_loss import main, paired_rel_diff
+
+    ref = {1: 2.0, 2: 2.0, 3: 4.0}
+    cand = {1: 2.2, 2: 1.8, 3: 4.4}  # relative differences +0.1, -0.1, +0.1
+    mean, half = paired_rel_diff(ref, cand, [1, 2, 3])
+    sd = (((0.1 - 0.1 / 3) ** 2 * 2 + (-0.1 - 0.1 / 3) ** 2) / 2) ** 0.5
+    assert abs(mean - 0.1 / 3) < 1e-12 and abs(half - 1.96 * sd / 3**0.5) < 1e-12
+    for name, curve in (("a", ref), ("b", cand)):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"step": s, "ce": v}) + "\n" for s, v in curve.items())
+        )
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    rec = main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--window", "2", "--tail", "1"])
+    # the window holds steps 2 and 3 (after step 3 - 2): differences -0.1 and +0.1
+    assert abs(rec["window_rel_diff"]) < 1e-12 and rec["window_rel_diff_ci95"][1] > 0.09
+    assert abs(rec["tail_rel_diff"] - 0.1) < 1e-12
