@@ -236,6 +236,13 @@ def parse() -> argparse.Namespace:
         help="GPU: top kernels of decode graph replays, e.g. small:256:auto, or small:256:auto:on for the "
         "compiled step ('' skips it)",
     )
+    ap.add_argument(
+        "--expert-order",
+        choices=("count", "sort"),
+        default="count",
+        help="how decode's grouped MoE orders the routed rows: count (the engine's counting sort over the "
+        "experts) or sort (torch.sort, the engine before 116aaf4), to measure one against the other",
+    )
     args = ap.parse_args()
     bad = set(filter(None, args.grpo_configs.split(","))) - set(GRPO_CONFIGS)
     if bad:
@@ -486,8 +493,22 @@ def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
     return [refresh]
 
 
+def sort_expert_order(flat_P: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode.expert_order as the engine computed it before 116aaf4: a stable radix sort and scatter-added
+    counts (the --expert-order sort baseline)."""
+    counts_E = torch.zeros(n_experts, dtype=torch.int32, device=flat_P.device).scatter_add_(
+        0, flat_P, torch.ones_like(flat_P, dtype=torch.int32)
+    )
+    return torch.sort(flat_P, stable=True).indices, counts_E.cumsum(0, dtype=torch.int32)
+
+
 def main() -> None:
     opts = parse()
+    if opts.expert_order == "sort":
+        import r1core.rollout.decode as decode
+
+        decode.expert_order = sort_expert_order
+        print("[expert-order] decode's grouped MoE sorts the routed rows with torch.sort", flush=True)
     dev = device()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     margs = presets["tiny"] if opts.tiny else anchor_args()

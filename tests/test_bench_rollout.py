@@ -58,3 +58,15 @@ def test_profile_decode_reports_the_matmuls_of_a_step_as_shares_of_its_time(mode
     assert any("mm" in n for n in names)  # the projections and experts
     assert 0 < sum(k[2] for k in r["kernels"]) <= 100 + 1e-6
     assert all(a[1] >= b[1] for a, b in zip(r["kernels"], r["kernels"][1:]))  # sorted, largest first
+
+
+def test_the_sort_baseline_of_expert_order_gives_the_engines_permutation_and_offsets():
+    from bench_rollout import sort_expert_order
+
+    from r1core.rollout.decode import expert_order
+
+    g = torch.Generator().manual_seed(3)
+    for E, P in ((8, 64), (32, 1024)):
+        flat = torch.randint(0, E, (P,), generator=g)
+        for a, b in zip(sort_expert_order(flat, E), expert_order(flat, E)):
+            assert a.dtype == b.dtype and torch.equal(a, b)
