@@ -331,3 +331,30 @@ def test_nonfinite_gradient_skips_the_step_and_too_many_in_a_row_stop_training(c
         FloatingPointError, match=r"4 consecutive optimizer steps \(after step 2\).*non-finite"
     ):
         b.train_step([mb], poison)
+
+
+def test_backward_writes_gradients_fresh_with_zeros_only_where_it_wrote_none():
+    # Gradients are None when backward starts (nothing is zeroed, then added to); a parameter backward
+    # did not reach (the MTP block, on one-token rows) gets a zero gradient and steps as before. Weights
+    # and gradients equal, bit for bit, those of the former step that zeroed every gradient buffer first.
+    class Zeroing(LocalEngine):
+        def _zero_grad(self):
+            for _, p in self.named_params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            torch._foreach_zero_([p.grad for _, p in self.named_params])
+
+    fresh, zeroing = _engine(), Zeroing(ARGS, ParallelConfig(), OPTIM, "cpu", torch.float32, 0)
+    seen = []
+    fresh.model.layers["0"].register_forward_pre_hook(
+        lambda *_: seen.append(all(p.grad is None for _, p in fresh.named_params))
+    )
+    mtp = [p for n, p in fresh.named_params if n.startswith("mtp.")]
+    for batch in (_batch(seed=1), _batch(seq=1, docs=False), _batch(seed=3)):
+        fresh.train_step([batch], LMObjective())
+        zeroing.train_step([batch], LMObjective())
+        if batch["tokens"].shape[1] == 1:
+            assert mtp and all(p.grad is not None and not p.grad.any() for p in mtp)
+        for (name, p), (_, q) in zip(fresh.named_params, zeroing.named_params):
+            assert torch.equal(p, q) and torch.equal(p.grad, q.grad), name
+    assert len(seen) == 3 and all(seen)

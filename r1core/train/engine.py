@@ -228,12 +228,19 @@ class TrainEngine:
         return dict(zip(keys, flat))
 
     def _zero_grad(self) -> None:
-        # Zeros rather than None: every parameter then steps identically in every layout (AdamW skips None
-        # grads).
+        # None, not zeros: the first backward then writes each gradient instead of adding it to a zeroed
+        # buffer (a pass to zero and a read-add-write of every gradient per step, as torch's
+        # zero_grad(set_to_none=True) avoids); _fill_missing_grads restores zeros where backward wrote none.
+        for _, p in self.named_params:
+            p.grad = None
+
+    def _fill_missing_grads(self) -> None:
+        # Zeros for the parameters this step's backward did not reach (an expert no token chose, a pipeline
+        # stage's unused embedding): every parameter then steps and reduces identically in every layout
+        # (AdamW skips None grads).
         for _, p in self.named_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        torch._foreach_zero_([p.grad for _, p in self.named_params])
 
     def _update_expert_bias(self) -> None:
         gates = [m.gate for m in self.model.moe_layers()]
@@ -252,6 +259,7 @@ class TrainEngine:
         denoms = self._totals(objective, mbs)
         self._zero_grad()
         sums = self._forward_backward(mbs, objective, denoms)
+        self._fill_missing_grads()
         self._reduce_grads()
         norm = self._grad_norm()  # global: every rank takes the same branch below
         norm_value = float(norm)
@@ -283,6 +291,7 @@ class TrainEngine:
         self.nonfinite_streak += 1
         bad = [n for n, p in self.named_params if p.grad is not None and not torch.isfinite(p.grad).all()]
         self._zero_grad()
+        self._fill_missing_grads()
         for gate in (m.gate for m in self.model.moe_layers()):  # this forward's expert loads are not applied
             gate.expert_load.zero_()
         what = (
