@@ -137,19 +137,25 @@ part_fp8_check() {
 # Issue 19: 300 pretraining steps of the small preset on the built-in corpus, bf16 then fp8 (same seed, data,
 # init), and their CE curves compared (the goal: within 1 %). ~6 min; FP8_LOSS_OVERRIDES adds settings.
 part_fp8_loss() { fp8_loss_curves 32 30000 200 200 60; }
+# small_pretrain NAME TIMEOUT PRECISION MOE_IMPL BATCH DOCS [OVERRIDE...]: the built-in pretraining of the small
+# preset (T512, lr 1e-3, eager, ${FP8_LOSS_STEPS:-300} steps, metrics every 5) in /tmp/NAME, logged as NAME, its
+# metrics copied to $R/NAME.metrics.jsonl (appended as it goes, so a timeout keeps the curve so far).
+small_pretrain() {
+  local name=$1 t=$2 prec=$3 impl=$4 batch=$5 docs=$6 d=/tmp/$1
+  shift 6
+  run $name $t python3 -m r1core.cli run model=small run_dir=$d hydra.run.dir=$d \
+    "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]" \
+    model.moe_impl=$impl model.precision=$prec data.corpus_docs=$docs pretrain.steps=${FP8_LOSS_STEPS:-300} \
+    pretrain.batch_size=$batch pretrain.micro_batch_size=$batch pretrain.seq_len=512 pretrain.lr=1e-3 \
+    pretrain.log_every=5 pretrain.save_every=100000 "$@"
+  cp $d/stages/*pretrain*/metrics.jsonl "$R/$name.metrics.jsonl" 2>/dev/null
+}
 # fp8_loss_curves BATCH DOCS BF16_TIMEOUT FP8_TIMEOUT COMPARE_TIMEOUT: bf16 then fp8 pretraining (same seed,
 # data, init), metrics copied to $R, and compare_loss's PNG/JSON.
 fp8_loss_curves() {
-  local batch=$1 docs=$2 t_bf16=$3 t_fp8=$4 t_cmp=$5 prec d
-  for prec in bf16 fp8; do
-    d=/tmp/fp8_loss_$prec
-    run fp8_loss_$prec $([ $prec = bf16 ] && echo $t_bf16 || echo $t_fp8) python3 -m r1core.cli run model=small \
-      run_dir=$d hydra.run.dir=$d "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]" \
-      model.moe_impl=triton model.precision=$prec data.corpus_docs=${FP8_LOSS_DOCS:-$docs} \
-      pretrain.steps=${FP8_LOSS_STEPS:-300} pretrain.batch_size=$batch pretrain.micro_batch_size=$batch \
-      pretrain.seq_len=512 pretrain.lr=1e-3 pretrain.log_every=5 pretrain.save_every=100000 ${FP8_LOSS_OVERRIDES:-}
-    cp $d/stages/*pretrain*/metrics.jsonl "$R/fp8_loss_$prec.metrics.jsonl" 2>/dev/null
-  done
+  local batch=$1 docs=$2 t_bf16=$3 t_fp8=$4 t_cmp=$5
+  small_pretrain fp8_loss_bf16 $t_bf16 bf16 triton $batch ${FP8_LOSS_DOCS:-$docs} ${FP8_LOSS_OVERRIDES:-}
+  small_pretrain fp8_loss_fp8 $t_fp8 fp8 triton $batch ${FP8_LOSS_DOCS:-$docs} ${FP8_LOSS_OVERRIDES:-}
   run fp8_loss_compare $t_cmp python3 benchmarks/compare_loss.py "$R/fp8_loss_bf16.metrics.jsonl" \
     "$R/fp8_loss_fp8.metrics.jsonl" --labels bf16,fp8
 }
@@ -158,15 +164,9 @@ fp8_loss_curves() {
 # the Triton MoE. compare_loss of bf16-triton against bf16-ref (do the kernels train the same model?) and of
 # fp8 against bf16-triton (the goal: within 1 %). Each run's metrics are appended as it goes; <= 9.5 min.
 part_fp8_loss3() {
-  local v prec impl d t=${FP8_LOSS_T:-160}
+  local v
   for v in bf16:ref bf16:triton fp8:triton; do
-    prec=${v%%:*} impl=${v##*:} d=/tmp/fp8_loss3_${prec}_$impl
-    run loss3_${prec}_$impl $t python3 -m r1core.cli run model=small run_dir=$d hydra.run.dir=$d \
-      "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]" \
-      model.moe_impl=$impl model.precision=$prec data.corpus_docs=20000 pretrain.steps=${FP8_LOSS_STEPS:-300} \
-      pretrain.batch_size=16 pretrain.micro_batch_size=16 pretrain.seq_len=512 pretrain.lr=1e-3 \
-      pretrain.log_every=5 pretrain.save_every=100000
-    cp $d/stages/*pretrain*/metrics.jsonl "$R/loss3_${prec}_$impl.metrics.jsonl" 2>/dev/null
+    small_pretrain loss3_${v%%:*}_${v##*:} ${FP8_LOSS_T:-160} ${v%%:*} ${v##*:} 16 20000
   done
   run loss3_cmp_kernels 20 env OUT=$R/kernels python3 benchmarks/compare_loss.py \
     "$R/loss3_bf16_ref.metrics.jsonl" "$R/loss3_bf16_triton.metrics.jsonl" --labels bf16-ref,bf16-triton
@@ -178,16 +178,10 @@ part_fp8_loss3() {
 # fp8 on the Triton MoE (10e's settings) and compare_loss's paired difference over the last 100 steps; about
 # 3.5 min per seed, so two seeds per call. The per-seed differences' mean and spread settle the goal.
 part_fp8_loss_seeds() {
-  local seed prec d t=${FP8_LOSS_T:-120}
+  local seed prec
   for seed in ${FP8_SEEDS:-1 2}; do
     for prec in bf16 fp8; do
-      d=/tmp/fp8_seed${seed}_$prec
-      run seed${seed}_$prec $t python3 -m r1core.cli run model=small run_dir=$d hydra.run.dir=$d seed=$seed \
-        "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]" \
-        model.moe_impl=triton model.precision=$prec data.corpus_docs=20000 pretrain.steps=300 \
-        pretrain.batch_size=16 pretrain.micro_batch_size=16 pretrain.seq_len=512 pretrain.lr=1e-3 \
-        pretrain.log_every=5 pretrain.save_every=100000
-      cp $d/stages/*pretrain*/metrics.jsonl "$R/seed${seed}_$prec.metrics.jsonl" 2>/dev/null
+      small_pretrain seed${seed}_$prec ${FP8_LOSS_T:-120} $prec triton 16 20000 seed=$seed
     done
     run seed${seed}_cmp 20 env OUT=$R/seed$seed python3 benchmarks/compare_loss.py \
       "$R/seed${seed}_bf16.metrics.jsonl" "$R/seed${seed}_fp8.metrics.jsonl" --labels bf16,fp8
