@@ -96,3 +96,10 @@ def test_builtin_decode_settings_reach_the_engine_and_bad_ones_are_refused_befor
     with pytest.raises(ConfigError, match=r"^rollout.builtin.admit_min=-1 must be >= 0"):
         run_pipeline(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_decode_moe_setting_names_exactly_the_engines_decode_paths():
+    from r1core.rollout.config import DecodeMoE
+    from r1core.rollout.decode import MOE_PATHS
+
+    assert {m.value for m in DecodeMoE} == {*MOE_PATHS, "model"}
