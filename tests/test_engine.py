@@ -358,3 +358,46 @@ def test_backward_writes_gradients_fresh_with_zeros_only_where_it_wrote_none():
         for (name, p), (_, q) in zip(fresh.named_params, zeroing.named_params):
             assert torch.equal(p, q) and torch.equal(p.grad, q.grad), name
     assert len(seen) == 3 and all(seen)
+
+
+def test_fused_adamw_clips_inside_its_step_as_clip_then_step_does(monkeypatch):
+    # A fused AdamW divides the gradients by the inverse clip factor inside its own kernel (grad_scale), so
+    # clip_ never runs; weights and the gradients left behind match clip-then-step (torch's foreach AdamW
+    # after clip_grads_with_norm_) to fp32 rounding, and clipping did bind (an unclipped run ends elsewhere).
+    import r1core.parallel.optim as optim_mod
+    from r1core.parallel.optim import adamw
+
+    class Fused(LocalEngine):
+        def _build_optimizers(self):
+            params = [p for _, p in self.optimized_params]
+            return [torch.optim.AdamW(params, lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps, fused=True)]
+
+    class Plain(LocalEngine):
+        def _build_optimizers(self):
+            params = [p for _, p in self.optimized_params]
+            return [torch.optim.AdamW(params, lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps, foreach=True)]
+
+    clipped = OptimConfig(lr=1e-3, warmup_steps=0, total_steps=10, grad_clip=0.05, weight_decay=0.0)
+    unclipped = OptimConfig(lr=1e-3, warmup_steps=0, total_steps=10, grad_clip=0.0, weight_decay=0.0)
+    assert adamw([("w", torch.zeros(2, 2))], clipped).defaults["fused"] is None  # the CPU default: not fused
+    fused, plain = (E(ARGS, ParallelConfig(), clipped, "cpu", torch.float32, 0) for E in (Fused, Plain))
+    free = Fused(ARGS, ParallelConfig(), unclipped, "cpu", torch.float32, 0)
+    calls = []
+    real_clip = optim_mod.clip_
+    monkeypatch.setattr(optim_mod, "clip_", lambda *a: calls.append(1) or real_clip(*a))
+    for seed in (1, 2, 3):
+        got = fused.train_step([_batch(seed=seed)], LMObjective())
+        assert not calls, "the fused optimizer's step should clip, not clip_"
+        want = plain.train_step([_batch(seed=seed)], LMObjective())
+        assert calls == [1]
+        calls.clear()
+        free.train_step([_batch(seed=seed)], LMObjective())
+        assert got["grad_norm"] > 10 * clipped.grad_clip  # every step is clipped
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+        norm = torch.stack([p.grad.norm() for _, p in fused.named_params]).norm()
+        assert norm.item() == pytest.approx(clipped.grad_clip, rel=1e-4)  # the clipped gradients stay behind
+        for (name, p), (_, q) in zip(fused.named_params, plain.named_params):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-8, msg=name)
+    moved = max((p - q).abs().max().item() for (_, p), (_, q) in zip(fused.named_params, free.named_params))
+    assert moved > 1e-4

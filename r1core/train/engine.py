@@ -32,7 +32,14 @@ import r1core.kernels  # noqa: F401  (registers the triton / cuda MoE ops behind
 from r1core.model import ModelArgs, Transformer, update_expert_bias
 from r1core.parallel.config import ParallelConfig, check_layout
 from r1core.parallel.layout import ParamLayout, to_dtensor
-from r1core.parallel.optim import MasterWeights, adamw, clip_, grad_norm_sq, init_adam_state_, local_optimizer
+from r1core.parallel.optim import (
+    MasterWeights,
+    adamw,
+    clip_and_step_,
+    grad_norm_sq,
+    init_adam_state_,
+    local_optimizer,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -272,11 +279,10 @@ class TrainEngine:
         self.nonfinite_streak = 0
         if self.master is not None:
             self.master.grads_in()
-        clip_([p for _, p in self.optimized_params], self.optim_cfg.grad_clip, norm)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
-            opt.step()
+        clip_and_step_(self.optimizers, [p for _, p in self.optimized_params], self.optim_cfg.grad_clip, norm)
         if self.master is not None:
             self.master.weights_out()
         self.step += 1
