@@ -5,6 +5,9 @@ Each request owns a stream of uniforms u_0, u_1, ... drawn once on the CPU from 
 u_i. A request's tokens therefore depend only on its seed and its own logits, never on which
 rows share the batch, and the whole step is tensor ops on the device.
 
+On CUDA the untruncated path (no top-k / top-p: the RL rollouts') samples with one Triton kernel
+(`r1core.kernels.inverse_cdf`: the same fp64 inverse CDF without materializing it).
+
 The two prefix sums over the vocabulary (top-p's sorted mass, the inverse CDF) go through
 `vocab_cumsum`, which under torch.compile is an opaque op running aten's cumsum: inductor never lowers
 a vocabulary-long scan. On CUDA, inductor splits a scan over more than 8192 entries across blocks when
@@ -82,6 +85,10 @@ def sample(
         mass_before_BV = vocab_cumsum(probs_BV) - probs_BV
         keep_BV &= (mass_before_BV < top_p_B[:, None]) | (top_p_B[:, None] >= 1)
         sampled_B = order_BV.gather(1, _inverse_cdf(probs_BV * keep_BV, u_B)[:, None])[:, 0]
+    elif logp_BV.is_cuda:
+        from r1core.kernels.inverse_cdf import inverse_cdf  # one pass over logp, no [B, V] fp64 copies
+
+        sampled_B = inverse_cdf(logp_BV, u_B)
     else:
         sampled_B = _inverse_cdf(logp_BV.exp(), u_B)
     tokens_B = torch.where(greedy_B, logits_BV.argmax(-1), sampled_B)
