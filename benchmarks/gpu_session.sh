@@ -202,6 +202,12 @@ part_decode_order() {
     --sweep-presets '' --grpo '' --profile small:256:auto:on
   grep -E "launches per step|^\| " "$R/decode_order_profile.log" | tail -18 >> "$SUMMARY"
 }
+# Issue 16: the one-kernel sampler (0fda98f) on the GPU: its tests (against the torch path, compiled), the CUDA-graph
+# decode tests, then decode_order (which runs with it). <= 2 min before decode_order.
+part_sampler() {
+  run sampler_tests 120 python3 -m pytest -q -m gpu tests/test_inverse_cdf.py tests/test_rollout.py -k "gpu and (inverse \
+or cuda_graph or grouped_moe_decode)" -rfE -p no:cacheprovider -p no:logging
+}
 # Issue 19, the final figures in <= 5.5 min (each command's timeout is its share; they sum to 330 s; the
 # bench_train rows take ~30 s (torchtitan) and ~50-70 s (ours, compile) each, so the budget usually ends it
 # after three rows: order FINAL19_VARIANTS by what matters most):
