@@ -225,9 +225,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument(
         "--grpo-configs",
         default="old,shared,auto,admit",
-        help="GRPO engine settings per workload: old (today's engine: no shared prefill, dense), "
-        "shared (+ shared prefill), auto (+ decode_moe auto), admit (+ admit_min=G), "
-        "compiled (admit + compile_decode)",
+        help="GRPO engine settings per workload: old (no shared prefill, dense), "
+        "shared (+ shared prefill), auto (+ decode_moe auto), admit_fixed (+ admit_min=G), "
+        "admit (+ compact_rows: the pipeline's engine), compiled (admit + compile_decode)",
     )
     ap.add_argument(
         "--profile",
@@ -272,13 +272,14 @@ def sweep_args(name: str) -> ModelArgs:
     return margs
 
 
-# --grpo-configs: (shared prefill, decode_moe, admit_min (None: the group size G), compile_decode)
+# --grpo-configs: (shared prefill, decode_moe, admit_min (None: G), compile_decode, compact_rows)
 GRPO_CONFIGS = {
-    "old": (False, "dense", 0, False),
-    "shared": (True, "dense", 0, False),
-    "auto": (True, "auto", 0, False),
-    "admit": (True, "auto", None, False),
-    "compiled": (True, "auto", None, True),
+    "old": (False, "dense", 0, False, False),
+    "shared": (True, "dense", 0, False, False),
+    "auto": (True, "auto", 0, False, False),
+    "admit_fixed": (True, "auto", None, False, False),  # 11e's "admit": rows never move
+    "admit": (True, "auto", None, False, True),
+    "compiled": (True, "auto", None, True, True),
 }
 
 
@@ -407,7 +408,7 @@ def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
     engine runs every workload, smallest first: the first run warms it (graph captures), later ones reuse."""
     specs = [tuple(map(int, spec.split("x"))) for spec in filter(None, opts.grpo.split(","))]
     for config in filter(None, opts.grpo_configs.split(",")):
-        share, path, admit, compiled = GRPO_CONFIGS[config]
+        share, path, admit, compiled, compact = GRPO_CONFIGS[config]
         for G in sorted({G for _, G in specs}):
             admit_g = G if admit is None else max(admit, 1)
             engine = None
@@ -422,6 +423,7 @@ def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
                         path,
                         admit_g,
                         compiled,
+                        compact,
                     )
                     r = grpo_row(
                         model,
@@ -474,7 +476,8 @@ def grpo_rows(model, name, opts, grpo: Table, record: dict) -> list[Table]:
                 print(
                     f"[grpo] {P}x{G} {config} (shared={share} {path} admit_min={admit_g}): "
                     f"{r['ms_per_sample']:.2f} ms/sample, {r['graphs_captured_timed']} graphs captured and "
-                    f"{r['compiles_timed']} compiles in the timed runs; untimed first run "
+                    f"{r['compiles_timed']} compiles in the timed runs, {r['rows_moved']:.0f} rows moved; "
+                    f"untimed first run "
                     f"{r['warmup_s']:.1f} s, compile {r['compile_s']:.1f} s"
                     + f"; compiled: {r['decode_compiled']}"
                     + (f"; compile_error {r['compile_error']}" if r["compile_error"] else ""),

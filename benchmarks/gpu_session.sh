@@ -208,6 +208,19 @@ part_sampler() {
   run sampler_tests 120 python3 -m pytest -q -m gpu tests/test_inverse_cdf.py tests/test_rollout.py -k "gpu and (inverse \
 or cuda_graph or grouped_moe_decode)" -rfE -p no:cacheprovider -p no:logging
 }
+# Issue 16: GRPO rollouts with compact_rows (the survivors of a generate call move down so the tail decodes in small
+# buckets), against 11e's engines in the same run: old, admit_fixed (11e's admit: rows never move), admit (now the
+# pipeline's: compact rows) and compiled. Each engine's untimed first run is its own workload (one --grpo per
+# command), so no timed run captures graphs. 32x8 is where halving was missed (all 256 samples start at once and the
+# longest sets the pace). <= 6 min.
+part_grpo_compact() {
+  local spec
+  for spec in 32x8 128x8; do
+    run grpo_compact_$spec 170 python3 benchmarks/bench_rollout.py --repeats 1 --variants '' --skip-hf \
+      --sweep-presets '' --grpo $spec --grpo-configs ${GRPO_CONFIGS:-old,admit_fixed,admit,compiled}
+    grep -E "^\[grpo\]" "$R/grpo_compact_$spec.log" | head -8 >> "$SUMMARY"
+  done
+}
 # Issue 19, the final figures in <= 5.5 min (each command's timeout is its share; they sum to 330 s; the
 # bench_train rows take ~30 s (torchtitan) and ~50-70 s (ours, compile) each, so the budget usually ends it
 # after three rows: order FINAL19_VARIANTS by what matters most):

@@ -194,6 +194,7 @@ def grpo_engine(
     decode_moe: str,
     admit_min: int,
     compile_decode: bool = False,
+    compact_rows: bool | None = None,
 ) -> BuiltinEngine:
     """The engine of grpo_row, sized for every prompt grpo_prompts draws at this prompt_len."""
     return BuiltinEngine(
@@ -204,6 +205,7 @@ def grpo_engine(
         share_prefill=share_prefill,
         admit_min=admit_min,
         compile_decode=compile_decode,
+        compact_rows=compact_rows,
     )
 
 
@@ -239,7 +241,15 @@ def grpo_row(
     warmup_s = 0.0
     if engine.stats["decode_steps"] == 0:
         warmup_s = _gen_seconds(engine, prompts, sp, 1, sync, group)  # warm-up: graph captures, compiles
-    for k in ("host_s", "wait_s", "prefill_rows", "prefill_rows_shared", "decode_steps", "prefills"):
+    for k in (
+        "host_s",
+        "wait_s",
+        "prefill_rows",
+        "prefill_rows_shared",
+        "decode_steps",
+        "prefills",
+        "rows_moved",
+    ):
         engine.stats[k] = 0
     captured, compiled = engine.stats["graphs_captured"], engine.stats["decode_compiles"]
     compile_s = engine.stats["decode_compile_s"]
@@ -267,6 +277,7 @@ def grpo_row(
         "mean_len": sum(lens) / n,
         "max_len": max(lens),
         "decode_steps": st["decode_steps"] / repeats,
+        "rows_moved": st["rows_moved"] / repeats,
         "host_s": st["host_s"] / repeats,
         "wait_s": st["wait_s"] / repeats,
         "prefill_rows": st["prefill_rows"] / repeats,

@@ -237,6 +237,32 @@ def test_rows_freed_by_early_stops_are_refilled_without_changing_any_sample(mode
         assert s.finish_reason == "stop" or len(s.response_ids) == 12
 
 
+def test_compacted_rows_shrink_the_batch_without_changing_any_sample(model, monkeypatch):
+    # Early stops free rows at different steps; with nothing queued, compact_rows moves the survivors (their
+    # latent cache slots and decode state) below the smallest bucket holding them, so later steps run fewer
+    # rows. Every sample's tokens and log-probs stay those of the uncompacted engine; the step in flight when
+    # rows move is read back by its old rows (results arrive one step late on the host).
+    sp = SamplingParams(temperature=1.0, max_new_tokens=16, stop_token_ids=list(range(0, 512, 5)), seed=8)
+    sizes = {}
+    runs = {}
+    for compact in (False, True):
+        engine = BuiltinEngine(model, max_batch=16, max_len=64, compact_rows=compact)
+        seen = sizes[compact] = []
+        real = engine._decode
+        monkeypatch.setattr(
+            engine, "_decode", lambda B, S, t, real=real, seen=seen: seen.append(B) or real(B, S, t)
+        )
+        runs[compact] = engine.generate(PROMPTS, 3, sp)
+        assert (engine.stats["rows_moved"] > 0) == compact
+    lengths = sorted(len(s.response_ids) for s in runs[False])
+    assert lengths[0] < lengths[-1] == 16, lengths  # ragged: rows finish at different steps
+    assert [s.response_ids for s in runs[True]] == [s.response_ids for s in runs[False]]
+    for a, b in zip(runs[True], runs[False]):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+    assert len(sizes[True]) == len(sizes[False]) and sum(sizes[True]) < sum(sizes[False])
+    assert BuiltinEngine(model, max_batch=4, max_len=64).compact_rows is False  # CPU default: exact B already
+
+
 def test_shared_prefill_gives_each_sample_the_tokens_of_its_own_prefill(model):
     # n=4 samples per prompt, early stops so rows are refilled mid-decode: a prompt's samples are
     # admitted together (one prefill, latent rows copied) or split across admissions (max_batch 3).
@@ -361,12 +387,14 @@ def test_cuda_graph_decode_matches_eager_decode_gpu():
         greedy(24),
         SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=24, seed=3),
         SamplingParams(max_new_tokens=24, seed=4),
+        SamplingParams(max_new_tokens=24, stop_token_ids=list(range(0, 512, 5)), seed=6),  # ragged: rows move
     ):
         a, b = eager.generate(PROMPTS, 2, sp), graphs.generate(PROMPTS, 2, sp)
         assert [s.response_ids for s in a] == [s.response_ids for s in b]
         for x, y in zip(a, b):
             torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=0, atol=1e-4)
     assert graphs.stats["graphs_captured"] >= 3 and "graph_error" not in graphs.stats
+    assert graphs.stats["rows_moved"] > 0 and eager.stats["rows_moved"] == 0  # compact_rows: on with graphs
     graphs.sleep()
     graphs.wake()
     assert [s.response_ids for s in graphs.generate(PROMPTS, 1, greedy(8))] == [

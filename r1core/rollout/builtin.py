@@ -11,7 +11,11 @@ Scheduling (host side, `generate`):
   step t while step t+1 runs. A row that finished at step t therefore computes one extra token at
   t+1, which is dropped.
 
-Rows are handed out lowest-first so the active rows stay packed at the bottom and B stays small.
+Rows are handed out lowest-first so the active rows stay packed at the bottom and B stays small. Once
+nothing is queued, rows that finish are not refilled, and the survivors sit scattered up to the top row:
+`compact_rows` then moves the rows above the smallest batch bucket that holds them all into free rows
+below it (their latent cache slots and decode state, a few MB per row), so the tail of a generate call
+(the longest samples, alone) decodes in small buckets instead of the first one's.
 
 The n samples of a prompt admitted together share one prefill (`share_prefill`): the prompt runs
 through the model once and its latent rows (MLA: kv_lora_rank + rope dims per token and layer) are
@@ -135,6 +139,9 @@ class BuiltinEngine(RolloutEngine):
     share_prefill: prefill each prompt once per admission and copy its latent rows to its other samples.
     admit_min: queued requests wait until this many rows are free (1: refill every freed row at once;
         0: each generate call's n, so the samples of a prompt are admitted together and share a prefill).
+    compact_rows: move the surviving rows down when nothing is queued, so B shrinks with them (see the
+        module docstring); None: on where decode steps are bucketed (CUDA graphs). A request's tokens never
+        depend on its row.
     compile_decode: torch.compile the decode step (inductor) before its CUDA graphs are captured, so
         its elementwise work runs fused (see decode.DecodeStep); a torch.compile backend (name or callable)
         instead of True picks another (the CPU tests use "aot_eager"). Compile time is counted in
@@ -158,6 +165,7 @@ class BuiltinEngine(RolloutEngine):
         share_prefill: bool = True,
         admit_min: int = 1,
         compile_decode: bool | str | Callable = False,
+        compact_rows: bool | None = None,
     ):
         ref = model.head.weight
         self.device = torch.device(device) if device is not None else ref.device
@@ -168,6 +176,7 @@ class BuiltinEngine(RolloutEngine):
         self.max_batch, self.max_len = max_batch, max_len
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.decode_moe = decode_moe
+        self.compact_rows = self.cuda_graphs if compact_rows is None else compact_rows
         self.max_prefill_tokens = max_prefill_tokens
         self.offload_weights_on_sleep = offload_weights_on_sleep
         self.share_prefill = share_prefill
@@ -189,6 +198,7 @@ class BuiltinEngine(RolloutEngine):
         # results. wait_s near 0 means the host, not the GPU, sets the pace of decoding.
         self.stats = {
             "decode_steps": 0,
+            "rows_moved": 0,  # by compact_rows
             "prefills": 0,
             "graphs_captured": 0,
             "prefill_rows": 0,
@@ -316,6 +326,8 @@ class BuiltinEngine(RolloutEngine):
         pending: deque[_Pending] = deque()
         truncate = sampling.truncated
         while queue or running or pending:
+            if self.compact_rows and running and not queue:
+                self._compact(running, free)
             launched = None
             if running:
                 launched = self._launch_decode(running, truncate)
@@ -337,6 +349,31 @@ class BuiltinEngine(RolloutEngine):
             if not running and not queue:
                 while pending:
                     self._consume(pending.popleft(), stop_ids, sampling, free, running)
+
+    def _compact(self, running: dict[int, _Request], free: list[int]) -> None:
+        """Move the running rows at or above the smallest batch bucket that holds them all into free rows
+        below it. Queued on the device after the step in flight, so they carry its writes; that step's
+        results are read back by their old row index, and its requests are freed at their new rows."""
+        target = _round_up(len(running), self.batch_buckets) if self.cuda_graphs else len(running)
+        src = sorted(r for r in running if r >= target)
+        if not src:
+            return
+        dst = sorted(r for r in free if r < target)[
+            : len(src)
+        ]  # enough: rows below target are free or running
+        n_slots = max(running[r].next_pos for r in src)  # slots written, the step in flight's included
+        s, d = (_to_device(torch.tensor(rows), self.device) for rows in (src, dst))
+        cache, bufs = self._cache, self._bufs
+        cache.kv[:, d, :n_slots] = cache.kv[:, s, :n_slots]
+        cache.pe[:, d, :n_slots] = cache.pe[:, s, :n_slots]
+        for t in (bufs.tokens, bufs.positions, bufs.gen_idx, bufs.temperature, bufs.top_p, bufs.top_k):
+            t[d] = t[s]
+        bufs.uniforms[d] = bufs.uniforms[s]
+        for a, b in zip(src, dst):
+            req = running.pop(a)
+            req.row, running[b] = b, req
+        free[:] = sorted((set(free) - set(dst)) | set(src))  # a sorted list is a heap
+        self.stats["rows_moved"] += len(src)
 
     def _consume(
         self,
