@@ -81,15 +81,28 @@ def test_pipeline_stages_build_the_configured_engine_with_its_arguments(monkeypa
     assert isinstance(builtin, BuiltinEngine)
     # the built-in engine's defaults: auto MoE, and a prompt's samples admitted together
     assert builtin.decode_moe == "auto" and builtin.admit_min == 0
+    assert (
+        builtin.compact_rows is False
+    )  # on where batches are bucketed (CUDA graphs); the CPU decodes exact B
 
 
-def test_builtin_decode_settings_reach_the_engine_and_bad_ones_are_refused_before_work(tmp_path):
+def test_builtin_decode_settings_reach_the_engine_and_bad_ones_are_refused_before_work(tmp_path, monkeypatch):
     cfg = _compose(
         ["run_dir=/tmp/unused", "rollout.builtin.decode_moe=grouped", "rollout.builtin.admit_min=3"]
     )
     model = r1core.Transformer(r1core.presets["tiny"]).eval()
     engine = build_rollout(cfg.rollout, model, tokenizer=None, max_len=32, max_batch=4)
     assert engine.decode_moe == "grouped" and engine.admit_min == 3
+    seen = {}
+    real_init = BuiltinEngine.__init__
+    monkeypatch.setattr(
+        BuiltinEngine, "__init__", lambda self, *a, **kw: seen.update(kw) or real_init(self, *a, **kw)
+    )
+    build_rollout(cfg.rollout, model, tokenizer=None, max_len=32, max_batch=4)
+    assert seen["compact_rows"] is None  # the default (true): on where batches are bucketed (CUDA graphs)
+    off = _compose(["run_dir=/tmp/unused", "rollout.builtin.compact_rows=false"])
+    build_rollout(off.rollout, model, tokenizer=None, max_len=32, max_batch=4)
+    assert seen["compact_rows"] is False
     with pytest.raises(ConfigCompositionException, match="rollout.builtin.decode_moe=sparse"):
         _compose(["run_dir=/tmp/unused", "rollout.builtin.decode_moe=sparse"])
     cfg = _compose([f"run_dir={tmp_path / 'run'}", "rollout.builtin.admit_min=-1"])

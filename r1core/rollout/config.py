@@ -45,6 +45,9 @@ class BuiltinArgs:
     # queued samples wait until this many rows are free, so a prompt's samples are admitted together and
     # share one prefill; 0: each generate call's samples per prompt (the RL group size)
     admit_min: int = 0
+    # once nothing is queued, move the surviving samples' rows down so the tail of a rollout decodes in
+    # small CUDA-graph batch buckets (GPU only: the CPU decodes exact batch sizes)
+    compact_rows: bool = True
 
 
 @dataclass(kw_only=True)
@@ -82,6 +85,7 @@ def build_rollout(cfg: RolloutConfig, model, tokenizer, max_len: int, max_batch:
             compile_decode=cfg.builtin.compile_decode,
             decode_moe=DecodeMoE(cfg.builtin.decode_moe).value,
             admit_min=cfg.builtin.admit_min,
+            compact_rows=None if cfg.builtin.compact_rows else False,  # None: where batches are bucketed
         )
     from .sglang_engine import SGLangEngine
 
