@@ -20,6 +20,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Table, finish, out_dir  # noqa: E402
 
+from r1core.rl.stats import mean_and_se  # noqa: E402
+
 
 def read_curve(path: str, key: str) -> dict[int, float]:
     with open(path) as f:
@@ -28,13 +30,10 @@ def read_curve(path: str, key: str) -> dict[int, float]:
 
 
 def paired_rel_diff(ref: dict[int, float], cand: dict[int, float], steps: list[int]) -> tuple[float, float]:
-    """Mean of (cand - ref) / ref over `steps` and the half-width of its 95 % normal interval."""
-    d = [(cand[s] - ref[s]) / ref[s] for s in steps]
-    mean = sum(d) / len(d)
-    if len(d) < 2:
-        return mean, float("nan")
-    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
-    return mean, 1.96 * (var / len(d)) ** 0.5
+    """Mean of (cand - ref) / ref over `steps` and the half-width of its 95 % normal interval (1.96 standard
+    errors, the standard error of r1core.rl.stats)."""
+    mean, se = mean_and_se([(cand[s] - ref[s]) / ref[s] for s in steps])
+    return mean, 1.96 * se if len(steps) > 1 else float("nan")
 
 
 def main(argv=None) -> dict:

@@ -69,6 +69,15 @@ class Estimate:
         return "no significant change"
 
 
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n); 0 for one value)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("a mean needs at least one value")
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0
+
+
 def bootstrap_mean(
     values: Sequence[float], resamples: int = 2000, seed: int = 0, confidence: float = CONFIDENCE
 ) -> Estimate:
@@ -76,8 +85,7 @@ def bootstrap_mean(
     n = len(values)
     if n == 0:
         raise ValueError("bootstrap_mean needs at least one value")
-    mean = sum(values) / n
-    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0
+    mean, se = mean_and_se(values)
     rng = random.Random(seed)
     means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
     alpha = (1.0 - confidence) / 2
