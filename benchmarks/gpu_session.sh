@@ -232,6 +232,18 @@ part_s6a() {
     --sweep-presets small:256 --sweep-moe auto --sweep-compile off,on --grpo '' --expert-order count
   grep -E "^\[roofline\]" "$R/decode_order_count.log" | head -4 >> "$SUMMARY"
 }
+# s6a in <= 5.5 min when little device time is left: the sampler's tests, B256 compiled (counting sort, new
+# sampler), GRPO 32x8 on old / admit_fixed / admit (no compile).
+part_s6c() {
+  run sampler_tests 90 python3 -m pytest -q -m gpu tests/test_inverse_cdf.py tests/test_rollout.py -k "gpu and \
+(inverse or cuda_graph_decode_matches)" -rfE -p no:cacheprovider -p no:logging
+  run decode_count_compiled 120 python3 benchmarks/bench_rollout.py --repeats 2 --variants '' --skip-hf \
+    --sweep-presets small:256 --sweep-moe auto --sweep-compile on --grpo '' --expert-order count
+  grep -E "^\[roofline\]" "$R/decode_count_compiled.log" | head -4 >> "$SUMMARY"
+  run grpo_compact_32x8 100 python3 benchmarks/bench_rollout.py --repeats 1 --variants '' --skip-hf \
+    --sweep-presets '' --grpo 32x8 --grpo-configs old,admit_fixed,admit
+  grep -E "^\[grpo\]" "$R/grpo_compact_32x8.log" | head -8 >> "$SUMMARY"
+}
 # Issue 19's step with the gradient changes (train_breaks without its test), GRPO 128x8, and the compiled B256 profile.
 part_s6b() {
   run train_breaks 130 python3 benchmarks/bench_train.py --budget-s 90 --steps 5 --warmup 2 \
