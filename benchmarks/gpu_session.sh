@@ -221,19 +221,8 @@ part_grpo_compact() {
     grep -E "^\[grpo\]" "$R/grpo_compact_$spec.log" | head -8 >> "$SUMMARY"
   done
 }
-# Issue 16 in one call if only one comes (<= 7 min): the sampler's GPU tests, GRPO 32x8 on old / admit_fixed / admit /
-# compiled, and B256 on the small preset (counting sort, new sampler) uncompiled and compiled. s6b: the rest.
-part_s6a() {
-  part_sampler
-  run grpo_compact_32x8 170 python3 benchmarks/bench_rollout.py \
-    --repeats 1 --variants '' --skip-hf --sweep-presets '' --grpo 32x8 --grpo-configs old,admit_fixed,admit,compiled
-  grep -E "^\[grpo\]" "$R/grpo_compact_32x8.log" | head -8 >> "$SUMMARY"
-  run decode_order_count 130 python3 benchmarks/bench_rollout.py --repeats 2 --variants '' --skip-hf \
-    --sweep-presets small:256 --sweep-moe auto --sweep-compile off,on --grpo '' --expert-order count
-  grep -E "^\[roofline\]" "$R/decode_order_count.log" | head -4 >> "$SUMMARY"
-}
-# s6a in <= 5.5 min when little device time is left: the sampler's tests, B256 compiled (counting sort, new
-# sampler), GRPO 32x8 on old / admit_fixed / admit (no compile).
+# Issue 16 in <= 5.5 min (the sixth session's call, RESULTS 11f): the one-kernel sampler's GPU tests, B256
+# compiled (counting sort, new sampler), GRPO 32x8 on old / admit_fixed / admit (no compile).
 part_s6c() {
   run sampler_tests 90 python3 -m pytest -q -m gpu tests/test_inverse_cdf.py tests/test_rollout.py -k "gpu and \
 (inverse or cuda_graph_decode_matches)" -rfE -p no:cacheprovider -p no:logging
@@ -243,18 +232,6 @@ part_s6c() {
   run grpo_compact_32x8 100 python3 benchmarks/bench_rollout.py --repeats 1 --variants '' --skip-hf \
     --sweep-presets '' --grpo 32x8 --grpo-configs old,admit_fixed,admit
   grep -E "^\[grpo\]" "$R/grpo_compact_32x8.log" | head -8 >> "$SUMMARY"
-}
-# Issue 19's step with the gradient changes (train_breaks without its test), GRPO 128x8, and the compiled B256 profile.
-part_s6b() {
-  run train_breaks 130 python3 benchmarks/bench_train.py --budget-s 90 --steps 5 --warmup 2 \
-    --variants torchtitan,compile_nomtp
-  grep -E "^\| (variant|torchtitan|compile)" "$R/train_breaks.log" | head -4 >> "$SUMMARY"
-  run grpo_compact_128x8 170 python3 benchmarks/bench_rollout.py --repeats 1 --variants '' --skip-hf \
-    --sweep-presets '' --grpo 128x8 --grpo-configs old,admit_fixed,admit,compiled
-  grep -E "^\[grpo\]" "$R/grpo_compact_128x8.log" | head -8 >> "$SUMMARY"
-  run decode_order_profile 120 python3 benchmarks/bench_rollout.py --repeats 1 --variants '' --skip-hf \
-    --sweep-presets '' --grpo '' --profile small:256:auto:on
-  grep -E "launches per step|^\| " "$R/decode_order_profile.log" | tail -18 >> "$SUMMARY"
 }
 # Issue 19, the final figures in <= 5.5 min (each command's timeout is its share; they sum to 330 s; the
 # bench_train rows take ~30 s (torchtitan) and ~50-70 s (ours, compile) each, so the budget usually ends it
