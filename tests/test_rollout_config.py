@@ -81,9 +81,8 @@ def test_pipeline_stages_build_the_configured_engine_with_its_arguments(monkeypa
     assert isinstance(builtin, BuiltinEngine)
     # the built-in engine's defaults: auto MoE, and a prompt's samples admitted together
     assert builtin.decode_moe == "auto" and builtin.admit_min == 0
-    assert (
-        builtin.compact_rows is False
-    )  # on where batches are bucketed (CUDA graphs); the CPU decodes exact B
+    # compact_rows: on where batches are bucketed (CUDA graphs); the CPU decodes exact batch sizes
+    assert builtin.compact_rows is False
 
 
 def test_builtin_decode_settings_reach_the_engine_and_bad_ones_are_refused_before_work(tmp_path, monkeypatch):

@@ -358,9 +358,8 @@ class BuiltinEngine(RolloutEngine):
         src = sorted(r for r in running if r >= target)
         if not src:
             return
-        dst = sorted(r for r in free if r < target)[
-            : len(src)
-        ]  # enough: rows below target are free or running
+        # every row below target is free or running, so there are enough free ones
+        dst = sorted(r for r in free if r < target)[: len(src)]
         n_slots = max(running[r].next_pos for r in src)  # slots written, the step in flight's included
         s, d = (_to_device(torch.tensor(rows), self.device) for rows in (src, dst))
         cache, bufs = self._cache, self._bufs
