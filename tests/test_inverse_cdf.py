@@ -45,6 +45,21 @@ def test_inverse_cdf_never_steps_past_the_last_nonzero_entry_and_reads_strided_r
     assert torch.equal(inverse_cdf(wide, u), inverse_cdf_ref(wide, u))
 
 
+def test_benchmark_smoke_run_times_the_kernel_and_it_draws_the_torch_paths_tokens(tmp_path, monkeypatch):
+    import os
+    import sys
+
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    )
+    import bench_inverse_cdf
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    rows = {r["provider"]: r for r in bench_inverse_cdf.main(["--tiny", "--repeats", "1"])["rows"]}
+    assert set(rows) == {"torch", "triton"}
+    assert rows["triton"]["ms"] > 0 and rows["triton"]["rows_differing"] == 0
+
+
 @pytest.mark.gpu
 def test_sampler_on_cuda_takes_the_kernel_and_matches_the_torch_path_gpu():
     # The small preset's vocabulary, 1024 rows: the kernel (what sample() runs on CUDA) against the torch
