@@ -203,10 +203,12 @@ part_decode_order() {
   grep -E "launches per step|^\| " "$R/decode_order_profile.log" | tail -18 >> "$SUMMARY"
 }
 # Issue 16: the one-kernel sampler (0fda98f) on the GPU: its tests (against the torch path, compiled), the CUDA-graph
-# decode tests, then decode_order (which runs with it). <= 2 min before decode_order.
+# decode tests, then bench_inverse_cdf (kernel against the torch path, eager and compiled). <= 3.5 min.
 part_sampler() {
   run sampler_tests 120 python3 -m pytest -q -m gpu tests/test_inverse_cdf.py tests/test_rollout.py -k "gpu and (inverse \
 or cuda_graph or grouped_moe_decode)" -rfE -p no:cacheprovider -p no:logging
+  run bench_inverse_cdf 90 python3 benchmarks/bench_inverse_cdf.py
+  grep -E "^\| (small|v3)" "$R/bench_inverse_cdf.log" >> "$SUMMARY"
 }
 # Issue 16: GRPO rollouts with compact_rows (the survivors of a generate call move down so the tail decodes in small
 # buckets), against 11e's engines in the same run: old, admit_fixed (11e's admit: rows never move), admit (now the
