@@ -15,6 +15,8 @@ r1core's LocalEngine with LMObjective (fused linear cross-entropy, MTP, balance 
   compile_master compile with fp32 master weights and AdamW state (what training at small learning rates
                  needs; every other r1core variant is pure bf16 like the megatron one, for equal footing)
   compile_nomtp  compile with the MTP module off (n_mtp_modules=0): the same work as the torchtitan row
+  compile_cgtrees_nomtp  the same with inductor's CUDA graph trees around every compiled block (what
+                 mode="reduce-overhead" turns on): how much of the step is host launch overhead
   compile_fp8    compile with model.precision=fp8 (DeepSeek-V3's FP8 GEMMs, r1core.kernels.fp8);
                  compile_fp8_nomtp: MTP off; eager_fp8: without compile; compile_fp8dense_nomtp:
                  model.precision=fp8_dense (routed experts stay on bf16 grouped_mm)
@@ -77,6 +79,7 @@ class Variant(NamedTuple):
     master: bool = False  # fp32 master weights and AdamW state
     mtp: bool = True  # the preset's MTP module (off: n_mtp_modules=0)
     precision: str = "bf16"  # model.precision: bf16 | fp8
+    cudagraphs: bool = False  # inductor's CUDA graph trees around each compiled block ("reduce-overhead")
 
 
 VARIANTS = {
@@ -88,6 +91,7 @@ VARIANTS = {
     "compile_ac": Variant("triton", "cudnn", True, ac=True),
     "compile_master": Variant("triton", "cudnn", True, master=True),
     "compile_nomtp": Variant("triton", "cudnn", True, mtp=False),
+    "compile_cgtrees_nomtp": Variant("triton", "cudnn", True, mtp=False, cudagraphs=True),
     "compile_fp8": Variant("triton", "cudnn", True, precision="fp8"),
     "compile_fp8_nomtp": Variant("triton", "cudnn", True, mtp=False, precision="fp8"),
     "compile_fp8dense_nomtp": Variant("triton", "cudnn", True, mtp=False, precision="fp8_dense"),
@@ -196,7 +200,12 @@ def r1core_step(args, name: str, B: int, T: int, device, dtype):
     losses = []
 
     def step():
-        with attention_backend(attn):
+        graphs = contextlib.nullcontext()
+        if v.cudagraphs:
+            graphs = torch._inductor.config.patch({"triton.cudagraphs": True})
+        with attention_backend(attn), graphs:
+            if v.cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
             losses.append(engine.train_step([mb], objective)["loss"])
 
     return step, losses, engine
@@ -385,14 +394,82 @@ def torchtitan_step(args, B: int, T: int, device, dtype, compile_: str):
     return step, losses, model
 
 
-def breakdown(step, top: int = 15) -> tuple[dict[str, float], list[tuple[str, float, int]], dict]:
-    """GPU ms per category for one step, the `top` kernels by self device time (name, ms, calls), and the
-    inductor-generated kernels among all of them (distinct kernels, calls, ms): a compiled row has some."""
+SYNC_CALLS = re.compile(r"Synchronize|cudaMemcpy(Async)?$|_local_scalar_dense")  # where the host waits
+
+
+def device_timeline(kernels, host, top: int = 6) -> dict:
+    """Where the GPU waits in one profiled step. `kernels` and `host` are (start_ns, end_ns, name) of the
+    device kernels and of the host events (aten ops, CUDA runtime calls, annotations) on one clock.
+
+    window: first kernel start to last kernel end; busy: the union of the kernels' intervals; idle: the
+    rest. The `top` longest gaps between kernels come with the kernels on either side and the innermost host
+    events running at the gap's middle (what the host was doing while the GPU waited); `host_waits` sums
+    the host calls that block on the device (synchronize, a device-to-host copy, .item())."""
+    ks = sorted(kernels)
+    if not ks:
+        return {"window_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "gaps": [], "host_waits": {}}
+    busy, gaps = 0, []
+    cur_s, cur_e, cur_name = ks[0]
+    for s, e, name in ks[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append((s - cur_e, cur_e, cur_name, name))
+            cur_s, cur_e = s, e
+        elif e > cur_e:
+            cur_e = e
+        if e >= cur_e:
+            cur_name = name
+    busy += cur_e - cur_s
+    window = cur_e - ks[0][0]
+
+    def host_at(t):
+        inner = sorted((e - s, n) for s, e, n in host if s <= t <= e and not n.startswith("ProfilerStep"))
+        return " < ".join(n[:40] for _, n in inner[:3])
+
+    out_gaps = [
+        {"ms": g / 1e6, "after": a[:60], "before": b[:60], "host": host_at(t0 + g // 2)}
+        for g, t0, a, b in sorted(gaps, reverse=True)[:top]
+    ]
+    waits: dict[str, list] = {}
+    for s, e, n in host:
+        if SYNC_CALLS.search(n):
+            w = waits.setdefault(n, [0, 0.0])
+            w[0] += 1
+            w[1] += (e - s) / 1e6
+    return {
+        "window_ms": window / 1e6,
+        "busy_ms": busy / 1e6,
+        "idle_ms": (window - busy) / 1e6,
+        "gaps": out_gaps,
+        "host_waits": {
+            n: {"calls": c, "ms": ms} for n, (c, ms) in sorted(waits.items(), key=lambda kv: -kv[1][1])
+        },
+    }
+
+
+def _timeline_of(prof) -> dict:
+    kernels, host = [], []
+    for ev in prof.profiler.kineto_results.events():
+        span = (ev.start_ns(), ev.start_ns() + ev.duration_ns(), ev.name())
+        (kernels if ev.device_type() == torch.autograd.DeviceType.CUDA else host).append(span)
+    return device_timeline(kernels, host)
+
+
+def breakdown(step, top: int = 15) -> tuple[dict[str, float], list[tuple[str, float, int]], dict, dict]:
+    """GPU ms per category for one step, the `top` kernels by self device time (name, ms, calls), the
+    inductor-generated kernels among all of them (distinct kernels, calls, ms): a compiled row has some; and
+    the device timeline of a second profiled step with host events (`device_timeline`; host profiling adds
+    overhead of its own, so its idle is an upper bound)."""
     from torch.profiler import ProfilerActivity, profile
 
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof_host:
+        step()
+        sync()
+    timeline = _timeline_of(prof_host)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         sync()
+    timeline["idle_ms_device_only"] = _timeline_of(prof)["idle_ms"]
     out = {name: 0.0 for name, _ in CATEGORIES}
     kernels = []
     inductor = {"kernels": 0, "calls": 0, "ms": 0.0}
@@ -407,7 +484,7 @@ def breakdown(step, top: int = 15) -> tuple[dict[str, float], list[tuple[str, fl
             inductor["kernels"] += 1
             inductor["calls"] += e.count
             inductor["ms"] += us / 1e3
-    return out, sorted(kernels, key=lambda k: -k[1])[:top], inductor
+    return out, sorted(kernels, key=lambda k: -k[1])[:top], inductor, timeline
 
 
 def is_compiled(name: str) -> bool:
@@ -463,7 +540,8 @@ def measure(name, args, a, device, dtype, peak_tflops) -> dict:
         )
         profiled = name in a.breakdown.split(",") or (a.breakdown == "auto" and name != "megatron")
         if profiled and torch.cuda.is_available():
-            row["breakdown_ms"], row["top_kernels"], row["inductor_kernels"] = breakdown(step)
+            prof = breakdown(step)
+            row["breakdown_ms"], row["top_kernels"], row["inductor_kernels"], row["timeline"] = prof
         if is_compiled(name):
             check_compiled(row)
     except Exception as e:  # report and go on: one failing provider must not hide the others
@@ -571,6 +649,17 @@ def main(argv=None) -> dict:
             for k, ms, n in r["top_kernels"]:
                 kt.add(k, ms, n, 100 * ms / total)
             tables.append(kt)
+            tl = r["timeline"]
+            waits = ", ".join(f"{n} {w['calls']}x {w['ms']:.1f} ms" for n, w in tl["host_waits"].items())
+            gt = Table(
+                f"device idle, {r['variant']}: window {tl['window_ms']:.1f} ms, busy {tl['busy_ms']:.1f}, "
+                f"idle {tl['idle_ms']:.1f} (device-only profile: {tl['idle_ms_device_only']:.1f}); "
+                f"host waits {waits or 'none'}",
+                ["gap ms", "after kernel", "before kernel", "host at the gap"],
+            )
+            for g in tl["gaps"]:
+                gt.add(g["ms"], g["after"], g["before"], g["host"])
+            tables.append(gt)
     ok = [r for r in rows if "error" not in r]
     if ok:
         bar_plot(

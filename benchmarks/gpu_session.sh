@@ -242,9 +242,9 @@ part_s7a() {
   run decode_count_compiled 120 python3 benchmarks/bench_rollout.py --repeats 2 --variants '' --skip-hf \
     --sweep-presets small:256 --sweep-moe auto --sweep-compile on --grpo '' --expert-order count
   grep -E "^\[roofline\]" "$R/decode_count_compiled.log" | head -4 >> "$SUMMARY"
-  run train_breaks 130 python3 benchmarks/bench_train.py --budget-s 90 --steps 5 --warmup 2 \
-    --variants torchtitan,compile_nomtp
-  grep -E "^\| (variant|torchtitan|compile)" "$R/train_breaks.log" | head -4 >> "$SUMMARY"
+  run train_s7a 210 python3 benchmarks/bench_train.py --budget-s 150 --steps 5 --warmup 2 \
+    --variants ${S7A_TRAIN:-torchtitan,compile_nomtp,compile_cgtrees_nomtp}
+  grep -E "^\| (variant|torchtitan|compile)|^## device idle" "$R/train_s7a.log" | head -8 >> "$SUMMARY"
   run bench_inverse_cdf 90 python3 benchmarks/bench_inverse_cdf.py
   grep -E "^\| (small|v3)" "$R/bench_inverse_cdf.log" >> "$SUMMARY"
 }

@@ -68,3 +68,34 @@ def test_compare_loss_paired_difference_and_its_interval_against_hand_values(tmp
     # the window holds steps 2 and 3 (after step 3 - 2): differences -0.1 and +0.1
     assert abs(rec["window_rel_diff"]) < 1e-12 and rec["window_rel_diff_ci95"][1] > 0.09
     assert abs(rec["tail_rel_diff"] - 0.1) < 1e-12
+
+
+def test_device_timeline_idle_gaps_and_host_waits_against_hand_values():
+    from bench_train import device_timeline
+
+    ms = 1_000_000  # ns
+    kernels = [  # (start, end, name): two overlapping, a 3 ms gap, one contained, a 1 ms gap
+        (0, 2 * ms, "gemm_a"),
+        (1 * ms, 4 * ms, "gemm_b"),
+        (7 * ms, 10 * ms, "adam"),
+        (8 * ms, 9 * ms, "inside"),
+        (11 * ms, 12 * ms, "embed"),
+    ]
+    host = [
+        (0, 12 * ms, "ProfilerStep#1"),
+        (3 * ms, 9 * ms, "train_step"),
+        (4 * ms, 6 * ms, "cudaStreamSynchronize"),
+        (10 * ms, 11 * ms, "aten::_local_scalar_dense"),
+    ]
+    tl = device_timeline(kernels, host)
+    assert tl["window_ms"] == 12.0 and tl["busy_ms"] == 8.0 and tl["idle_ms"] == 4.0
+    assert [g["ms"] for g in tl["gaps"]] == [3.0, 1.0]
+    first = tl["gaps"][0]
+    assert (first["after"], first["before"]) == ("gemm_b", "adam")
+    assert first["host"] == "cudaStreamSynchronize < train_step"  # innermost first, no ProfilerStep
+    assert tl["gaps"][1]["after"] == "adam"  # the kernel that ended last, not the one that started last
+    assert tl["host_waits"] == {
+        "cudaStreamSynchronize": {"calls": 1, "ms": 2.0},
+        "aten::_local_scalar_dense": {"calls": 1, "ms": 1.0},
+    }
+    assert device_timeline([], host)["idle_ms"] == 0.0
