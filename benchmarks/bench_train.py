@@ -17,6 +17,9 @@ r1core's LocalEngine with LMObjective (fused linear cross-entropy, MTP, balance 
   compile_nomtp  compile with the MTP module off (n_mtp_modules=0): the same work as the torchtitan row
   compile_cgtrees_nomtp  the same with inductor's CUDA graph trees around every compiled block (what
                  mode="reduce-overhead" turns on): how much of the step is host launch overhead
+  compile_graph_nomtp  compile_nomtp with parallel.cuda_graph (the whole step, AdamW included, one CUDA
+                 graph, captured after two ordinary steps; its rows warm up at least four steps);
+                 compile_graph: with MTP
   compile_fp8    compile with model.precision=fp8 (DeepSeek-V3's FP8 GEMMs, r1core.kernels.fp8);
                  compile_fp8_nomtp: MTP off; eager_fp8: without compile; compile_fp8dense_nomtp:
                  model.precision=fp8_dense (routed experts stay on bf16 grouped_mm)
@@ -80,6 +83,7 @@ class Variant(NamedTuple):
     mtp: bool = True  # the preset's MTP module (off: n_mtp_modules=0)
     precision: str = "bf16"  # model.precision: bf16 | fp8
     cudagraphs: bool = False  # inductor's CUDA graph trees around each compiled block ("reduce-overhead")
+    cuda_graph: bool = False  # parallel.cuda_graph: the whole optimizer step as one CUDA graph
 
 
 VARIANTS = {
@@ -92,6 +96,8 @@ VARIANTS = {
     "compile_master": Variant("triton", "cudnn", True, master=True),
     "compile_nomtp": Variant("triton", "cudnn", True, mtp=False),
     "compile_cgtrees_nomtp": Variant("triton", "cudnn", True, mtp=False, cudagraphs=True),
+    "compile_graph_nomtp": Variant("triton", "cudnn", True, mtp=False, cuda_graph=True),
+    "compile_graph": Variant("triton", "cudnn", True, cuda_graph=True),
     "compile_fp8": Variant("triton", "cudnn", True, precision="fp8"),
     "compile_fp8_nomtp": Variant("triton", "cudnn", True, mtp=False, precision="fp8"),
     "compile_fp8dense_nomtp": Variant("triton", "cudnn", True, mtp=False, precision="fp8_dense"),
@@ -185,7 +191,7 @@ def variant_args(args, v: Variant):
 def r1core_step(args, name: str, B: int, T: int, device, dtype):
     v = VARIANTS[name]
     attn = v.attention
-    parallel = ParallelConfig(compile=v.compile, activation_checkpointing=v.ac)
+    parallel = ParallelConfig(compile=v.compile, activation_checkpointing=v.ac, cuda_graph=v.cuda_graph)
     engine = LocalEngine(
         variant_args(args, v),
         parallel,
@@ -525,7 +531,8 @@ def measure(name, args, a, device, dtype, peak_tflops) -> dict:
         else:
             step, losses, keep = r1core_step(args, name, a.batch, a.seq, device, dtype)
             fpt = flops_per_token(variant_args(args, VARIANTS[name]), a.seq)
-        ms, first, peak = _time_steps(step, a.warmup, a.steps)
+        graphed = name in VARIANTS and VARIANTS[name].cuda_graph
+        ms, first, peak = _time_steps(step, max(a.warmup, 4) if graphed else a.warmup, a.steps)
         tok_s = a.batch * a.seq / (ms / 1e3)
         row.update(
             ms=ms,

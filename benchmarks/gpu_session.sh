@@ -235,16 +235,23 @@ part_s6c() {
     --sweep-presets '' --grpo 32x8 --grpo-configs old,admit_fixed,admit
   grep -E "^\[grpo\]" "$R/grpo_compact_32x8.log" | head -8 >> "$SUMMARY"
 }
-# Issues 16 and 19 on an H100 in <= 6 min (the seventh session's first call): the small preset's B256 decode step
-# compiled (the 40 % roofline goal is stated for an H100), the training step against torchtitan in the same run
-# (the 1.3x goal) and the one-kernel sampler against the torch path it replaced.
+# Issue 19 on an H100 in <= 6.5 min (the seventh session's first call): the whole-step CUDA graph's GPU test,
+# then the training step against torchtitan in the same run (the 1.3x and 45 % MFU goals): compile_nomtp, the
+# same as one CUDA graph (parallel.cuda_graph), and with inductor's per-block graph trees; every row with its
+# device timeline (idle, the longest gaps, host waits).
 part_s7a() {
+  run graph_tests 90 python3 -m pytest -q -m gpu tests/test_engine.py -k "cuda_graph" -rfE -p no:cacheprovider \
+    -p no:logging
+  run train_s7a 270 python3 benchmarks/bench_train.py --budget-s 200 --steps 5 --warmup 2 \
+    --variants ${S7A_TRAIN:-torchtitan,compile_nomtp,compile_graph_nomtp,compile_cgtrees_nomtp}
+  grep -E "^\| (variant|torchtitan|compile)|^## device idle" "$R/train_s7a.log" | head -10 >> "$SUMMARY"
+}
+# Issue 16 in <= 4 min (the second call): the small preset's B256 decode step compiled (the 40 % roofline goal
+# is stated for an H100) and the one-kernel sampler against the torch path it replaced.
+part_s7b() {
   run decode_count_compiled 120 python3 benchmarks/bench_rollout.py --repeats 2 --variants '' --skip-hf \
     --sweep-presets small:256 --sweep-moe auto --sweep-compile on --grpo '' --expert-order count
   grep -E "^\[roofline\]" "$R/decode_count_compiled.log" | head -4 >> "$SUMMARY"
-  run train_s7a 210 python3 benchmarks/bench_train.py --budget-s 150 --steps 5 --warmup 2 \
-    --variants ${S7A_TRAIN:-torchtitan,compile_nomtp,compile_cgtrees_nomtp}
-  grep -E "^\| (variant|torchtitan|compile)|^## device idle" "$R/train_s7a.log" | head -8 >> "$SUMMARY"
   run bench_inverse_cdf 90 python3 benchmarks/bench_inverse_cdf.py
   grep -E "^\| (small|v3)" "$R/bench_inverse_cdf.log" >> "$SUMMARY"
 }

@@ -401,3 +401,98 @@ def test_fused_adamw_clips_inside_its_step_as_clip_then_step_does(monkeypatch):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-8, msg=name)
     moved = max((p - q).abs().max().item() for (_, p), (_, q) in zip(fused.named_params, free.named_params))
     assert moved > 1e-4
+
+
+class _Scaled(LMObjective):
+    """The LM loss times the batch's `w`, a device scalar: w = inf poisons a step from the data, which a
+    captured graph replays (a host-side decision like _PoisonOnce's would be baked into the graph)."""
+
+    def __call__(self, h, head_weight, group, mb, model, denoms=None):
+        loss, metrics = super().__call__(h, head_weight, group, mb, model, denoms)
+        return loss * mb["w"], metrics
+
+
+class _FusedEngine(LocalEngine):
+    def _build_optimizers(self):
+        from r1core.parallel.optim import adamw
+
+        return [adamw(self.optimized_params, self.optim_cfg, graphable=True)]  # fused, float lr, no graph
+
+
+def _adam_steps(engine) -> set[float]:
+    return {float(st["step"]) for st in engine.optimizers[0].state.values()}
+
+
+def test_graph_ready_step_equals_the_fused_step_and_skips_a_nonfinite_step_on_the_device():
+    # parallel.cuda_graph's step without the capture (the CPU has no graphs): static inputs, a device
+    # learning rate, the non-finite skip decided on the device (found_inf) instead of on the host. Its
+    # metrics and weights equal the ordinary step's with the same fused AdamW; a poisoned step moves no
+    # weight, AdamW step count or expert bias and is counted; a new batch shape warms up again.
+    from r1core.parallel.config import check_layout
+    from r1core.train.cuda_graph import GraphedTrainStep
+
+    with pytest.raises(ValueError, match="cuda_graph=true runs on one device"):
+        check_layout(ARGS, ParallelConfig(cuda_graph=True), 2)
+    graphed = LocalEngine(ARGS, ParallelConfig(cuda_graph=True), OPTIM, "cpu", torch.float32, 0)
+    fused = _FusedEngine(ARGS, ParallelConfig(), OPTIM, "cpu", torch.float32, 0)
+    step = graphed.graphed
+    assert isinstance(step, GraphedTrainStep) and not step.capture and step.warmup == 2
+    gate = graphed.model.moe_layers()[0].gate
+    obj = _Scaled()
+    for i, w in enumerate([1.0, 1.0, 1.0, float("inf"), 1.0, 1.0]):
+        mb = {**_batch(seed=i), "w": torch.tensor(w)}
+        before = {k: v.clone() for k, v in graphed.model.state_dict().items()}
+        got = graphed.train_step([mb], obj)
+        assert (step.static is not None) == (i >= 2)  # two ordinary warm-up steps, then the graph's path
+        if not math.isfinite(w):
+            assert got["skipped_nonfinite"] == 1 and not math.isfinite(got["grad_norm"])
+            assert graphed.step == 3 and graphed.nonfinite_streak == 1 and _adam_steps(graphed) == {3.0}
+            for k, v in graphed.model.state_dict().items():  # the expert-score bias included
+                assert torch.equal(v, before[k]), k
+            assert gate.expert_load.abs().sum() == 0
+            continue
+        want = fused.train_step([mb], obj)
+        assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-6)
+        assert got["step"] == want["step"] and graphed.nonfinite_streak == 0
+        for (name, p), (_, q) in zip(graphed.named_params, fused.named_params):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(
+            gate.e_score_correction_bias, fused.model.moe_layers()[0].gate.e_score_correction_bias
+        )
+    assert _adam_steps(graphed) == {5.0} and graphed.step == 5
+    # another batch shape: the static inputs are dropped and two ordinary steps warm up again
+    graphed.train_step([{**_batch(seq=8), "w": torch.tensor(1.0)}], obj)
+    assert step.static is None and step.warm == 1
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_replays_the_graph_ready_step_gpu():
+    # The captured step (one replay per optimizer step) against the same step run eagerly without capture
+    # and against the ordinary step (bf16, fp32 master weights, Triton MoE, a cosine learning rate): the
+    # replays read each new batch and learning rate (the fp32 masters agree to far less than one step's
+    # update of 1e-3, left only to the kernels' run-to-run rounding); a step poisoned through the data is
+    # skipped inside the graph; a new batch shape captures again.
+    from r1core.train.cuda_graph import GraphedTrainStep
+
+    args = ARGS.replace(moe_impl="triton")
+    graph, ready, plain = (
+        LocalEngine(args, ParallelConfig(cuda_graph=g), OPTIM, "cuda", torch.bfloat16, 0)
+        for g in (True, True, False)
+    )
+    ready.graphed = GraphedTrainStep(ready, capture=False)
+    obj = _Scaled()
+    for i, w in enumerate([1.0, 1.0, 1.0, 1.0, float("inf"), 1.0, 1.0]):
+        mb = {**_batch(rows=8, seq=64, seed=i), "w": torch.tensor(w)}
+        got, want, base = (e.train_step([mb], obj) for e in (graph, ready, plain))
+        assert got.get("skipped_nonfinite") == want.get("skipped_nonfinite") == base.get("skipped_nonfinite")
+        assert got["step"] == want["step"] == base["step"] and got["lr"] == want["lr"] == base["lr"]
+        if math.isfinite(w):
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+            assert got["loss"] == pytest.approx(base["loss"], rel=1e-3)
+        for e in (graph, ready, plain):
+            for (name, p), (_, q) in zip(e.master.named, ready.master.named):
+                torch.testing.assert_close(p, q, rtol=0, atol=2e-5, msg=name)
+    assert graph.graphed.graph is not None and graph.graphed.captures == 1 and graph.step == 6
+    for i in range(3):
+        graph.train_step([{**_batch(rows=4, seq=32, seed=10 + i), "w": torch.tensor(1.0)}], obj)
+    assert graph.graphed.captures == 2 and graph.step == 9

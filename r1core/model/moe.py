@@ -289,14 +289,18 @@ class MoE(nn.Module):
 
 
 @torch.no_grad()
-def update_expert_bias(gate: Gate, load_E: torch.Tensor | None = None) -> torch.Tensor:
+def update_expert_bias(
+    gate: Gate, load_E: torch.Tensor | None = None, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """Aux-loss-free balancing step: b_i += gamma * sign(mean load - load_i); returns the load used.
 
     `load_E` overrides the gate's own running load (the parallel trainer passes the load
-    all-reduced over data-parallel ranks so every rank applies the same update).
+    all-reduced over data-parallel ranks so every rank applies the same update). `keep`, a 0/1 device
+    scalar, scales the update (0: a skipped step, decided on the device without a host sync).
     """
     load_E = gate.expert_load.clone() if load_E is None else load_E
     if gate.e_score_correction_bias is not None and gate.bias_update_speed:
-        gate.e_score_correction_bias += gate.bias_update_speed * torch.sign(load_E.mean() - load_E)
+        step_E = gate.bias_update_speed * torch.sign(load_E.mean() - load_E)
+        gate.e_score_correction_bias += step_E if keep is None else step_E * keep
     gate.expert_load.zero_()
     return load_E

@@ -37,6 +37,10 @@ class ParallelConfig:
     zero1: bool = True  # shard optimizer state over the data-parallel ranks
     activation_checkpointing: bool = False  # recompute every block in backward
     compile: bool = False  # torch.compile every block
+    # One CUDA graph for the whole optimizer step (forward, backward, clipping, AdamW, expert-bias update),
+    # captured after two ordinary steps and replayed: no kernel-launch overhead and no host sync inside the
+    # step. One device, a fused AdamW and a fixed batch shape (a new shape warms up and captures again).
+    cuda_graph: bool = False
     timeout_s: float = 600.0  # process-group timeout: seconds a collective waits for the other ranks
 
     def __post_init__(self) -> None:
@@ -89,6 +93,11 @@ def check_layout(args: ModelArgs, cfg: ParallelConfig, world_size: int) -> Paral
                 f"ep={ep} must divide cp*dp={cp}*{dp} (expert parallelism is carved out of the "
                 "ranks that see different tokens)"
             )
+    if cfg.cuda_graph and world_size > 1:
+        problems.append(
+            f"cuda_graph=true runs on one device; this world has {world_size} ranks (their collectives "
+            "would have to be captured too)"
+        )
     if args.n_routed_experts % ep:
         problems.append(f"n_routed_experts={args.n_routed_experts} is not divisible by ep={ep}")
     for name, value in (

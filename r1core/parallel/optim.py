@@ -92,14 +92,26 @@ def _folds_clip(opt) -> bool:
     return isinstance(opt, torch.optim.Adam | torch.optim.AdamW) and bool(opt.defaults.get("fused"))
 
 
-def clip_and_step_(optimizers: list, params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor):
+def clip_and_step_(
+    optimizers: list,
+    params: list[torch.Tensor],
+    max_norm: float,
+    total_norm: torch.Tensor,
+    found_inf: torch.Tensor | None = None,
+):
     """Scale the gradients by min(1, max_norm / (total_norm + 1e-6)) (torch's clip_grad_norm_) and step.
 
     A fused AdamW takes the inverse factor as its `grad_scale`, so clipping costs no pass of its own (a read
     and a write of every gradient, about a tenth of the optimizer's traffic); the gradients it leaves behind
     are the clipped ones, as after clip_. Any other optimizer gets clip_ first. The update differs from
     clip-then-step only by rounding: the fused kernel divides in fp32, where clip_ first rounds the clipped
-    gradient to the parameters' dtype."""
+    gradient to the parameters' dtype.
+
+    `found_inf` (a float32 device scalar, 1 where the norm is not finite) makes a fused AdamW skip its update
+    and keep its step count on the device, as under GradScaler: the skip needs no host sync, so the whole step
+    can be one CUDA graph. Only fused optimizers take it."""
+    if found_inf is not None and not all(_folds_clip(o) for o in optimizers):
+        raise ValueError("found_inf needs fused Adam/AdamW optimizers (they skip the update on the device)")
     clipping = bool(max_norm) and max_norm > 0 and math.isfinite(max_norm)
     fold = clipping and all(_folds_clip(o) for o in optimizers)
     if clipping and not fold:
@@ -107,7 +119,7 @@ def clip_and_step_(optimizers: list, params: list[torch.Tensor], max_norm: float
     inverse = torch.clamp((total_norm.float() + 1e-6) / max_norm, min=1.0) if fold else None
     for opt in optimizers:
         if _folds_clip(opt):
-            opt.grad_scale = inverse  # read by step(); None when not clipping
+            opt.grad_scale, opt.found_inf = inverse, found_inf  # read by step(); None: not clipping / no skip
         opt.step()
 
 
@@ -122,13 +134,18 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
     ]
 
 
-def adamw(named_params, optim_cfg, group=None, group_size: int = 1, zero1: bool = False):
+def adamw(
+    named_params, optim_cfg, group=None, group_size: int = 1, zero1: bool = False, graphable: bool = False
+):
     """AdamW over `named_params`; its state sharded over `group` (ZeRO-1) when asked and the group has > 1
-    rank."""
+    rank. `graphable`: fused (on any device) and, on CUDA, capturable, as a CUDA graph of the step needs."""
     groups = param_groups(named_params, optim_cfg.weight_decay)
     kw = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
-    if named_params and named_params[0][1].is_cuda:
+    on_cuda = bool(named_params) and named_params[0][1].is_cuda
+    if on_cuda or graphable:
         kw["fused"] = True  # one kernel for all of AdamW's per-parameter updates
+    if on_cuda and graphable:
+        kw["capturable"] = True  # step counts and a tensor learning rate stay on the device
     if zero1 and group_size > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -146,10 +163,11 @@ def init_adam_state_(opt) -> None:
     """Materialize zero AdamW state for every parameter this rank steps, so a checkpoint can load into it."""
     inner = local_optimizer(opt)
     for group in inner.param_groups:
+        on_device = group.get("fused") or group.get("capturable")  # where torch's AdamW keeps `step` then
         for p in group["params"]:
             if not inner.state.get(p):
                 inner.state[p] = {
-                    "step": torch.zeros((), dtype=torch.float32),
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
                 }

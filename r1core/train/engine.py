@@ -187,6 +187,11 @@ class TrainEngine:
             self.master = MasterWeights(self.named_params)
         self.optimizers = self._build_optimizers()
         self.model.train()
+        self.graphed = None
+        if self.parallel.cuda_graph:
+            from .cuda_graph import GraphedTrainStep
+
+            self.graphed = GraphedTrainStep(self)
 
     @property
     def optimized_params(self) -> list[tuple[str, torch.Tensor]]:
@@ -195,7 +200,7 @@ class TrainEngine:
 
     # ------------------------------------------------------------------ hooks the parallel engine overrides
     def _build_optimizers(self) -> list:
-        return [adamw(self.optimized_params, self.optim_cfg)]
+        return [adamw(self.optimized_params, self.optim_cfg, graphable=self.parallel.cuda_graph)]
 
     def _all_reduce(self, t: torch.Tensor, group_name: str) -> torch.Tensor:
         return t
@@ -249,20 +254,25 @@ class TrainEngine:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
 
-    def _update_expert_bias(self) -> None:
+    def _update_expert_bias(self, keep: torch.Tensor | None = None) -> None:
         gates = [m.gate for m in self.model.moe_layers()]
         if not gates:
             return
         loads = self._all_reduce(torch.stack([g.expert_load for g in gates]), "dp_cp")
         for gate, load in zip(gates, loads):
-            update_expert_bias(gate, load)
+            update_expert_bias(gate, load, keep)
 
     def train_step(self, microbatches: list[dict], objective) -> dict:
         """One optimizer step on this rank's microbatches; returns the whole batch's metrics (every rank):
         loss, the objective's metrics, aux, grad_norm (before clipping), lr, step, n_tokens."""
-        mbs = split_microbatches(
-            [_on_device(mb, self.device) for mb in microbatches], self.parallel.microbatches
-        )
+        batches = [_on_device(mb, self.device) for mb in microbatches]
+        if self.graphed is not None:
+            return self.graphed(batches, objective)
+        return self.eager_train_step(batches, objective)
+
+    def eager_train_step(self, batches: list[dict], objective) -> dict:
+        """train_step without a CUDA graph, on batches already on the device."""
+        mbs = split_microbatches(batches, self.parallel.microbatches)
         denoms = self._totals(objective, mbs)
         self._zero_grad()
         sums = self._forward_backward(mbs, objective, denoms)
@@ -294,12 +304,17 @@ class TrainEngine:
 
     def _skip_nonfinite_step(self, metrics: dict, norm: float) -> None:
         """No update from a non-finite gradient (megatron's found-inf skip); stop after too many in a row."""
-        self.nonfinite_streak += 1
         bad = [n for n, p in self.named_params if p.grad is not None and not torch.isfinite(p.grad).all()]
         self._zero_grad()
         self._fill_missing_grads()
         for gate in (m.gate for m in self.model.moe_layers()):  # this forward's expert loads are not applied
             gate.expert_load.zero_()
+        self.count_nonfinite_step(metrics, norm, bad)
+
+    def count_nonfinite_step(self, metrics: dict, norm: float, bad: list[str]) -> None:
+        """Count a skipped step (its update already withheld); raise past optim.max_nonfinite_steps in a
+        row."""
+        self.nonfinite_streak += 1
         what = (
             f"loss={metrics.get('loss', float('nan')):.4g}, grad_norm={norm}; "
             f"non-finite gradients on this rank in {len(bad)} tensors, e.g. {bad[:5]}"
