@@ -131,11 +131,14 @@ def _on_device(batch: dict, device: torch.device) -> dict:
 
 def _add(acc: dict, new: dict, device) -> None:
     """acc[k] += new[k] as fp32 tensors on `device` (no host sync: metrics stay on the GPU until the step
-    ends)."""
+    ends). Host numbers (a row count) become device scalars by a fill, not a copy from host memory: a copy
+    from pageable memory waits for the stream, and cannot be captured in a CUDA graph."""
+    device = torch.device(device)
     for key, value in new.items():
-        value = torch.as_tensor(
-            value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float32, device=device
-        )
+        if isinstance(value, torch.Tensor) and value.device.type == device.type:
+            value = value.detach().float()
+        else:  # a Python number or a host scalar tensor (reading a CPU tensor syncs nothing)
+            value = torch.full((), float(value), dtype=torch.float32, device=device)
         acc[key] = acc[key] + value if key in acc else value
 
 
