@@ -462,7 +462,13 @@ def test_graph_ready_step_equals_the_fused_step_and_skips_a_nonfinite_step_on_th
     assert _adam_steps(graphed) == {5.0} and graphed.step == 5
     # another batch shape: the static inputs are dropped and two ordinary steps warm up again
     graphed.train_step([{**_batch(seq=8), "w": torch.tensor(1.0)}], obj)
-    assert step.static is None and step.warm == 1
+    assert step.static is None and step.warm == 1 and not step.gave_up
+    # shapes that change every step never reach a capture: after GIVE_UP_AFTER changes, ordinary steps
+    for seq in (9, 10, 11):
+        graphed.train_step([{**_batch(seq=seq), "w": torch.tensor(1.0)}], obj)
+    assert step.gave_up and graphed.step == 9
+    graphed.train_step([{**_batch(seq=12), "w": torch.tensor(1.0)}], obj)
+    assert step.static is None and graphed.step == 10
 
 
 @pytest.mark.gpu

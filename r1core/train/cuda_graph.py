@@ -14,7 +14,8 @@ What a graph needs, and how the step provides it:
   is refilled before each replay, the AdamW is capturable, and the gradients live in the graph's memory
   (set to None before capture, so each replay writes them afresh, as the ordinary step's backward does);
 - fixed shapes: the batch's shapes (and the objective) are the graph's key; a new key drops the graph and
-  warms up and captures again (logged), so varying shapes are correct but slow;
+  warms up and captures again (logged); after GIVE_UP_AFTER changes in a row that never reached a capture
+  the batches have no one shape, and ordinary steps run from then on (a warning says so);
 - warm kernels: `warmup` ordinary steps come first (compilation, Triton autotuning, AdamW state), on a side
   stream as torch's whole-network capture recipe does.
 Every call still performs exactly one optimizer step, warm-up and capture steps included.
@@ -36,6 +37,7 @@ import torch
 from r1core.parallel.optim import _folds_clip, clip_and_step_
 
 _log = logging.getLogger(__name__)
+GIVE_UP_AFTER = 4  # shape changes in a row that never reached a capture: the batches do not have one shape
 
 
 def _plain(obj) -> tuple:
@@ -89,12 +91,25 @@ class GraphedTrainStep:
         self.warm = 0
         self.graph = self.static = self.out = self.keys = None
         self.captures = 0
+        self.changes_before_capture, self.gave_up = 0, False
 
     # ------------------------------------------------------------------ the step
     def __call__(self, batches: list[dict], objective) -> dict:
+        if self.gave_up:
+            return self.engine.eager_train_step(batches, objective)
         key = _key(batches, objective)
         if key != self.key:
             if self.key is not None:
+                self.changes_before_capture += 1
+                if self.changes_before_capture >= GIVE_UP_AFTER:
+                    self.gave_up = True
+                    self.reset()
+                    _log.warning(
+                        "parallel.cuda_graph: the batch shapes changed %d times before a graph could be "
+                        "captured; ordinary steps from now on (pad the batches to one shape to graph them)",
+                        self.changes_before_capture,
+                    )
+                    return self.engine.eager_train_step(batches, objective)
                 _log.info("cuda_graph: the batch shapes or objective changed; warming up to capture again")
             self.reset()
             self.key = key
@@ -138,6 +153,7 @@ class GraphedTrainStep:
         self.static = [
             {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in mb.items()} for mb in batches
         ]
+        self.changes_before_capture = 0
         for opt in self.engine.optimizers:
             for group in opt.param_groups:
                 group["lr"] = self.lr  # the kernel reads it from the device, so each replay sees its value
