@@ -187,7 +187,9 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_logp, _g_ent):
         gh, gw = ctx.saved_tensors
-        if bool(g_loss != 1):  # one host sync, as in Liger; saves a [V, H] pass in the usual case
+        # one host sync, as in Liger, saves a [V, H] pass in the usual case; inside a CUDA graph capture
+        # (parallel.cuda_graph) nothing may wait on the host, so the scale is always applied (x * 1 is exact)
+        if (g_loss.is_cuda and torch.cuda.is_current_stream_capturing()) or bool(g_loss != 1):
             gh = gh * g_loss.to(gh.dtype) if gh is not None else None
             gw = gw * g_loss.to(gw.dtype) if gw is not None else None
         return gh, gw, None, None

@@ -33,13 +33,36 @@ def yarn_inv_freq(args: ModelArgs) -> torch.Tensor:
     return freqs / args.rope_factor * (1 - smooth) + freqs * smooth
 
 
+_INV_FREQ: dict[tuple, torch.Tensor] = {}
+
+
+def _inv_freq_on(args: ModelArgs, device: torch.device) -> torch.Tensor:
+    """yarn_inv_freq on `device`, copied there once per setting and device: a copy from host memory in every
+    forward waits for the stream (a host sync) and cannot be captured in a CUDA graph."""
+    key = (
+        args.qk_rope_head_dim,
+        args.rope_theta,
+        args.uses_yarn,
+        args.beta_fast,
+        args.beta_slow,
+        args.original_seq_len,
+        args.rope_factor,
+        str(device),
+    )
+    if key not in _INV_FREQ:
+        if len(_INV_FREQ) >= 64:  # many settings in one process (tests): start over
+            _INV_FREQ.clear()
+        _INV_FREQ[key] = yarn_inv_freq(args).to(device)
+    return _INV_FREQ[key]
+
+
 def rope_cos_sin(args: ModelArgs, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [*positions.shape, rope_dim // 2] in fp32.
 
     Computed from positions on the fly (no [max_seq_len] table), so 128K contexts cost nothing
     until used and packed / ragged batches just pass their own positions.
     """
-    inv_freq = yarn_inv_freq(args).to(positions.device)
+    inv_freq = _inv_freq_on(args, positions.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq
     # YaRN's cos/sin factor as DeepSeek's reference computes it: ym(f, mscale) / ym(f, mscale_all_dim),
     # where ym(f, 0) = 1. It is 1.0 whenever mscale == mscale_all_dim (DeepSeek-V3, V2-Lite).
