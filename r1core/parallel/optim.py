@@ -85,7 +85,7 @@ def clip_(params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor)
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
 
 
-def _folds_clip(opt) -> bool:
+def folds_clip(opt) -> bool:
     """Whether `opt` can apply the clip factor inside its own update: torch's fused Adam/AdamW divide every
     gradient by a device scalar `grad_scale` (GradScaler's unscale hook) in the same kernel, and store the
     divided gradient back. ZeRO wraps an optimizer and steps it itself; its wrapper is left to clip_."""
@@ -110,15 +110,15 @@ def clip_and_step_(
     `found_inf` (a float32 device scalar, 1 where the norm is not finite) makes a fused AdamW skip its update
     and keep its step count on the device, as under GradScaler: the skip needs no host sync, so the whole step
     can be one CUDA graph. Only fused optimizers take it."""
-    if found_inf is not None and not all(_folds_clip(o) for o in optimizers):
+    if found_inf is not None and not all(folds_clip(o) for o in optimizers):
         raise ValueError("found_inf needs fused Adam/AdamW optimizers (they skip the update on the device)")
     clipping = bool(max_norm) and max_norm > 0 and math.isfinite(max_norm)
-    fold = clipping and all(_folds_clip(o) for o in optimizers)
+    fold = clipping and all(folds_clip(o) for o in optimizers)
     if clipping and not fold:
         clip_(params, max_norm, total_norm)
     inverse = torch.clamp((total_norm.float() + 1e-6) / max_norm, min=1.0) if fold else None
     for opt in optimizers:
-        if _folds_clip(opt):
+        if folds_clip(opt):
             opt.grad_scale, opt.found_inf = inverse, found_inf  # read by step(); None: not clipping / no skip
         opt.step()
 

@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from r1core.parallel.optim import _folds_clip, clip_and_step_
+from r1core.parallel.optim import folds_clip, clip_and_step_
 
 _log = logging.getLogger(__name__)
 GIVE_UP_AFTER = 4  # shape changes in a row that never reached a capture: the batches do not have one shape
@@ -75,7 +75,7 @@ class GraphedTrainStep:
             )
         if engine.world_size > 1:
             raise ValueError("parallel.cuda_graph runs on one device (the collectives would need capturing)")
-        if not all(_folds_clip(o) for o in engine.optimizers):
+        if not all(folds_clip(o) for o in engine.optimizers):
             raise ValueError(
                 "parallel.cuda_graph needs the fused AdamW (it skips a non-finite step on the device); "
                 f"the optimizers are {[type(o).__name__ for o in engine.optimizers]}"
@@ -122,7 +122,7 @@ class GraphedTrainStep:
             for k, v in mb.items():
                 if isinstance(v, torch.Tensor):
                     static[k].copy_(v, non_blocking=True)
-        lr = _lr_at(self.engine)
+        lr = self.engine.current_lr()
         self.lr.fill_(lr)
         if self.graph is not None:
             self.graph.replay()
@@ -185,10 +185,8 @@ class GraphedTrainStep:
 
     def _device_step(self, batches, objective) -> torch.Tensor:
         """The whole step with no host sync; returns [metrics in self.keys order, grad norm, n_tokens]."""
-        from .engine import split_microbatches
-
         e = self.engine
-        mbs = split_microbatches(batches, e.parallel.microbatches)
+        mbs = e.split(batches)
         denoms = e._totals(objective, mbs)
         e._zero_grad()
         sums = e._forward_backward(mbs, objective, denoms)
@@ -222,9 +220,3 @@ class GraphedTrainStep:
         if tokens >= 0:
             metrics["n_tokens"] = int(tokens)
         return metrics
-
-
-def _lr_at(engine) -> float:
-    from .engine import lr_at
-
-    return lr_at(engine.step, engine.optim_cfg)

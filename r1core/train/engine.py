@@ -273,9 +273,17 @@ class TrainEngine:
             return self.graphed(batches, objective)
         return self.eager_train_step(batches, objective)
 
+    def split(self, batches: list[dict]) -> list[dict]:
+        """The step's microbatches: each batch split into parallel.microbatches."""
+        return split_microbatches(batches, self.parallel.microbatches)
+
+    def current_lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        return lr_at(self.step, self.optim_cfg)
+
     def eager_train_step(self, batches: list[dict], objective) -> dict:
         """train_step without a CUDA graph, on batches already on the device."""
-        mbs = split_microbatches(batches, self.parallel.microbatches)
+        mbs = self.split(batches)
         denoms = self._totals(objective, mbs)
         self._zero_grad()
         sums = self._forward_backward(mbs, objective, denoms)
@@ -283,7 +291,7 @@ class TrainEngine:
         self._reduce_grads()
         norm = self._grad_norm()  # global: every rank takes the same branch below
         norm_value = float(norm)
-        lr = lr_at(self.step, self.optim_cfg)
+        lr = self.current_lr()
         metrics = self._reduce_metrics(sums)
         if not math.isfinite(norm_value):
             self._skip_nonfinite_step(metrics, norm_value)
