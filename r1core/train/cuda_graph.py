@@ -186,13 +186,8 @@ class GraphedTrainStep:
     def _device_step(self, batches, objective) -> torch.Tensor:
         """The whole step with no host sync; returns [metrics in self.keys order, grad norm, n_tokens]."""
         e = self.engine
-        mbs = e.split(batches)
-        denoms = e._totals(objective, mbs)
-        e._zero_grad()
-        sums = e._forward_backward(mbs, objective, denoms)
-        e._fill_missing_grads()
-        e._reduce_grads()
-        norm = e._grad_norm().float()
+        sums, denoms, norm = e.gradients(batches, objective)
+        norm = norm.float()
         found_inf = (~torch.isfinite(norm)).float()
         if e.master is not None:
             e.master.grads_in()

@@ -281,16 +281,21 @@ class TrainEngine:
         """The learning rate of the next optimizer step."""
         return lr_at(self.step, self.optim_cfg)
 
-    def eager_train_step(self, batches: list[dict], objective) -> dict:
-        """train_step without a CUDA graph, on batches already on the device."""
+    def gradients(self, batches: list[dict], objective) -> tuple[dict, dict, torch.Tensor]:
+        """Forward and backward over the step's microbatches, gradients reduced: (metric sums, the objective's
+        normalizers, the global gradient norm), all on the device (no host sync)."""
         mbs = self.split(batches)
         denoms = self._totals(objective, mbs)
         self._zero_grad()
         sums = self._forward_backward(mbs, objective, denoms)
         self._fill_missing_grads()
         self._reduce_grads()
-        norm = self._grad_norm()  # global: every rank takes the same branch below
-        norm_value = float(norm)
+        return sums, denoms, self._grad_norm()
+
+    def eager_train_step(self, batches: list[dict], objective) -> dict:
+        """train_step without a CUDA graph, on batches already on the device."""
+        sums, denoms, norm = self.gradients(batches, objective)
+        norm_value = float(norm)  # global: every rank takes the same branch below
         lr = self.current_lr()
         metrics = self._reduce_metrics(sums)
         if not math.isfinite(norm_value):
