@@ -19,7 +19,7 @@ r1core's LocalEngine with LMObjective (fused linear cross-entropy, MTP, balance 
                  mode="reduce-overhead" turns on): how much of the step is host launch overhead
   compile_graph_nomtp  compile_nomtp with parallel.cuda_graph (the whole step, AdamW included, one CUDA
                  graph, captured after two ordinary steps; its rows warm up at least four steps);
-                 compile_graph: with MTP
+                 compile_graph: with MTP; compile_graph_fp8_nomtp, compile_graph_fp8dense_nomtp: FP8 with it
   compile_fp8    compile with model.precision=fp8 (DeepSeek-V3's FP8 GEMMs, r1core.kernels.fp8);
                  compile_fp8_nomtp: MTP off; eager_fp8: without compile; compile_fp8dense_nomtp:
                  model.precision=fp8_dense (routed experts stay on bf16 grouped_mm)
@@ -98,6 +98,10 @@ VARIANTS = {
     "compile_cgtrees_nomtp": Variant("triton", "cudnn", True, mtp=False, cudagraphs=True),
     "compile_graph_nomtp": Variant("triton", "cudnn", True, mtp=False, cuda_graph=True),
     "compile_graph": Variant("triton", "cudnn", True, cuda_graph=True),
+    "compile_graph_fp8_nomtp": Variant("triton", "cudnn", True, mtp=False, precision="fp8", cuda_graph=True),
+    "compile_graph_fp8dense_nomtp": Variant(
+        "triton", "cudnn", True, mtp=False, precision="fp8_dense", cuda_graph=True
+    ),
     "compile_fp8": Variant("triton", "cudnn", True, precision="fp8"),
     "compile_fp8_nomtp": Variant("triton", "cudnn", True, mtp=False, precision="fp8"),
     "compile_fp8dense_nomtp": Variant("triton", "cudnn", True, mtp=False, precision="fp8_dense"),

@@ -255,6 +255,14 @@ part_s7b() {
   run bench_inverse_cdf 90 python3 benchmarks/bench_inverse_cdf.py
   grep -E "^\| (small|v3)" "$R/bench_inverse_cdf.log" >> "$SUMMARY"
 }
+# Issue 19 for the next session (<= 9 min): one more FP8 loss seed (200 steps each of bf16 and fp8, 10e's
+# settings) and the graphed step in bf16 and FP8 beside torchtitan in the same run.
+part_s8() {
+  FP8_SEEDS=${FP8_SEEDS:-2} FP8_LOSS_T=${FP8_LOSS_T:-110} FP8_LOSS_STEPS=${FP8_LOSS_STEPS:-200} part_fp8_loss_seeds
+  run train_s8 200 python3 benchmarks/bench_train.py --budget-s 140 --steps 5 --warmup 2 \
+    --variants compile_graph_nomtp,torchtitan,compile_graph_fp8dense_nomtp,compile_graph_fp8_nomtp
+  grep -E "^\| (variant|torchtitan|compile)" "$R/train_s8.log" | head -6 >> "$SUMMARY"
+}
 # Issue 19, the final figures in <= 5.5 min (each command's timeout is its share; they sum to 330 s; the
 # bench_train rows take ~30 s (torchtitan) and ~50-70 s (ours, compile) each, so the budget usually ends it
 # after three rows: order FINAL19_VARIANTS by what matters most):
