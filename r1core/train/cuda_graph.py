@@ -1,10 +1,11 @@
 """`parallel.cuda_graph`: the whole optimizer step as one CUDA graph (megatron-core's full-iteration graph).
 
-An ordinary step launches a few thousand kernels from Python and waits on the host twice (the gradient
-norm's finiteness check, the metrics); where the host is slower than the GPU, the GPU idles. Here the step
-(forward and backward of every microbatch, the gradient norm, the clip folded into the fused AdamW, the
-master-weight copies and the aux-free expert-bias update) is captured once and replayed: one launch per
-step and one host sync, to read the metrics after the replay.
+An ordinary step launches a few thousand kernels from Python and waits on the host several times (the
+gradient norm's finiteness check, the metrics, the token count, the chunked CE backward's check of its
+incoming gradient); after each wait, and wherever the host is slower than the GPU, the GPU idles. Here
+the step (forward and backward of every microbatch, the gradient norm, the clip folded into the fused
+AdamW, the master-weight copies and the aux-free expert-bias update) is captured once and replayed: one
+launch per step and one host sync, to read the metrics after the replay.
 
 What a graph needs, and how the step provides it:
 - no host sync inside: a non-finite gradient norm becomes a device flag (`found_inf`) that makes the fused
