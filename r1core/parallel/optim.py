@@ -110,10 +110,11 @@ def clip_and_step_(
     `found_inf` (a float32 device scalar, 1 where the norm is not finite) makes a fused AdamW skip its update
     and keep its step count on the device, as under GradScaler: the skip needs no host sync, so the whole step
     can be one CUDA graph. Only fused optimizers take it."""
-    if found_inf is not None and not all(folds_clip(o) for o in optimizers):
+    all_fused = all(folds_clip(o) for o in optimizers)
+    if found_inf is not None and not all_fused:
         raise ValueError("found_inf needs fused Adam/AdamW optimizers (they skip the update on the device)")
     clipping = bool(max_norm) and max_norm > 0 and math.isfinite(max_norm)
-    fold = clipping and all(folds_clip(o) for o in optimizers)
+    fold = clipping and all_fused
     if clipping and not fold:
         clip_(params, max_norm, total_norm)
     inverse = torch.clamp((total_norm.float() + 1e-6) / max_norm, min=1.0) if fold else None

@@ -206,8 +206,7 @@ class GraphedTrainStep:
         metrics = dict(zip(self.keys, values[:n]))
         norm, tokens = values[n], values[n + 1]
         if not math.isfinite(norm):
-            bad = [k for k, p in e.named_params if p.grad is not None and not torch.isfinite(p.grad).all()]
-            e.count_nonfinite_step(metrics, norm, bad)
+            e.count_nonfinite_step(metrics, norm, e.nonfinite_grads())
             metrics.update(grad_norm=norm, lr=lr, step=e.step, skipped_nonfinite=1)
             return metrics
         e.nonfinite_streak = 0

@@ -320,12 +320,16 @@ class TrainEngine:
 
     def _skip_nonfinite_step(self, metrics: dict, norm: float) -> None:
         """No update from a non-finite gradient (megatron's found-inf skip); stop after too many in a row."""
-        bad = [n for n, p in self.named_params if p.grad is not None and not torch.isfinite(p.grad).all()]
+        bad = self.nonfinite_grads()
         self._zero_grad()
         self._fill_missing_grads()
         for gate in (m.gate for m in self.model.moe_layers()):  # this forward's expert loads are not applied
             gate.expert_load.zero_()
         self.count_nonfinite_step(metrics, norm, bad)
+
+    def nonfinite_grads(self) -> list[str]:
+        """The parameters whose gradient holds an inf or NaN (what a skipped step's warning names)."""
+        return [n for n, p in self.named_params if p.grad is not None and not torch.isfinite(p.grad).all()]
 
     def count_nonfinite_step(self, metrics: dict, norm: float, bad: list[str]) -> None:
         """Count a skipped step (its update already withheld); raise past optim.max_nonfinite_steps in a
