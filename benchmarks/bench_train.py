@@ -20,6 +20,10 @@ r1core's LocalEngine with LMObjective (fused linear cross-entropy, MTP, balance 
   compile_graph_nomtp  compile_nomtp with parallel.cuda_graph (the whole step, AdamW included, one CUDA
                  graph, captured after two ordinary steps; its rows warm up at least four steps);
                  compile_graph: with MTP; compile_graph_fp8_nomtp, compile_graph_fp8dense_nomtp: FP8 with it
+  compile_graph_tadam_nomtp  compile_graph_nomtp with optim.implementation=triton (r1core's AdamW kernel)
+  compile_graph_master_nomtp  compile_graph_nomtp with fp32 master weights (the engine's default);
+                 _master_tadam_: with r1core's AdamW kernel (it reads the bf16 gradients and writes the bf16
+                 weights itself); _master_bf16m_: and BF16 moments (optim.bf16_moments, DeepSeek-V3's recipe)
   compile_fp8    compile with model.precision=fp8 (DeepSeek-V3's FP8 GEMMs, r1core.kernels.fp8);
                  compile_fp8_nomtp: MTP off; eager_fp8: without compile; compile_fp8dense_nomtp:
                  model.precision=fp8_dense (routed experts stay on bf16 grouped_mm)
@@ -84,6 +88,7 @@ class Variant(NamedTuple):
     precision: str = "bf16"  # model.precision: bf16 | fp8
     cudagraphs: bool = False  # inductor's CUDA graph trees around each compiled block ("reduce-overhead")
     cuda_graph: bool = False  # parallel.cuda_graph: the whole optimizer step as one CUDA graph
+    adamw: str = "torch"  # optim.implementation: torch | triton | triton_bf16m (triton, optim.bf16_moments)
 
 
 VARIANTS = {
@@ -98,6 +103,15 @@ VARIANTS = {
     "compile_cgtrees_nomtp": Variant("triton", "cudnn", True, mtp=False, cudagraphs=True),
     "compile_graph_nomtp": Variant("triton", "cudnn", True, mtp=False, cuda_graph=True),
     "compile_graph": Variant("triton", "cudnn", True, cuda_graph=True),
+    # r1core's AdamW kernel (r1core.kernels.adamw); "master": the engine's default fp32 master weights
+    "compile_graph_tadam_nomtp": Variant("triton", "cudnn", True, mtp=False, cuda_graph=True, adamw="triton"),
+    "compile_graph_master_nomtp": Variant("triton", "cudnn", True, mtp=False, cuda_graph=True, master=True),
+    "compile_graph_master_tadam_nomtp": Variant(
+        "triton", "cudnn", True, mtp=False, cuda_graph=True, master=True, adamw="triton"
+    ),
+    "compile_graph_master_bf16m_nomtp": Variant(
+        "triton", "cudnn", True, mtp=False, cuda_graph=True, master=True, adamw="triton_bf16m"
+    ),
     "compile_graph_fp8_nomtp": Variant("triton", "cudnn", True, mtp=False, precision="fp8", cuda_graph=True),
     "compile_graph_fp8dense_nomtp": Variant(
         "triton", "cudnn", True, mtp=False, precision="fp8_dense", cuda_graph=True
@@ -199,7 +213,13 @@ def r1core_step(args, name: str, B: int, T: int, device, dtype):
     engine = LocalEngine(
         variant_args(args, v),
         parallel,
-        OptimConfig(lr=1e-4, warmup_steps=0, master_weights=v.master),
+        OptimConfig(
+            lr=1e-4,
+            warmup_steps=0,
+            master_weights=v.master,
+            implementation=v.adamw.removesuffix("_bf16m"),
+            bf16_moments=v.adamw.endswith("_bf16m"),
+        ),
         device,
         dtype,
         0,

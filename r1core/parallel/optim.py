@@ -136,22 +136,48 @@ def param_groups(named_params, weight_decay: float) -> list[dict]:
 
 
 def adamw(
-    named_params, optim_cfg, group=None, group_size: int = 1, zero1: bool = False, graphable: bool = False
+    named_params,
+    optim_cfg,
+    group=None,
+    group_size: int = 1,
+    zero1: bool = False,
+    graphable: bool = False,
+    sources: dict | None = None,
 ):
     """AdamW over `named_params`; its state sharded over `group` (ZeRO-1) when asked and the group has > 1
-    rank. `graphable`: fused (on any device) and, on CUDA, capturable, as a CUDA graph of the step needs."""
+    rank. `graphable`: fused (on any device) and, on CUDA, capturable, as a CUDA graph of the step needs.
+
+    optim.implementation=triton steps with r1core's kernel (`r1core.kernels.adamw.TritonAdamW`, always
+    graphable). `sources` (fp32 master -> model parameter) lets it read the model's gradients and write the
+    rounded masters itself; ZeRO steps a shard and broadcasts the masters, so it gets no sources and the
+    engine keeps MasterWeights' copies (`fuses_masters`)."""
     groups = param_groups(named_params, optim_cfg.weight_decay)
     kw = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
-    on_cuda = bool(named_params) and named_params[0][1].is_cuda
-    if on_cuda or graphable:
-        kw["fused"] = True  # one kernel for all of AdamW's per-parameter updates
-    if on_cuda and graphable:
-        kw["capturable"] = True  # step counts and a tensor learning rate stay on the device
-    if zero1 and group_size > 1:
+    sharded = zero1 and group_size > 1
+    if optim_cfg.implementation == "triton":
+        from r1core.kernels.adamw import TritonAdamW
+
+        cls, kw["bf16_moments"] = TritonAdamW, optim_cfg.bf16_moments
+        if not sharded:
+            kw["sources"] = sources
+    else:
+        cls = torch.optim.AdamW
+        on_cuda = bool(named_params) and named_params[0][1].is_cuda
+        if on_cuda or graphable:
+            kw["fused"] = True  # one kernel for all of AdamW's per-parameter updates
+        if on_cuda and graphable:
+            kw["capturable"] = True  # step counts and a tensor learning rate stay on the device
+    if sharded:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=group, **kw)
-    return torch.optim.AdamW(groups, **kw)
+        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=group, **kw)
+    return cls(groups, **kw)
+
+
+def fuses_masters(opt) -> bool:
+    """Whether `opt` reads the model's gradients and writes the rounded masters itself (TritonAdamW with
+    sources): the engine then skips MasterWeights' copies around the step."""
+    return bool(getattr(opt, "sources", None))
 
 
 def local_optimizer(opt) -> torch.optim.Optimizer:
@@ -166,7 +192,11 @@ def init_adam_state_(opt) -> None:
     for group in inner.param_groups:
         on_device = group.get("fused") or group.get("capturable")  # where torch's AdamW keeps `step` then
         for p in group["params"]:
-            if not inner.state.get(p):
+            if inner.state.get(p):
+                continue
+            if hasattr(inner, "init_state"):  # TritonAdamW: its moments' dtype
+                inner.state[p] = inner.init_state(p)
+            else:
                 inner.state[p] = {
                     "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
@@ -186,6 +216,10 @@ class MasterWeights:
     def __init__(self, named_params: list[tuple[str, torch.Tensor]]):
         self.model_params = [p for _, p in named_params]
         self.named = [(n, torch.nn.Parameter(p.detach().float().clone())) for n, p in named_params]
+
+    def sources(self) -> dict:
+        """Each master -> its model parameter (what TritonAdamW reads gradients from and rounds into)."""
+        return {m: p for (_, m), p in zip(self.named, self.model_params)}
 
     @torch.no_grad()
     def grads_in(self) -> None:

@@ -190,12 +190,10 @@ class GraphedTrainStep:
         sums, denoms, norm = e.gradients(batches, objective)
         norm = norm.float()
         found_inf = (~torch.isfinite(norm)).float()
-        if e.master is not None:
-            e.master.grads_in()
+        e.masters_in()
         params = [p for _, p in e.optimized_params]
         clip_and_step_(e.optimizers, params, e.optim_cfg.grad_clip, norm, found_inf)
-        if e.master is not None:
-            e.master.weights_out()
+        e.masters_out()
         e._update_expert_bias(keep=1.0 - found_inf)
         self.keys = sorted(sums)
         tokens = denoms["tokens"].float() if "tokens" in denoms else torch.full_like(norm, -1.0)

@@ -36,6 +36,7 @@ from r1core.parallel.optim import (
     MasterWeights,
     adamw,
     clip_and_step_,
+    fuses_masters,
     grad_norm_sq,
     init_adam_state_,
     local_optimizer,
@@ -50,6 +51,11 @@ class LRSchedule(str, enum.Enum):
     linear = "linear"
 
 
+class OptimImpl(str, enum.Enum):
+    torch = "torch"
+    triton = "triton"
+
+
 @dataclass(kw_only=True)
 class OptimConfig:
     lr: float = 3e-4  # peak learning rate (r1core run stages use their own: pretrain.lr, sft.lr, rl.lr)
@@ -62,6 +68,10 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     master_weights: bool = True  # fp32 master weights and AdamW state when the model's dtype is lower
+    # torch: torch's AdamW (fused on CUDA). triton: r1core's AdamW kernel, one bandwidth-bound pass per
+    # tensor that also reads the bf16 gradients and writes the rounded model weights when there are masters
+    implementation: OptimImpl = OptimImpl.torch
+    bf16_moments: bool = False  # AdamW moments in BF16, as DeepSeek-V3 trained (needs implementation=triton)
     # A step whose global gradient norm is inf/NaN is skipped (no update, no expert-bias change, the LR
     # schedule does not advance), logged with the parameters whose gradients were non-finite; this many
     # in a row stop training with an error instead of carrying on with a broken model. 0: stop at once.
@@ -69,7 +79,12 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.schedule = LRSchedule(self.schedule)
+        self.implementation = OptimImpl(self.implementation)
         problems = []
+        if self.bf16_moments and self.implementation != OptimImpl.triton:
+            problems.append(
+                "bf16_moments=true needs implementation=triton (torch's AdamW keeps the params' dtype)"
+            )
         if not self.lr > 0:
             problems.append(f"lr={self.lr} must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -189,6 +204,11 @@ class TrainEngine:
         if self.optim_cfg.master_weights and self.dtype != torch.float32:
             self.master = MasterWeights(self.named_params)
         self.optimizers = self._build_optimizers()
+        self.optimizers_fuse_masters = all(fuses_masters(o) for o in self.optimizers)
+        if not self.optimizers_fuse_masters:  # e.g. ZeRO shards one group: every optimizer steps the masters'
+            for opt in self.optimizers:  # own (clipped) gradients then
+                if fuses_masters(opt):
+                    opt.sources = {}
         self.model.train()
         self.graphed = None
         if self.parallel.cuda_graph:
@@ -203,7 +223,20 @@ class TrainEngine:
 
     # ------------------------------------------------------------------ hooks the parallel engine overrides
     def _build_optimizers(self) -> list:
-        return [adamw(self.optimized_params, self.optim_cfg, graphable=self.parallel.cuda_graph)]
+        sources = self.master.sources() if self.master is not None else None
+        return [
+            adamw(self.optimized_params, self.optim_cfg, graphable=self.parallel.cuda_graph, sources=sources)
+        ]
+
+    def masters_in(self) -> None:
+        """Before the optimizers step: the fp32 master gradients, unless every optimizer reads the model's."""
+        if self.master is not None and not self.optimizers_fuse_masters:
+            self.master.grads_in()
+
+    def masters_out(self) -> None:
+        """After the optimizers step: the masters rounded into the model, unless every optimizer did it."""
+        if self.master is not None and not self.optimizers_fuse_masters:
+            self.master.weights_out()
 
     def _all_reduce(self, t: torch.Tensor, group_name: str) -> torch.Tensor:
         return t
@@ -303,14 +336,12 @@ class TrainEngine:
             metrics.update(grad_norm=norm_value, lr=lr, step=self.step, skipped_nonfinite=1)
             return metrics
         self.nonfinite_streak = 0
-        if self.master is not None:
-            self.master.grads_in()
+        self.masters_in()
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
         clip_and_step_(self.optimizers, [p for _, p in self.optimized_params], self.optim_cfg.grad_clip, norm)
-        if self.master is not None:
-            self.master.weights_out()
+        self.masters_out()
         self.step += 1
         self._update_expert_bias()
         metrics.update(grad_norm=norm_value, lr=lr, step=self.step)
@@ -515,9 +546,14 @@ class ParallelEngine(TrainEngine):
         topo, zero = self.topo, self.parallel.zero1
         dense = [(n, p) for n, p in self.optimized_params if not self.layouts[n].is_expert]
         experts = [(n, p) for n, p in self.optimized_params if self.layouts[n].is_expert]
-        opts = [adamw(dense, self.optim_cfg, topo.dp_cp_group, topo.dp * topo.cp, zero)] if dense else []
+        src = self.master.sources() if self.master is not None else None
+        opts = (
+            [adamw(dense, self.optim_cfg, topo.dp_cp_group, topo.dp * topo.cp, zero, sources=src)]
+            if dense
+            else []
+        )
         if experts:
-            opts.append(adamw(experts, self.optim_cfg, topo.edp_group, topo.edp, zero))
+            opts.append(adamw(experts, self.optim_cfg, topo.edp_group, topo.edp, zero, sources=src))
         return opts
 
     def _all_reduce(self, t: torch.Tensor, group_name: str) -> torch.Tensor:
