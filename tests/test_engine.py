@@ -472,7 +472,8 @@ def test_graph_ready_step_equals_the_fused_step_and_skips_a_nonfinite_step_on_th
 
 
 @pytest.mark.gpu
-def test_cuda_graph_step_replays_the_graph_ready_step_gpu():
+@pytest.mark.parametrize("adamw", ["torch", "triton"])
+def test_cuda_graph_step_replays_the_graph_ready_step_gpu(adamw):
     # The captured step (one replay per optimizer step) against the same step run eagerly without capture
     # and against the ordinary step (bf16, fp32 master weights, Triton MoE, a cosine learning rate): the
     # replays read each new batch and learning rate (the fp32 masters agree to far less than one step's
@@ -480,9 +481,11 @@ def test_cuda_graph_step_replays_the_graph_ready_step_gpu():
     # skipped inside the graph; a new batch shape captures again.
     from r1core.train.cuda_graph import GraphedTrainStep
 
+    # adamw=triton: r1core's AdamW kernel inside the graph, folding in the master copies
     args = ARGS.replace(moe_impl="triton")
+    optim = OptimConfig(lr=1e-3, warmup_steps=0, total_steps=10, implementation=adamw)
     graph, ready, plain = (
-        LocalEngine(args, ParallelConfig(cuda_graph=g), OPTIM, "cuda", torch.bfloat16, 0)
+        LocalEngine(args, ParallelConfig(cuda_graph=g), optim, "cuda", torch.bfloat16, 0)
         for g in (True, True, False)
     )
     ready.graphed = GraphedTrainStep(ready, capture=False)

@@ -200,6 +200,7 @@ class TritonAdamW(torch.optim.AdamW):
         self.grad_scale: torch.Tensor | None = None
         self.found_inf: torch.Tensor | None = None
         self._lr_cache: dict = {}
+        self._never: dict = {}  # device -> a zero found_inf
 
     def _grad_of(self, p: torch.Tensor) -> torch.Tensor | None:
         src = self.sources.get(p)
@@ -241,7 +242,15 @@ class TritonAdamW(torch.optim.AdamW):
             else:
                 torch._foreach_add_(steps, 1.0 - self.found_inf)  # a skipped step keeps its count
             beta1, beta2 = group["betas"]
-            lr = self._lr_tensor(group["lr"], live[0][0].device)
+            device = live[0][0].device
+            lr = self._lr_tensor(group["lr"], device)
+            # always a found_inf tensor: the ordinary steps that warm up a CUDA graph then compile the same
+            # kernel the capture launches (a Triton compile inside a capture is not allowed)
+            found_inf = self.found_inf
+            if found_inf is None:
+                if device not in self._never:
+                    self._never[device] = torch.zeros((), dtype=torch.float32, device=device)
+                found_inf = self._never[device]
             for p, grad in live:
                 st = self.state[p]
                 src = self.sources.get(p)
@@ -257,7 +266,7 @@ class TritonAdamW(torch.optim.AdamW):
                     eps=group["eps"],
                     weight_decay=group["weight_decay"],
                     grad_scale=self.grad_scale,
-                    found_inf=self.found_inf,
+                    found_inf=found_inf,
                     out=src,
                 )
         return loss
