@@ -125,6 +125,12 @@ def test_triton_adamw_steps_like_torch_fused_adamw_with_clip_skip_and_state_dict
         torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
 
 
+def test_triton_adamw_on_cpu_parameters_without_the_interpreter_says_what_to_do(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="optim.implementation=triton steps CUDA parameters"):
+        TritonAdamW([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
+
+
 def test_bf16_moments_stay_bf16_through_load_state_dict_and_track_fp32_moments():
     params = [torch.randn(64, 8), torch.randn(100), torch.randn(4)]
     ref = [p.clone().requires_grad_() for p in params]

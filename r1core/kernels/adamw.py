@@ -35,6 +35,7 @@ with `fused=True` so the engine folds the clip and the skip into it as it does f
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -195,6 +196,12 @@ class TritonAdamW(torch.optim.AdamW):
         for flag in ("capturable", "fused"):  # always: step counts and the learning rate live on the device
             kw.pop(flag, None)
         super().__init__(params, fused=True, **kw)
+        where = {p.device.type for g in self.param_groups for p in g["params"]}
+        if where - {"cuda"} and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"optim.implementation=triton steps CUDA parameters; these are on {sorted(where)} "
+                "(use optim.implementation=torch, or TRITON_INTERPRET=1 to run the kernel slowly on the CPU)"
+            )
         self.sources = sources or {}
         self.moment_dtype = torch.bfloat16 if bf16_moments else None  # None: the stepped tensor's dtype
         self.grad_scale: torch.Tensor | None = None
