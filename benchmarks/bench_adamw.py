@@ -1,7 +1,7 @@
 """AdamW over the small preset's parameters: r1core's kernel (r1core.kernels.adamw) against torch's fused
 AdamW (what the engine ran before) and torch's compiled foreach AdamW, in one run.
 
-    python benchmarks/bench_adamw.py            # GPU: the small preset without MTP (1.51B parameters)
+    python benchmarks/bench_adamw.py            # GPU: the small preset without MTP (1.68B parameters)
     python benchmarks/bench_adamw.py --tiny     # CPU smoke run (the kernel under TRITON_INTERPRET=1)
 
 Two settings, each timed round-robin on the same gradients (the clip folded in with a factor of 1, so the
@@ -9,8 +9,9 @@ values do not drift):
   bf16        pure bf16 parameters and moments (bench_train's rows): torch fused AdamW, torch's foreach AdamW
               compiled (torch.compile of its step; it takes no clip factor), r1core triton
   fp32 master bf16 model, fp32 masters (the engine's default): MasterWeights' copy in, torch fused AdamW
-              on the masters, copy out; r1core triton reading the bf16 gradients and writing the bf16 model;
-              the same with BF16 moments (DeepSeek-V3's recipe)
+              on the masters, copy out; the same three with the foreach AdamW under torch.compile; r1core
+              triton reading the bf16 gradients and writing the bf16 model; the same with BF16 moments
+              (DeepSeek-V3's recipe)
 GB/s counts each provider's own traffic (bytes/param below); "× torch" is torch fused's time in the same
 setting over this provider's (> 1: faster). Last line: the JSON record; a bar chart goes beside it.
 """
@@ -39,6 +40,7 @@ BYTES = {
     ("bf16", "triton"): 2 * 2 + 2 + 2 * 2 + 2 * 2,
     # copy in (bf16 r, fp32 w), fused on fp32 (p, g, m, v r/w), copy out (fp32 r, bf16 w)
     ("fp32 master", "torch fused"): (2 + 4) + 4 * 8 + (4 + 2),
+    ("fp32 master", "torch compiled"): (2 + 4) + 8 + 4 + 8 + 8 + (4 + 2),
     ("fp32 master", "triton"): 2 + 8 + 8 + 8 + 2,  # bf16 g r, master r/w, m r/w, v r/w, bf16 model w
     ("fp32 master", "triton bf16 moments"): 2 + 8 + 4 + 4 + 2,
 }
@@ -92,23 +94,27 @@ def bf16_setting(shape_list, dev, compiled: bool) -> dict:
     return fns
 
 
-def master_setting(shape_list, dev) -> dict:
+def master_setting(shape_list, dev, compiled: bool) -> dict:
     grads = _grads(shape_list, dev)
     one = torch.ones((), device=dev)
     fns = {}
-    for i, kind in enumerate(["torch fused", "triton", "triton bf16 moments"]):
+    kinds = ["torch fused"] + (["torch compiled"] if compiled else []) + ["triton", "triton bf16 moments"]
+    for i, kind in enumerate(kinds):
         model = _params(shape_list, torch.bfloat16, dev, seed=i)
         for p, g in zip(model, grads):
             p.grad = g
         masters = MasterWeights([(str(j), p) for j, p in enumerate(model)])
         params = [m for _, m in masters.named]
-        if kind == "torch fused":
+        if kind.startswith("torch"):
             opt = _opt(kind, params)
 
             def step(opt=opt, masters=masters):
                 masters.grads_in()
                 opt.step()
                 masters.weights_out()
+
+            if kind == "torch compiled":
+                step = torch.compile(step)
         else:
             opt = _opt("triton", params, sources=masters.sources(), bf16_moments=kind.endswith("moments"))
             step = opt.step
@@ -135,7 +141,7 @@ def main(argv=None) -> dict:
     rows = []
     settings = {
         "bf16": lambda: bf16_setting(shape_list, dev, compiled=not (a.tiny or a.no_compiled)),
-        "fp32 master": lambda: master_setting(shape_list, dev),
+        "fp32 master": lambda: master_setting(shape_list, dev, compiled=not (a.tiny or a.no_compiled)),
     }
     for setting, build in settings.items():
         fns = build()

@@ -30,6 +30,16 @@ def _is_rounding_of(low: torch.Tensor, master: torch.Tensor) -> bool:
     )
 
 
+def _assert_within_rounding(got, want, old, name=""):
+    """The same fp32 math in another order: a rounding or two of the stored dtype at the larger of the values
+    before and after, plus a few of the update's own (a sqrt, two divisions, a product)."""
+    err, eps, old = (got.float() - want.float()).abs(), torch.finfo(got.dtype).eps, old.float()
+    tol = (
+        2 * eps * torch.maximum(want.float().abs(), old.abs()) + 4 * eps * (want.float() - old).abs() + 1e-12
+    )
+    assert (err <= tol).all(), f"{name}: max err {err.max():.3g}, mean {err.mean():.3g}"
+
+
 def _tensors(n, p_dtype, g_dtype, m_dtype, seed):
     g = torch.Generator().manual_seed(seed)
     p = torch.randn(n, generator=g).to(p_dtype)
@@ -60,16 +70,7 @@ def test_adamw_kernel_matches_the_fp32_reference_update(p_dtype, g_dtype, m_dtyp
     adamw_step_(p, grad, m, v, st, lr, **kw)
     adamw_step_ref(p_ref, grad, m_ref, v_ref, st, lr, **{**kw, "out": model_ref})
     for name, got, want in (("param", p, p_ref), ("exp_avg", m, m_ref), ("exp_avg_sq", v, v_ref)):
-        err = (got.float() - want.float()).abs()
-        # the same fp32 math in another order: a rounding or two of the stored dtype at the larger of the
-        # values before and after, plus a few of the update's own (a sqrt, two divisions, a product)
-        eps, old = torch.finfo(got.dtype).eps, before[name].float()
-        tol = (
-            2 * eps * torch.maximum(want.float().abs(), old.abs())
-            + 4 * eps * (want.float() - old).abs()
-            + 1e-12
-        )
-        assert (err <= tol).all(), f"{name}: max err {err.max():.3g}, mean {err.mean():.3g}"
+        _assert_within_rounding(got, want, before[name], name)
     if out:
         assert _is_rounding_of(model, p)  # the model copy is the master, rounded once
 
@@ -241,11 +242,11 @@ def test_adamw_kernel_at_a_v3_expert_shape_matches_the_reference_gpu():
     n = 2048 * 7168
     p, grad, m, v = (t.cuda() for t in _tensors(n, torch.float32, torch.bfloat16, torch.bfloat16, seed=1))
     p_ref, m_ref, v_ref = p.clone(), m.clone(), v.clone()
+    before = (p.clone(), m.clone(), v.clone())
     model, model_ref = (torch.empty(n, dtype=torch.bfloat16, device="cuda") for _ in range(2))
     st, lr = torch.tensor(7.0, device="cuda"), torch.tensor(2e-4, device="cuda")
     adamw_step_(p, grad, m, v, st, lr, **HYPER, out=model)
     adamw_step_ref(p_ref, grad, m_ref, v_ref, st, lr, **HYPER, out=model_ref)
-    for got, want in ((p, p_ref), (m, m_ref), (v, v_ref)):
-        err = (got.float() - want.float()).abs()
-        assert (err <= 2 * torch.finfo(got.dtype).eps * want.float().abs() + 1e-12).all(), err.max()
+    for got, want, old in ((p, p_ref, before[0]), (m, m_ref, before[1]), (v, v_ref, before[2])):
+        _assert_within_rounding(got, want, old)
     assert _is_rounding_of(model, p)

@@ -75,16 +75,17 @@ def _adamw_kernel(
     lr = tl.load(lr_ptr).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        g = g / tl.load(scale_ptr).to(tl.float32)
+        g = tl.div_rn(g, tl.load(scale_ptr).to(tl.float32))
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     p = p * (1.0 - lr * weight_decay)
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * g * g
-    step_size = lr / (1.0 - tl.exp2(step * log2_beta1))
-    bc2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))
-    p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+    # IEEE-rounded division and square root, as torch's kernel (Triton's `/` and tl.sqrt are approximate)
+    step_size = tl.div_rn(lr, 1.0 - tl.exp2(step * log2_beta1))
+    bc2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * log2_beta2))
+    p = p - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
@@ -244,10 +245,9 @@ class TritonAdamW(torch.optim.AdamW):
                 if not self.state[p]:
                     self.state[p] = self.init_state(p)
             steps = [self.state[p]["step"] for p, _ in live]
-            if self.found_inf is None:
-                torch._foreach_add_(steps, 1.0)
-            else:
-                torch._foreach_add_(steps, 1.0 - self.found_inf)  # a skipped step keeps its count
+            torch._foreach_add_(steps, 1.0)
+            if self.found_inf is not None:  # a skipped step keeps its count (a tensor list: no host sync)
+                torch._foreach_sub_(steps, [self.found_inf] * len(steps))
             beta1, beta2 = group["betas"]
             device = live[0][0].device
             lr = self._lr_tensor(group["lr"], device)
