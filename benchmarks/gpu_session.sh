@@ -278,6 +278,14 @@ part_s9a() {
     --variants ${S9A_TRAIN:-compile_graph_nomtp,compile_graph_master_nomtp,compile_graph_tadam_nomtp,compile_graph_master_tadam_nomtp,compile_graph_master_bf16m_nomtp,torchtitan}
   grep -E "^\| (variant|torchtitan|compile)" "$R/train_s9a.log" | head -8 >> "$SUMMARY"
 }
+# s9a without the AdamW microbenchmark, for a short device budget (<= 5.5 min with setup).
+part_s9d() {
+  run adamw_tests 60 python3 -m pytest -q -m gpu tests/test_adamw.py tests/test_engine.py -k "adamw or cuda_graph" \
+    -rfE -p no:cacheprovider -p no:logging
+  run train_s9d 250 python3 benchmarks/bench_train.py --budget-s 215 --steps 5 --warmup 2 \
+    --variants ${S9D_TRAIN:-compile_graph_nomtp,compile_graph_tadam_nomtp,compile_graph_master_nomtp,compile_graph_master_tadam_nomtp,compile_graph_master_bf16m_nomtp}
+  grep -E "^\| (variant|torchtitan|compile)" "$R/train_s9d.log" | head -8 >> "$SUMMARY"
+}
 # Issue 19, one more FP8 loss seed at the goal's 300 steps (10e's settings; seed 0 is 10e's run), <= 4.5 min.
 part_s9c() { FP8_SEEDS=${FP8_SEEDS:-1} FP8_LOSS_T=${FP8_LOSS_T:-130} FP8_LOSS_STEPS=300 part_fp8_loss_seeds; }
 # Issue 19, the final figures in <= 5.5 min (each command's timeout is its share; they sum to 330 s; the
