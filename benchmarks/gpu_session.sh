@@ -282,7 +282,7 @@ part_s9a() {
 part_s9d() {
   run adamw_tests 60 python3 -m pytest -q -m gpu tests/test_adamw.py tests/test_engine.py -k "adamw or cuda_graph" \
     -rfE -p no:cacheprovider -p no:logging
-  run train_s9d 250 python3 benchmarks/bench_train.py --budget-s 215 --steps 5 --warmup 2 \
+  run train_s9d ${S9D_T:-250} python3 benchmarks/bench_train.py --budget-s ${S9D_BUDGET:-215} --steps 5 --warmup 2 \
     --variants ${S9D_TRAIN:-compile_graph_nomtp,compile_graph_tadam_nomtp,compile_graph_master_nomtp,compile_graph_master_tadam_nomtp,compile_graph_master_bf16m_nomtp}
   grep -E "^\| (variant|torchtitan|compile)" "$R/train_s9d.log" | head -8 >> "$SUMMARY"
 }
