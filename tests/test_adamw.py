@@ -31,11 +31,12 @@ def _is_rounding_of(low: torch.Tensor, master: torch.Tensor) -> bool:
 
 
 def _assert_within_rounding(got, want, old, name=""):
-    """The same fp32 math in another order: a rounding or two of the stored dtype at the larger of the values
-    before and after, plus a few of the update's own (a sqrt, two divisions, a product)."""
+    """The same fp32 math in another order: a few roundings of the stored dtype at the larger of the values
+    before and after (on the GPU, fused multiply-adds round once where torch rounds twice: 2 ulps, which is
+    4 eps at a binade's lower edge), plus a few of the update's own (a sqrt, two divisions, a product)."""
     err, eps, old = (got.float() - want.float()).abs(), torch.finfo(got.dtype).eps, old.float()
     tol = (
-        2 * eps * torch.maximum(want.float().abs(), old.abs()) + 4 * eps * (want.float() - old).abs() + 1e-12
+        4 * eps * torch.maximum(want.float().abs(), old.abs()) + 4 * eps * (want.float() - old).abs() + 1e-12
     )
     assert (err <= tol).all(), f"{name}: max err {err.max():.3g}, mean {err.mean():.3g}"
 
