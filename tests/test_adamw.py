@@ -201,17 +201,17 @@ def test_engine_with_triton_adamw_trains_like_torch_adamw_and_skips_on_the_devic
     # without a capture), whose poisoned step the kernel skips on the device (no update, step counts kept)
     torch_engine, ours = _engine("torch", torch.float32), _engine("triton", torch.float32, cuda_graph=True)
     obj = _Scaled()
-    for i, w in enumerate([1.0, 1.0, 1.0, float("inf"), 1.0]):
+    for i, w in enumerate([1.0, 1.0, float("inf"), 1.0]):  # two ordinary warm-up steps, then the graph's path
         got = ours.train_step([_batch(i, w)], obj)
         if not math.isfinite(w):
-            assert got["skipped_nonfinite"] == 1 and ours.step == 3
+            assert got["skipped_nonfinite"] == 1 and ours.step == 2
             continue
         want = torch_engine.train_step([_batch(i, w)], obj)
         assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-5)
         for (name, p), (_, q) in zip(ours.named_params, torch_engine.named_params):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     assert ours.graphed.static is not None  # the last steps ran the graph-ready path
-    assert {float(s["step"]) for s in ours.optimizers[0].state.values()} == {4.0}
+    assert {float(s["step"]) for s in ours.optimizers[0].state.values()} == {3.0}
 
 
 def test_engine_folds_bf16_masters_into_the_kernel_and_checkpoints_bf16_moments(tmp_path):
@@ -221,7 +221,7 @@ def test_engine_folds_bf16_masters_into_the_kernel_and_checkpoints_bf16_moments(
     # what a checkpoint saves and loads.
     torch_engine, ours = _engine("torch"), _engine("triton", bf16_moments=True)
     assert ours.optimizers_fuse_masters and not torch_engine.optimizers_fuse_masters
-    for i in range(3):
+    for i in range(2):
         got, want = (e.train_step([_batch(i)], _Scaled()) for e in (ours, torch_engine))
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-2)
     for (name, m), (_, p) in zip(ours.master.named, ours.named_params):
