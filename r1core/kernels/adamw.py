@@ -1,16 +1,16 @@
 """AdamW in one Triton pass per tensor, with the fp32 master copy and BF16 moments folded in.
 
 torch's fused AdamW runs every parameter through `multi_tensor_apply`: launches of at most 320 blocks of
-65,536 elements, so a 1.5B-parameter model takes about 80 launches whose last wave leaves most SMs idle.
-On an H100 it moved the small preset's 21 GB of bf16 AdamW traffic at 1.7 TB/s, about 56 % of the copy
-bandwidth, and was the largest single kernel of the graphed training step (benchmarks/RESULTS.md 10g).
-Here each tensor gets one launch with one program per BLOCK elements: a plain bandwidth-bound stream.
+65,536 elements, so the small preset's 1.7B parameters take about 80 launches whose last wave leaves most SMs
+idle. On an H100 it moved their 27 GB of bf16 AdamW traffic at 2.2 TB/s, 73 % of the copy bandwidth, and was
+the largest single kernel of the graphed training step (benchmarks/RESULTS.md 10g, 10h). Here each tensor
+gets one launch with one program per BLOCK elements: a plain bandwidth-bound stream (93 % in 10h).
 
 With fp32 master weights, r1core's ordinary step makes two more passes around torch's AdamW: the bf16
 gradients are copied into fp32 master gradients before it, and the masters are rounded back into the
-model after it (megatron's "main params"; 40 bytes per parameter in all). Given the model parameter
-beside each master (`sources`), this kernel reads the bf16 gradient itself and writes the rounded
-parameter itself: 28 bytes per parameter, and no fp32 gradient is ever allocated. With
+model after it (megatron's "main params"; 44 bytes per parameter in all, the clip folded in). Given the
+model parameter beside each master (`sources`), this kernel reads the bf16 gradient itself and writes the
+rounded parameter itself: 28 bytes per parameter, and no fp32 gradient is ever allocated. With
 `bf16_moments`, the two moments are stored in BF16, as DeepSeek-V3 trained (its report, section 3.3.2:
 "we adopt the BF16 data format instead of FP32 to track the first and second moments"): 20 bytes.
 
@@ -26,7 +26,7 @@ where t is the tensor's step count, incremented before the update. With `found_i
 scalar, 1 where the gradient norm was not finite) nothing is read or written and the step counts stay,
 as torch's fused AdamW skips a step under GradScaler; the skip needs no host sync, so a CUDA graph of
 the whole training step can hold it. Unlike torch's kernel, the clipped gradient is not stored back into
-`.grad`: nothing reads it after the step, and the write is a tenth of the traffic.
+`.grad`: nothing reads it after the step, and the write is an eighth of the pure-bf16 traffic.
 
 The optimizer is a `torch.optim.AdamW` (param groups, state names and `state_dict` are torch's), created
 with `fused=True` so the engine folds the clip and the skip into it as it does for torch's fused one.
@@ -227,7 +227,7 @@ class TritonAdamW(torch.optim.AdamW):
         if isinstance(lr, torch.Tensor):
             return lr.to(device=device, dtype=torch.float32)
         key = (float(lr), device)
-        if key not in self._lr_cache:  # a fill, no host copy; kept: a schedule repeats few values per run
+        if key not in self._lr_cache:  # a fill, no host copy; one entry: a constant rate reuses its tensor
             self._lr_cache = {key: torch.full((), float(lr), dtype=torch.float32, device=device)}
         return self._lr_cache[key]
 
