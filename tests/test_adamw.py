@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from r1core.kernels.adamw import TritonAdamW, adamw_step_, adamw_step_ref
+from r1core.kernels.adamw import TritonAdamW, adamw_step_, adamw_step_ref, multi_tensor_ok, sum_of_squares
 from r1core.model import presets
+from r1core.model.transformer import Transformer
 from r1core.parallel import ParallelConfig
 from r1core.parallel.optim import MasterWeights
 from r1core.train.engine import LocalEngine, OptimConfig
@@ -177,6 +178,68 @@ def test_sources_fold_the_master_copies_into_the_update():
         assert _is_rounding_of(q, m2) and m2.grad is None  # no fp32 gradient allocated
 
 
+def _mixed_masters(seed):
+    """fp32 masters of bf16 model tensors of several sizes, and one master that starts 4 bytes into its
+    storage (not 16-byte aligned: the multi-tensor kernel leaves it to the per-tensor one)."""
+    g = torch.Generator().manual_seed(seed)
+    masters = [torch.randn(n, generator=g) for n in (1, 17, 4099, 300)]
+    masters.append(torch.randn(65, generator=g)[1:])
+    assert not multi_tensor_ok(masters[-1]) and all(multi_tensor_ok(m) for m in masters[:-1])
+    model = [m.to(torch.bfloat16).requires_grad_() for m in masters]
+    return [m.requires_grad_() for m in masters], model
+
+
+@pytest.mark.parametrize("bf16_moments", [False, True])
+def test_one_launch_for_all_tensors_steps_them_as_one_launch_each(bf16_moments):
+    # the multi-tensor launch (a table of addresses, a binary search for each block's tensor) against the
+    # per-tensor kernel: bit for bit, over fresh gradient tensors each step (new addresses: the tables are
+    # rebuilt), two parameter groups, the clip factor and a skipped step
+    runs = []
+    for multi in (True, False):
+        masters, model = _mixed_masters(seed=0)
+        groups = [{"params": masters[:3], "weight_decay": 0.1}, {"params": masters[3:], "weight_decay": 0.0}]
+        opt = TritonAdamW(
+            groups,
+            lr=1e-2,
+            sources=dict(zip(masters, model)),
+            bf16_moments=bf16_moments,
+            multi_tensor=multi,
+        )
+        g = torch.Generator().manual_seed(1)
+        for it in range(4):
+            for p in model:
+                p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+            opt.grad_scale, opt.found_inf = torch.tensor(1.3), torch.tensor(float(it == 2))
+            opt.step()
+        runs.append((masters, model, opt))
+    (m1, p1, o1), (m2, p2, o2) = runs
+    for a, b in zip(m1 + p1, m2 + p2):
+        assert torch.equal(a, b)
+    for a, b in zip(m1, m2):
+        s1, s2 = o1.state[a], o2.state[b]
+        assert all(torch.equal(s1[k], s2[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+        assert float(s1["step"]) == 3.0
+    before = [m.clone() for m in m1]  # one more step moves every weight: the launch is not a no-op
+    o1.grad_scale = o1.found_inf = None
+    o1.step()
+    assert all(not torch.equal(a, b) for a, b in zip(m1, before))
+
+
+def test_sum_of_squares_matches_float64_and_follows_new_tensors():
+    # bf16 and fp32 lists in one launch each, a strided tensor through _foreach_norm; then new tensors of the
+    # same shapes (a rebuilt address table, not the cached one)
+    def tensors(seed):
+        g = torch.Generator().manual_seed(seed)
+        ts = [torch.randn(n, generator=g).to(dt) for n, dt in ((1, torch.bfloat16), (5000, torch.bfloat16))]
+        ts += [torch.randn(300, generator=g) * 3, torch.randn(40, 30, generator=g).t()]
+        return ts
+
+    for seed in (0, 1):
+        ts = tensors(seed)
+        want = sum(float(t.double().square().sum()) for t in ts)
+        assert float(sum_of_squares(ts)) == pytest.approx(want, rel=1e-5)
+
+
 def _engine(impl, dtype=torch.bfloat16, bf16_moments=False, cuda_graph=False, seed=0):
     optim = OptimConfig(
         lr=1e-3, warmup_steps=0, total_steps=10, implementation=impl, bf16_moments=bf16_moments
@@ -251,3 +314,27 @@ def test_adamw_kernel_at_a_v3_expert_shape_matches_the_reference_gpu():
     for got, want, old in ((p, p_ref, before[0]), (m, m_ref, before[1]), (v, v_ref, before[2])):
         _assert_within_rounding(got, want, old)
     assert _is_rounding_of(model, p)
+
+
+@pytest.mark.gpu
+def test_one_launch_matches_the_per_tensor_kernel_and_the_norm_at_the_small_presets_shapes_gpu():
+    # every parameter shape of the small preset (159 tensors, 1.7B values) on the GPU: the multi-tensor launch
+    # (16-byte alignment hints, int64 offsets) equals the per-tensor kernel bit for bit, and the multi-tensor
+    # sum of squares equals a float64 one
+    with torch.device("meta"):
+        shapes = [p.shape for p in Transformer(presets["small"].replace(n_mtp_modules=0)).parameters()]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grads = [(torch.randn(s, device="cuda", generator=g) * 1e-3).to(torch.bfloat16) for s in shapes]
+    params = []
+    for multi in (True, False):
+        ps = [torch.zeros(s, device="cuda", dtype=torch.bfloat16).requires_grad_() for s in shapes]
+        opt = TritonAdamW(ps, lr=1e-3, weight_decay=0.1, multi_tensor=multi)
+        for _ in range(2):
+            for p, gr in zip(ps, grads):
+                p.grad = gr
+            opt.step()
+        params.append(ps)
+    for a, b in zip(*params):
+        assert torch.equal(a, b)
+    want = sum(float(t.double().square().sum()) for t in grads)
+    assert float(sum_of_squares(grads)) == pytest.approx(want, rel=1e-4)

@@ -1,10 +1,14 @@
-"""AdamW in one Triton pass per tensor, with the fp32 master copy and BF16 moments folded in.
+"""AdamW in one bandwidth-bound Triton pass, with the fp32 master copy and BF16 moments folded in.
 
 torch's fused AdamW runs every parameter through `multi_tensor_apply`: launches of at most 320 blocks of
 65,536 elements, so the small preset's 1.7B parameters take about 80 launches whose last wave leaves most SMs
 idle. On an H100 it moved their 27 GB of bf16 AdamW traffic at 2.2 TB/s, 73 % of the copy bandwidth, and was
-the largest single kernel of the graphed training step (benchmarks/RESULTS.md 10g, 10h). Here each tensor
-gets one launch with one program per BLOCK elements: a plain bandwidth-bound stream (93 % in 10h).
+the largest single kernel of the graphed training step (benchmarks/RESULTS.md 10g, 10h). Here all the tensors
+of a parameter group that share dtypes go through one launch with one program per BLOCK elements of any of
+them: each program finds its tensor by a binary search over the tensors' first blocks and reads the tensor's
+addresses from small device tables (`TensorLists`). One launch per tensor (`multi_tensor=False`, and any
+tensor that is strided or not 16-byte aligned) reached 93 % of the copy bandwidth in 10h; its 159 launches
+left SMs idle at each tensor's tail. `sum_of_squares` reads the gradients for the clip's norm the same way.
 
 With fp32 master weights, r1core's ordinary step makes two more passes around torch's AdamW: the bf16
 gradients are copied into fp32 master gradients before it, and the masters are rounded back into the
@@ -45,6 +49,45 @@ BLOCK_GPU = 4096
 
 
 @triton.jit
+def _adamw_math(p, g, m, v, step, lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay):
+    """torch's fused AdamW update in fp32 (g already divided by the clip factor): the new p, m, v."""
+    p = p * (1.0 - lr * weight_decay)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    # IEEE-rounded division and square root, as torch's kernel (Triton's `/` and tl.sqrt are approximate)
+    step_size = tl.div_rn(lr, 1.0 - tl.exp2(step * log2_beta1))
+    bc2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * log2_beta2))
+    p = p - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
+    return p, m, v
+
+
+@triton.jit
+def _adamw_block(
+    p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, step_ptr, lr_ptr, scale_ptr, inf_ptr, offs, n,
+    beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
+    HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+):  # fmt: skip
+    """One block of one tensor: load, update, store (nothing where the step is skipped)."""
+    if HAS_INF:
+        n = tl.where(tl.load(inf_ptr) == 0, n, 0)  # a skipped step moves no byte
+    mask = offs < n
+    step = tl.load(step_ptr).to(tl.float32)
+    lr = tl.load(lr_ptr).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = tl.div_rn(g, tl.load(scale_ptr).to(tl.float32))
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p, m, v = _adamw_math(p, g, m, v, step, lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+    if HAS_OUT:
+        tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _adamw_kernel(
     p_ptr,  # the tensor stepped: the fp32 master, or the parameter itself
     g_ptr,  # its gradient (the model parameter's, in the model's dtype, when there is a master)
@@ -68,29 +111,179 @@ def _adamw_kernel(
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    if HAS_INF:
-        n = tl.where(tl.load(inf_ptr) == 0, n, 0)  # a skipped step moves no byte
-    mask = offs < n
-    step = tl.load(step_ptr).to(tl.float32)
-    lr = tl.load(lr_ptr).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        g = tl.div_rn(g, tl.load(scale_ptr).to(tl.float32))
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p = p * (1.0 - lr * weight_decay)
-    m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * g * g
-    # IEEE-rounded division and square root, as torch's kernel (Triton's `/` and tl.sqrt are approximate)
-    step_size = tl.div_rn(lr, 1.0 - tl.exp2(step * log2_beta1))
-    bc2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * log2_beta2))
-    p = p - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
-    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+    _adamw_block(
+        p_ptr, g_ptr, m_ptr, v_ptr, out_ptr, step_ptr, lr_ptr, scale_ptr, inf_ptr, offs, n,
+        beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, HAS_OUT, HAS_SCALE, HAS_INF,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- multi-tensor
+# One launch steps a whole list of tensors (as torch's multi_tensor_apply, but with every block of every
+# tensor in one grid): program `pid` finds its tensor by a binary search over the tensors' first blocks, and
+# loads the tensor's addresses from device tables of int64 pointers. `_put_kernel` writes the tables from
+# kernel arguments (no host copy), so a CUDA graph can capture a rebuild (its gradients have new addresses).
+
+
+@triton.jit(do_not_specialize=[f"v{i}" for i in range(16)])
+def _put_kernel(
+    dst_ptr, v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15, N: tl.constexpr
+):  # fmt: skip
+    """dst[k] = v_k for k < N: up to 16 int64 values from the host into a device table."""
+    tl.store(dst_ptr + 0, v0)
+    if N > 1:
+        tl.store(dst_ptr + 1, v1)
+    if N > 2:
+        tl.store(dst_ptr + 2, v2)
+    if N > 3:
+        tl.store(dst_ptr + 3, v3)
+    if N > 4:
+        tl.store(dst_ptr + 4, v4)
+    if N > 5:
+        tl.store(dst_ptr + 5, v5)
+    if N > 6:
+        tl.store(dst_ptr + 6, v6)
+    if N > 7:
+        tl.store(dst_ptr + 7, v7)
+    if N > 8:
+        tl.store(dst_ptr + 8, v8)
+    if N > 9:
+        tl.store(dst_ptr + 9, v9)
+    if N > 10:
+        tl.store(dst_ptr + 10, v10)
+    if N > 11:
+        tl.store(dst_ptr + 11, v11)
+    if N > 12:
+        tl.store(dst_ptr + 12, v12)
+    if N > 13:
+        tl.store(dst_ptr + 13, v13)
+    if N > 14:
+        tl.store(dst_ptr + 14, v14)
+    if N > 15:
+        tl.store(dst_ptr + 15, v15)
+
+
+@triton.jit
+def _owner(first_ptr, pid, T, LOG_T: tl.constexpr):
+    """The tensor i with first[i] <= pid < first[i + 1] (first: the T + 1 cumulative block starts)."""
+    lo = pid * 0
+    hi = lo + T
+    for _ in tl.static_range(LOG_T):
+        mid = (lo + hi) // 2
+        go = tl.load(first_ptr + mid) <= pid
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    return lo
+
+
+@triton.jit
+def _table_ptr(tab_ptr, i, like_ptr):
+    """Tensor i's address from an int64 table, typed as `like_ptr`; 16-byte aligned (the host checks)."""
+    return tl.multiple_of(tl.load(tab_ptr + i).to(like_ptr.dtype), 16)
+
+
+@triton.jit
+def _adamw_multi_kernel(
+    first_ptr, n_tab, p_tab, g_tab, m_tab, v_tab, out_tab, step_tab,
+    p0, g0, m0, v0, out0, step0,  # the list's first tensors: their pointer types type the tables' addresses
+    T, lr_ptr, scale_ptr, inf_ptr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
+    HAS_OUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, BLOCK: tl.constexpr,
+    LOG_T: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    i = _owner(first_ptr, pid, T, LOG_T)
+    offs = (pid - tl.load(first_ptr + i)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    out_ptr = out0
     if HAS_OUT:
-        tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
+        out_ptr = _table_ptr(out_tab, i, out0)
+    _adamw_block(
+        _table_ptr(p_tab, i, p0), _table_ptr(g_tab, i, g0),
+        _table_ptr(m_tab, i, m0), _table_ptr(v_tab, i, v0), out_ptr, tl.load(step_tab + i).to(step0.dtype),
+        lr_ptr, scale_ptr, inf_ptr, offs, tl.load(n_tab + i),
+        beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay, HAS_OUT, HAS_SCALE, HAS_INF,
+    )  # fmt: skip
+
+
+@triton.jit
+def _sum_squares_kernel(
+    first_ptr, n_tab, x_tab, x0, partial_ptr, T, BLOCK: tl.constexpr, LOG_T: tl.constexpr
+):  # fmt: skip
+    """partial[pid] = the fp32 sum of squares of one block of one tensor of the list."""
+    pid = tl.program_id(0)
+    i = _owner(first_ptr, pid, T, LOG_T)
+    offs = (pid - tl.load(first_ptr + i)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(_table_ptr(x_tab, i, x0) + offs, mask=offs < tl.load(n_tab + i), other=0.0).to(tl.float32)
+    tl.store(partial_ptr + pid, tl.sum(x * x, axis=0))
+
+
+class TensorLists:
+    """The device tables of the multi-tensor kernels, kept while the addresses they hold stay the same.
+
+    A table is rebuilt (a new tensor, never written in place) when an address changes, e.g. a gradient that
+    backward allocated anew. While a CUDA graph is being captured, every table the capture reads is also kept
+    for good, so a graph's replay never reads freed memory."""
+
+    def __init__(self):
+        self._tables: dict = {}
+        self._captured: list[torch.Tensor] = []
+
+    def table(self, key, values: list[int], device: torch.device) -> torch.Tensor:
+        hit = self._tables.get(key)
+        if hit is None or hit[0] != values:
+            t = torch.empty(len(values), dtype=torch.int64, device=device)
+            for s in range(0, len(values), 16):
+                chunk = values[s : s + 16]
+                _put_kernel[(1,)](t[s:], *chunk, *([0] * (16 - len(chunk))), N=len(chunk))
+            hit = self._tables[key] = (values, t)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self._captured.append(hit[1])
+        return hit[1]
+
+    def layout(self, key, tensors: list[torch.Tensor], block: int):
+        """(first-block table, numel table, number of programs) of `tensors` split into blocks of `block`."""
+        numels = [t.numel() for t in tensors]
+        first = [0]
+        for n in numels:
+            first.append(first[-1] + triton.cdiv(n, block))
+        device = tensors[0].device
+        return self.table((key, "first"), first, device), self.table((key, "n"), numels, device), first[-1]
+
+
+def multi_tensor_ok(*tensors: torch.Tensor | None) -> bool:
+    """Whether a tensor's operands can take a multi-tensor kernel: contiguous, 16-byte aligned, not empty."""
+    return all(t is None or (t.is_contiguous() and t.data_ptr() % 16 == 0 and t.numel() > 0) for t in tensors)
+
+
+def _log_t(T: int) -> int:
+    return max(0, (T - 1).bit_length())
+
+
+_NORM_TABLES = TensorLists()
+
+
+def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The fp32 sum of squares of all `tensors` (a gradient norm's square) in one launch per dtype: block
+    partial sums, then their sum (deterministic: no atomics). Unaligned or strided tensors go through
+    torch's `_foreach_norm`."""
+    device = tensors[0].device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    by_dtype: dict = {}
+    rest = []
+    for t in tensors:
+        (by_dtype.setdefault(t.dtype, []) if multi_tensor_ok(t) else rest).append(t)
+    for dtype, ts in by_dtype.items():
+        block = _block(max(t.numel() for t in ts), device.type == "cuda")
+        first, numel, grid = _NORM_TABLES.layout(("norm", dtype), ts, block)
+        ptrs = _NORM_TABLES.table(("norm", dtype, "x"), [t.data_ptr() for t in ts], device)
+        partial = torch.empty(grid, dtype=torch.float32, device=device)
+        _sum_squares_kernel[(grid,)](
+            first, numel, ptrs, ts[0], partial, len(ts), BLOCK=block, LOG_T=_log_t(len(ts)),
+            num_warps=8 if block >= 2048 else 4,
+        )  # fmt: skip
+        total = total + partial.sum()
+    rest = [t for t in rest if t.numel()]
+    if rest:
+        total = total + torch.stack(torch._foreach_norm(rest, 2.0, dtype=torch.float32)).square().sum()
+    return total
 
 
 def _block(n: int, on_gpu: bool) -> int:
@@ -183,14 +376,24 @@ def adamw_step_ref(
 
 
 class TritonAdamW(torch.optim.AdamW):
-    """torch's AdamW with its update in `adamw_step_`: same hyperparameters, param groups and state names.
+    """torch's AdamW with its update in r1core's kernel: same hyperparameters, param groups and state names.
+
+    `multi_tensor` (default): one launch per parameter group and dtype signature; False: one per tensor.
 
     `sources` maps each stepped fp32 master to its model parameter: the gradient is read from the model
     parameter and the rounded master written back into it (the engine then skips MasterWeights' two copies).
     `bf16_moments` stores exp_avg and exp_avg_sq in BF16. The engine sets `grad_scale` and `found_inf`
     before each step, as for torch's fused AdamW; a `torch.Tensor` learning rate stays on the device."""
 
-    def __init__(self, params, *, sources: dict | None = None, bf16_moments: bool = False, **kw):
+    def __init__(
+        self,
+        params,
+        *,
+        sources: dict | None = None,
+        bf16_moments: bool = False,
+        multi_tensor: bool = True,
+        **kw,
+    ):
         for flag in ("amsgrad", "maximize", "foreach", "differentiable"):
             if kw.get(flag):
                 raise ValueError(f"optim.implementation=triton: AdamW's {flag}=True is not supported")
@@ -209,6 +412,8 @@ class TritonAdamW(torch.optim.AdamW):
         self.found_inf: torch.Tensor | None = None
         self._lr_cache: dict = {}
         self._never: dict = {}  # device -> a zero found_inf
+        self._tables = TensorLists()
+        self.multi_tensor = multi_tensor
 
     def _grad_of(self, p: torch.Tensor) -> torch.Tensor | None:
         src = self.sources.get(p)
@@ -258,25 +463,48 @@ class TritonAdamW(torch.optim.AdamW):
                 if device not in self._never:
                     self._never[device] = torch.zeros((), dtype=torch.float32, device=device)
                 found_inf = self._never[device]
+            hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            lists: dict = {}  # one multi-tensor launch per dtype signature
             for p, grad in live:
-                st = self.state[p]
-                src = self.sources.get(p)
+                st, src = self.state[p], self.sources.get(p)
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                if self.multi_tensor and multi_tensor_ok(p, grad, m, v, src):
+                    sig = (p.dtype, grad.dtype, m.dtype, v.dtype, None if src is None else src.dtype)
+                    lists.setdefault(sig, []).append((p, grad, m, v, src, st["step"]))
+                    continue
                 adamw_step_(
-                    p,
-                    grad,
-                    st["exp_avg"],
-                    st["exp_avg_sq"],
-                    st["step"],
-                    lr,
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    grad_scale=self.grad_scale,
-                    found_inf=found_inf,
-                    out=src,
-                )
+                    p, grad, m, v, st["step"], lr, **hyper,
+                    grad_scale=self.grad_scale, found_inf=found_inf, out=src,
+                )  # fmt: skip
+            for sig, items in lists.items():
+                self._step_list((id(group), sig), items, lr, found_inf, hyper)
         return loss
+
+    def _step_list(self, key, items: list, lr, found_inf, hyper: dict) -> None:
+        """One `_adamw_multi_kernel` launch over tensors of one dtype signature (p, grad, m, v, out, step)."""
+        cols = list(zip(*items))
+        p0, g0, m0, v0, out0, step0 = (c[0] for c in cols)
+        device = p0.device
+        block = _block(max(p.numel() for p in cols[0]), device.type == "cuda")
+        first, numel, grid = self._tables.layout(key, list(cols[0]), block)
+        has_out = out0 is not None
+        tabs = [
+            self._tables.table((key, name), [t.data_ptr() for t in col], device)
+            for name, col in zip(("p", "g", "m", "v", "out", "step"), cols)
+            if name != "out" or has_out
+        ]
+        if not has_out:
+            tabs.insert(4, tabs[0])
+        _adamw_multi_kernel[(grid,)](
+            first, numel, *tabs, p0, g0, m0, v0, out0 if has_out else p0, step0, len(items), lr,
+            self.grad_scale if self.grad_scale is not None else lr, found_inf,
+            hyper["beta1"], hyper["beta2"],
+            math.log2(hyper["beta1"]) if hyper["beta1"] > 0 else -math.inf,
+            math.log2(hyper["beta2"]) if hyper["beta2"] > 0 else -math.inf,
+            hyper["eps"], hyper["weight_decay"],
+            HAS_OUT=has_out, HAS_SCALE=self.grad_scale is not None, HAS_INF=True, BLOCK=block,
+            LOG_T=_log_t(len(items)), num_warps=8 if block >= 2048 else 4,
+        )  # fmt: skip
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)  # torch casts floating state to the parameter's dtype

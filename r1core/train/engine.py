@@ -182,6 +182,8 @@ class TrainEngine:
     ):
         self.args, self.parallel, self.optim_cfg = args, parallel, optim
         self.device, self.dtype = torch.device(device), dtype
+        # optim.implementation=triton: the gradient norm's sum of squares in r1core's multi-tensor kernel too
+        self._triton_norm = optim.implementation == OptimImpl.triton
         self.step = 0
         self.nonfinite_streak = 0  # optimizer steps in a row skipped for a non-finite gradient norm
         self.model = init_model(args, self.device, seed)
@@ -255,7 +257,7 @@ class TrainEngine:
         pass
 
     def _grad_norm(self) -> torch.Tensor:
-        return grad_norm_sq([p.grad for _, p in self.named_params], self.device).sqrt()
+        return grad_norm_sq([p.grad for _, p in self.named_params], self.device, self._triton_norm).sqrt()
 
     def _reduce_metrics(self, sums: dict) -> dict:
         keys = sorted(sums)
@@ -602,7 +604,7 @@ class ParallelEngine(TrainEngine):
     def _grad_norm(self) -> torch.Tensor:
         from r1core.parallel.optim import global_grad_norm
 
-        return global_grad_norm(self.named_params, self.layouts, self.topo)
+        return global_grad_norm(self.named_params, self.layouts, self.topo, self._triton_norm)
 
     def _reduce_metrics(self, sums: dict) -> dict:
         keys = sorted(sums)
