@@ -20,7 +20,9 @@ r1core's LocalEngine with LMObjective (fused linear cross-entropy, MTP, balance 
   compile_graph_nomtp  compile_nomtp with parallel.cuda_graph (the whole step, AdamW included, one CUDA
                  graph, captured after two ordinary steps; its rows warm up at least four steps);
                  compile_graph: with MTP; compile_graph_fp8_nomtp, compile_graph_fp8dense_nomtp: FP8 with it
-  compile_graph_tadam_nomtp  compile_graph_nomtp with optim.implementation=triton (r1core's AdamW kernel)
+  compile_graph_tadam_nomtp  compile_graph_nomtp with optim.implementation=triton (r1core's AdamW kernel,
+                 one multi-tensor launch per parameter group; the norm's sum of squares likewise);
+                 compile_graph_tadam1_nomtp: one AdamW launch per tensor and torch's _foreach_norm
   compile_graph_master_nomtp  compile_graph_nomtp with fp32 master weights (the engine's default);
                  _master_tadam_: with r1core's AdamW kernel (it reads the bf16 gradients and writes the bf16
                  weights itself); _master_bf16m_: and BF16 moments (optim.bf16_moments, DeepSeek-V3's recipe)
@@ -88,7 +90,9 @@ class Variant(NamedTuple):
     precision: str = "bf16"  # model.precision: bf16 | fp8
     cudagraphs: bool = False  # inductor's CUDA graph trees around each compiled block ("reduce-overhead")
     cuda_graph: bool = False  # parallel.cuda_graph: the whole optimizer step as one CUDA graph
-    adamw: str = "torch"  # optim.implementation: torch | triton | triton_bf16m (triton, optim.bf16_moments)
+    # optim.implementation: torch | triton | triton_bf16m (triton, optim.bf16_moments) | triton_per_tensor
+    # (triton with one AdamW launch per tensor and torch's _foreach_norm, as before the multi-tensor launch)
+    adamw: str = "torch"
 
 
 VARIANTS = {
@@ -105,6 +109,9 @@ VARIANTS = {
     "compile_graph": Variant("triton", "cudnn", True, cuda_graph=True),
     # r1core's AdamW kernel (r1core.kernels.adamw); "master": the engine's default fp32 master weights
     "compile_graph_tadam_nomtp": Variant("triton", "cudnn", True, mtp=False, cuda_graph=True, adamw="triton"),
+    "compile_graph_tadam1_nomtp": Variant(
+        "triton", "cudnn", True, mtp=False, cuda_graph=True, adamw="triton_per_tensor"
+    ),
     "compile_graph_master_nomtp": Variant("triton", "cudnn", True, mtp=False, cuda_graph=True, master=True),
     "compile_graph_master_tadam_nomtp": Variant(
         "triton", "cudnn", True, mtp=False, cuda_graph=True, master=True, adamw="triton"
@@ -217,13 +224,17 @@ def r1core_step(args, name: str, B: int, T: int, device, dtype):
             lr=1e-4,
             warmup_steps=0,
             master_weights=v.master,
-            implementation=v.adamw.removesuffix("_bf16m"),
+            implementation=v.adamw.removesuffix("_bf16m").removesuffix("_per_tensor"),
             bf16_moments=v.adamw.endswith("_bf16m"),
         ),
         device,
         dtype,
         0,
     )
+    if v.adamw == "triton_per_tensor":
+        engine._triton_norm = False
+        for opt in engine.optimizers:
+            opt.multi_tensor = False
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, args.vocab_size, (B, T + 1), generator=g).to(device)
     mb, objective = {"tokens": data[:, :-1], "labels": data[:, 1:]}, LMObjective()
