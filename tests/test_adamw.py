@@ -42,8 +42,9 @@ def _assert_within_rounding(got, want, old, name=""):
     if not (err <= tol).all():
         i = int((err - tol).argmax())
         raise AssertionError(
-            f"{name}: max err {err.max():.3g}, mean {err.mean():.3g}; worst at {i}: got {got.flatten()[i]:.9g}, "
-            f"want {want.flatten()[i]:.9g}, before {old.flatten()[i]:.9g}, tolerance {tol.flatten()[i]:.3g}"
+            f"{name}: max err {err.max():.3g}, mean {err.mean():.3g}; worst at {i}: "
+            f"got {got.flatten()[i]:.9g}, want {want.flatten()[i]:.9g}, before {old.flatten()[i]:.9g}, "
+            f"tolerance {tol.flatten()[i]:.3g}"
         )
 
 
@@ -316,7 +317,7 @@ def test_adamw_kernel_at_a_v3_expert_shape_matches_the_reference_gpu():
     st, lr = torch.tensor(7.0, device="cuda"), torch.tensor(2e-4, device="cuda")
     adamw_step_(p, grad, m, v, st, lr, **HYPER, out=model)
     adamw_step_ref(p_ref, grad, m_ref, v_ref, st, lr, **HYPER, out=model_ref)
-    for name, got, want, old in (("p", p, p_ref, before[0]), ("m", m, m_ref, before[1]), ("v", v, v_ref, before[2])):
+    for name, got, want, old in zip("pmv", (p, m, v), (p_ref, m_ref, v_ref), before):
         _assert_within_rounding(got, want, old, name)
     assert _is_rounding_of(model, p)
 
