@@ -126,8 +126,9 @@ def master_setting(shape_list, dev, compiled: bool) -> dict:
                 opt.step()
                 masters.weights_out()
 
-            if kind == "torch compiled":
-                step = torch.compile(step)
+            if kind == "torch compiled":  # it takes no clip factor (torch asserts grad_scale is None)
+                fns[kind] = torch.compile(step)
+                continue
         else:
             opt = _opt(
                 "triton",
