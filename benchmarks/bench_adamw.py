@@ -155,6 +155,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: the tiny preset's shapes, no compile")
     ap.add_argument("--no-compiled", action="store_true", help="skip torch's compiled foreach AdamW")
+    ap.add_argument(
+        "--settings", default="grad norm,bf16,fp32 master", help="comma-separated subset of the default"
+    )
     a = ap.parse_args(argv)
     dev = device()
     ceil = Ceilings.measure()
@@ -171,7 +174,13 @@ def main(argv=None) -> dict:
         "bf16": lambda: bf16_setting(shape_list, dev, compiled=not (a.tiny or a.no_compiled)),
         "fp32 master": lambda: master_setting(shape_list, dev, compiled=not (a.tiny or a.no_compiled)),
     }
+    chosen = [x.strip() for x in a.settings.split(",")]
+    unknown = sorted(set(chosen) - set(settings))
+    if unknown:
+        ap.error(f"--settings: unknown {unknown}; choose from {list(settings)}")
     for setting, build in settings.items():
+        if setting not in chosen:
+            continue
         fns = build()
         res = time_interleaved(
             fns, warmup=1 if a.tiny else 3, repeats=1 if a.tiny else a.repeats, isolated=False

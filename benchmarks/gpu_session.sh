@@ -300,6 +300,17 @@ part_s10a() {
   run bench_adamw 120 python3 benchmarks/bench_adamw.py --repeats 10
   grep -E "^\| (setting|bf16|fp32|grad)" "$R/bench_adamw.log" >> "$SUMMARY"
 }
+# Issue 19: the multi-tensor AdamW with vectorized masked accesses, in <= 2.5 min: its GPU test, bench_adamw's
+# norm and bf16 settings (no compiled peer), the graphed step with ours multi-tensor and per tensor.
+part_s10c() {
+  run adamw_multi_test 60 python3 -m pytest -q -m gpu tests/test_adamw.py -k one_launch -rfE -p no:cacheprovider \
+    -p no:logging
+  run bench_adamw 50 python3 benchmarks/bench_adamw.py --repeats 10 --no-compiled --settings "grad norm,bf16"
+  grep -E "^\| (setting|bf16|fp32|grad)" "$R/bench_adamw.log" >> "$SUMMARY"
+  run train_s10c 90 python3 benchmarks/bench_train.py --budget-s 80 --steps 5 --warmup 2 \
+    --variants compile_graph_tadam_nomtp,compile_graph_tadam1_nomtp
+  grep -E "^\| (variant|compile)" "$R/train_s10c.log" | head -8 >> "$SUMMARY"
+}
 # Issue 19, FP8's loss against BF16's spread, <= 7.5 min: seed 1's BF16 run again (10i ran it once; the
 # difference between two BF16 runs of one seed is the run-to-run noise FP8's +8.9 % is measured against),
 # then seed 2 in BF16 and FP8 (10e's recipe, 300 steps), and compare_loss of each pair.

@@ -186,12 +186,13 @@ def test_sources_fold_the_master_copies_into_the_update():
 
 
 def _mixed_masters(seed):
-    """fp32 masters of bf16 model tensors of several sizes, and one master that starts 4 bytes into its
-    storage (not 16-byte aligned: the multi-tensor kernel leaves it to the per-tensor one)."""
+    """fp32 masters of bf16 model tensors of several sizes (8200: two whole blocks and a part), one of a size
+    that is not a multiple of 8, and one that starts 4 bytes into its storage (not 16-byte aligned): the
+    multi-tensor kernel leaves those two to the per-tensor one."""
     g = torch.Generator().manual_seed(seed)
-    masters = [torch.randn(n, generator=g) for n in (1, 17, 4099, 300)]
+    masters = [torch.randn(n, generator=g) for n in (8, 8200, 4104, 1, 296)]
     masters.append(torch.randn(65, generator=g)[1:])
-    assert not multi_tensor_ok(masters[-1]) and all(multi_tensor_ok(m) for m in masters[:-1])
+    assert [multi_tensor_ok(m) for m in masters] == [True, True, True, False, True, False]
     model = [m.to(torch.bfloat16).requires_grad_() for m in masters]
     return [m.requires_grad_() for m in masters], model
 
@@ -233,12 +234,12 @@ def test_one_launch_for_all_tensors_steps_them_as_one_launch_each(bf16_moments):
 
 
 def test_sum_of_squares_matches_float64_and_follows_new_tensors():
-    # bf16 and fp32 lists in one launch each, a strided tensor through _foreach_norm; then new tensors of the
-    # same shapes (a rebuilt address table, not the cached one)
+    # a bf16 and an fp32 list in one launch each, a strided tensor and one of 1 element through _foreach_norm;
+    # then new tensors of the same shapes (a rebuilt address table, not the cached one)
     def tensors(seed):
         g = torch.Generator().manual_seed(seed)
         ts = [torch.randn(n, generator=g).to(dt) for n, dt in ((1, torch.bfloat16), (5000, torch.bfloat16))]
-        ts += [torch.randn(300, generator=g) * 3, torch.randn(40, 30, generator=g).t()]
+        ts += [torch.randn(296, generator=g) * 3, torch.randn(40, 30, generator=g).t()]
         return ts
 
     for seed in (0, 1):
