@@ -130,7 +130,7 @@ VARIANTS = {
 }
 CATEGORIES = [
     ("attention", r"fmha|flash|attention|cudnn|sdpa|softmax"),
-    ("optimizer", r"adam|foreach|multi_tensor"),
+    ("optimizer", r"adam|foreach|multi_tensor|sum_squares"),  # sum_squares: the gradient norm (ours)
     ("fp8 quantize", r"_fp8_quant|float8_copy"),
     ("moe", r"grouped|_gate_up|_rows_gemm|_wgrad|swiglu|permute|route|moe|_zero_"),
     # not a bare "lse": it matches the "false" of every templated aten kernel's name

@@ -5,10 +5,11 @@ torch's fused AdamW runs every parameter through `multi_tensor_apply`: launches 
 idle. On an H100 it moved their 27 GB of bf16 AdamW traffic at 2.2 TB/s, 73 % of the copy bandwidth, and was
 the largest single kernel of the graphed training step (benchmarks/RESULTS.md 10g, 10h). Here all the tensors
 of a parameter group that share dtypes go through one launch with one program per BLOCK elements of any of
-them: each program finds its tensor by a binary search over the tensors' first blocks and reads the tensor's
-addresses from small device tables (`TensorLists`). One launch per tensor (`multi_tensor=False`, and any
-tensor that is strided or not 16-byte aligned) reached 93 % of the copy bandwidth in 10h; its 159 launches
-left SMs idle at each tensor's tail. `sum_of_squares` reads the gradients for the clip's norm the same way.
+them: each program finds its tensor by a binary search over the tensors' first blocks and its data at element
+offsets from the list's first tensor (`TensorLists`). That ran at 95 % of the copy bandwidth on an H100; one
+launch per tensor (`multi_tensor=False`, and any tensor that is strided, unaligned or not a multiple of 8
+elements) at 86 %, its 159 launches leaving SMs idle at each tail (10j). `sum_of_squares` reads the gradients
+for the clip's norm the same way (103 % of copy, 1.5x torch's `_foreach_norm`).
 
 With fp32 master weights, r1core's ordinary step makes two more passes around torch's AdamW: the bf16
 gradients are copied into fp32 master gradients before it, and the masters are rounded back into the
@@ -189,9 +190,8 @@ def _owner(first_ptr, pid, T, LOG_T: tl.constexpr):
 def _at(base_ptr, off_tab, i):
     """Tensor i of a list: the list's first tensor (a kernel argument, so known 16-byte aligned) plus its
     element offset from the table. Rounding the offset down to a multiple of 16 bytes changes nothing (the
-    host checks the alignment) and tells the compiler what a loaded offset cannot, so whole blocks load and
-    store 16 bytes at a time. (Addresses cast from loaded integers, with `tl.multiple_of` on them, ran at
-    56 % of the copy bandwidth on an H100, the per-tensor kernel at 86 %.)"""
+    host checks the alignment) and tells the compiler what a loaded offset cannot, so the accesses can move
+    16 bytes at a time (the PTX of an H100 run shows them)."""
     vec = 128 // base_ptr.dtype.element_ty.primitive_bitwidth
     return base_ptr + (tl.load(off_tab + i) // vec) * vec
 

@@ -68,8 +68,9 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     master_weights: bool = True  # fp32 master weights and AdamW state when the model's dtype is lower
-    # torch: torch's AdamW (fused on CUDA). triton: r1core's AdamW kernel, one bandwidth-bound pass per
-    # tensor that also reads the bf16 gradients and writes the rounded model weights when there are masters
+    # torch: torch's AdamW (fused on CUDA). triton: r1core's AdamW kernel, one bandwidth-bound launch per
+    # parameter group that also reads the bf16 gradients and writes the rounded model weights when there are
+    # masters; the gradient norm in one launch too
     implementation: OptimImpl = OptimImpl.torch
     bf16_moments: bool = False  # AdamW moments in BF16, as DeepSeek-V3 trained (needs implementation=triton)
     # A step whose global gradient norm is inf/NaN is skipped (no update, no expert-bias change, the LR
