@@ -2,12 +2,19 @@
 
     python benchmarks/compare_loss.py bf16.metrics.jsonl fp8.metrics.jsonl --labels bf16,fp8
 
+    python benchmarks/compare_loss.py --across-seeds s0_bf16.jsonl s0_fp8.jsonl s1_bf16.jsonl s1_fp8.jsonl ...
+
 Reads the stages' metrics.jsonl ({"step", "ce" or "loss", ...}), prints the loss of both every few logged
 steps and the relative difference of the second to the first: over the last `--tail` logged steps (mean),
 the largest after the first `--skip` steps, and the mean of the per-step relative differences over the
 last `--window` steps with its 95 % interval (paired by step: both runs saw the same batches; neighbouring
 steps of a run are correlated, so the interval is a lower bound on the run-to-run spread). Writes
 compare_loss.png and compare_loss.json under $OUT; the last line printed is the JSON record.
+
+--across-seeds takes (reference, candidate) pairs of runs, one pair per seed, and reports each seed's paired
+difference over the last `--window` steps and their mean with its 95 % Student-t interval over seeds: the
+spread that matters when one seed's difference is dominated by where a perturbation (FP8, another kernel)
+sends that seed's trajectory. Writes compare_seeds.png (a bar per seed) and compare_seeds.json.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Table, finish, out_dir  # noqa: E402
+from common import Table, bar_plot, finish, out_dir  # noqa: E402
 
 from r1core.rl.stats import mean_and_se  # noqa: E402
 
@@ -36,10 +43,70 @@ def paired_rel_diff(ref: dict[int, float], cand: dict[int, float], steps: list[i
     return mean, 1.96 * se if len(steps) > 1 else float("nan")
 
 
+# two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (any statistics table); past 30 the
+# normal's 1.96 plus the first term of t's expansion in 1/df
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+_T975 += (2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086)
+_T975 += (2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.37 / df
+
+
+def across_seeds(paths: list[str], names: list[str], key: str, window: int) -> dict:
+    """Each (reference, candidate) pair's mean relative difference over its last `window` logged steps, and
+    the mean of those over the pairs with its 95 % t-interval (n - 1 degrees of freedom)."""
+    if len(paths) < 4 or len(paths) % 2:
+        raise SystemExit("--across-seeds takes (reference, candidate) pairs of files, at least two pairs")
+    title = f"{key}: {names[1]} against {names[0]}, one row per seed"
+    table = Table(title, ["pair", "steps", "window diff %"])
+    per_seed = []
+    for j in range(0, len(paths), 2):
+        ref, cand = read_curve(paths[j], key), read_curve(paths[j + 1], key)
+        steps = sorted(set(ref) & set(cand))
+        if not steps:
+            raise SystemExit(f"no common steps with {key!r} in {paths[j]} and {paths[j + 1]}")
+        diff, _ = paired_rel_diff(ref, cand, [s for s in steps if s > steps[-1] - window])
+        per_seed.append(diff)
+        table.add(f"{os.path.basename(paths[j])} / {os.path.basename(paths[j + 1])}", steps[-1], 100 * diff)
+    mean, se = mean_and_se(per_seed)
+    half = t975(len(per_seed) - 1) * se
+    record = {
+        "key": key,
+        "labels": names,
+        "window_steps": window,
+        "per_seed_rel_diff": per_seed,
+        "mean_rel_diff": mean,
+        "mean_rel_diff_ci95": [mean - half, mean + half],
+        "pairs": [[paths[j], paths[j + 1]] for j in range(0, len(paths), 2)],
+    }
+    try:
+        bar_plot(
+            os.path.join(out_dir(), "compare_seeds.png"),
+            f"{names[1]} - {names[0]}, last {window} steps: mean {100 * mean:+.2f} % "
+            f"[{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}] over {len(per_seed)} seeds",
+            [f"pair {j + 1}" for j in range(len(per_seed))],
+            [100 * d for d in per_seed],
+            "relative difference %",
+        )
+    except ImportError:
+        print("matplotlib missing: no PNG")
+    print(
+        f"{len(per_seed)} seeds, last {window} steps: {names[1]} - {names[0]} = {100 * mean:+.2f} % "
+        f"[{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}] (t interval over seeds)"
+    )
+    finish("compare_seeds", [table], record)
+    return record
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("reference")
-    p.add_argument("candidate")
+    p.add_argument("reference", nargs="?")
+    p.add_argument("candidate", nargs="?")
+    p.add_argument(
+        "--across-seeds", nargs="+", metavar="RUN", help="(reference, candidate) pairs, one per seed"
+    )
     p.add_argument("--labels", default="reference,candidate")
     p.add_argument("--key", default="ce", help="metric to compare (ce: next-token CE, no MTP or aux terms)")
     p.add_argument("--tail", type=int, default=5, help="logged steps averaged at the end")
@@ -47,6 +114,10 @@ def main(argv=None) -> dict:
     p.add_argument("--window", type=int, default=100, help="steps of the paired mean difference, at the end")
     a = p.parse_args(argv)
     names = a.labels.split(",")
+    if a.across_seeds:
+        return across_seeds(a.across_seeds, names, a.key, a.window)
+    if not (a.reference and a.candidate):
+        p.error("give a reference and a candidate run, or --across-seeds")
     ref, cand = read_curve(a.reference, a.key), read_curve(a.candidate, a.key)
     steps = sorted(set(ref) & set(cand))
     if not steps:

@@ -321,6 +321,20 @@ part_s10b() {
     benchmarks/results/session8_h100/fp8_seed1/seed1_bf16.metrics.jsonl "$R/seed1rep_bf16.metrics.jsonl" \
     --labels bf16,bf16-again
 }
+# Issue 19, more FP8 loss seeds (10k: three seeds gave -0.01, +8.86, -3.14 %, a mean of +1.9 % [-13.6, +17.4]):
+# FP8_SEEDS (default "3 4", about 6.5 min; "5 6" in a second call) in BF16 and FP8 at 10e's recipe, then
+# compare_loss --across-seeds over every pair: the committed seeds 0-2 and those in $R.
+part_s11() {
+  FP8_SEEDS=${FP8_SEEDS:-3 4} FP8_LOSS_T=${FP8_LOSS_T:-125} FP8_LOSS_STEPS=300 part_fp8_loss_seeds
+  local c=benchmarks/results pairs="$c/fp8_loss_300/loss3_bf16_triton.metrics.jsonl $c/fp8_loss_300/loss3_fp8_triton.metrics.jsonl"
+  pairs="$pairs $c/session8_h100/fp8_seed1/seed1_bf16.metrics.jsonl $c/session8_h100/fp8_seed1/seed1_fp8.metrics.jsonl"
+  pairs="$pairs $c/session9_h100/fp8_seeds/seed2_bf16.metrics.jsonl $c/session9_h100/fp8_seeds/seed2_fp8.metrics.jsonl"
+  local f
+  for f in "$R"/seed*_bf16.metrics.jsonl; do
+    [ -f "${f%_bf16.metrics.jsonl}_fp8.metrics.jsonl" ] && pairs="$pairs $f ${f%_bf16.metrics.jsonl}_fp8.metrics.jsonl"
+  done
+  run fp8_seeds_all 20 env OUT=$R/seeds python3 benchmarks/compare_loss.py --labels bf16,fp8 --across-seeds $pairs
+}
 # Issue 19, the final figures in <= 5.5 min (each command's timeout is its share; they sum to 330 s; the
 # bench_train rows take ~30 s (torchtitan) and ~50-70 s (ours, compile) each, so the budget usually ends it
 # after three rows: order FINAL19_VARIANTS by what matters most):

@@ -3,6 +3,7 @@
 import os
 import sys
 import time
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
@@ -68,6 +69,29 @@ def test_compare_loss_paired_difference_and_its_interval_against_hand_values(tmp
     # the window holds steps 2 and 3 (after step 3 - 2): differences -0.1 and +0.1
     assert abs(rec["window_rel_diff"]) < 1e-12 and rec["window_rel_diff_ci95"][1] > 0.09
     assert abs(rec["tail_rel_diff"] - 0.1) < 1e-12
+
+
+def test_compare_loss_across_seeds_t_interval_against_hand_values(tmp_path, monkeypatch):
+    import json
+
+    from compare_loss import main
+
+    # three seeds whose candidate is +10 %, -5 % and +4 % off at every step: mean +3 %, sample sd
+    # sqrt((0.07^2 + 0.08^2 + 0.01^2) / 2) = 0.075498, t(0.975, 2 df) = 4.303
+    files = []
+    for seed, rel in enumerate((0.10, -0.05, 0.04)):
+        for name, scale in (("ref", 1.0), ("cand", 1.0 + rel)):
+            f = tmp_path / f"s{seed}_{name}.jsonl"
+            f.write_text("".join(json.dumps({"step": s, "ce": 2.0 * scale}) + "\n" for s in (5, 10, 15)))
+            files.append(str(f))
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    rec = main(["--across-seeds", *files, "--window", "10"])
+    assert rec["per_seed_rel_diff"] == pytest.approx([0.10, -0.05, 0.04])
+    half = 4.303 * 0.0754983 / 3**0.5
+    assert rec["mean_rel_diff"] == pytest.approx(0.03)
+    assert rec["mean_rel_diff_ci95"] == pytest.approx([0.03 - half, 0.03 + half], rel=1e-5)
+    with pytest.raises(SystemExit):
+        main(["--across-seeds", *files[:3]])
 
 
 def test_device_timeline_idle_gaps_and_host_waits_against_hand_values():
