@@ -29,6 +29,8 @@ from r1core.train.objectives import GRPOObjective, LMObjective
 
 ARGS = presets["tiny"]
 OPTIM = OptimConfig(lr=1e-3, grad_clip=1.0, warmup_steps=0, total_steps=10)
+# r1core's AdamW kernel (under TRITON_INTERPRET on the CPU), which ZeRO-1 wraps on each rank's shard
+OPTIM_TRITON = OptimConfig(lr=1e-3, grad_clip=1.0, warmup_steps=0, total_steps=10, implementation="triton")
 ROWS, SEQ = 4, 16
 # (loss rtol, gradient atol relative to each gradient's largest entry, weight atol) per parameter dtype.
 # fp32: reordered sums round differently, not a missing term; AdamW's first steps are ~lr * sign(g), so
@@ -106,9 +108,9 @@ def _two_steps(engine, kind: str) -> dict:
     return {"metrics": metrics, "grads": grads, "state": _np(engine.full_state_dict())}
 
 
-def _train_layout(kind: str, cfg: dict, dtype=torch.float32) -> dict:
+def _train_layout(kind: str, cfg: dict, dtype=torch.float32, optim=OPTIM) -> dict:
     return _two_steps(
-        build_engine(ARGS, ParallelConfig(**cfg), OPTIM, device="cpu", dtype=dtype, seed=0), kind
+        build_engine(ARGS, ParallelConfig(**cfg), optim, device="cpu", dtype=dtype, seed=0), kind
     )
 
 
@@ -170,6 +172,8 @@ TWO_RANK = {
     "tp2_grpo": ("grpo", dict(tp=2)),
     "dp2_grpo_no_zero": ("grpo", dict(zero1=False)),
     "dp2_bf16_master": ("lm", dict(), torch.bfloat16),  # ZeRO-1 over fp32 master weights of a bf16 model
+    # ZeRO-1 with r1core's AdamW kernel and gradient norm (fp32: bf16's tolerance would not see the update)
+    "dp2_zero1_triton_adamw": ("lm", dict(), torch.float32, OPTIM_TRITON),
 }
 EIGHT_RANK = {"tp2_pp2_ep2_sp": ("lm", dict(tp=2, pp=2, ep=2, microbatches=2, sequence_parallel=True))}
 
