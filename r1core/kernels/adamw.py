@@ -243,7 +243,7 @@ class TensorLists:
 
     def __init__(self):
         self._tables: dict = {}
-        self._captured: list[torch.Tensor] = []
+        self._captured: dict[int, torch.Tensor] = {}
 
     def table(self, key, values: list[int], device: torch.device) -> torch.Tensor:
         hit = self._tables.get(key)
@@ -255,7 +255,7 @@ class TensorLists:
                 _put_kernel[(1,)](t[s:], *args, N=len(chunk))
             hit = self._tables[key] = (values, t)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            self._captured.append(hit[1])
+            self._captured[id(hit[1])] = hit[1]  # once each, however often it is captured
         return hit[1]
 
     def offsets(self, key, tensors: list[torch.Tensor]) -> torch.Tensor:
