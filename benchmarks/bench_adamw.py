@@ -80,7 +80,7 @@ def _opt(kind: str, params, **kw):
     if kind == "torch compiled":
         lr = torch.tensor(1e-4, device=params[0].device)  # a tensor: no recompile when the schedule moves
         return torch.optim.AdamW(groups, lr=lr, foreach=True, capturable=True)
-    return TritonAdamW(groups, lr=1e-4, **kw)
+    return TritonAdamW(groups, lr=1e-4, multi_tensor=kind != "triton per tensor", **kw)
 
 
 def bf16_setting(shape_list, dev, compiled: bool) -> dict:
@@ -97,10 +97,6 @@ def bf16_setting(shape_list, dev, compiled: bool) -> dict:
         opt = _opt(kind, params)
         if kind == "torch compiled":
             fns[kind] = torch.compile(opt.step)
-        elif kind == "triton per tensor":
-            opt = _opt("triton", params, multi_tensor=False)
-            opt.grad_scale = one
-            fns[kind] = opt.step
         else:
             opt.grad_scale = one
             fns[kind] = opt.step
@@ -130,12 +126,7 @@ def master_setting(shape_list, dev, compiled: bool) -> dict:
                 fns[kind] = torch.compile(step)
                 continue
         else:
-            opt = _opt(
-                "triton",
-                params,
-                sources=masters.sources(),
-                bf16_moments=kind.endswith("moments"),
-            )
+            opt = _opt("triton", params, sources=masters.sources(), bf16_moments=kind.endswith("moments"))
             step = opt.step
         opt.grad_scale = one
         fns[kind] = step
