@@ -94,6 +94,15 @@ def test_compare_loss_across_seeds_t_interval_against_hand_values(tmp_path, monk
         main(["--across-seeds", *files[:3]])
 
 
+def test_bench_adamw_names_an_unknown_setting_before_any_work(capsys):
+    from bench_adamw import main
+
+    with pytest.raises(SystemExit):
+        main(["--tiny", "--settings", "bf16,fp16 master"])
+    err = capsys.readouterr().err
+    assert "--settings: unknown ['fp16 master']" in err and "'fp32 master'" in err
+
+
 def test_device_timeline_idle_gaps_and_host_waits_against_hand_values():
     from bench_train import device_timeline
 
