@@ -128,7 +128,7 @@ def experts_row(T, E, K, D, I, dev, dtype):  # noqa: E741 (the paper's I)
 
     impl = fp8.backend(dev, False)
     fns = {
-        "fp8 grouped": step(lambda: fp8.grouped_swiglu_fp8(x, w1, w2, w3, seg)),
+        "fp8 grouped": step(lambda: fp8.grouped_swiglu_fp8(x, torch.stack((w1, w3), dim=1), w2, seg)),
         "fp8 per-expert linear loop": step(per_expert),
     }
     if dev.type == "cuda":

@@ -287,27 +287,29 @@ def dense_swiglu(x, w1, w2, w3):
 
 
 def ffn_row(moe, T, zipf, ceil, repeats):
-    w1, w2, w3 = moe.experts.w1, moe.experts.w2, moe.experts.w3
-    E, I, D = w1.shape
+    w13, w2 = moe.experts.w13, moe.experts.w2
+    E, _, I, D = w13.shape
+    # the peers keep gate and up as separate weights (torchtitan's layout); ours are stacked in w13
+    w1, w3 = (w13[:, i].detach().clone().requires_grad_() for i in (0, 1))
     P = T * moe.gate.spec.top_k
     seg_list = segments(P, E, zipf)
-    seg = torch.tensor(seg_list, device=w1.device)
+    seg = torch.tensor(seg_list, device=w13.device)
     offs = torch.cumsum(seg, 0, dtype=torch.int32)
-    x = torch.randn(P, D, device=w1.device, dtype=w1.dtype, requires_grad=True)
+    x = torch.randn(P, D, device=w13.device, dtype=w13.dtype, requires_grad=True)
     g = torch.randn_like(x)
-    ops = [x, w1, w2, w3]
+    ops = [x, w1, w2, w3, w13]
 
     def step(fn):
         return training_step(fn, ops, [g])
 
-    auto = grouped_swiglu_backend(x, w1, w2, w3)
+    auto = grouped_swiglu_backend(x, w13, w2)
     providers = {
         "per-expert loop": step(lambda: ffn_loop(x, w1, w2, w3, seg_list)),
         "torch._grouped_mm": step(lambda: ffn_grouped_mm(x, w1, w2, w3, offs)),
-        f"ours ({auto})": step(lambda: grouped_swiglu(x, w1, w2, w3, seg)),
+        f"ours ({auto})": step(lambda: grouped_swiglu(x, w13, w2, seg)),
     }
     if auto != "triton":
-        providers["ours (triton)"] = step(lambda: grouped_swiglu(x, w1, w2, w3, seg, backend="triton"))
+        providers["ours (triton)"] = step(lambda: grouped_swiglu(x, w13, w2, seg, backend="triton"))
     if zipf is None and x.is_cuda:
         d1, d3, d2 = (w[0].detach().clone().requires_grad_() for w in (w1, w3, w2))
         providers["dense SwiGLU MLP, same FLOPs"] = training_step(
@@ -330,7 +332,7 @@ def plain_layer(moe, x_BTD):
     w, idx, counts = topk_route(moe.gate.logits(x_TD), moe.gate.e_score_correction_bias, spec)
     x_PD, order = torch_permute(x_TD, idx)
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    y_PD = ffn_grouped_mm(x_PD, moe.experts.w1, moe.experts.w2, moe.experts.w3, offs)
+    y_PD = ffn_grouped_mm(x_PD, moe.experts.w1, moe.experts.w2, moe.experts.w3, offs)  # w1, w3: views of w13
     y = (
         torch.zeros(x_TD.shape, device=x_TD.device)
         .index_add_(0, order // spec.top_k, y_PD.float() * w.flatten()[order, None])
@@ -385,15 +387,22 @@ def _available(providers: dict, mu, cuda) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------- main
-def run_shape(shape: Shape, dev, dtype, ceil, mu, cuda, repeats):
+ROW_KINDS = ("route", "dispatch", "ffn", "layer")
+
+
+def run_shape(shape: Shape, dev, dtype, ceil, mu, cuda, repeats, kinds=ROW_KINDS):
     moe, x = build_layer(shape, dev, dtype)
     moe.train()
-    yield routing_row(moe, x, mu, cuda, ceil, repeats)
-    yield from dispatch_rows(moe, x, mu, cuda, ceil, repeats)
+    if "route" in kinds:
+        yield routing_row(moe, x, mu, cuda, ceil, repeats)
+    if "dispatch" in kinds:
+        yield from dispatch_rows(moe, x, mu, cuda, ceil, repeats)
     # FFN and layer steps take 50 ms to 1 s at V3 shapes: fewer repeats keep the run inside minutes.
-    for zipf in (None, 1.0):
-        yield ffn_row(moe, shape.T, zipf, ceil, max(2, repeats // 2))
-    yield layer_row(moe, x, cuda, ceil, max(2, repeats // 3))
+    if "ffn" in kinds:
+        for zipf in (None, 1.0):
+            yield ffn_row(moe, shape.T, zipf, ceil, max(2, repeats // 2))
+    if "layer" in kinds:
+        yield layer_row(moe, x, cuda, ceil, max(2, repeats // 3))
 
 
 def main(argv=None) -> None:
@@ -401,7 +410,12 @@ def main(argv=None) -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run at tiny shapes")
     ap.add_argument("--shapes", default=None, help="comma-separated subset of: v3,small (GPU)")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--rows", default=",".join(ROW_KINDS), help=f"comma-separated subset of: {ROW_KINDS}")
     opts = ap.parse_args(argv)
+    kinds = opts.rows.split(",")
+    unknown = sorted(set(kinds) - set(ROW_KINDS))
+    if unknown:
+        ap.error(f"--rows: unknown {unknown}; choose from {list(ROW_KINDS)}")
     dev = device()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     repeats = opts.repeats or (2 if opts.tiny or dev.type == "cpu" else 10)
@@ -422,7 +436,7 @@ def main(argv=None) -> None:
     for shape in shapes(opts.tiny or dev.type == "cpu"):
         if wanted and shape.name not in wanted:
             continue
-        for row, res in run_shape(shape, dev, dtype, ceil, mu, cuda, repeats):
+        for row, res in run_shape(shape, dev, dtype, ceil, mu, cuda, repeats, kinds):
             key = f"{shape.name}: {row.name}"
             note = next((a for k, a in ANCHORS.items() if row.name.startswith(k)), "")
             tables.append(table(key + (f" ({note})" if note else ""), res))

@@ -335,6 +335,39 @@ part_s11() {
   done
   run fp8_seeds_all 20 env OUT=$R/seeds python3 benchmarks/compare_loss.py --labels bf16,fp8 --across-seeds $pairs
 }
+# Issues 19 and 16, the routed experts' gate and up weights stacked in one w13 [E, 2, I, D]: one grouped GEMM for
+# both projections and one for their input gradient (no dx add). Same-run reference: the previous commit's tree,
+# carried as _old/ (`git archive 15a7cf1 r1core 'benchmarks/*.py' | tar -x -C _old`, run with it first on
+# PYTHONPATH). s12a (<= 8.5 min with setup): the GPU tests of the grouped SwiGLU, the compiled block and the
+# engine's decode; the graphed step (B4 x T2048, MTP off, our AdamW) new, old, new; the expert FFN rows of
+# bench_moe at V3 and small shapes. s12b (<= 5 min): the compiled B256 decode step, new and old.
+old_tree() {  # old_tree NAME TIMEOUT CMD...: run CMD in _old with its r1core
+  local name=$1 t=$2; shift 2
+  mkdir -p "$R/old"
+  (cd _old && run "$name" "$t" env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" R1CORE_BENCH_OUT="$R/old" "$@")
+}
+part_s12a() {
+  (cd _old && PYTHONPATH="$PWD:${PYTHONPATH:-}" python3 -c "import r1core; print('old tree:', r1core.__file__)") \
+    >> "$SUMMARY" 2>&1
+  run s12_tests 150 python3 -m pytest -q -m gpu tests/test_moe_kernels.py tests/test_compiled_block.py \
+    tests/test_rollout.py -k "grouped_swiglu or compiled or decode or graph" -rfE -p no:cacheprovider -p no:logging
+  local v=compile_graph_tadam_nomtp
+  run train_s12 90 python3 benchmarks/bench_train.py --budget-s 80 --steps 5 --warmup 2 --variants $v
+  grep -E "^\| (variant|compile)" "$R/train_s12.log" | head -4 >> "$SUMMARY"
+  old_tree train_s12_old 90 python3 benchmarks/bench_train.py --budget-s 80 --steps 5 --warmup 2 --variants $v
+  grep -E "^\| (variant|compile)" "$R/train_s12_old.log" | head -4 >> "$SUMMARY"
+  run train_s12_again 90 python3 benchmarks/bench_train.py --budget-s 80 --steps 5 --warmup 2 --variants $v
+  grep -E "^\| (variant|compile)" "$R/train_s12_again.log" | head -4 >> "$SUMMARY"
+  run moe_ffn_s12 100 python3 benchmarks/bench_moe.py --shapes v3,small --rows ffn --repeats 6
+  grep -E "^## |^\| (ours|torch|dense)" "$R/moe_ffn_s12.log" >> "$SUMMARY"
+}
+part_s12b() {
+  local args="--repeats 2 --variants '' --skip-hf --sweep-presets small:256 --sweep-moe auto --sweep-compile on --grpo ''"
+  run decode_s12 130 bash -c "python3 benchmarks/bench_rollout.py $args"
+  grep -E "^\[roofline\]" "$R/decode_s12.log" | head -4 >> "$SUMMARY"
+  old_tree decode_s12_old 130 bash -c "python3 benchmarks/bench_rollout.py $args"
+  grep -E "^\[roofline\]" "$R/decode_s12_old.log" | head -4 >> "$SUMMARY"
+}
 # Issue 19, the final figures in <= 5.5 min (each command's timeout is its share; they sum to 330 s; the
 # bench_train rows take ~30 s (torchtitan) and ~50-70 s (ours, compile) each, so the budget usually ends it
 # after three rows: order FINAL19_VARIANTS by what matters most):

@@ -69,9 +69,9 @@ def test_moe_custom_ops_fakes_and_autograd_agree_with_the_real_ops():
     x = torch.randn(T, D, generator=g, requires_grad=True)
     y_PD = torch.randn(T * K, D, generator=g, requires_grad=True)
     w_TK = w_TK.clone().requires_grad_()
-    seg = torch.tensor([5, 0, 9, 3])  # every row in a segment: h1, h3 rows past them are left unwritten
+    seg = torch.tensor([5, 0, 9, 3])  # every row in a segment: h13 rows past them are left unwritten
     xs = torch.randn(17, D, generator=g, requires_grad=True)
-    ws = [torch.randn(4, *s, generator=g).mul(0.2).requires_grad_() for s in ((I, D), (D, I), (I, D))]
+    ws = [torch.randn(4, *s, generator=g).mul(0.2).requires_grad_() for s in ((2, I, D), (D, I))]
     route_args = (logits, bias, E, K, 4, 2, spec.score_func.value, 2.5, True)
     cases = {
         "moe_route_fwd": (ops.moe_route_fwd.default, route_args),
@@ -104,11 +104,11 @@ def test_gpu_compiled_small_moe_block_bf16_is_one_graph_on_grouped_mm_close_to_e
     experts = block.ffn.experts
     x_PD = torch.empty(64, args.dim, device="cuda", dtype=torch.bfloat16)
     if torch.cuda.get_device_capability()[0] == 9:  # the path whose alignment check broke the graph
-        assert grouped_swiglu_backend(x_PD, experts.w1, experts.w2, experts.w3) == "grouped_mm"
+        assert grouped_swiglu_backend(x_PD, experts.w13, experts.w2) == "grouped_mm"
         seg = torch.tensor([16, 0, 32, 16] + [0] * (args.n_routed_experts - 4), device="cuda")
         fails = torch.library.opcheck(
             torch.ops.r1core.grouped_swiglu_fwd.default,
-            (x_PD.normal_().requires_grad_(), experts.w1, experts.w2, experts.w3, seg, "grouped_mm"),
+            (x_PD.normal_().requires_grad_(), experts.w13, experts.w2, seg, "grouped_mm"),
         )
         assert all(v == "SUCCESS" for v in fails.values()), fails
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):  # bench_train's attention backend

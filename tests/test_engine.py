@@ -505,3 +505,31 @@ def test_cuda_graph_step_replays_the_graph_ready_step_gpu(adamw):
     for i in range(3):
         graph.train_step([{**_batch(rows=4, seq=32, seed=10 + i), "w": torch.tensor(1.0)}], obj)
     assert graph.graphed.captures == 2 and graph.step == 9
+
+
+def test_a_checkpoint_with_separate_gate_and_up_expert_weights_loads_into_w13(tmp_path, caplog):
+    # checkpoints written before the routed experts' gate and up weights were stacked hold w1 / w3 (and
+    # their Adam moments): they load into w13's halves, and training goes on exactly as from the original
+    from r1core.checkpoint import dist as dcp_ckpt
+
+    a, mb = _engine(), _batch()
+    a.train_step([mb], LMObjective())
+    legacy = {}
+    for key, t in a.state_dict().items():
+        if ".experts.w13" in key:
+            for half, old in enumerate(("w1", "w3")):
+                half_t = t if t.dim() == 0 else t[:, half]  # step counts are scalars
+                legacy[key.replace(".experts.w13", f".experts.{old}")] = half_t.clone()
+        else:
+            legacy[key] = t
+    assert any(k.startswith("optim.") and ".experts.w3." in k for k in legacy)
+    dcp_ckpt.save(legacy, tmp_path / "old")
+    b = _engine(seed=5)
+    with caplog.at_level("INFO", logger="r1core.train.engine"):
+        b.load(tmp_path / "old")
+    assert "separate w1 / w3" in caplog.text
+    assert b.step == 1
+    after_a, after_b = a.train_step([mb], LMObjective()), b.train_step([mb], LMObjective())
+    assert after_b["loss"] == after_a["loss"]
+    for (name, p), (_, q) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)

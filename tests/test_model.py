@@ -9,8 +9,10 @@ import torch.nn.functional as F
 import r1core
 from r1core.model import IGNORE_INDEX, Impl, ModelArgs, ScoreFunc, Transformer, update_expert_bias
 from r1core.model.moe import (
+    GroupedExperts,
     RouterSpec,
     grouped_swiglu_ref,
+    grouped_swiglu_stacked_ref,
     permute_ref,
     permuted_rows,
     route_ref,
@@ -279,6 +281,53 @@ def test_grouped_swiglu_ref_equals_per_token_expert_mlp():
             e = idx[t, k]
             ref = (F.silu(x[t] @ w1[e].T) * (x[t] @ w3[e].T)) @ w2[e].T
             torch.testing.assert_close(y_PD[pos[t, k]], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_experts_ref_and_the_model_run_w13_halves_as_gate_and_up():
+    E, I, D, T, K = 4, 6, 5, 9, 2
+    w1, w2, w3 = torch.randn(E, I, D), torch.randn(E, D, I), torch.randn(E, I, D)
+    x_PD, counts = torch.randn(T * K, D), torch.tensor([5, 0, 9, 4])
+    want = grouped_swiglu_ref(x_PD, w1, w2, w3, counts)
+    torch.testing.assert_close(grouped_swiglu_stacked_ref(x_PD, torch.stack((w1, w3), 1), w2, counts), want)
+    experts = GroupedExperts(E, D, I)
+    with torch.no_grad():
+        experts.w13.copy_(torch.stack((w1, w3), 1))
+        experts.w2.copy_(w2)
+    assert torch.equal(experts.w1, w1) and torch.equal(experts.w3, w3)
+    torch.testing.assert_close(experts(x_PD, counts), want)
+
+
+def test_grouped_experts_load_a_state_dict_with_separate_gate_and_up_weights():
+    # r1core state dicts written before w13 hold w1 and w3: they load into its halves, strictly
+    E, I, D = 3, 4, 5
+    old = {"w1": torch.randn(E, I, D), "w2": torch.randn(E, D, I), "w3": torch.randn(E, I, D)}
+    experts = GroupedExperts(E, D, I)
+    experts.load_state_dict(dict(old))
+    assert torch.equal(experts.w1, old["w1"]) and torch.equal(experts.w3, old["w3"])
+    assert torch.equal(experts.w2, old["w2"])
+    with pytest.raises(RuntimeError, match="w13"):
+        experts.load_state_dict({"w1": old["w1"], "w2": old["w2"]})  # no up weight: w13 is missing
+
+
+def test_a_seed_draws_the_weights_it_drew_with_separate_gate_down_and_up_weights():
+    # reset_parameters draws w13's gate half, then w2, then its up half: the order of the former w1, w2, w3,
+    # so a seed gives the same model (and every seeded figure stays comparable)
+    args = tiny()
+    model = Transformer(args)
+    torch.manual_seed(3)
+    model.reset_parameters()
+    torch.manual_seed(3)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or ".enorm." in name or ".hnorm." in name:
+            continue
+        if name.endswith("experts.w13"):
+            gate = torch.empty(p[:, 0].shape).normal_(0.0, args.init_std)
+            assert torch.equal(p[:, 0], gate), name
+            up_of = p
+            continue
+        assert torch.equal(p, torch.empty(p.shape).normal_(0.0, args.init_std)), name
+        if name.endswith("experts.w2"):
+            assert torch.equal(up_of[:, 1], torch.empty(up_of[:, 1].shape).normal_(0.0, args.init_std)), name
 
 
 # ---------------------------------------------------------------- losses and training

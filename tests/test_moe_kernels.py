@@ -182,6 +182,12 @@ def _ffn_inputs(E, D, I, seg, tail, dtype=torch.float64, device="cpu", seed=0):
     return (x, w1, w2, w3), torch.tensor(seg, device=device)
 
 
+def _gs(x, w1, w2, w3, seg, **kw):
+    """grouped_swiglu on separate gate and up weights, stacked as the model stores them (w13 [E, 2, I, D]):
+    the gradients reach w1 and w3 through the stack, so each is checked on its own."""
+    return grouped_swiglu(x, torch.stack((w1, w3), dim=1), w2, seg, **kw)
+
+
 GEMM_CASES = {  # E, D, I, segment sizes, rows past the last segment
     "empty_single_and_tail": (4, 24, 40, [3, 0, 17, 1], 4),
     "all_rows_one_expert": (3, 32, 16, [0, 0, 40], 0),
@@ -196,7 +202,7 @@ def test_grouped_swiglu_forward_and_grads_match_ref(case):
     ops64 = [t.requires_grad_() for t in ops64]
     ops32 = [t.detach().float().requires_grad_() for t in ops64]
     ops_ref = [t.detach().float().requires_grad_() for t in ops64]
-    y = grouped_swiglu(*ops32, seg_E)
+    y = _gs(*ops32, seg_E)
     y_ref = grouped_swiglu_ref(*ops_ref, seg_E)
     y64 = grouped_swiglu_ref(*ops64, seg_E)
     assert_close_to_ref(y, y64, y_ref, floor=1e-6, name="y_PD")
@@ -216,7 +222,7 @@ def test_grouped_swiglu_forward_and_grads_match_ref(case):
 def test_grouped_swiglu_with_every_segment_empty_is_zero_with_zero_grads():
     ops, seg_E = _ffn_inputs(3, 16, 16, [0, 0, 0], 5, dtype=torch.float32)
     ops = [t.requires_grad_() for t in ops]
-    y = grouped_swiglu(*ops, seg_E)
+    y = _gs(*ops, seg_E)
     assert (y == 0).all()
     grads = torch.autograd.grad(y.sum(), ops)
     assert all((gr == 0).all() for gr in grads)
@@ -226,7 +232,7 @@ def test_grouped_swiglu_bf16_on_cpu_meets_the_rule():
     # The interpreter's tl.dot cannot multiply bf16; the CPU path computes in fp32 and casts back.
     ops64, seg_E = _ffn_inputs(3, 32, 16, [5, 0, 9], 2)
     ops_bf = [t.detach().bfloat16().requires_grad_() for t in ops64]
-    y = grouped_swiglu(*ops_bf, seg_E)
+    y = _gs(*ops_bf, seg_E)
     assert y.dtype == torch.bfloat16
     assert_close_to_ref(y, grouped_swiglu_ref(*ops64, seg_E), grouped_swiglu_ref(*ops_bf, seg_E), floor=1e-5)
     assert all(gr.dtype == torch.bfloat16 for gr in torch.autograd.grad(y.sum(), ops_bf))
@@ -234,13 +240,16 @@ def test_grouped_swiglu_bf16_on_cpu_meets_the_rule():
 
 def test_grouped_swiglu_picks_triton_off_hopper_and_rejects_bad_arguments():
     (x, w1, w2, w3), seg_E = _ffn_inputs(2, 16, 24, [2, 2], 0, dtype=torch.float32)
-    assert grouped_swiglu_backend(x, w1, w2, w3) == "triton"
+    w13 = torch.stack((w1, w3), dim=1)
+    assert grouped_swiglu_backend(x, w13, w2) == "triton"
     with pytest.raises(ValueError, match="backend"):
-        grouped_swiglu(x, w1, w2, w3, seg_E, backend="cutlass")
+        grouped_swiglu(x, w13, w2, seg_E, backend="cutlass")
     with pytest.raises(ValueError, match="w2"):
-        grouped_swiglu(x, w1, w2.transpose(1, 2), w3, seg_E)
+        grouped_swiglu(x, w13, w2.transpose(1, 2), seg_E)
+    with pytest.raises(ValueError, match=r"w13_E2ID \[E, 2, I, D\]"):
+        grouped_swiglu(x, w1, w2, seg_E)
     with pytest.raises(ValueError, match="seg_E"):
-        grouped_swiglu(x, w1, w2, w3, seg_E.float())
+        grouped_swiglu(x, w13, w2, seg_E.float())
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -340,7 +349,7 @@ def check_grouped_swiglu(T, K, E, D, I, backend, dtype, device, tail=64):
     seg[3] = seg[E - 5] = 0
     (x, w1, w2, w3), seg = _ffn_inputs(E, D, I, seg.tolist(), tail, dtype=dtype, device=device)
     ops = [t.requires_grad_() for t in (x, w1, w2, w3)]
-    y = grouped_swiglu(*ops, seg, backend=backend)
+    y = _gs(*ops, seg, backend=backend)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, ops, g)
     used = int(seg.sum())

@@ -36,7 +36,7 @@ from r1core.model.transformer import Transformer
 from .atomic import fsync_path
 from .fp8 import FP8_DTYPE, dequantize_block_fp8
 from .hf_config import CheckpointError, HFExtras, args_from_hf_config, hf_config_from_args, parse_hf_config
-from .hf_names import IGNORED_HF, Target, hf_to_r1, mtp_copies, save_plan
+from .hf_names import IGNORED_HF, Target, hf_to_r1, mtp_copies, r1_to_hf, save_plan
 
 __all__ = [
     "CheckpointError",
@@ -123,13 +123,10 @@ class _Loader:
         self.dest = model.state_dict(keep_vars=True)
         if self.args.tie_embeddings:
             del self.dest["head.weight"]  # the same tensor as embed.weight
-        self.count = {
-            name: [0] * (t.shape[0] if ".ffn.experts.w" in name else 1) for name, t in self.dest.items()
-        }
+        self.count = defaultdict(int)  # (r1core key, index) -> times written
 
     def _target(self, t: Target) -> torch.Tensor:
-        dest = self.dest[t.name].detach()
-        return dest if t.expert is None else dest[t.expert]
+        return self.dest[t.name].detach()[t.index]
 
     def _plan(self) -> tuple[dict[Path, list[tuple[str, Target]]], list[tuple[str, Target]]]:
         """Map every checkpoint name before reading anything: unknown and missing names fail here."""
@@ -145,7 +142,7 @@ class _Loader:
             if (
                 t is None
                 or t.name not in self.dest
-                or (t.expert is not None and t.expert >= self.dest[t.name].shape[0])
+                or any(i >= n for i, n in zip(t.index, self.dest[t.name].shape))
             ):
                 unexpected.append(hf)
             else:
@@ -213,7 +210,7 @@ class _Loader:
 
     def _fill(self, t: Target, value: torch.Tensor) -> None:
         self._target(t).copy_(value)  # copy_ casts to the parameter's dtype and device
-        self.count[t.name][t.expert or 0] += 1
+        self.count[t.name, t.index] += 1
 
     @torch.no_grad()
     def run(self) -> None:
@@ -263,11 +260,11 @@ class _Loader:
                         )
 
     def _check_complete(self) -> None:
+        expected = [(key, index) for key in self.dest for _, index in r1_to_hf(key, self.args)]
         bad = [
-            f"{name}[{i}]" if len(c) > 1 else name
-            for name, c in self.count.items()
-            for i, n in enumerate(c)
-            if n != 1
+            f"{key}[{', '.join(map(str, index))}]" if index else key
+            for key, index in expected
+            if self.count[key, index] != 1
         ]
         if bad:
             raise CheckpointError(f"r1core tensor(s) not written exactly once: {bad[:8]}")
@@ -427,13 +424,13 @@ def save_pretrained(
     _check_saveable(model, state)
     plan = save_plan(state, model.args)
 
-    def tensor(key: str, expert: int | None) -> torch.Tensor:
-        t = state[key] if expert is None else state[key][expert]
+    def tensor(key: str, index: tuple[int, ...]) -> torch.Tensor:
+        t = state[key][index]
         to = torch.float32 if key.endswith(FP32_STATE) else (dtype or t.dtype)
         return t.detach().to("cpu", to).clone()  # clone: safetensors refuses tensors sharing storage
 
     def nbytes(entry) -> int:
-        t = state[entry[1]] if entry[2] is None else state[entry[1]][entry[2]]
+        t = state[entry[1]][entry[2]]
         return t.numel() * (4 if entry[1].endswith(FP32_STATE) else (dtype or t.dtype).itemsize)
 
     config = hf_config_from_args(model.args)

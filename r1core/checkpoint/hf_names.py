@@ -1,8 +1,10 @@
 """Tensor names: r1core state_dict keys <-> the released DeepSeek-V3 / HF checkpoint keys.
 
-One table of per-block suffixes serves both directions. Routed experts are one stacked r1core
-tensor (`ffn.experts.w1` [E, I, D]) but E separate HF tensors (`mlp.experts.{e}.gate_proj.weight`),
-so a name maps to (r1core key, expert index or None).
+One table of per-block suffixes serves both directions. Routed experts are stacked r1core tensors
+(`ffn.experts.w13` [E, 2, I, D] holds every expert's gate and up projections, `ffn.experts.w2` [E, D, I]
+the down projections) but separate HF tensors (`mlp.experts.{e}.gate_proj.weight`, ...), so a name maps
+to (r1core key, index into it): () for a whole tensor, (e,) for an expert's down projection, (e, 0) and
+(e, 1) for its gate and up projections.
 
 The MTP module k is HF layer `num_hidden_layers + k`: its block uses the ordinary layer names and
 it adds `enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, plus `embed_tokens` and `shared_head.head`,
@@ -26,7 +28,9 @@ _ATTN = {
     "kv_b_proj": "wkv_b",
     "o_proj": "wo",
 }
-_SWIGLU = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+_SWIGLU = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # dense MLPs and shared experts
+# routed experts: HF projection -> (stacked r1core tensor, index after the expert's)
+_EXPERT_PROJ = {"gate_proj": ("w13", (0,)), "up_proj": ("w13", (1,)), "down_proj": ("w2", ())}
 
 # HF suffix inside `model.layers.{i}.` -> r1core suffix inside `layers.{i}.` (or `mtp.{k}.block.`)
 _BLOCK = {
@@ -58,7 +62,7 @@ _TOP_INV = {r: h for h, r in _TOP.items()}
 
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _HF_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
-_R1_EXPERT = re.compile(r"ffn\.experts\.(w1|w2|w3)")
+_R1_EXPERT = re.compile(r"ffn\.experts\.(w13|w2)")
 _R1_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _R1_MTP = re.compile(r"mtp\.(\d+)\.(.+)")
 # Tensors some exporters write that carry no weights r1core needs (rope tables it recomputes).
@@ -68,7 +72,7 @@ IGNORED_HF = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
 @dataclass(frozen=True)
 class Target:
     name: str  # r1core state_dict key
-    expert: int | None = None  # slice of a stacked expert tensor
+    index: tuple[int, ...] = ()  # slice of a stacked expert tensor: (e,) or (e, 0 | 1); () for all of it
     copy: bool = False  # a duplicate of `name` (MTP embed/head copies, tied lm_head): verified, not loaded
 
 
@@ -77,7 +81,8 @@ def _block_hf_to_r1(rest: str, prefix: str) -> Target | None:
         return Target(prefix + _BLOCK[rest])
     m = _HF_EXPERT.fullmatch(rest)
     if m:
-        return Target(f"{prefix}ffn.experts.{_SWIGLU[m.group(2)]}", expert=int(m.group(1)))
+        name, part = _EXPERT_PROJ[m.group(2)]
+        return Target(f"{prefix}ffn.experts.{name}", index=(int(m.group(1)), *part))
     return None
 
 
@@ -105,21 +110,26 @@ def hf_to_r1(hf_name: str, args: ModelArgs) -> Target | None:
     return _block_hf_to_r1(rest, f"mtp.{k}.block.")
 
 
-def _block_r1_to_hf(rest: str, hf_prefix: str, n_experts: int) -> list[tuple[str, int | None]]:
+def _block_r1_to_hf(rest: str, hf_prefix: str, n_experts: int) -> list[tuple[str, tuple[int, ...]]]:
     if rest in _BLOCK_INV:
-        return [(hf_prefix + _BLOCK_INV[rest], None)]
+        return [(hf_prefix + _BLOCK_INV[rest], ())]
     m = _R1_EXPERT.fullmatch(rest)
     if m:
-        proj = {r: h for h, r in _SWIGLU.items()}[m.group(1)]
-        return [(f"{hf_prefix}mlp.experts.{e}.{proj}.weight", e) for e in range(n_experts)]
+        projs = [(h, part) for h, (r, part) in _EXPERT_PROJ.items() if r == m.group(1)]
+        return [
+            (f"{hf_prefix}mlp.experts.{e}.{proj}.weight", (e, *part))
+            for e in range(n_experts)
+            for proj, part in projs
+        ]
     raise KeyError(rest)
 
 
-def r1_to_hf(r1_name: str, args: ModelArgs) -> list[tuple[str, int | None]]:
-    """HF names of an r1core state_dict key: one per expert for stacked experts, else one."""
+def r1_to_hf(r1_name: str, args: ModelArgs) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, index into the r1core tensor) of an r1core state_dict key: one per expert and
+    projection for stacked experts, else one with index ()."""
     try:
         if r1_name in _TOP_INV:
-            return [(_TOP_INV[r1_name], None)]
+            return [(_TOP_INV[r1_name], ())]
         m = _R1_LAYER.fullmatch(r1_name)
         if m:
             return _block_r1_to_hf(m.group(2), f"model.layers.{m.group(1)}.", args.n_routed_experts)
@@ -127,7 +137,7 @@ def r1_to_hf(r1_name: str, args: ModelArgs) -> list[tuple[str, int | None]]:
         if m:
             layer, rest = args.n_layers + int(m.group(1)), m.group(2)
             if rest in _MTP_INV:
-                return [(f"model.layers.{layer}.{_MTP_INV[rest]}", None)]
+                return [(f"model.layers.{layer}.{_MTP_INV[rest]}", ())]
             if rest.startswith("block."):
                 return _block_r1_to_hf(rest[len("block.") :], f"model.layers.{layer}.", args.n_routed_experts)
     except KeyError:
@@ -148,8 +158,9 @@ def mtp_copies(args: ModelArgs) -> list[tuple[str, str]]:
     return out
 
 
-def save_plan(state_keys, args: ModelArgs) -> list[tuple[str, str, int | None]]:
-    """(HF name, r1core key, expert) for every tensor a checkpoint of `args` holds, in release order.
+def save_plan(state_keys, args: ModelArgs) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(HF name, r1core key, index) for every tensor a checkpoint of `args` holds, in release order:
+    `state[key][index]` is the tensor (index () for a whole one).
 
     A tied output head is not written (transformers re-ties it from `tie_word_embeddings`).
     """
@@ -158,5 +169,5 @@ def save_plan(state_keys, args: ModelArgs) -> list[tuple[str, str, int | None]]:
         if key == "head.weight" and args.tie_embeddings:
             continue
         plan += [(hf, key, e) for hf, e in r1_to_hf(key, args)]
-    plan += [(hf, src, None) for hf, src in mtp_copies(args)]
+    plan += [(hf, src, ()) for hf, src in mtp_copies(args)]
     return plan

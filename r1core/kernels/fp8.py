@@ -393,16 +393,17 @@ def grouped_linear_fp8(x_PD, w_EOI, seg_E, impl: str | None = None) -> torch.Ten
     return _GroupedFp8Linear.apply(x_PD, w_EOI, seg_E, impl)
 
 
-def grouped_swiglu_fp8(x_PD, w1_EID, w2_EDI, w3_EID, seg_E, impl: str | None = None) -> torch.Tensor:
-    """The MoE experts' SwiGLU with FP8 GEMMs; the activation itself runs in the input dtype.
+def grouped_swiglu_fp8(x_PD, w13_E2ID, w2_EDI, seg_E, impl: str | None = None) -> torch.Tensor:
+    """The MoE experts' SwiGLU (gate and up stacked in w13 [E, 2, I, D]) with FP8 GEMMs; the activation
+    itself runs in the input dtype.
 
     Gate and up projections run as one GEMM on [w1; w3] (I is a multiple of 128, so the 128x128 blocks are
     those of w1 and w3 alone): x is quantized and read once.
     """
-    h13 = grouped_linear_fp8(x_PD, torch.cat([w1_EID, w3_EID], dim=1), seg_E, impl)
+    h13 = grouped_linear_fp8(x_PD, w13_E2ID.flatten(1, 2), seg_E, impl)
     h1, h3 = h13.chunk(2, dim=-1)
     return grouped_linear_fp8(F.silu(h1) * h3, w2_EDI, seg_E, impl)
 
 
-def grouped_swiglu_fp8_ref(x_PD, w1_EID, w2_EDI, w3_EID, seg_E) -> torch.Tensor:
-    return grouped_swiglu_fp8(x_PD, w1_EID, w2_EDI, w3_EID, seg_E, "ref")
+def grouped_swiglu_fp8_ref(x_PD, w13_E2ID, w2_EDI, seg_E) -> torch.Tensor:
+    return grouped_swiglu_fp8(x_PD, w13_E2ID, w2_EDI, seg_E, "ref")

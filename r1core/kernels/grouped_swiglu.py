@@ -2,21 +2,23 @@
 
 Legend: P permuted rows, D model dim, I expert hidden dim, E experts; segment e is rows
 [start_e, start_e + seg_e) with start = exclusive_cumsum(seg); rows past the last segment are zero.
+The gate and up weights come stacked, W13_e = [W1_e; W3_e] ([2I, D]; the model's w13 [E, 2, I, D]), and
+so do their outputs, h13 = [h1 | h3] ([P, 2I]), and gradients:
 
-    h1 = x W1_e^T,  h3 = x W3_e^T,  a = silu(h1) * h3,  y = a W2_e^T          (per segment e)
+    h13 = x W13_e^T,  a = silu(h1) * h3,  y = a W2_e^T                        (per segment e)
     backward (Shazeer 2020, "GLU Variants Improve Transformer", for the SwiGLU derivative):
     da = dy W2_e;  dh3 = da * silu(h1);  dh1 = da * h3 * sig(h1) * (1 + h1 (1 - sig(h1)))
-    dx = dh1 W1_e + dh3 W3_e;  dW1_e = dh1_e^T x_e;  dW3_e = dh3_e^T x_e;  dW2_e = dy_e^T a_e
+    dx = dh13 W13_e (one GEMM over K = 2I: dh1 W1_e + dh3 W3_e);  dW13_e = dh13_e^T x_e;  dW2_e = dy_e^T a_e
 
 Two implementations, chosen at run time by `grouped_swiglu_backend`:
   * "grouped_mm": `torch._grouped_mm` (CUTLASS sm90 grouped GEMM: 691 TFLOP/s forward at V3 expert
-    shapes, 89% of dense) for the nine GEMMs (3 forward, 6 backward), Triton for the SwiGLU steps. Used on
+    shapes, 89% of dense) for the six GEMMs (2 forward, 4 backward), Triton for the SwiGLU steps. Used on
     Hopper when every operand is bf16, D and I are multiples of 8 (16-byte TMA strides) and E < 1024
     (the CUTLASS kernel's group limit). Its outputs are torch.empty, so rows past the last segment
     and the weight grads of experts with no rows are zeroed here.
   * "triton": Triton grouped GEMMs with SwiGLU fused into the gate/up epilogue (forward) and into
     the epilogue of da (backward). Everything else: the CPU interpreter, fp32 / fp16, pre-Hopper GPUs.
-h1 and h3 are saved for backward; a is recomputed there rather than kept.
+h13 is saved for backward; a is recomputed there rather than kept.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from r1core.model.moe import grouped_swiglu_ref
+from r1core.model.moe import grouped_swiglu_ref, grouped_swiglu_stacked_ref
 
-__all__ = ["grouped_swiglu", "grouped_swiglu_ref", "grouped_swiglu_backend"]
+__all__ = ["grouped_swiglu", "grouped_swiglu_ref", "grouped_swiglu_stacked_ref", "grouped_swiglu_backend"]
 
 BACKENDS = ("grouped_mm", "triton")
 
@@ -105,13 +107,15 @@ def _gate_up_kernel(
     stride_we,
     stride_wk,
     stride_wn,
+    stride_hm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """h1 = x W1^T, h3 = x W3^T sharing each x tile; epilogue a = silu(h1) * h3 from the rounded h1, h3."""
+    """h1 = x W1^T, h3 = x W3^T sharing each x tile (h1, h3 with row stride stride_hm: the halves of h13);
+    epilogue a = silu(h1) * h3 from the rounded h1, h3."""
     n_tiles = tl.cdiv(I, BLOCK_N)
     pid_m = tl.program_id(0) // n_tiles
     e, e64, rows, row_ok = _tile_rows(pid_m, tile_end_ptr, seg_start_ptr, seg_ptr, P, E, BLOCK_M, BLOCK_E)
@@ -132,12 +136,13 @@ def _gate_up_kernel(
         acc3 = tl.dot(xa, tl.load(w3_ptr + w_off, mask=w_mask, other=0.0), acc3, input_precision=PREC)
         x_ptrs += BLOCK_K
         w_off += BLOCK_K * stride_wk
+    out_h = rows[:, None] * stride_hm + cols[None, :]
     out = rows[:, None] * I + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     h1 = acc1.to(h1_ptr.dtype.element_ty)
     h3 = acc3.to(h1_ptr.dtype.element_ty)
-    tl.store(h1_ptr + out, h1, mask=mask)
-    tl.store(h3_ptr + out, h3, mask=mask)
+    tl.store(h1_ptr + out_h, h1, mask=mask)
+    tl.store(h3_ptr + out_h, h3, mask=mask)
     h1f = h1.to(tl.float32)
     tl.store(a_ptr + out, (h1f * tl.sigmoid(h1f) * h3.to(tl.float32)).to(a_ptr.dtype.element_ty), mask=mask)
 
@@ -146,8 +151,6 @@ def _gate_up_kernel(
 def _rows_gemm_kernel(
     a_ptr,
     b_ptr,
-    a2_ptr,
-    b2_ptr,
     c_ptr,
     h1_ptr,
     h3_ptr,
@@ -163,7 +166,7 @@ def _rows_gemm_kernel(
     stride_be,
     stride_bk,
     stride_bn,
-    DUAL: tl.constexpr,
+    stride_cm,
     SWIGLU_BWD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -171,8 +174,9 @@ def _rows_gemm_kernel(
     BLOCK_E: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """C[seg e] = A[seg e] @ B_e (+ A2 @ B2_e when DUAL). With SWIGLU_BWD, C is da and the epilogue
-    writes dh1 to c_ptr, dh3 and the recomputed a, reading the saved h1, h3."""
+    """C[seg e] = A[seg e] @ B_e (C with row stride stride_cm). With SWIGLU_BWD, C is da and the epilogue
+    writes dh1 to c_ptr, dh3 and the recomputed a (row stride N), reading the saved h1, h3 (h1, h3 and dh3
+    with C's row stride: the halves of h13 and dh13)."""
     n_tiles = tl.cdiv(N, BLOCK_N)
     pid_m = tl.program_id(0) // n_tiles
     e, e64, rows, row_ok = _tile_rows(pid_m, tile_end_ptr, seg_start_ptr, seg_ptr, P, E, BLOCK_M, BLOCK_E)
@@ -196,23 +200,7 @@ def _rows_gemm_kernel(
         BLOCK_K,
         PREC,
     )
-    if DUAL:
-        acc = _mma(
-            acc,
-            a2_ptr,
-            b2_ptr + e64 * stride_be,
-            rows,
-            row_ok,
-            cols,
-            col_ok,
-            K,
-            K,
-            stride_bk,
-            stride_bn,
-            BLOCK_K,
-            PREC,
-        )
-    out = rows[:, None] * N + cols[None, :]
+    out = rows[:, None] * stride_cm + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     dt = c_ptr.dtype.element_ty
     if SWIGLU_BWD:
@@ -220,7 +208,7 @@ def _rows_gemm_kernel(
         h3 = tl.load(h3_ptr + out, mask=mask, other=0.0).to(tl.float32)
         dh1, dh3, act = _swiglu_bwd_math(acc.to(dt).to(tl.float32), h1, h3)
         tl.store(dh3_ptr + out, dh3.to(dt), mask=mask)
-        tl.store(act_ptr + out, act.to(dt), mask=mask)
+        tl.store(act_ptr + rows[:, None] * N + cols[None, :], act.to(dt), mask=mask)
         tl.store(c_ptr + out, dh1.to(dt), mask=mask)
     else:
         tl.store(c_ptr + out, acc.to(dt), mask=mask)
@@ -269,26 +257,29 @@ def _swiglu_ew_kernel(
     dh3_ptr,
     used_ptr,
     N,
-    stride_m,
+    stride_h,
+    stride_a,
     BACKWARD: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Elementwise SwiGLU for the grouped_mm path, over the rows of the segments only."""
+    """Elementwise SwiGLU for the grouped_mm path, over the rows of the segments only. h1, h3, dh1, dh3
+    have row stride stride_h (the halves of h13, dh13); a and da have stride_a."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (r < tl.load(used_ptr))[:, None] & (c < N)[None, :]
-    off = r.to(tl.int64)[:, None] * stride_m + c[None, :]
+    off = r.to(tl.int64)[:, None] * stride_h + c[None, :]
+    off_a = r.to(tl.int64)[:, None] * stride_a + c[None, :]
     h1 = tl.load(h1_ptr + off, mask=mask, other=0.0).to(tl.float32)
     h3 = tl.load(h3_ptr + off, mask=mask, other=0.0).to(tl.float32)
     dt = a_ptr.dtype.element_ty
     if BACKWARD:
-        dh1, dh3, act = _swiglu_bwd_math(tl.load(da_ptr + off, mask=mask, other=0.0).to(tl.float32), h1, h3)
+        dh1, dh3, act = _swiglu_bwd_math(tl.load(da_ptr + off_a, mask=mask, other=0.0).to(tl.float32), h1, h3)
         tl.store(dh1_ptr + off, dh1.to(dt), mask=mask)
         tl.store(dh3_ptr + off, dh3.to(dt), mask=mask)
     else:
         act = h1 * tl.sigmoid(h1) * h3
-    tl.store(a_ptr + off, act.to(dt), mask=mask)
+    tl.store(a_ptr + off_a, act.to(dt), mask=mask)
 
 
 @triton.jit
@@ -381,8 +372,9 @@ def _zero_tail(out: torch.Tensor, segs: _Segments) -> None:
         )
 
 
-def _rows_gemm(a, b, out, segs, cfg, b_strides, a2=None, b2=None, swiglu=None):
-    """out[P, N] = a @ B_e per segment (see _rows_gemm_kernel); swiglu = (h1, h3, dh3, act) outputs."""
+def _rows_gemm(a, b, out, segs, cfg, b_strides, swiglu=None):
+    """out[P, N] = a @ B_e per segment (see _rows_gemm_kernel); `out` may be a row-strided view (the
+    first half of dh13); swiglu = (h1, h3, dh3, act) with h1, h3, dh3 at out's row stride."""
     P, K = a.shape
     N = out.shape[1]
     E = segs.seg.numel()
@@ -392,8 +384,6 @@ def _rows_gemm(a, b, out, segs, cfg, b_strides, a2=None, b2=None, swiglu=None):
     _rows_gemm_kernel[grid](
         a,
         b,
-        a2 if a2 is not None else a,
-        b2 if b2 is not None else b,
         out,
         h1,
         h3,
@@ -407,7 +397,7 @@ def _rows_gemm(a, b, out, segs, cfg, b_strides, a2=None, b2=None, swiglu=None):
         N,
         E,
         *b_strides,
-        DUAL=a2 is not None,
+        out.stride(0),
         SWIGLU_BWD=swiglu is not None,
         BLOCK_E=triton.next_power_of_2(E),
         PREC=cfg["prec"],
@@ -426,18 +416,20 @@ def _wgrad(a, b, segs, cfg, dtype):
     return out
 
 
-def _fwd_triton(x, w1, w2, w3, segs, cfg):
+def _fwd_triton(x, w13, w2, segs, cfg):
+    """w13: [E, 2I, D]; returns y [P, D] and h13 [P, 2I]."""
     P, D = x.shape
-    E, I, _ = w1.shape
-    h1, h3, act = (torch.empty(P, I, device=x.device, dtype=x.dtype) for _ in range(3))
+    E, I = w13.shape[0], w13.shape[1] // 2
+    h13 = torch.empty(P, 2 * I, device=x.device, dtype=x.dtype)
+    act = torch.empty(P, I, device=x.device, dtype=x.dtype)
     t = _fit(cfg, "gate_up", None, I, D)
     grid = ((triton.cdiv(P, t["BLOCK_M"]) + E) * triton.cdiv(I, t["BLOCK_N"]),)
     _gate_up_kernel[grid](
         x,
-        w1,
-        w3,
-        h1,
-        h3,
+        w13[:, :I],
+        w13[:, I:],
+        h13[:, :I],
+        h13[:, I:],
         act,
         segs.tile_end,
         segs.start,
@@ -446,60 +438,64 @@ def _fwd_triton(x, w1, w2, w3, segs, cfg):
         D,
         I,
         E,
-        w1.stride(0),
-        w1.stride(2),
-        w1.stride(1),
+        w13.stride(0),
+        w13.stride(2),
+        w13.stride(1),
+        h13.stride(0),
         BLOCK_E=triton.next_power_of_2(E),
         PREC=cfg["prec"],
         **t,
     )
     y = torch.empty(P, D, device=x.device, dtype=x.dtype)
-    _rows_gemm(
-        act, w2, y, segs, cfg, (w2.stride(0), w2.stride(2), w2.stride(1))
-    )  # B_e[k=i, n=d] = W2_e[d, i]
+    # B_e[k=i, n=d] = W2_e[d, i]
+    _rows_gemm(act, w2, y, segs, cfg, (w2.stride(0), w2.stride(2), w2.stride(1)))
     _zero_tail(y, segs)
-    return y, h1, h3
+    return y, h13
 
 
-def _bwd_triton(dy, x, w1, w2, w3, h1, h3, segs, cfg, needs):
+def _bwd_triton(dy, x, w13, w2, h13, segs, cfg, needs):
     P, D = x.shape
-    dh1, dh3, act = (torch.empty_like(h1) for _ in range(3))
-    _rows_gemm(dy, w2, dh1, segs, cfg, (w2.stride(0), w2.stride(1), w2.stride(2)), swiglu=(h1, h3, dh3, act))
-    dx = dw1 = dw2 = dw3 = None
+    I = w13.shape[1] // 2
+    dh13 = torch.empty_like(h13)
+    act = torch.empty(P, I, device=x.device, dtype=x.dtype)
+    swiglu = (h13[:, :I], h13[:, I:], dh13[:, I:], act)
+    _rows_gemm(dy, w2, dh13[:, :I], segs, cfg, (w2.stride(0), w2.stride(1), w2.stride(2)), swiglu=swiglu)
+    dx = dw13 = dw2 = None
     if needs[0]:
         dx = torch.empty(P, D, device=x.device, dtype=x.dtype)
-        _rows_gemm(dh1, w1, dx, segs, cfg, (w1.stride(0), w1.stride(1), w1.stride(2)), a2=dh3, b2=w3)
+        _rows_gemm(dh13, w13, dx, segs, cfg, (w13.stride(0), w13.stride(1), w13.stride(2)))
         _zero_tail(dx, segs)
     if needs[1]:
-        dw1 = _wgrad(dh1, x, segs, cfg, w1.dtype)
+        dw13 = _wgrad(dh13, x, segs, cfg, w13.dtype)
     if needs[2]:
         dw2 = _wgrad(dy, act, segs, cfg, w2.dtype)
-    if needs[3]:
-        dw3 = _wgrad(dh3, x, segs, cfg, w3.dtype)
-    return dx, dw1, dw2, dw3
+    return dx, dw13, dw2
 
 
-def _swiglu_ew(h1, h3, segs, da=None):
-    P, I = h1.shape
-    act = torch.empty_like(h1)
-    dh1, dh3 = (torch.empty_like(h1), torch.empty_like(h1)) if da is not None else (act, act)
+def _swiglu_ew(h13, segs, da=None):
+    """act = silu(h1) * h3 over h13 = [h1 | h3]; with da also dh13 = [dh1 | dh3] (else dh13 is act)."""
+    P, I = h13.shape[0], h13.shape[1] // 2
+    act = torch.empty(P, I, device=h13.device, dtype=h13.dtype)
+    dh13 = torch.empty_like(h13) if da is not None else None
+    out = dh13 if dh13 is not None else h13  # not written without da
     if P:
         block_n = min(256, triton.next_power_of_2(I))
         _swiglu_ew_kernel[(triton.cdiv(P, 16), triton.cdiv(I, block_n))](
-            h1,
-            h3,
-            da if da is not None else h1,
+            h13[:, :I],
+            h13[:, I:],
+            da if da is not None else act,
             act,
-            dh1,
-            dh3,
+            out[:, :I],
+            out[:, I:],
             segs.used,
             I,
-            h1.stride(0),
+            h13.stride(0),
+            I,
             BACKWARD=da is not None,
             BLOCK_R=16,
             BLOCK_N=block_n,
         )
-    return act, dh1, dh3
+    return act, dh13
 
 
 def _zero_empty_experts(w_grad: torch.Tensor, segs: _Segments) -> None:
@@ -512,24 +508,22 @@ def _zero_empty_experts(w_grad: torch.Tensor, segs: _Segments) -> None:
     )
 
 
-def _fwd_grouped_mm(x, w1, w2, w3, segs):
+def _fwd_grouped_mm(x, w13, w2, segs):
     gmm = torch._grouped_mm
-    h1 = gmm(x, w1.transpose(-2, -1), offs=segs.offs)
-    h3 = gmm(x, w3.transpose(-2, -1), offs=segs.offs)
-    act, _, _ = _swiglu_ew(h1, h3, segs)
+    h13 = gmm(x, w13.transpose(-2, -1), offs=segs.offs)
+    act, _ = _swiglu_ew(h13, segs)
     y = gmm(act, w2.transpose(-2, -1), offs=segs.offs)
     _zero_tail(y, segs)
-    return y, h1, h3
+    return y, h13
 
 
-def _bwd_grouped_mm(dy, x, w1, w2, w3, h1, h3, segs, needs):
+def _bwd_grouped_mm(dy, x, w13, w2, h13, segs, needs):
     gmm = torch._grouped_mm
     offs = segs.offs
-    act, dh1, dh3 = _swiglu_ew(h1, h3, segs, da=gmm(dy, w2, offs=offs))
+    act, dh13 = _swiglu_ew(h13, segs, da=gmm(dy, w2, offs=offs))
     dx = None
     if needs[0]:
-        dx = gmm(dh1, w1, offs=offs)
-        dx += gmm(dh3, w3, offs=offs)
+        dx = gmm(dh13, w13, offs=offs)  # dh1 W1 + dh3 W3 in one GEMM over K = 2I
         _zero_tail(dx, segs)
 
     def wgrad(a, b):  # K-grouped: [E, M, N] = a_e^T b_e
@@ -537,20 +531,12 @@ def _bwd_grouped_mm(dy, x, w1, w2, w3, h1, h3, segs, needs):
         _zero_empty_experts(g, segs)
         return g
 
-    return (
-        dx,
-        wgrad(dh1, x) if needs[1] else None,
-        wgrad(dy, act) if needs[2] else None,
-        wgrad(dh3, x) if needs[3] else None,
-    )
+    return dx, wgrad(dh13, x) if needs[1] else None, wgrad(dy, act) if needs[2] else None
 
 
 # ----------------------------------------------------------------------------------------------- public API
 def grouped_swiglu_backend(
-    x_PD: torch.Tensor,
-    w1_EID: torch.Tensor,
-    w2_EDI: torch.Tensor | None = None,
-    w3_EID: torch.Tensor | None = None,
+    x_PD: torch.Tensor, w13_E2ID: torch.Tensor, w2_EDI: torch.Tensor | None = None
 ) -> str:
     """The implementation `grouped_swiglu` runs for these operands.
 
@@ -558,112 +544,111 @@ def grouped_swiglu_backend(
     fall back to a per-group loop with a host sync), D and I are multiples of 8 (16-byte TMA
     strides), E < 1024 (CUTLASS group limit) and the data is 16-byte aligned; "triton" otherwise.
     """
-    ops = [t for t in (x_PD, w1_EID, w2_EDI, w3_EID) if t is not None]
+    ops = [t for t in (x_PD, w13_E2ID, w2_EDI) if t is not None]
     if not (x_PD.is_cuda and hasattr(torch, "_grouped_mm")):
         return "triton"
     if any(t.dtype != torch.bfloat16 for t in ops) or torch.cuda.get_device_capability(x_PD.device)[0] != 9:
         return "triton"
-    E, I, D = w1_EID.shape
+    E, _, I, D = w13_E2ID.shape
     if D % 8 or I % 8 or E >= 1024 or any(t.data_ptr() % 16 for t in ops):
         return "triton"
     return "grouped_mm"
 
 
-def _check(x, w1, w2, w3, seg) -> None:
-    if x.dim() != 2 or w1.dim() != 3:
+def _check(x, w13, w2, seg) -> None:
+    if x.dim() != 2 or w13.dim() != 4 or w13.shape[1] != 2:
         raise ValueError(
-            f"grouped_swiglu: need x_PD [P, D] and w1_EID [E, I, D], got {tuple(x.shape)}, {tuple(w1.shape)}"
+            f"grouped_swiglu: need x_PD [P, D] and w13_E2ID [E, 2, I, D] (gate and up stacked), "
+            f"got {tuple(x.shape)}, {tuple(w13.shape)}"
         )
-    E, I, D = w1.shape
-    if x.shape[1] != D or w3.shape != w1.shape or w2.shape != (E, D, I):
+    E, _, I, D = w13.shape
+    if x.shape[1] != D or w2.shape != (E, D, I):
         raise ValueError(
-            f"grouped_swiglu: shapes x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, "
-            f"w3 {tuple(w3.shape)} do not match x [P, D], w1/w3 [E, I, D], w2 [E, D, I]"
+            f"grouped_swiglu: shapes x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} "
+            "do not match x [P, D], w13 [E, 2, I, D], w2 [E, D, I]"
         )
     if seg.shape != (E,) or seg.is_floating_point():
         raise ValueError(
             f"grouped_swiglu: seg_E must be an integer tensor of shape [{E}], "
             f"got {seg.dtype} {tuple(seg.shape)}"
         )
-    if len({t.dtype for t in (x, w1, w2, w3)}) != 1 or not x.is_floating_point():
+    if len({t.dtype for t in (x, w13, w2)}) != 1 or not x.is_floating_point():
         raise ValueError(
-            f"grouped_swiglu: x and weights need one float dtype, "
-            f"got {x.dtype}, {w1.dtype}, {w2.dtype}, {w3.dtype}"
+            f"grouped_swiglu: x and weights need one float dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}"
         )
-    if len({t.device for t in (x, w1, w2, w3, seg)}) != 1:
+    if len({t.device for t in (x, w13, w2, seg)}) != 1:
         raise ValueError("grouped_swiglu: x, weights and seg_E must be on one device")
 
 
 # Forward and backward are torch custom ops: torch.compile sees each as one opaque node, so a compiled block
 # stays one graph (dynamo cannot trace the backend choice, which reads data pointers, nor the Triton launches
 # under the CPU interpreter), and the backend is chosen inside, on real tensors, at run time. The fake
-# (shape-only) versions promise contiguous outputs, which every path returns.
+# (shape-only) versions promise contiguous outputs, which every path returns. Inside, w13 is [E, 2I, D].
 
 
-def _resolve(backend: str, x, w1, w2, w3) -> str:
-    return grouped_swiglu_backend(x, w1, w2, w3) if backend == "auto" else backend
+def _resolve(backend: str, x, w13, w2) -> str:
+    return grouped_swiglu_backend(x, w13, w2) if backend == "auto" else backend
 
 
 @torch.library.custom_op("r1core::grouped_swiglu_fwd", mutates_args=())
 def _fwd_op(
-    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, seg_E: torch.Tensor, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h1, h3): the output and the gate / up projections backward reads."""
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, seg_E: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h13): the output and the gate / up projections [h1 | h3] backward reads."""
     cfg = _configs(x)
     segs = _Segments(seg_E, cfg["rows"]["BLOCK_M"])
-    if _resolve(backend, x, w1, w2, w3) == "grouped_mm":
-        y, h1, h3 = _fwd_grouped_mm(x, w1, w2, w3, segs)
+    w13_flat = w13.flatten(1, 2)
+    if _resolve(backend, x, w13, w2) == "grouped_mm":
+        y, h13 = _fwd_grouped_mm(x, w13_flat, w2, segs)
     else:
-        y, h1, h3 = _fwd_triton(x, w1, w2, w3, segs, cfg)
-    return y.contiguous(), h1.contiguous(), h3.contiguous()
+        y, h13 = _fwd_triton(x, w13_flat, w2, segs, cfg)
+    return y.contiguous(), h13.contiguous()
 
 
 @_fwd_op.register_fake
-def _(x, w1, w2, w3, seg_E, backend):
-    P, I = x.shape[0], w1.shape[1]
-    return torch.empty_like(x), x.new_empty(P, I), x.new_empty(P, I)
+def _(x, w13, w2, seg_E, backend):
+    return torch.empty_like(x), x.new_empty(x.shape[0], 2 * w13.shape[2])
 
 
 @torch.library.custom_op("r1core::grouped_swiglu_bwd", mutates_args=())
 def _bwd_op(
     dy: torch.Tensor,
     x: torch.Tensor,
-    w1: torch.Tensor,
+    w13: torch.Tensor,
     w2: torch.Tensor,
-    w3: torch.Tensor,
-    h1: torch.Tensor,
-    h3: torch.Tensor,
+    h13: torch.Tensor,
     seg_E: torch.Tensor,
     backend: str,
     needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw1, dw2, dw3); a gradient not in `needs` comes back empty (custom ops return no None)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw13, dw2); a gradient not in `needs` comes back empty (custom ops return no None)."""
     cfg = _configs(x)
     segs = _Segments(seg_E, cfg["rows"]["BLOCK_M"])
     dy = dy.contiguous()
-    if _resolve(backend, x, w1, w2, w3) == "grouped_mm":
-        grads = _bwd_grouped_mm(dy, x, w1, w2, w3, h1, h3, segs, needs)
+    w13_flat = w13.flatten(1, 2)
+    if _resolve(backend, x, w13, w2) == "grouped_mm":
+        dx, dw13, dw2 = _bwd_grouped_mm(dy, x, w13_flat, w2, h13, segs, needs)
     else:
-        grads = _bwd_triton(dy, x, w1, w2, w3, h1, h3, segs, cfg, needs)
-    return tuple(x.new_empty(0) if g is None else g.contiguous() for g in grads)
+        dx, dw13, dw2 = _bwd_triton(dy, x, w13_flat, w2, h13, segs, cfg, needs)
+    dw13 = None if dw13 is None else dw13.reshape(w13.shape)
+    return tuple(x.new_empty(0) if g is None else g.contiguous() for g in (dx, dw13, dw2))
 
 
 @_bwd_op.register_fake
-def _(dy, x, w1, w2, w3, h1, h3, seg_E, backend, needs):
-    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip((x, w1, w2, w3), needs))
+def _(dy, x, w13, w2, h13, seg_E, backend, needs):
+    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip((x, w13, w2), needs))
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, w2, w3, seg_E, backend = inputs
-    _, h1, h3 = output
-    ctx.save_for_backward(x, w1, w2, w3, h1, h3, seg_E)
+    x, w13, w2, seg_E, backend = inputs
+    ctx.save_for_backward(x, w13, w2, output[1], seg_E)
     ctx.backend = backend
 
 
-def _backward(ctx, dy, _dh1, _dh3):
-    x, w1, w2, w3, h1, h3, seg_E = ctx.saved_tensors
-    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
-    grads = _bwd_op(dy, x, w1, w2, w3, h1, h3, seg_E, ctx.backend, needs)
+def _backward(ctx, dy, _dh13):
+    x, w13, w2, h13, seg_E = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    grads = _bwd_op(dy, x, w13, w2, h13, seg_E, ctx.backend, needs)
     return (*(g if n else None for g, n in zip(grads, needs)), None, None)
 
 
@@ -672,27 +657,27 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def grouped_swiglu(
     x_PD: torch.Tensor,
-    w1_EID: torch.Tensor,
+    w13_E2ID: torch.Tensor,
     w2_EDI: torch.Tensor,
-    w3_EID: torch.Tensor,
     seg_E: torch.Tensor,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Per-segment SwiGLU FFN with `grouped_swiglu_ref`'s contract; differentiable in x and the weights.
+    """Per-segment SwiGLU FFN with `grouped_swiglu_stacked_ref`'s contract (gate and up stacked in w13
+    [E, 2, I, D]); differentiable in x and the weights.
 
     `backend` None picks by `grouped_swiglu_backend` at run time (inside the custom op, so torch.compile
     never traces the choice); "grouped_mm" / "triton" force one (benchmarks).
     Precondition (not checked: it would need a host sync): sum(seg_E) <= P.
     """
-    _check(x_PD, w1_EID, w2_EDI, w3_EID, seg_E)
+    _check(x_PD, w13_E2ID, w2_EDI, seg_E)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"grouped_swiglu: backend must be one of {BACKENDS} or None, got {backend!r}")
     if not x_PD.is_cuda and x_PD.dtype != torch.float32:
         # The interpreter's tl.dot multiplies bf16 / fp16 bit patterns as integers: run the CPU in
         # fp32 through differentiable casts (gradients come back in the callers' dtype).
-        ops = (t.float() for t in (x_PD, w1_EID, w2_EDI, w3_EID))
+        ops = (t.float() for t in (x_PD, w13_E2ID, w2_EDI))
         return grouped_swiglu(*ops, seg_E, backend).to(x_PD.dtype)
     if x_PD.shape[0] == 0 or seg_E.numel() == 0:
         return torch.zeros_like(x_PD)  # as the reference: nothing to compute, nothing to differentiate
-    x_PD, w1_EID, w2_EDI, w3_EID = (t.contiguous() for t in (x_PD, w1_EID, w2_EDI, w3_EID))
-    return _fwd_op(x_PD, w1_EID, w2_EDI, w3_EID, seg_E, backend or "auto")[0]
+    x_PD, w13_E2ID, w2_EDI = (t.contiguous() for t in (x_PD, w13_E2ID, w2_EDI))
+    return _fwd_op(x_PD, w13_E2ID, w2_EDI, seg_E, backend or "auto")[0]

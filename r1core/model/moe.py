@@ -5,13 +5,15 @@ A MoE layer is four swappable steps, each a plain function with a fixed contract
 
     route    logits_TE, bias_E          -> weights_TK (fp32), idx_TK (int64), counts_E (int64)
     permute  x_TD, idx_TK, counts_E     -> x_PD (expert-contiguous rows), pos_TK (row of each copy)
-    experts  x_PD, seg_E                -> y_PD (SwiGLU per expert segment)
+    experts  x_PD, w13_E2ID, w2_EDI, seg_E -> y_PD (SwiGLU per expert segment)
     combine  y_PD, pos_TK, weights_TK   -> y_TD (weighted sum of each token's K rows)
 
 The functions here are the numerical specification; every kernel is tested against them.
 
 Legend: T tokens, D model dim, E routed experts, K experts per token, G expert groups,
 P permuted rows (T*K, plus per-expert padding when segments are padded), I expert hidden dim.
+The routed experts' gate and up weights are one tensor w13_E2ID [E, 2, I, D] (w13[:, 0] = W1, the gate;
+w13[:, 1] = W3, the up projection), so one grouped GEMM computes both and one computes their input gradient.
 Segment e of x_PD starts at exclusive_cumsum(seg_E)[e] with seg_E = round_up(counts_E, pad);
 rows past a segment's real tokens (padding) and past the last segment are zero.
 """
@@ -133,6 +135,11 @@ def grouped_swiglu_ref(x_PD, w1_EID, w2_EDI, w3_EID, seg_E) -> torch.Tensor:
     return y_PD
 
 
+def grouped_swiglu_stacked_ref(x_PD, w13_E2ID, w2_EDI, seg_E) -> torch.Tensor:
+    """`grouped_swiglu_ref` with the gate and up weights stacked as the model stores them."""
+    return grouped_swiglu_ref(x_PD, w13_E2ID[:, 0], w2_EDI, w13_E2ID[:, 1], seg_E)
+
+
 def seq_balance_loss(
     logits_BTE: torch.Tensor, idx_BTK: torch.Tensor, spec: RouterSpec, seq_sum: Callable | None = None
 ) -> torch.Tensor:
@@ -163,10 +170,10 @@ class MoEOps(NamedTuple):
     route: Callable
     permute: Callable
     unpermute: Callable
-    experts: Callable  # grouped SwiGLU over expert segments
+    experts: Callable  # grouped SwiGLU over expert segments: (x_PD, w13_E2ID, w2_EDI, seg_E) -> y_PD
 
 
-REF_OPS = MoEOps(route_ref, permute_ref, unpermute_ref, grouped_swiglu_ref)
+REF_OPS = MoEOps(route_ref, permute_ref, unpermute_ref, grouped_swiglu_stacked_ref)
 
 # Impl -> MoEOps, or a no-argument loader of them (called once, at first use). The model knows only
 # its reference; `r1core.kernels` registers "triton" and "cuda" when imported (the trainer and the
@@ -219,19 +226,36 @@ class Gate(nn.Module):
 class GroupedExperts(nn.Module):
     """Routed experts stored as stacked weights, the layout grouped GEMMs want.
 
-    w1/w3: [E, I, D] (gate/up), w2: [E, D, I] (down). Under expert parallelism `r1core.parallel`
-    keeps only this rank's slice and records which global experts it holds.
+    w13: [E, 2, I, D], the gate (w13[:, 0], HF `gate_proj`) and up (w13[:, 1], `up_proj`) projections of
+    every expert, so that per expert [gate; up] is one [2I, D] matrix: one grouped GEMM gives both
+    projections and one gives their input gradient (two GEMMs and an add with separate weights).
+    w2: [E, D, I] (down). `w1` and `w3` are views of w13's halves. Under expert parallelism
+    `r1core.parallel` keeps only this rank's slice (E on dim 0, I on dim 2 under TP) and records which
+    global experts it holds. State dicts written before w13 existed (`w1`, `w3`) still load.
     """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w13 = nn.Parameter(torch.empty(n_experts, 2, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
-        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.impl = Impl.ref
 
+    @property
+    def w1(self) -> torch.Tensor:
+        return self.w13[:, 0]
+
+    @property
+    def w3(self) -> torch.Tensor:
+        return self.w13[:, 1]
+
     def forward(self, x_PD: torch.Tensor, seg_E: torch.Tensor) -> torch.Tensor:
-        return moe_ops(self.impl).experts(x_PD, self.w1, self.w2, self.w3, seg_E)
+        return moe_ops(self.impl).experts(x_PD, self.w13, self.w2, seg_E)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = prefix + "w1", prefix + "w3"
+        if prefix + "w13" not in state_dict and all(k in state_dict for k in old):
+            state_dict[prefix + "w13"] = torch.stack([state_dict.pop(k) for k in old], dim=1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class LocalDispatcher:

@@ -35,7 +35,7 @@ class Fp8Ops(NamedTuple):
     as it does the MoE ops: the model itself never imports kernel code."""
 
     linear: Callable  # (x, weight, impl) -> x @ weight.T
-    grouped_swiglu: Callable  # (x_PD, w1, w2, w3, seg_E, impl) -> y_PD
+    grouped_swiglu: Callable  # (x_PD, w13, w2, seg_E, impl) -> y_PD
     torch_blockwise_supported: Callable  # (device_index, b_rows) -> bool
 
 
@@ -82,7 +82,7 @@ class Fp8GroupedExperts(GroupedExperts):
     fp8_impl: str = "ref"
 
     def forward(self, x_PD: torch.Tensor, seg_E: torch.Tensor) -> torch.Tensor:
-        return fp8_ops().grouped_swiglu(x_PD, self.w1, self.w2, self.w3, seg_E, self.fp8_impl)
+        return fp8_ops().grouped_swiglu(x_PD, self.w13, self.w2, seg_E, self.fp8_impl)
 
 
 def _fits(*dims: int) -> bool:
@@ -108,7 +108,7 @@ def apply_precision(model: nn.Module, precision: Precision | str) -> list[str]:
             else:
                 kept.append(name)
         elif type(mod) is GroupedExperts and experts_fp8:
-            if _fits(mod.w1.shape[1], mod.w1.shape[2]):
+            if _fits(mod.w13.shape[2], mod.w13.shape[3]):
                 mod.__class__ = Fp8GroupedExperts
                 mod.fp8_impl = expert_impl
             else:

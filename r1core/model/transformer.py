@@ -124,13 +124,22 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         std = self.args.init_std
+        up = None  # the up half of a routed experts' w13, drawn after their w2
         for name, p in self.named_parameters():
             if p.device.type == "meta":
                 continue
             if name.endswith("norm.weight") or ".enorm." in name or ".hnorm." in name:
                 p.fill_(1.0)
+            elif name.endswith("experts.w13"):
+                # draws in the order of separate gate, down and up weights (w1, w2, w3), so a seed gives
+                # the model it gave before gate and up were stacked
+                p[:, 0].copy_(torch.empty_like(p[:, 0]).normal_(0.0, std))
+                up = p[:, 1]
             else:
                 p.normal_(0.0, std)
+                if up is not None and name.endswith("experts.w2"):
+                    up.copy_(torch.empty_like(up).normal_(0.0, std))
+                    up = None
 
     def set_moe_impl(self, impl: Impl | str) -> None:
         for m in self.modules():

@@ -88,11 +88,11 @@ class ParallelDispatcher:
 
 def _shard_experts_(experts: GroupedExperts, topo: Topology) -> None:
     ep_rank, tp_rank = topo.rank_in("ep"), topo.rank_in("tp")
-    for name, tp_dim in (("w1", 1), ("w3", 1), ("w2", 2)):
+    for name, tp_dim in (("w13", 2), ("w2", 2)):
         p = getattr(experts, name)
         local = p.detach().chunk(topo.ep, dim=0)[ep_rank].chunk(topo.tp, dim=tp_dim)[tp_rank].clone()
         setattr(experts, name, torch.nn.Parameter(local, requires_grad=p.requires_grad))
-    experts.first_expert = ep_rank * (experts.w1.shape[0])
+    experts.first_expert = ep_rank * (experts.w13.shape[0])
 
 
 def apply_expert_parallel(model: Transformer, topo: Topology) -> None:

@@ -139,7 +139,7 @@ def tp_layouts(model: Transformer, sequence_parallel: bool) -> dict[str, ParamLa
         mod = leaf[-2] if len(leaf) > 1 else ""
         in_mtp = name.startswith("mtp.")
         if ".experts." in name and ".shared_experts." not in name:
-            out[name] = ParamLayout(tp_dim=2 if name.endswith("w2") else 1, ep_dim=0)
+            out[name] = ParamLayout(tp_dim=2, ep_dim=0)  # w13 [E, 2, I, D], w2 [E, D, I]: I is dim 2
         elif mod in ("wq", "wq_b", "wkv_b", "w1", "w3") or name in ("embed.weight", "head.weight"):
             out[name] = ParamLayout(tp_dim=0)
         elif mod in ("wo", "w2"):

@@ -56,7 +56,8 @@ def moe_dense(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         1, idx_TK, weights_TK
     )
     ex = moe.experts
-    h_ETI = F.silu(torch.matmul(x_TD, ex.w1.transpose(1, 2))) * torch.matmul(x_TD, ex.w3.transpose(1, 2))
+    h1_ETI, h3_ETI = torch.matmul(x_TD, ex.w13.flatten(1, 2).transpose(1, 2)).chunk(2, dim=-1)
+    h_ETI = F.silu(h1_ETI) * h3_ETI
     y_ETD = torch.bmm(h_ETI, ex.w2.transpose(1, 2))
     y_TD = torch.einsum("te,etd->td", w_TE, y_ETD.float()).to(x.dtype)  # fp32 combine, as unpermute_ref
     return _shared(moe, x_TD, y_TD).view(B, T, D)
@@ -92,9 +93,8 @@ def moe_grouped(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     weights_TK, idx_TK = route_topk(moe.gate.logits(x_TD), moe.gate.e_score_correction_bias, spec)
     order_P, offs_E = expert_order(idx_TK.flatten(), spec.n_experts)
     x_PD = x_TD[order_P // spec.top_k]
-    h_PI = F.silu(torch._grouped_mm(x_PD, ex.w1.transpose(1, 2), offs=offs_E)) * torch._grouped_mm(
-        x_PD, ex.w3.transpose(1, 2), offs=offs_E
-    )
+    h1_PI, h3_PI = torch._grouped_mm(x_PD, ex.w13.flatten(1, 2).transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
+    h_PI = F.silu(h1_PI) * h3_PI
     y_PD = torch._grouped_mm(h_PI, ex.w2.transpose(1, 2), offs=offs_E)
     y_TKD = torch.empty_like(y_PD).index_copy_(0, order_P, y_PD).view(-1, spec.top_k, D)
     y_TD = (y_TKD.float() * weights_TK[..., None]).sum(1).to(x.dtype)  # fp32 combine, as unpermute_ref

@@ -67,11 +67,11 @@ def hf_named_tensors(
 
     Stacked experts yield one view per expert; `dtype` casts everything but the fp32 routing bias.
     """
-    for hf, key, expert in save_plan(state.keys(), args):
+    for hf, key, index in save_plan(state.keys(), args):
         m = _HF_LAYER.match(hf)
         if not include_mtp and m and int(m.group(1)) >= args.n_layers:
             continue
-        t = state[key] if expert is None else state[key][expert]
+        t = state[key][index]
         to = torch.float32 if key.endswith(_FP32) else (dtype or t.dtype)
         yield hf, t.detach().to(to)
 

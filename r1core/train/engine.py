@@ -43,6 +43,18 @@ from r1core.parallel.optim import (
 )
 
 _log = logging.getLogger(__name__)
+# A checkpoint written before the routed experts' gate and up weights were stacked into w13 holds these.
+_LEGACY_GATE = ".experts.w1"
+
+
+def _w13_name(key: str) -> str | None:
+    """The parameter name of a flat-state key that holds a routed experts' w13 (or its optimizer state)."""
+    kind, _, rest = key.partition(".")
+    if kind == "model" and rest.endswith(".experts.w13"):
+        return rest
+    if kind == "optim" and ".experts.w13." in rest:
+        return rest.rpartition(".")[0]
+    return None
 
 
 class LRSchedule(str, enum.Enum):
@@ -452,10 +464,34 @@ class TrainEngine:
             init_adam_state_(opt)
         state = self._flat_state(as_dtensor=True)
         step = state["step"]
+        if any(k.endswith(_LEGACY_GATE) for k in dcp_ckpt.saved_keys(path)):
+            _log.info("%s: routed experts saved as separate w1 / w3; loading them into w13", path)
+            state = self._legacy_expert_state(state)
         dcp_ckpt.load(state, path)
         self.step = int(step)
         if self.master is not None:
             self.master.weights_out()
+
+    def _legacy_expert_state(self, state: dict) -> dict:
+        """`state` with every routed experts' w13 entry (weights, masters, moments) replaced by views of its
+        halves under the names of checkpoints written before gate and up were stacked (`w1`, `w3`)."""
+        out = {}
+        for key, t in state.items():
+            name = _w13_name(key)
+            if name is None:
+                out[key] = t
+                continue
+            if t.dim() == 0:  # a step count: both halves saved the same one; w3's copy is read and dropped
+                out[key.replace(".experts.w13", ".experts.w1")] = t
+                out[key.replace(".experts.w13", ".experts.w3")] = t.clone()
+                continue
+            local = t.to_local() if hasattr(t, "to_local") else t
+            for half, old in enumerate(("w1", "w3")):
+                out[key.replace(".experts.w13", f".experts.{old}")] = self._legacy_half(name, local[:, half])
+        return out
+
+    def _legacy_half(self, name: str, half: torch.Tensor):
+        return half
 
     def iter_full_state(self):
         """(name, whole tensor) one at a time on rank 0, (name, None) elsewhere; collective. For pushing
@@ -647,6 +683,10 @@ class ParallelEngine(TrainEngine):
         if not as_dtensor or lay is None:
             return t
         return to_dtensor(t, lay, self.meshes, self._full_shapes[base])
+
+    def _legacy_half(self, name: str, half: torch.Tensor):
+        E, _, I, D = self._full_shapes[name]  # the old w1 / w3: [E, I, D], E over EP, I over TP
+        return to_dtensor(half, ParamLayout(tp_dim=1, ep_dim=0), self.meshes, torch.Size((E, I, D)))
 
     def _shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
         from r1core.parallel.layout import local_shard
