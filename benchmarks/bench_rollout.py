@@ -236,6 +236,7 @@ def parse() -> argparse.Namespace:
         help="GPU: top kernels of decode graph replays, e.g. small:256:auto, or small:256:auto:on for the "
         "compiled step ('' skips it)",
     )
+    ap.add_argument("--profile-top", type=int, default=15, help="kernels --profile lists")
     ap.add_argument(
         "--expert-order",
         choices=("count", "sort"),
@@ -574,7 +575,9 @@ def profile_rows(opts, dev, dtype, record: dict) -> list[Table]:
     name, B, path, *on = opts.profile.split(":")
     try:
         model = build_model(sweep_args(name), dev, dtype)
-        r = profile_decode(model, int(B), opts.prompt_len, path, compile_decode=on == ["on"])
+        r = profile_decode(
+            model, int(B), opts.prompt_len, path, top=opts.profile_top, compile_decode=on == ["on"]
+        )
         del model
     except Exception as e:  # the other figures stay
         record["profile_error"] = error_report(e)[:2000]

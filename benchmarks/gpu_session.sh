@@ -326,7 +326,8 @@ part_s10b() {
 # compare_loss --across-seeds over every pair: the committed seeds 0-2 and those in $R.
 part_s11() {
   FP8_SEEDS=${FP8_SEEDS:-3 4} FP8_LOSS_T=${FP8_LOSS_T:-125} FP8_LOSS_STEPS=300 part_fp8_loss_seeds
-  local c=benchmarks/results pairs="$c/fp8_loss_300/loss3_bf16_triton.metrics.jsonl $c/fp8_loss_300/loss3_fp8_triton.metrics.jsonl"
+  local c=benchmarks/results  # its own statement: `local c=... pairs="$c..."` expands $c before assigning it
+  local pairs="$c/fp8_loss_300/loss3_bf16_triton.metrics.jsonl $c/fp8_loss_300/loss3_fp8_triton.metrics.jsonl"
   pairs="$pairs $c/session8_h100/fp8_seed1/seed1_bf16.metrics.jsonl $c/session8_h100/fp8_seed1/seed1_fp8.metrics.jsonl"
   pairs="$pairs $c/session9_h100/fp8_seeds/seed2_bf16.metrics.jsonl $c/session9_h100/fp8_seeds/seed2_fp8.metrics.jsonl"
   local f

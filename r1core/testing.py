@@ -47,6 +47,20 @@ def assert_close_to_ref(
         )
 
 
+def with_separate_gate_and_up(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An engine state dict (`TrainEngine.state_dict()`) as checkpoints written before the routed experts'
+    gate and up weights were stacked held it: each `...experts.w13` entry (weights, moments) as `w1` and `w3`
+    [E, I, D], step counts copied to both. For tests of loading such checkpoints."""
+    out = {}
+    for key, t in state.items():
+        if ".experts.w13" not in key:
+            out[key] = t
+            continue
+        for half, old in enumerate(("w1", "w3")):
+            out[key.replace(".experts.w13", f".experts.{old}")] = (t if t.dim() == 0 else t[:, half]).clone()
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -511,17 +511,11 @@ def test_a_checkpoint_with_separate_gate_and_up_expert_weights_loads_into_w13(tm
     # checkpoints written before the routed experts' gate and up weights were stacked hold w1 / w3 (and
     # their Adam moments): they load into w13's halves, and training goes on exactly as from the original
     from r1core.checkpoint import dist as dcp_ckpt
+    from r1core.testing import with_separate_gate_and_up
 
     a, mb = _engine(), _batch()
     a.train_step([mb], LMObjective())
-    legacy = {}
-    for key, t in a.state_dict().items():
-        if ".experts.w13" in key:
-            for half, old in enumerate(("w1", "w3")):
-                half_t = t if t.dim() == 0 else t[:, half]  # step counts are scalars
-                legacy[key.replace(".experts.w13", f".experts.{old}")] = half_t.clone()
-        else:
-            legacy[key] = t
+    legacy = with_separate_gate_and_up(a.state_dict())
     assert any(k.startswith("optim.") and ".experts.w3." in k for k in legacy)
     dcp_ckpt.save(legacy, tmp_path / "old")
     b = _engine(seed=5)

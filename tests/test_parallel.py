@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from r1core.kernels.grpo_loss_terms import PolicyLossConfig
 from r1core.model import presets
 from r1core.parallel import ParallelConfig, check_layout
-from r1core.testing import run_distributed
+from r1core.checkpoint import dist as dcp_ckpt
+from r1core.testing import run_distributed, with_separate_gate_and_up
 from r1core.train.engine import LocalEngine, OptimConfig, build_engine
 from r1core.train.objectives import GRPOObjective, LMObjective
 
@@ -151,10 +152,19 @@ def _hf_logits(cfg: dict, hf_dir: str):
     return None if logits is None else logits.numpy()
 
 
-def _run_layouts(rank, world, layouts, reshard, path, hf_dir=None):
+def _load_legacy(cfg: dict, path: str) -> dict:
+    """A checkpoint with separate expert gate / up weights (w1, w3), loaded into this layout's w13 shards."""
+    engine = build_engine(ARGS, ParallelConfig(**cfg), OPTIM, device="cpu", seed=123)
+    engine.load(path)
+    return {"logits": _logits(engine), "step": _steps(engine, "lm", 1)}
+
+
+def _run_layouts(rank, world, layouts, reshard, path, hf_dir=None, legacy_path=None):
     results = {name: _train_layout(*layout) for name, layout in layouts.items()}
     results["reshard"] = _reshard(*reshard, path)
     if world == 2:
+        results["legacy_tp2"] = _load_legacy(dict(tp=2), legacy_path)
+        results["legacy_ep2"] = _load_legacy(dict(ep=2), legacy_path)
         results["sp_odd_length"] = _sp_rejects_odd_length()
         results["pp2_no_mtp"] = _no_mtp_losses(build_engine, dict(pp=2, microbatches=2))
         results["hf_tp2_logits"] = _hf_logits(dict(tp=2), hf_dir)
@@ -201,9 +211,17 @@ def two_rank(tmp_path_factory):
     path, hf_dir = str(root / "tp2"), str(root / "hf_in")
     source = LocalEngine(ARGS, ParallelConfig(), OPTIM, "cpu", torch.float32, 11)
     source.export_hf(hf_dir)
+    # a checkpoint as written before the experts' gate and up weights were stacked, one step into training
+    legacy = LocalEngine(ARGS, ParallelConfig(), OPTIM, "cpu", torch.float32, 21)
+    _steps(legacy, "lm", 1)
+    legacy_path = str(root / "legacy")
+    dcp_ckpt.save(with_separate_gate_and_up(legacy.state_dict()), legacy_path)
     reshard = (dict(tp=2), dict(pp=2, microbatches=2))
-    results = _merge(run_distributed(_run_layouts, 2, TWO_RANK, reshard, path, hf_dir, timeout=600))
+    results = _merge(
+        run_distributed(_run_layouts, 2, TWO_RANK, reshard, path, hf_dir, legacy_path, timeout=600)
+    )
     results["hf_source_logits"] = _logits(source).numpy()
+    results["legacy_source"] = {"logits": _logits(legacy).numpy(), "step": _steps(legacy, "lm", 1)}
     return results, path
 
 
@@ -304,6 +322,17 @@ def test_build_engine_on_one_process_rejects_a_parallel_layout():
 def test_sequence_parallel_rejects_a_length_tp_does_not_divide(two_rank):
     results, _ = two_rank
     assert "sequence lengths [15] must be multiples of it" in results["sp_odd_length"]
+
+
+@pytest.mark.parametrize("layout", ["tp2", "ep2"])
+def test_a_checkpoint_with_separate_expert_gate_and_up_weights_loads_into_w13_shards(two_rank, layout):
+    # TP splits w13 on I (w1 / w3 on their dim 1), EP on E: the old tensors' shards land in the right halves,
+    # and the moments too (the next step's loss agrees)
+    results, _ = two_rank
+    got, want = results[f"legacy_{layout}"], results["legacy_source"]
+    rows = len(got["logits"])  # EP2 on two ranks is also DP2: rank 0 holds the first half of the rows
+    np.testing.assert_allclose(got["logits"], want["logits"][:rows], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["step"][0]["loss"], want["step"][0]["loss"], rtol=TOL[torch.float32][0])
 
 
 def test_hf_weights_load_into_a_tensor_parallel_engine(two_rank):
