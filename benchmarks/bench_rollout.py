@@ -238,6 +238,13 @@ def parse() -> argparse.Namespace:
     )
     ap.add_argument("--profile-top", type=int, default=15, help="kernels --profile lists")
     ap.add_argument(
+        "--mla-kernel",
+        choices=("on", "off"),
+        default="on",
+        help="decode attention of the roofline and --profile rows: r1core's Triton kernel (on, the engine's "
+        "default on CUDA) or PyTorch's batched GEMMs (off)",
+    )
+    ap.add_argument(
         "--expert-order",
         choices=("count", "sort"),
         default="count",
@@ -363,6 +370,7 @@ def roofline_rows(model, name: str, B: int, path: str, opts, copy_gbps: float, r
                 opts.repeats,
                 sync,
                 compile_decode=mode == "on",
+                mla_kernel=None if opts.mla_kernel == "on" else False,
             )
         except Exception as e:  # e.g. out of memory at one size: the other rows still print
             msg = f"{name} B{B} {path} compile {mode}: {error_report(e)}"
@@ -576,7 +584,13 @@ def profile_rows(opts, dev, dtype, record: dict) -> list[Table]:
     try:
         model = build_model(sweep_args(name), dev, dtype)
         r = profile_decode(
-            model, int(B), opts.prompt_len, path, top=opts.profile_top, compile_decode=on == ["on"]
+            model,
+            int(B),
+            opts.prompt_len,
+            path,
+            top=opts.profile_top,
+            compile_decode=on == ["on"],
+            mla_kernel=None if opts.mla_kernel == "on" else False,
         )
         del model
     except Exception as e:  # the other figures stay

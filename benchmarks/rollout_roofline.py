@@ -111,6 +111,7 @@ def roofline_row(
     repeats: int,
     sync,
     compile_decode: bool = False,
+    mla_kernel: bool | None = None,
 ) -> dict:
     """Decode tokens/s of B rows x new_tokens and its share of the decode roofline.
 
@@ -125,6 +126,7 @@ def roofline_row(
         max_len=prompt_len + new_tokens,
         decode_moe=decode_moe,
         compile_decode=compile_decode,
+        mla_kernel=mla_kernel,
     )
     sp = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=0)
     one = SamplingParams(temperature=1.0, max_new_tokens=1, seed=0)
@@ -321,6 +323,7 @@ def profile_decode(
     top: int = 15,
     replays: int = 5,
     compile_decode: bool = False,
+    mla_kernel: bool | None = None,
 ) -> dict:
     """Top kernels of decode steps of B rows at a key bucket just above prompt_len: CUDA graph replays
     (CUPTI traces each kernel of the graph) or, where no graph was captured, eager steps (on the CPU:
@@ -332,7 +335,12 @@ def profile_decode(
     gen = torch.Generator().manual_seed(B)
     prompts = torch.randint(0, model.args.vocab_size, (B, prompt_len), generator=gen).tolist()
     engine = BuiltinEngine(
-        model, max_batch=B, max_len=prompt_len + 8, decode_moe=decode_moe, compile_decode=compile_decode
+        model,
+        max_batch=B,
+        max_len=prompt_len + 8,
+        decode_moe=decode_moe,
+        compile_decode=compile_decode,
+        mla_kernel=mla_kernel,
     )
     engine.generate(prompts, 1, SamplingParams(temperature=1.0, max_new_tokens=4, seed=0))  # graph capture
     S = max(k[1] for k in engine._graphs) if engine._graphs else prompt_len + 4

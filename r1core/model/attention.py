@@ -187,11 +187,15 @@ class MLA(nn.Module):
         out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.softmax_scale)
         return out.transpose(1, 2)  # [B, T, H, V]
 
-    def _attend_absorbed(self, q_nope, q_pe, kv, k_pe, mask):
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [H, nope, C], W_UV [H, V, C]): `wkv_b` split into what the query and the output absorb."""
         wkv_b = self.wkv_b.weight.view(
             self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank
         )
-        w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim :]
+        return wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim :]
+
+    def _attend_absorbed(self, q_nope, q_pe, kv, k_pe, mask):
+        w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
         scores = torch.einsum("bthc,bsc->bhts", q_lat, kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
         scores = scores.float() * self.softmax_scale

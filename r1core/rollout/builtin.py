@@ -142,6 +142,9 @@ class BuiltinEngine(RolloutEngine):
     compact_rows: move the surviving rows down when nothing is queued, so B shrinks with them (see the
         module docstring); None: on where decode steps are bucketed (CUDA graphs). A request's tokens never
         depend on its row.
+    mla_kernel: decode attention by one Triton kernel per layer that reads each row's latent cache once
+        (r1core.kernels.mla_decode) instead of two batched GEMMs and a softmax; None: on CUDA (on the CPU it
+        runs under the Triton interpreter, fp32 only).
     compile_decode: torch.compile the decode step (inductor) before its CUDA graphs are captured, so
         its elementwise work runs fused (see decode.DecodeStep); a torch.compile backend (name or callable)
         instead of True picks another (the CPU tests use "aot_eager"). Compile time is counted in
@@ -166,6 +169,7 @@ class BuiltinEngine(RolloutEngine):
         admit_min: int = 1,
         compile_decode: bool | str | Callable = False,
         compact_rows: bool | None = None,
+        mla_kernel: bool | None = None,
     ):
         ref = model.head.weight
         self.device = torch.device(device) if device is not None else ref.device
@@ -177,6 +181,7 @@ class BuiltinEngine(RolloutEngine):
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.decode_moe = decode_moe
         self.compact_rows = self.cuda_graphs if compact_rows is None else compact_rows
+        self.mla_kernel = self.device.type == "cuda" if mla_kernel is None else mla_kernel
         self.max_prefill_tokens = max_prefill_tokens
         self.offload_weights_on_sleep = offload_weights_on_sleep
         self.share_prefill = share_prefill
@@ -230,6 +235,7 @@ class BuiltinEngine(RolloutEngine):
                 self.decode_moe,
                 compile_backend=self.compile_backend,
                 stats=self.stats,
+                mla_kernel=self.mla_kernel,
             )
 
     def kv_cache_bytes_per_token(self) -> int:

@@ -48,6 +48,9 @@ class BuiltinArgs:
     # once nothing is queued, move the surviving samples' rows down so the tail of a rollout decodes in
     # small CUDA-graph batch buckets (GPU only: the CPU decodes exact batch sizes)
     compact_rows: bool = True
+    # decode attention by r1core's Triton kernel, which reads each row's latent KV cache once per layer
+    # (GPU only: the CPU keeps PyTorch's two batched GEMMs)
+    mla_kernel: bool = True
 
 
 @dataclass(kw_only=True)
@@ -86,6 +89,7 @@ def build_rollout(cfg: RolloutConfig, model, tokenizer, max_len: int, max_batch:
             decode_moe=DecodeMoE(cfg.builtin.decode_moe).value,
             admit_min=cfg.builtin.admit_min,
             compact_rows=None if cfg.builtin.compact_rows else False,  # None: where batches are bucketed
+            mla_kernel=None if cfg.builtin.mla_kernel else False,  # None: on CUDA
         )
     from .sglang_engine import SGLangEngine
 

@@ -179,10 +179,12 @@ class DecodeStep:
         moe_path: str = "dense",
         compile_backend: str | Callable | None = None,
         stats: dict | None = None,
+        mla_kernel: bool = False,
     ):
         if moe_path not in (*MOE_PATHS, "model"):
             raise ValueError(f"moe_path={moe_path!r}: choose one of {[*MOE_PATHS, 'model']}")
         self.model, self.cache, self.bufs, self.moe_path = model, cache, bufs, moe_path
+        self.mla_kernel = mla_kernel  # attention by r1core.kernels.mla_decode: the latent cache read once
         cos, sin = rope_cos_sin(model.args, bufs.slot_ids)  # a table, so steps compute no angles on the host
         self.rope_cos, self.rope_sin = cos, sin
         self.layer_ids = torch.arange(cache.kv.shape[0], device=bufs.row_ids.device)
@@ -218,6 +220,14 @@ class DecodeStep:
         at = (self.layer_ids[layer : layer + 1], rows, pos)
         self.cache.kv.index_put_(at, kv[:, 0].to(self.cache.kv.dtype))
         self.cache.pe.index_put_(at, k_pe[:, 0].to(self.cache.pe.dtype))
+        if self.mla_kernel:
+            from r1core.kernels.mla_decode import mla_decode
+
+            w_uk, w_uv = attn.absorbed_weights()
+            q_lat = torch.einsum("bhd,hdc->bhc", q_nope[:, 0], w_uk)
+            kv_c, pe_c = self.cache.kv[layer, :B, :S], self.cache.pe[layer, :B, :S]
+            out_lat = mla_decode(q_lat, q_pe[:, 0], kv_c, pe_c, pos + 1, attn.softmax_scale)
+            return attn.wo(torch.einsum("bhc,hdc->bhd", out_lat, w_uv).flatten(1))[:, None]
         kv_all = self.cache.kv[layer, :B, :S].to(h.dtype)
         pe_all = self.cache.pe[layer, :B, :S].to(h.dtype)
         return attn.wo(attn._attend_absorbed(q_nope, q_pe, kv_all, pe_all, mask).flatten(2))
