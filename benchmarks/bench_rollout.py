@@ -240,9 +240,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument(
         "--mla-kernel",
         choices=("on", "off"),
-        default="on",
-        help="decode attention of the roofline and --profile rows: r1core's Triton kernel (on, the engine's "
-        "default on CUDA) or PyTorch's batched GEMMs (off)",
+        default="off",
+        help="decode attention of the roofline and --profile rows: r1core's Triton kernel (on: "
+        "rollout.builtin.mla_kernel) or PyTorch's batched GEMMs (off, the engine's default)",
     )
     ap.add_argument(
         "--expert-order",
@@ -370,7 +370,7 @@ def roofline_rows(model, name: str, B: int, path: str, opts, copy_gbps: float, r
                 opts.repeats,
                 sync,
                 compile_decode=mode == "on",
-                mla_kernel=None if opts.mla_kernel == "on" else False,
+                mla_kernel=opts.mla_kernel == "on",
             )
         except Exception as e:  # e.g. out of memory at one size: the other rows still print
             msg = f"{name} B{B} {path} compile {mode}: {error_report(e)}"
@@ -590,7 +590,7 @@ def profile_rows(opts, dev, dtype, record: dict) -> list[Table]:
             path,
             top=opts.profile_top,
             compile_decode=on == ["on"],
-            mla_kernel=None if opts.mla_kernel == "on" else False,
+            mla_kernel=opts.mla_kernel == "on",
         )
         del model
     except Exception as e:  # the other figures stay

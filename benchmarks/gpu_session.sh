@@ -370,11 +370,11 @@ part_s12b() {
   grep -E "^\[roofline\]" "$R/decode_s12_old.log" | head -4 >> "$SUMMARY"
 }
 # Issue 16, r1core's MLA decode attention kernel (the latent cache read once per layer), <= 6 min with setup: its
-# GPU tests and the engine's (which now run the kernel by default on CUDA), then the compiled B256 decode step of
-# the small preset with the kernel and without it, each in its own process.
+# GPU tests, the engine's and the compiled decode's, then the compiled B256 decode step of the small preset with
+# the kernel (rollout.builtin.mla_kernel) and without it, each in its own process.
 part_s12c() {
-  run s12c_tests 120 python3 -m pytest -q -m gpu tests/test_mla_decode.py tests/test_rollout.py -rfE \
-    -p no:cacheprovider -p no:logging
+  run s12c_tests 150 python3 -m pytest -q -m gpu tests/test_mla_decode.py tests/test_rollout.py \
+    tests/test_rollout_compile.py -rfE -p no:cacheprovider -p no:logging
   local args="--repeats 2 --variants '' --skip-hf --sweep-presets small:256 --sweep-moe auto --sweep-compile on --grpo ''"
   run decode_mla_on 110 bash -c "python3 benchmarks/bench_rollout.py $args --mla-kernel on"
   grep -E "^\[roofline\]" "$R/decode_mla_on.log" | head -4 >> "$SUMMARY"

@@ -111,7 +111,7 @@ def roofline_row(
     repeats: int,
     sync,
     compile_decode: bool = False,
-    mla_kernel: bool | None = None,
+    mla_kernel: bool = False,
 ) -> dict:
     """Decode tokens/s of B rows x new_tokens and its share of the decode roofline.
 
@@ -323,7 +323,7 @@ def profile_decode(
     top: int = 15,
     replays: int = 5,
     compile_decode: bool = False,
-    mla_kernel: bool | None = None,
+    mla_kernel: bool = False,
 ) -> dict:
     """Top kernels of decode steps of B rows at a key bucket just above prompt_len: CUDA graph replays
     (CUPTI traces each kernel of the graph) or, where no graph was captured, eager steps (on the CPU:

@@ -60,6 +60,16 @@ def test_mla_decode_ref_is_the_model_attention_on_the_latent_cache():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_mla_decode_custom_op_fake_agrees_with_the_op_on_strided_inputs():
+    # torch.compile traces the op through its fake: its output must have the real op's shape and strides, also
+    # for a q_lat laid out heads-first (as inductor may compute the einsum before it)
+    q, qp, kv, pe = _inputs(3, 16, 32, 16, 9)
+    q_heads_first = q.transpose(0, 1).contiguous().transpose(0, 1)
+    n = torch.tensor([9, 1, 5])
+    result = torch.library.opcheck(torch.ops.r1core.mla_decode.default, (q_heads_first, qp, kv, pe, n, 0.25))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
 def test_mla_decode_rejects_bad_arguments():
     q, qp, kv, pe = _inputs(2, 4, 16, 16, 5)
     n = torch.tensor([5, 5])
@@ -116,7 +126,7 @@ def test_gpu_engine_with_the_kernel_decodes_the_tokens_of_the_pytorch_attention_
     prompts = [[5, 17, 99, 3, 250, 8], [42, 7], [300, 301, 302, 303, 304, 305, 306, 307, 308], [11]]
     for sp in (SamplingParams(temperature=0.0, max_new_tokens=24), SamplingParams(max_new_tokens=24, seed=4)):
         a = BuiltinEngine(model, max_batch=8, max_len=128, mla_kernel=False).generate(prompts, 2, sp)
-        kernel = BuiltinEngine(model, max_batch=8, max_len=128)  # the default on CUDA
+        kernel = BuiltinEngine(model, max_batch=8, max_len=128, mla_kernel=True)
         b = kernel.generate(prompts, 2, sp)
         assert kernel._step.mla_kernel and kernel.stats["graphs_captured"] >= 1
         assert [s.response_ids for s in a] == [s.response_ids for s in b]

@@ -153,10 +153,11 @@ def test_compile_decode_setting_reaches_the_builtin_engine():
 
 # ---------------------------------------------------------------- GPU
 @pytest.mark.gpu
-def test_inductor_decode_under_cuda_graphs_matches_the_uncompiled_engine_gpu():
+@pytest.mark.parametrize("mla_kernel", [False, True])
+def test_inductor_decode_under_cuda_graphs_matches_the_uncompiled_engine_gpu(mla_kernel):
     model = _model(4, "cuda")  # fp32: the same tokens are expected, rounding aside
-    plain = BuiltinEngine(model, max_batch=8, max_len=128)
-    compiled = BuiltinEngine(model, max_batch=8, max_len=128, compile_decode=True)
+    plain = BuiltinEngine(model, max_batch=8, max_len=128, mla_kernel=mla_kernel)
+    compiled = BuiltinEngine(model, max_batch=8, max_len=128, compile_decode=True, mla_kernel=mla_kernel)
     first = plain.generate(PROMPTS, 2, SamplingParams(temperature=0.0, max_new_tokens=24))
     for sp in (
         SamplingParams(

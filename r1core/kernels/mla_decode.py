@@ -112,7 +112,9 @@ def _mla_decode_kernel(
     )
 
 
-@torch.library.custom_op("r1core::mla_decode", mutates_args=())
+# needs_fixed_stride_order: inductor passes the inputs in the strides eager tracing saw (it may otherwise
+# lay out q_lat heads-first while the graph's assertions expect the traced strides)
+@torch.library.custom_op("r1core::mla_decode", mutates_args=(), tags=(torch.Tag.needs_fixed_stride_order,))
 def _mla_decode_op(
     q_lat: torch.Tensor,
     q_pe: torch.Tensor,
@@ -164,7 +166,7 @@ def _mla_decode_op(
 
 @_mla_decode_op.register_fake
 def _(q_lat, q_pe, kv, pe, n_keys, scale):
-    return torch.empty_like(q_lat)
+    return q_lat.new_empty(q_lat.shape)  # contiguous, as the op allocates it (not q_lat's strides)
 
 
 def mla_decode(q_lat, q_pe, kv, pe, n_keys, scale: float) -> torch.Tensor:
@@ -186,4 +188,4 @@ def mla_decode(q_lat, q_pe, kv, pe, n_keys, scale: float) -> torch.Tensor:
         raise ValueError("mla_decode: the last dim of q_lat, q_pe, kv and pe must have unit stride")
     if not q_lat.is_cuda and kv.dtype != torch.float32:
         raise ValueError("mla_decode: on the CPU (Triton interpreter) only fp32 is supported")
-    return _mla_decode_op(q_lat, q_pe, kv, pe, n_keys, float(scale))
+    return _mla_decode_op(q_lat.contiguous(), q_pe.contiguous(), kv, pe, n_keys, float(scale))

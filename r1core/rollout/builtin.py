@@ -143,8 +143,8 @@ class BuiltinEngine(RolloutEngine):
         module docstring); None: on where decode steps are bucketed (CUDA graphs). A request's tokens never
         depend on its row.
     mla_kernel: decode attention by one Triton kernel per layer that reads each row's latent cache once
-        (r1core.kernels.mla_decode) instead of two batched GEMMs and a softmax; None: on CUDA (on the CPU it
-        runs under the Triton interpreter, fp32 only).
+        (r1core.kernels.mla_decode) instead of two batched GEMMs and a softmax. Off by default (see
+        `rollout.builtin.mla_kernel`); on the CPU it runs under the Triton interpreter, fp32 only.
     compile_decode: torch.compile the decode step (inductor) before its CUDA graphs are captured, so
         its elementwise work runs fused (see decode.DecodeStep); a torch.compile backend (name or callable)
         instead of True picks another (the CPU tests use "aot_eager"). Compile time is counted in
@@ -169,7 +169,7 @@ class BuiltinEngine(RolloutEngine):
         admit_min: int = 1,
         compile_decode: bool | str | Callable = False,
         compact_rows: bool | None = None,
-        mla_kernel: bool | None = None,
+        mla_kernel: bool = False,
     ):
         ref = model.head.weight
         self.device = torch.device(device) if device is not None else ref.device
@@ -181,7 +181,7 @@ class BuiltinEngine(RolloutEngine):
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.decode_moe = decode_moe
         self.compact_rows = self.cuda_graphs if compact_rows is None else compact_rows
-        self.mla_kernel = self.device.type == "cuda" if mla_kernel is None else mla_kernel
+        self.mla_kernel = mla_kernel
         self.max_prefill_tokens = max_prefill_tokens
         self.offload_weights_on_sleep = offload_weights_on_sleep
         self.share_prefill = share_prefill
