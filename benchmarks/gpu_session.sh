@@ -362,24 +362,26 @@ part_s12a() {
   run moe_ffn_s12 100 python3 benchmarks/bench_moe.py --shapes v3,small --rows ffn --repeats 6
   grep -E "^## |^\| (ours|torch|dense)" "$R/moe_ffn_s12.log" >> "$SUMMARY"
 }
-part_s12b() {
+# decode_b256 NAME RUNNER [ARGS...]: the compiled B256 decode step of the small preset (decode_moe auto), run by
+# RUNNER (run, or old_tree for the previous commit's tree) with bench_rollout ARGS; its roofline lines kept
+decode_b256() {
+  local name=$1 runner=$2; shift 2
   local args="--repeats 2 --variants '' --skip-hf --sweep-presets small:256 --sweep-moe auto --sweep-compile on --grpo ''"
-  run decode_s12 130 bash -c "python3 benchmarks/bench_rollout.py $args"
-  grep -E "^\[roofline\]" "$R/decode_s12.log" | head -4 >> "$SUMMARY"
-  old_tree decode_s12_old 130 bash -c "python3 benchmarks/bench_rollout.py $args"
-  grep -E "^\[roofline\]" "$R/decode_s12_old.log" | head -4 >> "$SUMMARY"
+  $runner "$name" 130 bash -c "python3 benchmarks/bench_rollout.py $args $*"
+  grep -E "^\[roofline\]" "$R/$name.log" | head -4 >> "$SUMMARY"
 }
-# Issue 16, r1core's MLA decode attention kernel (the latent cache read once per layer), <= 6 min with setup: its
-# GPU tests, the engine's and the compiled decode's, then the compiled B256 decode step of the small preset with
-# the kernel (rollout.builtin.mla_kernel) and without it, each in its own process.
+part_s12b() {
+  decode_b256 decode_s12 run
+  decode_b256 decode_s12_old old_tree
+}
+# Issue 16, r1core's MLA decode attention kernel (the latent cache read once per layer), <= 6.5 min with setup:
+# its GPU tests, the engine's and the compiled decode's, then the compiled B256 decode step of the small preset
+# with the kernel (rollout.builtin.mla_kernel) and without it, each in its own process.
 part_s12c() {
   run s12c_tests 150 python3 -m pytest -q -m gpu tests/test_mla_decode.py tests/test_rollout.py \
     tests/test_rollout_compile.py -rfE -p no:cacheprovider -p no:logging
-  local args="--repeats 2 --variants '' --skip-hf --sweep-presets small:256 --sweep-moe auto --sweep-compile on --grpo ''"
-  run decode_mla_on 110 bash -c "python3 benchmarks/bench_rollout.py $args --mla-kernel on"
-  grep -E "^\[roofline\]" "$R/decode_mla_on.log" | head -4 >> "$SUMMARY"
-  run decode_mla_off 110 bash -c "python3 benchmarks/bench_rollout.py $args --mla-kernel off"
-  grep -E "^\[roofline\]" "$R/decode_mla_off.log" | head -4 >> "$SUMMARY"
+  decode_b256 decode_mla_on run --mla-kernel on
+  decode_b256 decode_mla_off run --mla-kernel off
 }
 # Issue 19, the final figures in <= 5.5 min (each command's timeout is its share; they sum to 330 s; the
 # bench_train rows take ~30 s (torchtitan) and ~50-70 s (ours, compile) each, so the budget usually ends it
