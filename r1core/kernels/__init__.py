@@ -6,8 +6,9 @@ and backward: the MoE ops and the FP8 linear), the public `<op>()` and `<op>_ref
 the test oracle): `from r1core.kernels.grpo_loss import grpo_loss`. Ops: grpo_loss (also
 linear_cross_entropy and token_logprobs, which share its engine), moe_route, moe_permute (and
 moe_unpermute), grouped_swiglu; moe_cuda wraps the CUDA extension's versions of the MoE ops; fp8 holds
-the FP8 GEMMs; mla_decode is the rollout engine's decode attention. Importing this package registers the MoE ops as the model's `moe_impl: triton | cuda`
-and the GEMMs of `precision: fp8`; it needs neither Triton nor a GPU (the op modules load at first use).
+the FP8 GEMMs; mla_decode is the rollout engine's decode attention. Importing this package registers the
+MoE ops as the model's `moe_impl: triton | cuda` and the GEMMs of `precision: fp8`; it needs neither Triton
+nor a GPU (the op modules load at first use).
 """
 
 from __future__ import annotations
