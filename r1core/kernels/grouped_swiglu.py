@@ -473,7 +473,7 @@ def _bwd_triton(dy, x, w13, w2, h13, segs, cfg, needs):
 
 
 def _swiglu_ew(h13, segs, da=None):
-    """act = silu(h1) * h3 over h13 = [h1 | h3]; with da also dh13 = [dh1 | dh3] (else dh13 is act)."""
+    """(act, dh13): act = silu(h1) * h3 over h13 = [h1 | h3]; with da also dh13 = [dh1 | dh3], else None."""
     P, I = h13.shape[0], h13.shape[1] // 2
     act = torch.empty(P, I, device=h13.device, dtype=h13.dtype)
     dh13 = torch.empty_like(h13) if da is not None else None
