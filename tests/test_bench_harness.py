@@ -103,6 +103,19 @@ def test_bench_adamw_names_an_unknown_setting_before_any_work(capsys):
     assert "--settings: unknown ['fp16 master']" in err and "'fp32 master'" in err
 
 
+def test_bench_moe_names_an_unknown_row_kind_before_any_work(capsys, monkeypatch):
+    import bench_moe
+
+    def measured(*_):
+        raise AssertionError("the ceilings were measured before the arguments were checked")
+
+    monkeypatch.setattr(bench_moe.Ceilings, "measure", measured)
+    with pytest.raises(SystemExit):
+        bench_moe.main(["--tiny", "--rows", "ffn,permute"])
+    err = capsys.readouterr().err
+    assert "--rows: unknown ['permute']" in err and "'dispatch'" in err
+
+
 def test_device_timeline_idle_gaps_and_host_waits_against_hand_values():
     from bench_train import device_timeline
 
