@@ -383,6 +383,14 @@ part_s12c() {
   decode_b256 decode_mla_on run --mla-kernel on
   decode_b256 decode_mla_off run --mla-kernel off
 }
+# Issue 16, the bf16 compiled-decode test that failed with the MLA kernel (11i), <= 7.5 min with setup: first
+# decode_bf16_error (every decode path's bf16 log-probs against the fp32 model's on the same tokens, seeds
+# 5-12, with the bf16 forward's error split by routing flips), then s12c (the GPU tests, now by the tolerance
+# rule against the fp32 model, and the B256 step with and without the kernel).
+part_s13a() {
+  run decode_bf16_error 150 python3 benchmarks/decode_bf16_error.py --seeds 5-12
+  part_s12c
+}
 # Issue 19, the final figures in <= 5.5 min (each command's timeout is its share; they sum to 330 s; the
 # bench_train rows take ~30 s (torchtitan) and ~50-70 s (ours, compile) each, so the budget usually ends it
 # after three rows: order FINAL19_VARIANTS by what matters most):

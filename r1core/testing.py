@@ -47,6 +47,15 @@ def assert_close_to_ref(
         )
 
 
+@torch.no_grad()
+def teacher_forced_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """[len(response)] log p(response[i] | prompt, response[:i]) by one forward of `model` over prompt +
+    response (temperature 1, the log-softmax in fp32): an engine's decode log-probs recomputed without it."""
+    ids = torch.tensor([prompt + response], device=model.head.weight.device)
+    logits = model(ids)[0, len(prompt) - 1 : -1].float()
+    return logits.log_softmax(-1).gather(1, ids[0, len(prompt) :, None])[:, 0].cpu()
+
+
 def with_separate_gate_and_up(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An engine state dict (`TrainEngine.state_dict()`) as checkpoints written before the routed experts'
     gate and up weights were stacked held it: each `...experts.w13` entry (weights, moments) as `w1` and `w3`
