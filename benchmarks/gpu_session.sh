@@ -391,6 +391,24 @@ part_s13a() {
   run decode_bf16_error 150 python3 benchmarks/decode_bf16_error.py --seeds 5-12
   part_s12c
 }
+# Issue 19, FP8 against BF16 on held-out data (the training CE mostly measures memorization of the built-in
+# corpus, and the five seeds of 10m split into two groups): per seed in FP8_SEEDS (default "0 1", <= 8.5 min
+# with setup), 10e's recipe in BF16 and FP8 with the validation CE (`val_ce`, 2,048 held-out documents,
+# 4 x 16 windows of 512 tokens, every 25 steps), compare_loss on val_ce per seed, then across the seeds in $R.
+part_s13b() {
+  local seed prec pairs=""
+  for seed in ${FP8_SEEDS:-0 1}; do
+    for prec in bf16 fp8; do
+      small_pretrain val${seed}_$prec ${FP8_LOSS_T:-130} $prec triton 16 20000 seed=$seed data.val_docs=2048 \
+        pretrain.eval_every=25
+    done
+    run val${seed}_cmp 20 env OUT=$R/val$seed python3 benchmarks/compare_loss.py --key val_ce \
+      "$R/val${seed}_bf16.metrics.jsonl" "$R/val${seed}_fp8.metrics.jsonl" --labels bf16,fp8
+    pairs="$pairs $R/val${seed}_bf16.metrics.jsonl $R/val${seed}_fp8.metrics.jsonl"
+  done
+  run val_seeds 20 env OUT=$R/val_seeds python3 benchmarks/compare_loss.py --key val_ce --labels bf16,fp8 \
+    --across-seeds $pairs
+}
 # Issue 19, the final figures in <= 5.5 min (each command's timeout is its share; they sum to 330 s; the
 # bench_train rows take ~30 s (torchtitan) and ~50-70 s (ours, compile) each, so the budget usually ends it
 # after three rows: order FINAL19_VARIANTS by what matters most):

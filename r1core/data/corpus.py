@@ -41,8 +41,11 @@ def builtin_paragraphs() -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split("\n\n") if p.strip())
 
 
-def builtin_corpus(n_docs: int, seed: int = 0, mix=DEFAULT_MIX, test_fraction: float = 0.1) -> Iterator[str]:
-    """Yield `n_docs` documents, a pure function of the arguments."""
+def builtin_corpus(
+    n_docs: int, seed: int = 0, mix=DEFAULT_MIX, test_fraction: float = 0.1, split: str = "train"
+) -> Iterator[str]:
+    """Yield `n_docs` documents, a pure function of the arguments. Problems come from `split`: "test" gives
+    held-out documents (a validation set) whose problems never occur in the "train" corpus."""
     if n_docs < 0:
         raise ValueError(f"n_docs must be >= 0, got {n_docs}")
     rng = random.Random(f"corpus/{seed}")
@@ -56,4 +59,4 @@ def builtin_corpus(n_docs: int, seed: int = 0, mix=DEFAULT_MIX, test_fraction: f
             yield rng.choice(paragraphs)
             continue
         difficulty = rng.choice(choices[kind])
-        yield pretrain_text(draw_problem(kind, rng, "train", test_fraction, **difficulty))
+        yield pretrain_text(draw_problem(kind, rng, split, test_fraction, **difficulty))

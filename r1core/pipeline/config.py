@@ -95,6 +95,11 @@ class DataConfig:
         0.0  # share of pretraining / long_context rows that are passkey retrieval documents
     )
     pretrain_files: list[str] = field(default_factory=list)  # text / JSONL: replaces the built-in corpus
+    # held-out documents for the pretraining stages' validation loss (`val_ce`, every `pretrain.eval_every`
+    # steps): text / JSONL like pretrain_files; without them the built-in corpus holds out `val_docs` worked
+    # solutions of test-split problems, and user pretrain_files get no validation
+    val_files: list[str] = field(default_factory=list)
+    val_docs: int = 512  # built-in corpus: held-out documents (0: no validation)
     cold_start_jsonl: str = ""  # long-CoT SFT data; "" = generated worked solutions
     cold_start_examples: int = 2000  # built-in cold-start set size (without data.cold_start_jsonl)
     rl_prompts_jsonl: str = ""  # RL problems; "" = built-in tasks
@@ -103,6 +108,10 @@ class DataConfig:
     eval_problems: int = 200  # held-out problems kept from data.eval_jsonl or the built-in test split
     strict: bool = False  # fail at the first bad line of any data file instead of skipping it
     max_bad_fraction: float = 0.05  # a data file with a larger share of bad lines fails the pre-flight
+
+    def __post_init__(self) -> None:
+        if self.val_docs < 0:
+            raise ValueError(f"data.val_docs={self.val_docs} must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -422,6 +431,7 @@ def _job_paths(job: JobConfig) -> dict[str, str]:
         "hf_checkpoint": job.hf_checkpoint,
     }
     paths.update({f"data.pretrain_files[{i}]": p for i, p in enumerate(d.pretrain_files)})
+    paths.update({f"data.val_files[{i}]": p for i, p in enumerate(d.val_files)})
     return {k: p for k, p in paths.items() if p}
 
 

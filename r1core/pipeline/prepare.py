@@ -69,6 +69,10 @@ def data_files(job) -> list[DataFile]:
         [] if job.hf_checkpoint else d.pretrain_files
     )  # with a checkpoint to start from, nothing pretrains
     files = [DataFile(f"data.pretrain_files[{i}]", p, "text") for i, p in enumerate(pretrain)]
+    files += [
+        DataFile(f"data.val_files[{i}]", p, "text")
+        for i, p in enumerate([] if job.hf_checkpoint else d.val_files)
+    ]
     for key, path, kind in (
         ("data.cold_start_jsonl", d.cold_start_jsonl, "sft"),
         ("data.rl_prompts_jsonl", d.rl_prompts_jsonl, "problems"),
@@ -122,6 +126,8 @@ def run_prepare(job, stage_dir: Path, skipped: dict[str, int] | None = None) -> 
         log.info("hf_checkpoint is set: no pretraining token shards written")
     else:
         outputs["shards"] = str(_shards(job, stage_dir, tok, fmt, stats))
+        if (val := _val_shards(job, stage_dir, tok, fmt, stats)) is not None:
+            outputs["val_shards"] = str(val)
 
     if d.rl_prompts_jsonl:
         rl = load_problems_jsonl(d.rl_prompts_jsonl, stats=stats["data.rl_prompts_jsonl"])
@@ -169,21 +175,46 @@ def _shards(job, stage_dir: Path, tok: Tokenizer, fmt: ChatFormat, stats: dict) 
     return shards
 
 
+def _val_shards(job, stage_dir: Path, tok: Tokenizer, fmt: ChatFormat, stats: dict) -> Path | None:
+    """Held-out documents for the validation loss: data.val_files, or the built-in corpus's documents on
+    test-split problems (never in the corpus, which draws from the train split); None for user
+    pretrain_files without val_files, or val_docs = 0."""
+    d = job.data
+    if d.val_files:
+        from r1core.data.shards import iter_documents
+
+        docs = chain.from_iterable(
+            iter_documents([p], stats=stats[f"data.val_files[{i}]"]) for i, p in enumerate(d.val_files)
+        )
+    elif d.pretrain_files or not d.val_docs:
+        if d.pretrain_files:
+            log.info("data.pretrain_files without data.val_files: no validation loss")
+        return None
+    else:
+        docs = list(_builtin_docs(job, fmt, "test"))
+    path = stage_dir / "val_shards"
+    prepare_shards(docs, path, tok, name="val", overwrite=True)
+    return path
+
+
 def _write_sft(path: Path, examples) -> None:
     """The usable examples of a user SFT file, as (prompt, response, system) rows later stages read."""
     rows = [{"prompt": e.prompt, "response": e.response, "system": e.system} for e in examples]
     atomic_write_text(path, "\n".join(json.dumps(r) for r in rows) + "\n")
 
 
-def _builtin_docs(job, fmt: ChatFormat):
+def _builtin_docs(job, fmt: ChatFormat, split: str = "train"):
+    """The built-in corpus (train split, data.corpus_docs documents), or its held-out twin (test split,
+    data.val_docs documents): the same tasks, direct answers and answer noise, without the prose, whose
+    paragraphs are a fixed set the corpus repeats."""
     d = job.data
-    mix = tuple(
-        (t, (1 - d.prose_fraction) / len(d.tasks), (dict(d.task_kwargs.get(t, {})),)) for t in d.tasks
-    )
-    mix = mix + (("text", d.prose_fraction, ({},)),)
+    prose = d.prose_fraction if split == "train" else 0.0
+    mix = tuple((t, (1 - prose) / len(d.tasks), (dict(d.task_kwargs.get(t, {})),)) for t in d.tasks)
+    mix = mix + (("text", prose, ({},)),)
     paragraphs = set(builtin_paragraphs())
-    rng = random.Random(f"answer-noise/{job.seed}")
-    for doc in builtin_corpus(d.corpus_docs, seed=job.seed, mix=mix):
+    rng = random.Random(f"answer-noise/{job.seed}" + ("" if split == "train" else f"/{split}"))
+    n = d.corpus_docs if split == "train" else d.val_docs
+    for doc in builtin_corpus(n, seed=job.seed, mix=mix, split=split):
         if doc in paragraphs:
             yield doc + fmt.eos
             continue

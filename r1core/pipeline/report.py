@@ -20,7 +20,7 @@ from r1core.train.metrics import curves_from_log, moving_average, plot_curves, p
 from .config import RL_KINDS, StageKind
 from .long_context import passkey_section
 
-TRAIN_KEYS = ["loss", "ce", "mtp", "grad_norm", "lr", "tokens_per_s"]
+TRAIN_KEYS = ["loss", "ce", "val_ce", "mtp", "grad_norm", "lr", "tokens_per_s"]
 RL_KEYS = [
     "reward",
     "reward/accuracy",

@@ -7,6 +7,7 @@ only thing the next stage reads; its own checkpoints (`<stage>/checkpoints`) mak
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import shutil
@@ -77,14 +78,48 @@ def stage_pretrain(ctx: StageContext):
     data = WindowBatches(ds, cfg.micro_batch_size // engine.dp_size or 1, cfg.doc_masking)
     if ctx.job.data.passkey_fraction:
         data = PasskeyMix(data, tok, ctx.job.data.passkey_fraction, seed=ctx.job.seed + engine.dp_rank)
+    val = _val_batches(ctx, cfg, engine, tok) if cfg.eval_every else None
     metrics = train_lm(
-        engine, data, cfg, ctx.stage_dir, LMObjective(), desc=ctx.spec.name, is_main=ctx.is_main
+        engine,
+        data,
+        cfg,
+        ctx.stage_dir,
+        LMObjective(),
+        desc=ctx.spec.name,
+        is_main=ctx.is_main,
+        val_batches=val,
     )
     return _export(ctx, engine), {
-        **_keep(metrics, "loss", "ce", "mtp", "tokens_per_s"),
+        **_keep(metrics, "loss", "ce", "val_ce", "mtp", "tokens_per_s"),
         **rope_summary(engine.model.args),
         "seq_len": cfg.seq_len,
     }
+
+
+def _val_batches(ctx: StageContext, cfg, engine, tok) -> list[dict] | None:
+    """This rank's held-out micro-batches: the first `cfg.eval_batches` of the validation shards' windows
+    in file order (the same every evaluation); None when prepare wrote none."""
+    from r1core.train.lm import WindowBatches
+
+    path = ctx.prepared.get("val_shards")
+    if not path:
+        return None
+    try:
+        ds = TokenShardDataset(
+            path, cfg.seq_len, dp_rank=engine.dp_rank, dp_size=engine.dp_size, shuffle=False, loop=False,
+            tokenizer_hash=tok.hash,
+        )  # fmt: skip
+    except ValueError as err:  # too few held-out tokens for this length: train on, without validation
+        log.warning(
+            "stage %s: no validation loss: %s (raise data.val_docs or add data.val_files)", ctx.spec.name, err
+        )
+        return None
+    mbs = min(cfg.micro_batch_size // engine.dp_size or 1, len(ds))
+    val = list(itertools.islice(WindowBatches(ds, mbs, cfg.doc_masking), cfg.eval_batches))
+    if len(val) < cfg.eval_batches:
+        what = "stage %s: validation on %d micro-batches (eval_batches=%d: the held-out data holds no more)"
+        log.info(what, ctx.spec.name, len(val), cfg.eval_batches)
+    return val
 
 
 def _sft_data(ctx: StageContext, cfg, examples, tok, fmt, engine):

@@ -28,6 +28,10 @@ class LMTrainConfig:
     log_every: int = 10  # steps between metrics.jsonl rows
     save_every: int = 100  # steps between resumable checkpoints
     keep_checkpoints: int = 2  # checkpoints kept (older ones are deleted)
+    # validation: next-token CE on held-out windows (`val_ce` in metrics.jsonl) every eval_every steps and at
+    # the last step, where the stage has held-out data (pretraining: data.val_files / data.val_docs); 0: off
+    eval_every: int = 100
+    eval_batches: int = 4  # micro-batches of held-out windows per evaluation (the same ones every time)
     # The last step writes no full (optimizer) checkpoint: the stage's model export is the last save,
     # as torchtitan's `checkpoint.last_save_model_only`. At 1.7B parameters the full state is ~24 GB
     # (fp32 masters + AdamW), a 36 s write on an H100 node's disk. False keeps it, to extend the run.
@@ -40,6 +44,10 @@ class LMTrainConfig:
             )
         if min(self.steps, self.seq_len, self.micro_batch_size) < 1:
             raise ValueError("steps, seq_len and micro_batch_size must be >= 1")
+        if self.eval_every < 0 or self.eval_batches < 1:
+            raise ValueError(
+                f"eval_every={self.eval_every} must be >= 0 and eval_batches={self.eval_batches} >= 1"
+            )
 
 
 class ResumableBatches(Protocol):
@@ -58,8 +66,11 @@ def train_lm(
     objective,
     desc: str = "train",
     is_main: bool = True,
+    val_batches: list[dict] | None = None,
 ) -> dict:
-    """Run (or resume) `cfg.steps` optimizer steps; returns the last logged metrics."""
+    """Run (or resume) `cfg.steps` optimizer steps; returns the last logged metrics. With `val_batches`
+    (this rank's held-out micro-batches) the validation CE over them is logged as `val_ce` every
+    `cfg.eval_every` steps and at the last step."""
     out_dir = Path(out_dir)
     ckpts = CheckpointManager(out_dir / "checkpoints", keep=cfg.keep_checkpoints, is_writer=is_main)
     state = ckpts.load(engine)
@@ -79,7 +90,12 @@ def train_lm(
         tokens_seen += int(metrics.get("n_tokens", 0))
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        evaluate = (
+            val_batches is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+        )
+        if evaluate:
+            metrics = {**metrics, "val_ce": validation_ce(engine, val_batches)}
+        if evaluate or step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.perf_counter() - t0
             last = {**metrics, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
             log.log(step, last)
@@ -88,6 +104,28 @@ def train_lm(
             ckpts.save(step, engine, {"data": data.state_dict()})
     bar.close()
     return last
+
+
+class _CESum:
+    """An `engine.forward_only` fn: the next-token CE summed over a micro-batch's labelled tokens, and
+    their count."""
+
+    def __call__(self, hidden, head_weight, vocab_group, mb, model):
+        from .objectives import IGNORE_INDEX, ce_sum
+
+        labels = mb["labels"].flatten()
+        ce = ce_sum(hidden.flatten(0, 1), head_weight, labels, vocab_group)
+        return float(ce), float((labels != IGNORE_INDEX).sum())
+
+
+def validation_ce(engine, batches: list[dict]) -> float:
+    """Mean next-token CE (nats per token, no MTP) of the model over every rank's held-out micro-batches.
+
+    Ranks that hold no head (earlier pipeline stages) add nothing; ranks holding the same rows (tensor or
+    context parallel) add the same sum and count, which leaves the mean as it is."""
+    sums = engine.forward_only(batches, _CESum())
+    ce, n = engine.sum_over_ranks([sum(s for s, _ in sums), sum(c for _, c in sums)])
+    return ce / max(n, 1.0)
 
 
 class DatasetBatches:

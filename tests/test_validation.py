@@ -1,0 +1,74 @@
+"""The pretraining stages' validation loss: held-out documents, the CE over them, when it is logged."""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from r1core.checkpoint.hf import from_pretrained
+from r1core.data import TokenShardDataset
+from r1core.data.shards import positions_from_doc_ids
+from r1core.data.tokenizer import Tokenizer
+from r1core.model.transformer import IGNORE_INDEX
+from r1core.pipeline import prepare
+from r1core.pipeline.runner import run_pipeline
+from test_pipeline import TOY, _compose
+
+STAGES = "pipeline.stages=[{name: prepare, kind: prepare}, {name: pretrain, kind: pretrain}]"
+
+
+def _run(tmp_path, *extra):
+    cfg = _compose([f"run_dir={tmp_path}", *TOY, STAGES, "pretrain.steps=7", "pretrain.eval_every=3", *extra])
+    run_pipeline(cfg)
+    return json.loads((tmp_path / "manifest.json").read_text())["stages"]
+
+
+def test_validation_ce_is_the_final_models_ce_on_held_out_test_split_documents(tmp_path, monkeypatch):
+    written = {}
+    real = prepare.prepare_shards
+
+    def keep_docs(docs, out_dir, tok, name="shard", **kw):
+        written[name] = list(docs)
+        return real(written[name], out_dir, tok, name=name, **kw)
+
+    monkeypatch.setattr(prepare, "prepare_shards", keep_docs)
+    stages = _run(tmp_path, "data.val_docs=64", "pretrain.eval_batches=2")
+
+    # held out: documents on test-split problems, none of whose prompts the training corpus holds
+    def prompts(docs):
+        return {d.split("<|assistant|>")[0] for d in docs if "<|assistant|>" in d}
+
+    assert len(written["val"]) == 64 and len(prompts(written["val"])) > 20
+    assert len(prompts(written["pretrain"])) > 100 and not prompts(written["val"]) & prompts(
+        written["pretrain"]
+    )
+    rows = [json.loads(x) for x in (tmp_path / "stages/pretrain/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_ce" in r] == [3, 6, 7]  # every eval_every steps and the last
+    # the last one is the exported model's next-token CE over the first 2 micro-batches of held-out windows
+    val = Path(stages["prepare"]["outputs"]["val_shards"])
+    tok = Tokenizer.from_file(stages["prepare"]["outputs"]["tokenizer"])
+    ds = TokenShardDataset(val, 48, shuffle=False, loop=False, tokenizer_hash=tok.hash)
+    rows16 = list(ds)[:16]  # micro_batch_size 8, eval_batches 2
+    model = from_pretrained(stages["pretrain"]["outputs"]["model"])
+    tokens, labels, doc_ids = (
+        torch.stack([getattr(r, f) for r in rows16]) for f in ("tokens", "labels", "doc_ids")
+    )
+    with torch.no_grad():
+        logits = model(tokens, positions_from_doc_ids(doc_ids), doc_ids)
+    expected = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+    assert abs(rows[-1]["val_ce"] - expected.item()) < 1e-4, (rows[-1]["val_ce"], expected.item())
+    assert stages["pretrain"]["metrics"]["val_ce"] == rows[-1]["val_ce"]
+
+
+def test_user_pretraining_files_get_validation_only_from_val_files(tmp_path):
+    lines = [json.dumps({"text": f"document {i}: {i} plus {i} is {2 * i}."}) for i in range(300)]
+    corpus, held = tmp_path / "corpus.jsonl", tmp_path / "held.jsonl"
+    corpus.write_text("\n".join(lines[:250]) + "\n")
+    held.write_text("\n".join(lines[250:]) + "\n")
+    without = _run(tmp_path / "a", f"data.pretrain_files=[{corpus}]")
+    assert (
+        "val_shards" not in without["prepare"]["outputs"] and "val_ce" not in without["pretrain"]["metrics"]
+    )
+    with_val = _run(tmp_path / "b", f"data.pretrain_files=[{corpus}]", f"data.val_files=[{held}]")
+    assert with_val["pretrain"]["metrics"]["val_ce"] > 0
