@@ -335,6 +335,7 @@ def test_default_pipeline_wires_every_stage_and_a_rerun_skips_them(tmp_path):
     assert all(s["status"] == "done" for s in stages.values()), {k: s["status"] for k, s in stages.items()}
     for name in (
         "pretrain",
+        "pretrain_student",
         "zero_rl",
         "cold_start_sft",
         "reasoning_rl",
@@ -349,7 +350,7 @@ def test_default_pipeline_wires_every_stage_and_a_rerun_skips_them(tmp_path):
         for x in Path(stages["rejection_sampling"]["outputs"]["dataset"]).read_text().splitlines()
     ]
     assert all("provenance" in r for r in rows)
-    for name in ("eval_base", "eval_zero", "eval_sft", "eval_r1", "eval_student"):
+    for name in ("eval_base", "eval_zero", "eval_sft", "eval_r1", "eval_student_base", "eval_student"):
         m = stages[name]["metrics"]
         assert {"pass@1", f"cons@{m['k']}", "greedy", "pass@1_lo", "pass@1_hi", "direct_share"} <= set(m), (
             name
@@ -374,6 +375,7 @@ def test_default_pipeline_wires_every_stage_and_a_rerun_skips_them(tmp_path):
         ("eval_r1", "eval_base"),
         ("eval_r1", "eval_sft"),
         ("eval_student", "eval_base"),
+        ("eval_student", "eval_student_base"),
     ):
         assert re.search(
             rf"^\| {name} \| {against} \| [+-]\d\.\d{{3}} \| .* \| \*\*(above|below|no significant change)"

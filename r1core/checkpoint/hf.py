@@ -14,7 +14,6 @@ target, fsyncs them, and only then renames it into place.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from r1core.model.args import ModelArgs
+from r1core.model.args import ModelArgs, model_shape_diff
 from r1core.model.moe import Gate
 from r1core.model.transformer import Transformer
 
@@ -336,8 +335,7 @@ def check_pretrained(path, args: ModelArgs | None = None) -> ModelArgs:
     """
     found, extras, files = hf_model_args(path, drop_missing_mtp=args is None or args.n_mtp_modules == 0)
     if args is not None:
-        shape_of = lambda a: {k: v for k, v in dataclasses.asdict(a).items() if k not in TRAINING_ONLY}  # noqa: E731
-        diff = {k: (v, shape_of(found)[k]) for k, v in shape_of(args).items() if shape_of(found)[k] != v}
+        diff = model_shape_diff(args, found)
         if diff:
             raise CheckpointError(
                 f"{Path(path) / 'config.json'}: differs from the job's model in "
@@ -347,10 +345,6 @@ def check_pretrained(path, args: ModelArgs | None = None) -> ModelArgs:
         model = Transformer(found)
     _Loader(model, files, extras).check()
     return found
-
-
-# ModelArgs fields with no config.json key: set by the job, never read from a checkpoint
-TRAINING_ONLY = frozenset({"bias_update_speed", "seq_aux_alpha", "mtp_loss_weight", "moe_impl", "init_std"})
 
 
 # ---------------------------------------------------------------- saving

@@ -240,6 +240,15 @@ def _v3() -> ModelArgs:
 
 PRESETS = {"tiny": _tiny, "small": _small, "v2_lite": _v2_lite, "v3": _v3}
 
+# ModelArgs fields with no config.json key: set by the job, never read from a checkpoint
+TRAINING_ONLY = frozenset({"bias_update_speed", "seq_aux_alpha", "mtp_loss_weight", "moe_impl", "init_std"})
+
+
+def model_shape_diff(a: ModelArgs, b: ModelArgs) -> dict[str, tuple]:
+    """The fields a checkpoint records (all but TRAINING_ONLY) where a and b differ: name -> (a's, b's)."""
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    return {k: (v, db[k]) for k, v in da.items() if k not in TRAINING_ONLY and db[k] != v}
+
 
 class _Presets(dict):
     """`presets["v3"]` returns a fresh ModelArgs each time, so callers may mutate it."""

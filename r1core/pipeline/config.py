@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from r1core.model.args import ModelArgs, presets
+from r1core.model.args import ModelArgs, model_shape_diff, presets
 from r1core.parallel.config import ParallelConfig
 from r1core.rl.config import GRPOConfig
 from r1core.rollout.config import RolloutConfig, check_engine
@@ -150,6 +150,10 @@ class DistillConfig:
         default_factory=lambda: SamplingConfig(temperature=0.7, max_new_tokens=64)
     )
     filters: Filters = field(default_factory=lambda: Filters(require_format=False))  # teacher samples kept
+    # the student's starting weights: an earlier stage whose model has the student's shape (e.g. a pretrain
+    # stage with the student's model.* overrides), or an HF directory; "" = fresh weights. DeepSeek-R1
+    # distills into pretrained bases (§2.4).
+    student_init: str = ""
 
 
 @dataclass(kw_only=True)
@@ -389,13 +393,7 @@ def validate_pipeline(
         except ValueError as e:
             raise ConfigError(f"stage {st.name!r}: incompatible parallel layout: {e}") from None
         if st.kind == StageKind.distill:
-            student = dataclasses.replace(sj.distill.student, vocab_size=sj.model.vocab_size)
-            try:
-                check_layout(student, sj.parallel, world_size)
-            except ValueError as e:
-                raise ConfigError(
-                    f"stage {st.name!r}: the student (distill.student) does not fit the parallel layout: {e}"
-                ) from None
+            _check_student(st, sj, world_size, {s.name: (s, j) for s, j in resolved})
         if st.kind == StageKind.long_context and sj.long_context.seq_len > sj.model.max_seq_len:
             raise ConfigError(
                 f"stage {st.name!r}: long_context.seq_len={sj.long_context.seq_len} exceeds the "
@@ -433,6 +431,39 @@ def _job_paths(job: JobConfig) -> dict[str, str]:
     paths.update({f"data.pretrain_files[{i}]": p for i, p in enumerate(d.pretrain_files)})
     paths.update({f"data.val_files[{i}]": p for i, p in enumerate(d.val_files)})
     return {k: p for k, p in paths.items() if p}
+
+
+def _check_student(st: StageSpec, sj: JobConfig, world_size: int, earlier: dict) -> None:
+    """The distill stage's student fits the layout, and its `student_init` names an earlier stage whose
+    model has the student's shape, or a directory (an HF checkpoint, checked when the stage starts)."""
+    from r1core.parallel.config import check_layout
+
+    student = dataclasses.replace(sj.distill.student, vocab_size=sj.model.vocab_size)
+    try:
+        check_layout(student, sj.parallel, world_size)
+    except ValueError as e:
+        raise ConfigError(
+            f"stage {st.name!r}: the student (distill.student) does not fit the parallel layout: {e}"
+        ) from None
+    ref = sj.distill.student_init
+    if not ref or (ref not in earlier and Path(ref).is_dir()):
+        return
+    if ref not in earlier:
+        raise ConfigError(
+            f"stage {st.name!r}: distill.student_init={ref!r} names no earlier stage "
+            f"(earlier: {', '.join(earlier) or 'none'}) and no directory"
+        )
+    spec, job = earlier[ref]
+    if spec.kind not in MODEL_STAGES:
+        raise ConfigError(
+            f"stage {st.name!r}: distill.student_init={ref!r} is a {spec.kind.value} stage: no model"
+        )
+    diff = model_shape_diff(student, job.model)
+    if diff:
+        raise ConfigError(
+            f"stage {st.name!r}: distill.student_init={ref!r} trains another shape than distill.student: "
+            + ", ".join(f"{k} (student {a}, {ref} {b})" for k, (a, b) in sorted(diff.items()))
+        )
 
 
 def _check_files(job: JobConfig, st: StageSpec | None = None, base: dict[str, str] | None = None) -> None:

@@ -30,6 +30,7 @@ class StageContext:
     device: torch.device
     dtype: torch.dtype
     is_main: bool = True
+    student_init: str | None = None  # distill: HF directory the student starts from (None: fresh weights)
 
     @property
     def model_dir(self) -> Path:
@@ -40,9 +41,12 @@ class StageContext:
         return tok, ChatFormat.for_tokenizer(tok)
 
 
-def make_engine(ctx: StageContext, steps: int, lr: float, model_args=None, init: bool = True):
+def make_engine(
+    ctx: StageContext, steps: int, lr: float, model_args=None, init: bool = True, start: str | None = None
+):
     """An engine for this stage: the job's optimizer settings with the stage's own peak LR and length,
-    started from the stage's `init_model` weights (fresh optimizer state) unless `init` is False."""
+    started from the stage's `init_model` weights (fresh optimizer state) unless `init` is False, or from
+    the HF directory `start` (the distillation student's base)."""
     from r1core.train.engine import build_engine
 
     args = model_args or ctx.job.model
@@ -56,8 +60,8 @@ def make_engine(ctx: StageContext, steps: int, lr: float, model_args=None, init:
     engine = build_engine(
         args, ctx.job.parallel, optim, device=ctx.device, dtype=ctx.dtype, seed=ctx.job.seed
     )
-    if init and ctx.init_model:
-        engine.load_hf(ctx.init_model)
+    if start or (init and ctx.init_model):
+        engine.load_hf(start or ctx.init_model)
     return engine
 
 

@@ -84,6 +84,15 @@ def _resolve_init(spec, last_model: str | None, manifest: Manifest) -> str | Non
     return manifest.output(spec.init, "model")
 
 
+def _student_init(spec, sj, manifest: Manifest) -> str | None:
+    """A distill stage's student base: the model of the stage `distill.student_init` names, or that
+    directory."""
+    ref = sj.distill.student_init
+    if spec.kind != StageKind.distill or not ref:
+        return None
+    return manifest.output(ref, "model") or ref
+
+
 def _chains(resolved) -> list[str]:
     """Each stage's identity: its config hash chained with every earlier stage's."""
     chain, out = "", []
@@ -185,6 +194,7 @@ def _run_stage(
         device=device,
         dtype=dtype,
         is_main=rank == 0,
+        student_init=_student_init(spec, sj, manifest),
     )
     if rank == 0:
         _set_aside_stale(ctx.stage_dir, manifest.stage(spec.name).get("config_hash"), chain)

@@ -132,12 +132,12 @@ def _sft_data(ctx: StageContext, cfg, examples, tok, fmt, engine):
     return SFTBatches(ds, max(cfg.micro_batch_size // engine.dp_size, 1))
 
 
-def _run_sft(ctx: StageContext, cfg, examples, model_args=None, init=True):
+def _run_sft(ctx: StageContext, cfg, examples, model_args=None, init=True, start=None):
     from r1core.train.lm import train_lm
     from r1core.train.objectives import LMObjective
 
     tok, fmt = ctx.tokenizer()
-    engine = make_engine(ctx, cfg.steps, cfg.lr, model_args, init)
+    engine = make_engine(ctx, cfg.steps, cfg.lr, model_args, init, start)
     data = _sft_data(ctx, cfg, examples, tok, fmt, engine)
     metrics = train_lm(
         engine, data, cfg, ctx.stage_dir, LMObjective(), desc=ctx.spec.name, is_main=ctx.is_main
@@ -267,9 +267,14 @@ def stage_distill(ctx: StageContext):
     from .rejection import teacher_dataset
 
     cfg = ctx.job.distill
-    examples, stats = teacher_dataset(ctx)
     student = dataclasses.replace(cfg.student, vocab_size=ctx.job.model.vocab_size)
-    engine, metrics = _run_sft(ctx, ctx.job.sft, examples, model_args=student, init=False)
+    if ctx.student_init:  # before the teacher samples: a wrong base names its file and the fields that differ
+        from r1core.checkpoint.hf import check_pretrained
+
+        check_pretrained(ctx.student_init, student)
+        log.info("stage %s: the student starts from %s", ctx.spec.name, ctx.student_init)
+    examples, stats = teacher_dataset(ctx)
+    engine, metrics = _run_sft(ctx, ctx.job.sft, examples, student, init=False, start=ctx.student_init)
     return _export(ctx, engine), {**metrics, **stats}
 
 
