@@ -38,9 +38,9 @@ def _run(run_dir, stages):
     return json.loads((run_dir / "manifest.json").read_text())["stages"]
 
 
-def test_the_student_starts_from_its_base_when_student_init_names_it(tmp_path):
+def test_the_student_starts_from_its_base_and_a_base_directory_of_another_shape_fails_first(tmp_path):
     # sft.lr ~ 0: the distilled student is where it started, its base's weights (or fresh ones without it)
-    _run(tmp_path / "a", _stages("student_base"))
+    stages = _run(tmp_path / "a", _stages("student_base"))
     base, student = _weights(tmp_path / "a", "student_base"), _weights(tmp_path / "a", "distill")
     assert base.keys() == student.keys()
     for name, t in base.items():
@@ -50,6 +50,13 @@ def test_the_student_starts_from_its_base_when_student_init_names_it(tmp_path):
     assert not torch.allclose(
         fresh["model.embed_tokens.weight"].float(), base["model.embed_tokens.weight"].float()
     )
+    # an HF directory of another shape as the base (the teacher's): named with what differs, before sampling
+    teacher_dir = stages["teacher"]["outputs"]["model"]
+    with pytest.raises(
+        StageFailed, match=r"stage 'distill' .*config.json: differs from .* in .*n_dense_layers"
+    ):
+        _run(tmp_path / "c", _stages(teacher_dir))
+    assert not (tmp_path / "c" / "stages" / "distill" / "teacher_samples.jsonl").exists()
 
 
 def test_a_student_base_of_another_shape_is_named_before_any_work(tmp_path):
@@ -59,13 +66,3 @@ def test_a_student_base_of_another_shape_is_named_before_any_work(tmp_path):
     ):
         _run(tmp_path / "run", _stages("student_base", other))
     assert not (tmp_path / "run").exists()
-
-
-def test_a_student_base_directory_is_checked_before_the_teacher_samples(tmp_path):
-    stages = _run(tmp_path / "a", _stages("student_base"))
-    teacher_dir = stages["teacher"]["outputs"]["model"]  # an HF directory of the teacher's (MoE) shape
-    with pytest.raises(
-        StageFailed, match=r"stage 'distill' .*config.json: differs from .* in .*n_dense_layers"
-    ):
-        _run(tmp_path / "b", _stages(teacher_dir))
-    assert not (tmp_path / "b" / "stages" / "distill" / "teacher_samples.jsonl").exists()
