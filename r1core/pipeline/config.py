@@ -268,7 +268,8 @@ def apply_hf_checkpoint(cfg: DictConfig) -> None:
     import logging
     import warnings
 
-    from r1core.checkpoint.hf import TRAINING_ONLY, CheckpointError, hf_model_args
+    from r1core.checkpoint.hf import CheckpointError, hf_model_args
+    from r1core.model.args import TRAINING_ONLY
 
     log = logging.getLogger("r1core")
     path = Path(cfg.hf_checkpoint)
