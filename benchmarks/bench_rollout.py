@@ -240,9 +240,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument(
         "--mla-kernel",
         choices=("on", "off"),
-        default="off",
-        help="decode attention of the roofline and --profile rows: r1core's Triton kernel (on: "
-        "rollout.builtin.mla_kernel) or PyTorch's batched GEMMs (off, the engine's default)",
+        default="on",
+        help="decode attention of the roofline and --profile rows: r1core's Triton kernel (on, as "
+        "rollout.builtin.mla_kernel's default) or PyTorch's batched GEMMs (off)",
     )
     ap.add_argument(
         "--expert-order",

@@ -153,6 +153,12 @@ def test_compile_decode_setting_reaches_the_builtin_engine():
     assert on.compile_backend == "inductor" and off.compile_backend is None
 
 
+def test_the_mla_kernel_is_on_by_default_on_cuda_and_the_cpu_keeps_the_pytorch_path():
+    assert RolloutConfig().builtin.mla_kernel  # the default
+    engine = build_rollout(RolloutConfig(), _model(2), None, max_len=16)
+    assert not engine.mla_kernel  # the CPU: the kernel would run under the Triton interpreter, fp32 only
+
+
 # ---------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("mla_kernel", [False, True])

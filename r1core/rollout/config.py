@@ -49,10 +49,9 @@ class BuiltinArgs:
     # small CUDA-graph batch buckets (GPU only: the CPU decodes exact batch sizes)
     compact_rows: bool = True
     # decode attention by r1core's Triton kernel, which reads each row's latent KV cache once per layer
-    # instead of twice (two batched GEMMs): GPU only (the CPU keeps PyTorch's path). Off by default until its
-    # bf16 numerics under compile_decode are settled; with compile_decode it made the small preset's B256
-    # decode step 1.13x faster on an H100
-    mla_kernel: bool = False
+    # instead of twice (two batched GEMMs): GPU only (the CPU keeps PyTorch's path); with compile_decode it
+    # made the small preset's B256 decode step 1.13x faster on an H100
+    mla_kernel: bool = True
 
 
 @dataclass(kw_only=True)
