@@ -159,7 +159,7 @@ def test_every_shipped_pipeline_validates():
 
 def test_every_stage_validates_under_several_processes_and_a_student_that_does_not_fit_is_named(tmp_path):
     cfg = _cfg(tmp_path)
-    assert len(validate_pipeline(cfg, to_job(cfg), world_size=2)) == 14
+    assert len(validate_pipeline(cfg, to_job(cfg), world_size=2)) == 16
     cfg = _cfg(tmp_path, "parallel.tp=2", "distill.student.n_heads=3")
     with pytest.raises(
         ConfigError, match=r"stage 'distill': the student \(distill.student\) does not fit .*n_heads=3"
@@ -173,7 +173,7 @@ def test_a_per_sequence_rl_loss_under_context_parallelism_is_refused_before_any_
     with pytest.raises(ConfigError, match=message):
         validate_pipeline(cfg, to_job(cfg), world_size=2)
     cfg = _cfg(tmp_path, "parallel.cp=2", "rl.loss.agg=token_mean")  # a token sum splits exactly
-    assert len(validate_pipeline(cfg, to_job(cfg), world_size=2)) == 14
+    assert len(validate_pipeline(cfg, to_job(cfg), world_size=2)) == 16
 
 
 def test_stage_overrides_apply_to_that_stage_only(tmp_path):
@@ -574,7 +574,7 @@ def test_whole_default_pipeline_runs_under_tensor_parallel_two_processes(tmp_pat
     out = run_distributed(
         _pipeline_rank, 2, str(tmp_path), ["pipeline=default", _toy_stages(), "parallel.tp=2"], timeout=600
     )[0]
-    assert out["status"] == {name: "done" for name in out["status"]} and len(out["status"]) == 14
+    assert out["status"] == {name: "done" for name in out["status"]} and len(out["status"]) == 16
     student = json.loads((tmp_path / "stages" / "distill" / "model" / "config.json").read_text())
     assert student["first_k_dense_replace"] == student["num_hidden_layers"]
     assert "## Held-out evaluation" in (tmp_path / "report.md").read_text()
