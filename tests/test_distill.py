@@ -39,24 +39,21 @@ def _run(run_dir, stages):
 
 
 def test_the_student_starts_from_its_base_and_a_base_directory_of_another_shape_fails_first(tmp_path):
-    # sft.lr ~ 0: the distilled student is where it started, its base's weights (or fresh ones without it)
-    stages = _run(tmp_path / "a", _stages("student_base"))
-    base, student = _weights(tmp_path / "a", "student_base"), _weights(tmp_path / "a", "distill")
+    # sft.lr ~ 0: the distilled student is where it started. Its base trained 6 AdamW steps at 3e-4 from the
+    # same seed's initial weights, so a student started afresh would differ from it by ~1e-3.
+    stages = _run(tmp_path, _stages("student_base"))
+    base, student = _weights(tmp_path, "student_base"), _weights(tmp_path, "distill")
     assert base.keys() == student.keys()
     for name, t in base.items():
         torch.testing.assert_close(student[name].float(), t.float(), rtol=0, atol=1e-6, msg=name)
-    _run(tmp_path / "b", _stages(""))
-    fresh = _weights(tmp_path / "b", "distill")
-    assert not torch.allclose(
-        fresh["model.embed_tokens.weight"].float(), base["model.embed_tokens.weight"].float()
-    )
-    # an HF directory of another shape as the base (the teacher's): named with what differs, before sampling
+    # an HF directory of another shape as the base (the teacher's): named with what differs, before sampling;
+    # the rerun keeps every earlier stage and starts distill afresh
     teacher_dir = stages["teacher"]["outputs"]["model"]
     with pytest.raises(
         StageFailed, match=r"stage 'distill' .*config.json: differs from .* in .*n_dense_layers"
     ):
-        _run(tmp_path / "c", _stages(teacher_dir))
-    assert not (tmp_path / "c" / "stages" / "distill" / "teacher_samples.jsonl").exists()
+        _run(tmp_path, _stages(teacher_dir))
+    assert not (tmp_path / "stages" / "distill" / "teacher_samples.jsonl").exists()
 
 
 def test_a_student_base_of_another_shape_is_named_before_any_work(tmp_path):

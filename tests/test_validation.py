@@ -11,7 +11,9 @@ from r1core.data import TokenShardDataset
 from r1core.data.shards import positions_from_doc_ids
 from r1core.data.tokenizer import Tokenizer
 from r1core.model.transformer import IGNORE_INDEX
+from r1core.data import ChatFormat
 from r1core.pipeline import prepare
+from r1core.pipeline.config import to_job
 from r1core.pipeline.runner import run_pipeline
 from test_pipeline import TOY, _compose
 
@@ -66,9 +68,13 @@ def test_user_pretraining_files_get_validation_only_from_val_files(tmp_path):
     corpus, held = tmp_path / "corpus.jsonl", tmp_path / "held.jsonl"
     corpus.write_text("\n".join(lines[:250]) + "\n")
     held.write_text("\n".join(lines[250:]) + "\n")
-    without = _run(tmp_path / "a", f"data.pretrain_files=[{corpus}]")
-    assert (
-        "val_shards" not in without["prepare"]["outputs"] and "val_ce" not in without["pretrain"]["metrics"]
-    )
-    with_val = _run(tmp_path / "b", f"data.pretrain_files=[{corpus}]", f"data.val_files=[{held}]")
-    assert with_val["pretrain"]["metrics"]["val_ce"] > 0
+    stages = _run(tmp_path / "run", f"data.pretrain_files=[{corpus}]", f"data.val_files=[{held}]")
+    assert stages["pretrain"]["metrics"]["val_ce"] > 0
+    # the held-out windows are val_files' documents, not the corpus's
+    tok = Tokenizer.from_file(stages["prepare"]["outputs"]["tokenizer"])
+    ds = TokenShardDataset(stages["prepare"]["outputs"]["val_shards"], 48, shuffle=False, loop=False)
+    text = tok.decode(torch.cat([w.tokens for w in ds]).tolist())
+    assert "document 250:" in text and "document 249:" not in text
+    # without val_files, user pretraining files get no validation (nothing of theirs is held out silently)
+    job = to_job(_compose([f"run_dir={tmp_path / 'x'}", *TOY, f"data.pretrain_files=[{corpus}]"]))
+    assert prepare._val_shards(job, tmp_path / "x", tok, ChatFormat.for_tokenizer(tok), {}) is None
