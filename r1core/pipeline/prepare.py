@@ -184,7 +184,7 @@ def _val_shards(job, stage_dir: Path, tok: Tokenizer, fmt: ChatFormat, stats: di
         from r1core.data.shards import iter_documents
 
         docs = chain.from_iterable(
-            iter_documents([p], stats=stats[f"data.val_files[{i}]"]) for i, p in enumerate(d.val_files)
+            iter_documents([p], stats=stats.get(f"data.val_files[{i}]")) for i, p in enumerate(d.val_files)
         )
     elif d.pretrain_files or not d.val_docs:
         if d.pretrain_files:
