@@ -106,24 +106,14 @@ def train_lm(
     return last
 
 
-class _CESum:
-    """An `engine.forward_only` fn: the next-token CE summed over a micro-batch's labelled tokens, and
-    their count."""
-
-    def __call__(self, hidden, head_weight, vocab_group, mb, model):
-        from .objectives import IGNORE_INDEX, ce_sum
-
-        labels = mb["labels"].flatten()
-        ce = ce_sum(hidden.flatten(0, 1), head_weight, labels, vocab_group)
-        return float(ce), float((labels != IGNORE_INDEX).sum())
-
-
 def validation_ce(engine, batches: list[dict]) -> float:
     """Mean next-token CE (nats per token, no MTP) of the model over every rank's held-out micro-batches.
 
     Ranks that hold no head (earlier pipeline stages) add nothing; ranks holding the same rows (tensor or
     context parallel) add the same sum and count, which leaves the mean as it is."""
-    sums = engine.forward_only(batches, _CESum())
+    from .objectives import CESum
+
+    sums = engine.forward_only(batches, CESum())
     ce, n = engine.sum_over_ranks([sum(s for s, _ in sums), sum(c for _, c in sums)])
     return ce / max(n, 1.0)
 

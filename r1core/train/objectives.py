@@ -171,6 +171,16 @@ class GRPOObjective:
         return loss, metrics
 
 
+class CESum:
+    """The next-token CE summed over a micro-batch's labelled tokens, and their count: an
+    `engine.forward_only` fn for the validation loss (r1core.train.lm.validation_ce)."""
+
+    def __call__(self, hidden, head_weight, vocab_group, mb, model: Transformer) -> tuple[float, float]:
+        labels = mb["labels"].flatten()
+        ce = ce_sum(hidden.flatten(0, 1), head_weight, labels, vocab_group)
+        return float(ce), float(_n_valid(labels))
+
+
 @dataclass
 class TokenLogprobs:
     """log pi(target) per token [b, t] of the temperature-scaled policy: an `engine.forward_only` fn for
