@@ -115,6 +115,16 @@ def test_toy_stages_keep_the_shipped_stages_but_their_step_counts():
             "override key 'rl.no_such_key' is not a job setting",
         ),
         ("pipeline.stages.3.init=eval_zero", "init='eval_zero' names no earlier stage"),
+        ("data.val_docs=-1", "data.val_docs=-1 must be >= 0"),
+        ("pretrain.eval_every=-1", "eval_every=-1 must be >= 0"),
+        (
+            "pipeline.stages.14.overrides={distill.student_init: nowhere}",
+            "distill.student_init='nowhere' names no earlier stage",
+        ),
+        (
+            "pipeline.stages.14.overrides={distill.student_init: eval_base}",
+            "distill.student_init='eval_base' is a eval stage: no model",
+        ),
     ],
 )
 def test_config_errors_fail_before_any_work_with_one_clear_message(tmp_path, override, message):

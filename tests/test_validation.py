@@ -78,3 +78,9 @@ def test_user_pretraining_files_get_validation_only_from_val_files(tmp_path):
     # without val_files, user pretraining files get no validation (nothing of theirs is held out silently)
     job = to_job(_compose([f"run_dir={tmp_path / 'x'}", *TOY, f"data.pretrain_files=[{corpus}]"]))
     assert prepare._val_shards(job, tmp_path / "x", tok, ChatFormat.for_tokenizer(tok), {}) is None
+
+
+def test_held_out_data_too_short_for_one_window_is_a_logged_skip(tmp_path, caplog):
+    stages = _run(tmp_path, "data.val_docs=1")  # one ~20-token document, windows of 49 tokens
+    assert "val_ce" not in stages["pretrain"]["metrics"] and stages["pretrain"]["status"] == "done"
+    assert any("stage pretrain: no validation loss" in r.getMessage() for r in caplog.records)
