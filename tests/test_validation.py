@@ -84,3 +84,35 @@ def test_held_out_data_too_short_for_one_window_is_a_logged_skip(tmp_path, caplo
     stages = _run(tmp_path, "data.val_docs=1")  # one ~20-token document, windows of 49 tokens
     assert "val_ce" not in stages["pretrain"]["metrics"] and stages["pretrain"]["status"] == "done"
     assert any("stage pretrain: no validation loss" in r.getMessage() for r in caplog.records)
+
+
+def test_tokens_per_s_counts_training_time_only(tmp_path, monkeypatch):
+    """A validation pass between two logged rows does not lower the logged training throughput."""
+    from r1core.train import lm
+
+    clock = [0.0]
+    monkeypatch.setattr(lm.time, "perf_counter", lambda: clock[0])
+
+    class Engine:  # each step takes 1 s for 100 tokens; a validation pass takes 50 s
+        def train_step(self, micro, objective):
+            clock[0] += 1.0
+            return {"loss": 1.0, "n_tokens": 100}
+
+        def forward_only(self, batches, fn):
+            clock[0] += 50.0
+            return [(2.0, 4.0)]
+
+        def sum_over_ranks(self, values):
+            return values
+
+    class Data(list):
+        def state_dict(self):
+            return {}
+
+    cfg = lm.LMTrainConfig(
+        steps=6, log_every=2, eval_every=3, save_every=1000, micro_batch_size=1, batch_size=1
+    )
+    lm.train_lm(Engine(), Data([{}] * 6), cfg, tmp_path, objective=None, is_main=True, val_batches=[{}])
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("val_ce")) for r in rows] == [(2, None), (3, 0.5), (4, None), (6, 0.5)]
+    assert [r["tokens_per_s"] for r in rows] == [100.0] * 4

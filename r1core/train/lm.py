@@ -83,7 +83,7 @@ def train_lm(
     it = iter(data)
     bar = progress(cfg.steps, start, desc, enabled=is_main)
     last: dict = {}
-    t0, tokens_seen = time.perf_counter(), 0
+    t0, tokens_seen, val_s = time.perf_counter(), 0, 0.0  # tokens_per_s counts training time only
     for step in range(start + 1, cfg.steps + 1):
         micro = [next(it) for _ in range(accum)]
         metrics = engine.train_step(micro, objective)
@@ -94,12 +94,14 @@ def train_lm(
             val_batches is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
         )
         if evaluate:
+            t_val = time.perf_counter()
             metrics = {**metrics, "val_ce": validation_ce(engine, val_batches)}
+            val_s += time.perf_counter() - t_val
         if evaluate or step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0 - val_s
             last = {**metrics, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
             log.log(step, last)
-            t0, tokens_seen = time.perf_counter(), 0
+            t0, tokens_seen, val_s = time.perf_counter(), 0, 0.0
         if save_due(step, cfg.steps, cfg.save_every, cfg.last_save_model_only):
             ckpts.save(step, engine, {"data": data.state_dict()})
     bar.close()
