@@ -432,6 +432,16 @@ part_s14() {
   run long_seeds 20 env OUT=$R/long_seeds python3 benchmarks/compare_loss.py --key val_ce --window 200 \
     --labels bf16,fp8 --across-seeds $pairs
 }
+# Issue 19, where FP8's gradients part from the exact ones (<= 3.5 min after setup): 300 steps of 10o's BF16
+# recipe (seed 1, whose FP8 run ended 11.6 % above BF16), then fp8_grad_error on its exported model and the
+# first 16 windows of its corpus (fp32 / bf16 / fp8 gradients of one batch, per parameter), and on the preset's
+# initial weights for comparison.
+part_s14b() {
+  small_pretrain gerr_bf16 150 bf16 triton 16 60000 seed=1 pretrain.eval_every=0
+  run gerr_trained 60 python3 benchmarks/fp8_grad_error.py --model /tmp/gerr_bf16/stages/pretrain/model \
+    --shards /tmp/gerr_bf16/stages/prepare/shards --batch 16 --seq 512
+  run gerr_init 40 python3 benchmarks/fp8_grad_error.py --preset small --batch 16 --seq 512
+}
 # Issue 19, the final figures in <= 5.5 min (each command's timeout is its share; they sum to 330 s; the
 # bench_train rows take ~30 s (torchtitan) and ~50-70 s (ours, compile) each, so the budget usually ends it
 # after three rows: order FINAL19_VARIANTS by what matters most):
