@@ -1,16 +1,16 @@
 """Test-suite set-up: seeds, GPU-only tests skipped with a reason on CPU machines, and the parallel run.
 
-The README's test command runs the suite on every core (`-n auto --dist loadgroup`, pytest-xdist from the
-test extra). Under it:
+The README's test command runs the suite on every core (`-n auto`, pytest-xdist from the test extra).
+Under it:
 - each worker, and every process a test starts, gets `cores // workers` intra-op threads (OMP_NUM_THREADS,
   unless set), so two workers on two cores do not fight over four threads;
-- every module's tests go to one worker as a group, so a module-scoped fixture (a multi-process reference
-  run, a sandbox image) runs once, except the modules in SPLIT, whose long tests share nothing and are
-  handed out one at a time;
-- groups and tests are handed out longest first (tests/durations.json, written by `--store-durations`;
-  a test it does not list counts DEFAULT_S), so the short ones fill the end instead of one long test
-  running alone.
-Without `-n`, tests run in collection order in one process, as usual.
+- each module's tests go to one worker together, so a module-scoped fixture (a multi-process reference run,
+  a sandbox image) runs once, except in the modules in SPLIT, whose long tests share nothing and are handed
+  out one at a time (`units_of`, used by both the workers' ordering and the scheduler);
+- work is handed out longest first (tests/durations.json, written by `--store-durations`; a test it does not
+  list counts DEFAULT_S), so the short ones fill the end instead of one long test running alone.
+An explicit `--dist` other than `load` (e.g. `--dist worksteal`) keeps xdist's own scheduling. Without `-n`,
+tests run in collection order in one process, as usual.
 """
 
 import json
@@ -76,21 +76,21 @@ def pytest_collection_modifyitems(config, items):
         _longest_first(items)
 
 
+def unit_of(nodeid: str) -> str:
+    """The work unit a test belongs to: its module, or itself in a SPLIT module."""
+    module = nodeid.split("::", 1)[0]
+    return nodeid if Path(module).name in SPLIT else module
+
+
 def _longest_first(items) -> None:
-    """Order the work units (a module's tests, or one test of a SPLIT module) by their recorded time,
-    longest first, and mark grouped modules for `--dist loadgroup`. Runs in every worker on the same
-    collection, so all workers agree on the order."""
+    """Order the items unit by unit, longest unit first (the scheduler hands units out in this order). Runs
+    in every worker on the same collection, so all workers agree on the order."""
     known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
     units: dict[str, list] = {}
     for item in items:
-        module = item.nodeid.split("::", 1)[0]
-        units.setdefault(item.nodeid if Path(module).name in SPLIT else module, []).append(item)
+        units.setdefault(unit_of(item.nodeid), []).append(item)
     cost = {key: sum(known.get(i.nodeid, DEFAULT_S) for i in group) for key, group in units.items()}
     items[:] = [i for key in sorted(units, key=lambda k: -cost[k]) for i in units[key]]
-    for key, group in units.items():
-        if len(group) > 1:
-            for item in group:
-                item.add_marker(pytest.mark.xdist_group(key))
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -102,21 +102,25 @@ def pytest_xdist_auto_num_workers(config):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """loadgroup, keeping the workers' longest-first order (xdist would reorder groups by test count)."""
-    if config.getvalue("dist") != "loadgroup":
+    """`-n` alone (xdist's default `load`): whole modules per worker, SPLIT modules test by test, in the
+    workers' longest-first order (xdist's loadscope would reorder the units by their number of tests)."""
+    if config.getvalue("dist") != "load":
         return None
-    from xdist.scheduler import LoadGroupScheduling
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
 
     config.option.loadscopereorder = False
-    return LoadGroupScheduling(config, log)
+    return ByUnit(config, log)
 
 
 _times: dict[str, float] = {}
 
 
 def pytest_runtest_logreport(report):
-    nodeid = report.nodeid.split("@", 1)[0]  # loadgroup's group suffix
-    _times[nodeid] = _times.get(nodeid, 0.0) + report.duration
+    _times[report.nodeid] = _times.get(report.nodeid, 0.0) + report.duration
 
 
 def pytest_sessionfinish(session):
