@@ -61,7 +61,7 @@ def pytest_addoption(parser):
     parser.addoption(
         "--store-durations",
         action="store_true",
-        help=f"write each test's time (setup + call + teardown) to {DURATIONS.name}: the parallel order",
+        help=f"record each test's time (setup + call + teardown) in {DURATIONS.name}: the parallel order",
     )
 
 
@@ -125,4 +125,7 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session):
     if session.config.getoption("store_durations") and not os.environ.get("PYTEST_XDIST_WORKER"):
-        DURATIONS.write_text(json.dumps({k: round(v, 2) for k, v in sorted(_times.items())}, indent=0) + "\n")
+        # merged into the file, so a run of some modules keeps the others' times
+        known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+        known.update({k: round(v, 2) for k, v in _times.items()})
+        DURATIONS.write_text(json.dumps(dict(sorted(known.items())), indent=0) + "\n")
