@@ -425,12 +425,24 @@ part_s14() {
     done
   done
   for seed in ${FP8_SEEDS:-0 1}; do
-    run long${seed}_cmp 20 env OUT=$R/long$seed python3 benchmarks/compare_loss.py --key val_ce --window 200 \
-      "$R/long${seed}_bf16.metrics.jsonl" "$R/long${seed}_fp8.metrics.jsonl" --labels bf16,fp8
     pairs="$pairs $R/long${seed}_bf16.metrics.jsonl $R/long${seed}_fp8.metrics.jsonl"
   done
-  run long_seeds 20 env OUT=$R/long_seeds python3 benchmarks/compare_loss.py --key val_ce --window 200 \
-    --labels bf16,fp8 --across-seeds $pairs
+  compare_val_seeds long bf16,fp8 $pairs
+}
+# compare_val_seeds NAME LABELS REF1 CAND1 [REF2 CAND2 ...]: compare_loss on val_ce over the last 200 steps for
+# each (reference, candidate) pair (NAME<i>_cmp, i = 1, 2, ...) and across the pairs (NAME_seeds).
+compare_val_seeds() {
+  local name=$1 labels=$2 i=0
+  shift 2
+  local all=("$@")
+  while [ $# -ge 2 ]; do
+    i=$((i + 1))
+    run ${name}${i}_cmp 20 env OUT=$R/$name$i python3 benchmarks/compare_loss.py --key val_ce --window 200 \
+      "$1" "$2" --labels $labels
+    shift 2
+  done
+  [ ${#all[@]} -ge 4 ] && run ${name}_seeds 20 env OUT=$R/${name}_seeds python3 benchmarks/compare_loss.py \
+    --key val_ce --window 200 --labels $labels --across-seeds "${all[@]}"
 }
 # Issue 19, the control 10p asks for (~4.5 min per seed after setup): is a 1 % loss difference measurable at
 # this preset at all? s14's recipe in fp32 (`dtype=fp32`, TF32 off) for seeds ${FP8_SEEDS:-0 1}, compared on
@@ -443,12 +455,9 @@ part_s14c() {
   for seed in ${FP8_SEEDS:-0 1}; do
     small_pretrain ctl${seed}_fp32 ${FP8_LOSS_T:-330} bf16 triton 16 ${FP8_LOSS_DOCS:-60000} seed=$seed \
       data.val_docs=2048 pretrain.eval_every=25 dtype=fp32
-    run ctl${seed}_cmp 20 env OUT=$R/ctl$seed python3 benchmarks/compare_loss.py --key val_ce --window 200 \
-      "$R/ctl${seed}_fp32.metrics.jsonl" "$prev/long${seed}_bf16.metrics.jsonl" --labels fp32,bf16
     pairs="$pairs $R/ctl${seed}_fp32.metrics.jsonl $prev/long${seed}_bf16.metrics.jsonl"
   done
-  run ctl_seeds 20 env OUT=$R/ctl_seeds python3 benchmarks/compare_loss.py --key val_ce --window 200 \
-    --labels fp32,bf16 --across-seeds $pairs
+  compare_val_seeds ctl fp32,bf16 $pairs
 }
 # Issue 19, where FP8's gradients part from the exact ones (<= 3.5 min after setup): 300 steps of 10o's BF16
 # recipe (seed 1, whose FP8 run ended 11.6 % above BF16), then fp8_grad_error on its exported model and the
