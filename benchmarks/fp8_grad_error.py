@@ -12,9 +12,9 @@ its own tokens, as in training, so an expert's gradient also moves where roundin
 expert; the `routing` table gives each MoE layer's share of tokens whose expert set differs from fp32's.
 
 Why: over 600 steps of the built-in pretraining, FP8 ends 6-12 % above BF16 in two of four seeds (RESULTS
-10o). DeepSeek-V3's recipe reports < 0.25 % at scale. A parameter whose fp8 gradient error stands far above
-bf16's (a ratio of ~3 is what e4m3's 3 mantissa bits against bf16's 8 give after 128-element tiling; an
-order of magnitude more is a fault) points at the GEMM to examine.
+10o). DeepSeek-V3's recipe reports < 0.25 % at scale. Rounding spread through the backward pass gives about
+the same fp8 / bf16 ratio for every parameter kind; a kind an order of magnitude above its neighbours (a scale
+read from the wrong tile, a misplaced expert row) points at the GEMM to examine.
 """
 
 from __future__ import annotations

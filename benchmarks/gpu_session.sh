@@ -422,10 +422,8 @@ part_s14() {
     for prec in bf16 fp8; do
       small_pretrain long${seed}_$prec ${FP8_LOSS_T:-440} $prec triton 16 ${FP8_LOSS_DOCS:-60000} seed=$seed \
         data.val_docs=2048 pretrain.eval_every=25
+      pairs="$pairs $R/long${seed}_$prec.metrics.jsonl"
     done
-  done
-  for seed in ${FP8_SEEDS:-0 1}; do
-    pairs="$pairs $R/long${seed}_bf16.metrics.jsonl $R/long${seed}_fp8.metrics.jsonl"
   done
   compare_val_seeds long bf16,fp8 $pairs
 }

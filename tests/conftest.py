@@ -6,7 +6,7 @@ Under it:
   unless set), so two workers on two cores do not fight over four threads;
 - each module's tests go to one worker together, so a module-scoped fixture (a multi-process reference run,
   a sandbox image) runs once, except in the modules in SPLIT, whose long tests share nothing and are handed
-  out one at a time (`units_of`, used by both the workers' ordering and the scheduler);
+  out one at a time (`unit_of`, used by both the workers' ordering and the scheduler);
 - work is handed out longest first (tests/durations.json, written by `--store-durations`; a test it does not
   list counts DEFAULT_S), so the short ones fill the end instead of one long test running alone.
 An explicit `--dist` other than `load` (e.g. `--dist worksteal`) keeps xdist's own scheduling. Without `-n`,
@@ -39,9 +39,8 @@ import pytest  # noqa: E402
 
 DURATIONS = Path(__file__).with_name("durations.json")
 DEFAULT_S = 0.3
-MAX_AUTO_WORKERS = (
-    8  # each worker holds torch and transformers (~1 GB); many tests start processes of their own
-)
+# each worker holds torch and transformers (~1 GB); many tests start processes of their own
+MAX_AUTO_WORKERS = 8
 # modules whose tests share no expensive module-scoped fixture and hold several long tests
 SPLIT = ("test_pipeline.py", "test_examples.py", "test_adamw.py", "test_rl_learning.py")
 
@@ -76,6 +75,10 @@ def pytest_collection_modifyitems(config, items):
         _longest_first(items)
 
 
+def _recorded() -> dict[str, float]:
+    return json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+
+
 def unit_of(nodeid: str) -> str:
     """The work unit a test belongs to: its module, or itself in a SPLIT module."""
     module = nodeid.split("::", 1)[0]
@@ -85,7 +88,7 @@ def unit_of(nodeid: str) -> str:
 def _longest_first(items) -> None:
     """Order the items unit by unit, longest unit first (the scheduler hands units out in this order). Runs
     in every worker on the same collection, so all workers agree on the order."""
-    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    known = _recorded()
     units: dict[str, list] = {}
     for item in items:
         units.setdefault(unit_of(item.nodeid), []).append(item)
@@ -126,6 +129,6 @@ def pytest_runtest_logreport(report):
 def pytest_sessionfinish(session):
     if session.config.getoption("store_durations") and not os.environ.get("PYTEST_XDIST_WORKER"):
         # merged into the file, so a run of some modules keeps the others' times
-        known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+        known = _recorded()
         known.update({k: round(v, 2) for k, v in _times.items()})
         DURATIONS.write_text(json.dumps(dict(sorted(known.items())), indent=0) + "\n")
