@@ -309,6 +309,8 @@ def ffn_row(moe, T, zipf, ceil, repeats):
         f"ours ({auto})": step(lambda: grouped_swiglu(x, w13, w2, seg)),
     }
     if auto != "triton":
+        other = "grouped_mm_tma" if auto == "grouped_mm" else "grouped_mm"
+        providers[f"ours ({other})"] = step(lambda: grouped_swiglu(x, w13, w2, seg, backend=other))
         providers["ours (triton)"] = step(lambda: grouped_swiglu(x, w13, w2, seg, backend="triton"))
     if zipf is None and x.is_cuda:
         d1, d3, d2 = (w[0].detach().clone().requires_grad_() for w in (w1, w3, w2))

@@ -457,6 +457,19 @@ part_s14c() {
   done
   compare_val_seeds ctl fp32,bf16 $pairs
 }
+# Issue 19, the expert FFN's weakest GEMMs (<= 8 min with setup): r1core's persistent TMA weight-gradient kernel
+# (backend grouped_mm_tma) against CUTLASS's. The grouped SwiGLU's GPU tests on all three backends at a V3
+# layer's shapes; moe_probe's per-GEMM table at V3 shapes, uniform and Zipf (CUTLASS's GEMMs, then ours at
+# several tile shapes, each first checked against CUTLASS's output); bench_moe's expert FFN rows at V3 and small
+# shapes, where both grouped_mm backends run in the same run.
+part_s15a() {
+  run s15_tests 200 python3 -m pytest -q -m gpu tests/test_moe_kernels.py -k grouped_swiglu -rfE \
+    -p no:cacheprovider -p no:logging
+  run probe_s15 240 python3 benchmarks/moe_probe.py --skip-dispatch --skip-profile
+  grep -E "wgrad|TMA" "$R/probe_s15.log" >> "$SUMMARY"
+  run moe_ffn_s15 200 python3 benchmarks/bench_moe.py --shapes v3,small --rows ffn --repeats 6
+  grep -E "^## |^\| (ours|torch|dense)" "$R/moe_ffn_s15.log" >> "$SUMMARY"
+}
 # Issue 19, where FP8's gradients part from the exact ones (<= 3.5 min after setup): 300 steps of 10o's BF16
 # recipe (seed 1, whose FP8 run ended 11.6 % above BF16), then fp8_grad_error on its exported model and the
 # first 16 windows of its corpus (fp32 / bf16 / fp8 gradients of one batch, per parameter), and on the preset's

@@ -100,6 +100,45 @@ def dispatch(T, args, x, ceil):
             kernel_table(lambda: moe_cuda.moe_unpermute_cuda(y, pos, w), "unpermute cuda")
 
 
+# r1core's persistent TMA weight-gradient kernel, at its default tiles and a few others
+TMA_TILES = {
+    "default": {},
+    "no flatten": dict(FLATTEN=False),
+    "128x128 s4": dict(BLOCK_N=128, num_stages=4),
+    "128x128 s4 w4": dict(BLOCK_N=128, num_stages=4, num_warps=4),
+    "128x256 bk32 s5": dict(BLOCK_K=32, num_stages=5),
+    "256x128 s3": dict(BLOCK_M=256, BLOCK_N=128),
+}
+
+
+def tma_wgrad_cases(seg, x, dy, h, h2, f1):
+    from r1core.kernels.grouped_swiglu import _configs, _Segments, _wgrad_tma
+
+    cfg = _configs(x)
+    segs = _Segments(seg, cfg["rows"]["BLOCK_M"])
+    gmm = torch._grouped_mm
+    E = seg.numel()
+    pick = torch.tensor(sorted({0, 1, E // 2, E - 1}), device=x.device)  # compare a few experts: 15 GB each
+    for name, a, b, tags in (("dw13", h2, x, TMA_TILES), ("dw2", dy, h, ["default"])):
+        ref = gmm(a.t(), b, offs=segs.offs)[pick].float()
+        for tag in tags:
+            try:
+                ours = _wgrad_tma(a, b, segs, cfg, x.dtype, **TMA_TILES[tag])[pick].float()
+                err = ((ours - ref).abs().max() / ref.abs().max()).item()
+                print(f"  TMA {tag} {name}: rel. max error vs CUTLASS {err:.3g}, experts {pick.tolist()}")
+            except Exception as exc:
+                print(f"  TMA {tag} {name} failed: {type(exc).__name__}: {str(exc)[:300]}")
+        del ref
+    cases = {}
+    for tag, tiles in TMA_TILES.items():
+        cases[f"wgrad dw13 [E,2I,D] ours TMA {tag}"] = (
+            lambda t=tiles: _wgrad_tma(h2, x, segs, cfg, x.dtype, **t),
+            2 * f1,
+        )
+    cases["wgrad dw2 [E,D,I] ours TMA default"] = (lambda: _wgrad_tma(dy, h, segs, cfg, x.dtype), f1)
+    return cases
+
+
 def gemms(T, args, dev, ceil, zipf):
     from bench_moe import segments
 
@@ -125,6 +164,7 @@ def gemms(T, args, dev, ceil, zipf):
         "wgrad dw13 [E,2I,D]      dh13^T x": (lambda: gmm(h2.t(), x, offs=offs), 2 * f1),
         "wgrad dw2 [E,D,I]        dy^T a": (lambda: gmm(dy.t(), h, offs=offs), f1),
         "wgrad dw2^T [E,I,D]      a^T dy": (lambda: gmm(h.t(), dy, offs=offs), f1),
+        **tma_wgrad_cases(seg, x, dy, h, h2, f1),
         "add dx += (elementwise)": (lambda: x.add_(dy), 0.0),
         "swiglu fwd ew (3 x PxI)": (lambda: torch.nn.functional.silu(h) * h, 0.0),
     }
@@ -194,6 +234,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-dispatch", action="store_true")
     ap.add_argument("--skip-gemms", action="store_true")
+    ap.add_argument("--skip-profile", action="store_true", help="no per-kernel profile of the FFN")
     ap.add_argument(
         "--layer", action="store_true", help="only the V3 MoE layer step, impl=triton vs impl=cuda"
     )
@@ -213,7 +254,8 @@ def main():
     if opts.layer:
         layer_profile(T, args, dev)
         return
-    ffn_profile(T, args, dev, opts.zipf)
+    if not opts.skip_profile:
+        ffn_profile(T, args, dev, opts.zipf)
     if not opts.skip_gemms:
         for zipf in (None, 1.0):
             gemms(T, args, dev, ceil, zipf)

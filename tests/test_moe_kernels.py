@@ -12,7 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1core.kernels.grouped_swiglu import grouped_swiglu, grouped_swiglu_backend, grouped_swiglu_ref
+from r1core.kernels.grouped_swiglu import (
+    _configs,
+    _Segments,
+    _wgrad_tma,
+    grouped_swiglu,
+    grouped_swiglu_backend,
+    grouped_swiglu_ref,
+)
 from r1core.kernels.moe_permute import moe_permute, moe_permute_ref, moe_unpermute, moe_unpermute_ref
 from r1core.kernels.moe_route import moe_route, moe_route_ref
 from r1core.model import presets
@@ -195,14 +202,17 @@ GEMM_CASES = {  # E, D, I, segment sizes, rows past the last segment
 }
 
 
+@pytest.mark.parametrize("backend", [None, "grouped_mm_tma"])
 @pytest.mark.parametrize("case", GEMM_CASES)
-def test_grouped_swiglu_forward_and_grads_match_ref(case):
+def test_grouped_swiglu_forward_and_grads_match_ref(case, backend):
+    # None: the CPU's choice (triton); grouped_mm_tma: torch._grouped_mm's CPU path with r1core's TMA
+    # weight-gradient kernel in the interpreter
     E, D, I, seg, tail = GEMM_CASES[case]
     ops64, seg_E = _ffn_inputs(E, D, I, seg, tail)
     ops64 = [t.requires_grad_() for t in ops64]
     ops32 = [t.detach().float().requires_grad_() for t in ops64]
     ops_ref = [t.detach().float().requires_grad_() for t in ops64]
-    y = _gs(*ops32, seg_E)
+    y = _gs(*ops32, seg_E, backend=backend)
     y_ref = grouped_swiglu_ref(*ops_ref, seg_E)
     y64 = grouped_swiglu_ref(*ops64, seg_E)
     assert_close_to_ref(y, y64, y_ref, floor=1e-6, name="y_PD")
@@ -217,6 +227,31 @@ def test_grouped_swiglu_forward_and_grads_match_ref(case):
     assert (grads[0][used:] == 0).all()
     empty = torch.tensor(seg) == 0
     assert all((dw[empty] == 0).all() for dw in grads[1:])
+
+
+WGRAD_CASES = {  # segment sizes (rows past the last segment: 5), M, N, programs
+    # partial 16-row blocks, an empty expert, M, N not multiples of the 32 x 32 tile, 3 programs for 16 tiles
+    "partial_blocks_empty_expert": ([5, 0, 40, 17], 48, 40, 3),
+    "whole_blocks_more_programs_than_tiles": ([16, 32, 0], 32, 32, 8),
+    "all_empty": ([0, 0], 32, 16, 3),
+}
+
+
+@pytest.mark.parametrize("case", WGRAD_CASES)
+def test_wgrad_tma_kernel_equals_per_segment_products(case):
+    """The persistent TMA weight-gradient kernel: C_e = A[seg e]^T B[seg e] for every expert, against
+    float64 products (the interpreter runs the TMA loads, the masked last block and the clipped stores)."""
+    seg, M, N, progs = WGRAD_CASES[case]
+    g = torch.Generator().manual_seed(3)
+    P = sum(seg) + 5
+    a, b = torch.randn(P, M, generator=g), torch.randn(P, N, generator=g)
+    cfg = _configs(a)
+    out = _wgrad_tma(a, b, _Segments(torch.tensor(seg), 16), cfg, torch.float32, NUM_PROGS=progs)
+    starts = [sum(seg[:e]) for e in range(len(seg))]
+    ref = torch.stack([a[s : s + n].double().T @ b[s : s + n].double() for s, n in zip(starts, seg)])
+    assert cfg["wgrad_tma"]["BLOCK_K"] == 16 and out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert all((out[e] == 0).all() for e, n in enumerate(seg) if n == 0)
 
 
 def test_grouped_swiglu_with_every_segment_empty_is_zero_with_zero_grads():
@@ -422,7 +457,7 @@ def test_gpu_permute_unpermute_v3_layer_shape_bf16(pad):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["grouped_mm", "triton"])
+@pytest.mark.parametrize("backend", ["grouped_mm", "grouped_mm_tma", "triton"])
 def test_gpu_grouped_swiglu_v3_layer_shape_bf16(backend):
     check_grouped_swiglu(V3["T"], V3["K"], V3["E"], V3["D"], V3["I"], backend, torch.bfloat16, "cuda")
 

@@ -31,7 +31,7 @@ from r1core.model.moe import grouped_swiglu_ref, grouped_swiglu_stacked_ref
 
 __all__ = ["grouped_swiglu", "grouped_swiglu_ref", "grouped_swiglu_stacked_ref", "grouped_swiglu_backend"]
 
-BACKENDS = ("grouped_mm", "triton")
+BACKENDS = ("grouped_mm", "grouped_mm_tma", "triton")
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -248,6 +248,64 @@ def _wgrad_kernel(
 
 
 @triton.jit
+def _wgrad_tma_kernel(
+    a_desc,
+    b_desc,
+    c_desc,
+    a_ptr,
+    b_ptr,
+    seg_start_ptr,
+    seg_ptr,
+    E,
+    M,
+    N,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_PROGS: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """_wgrad_kernel's C_e = A[seg e]^T @ B[seg e], persistent, through TMA descriptors.
+
+    a_desc: A [P, M] in [BLOCK_K, BLOCK_M] blocks; b_desc: B [P, N] in [BLOCK_K, BLOCK_N]; c_desc: C [E, M, N]
+    in [1, BLOCK_M, BLOCK_N]. NUM_PROGS programs walk the E * tiles(M) * tiles(N) output tiles, expert by
+    expert (an expert's A and B rows stay in L2 while every program works on its tiles). A segment's whole
+    BLOCK_K-row blocks come by TMA; TMA cannot stop at a segment's end, so its last partial block (rows of
+    the next segment follow it) comes by masked loads. FLATTEN lets Triton's pipeliner run the next tile's
+    loads under this tile's epilogue. TMA stores clip at C's edges; empty segments store zeros.
+    """
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_e = tl.cdiv(M, BLOCK_M) * tiles_n
+    rk = tl.arange(0, BLOCK_K)
+    for t in tl.range(tl.program_id(0), E * per_e, NUM_PROGS, flatten=FLATTEN):
+        e = t // per_e
+        m0 = ((t % per_e) // tiles_n) * BLOCK_M
+        n0 = (t % tiles_n) * BLOCK_N
+        start = tl.load(seg_start_ptr + e)
+        n_rows = tl.load(seg_ptr + e)
+        n_full = (n_rows // BLOCK_K) * BLOCK_K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, n_full, BLOCK_K):
+            a = a_desc.load([start + k0, m0])
+            b = b_desc.load([start + k0, n0])
+            acc = tl.dot(a.T, b, acc, input_precision=PREC)
+        if n_full < n_rows:
+            r = (start + n_full + rk).to(tl.int64)
+            r_ok = n_full + rk < n_rows
+            rm = m0 + tl.arange(0, BLOCK_M)
+            rn = n0 + tl.arange(0, BLOCK_N)
+            at = tl.load(
+                a_ptr + r[None, :] * M + rm[:, None], mask=r_ok[None, :] & (rm < M)[:, None], other=0.0
+            )
+            b = tl.load(
+                b_ptr + r[:, None] * N + rn[None, :], mask=r_ok[:, None] & (rn < N)[None, :], other=0.0
+            )
+            acc = tl.dot(at, b, acc, input_precision=PREC)
+        c_desc.store([e, m0, n0], acc.to(c_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
+
+
+@triton.jit
 def _swiglu_ew_kernel(
     h1_ptr,
     h3_ptr,
@@ -324,17 +382,23 @@ def _configs(x: torch.Tensor) -> dict:
             rows=t,
             swiglu_bwd=t,
             wgrad=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16),
+            wgrad_tma=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, FLATTEN=False),
             prec=prec,
             fit=True,
         )
     if x.dtype == torch.float32:
         t = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
-        return dict(gate_up=t, rows=t, swiglu_bwd=t, wgrad=t, prec=prec, fit=False)
+        return dict(
+            gate_up=t, rows=t, swiglu_bwd=t, wgrad=t, wgrad_tma=t | {"FLATTEN": False}, prec=prec, fit=False
+        )
     # bf16 / fp16. Half the N tile where the epilogue holds two more fp32 tiles (gate_up's second
     # accumulator; h1, h3 in the SwiGLU backward): at 128 x 128 the latter spills 1.2 KB (ptxas, sm_90a).
     big = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
     half = dict(big, BLOCK_N=64)
-    return dict(gate_up=half, rows=big, swiglu_bwd=half, wgrad=big, prec=prec, fit=False)
+    # The persistent weight-gradient kernel: one 128 x 256 tile per SM, three 48 KB stages and the 64 KB
+    # epilogue tile in shared memory.
+    wgrad_tma = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, FLATTEN=True)
+    return dict(gate_up=half, rows=big, swiglu_bwd=half, wgrad=big, wgrad_tma=wgrad_tma, prec=prec, fit=False)
 
 
 def _fit(cfg: dict, family: str, M: int | None, N: int, K: int) -> dict:
@@ -413,6 +477,35 @@ def _wgrad(a, b, segs, cfg, dtype):
     t = _fit(cfg, "wgrad", M, N, 0)
     grid = (triton.cdiv(M, t["BLOCK_M"]) * triton.cdiv(N, t["BLOCK_N"]), E)
     _wgrad_kernel[grid](a, b, out, segs.start, segs.seg, M, N, PREC=cfg["prec"], **t)
+    return out
+
+
+def _wgrad_tma(a, b, segs, cfg, dtype, **tiles):
+    """_wgrad through _wgrad_tma_kernel: [E, M, N] = a[seg]^T @ b[seg]; a [P, M] and b [P, N] contiguous.
+    `tiles` overrides the tile shape, stages, warps, program count or FLATTEN (benchmarks)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, N = a.shape[1], b.shape[1]
+    E = segs.seg.numel()
+    out = torch.empty(E, M, N, device=a.device, dtype=dtype)
+    t = _fit(cfg, "wgrad_tma", M, N, 0) | tiles
+    bm, bn, bk = t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_K"]
+    if "NUM_PROGS" not in t:
+        t["NUM_PROGS"] = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 3
+    _wgrad_tma_kernel[(t["NUM_PROGS"],)](
+        TensorDescriptor.from_tensor(a, [bk, bm]),
+        TensorDescriptor.from_tensor(b, [bk, bn]),
+        TensorDescriptor.from_tensor(out, [1, bm, bn]),
+        a,
+        b,
+        segs.start,
+        segs.seg,
+        E,
+        M,
+        N,
+        PREC=cfg["prec"],
+        **t,
+    )
     return out
 
 
@@ -517,7 +610,8 @@ def _fwd_grouped_mm(x, w13, w2, segs):
     return y, h13
 
 
-def _bwd_grouped_mm(dy, x, w13, w2, h13, segs, needs):
+def _bwd_grouped_mm(dy, x, w13, w2, h13, segs, needs, cfg=None):
+    """cfg None: CUTLASS for the weight gradients too; else _wgrad_tma with cfg's tiles."""
     gmm = torch._grouped_mm
     offs = segs.offs
     act, dh13 = _swiglu_ew(h13, segs, da=gmm(dy, w2, offs=offs))
@@ -527,6 +621,8 @@ def _bwd_grouped_mm(dy, x, w13, w2, h13, segs, needs):
         _zero_tail(dx, segs)
 
     def wgrad(a, b):  # K-grouped: [E, M, N] = a_e^T b_e
+        if cfg is not None:
+            return _wgrad_tma(a, b, segs, cfg, b.dtype)
         g = gmm(a.t(), b, offs=offs)
         _zero_empty_experts(g, segs)
         return g
@@ -598,7 +694,7 @@ def _fwd_op(
     cfg = _configs(x)
     segs = _Segments(seg_E, cfg["rows"]["BLOCK_M"])
     w13_flat = w13.flatten(1, 2)
-    if _resolve(backend, x, w13, w2) == "grouped_mm":
+    if _resolve(backend, x, w13, w2).startswith("grouped_mm"):
         y, h13 = _fwd_grouped_mm(x, w13_flat, w2, segs)
     else:
         y, h13 = _fwd_triton(x, w13_flat, w2, segs, cfg)
@@ -626,8 +722,10 @@ def _bwd_op(
     segs = _Segments(seg_E, cfg["rows"]["BLOCK_M"])
     dy = dy.contiguous()
     w13_flat = w13.flatten(1, 2)
-    if _resolve(backend, x, w13, w2) == "grouped_mm":
-        dx, dw13, dw2 = _bwd_grouped_mm(dy, x, w13_flat, w2, h13, segs, needs)
+    resolved = _resolve(backend, x, w13, w2)
+    if resolved.startswith("grouped_mm"):
+        tma_cfg = cfg if resolved == "grouped_mm_tma" else None
+        dx, dw13, dw2 = _bwd_grouped_mm(dy, x, w13_flat, w2, h13, segs, needs, tma_cfg)
     else:
         dx, dw13, dw2 = _bwd_triton(dy, x, w13_flat, w2, h13, segs, cfg, needs)
     dw13 = None if dw13 is None else dw13.reshape(w13.shape)
