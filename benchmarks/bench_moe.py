@@ -286,6 +286,9 @@ def dense_swiglu(x, w1, w2, w3):
     return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
 
 
+SKIP_LOOP = False  # --skip-loop
+
+
 def ffn_row(moe, T, zipf, ceil, repeats):
     w13, w2 = moe.experts.w13, moe.experts.w2
     E, _, I, D = w13.shape
@@ -303,11 +306,9 @@ def ffn_row(moe, T, zipf, ceil, repeats):
         return training_step(fn, ops, [g])
 
     auto = grouped_swiglu_backend(x, w13, w2)
-    providers = {
-        "per-expert loop": step(lambda: ffn_loop(x, w1, w2, w3, seg_list)),
-        "torch._grouped_mm": step(lambda: ffn_grouped_mm(x, w1, w2, w3, offs)),
-        f"ours ({auto})": step(lambda: grouped_swiglu(x, w13, w2, seg)),
-    }
+    providers = {} if SKIP_LOOP else {"per-expert loop": step(lambda: ffn_loop(x, w1, w2, w3, seg_list))}
+    providers["torch._grouped_mm"] = step(lambda: ffn_grouped_mm(x, w1, w2, w3, offs))
+    providers[f"ours ({auto})"] = step(lambda: grouped_swiglu(x, w13, w2, seg))
     if auto != "triton":
         other = "grouped_mm_tma" if auto == "grouped_mm" else "grouped_mm"
         providers[f"ours ({other})"] = step(lambda: grouped_swiglu(x, w13, w2, seg, backend=other))
@@ -413,7 +414,12 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", default=None, help="comma-separated subset of: v3,small (GPU)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--rows", default=",".join(ROW_KINDS), help=f"comma-separated subset of: {ROW_KINDS}")
+    ap.add_argument(
+        "--skip-loop", action="store_true", help="no per-expert loop in the FFN rows (8 s a call at V3)"
+    )
     opts = ap.parse_args(argv)
+    global SKIP_LOOP
+    SKIP_LOOP = opts.skip_loop
     kinds = opts.rows.split(",")
     unknown = sorted(set(kinds) - set(ROW_KINDS))
     if unknown:

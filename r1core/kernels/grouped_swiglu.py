@@ -10,12 +10,16 @@ so do their outputs, h13 = [h1 | h3] ([P, 2I]), and gradients:
     da = dy W2_e;  dh3 = da * silu(h1);  dh1 = da * h3 * sig(h1) * (1 + h1 (1 - sig(h1)))
     dx = dh13 W13_e (one GEMM over K = 2I: dh1 W1_e + dh3 W3_e);  dW13_e = dh13_e^T x_e;  dW2_e = dy_e^T a_e
 
-Two implementations, chosen at run time by `grouped_swiglu_backend`:
+Three implementations, chosen at run time by `grouped_swiglu_backend`:
   * "grouped_mm": `torch._grouped_mm` (CUTLASS sm90 grouped GEMM: 691 TFLOP/s forward at V3 expert
     shapes, 89% of dense) for the six GEMMs (2 forward, 4 backward), Triton for the SwiGLU steps. Used on
     Hopper when every operand is bf16, D and I are multiples of 8 (16-byte TMA strides) and E < 1024
     (the CUTLASS kernel's group limit). Its outputs are torch.empty, so rows past the last segment
     and the weight grads of experts with no rows are zeroed here.
+  * "grouped_mm_tma": "grouped_mm" for the forward and the input gradients; the two weight-gradient GEMMs
+    (K = an expert's rows, often a few hundred: CUTLASS's weakest, 59-66 % of the matmul peak at V3 shapes)
+    run in r1core's persistent TMA kernel (`_wgrad_tma_kernel`), which overlaps a tile's epilogue with the
+    next tile's loads.
   * "triton": Triton grouped GEMMs with SwiGLU fused into the gate/up epilogue (forward) and into
     the epilogue of da (backward). Everything else: the CPU interpreter, fp32 / fp16, pre-Hopper GPUs.
 h13 is saved for backward; a is recomputed there rather than kept.
