@@ -103,7 +103,7 @@ def dispatch(T, args, x, ceil):
 # r1core's persistent TMA weight-gradient kernel, at its default tiles and a few others
 TMA_TILES = {
     "default": {},
-    "no flatten": dict(FLATTEN=False),
+    "128x256 s2": dict(num_stages=2),
     "128x128 s4": dict(BLOCK_N=128, num_stages=4),
     "128x128 s4 w4": dict(BLOCK_N=128, num_stages=4, num_warps=4),
     "128x256 bk32 s5": dict(BLOCK_K=32, num_stages=5),

@@ -267,22 +267,21 @@ def _wgrad_tma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_PROGS: tl.constexpr,
-    FLATTEN: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """_wgrad_kernel's C_e = A[seg e]^T @ B[seg e], persistent, through TMA descriptors.
 
     a_desc: A [P, M] in [BLOCK_K, BLOCK_M] blocks; b_desc: B [P, N] in [BLOCK_K, BLOCK_N]; c_desc: C [E, M, N]
-    in [1, BLOCK_M, BLOCK_N]. NUM_PROGS programs walk the E * tiles(M) * tiles(N) output tiles, expert by
-    expert (an expert's A and B rows stay in L2 while every program works on its tiles). A segment's whole
-    BLOCK_K-row blocks come by TMA; TMA cannot stop at a segment's end, so its last partial block (rows of
-    the next segment follow it) comes by masked loads. FLATTEN lets Triton's pipeliner run the next tile's
-    loads under this tile's epilogue. TMA stores clip at C's edges; empty segments store zeros.
+    in [1, BLOCK_M, BLOCK_N]. NUM_PROGS programs (one per SM) walk the E * tiles(M) * tiles(N) output tiles,
+    expert by expert, so an expert's rows of A and B stay in L2 while every program works on its tiles. A
+    segment's whole BLOCK_K-row blocks come by TMA, software-pipelined; TMA cannot stop at a segment's end,
+    so the rows of a last partial block come by masked loads. A tile's TMA store runs on under the next
+    tile's main loop. Stores clip at C's edges; empty segments store zeros.
     """
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_e = tl.cdiv(M, BLOCK_M) * tiles_n
-    rk = tl.arange(0, BLOCK_K)
-    for t in tl.range(tl.program_id(0), E * per_e, NUM_PROGS, flatten=FLATTEN):
+    rk = tl.arange(0, 16)
+    for t in range(tl.program_id(0), E * per_e, NUM_PROGS):
         e = t // per_e
         m0 = ((t % per_e) // tiles_n) * BLOCK_M
         n0 = (t % tiles_n) * BLOCK_N
@@ -294,11 +293,13 @@ def _wgrad_tma_kernel(
             a = a_desc.load([start + k0, m0])
             b = b_desc.load([start + k0, n0])
             acc = tl.dot(a.T, b, acc, input_precision=PREC)
-        if n_full < n_rows:
-            r = (start + n_full + rk).to(tl.int64)
-            r_ok = n_full + rk < n_rows
-            rm = m0 + tl.arange(0, BLOCK_M)
-            rn = n0 + tl.arange(0, BLOCK_N)
+        # the partial last block in 16-row steps (a whole BLOCK_K-row block in registers raises the kernel's
+        # register count to ptxas' limit, 255)
+        rm = m0 + tl.arange(0, BLOCK_M)
+        rn = n0 + tl.arange(0, BLOCK_N)
+        for k0 in range(n_full, n_rows, 16):
+            r = (start + k0 + rk).to(tl.int64)
+            r_ok = k0 + rk < n_rows
             at = tl.load(
                 a_ptr + r[None, :] * M + rm[:, None], mask=r_ok[None, :] & (rm < M)[:, None], other=0.0
             )
@@ -386,22 +387,20 @@ def _configs(x: torch.Tensor) -> dict:
             rows=t,
             swiglu_bwd=t,
             wgrad=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16),
-            wgrad_tma=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, FLATTEN=False),
+            wgrad_tma=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16),
             prec=prec,
             fit=True,
         )
     if x.dtype == torch.float32:
         t = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
-        return dict(
-            gate_up=t, rows=t, swiglu_bwd=t, wgrad=t, wgrad_tma=t | {"FLATTEN": False}, prec=prec, fit=False
-        )
+        return dict(gate_up=t, rows=t, swiglu_bwd=t, wgrad=t, wgrad_tma=t, prec=prec, fit=False)
     # bf16 / fp16. Half the N tile where the epilogue holds two more fp32 tiles (gate_up's second
     # accumulator; h1, h3 in the SwiGLU backward): at 128 x 128 the latter spills 1.2 KB (ptxas, sm_90a).
     big = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
     half = dict(big, BLOCK_N=64)
     # The persistent weight-gradient kernel: one 128 x 256 tile per SM, three 48 KB stages and the 64 KB
     # epilogue tile in shared memory.
-    wgrad_tma = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, FLATTEN=True)
+    wgrad_tma = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
     return dict(gate_up=half, rows=big, swiglu_bwd=half, wgrad=big, wgrad_tma=wgrad_tma, prec=prec, fit=False)
 
 
@@ -486,7 +485,7 @@ def _wgrad(a, b, segs, cfg, dtype):
 
 def _wgrad_tma(a, b, segs, cfg, dtype, **tiles):
     """_wgrad through _wgrad_tma_kernel: [E, M, N] = a[seg]^T @ b[seg]; a [P, M] and b [P, N] contiguous.
-    `tiles` overrides the tile shape, stages, warps, program count or FLATTEN (benchmarks)."""
+    `tiles` overrides the tile shape, stages, warps or program count (benchmarks)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, N = a.shape[1], b.shape[1]
