@@ -118,6 +118,10 @@ def test_toy_stages_keep_the_shipped_stages_but_their_step_counts():
         ("data.val_docs=-1", "data.val_docs=-1 must be >= 0"),
         ("pretrain.eval_every=-1", "eval_every=-1 must be >= 0"),
         (
+            "sft.eval_every=50",
+            "stage 'cold_start_sft': sft.eval_every=50, but cold_start_sft stages have no held-out",
+        ),
+        (
             "pipeline.stages.14.overrides={distill.student_init: nowhere}",
             "distill.student_init='nowhere' names no earlier stage",
         ),

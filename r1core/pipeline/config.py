@@ -54,6 +54,7 @@ MODEL_STAGES = {
     StageKind.long_context,
 }
 RL_KINDS = (StageKind.reasoning_rl, StageKind.all_scenario_rl)  # GRPO stages
+SFT_KINDS = (StageKind.cold_start_sft, StageKind.sft, StageKind.distill)  # stages trained by `sft.*`
 
 
 @dataclass(kw_only=True)
@@ -191,7 +192,8 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: LMTrainConfig = field(default_factory=LMTrainConfig)
-    sft: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(steps=150, save_every=50))
+    # SFT-type stages (cold_start_sft, sft, distill) have no held-out data: no validation loss (eval_every 0)
+    sft: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(steps=150, save_every=50, eval_every=0))
     rl: GRPOConfig = field(default_factory=GRPOConfig)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -406,6 +408,12 @@ def validate_pipeline(
                 f"stage {st.name!r}: rl.loss.agg={sj.rl.loss.agg.value} averages each sequence's tokens, "
                 f"which needs whole sequences on one rank, but parallel.cp={sj.parallel.cp} splits them: "
                 "use rl.loss.agg=token_mean or seq_mean_token_sum_norm, or parallel.cp=1"
+            )
+        if st.kind in SFT_KINDS and sj.sft.eval_every:
+            raise ConfigError(
+                f"stage {st.name!r}: sft.eval_every={sj.sft.eval_every}, but {st.kind.value} stages have no "
+                "held-out data to validate on (pretrain and long_context stages have a validation loss): "
+                "set sft.eval_every=0, and judge the stage by an eval stage after it"
             )
         if st.kind == StageKind.load and not sj.hf_checkpoint:
             raise ConfigError(f"stage {st.name!r} loads released weights: set hf_checkpoint=<HF directory>")

@@ -29,7 +29,8 @@ class LMTrainConfig:
     save_every: int = 100  # steps between resumable checkpoints
     keep_checkpoints: int = 2  # checkpoints kept (older ones are deleted)
     # validation: next-token CE on held-out windows (`val_ce` in metrics.jsonl) every eval_every steps and at
-    # the last step, where the stage has held-out data (pretraining: data.val_files / data.val_docs); 0: off
+    # the last step, in pretrain and long_context stages (held-out data: data.val_files / data.val_docs); 0:
+    # off. SFT-type stages have no held-out data: a nonzero sft.eval_every is a config error
     eval_every: int = 100
     eval_batches: int = 4  # micro-batches of held-out windows per evaluation (the same ones every time)
     # The last step writes no full (optimizer) checkpoint: the stage's model export is the last save,
