@@ -14,13 +14,17 @@ compare_loss.png and compare_loss.json under $OUT; the last line printed is the 
 --across-seeds takes (reference, candidate) pairs of runs, one pair per seed, and reports each seed's paired
 difference over the last `--window` steps and their mean with its 95 % Student-t interval over seeds: the
 spread that matters when one seed's difference is dominated by where a perturbation (FP8, another kernel)
-sends that seed's trajectory. Writes compare_seeds.png (a bar per seed) and compare_seeds.json.
+sends that seed's trajectory. It also prints the noise floor: how far the reference runs of different seeds
+are from each other, and how many pairs a ±`--target` interval would take. Writes compare_seeds.png (a bar
+per seed) and compare_seeds.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import sys
 
@@ -54,9 +58,23 @@ def t975(df: int) -> float:
     return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.37 / df
 
 
-def across_seeds(paths: list[str], names: list[str], key: str, window: int) -> dict:
+def seed_floor(refs: list[dict[int, float]], window: int) -> float:
+    """The reference runs among themselves: the rms over pairs of seeds (i < j) of run j's mean relative
+    difference to run i over the last `window` common steps. Two runs that share only the recipe differ by
+    about this much; a candidate whose pairs spread as far moves each seed's trajectory as far as a new seed
+    does, and pairing by seed removes none of the noise."""
+    diffs = []
+    for i, j in itertools.combinations(range(len(refs)), 2):
+        steps = sorted(set(refs[i]) & set(refs[j]))
+        diffs.append(paired_rel_diff(refs[i], refs[j], [s for s in steps if s > steps[-1] - window])[0])
+    return math.sqrt(sum(d * d for d in diffs) / len(diffs))
+
+
+def across_seeds(paths: list[str], names: list[str], key: str, window: int, target: float = 0.01) -> dict:
     """Each (reference, candidate) pair's mean relative difference over its last `window` logged steps, and
-    the mean of those over the pairs with its 95 % t-interval (n - 1 degrees of freedom)."""
+    the mean of those over the pairs with its 95 % t-interval (n - 1 degrees of freedom). Also the noise
+    floor: the pairs' sd, the reference seeds' spread among themselves (`seed_floor`), and how many pairs a
+    95 % half-width of `target` would take at that sd (normal approximation: (1.96 sd / target)^2)."""
     if len(paths) < 4 or len(paths) % 2:
         raise SystemExit("--across-seeds takes (reference, candidate) pairs of files, at least two pairs")
     title = f"{key}: {names[1]} against {names[0]}, one row per seed"
@@ -72,6 +90,8 @@ def across_seeds(paths: list[str], names: list[str], key: str, window: int) -> d
         table.add(f"{os.path.basename(paths[j])} / {os.path.basename(paths[j + 1])}", steps[-1], 100 * diff)
     mean, se = mean_and_se(per_seed)
     half = t975(len(per_seed) - 1) * se
+    sd = se * len(per_seed) ** 0.5
+    floor = seed_floor([read_curve(p, key) for p in paths[::2]], window)
     record = {
         "key": key,
         "labels": names,
@@ -79,6 +99,10 @@ def across_seeds(paths: list[str], names: list[str], key: str, window: int) -> d
         "per_seed_rel_diff": per_seed,
         "mean_rel_diff": mean,
         "mean_rel_diff_ci95": [mean - half, mean + half],
+        "per_seed_sd": sd,
+        "reference_seeds_rms_rel_diff": floor,
+        "pairs_for_target": math.ceil((1.96 * sd / target) ** 2),
+        "target_half_width": target,
         "pairs": [[paths[j], paths[j + 1]] for j in range(0, len(paths), 2)],
     }
     try:
@@ -96,6 +120,11 @@ def across_seeds(paths: list[str], names: list[str], key: str, window: int) -> d
         f"{len(per_seed)} seeds, last {window} steps: {names[1]} - {names[0]} = {100 * mean:+.2f} % "
         f"[{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}] (t interval over seeds)"
     )
+    print(
+        f"noise floor: the pairs' differences spread by {100 * sd:.2f} % (sd); two {names[0]} runs of "
+        f"different seeds differ by {100 * floor:.2f} % (rms over {math.comb(len(per_seed), 2)} pairs). "
+        f"A ±{100 * target:g} % 95 % half-width at this sd takes ~{record['pairs_for_target']} pairs."
+    )
     finish("compare_seeds", [table], record)
     return record
 
@@ -112,10 +141,13 @@ def main(argv=None) -> dict:
     p.add_argument("--tail", type=int, default=5, help="logged steps averaged at the end")
     p.add_argument("--skip", type=int, default=50, help="steps left out of the largest-difference figure")
     p.add_argument("--window", type=int, default=100, help="steps of the paired mean difference, at the end")
+    p.add_argument(
+        "--target", type=float, default=0.01, help="--across-seeds: the 95 %% half-width to plan pairs for"
+    )
     a = p.parse_args(argv)
     names = a.labels.split(",")
     if a.across_seeds:
-        return across_seeds(a.across_seeds, names, a.key, a.window)
+        return across_seeds(a.across_seeds, names, a.key, a.window, a.target)
     if not (a.reference and a.candidate):
         p.error("give a reference and a candidate run, or --across-seeds")
     ref, cand = read_curve(a.reference, a.key), read_curve(a.candidate, a.key)

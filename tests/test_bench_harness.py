@@ -78,18 +78,23 @@ def test_compare_loss_across_seeds_t_interval_against_hand_values(tmp_path, monk
 
     # three seeds whose candidate is +10 %, -5 % and +4 % off at every step: mean +3 %, sample sd
     # sqrt((0.07^2 + 0.08^2 + 0.01^2) / 2) = 0.075498, t(0.975, 2 df) = 4.303
+    # The references sit at 2.0, 2.2 and 1.8: seed 1 against 0 differs by +10 %, seed 2 against 0 by -10 %,
+    # seed 2 against 1 by -2/11, so their rms is sqrt((0.01 + 0.01 + (2/11)^2) / 3) = 0.132989.
     files = []
-    for seed, rel in enumerate((0.10, -0.05, 0.04)):
+    for seed, (ref, rel) in enumerate(((2.0, 0.10), (2.2, -0.05), (1.8, 0.04))):
         for name, scale in (("ref", 1.0), ("cand", 1.0 + rel)):
             f = tmp_path / f"s{seed}_{name}.jsonl"
-            f.write_text("".join(json.dumps({"step": s, "ce": 2.0 * scale}) + "\n" for s in (5, 10, 15)))
+            f.write_text("".join(json.dumps({"step": s, "ce": ref * scale}) + "\n" for s in (5, 10, 15)))
             files.append(str(f))
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
-    rec = main(["--across-seeds", *files, "--window", "10"])
+    rec = main(["--across-seeds", *files, "--window", "10", "--target", "0.02"])
     assert rec["per_seed_rel_diff"] == pytest.approx([0.10, -0.05, 0.04])
     half = 4.303 * 0.0754983 / 3**0.5
     assert rec["mean_rel_diff"] == pytest.approx(0.03)
     assert rec["mean_rel_diff_ci95"] == pytest.approx([0.03 - half, 0.03 + half], rel=1e-5)
+    assert rec["per_seed_sd"] == pytest.approx(0.0754983, rel=1e-5)
+    assert rec["reference_seeds_rms_rel_diff"] == pytest.approx(0.132989, rel=1e-5)
+    assert rec["pairs_for_target"] == 55  # ceil((1.96 * 0.0754983 / 0.02)^2) = ceil(54.74)
     with pytest.raises(SystemExit):
         main(["--across-seeds", *files[:3]])
 
