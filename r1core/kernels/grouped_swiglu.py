@@ -19,7 +19,8 @@ Three implementations, chosen at run time by `grouped_swiglu_backend`:
   * "grouped_mm_tma": "grouped_mm" for the forward and the input gradients; the two weight-gradient GEMMs
     (K = an expert's rows, often a few hundred: CUTLASS's weakest, 59-66 % of the matmul peak at V3 shapes)
     run in r1core's persistent TMA kernel (`_wgrad_tma_kernel`; a tile's store runs under the next tile's
-    main loop).
+    main loop). Chosen by name only: the automatic choice on Hopper stays "grouped_mm" until this one is
+    measured faster (benchmarks/moe_probe.py and bench_moe.py time both).
   * "triton": Triton grouped GEMMs with SwiGLU fused into the gate/up epilogue (forward) and into
     the epilogue of da (backward). Everything else: the CPU interpreter, fp32 / fp16, pre-Hopper GPUs.
 h13 is saved for backward; a is recomputed there rather than kept.
