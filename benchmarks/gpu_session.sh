@@ -469,9 +469,9 @@ part_s14c() {
 # several tile shapes, each first checked against CUTLASS's output); bench_moe's expert FFN rows at V3 and small
 # shapes, where both grouped_mm backends run in the same run.
 part_s15a() {
-  run s15_tests 120 python3 -m pytest -q -m gpu tests/test_moe_kernels.py -k grouped_swiglu -rfE \
+  run s15_tests 100 python3 -m pytest -q -m gpu tests/test_moe_kernels.py -k grouped_swiglu -rfE \
     -p no:cacheprovider -p no:logging
-  run probe_s15 200 python3 benchmarks/moe_probe.py --skip-dispatch --skip-profile
+  run probe_s15 240 python3 benchmarks/moe_probe.py --skip-dispatch --skip-profile
   grep -E "wgrad|TMA" "$R/probe_s15.log" >> "$SUMMARY"
   run moe_ffn_s15 150 python3 benchmarks/bench_moe.py --shapes v3,small --rows ffn --repeats 6 --skip-loop
   grep -E "^## |^\| (ours|torch|dense)" "$R/moe_ffn_s15.log" >> "$SUMMARY"

@@ -105,9 +105,11 @@ TMA_TILES = {
     "default": {},
     "128x256 s2": dict(num_stages=2),
     "128x128 s4": dict(BLOCK_N=128, num_stages=4),
-    "128x128 s4 w4": dict(BLOCK_N=128, num_stages=4, num_warps=4),
     "128x256 bk32 s5": dict(BLOCK_K=32, num_stages=5),
     "256x128 s3": dict(BLOCK_M=256, BLOCK_N=128),
+    # two programs per SM (98 KB of shared memory, 239 registers x 128 threads each)
+    "128x128 s2 w4 2/SM": dict(BLOCK_N=128, num_stages=2, num_warps=4, PER_SM=2),
+    "128x128 bk32 s4 w4 2/SM": dict(BLOCK_N=128, BLOCK_K=32, num_stages=4, num_warps=4, PER_SM=2),
 }
 
 

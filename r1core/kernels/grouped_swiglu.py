@@ -486,7 +486,8 @@ def _wgrad(a, b, segs, cfg, dtype):
 
 def _wgrad_tma(a, b, segs, cfg, dtype, **tiles):
     """_wgrad through _wgrad_tma_kernel: [E, M, N] = a[seg]^T @ b[seg]; a [P, M] and b [P, N] contiguous.
-    `tiles` overrides the tile shape, stages, warps or program count (benchmarks)."""
+    `tiles` overrides the tile shape, stages, warps, or PER_SM, the programs per SM (benchmarks: two
+    resident programs of a smaller tile let one's epilogue run beside the other's main loop)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, N = a.shape[1], b.shape[1]
@@ -494,8 +495,10 @@ def _wgrad_tma(a, b, segs, cfg, dtype, **tiles):
     out = torch.empty(E, M, N, device=a.device, dtype=dtype)
     t = _fit(cfg, "wgrad_tma", M, N, 0) | tiles
     bm, bn, bk = t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_K"]
+    per_sm = t.pop("PER_SM", 1)
     if "NUM_PROGS" not in t:
-        t["NUM_PROGS"] = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 3
+        sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 3
+        t["NUM_PROGS"] = sms * per_sm
     _wgrad_tma_kernel[(t["NUM_PROGS"],)](
         TensorDescriptor.from_tensor(a, [bk, bm]),
         TensorDescriptor.from_tensor(b, [bk, bn]),
