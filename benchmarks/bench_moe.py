@@ -286,10 +286,7 @@ def dense_swiglu(x, w1, w2, w3):
     return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
 
 
-SKIP_LOOP = False  # --skip-loop
-
-
-def ffn_row(moe, T, zipf, ceil, repeats):
+def ffn_row(moe, T, zipf, ceil, repeats, skip_loop=False):
     w13, w2 = moe.experts.w13, moe.experts.w2
     E, _, I, D = w13.shape
     # the peers keep gate and up as separate weights (torchtitan's layout); ours are stacked in w13
@@ -306,7 +303,7 @@ def ffn_row(moe, T, zipf, ceil, repeats):
         return training_step(fn, ops, [g])
 
     auto = grouped_swiglu_backend(x, w13, w2)
-    providers = {} if SKIP_LOOP else {"per-expert loop": step(lambda: ffn_loop(x, w1, w2, w3, seg_list))}
+    providers = {} if skip_loop else {"per-expert loop": step(lambda: ffn_loop(x, w1, w2, w3, seg_list))}
     providers["torch._grouped_mm"] = step(lambda: ffn_grouped_mm(x, w1, w2, w3, offs))
     providers[f"ours ({auto})"] = step(lambda: grouped_swiglu(x, w13, w2, seg))
     if auto != "triton":
@@ -393,7 +390,7 @@ def _available(providers: dict, mu, cuda) -> dict:
 ROW_KINDS = ("route", "dispatch", "ffn", "layer")
 
 
-def run_shape(shape: Shape, dev, dtype, ceil, mu, cuda, repeats, kinds=ROW_KINDS):
+def run_shape(shape: Shape, dev, dtype, ceil, mu, cuda, repeats, kinds=ROW_KINDS, skip_loop=False):
     moe, x = build_layer(shape, dev, dtype)
     moe.train()
     if "route" in kinds:
@@ -403,7 +400,7 @@ def run_shape(shape: Shape, dev, dtype, ceil, mu, cuda, repeats, kinds=ROW_KINDS
     # FFN and layer steps take 50 ms to 1 s at V3 shapes: fewer repeats keep the run inside minutes.
     if "ffn" in kinds:
         for zipf in (None, 1.0):
-            yield ffn_row(moe, shape.T, zipf, ceil, max(2, repeats // 2))
+            yield ffn_row(moe, shape.T, zipf, ceil, max(2, repeats // 2), skip_loop)
     if "layer" in kinds:
         yield layer_row(moe, x, cuda, ceil, max(2, repeats // 3))
 
@@ -418,8 +415,6 @@ def main(argv=None) -> None:
         "--skip-loop", action="store_true", help="no per-expert loop in the FFN rows (8 s a call at V3)"
     )
     opts = ap.parse_args(argv)
-    global SKIP_LOOP
-    SKIP_LOOP = opts.skip_loop
     kinds = opts.rows.split(",")
     unknown = sorted(set(kinds) - set(ROW_KINDS))
     if unknown:
@@ -444,7 +439,7 @@ def main(argv=None) -> None:
     for shape in shapes(opts.tiny or dev.type == "cpu"):
         if wanted and shape.name not in wanted:
             continue
-        for row, res in run_shape(shape, dev, dtype, ceil, mu, cuda, repeats, kinds):
+        for row, res in run_shape(shape, dev, dtype, ceil, mu, cuda, repeats, kinds, opts.skip_loop):
             key = f"{shape.name}: {row.name}"
             note = next((a for k, a in ANCHORS.items() if row.name.startswith(k)), "")
             tables.append(table(key + (f" ({note})" if note else ""), res))

@@ -79,9 +79,10 @@ def across_seeds(paths: list[str], names: list[str], key: str, window: int, targ
         raise SystemExit("--across-seeds takes (reference, candidate) pairs of files, at least two pairs")
     title = f"{key}: {names[1]} against {names[0]}, one row per seed"
     table = Table(title, ["pair", "steps", "window diff %"])
-    per_seed = []
+    per_seed, refs = [], []
     for j in range(0, len(paths), 2):
         ref, cand = read_curve(paths[j], key), read_curve(paths[j + 1], key)
+        refs.append(ref)
         steps = sorted(set(ref) & set(cand))
         if not steps:
             raise SystemExit(f"no common steps with {key!r} in {paths[j]} and {paths[j + 1]}")
@@ -91,7 +92,7 @@ def across_seeds(paths: list[str], names: list[str], key: str, window: int, targ
     mean, se = mean_and_se(per_seed)
     half = t975(len(per_seed) - 1) * se
     sd = se * len(per_seed) ** 0.5
-    floor = seed_floor([read_curve(p, key) for p in paths[::2]], window)
+    floor = seed_floor(refs, window)
     record = {
         "key": key,
         "labels": names,

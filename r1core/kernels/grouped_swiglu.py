@@ -220,6 +220,20 @@ def _rows_gemm_kernel(
 
 
 @triton.jit
+def _wgrad_rows(acc, a_ptr, b_ptr, start, lo, hi, rm, rn, M, N, STEP: tl.constexpr, PREC: tl.constexpr):
+    """acc += A[start + lo : start + hi, rm]^T @ B[same rows, rn] by masked loads, STEP rows at a time
+    (A: [P, M], B: [P, N], row-major)."""
+    rk = tl.arange(0, STEP)
+    for r0 in range(lo, hi, STEP):
+        r = (start + r0 + rk).to(tl.int64)
+        r_ok = r0 + rk < hi
+        at = tl.load(a_ptr + r[None, :] * M + rm[:, None], mask=r_ok[None, :] & (rm < M)[:, None], other=0.0)
+        b = tl.load(b_ptr + r[:, None] * N + rn[None, :], mask=r_ok[:, None] & (rn < N)[None, :], other=0.0)
+        acc = tl.dot(at, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _wgrad_kernel(
     a_ptr,
     b_ptr,
@@ -239,15 +253,8 @@ def _wgrad_kernel(
     rm = (tl.program_id(0) // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = (tl.program_id(0) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     start = tl.load(seg_start_ptr + e).to(tl.int64)
-    n_rows = tl.load(seg_ptr + e)
-    rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for r0 in range(0, n_rows, BLOCK_K):
-        r = start + r0 + rk
-        r_ok = r0 + rk < n_rows
-        at = tl.load(a_ptr + r[None, :] * M + rm[:, None], mask=r_ok[None, :] & (rm < M)[:, None], other=0.0)
-        b = tl.load(b_ptr + r[:, None] * N + rn[None, :], mask=r_ok[:, None] & (rn < N)[None, :], other=0.0)
-        acc = tl.dot(at, b, acc, input_precision=PREC)
+    acc = _wgrad_rows(acc, a_ptr, b_ptr, start, 0, tl.load(seg_ptr + e), rm, rn, M, N, BLOCK_K, PREC)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     tl.store(c_ptr + e * M * N + rm[:, None] * N + rn[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -281,7 +288,6 @@ def _wgrad_tma_kernel(
     """
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_e = tl.cdiv(M, BLOCK_M) * tiles_n
-    rk = tl.arange(0, 16)
     for t in range(tl.program_id(0), E * per_e, NUM_PROGS):
         e = t // per_e
         m0 = ((t % per_e) // tiles_n) * BLOCK_M
@@ -294,20 +300,11 @@ def _wgrad_tma_kernel(
             a = a_desc.load([start + k0, m0])
             b = b_desc.load([start + k0, n0])
             acc = tl.dot(a.T, b, acc, input_precision=PREC)
-        # the partial last block in 16-row steps (a whole BLOCK_K-row block in registers raises the kernel's
-        # register count to ptxas' limit, 255)
+        # the partial last block by masked loads, in 16-row steps (a whole BLOCK_K-row block in registers
+        # raises the kernel's register count to ptxas' limit, 255)
         rm = m0 + tl.arange(0, BLOCK_M)
         rn = n0 + tl.arange(0, BLOCK_N)
-        for k0 in range(n_full, n_rows, 16):
-            r = (start + k0 + rk).to(tl.int64)
-            r_ok = k0 + rk < n_rows
-            at = tl.load(
-                a_ptr + r[None, :] * M + rm[:, None], mask=r_ok[None, :] & (rm < M)[:, None], other=0.0
-            )
-            b = tl.load(
-                b_ptr + r[:, None] * N + rn[None, :], mask=r_ok[:, None] & (rn < N)[None, :], other=0.0
-            )
-            acc = tl.dot(at, b, acc, input_precision=PREC)
+        acc = _wgrad_rows(acc, a_ptr, b_ptr, start, n_full, n_rows, rm, rn, M, N, 16, PREC)
         c_desc.store([e, m0, n0], acc.to(c_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
 
 
