@@ -100,16 +100,18 @@ def dispatch(T, args, x, ceil):
             kernel_table(lambda: moe_cuda.moe_unpermute_cuda(y, pos, w), "unpermute cuda")
 
 
-# r1core's persistent TMA weight-gradient kernel, at its default tiles and a few others
+# r1core's persistent TMA weight-gradient kernels at their default tiles and a few others: the flattened loop
+# (the default, pipelined across tiles) and the loop nest (FLAT=False)
 TMA_TILES = {
-    "default": {},
-    "128x256 s2": dict(num_stages=2),
-    "128x128 s4": dict(BLOCK_N=128, num_stages=4),
-    "128x256 bk32 s5": dict(BLOCK_K=32, num_stages=5),
-    "256x128 s3": dict(BLOCK_M=256, BLOCK_N=128),
-    # two programs per SM (98 KB of shared memory, 239 registers x 128 threads each)
-    "128x128 s2 w4 2/SM": dict(BLOCK_N=128, num_stages=2, num_warps=4, PER_SM=2),
-    "128x128 bk32 s4 w4 2/SM": dict(BLOCK_N=128, BLOCK_K=32, num_stages=4, num_warps=4, PER_SM=2),
+    "default": {},  # flat 128 x 256, BK 64, 3 stages, 8 warps
+    "flat 128x256 s2": dict(num_stages=2),
+    "flat 128x128 s4": dict(BLOCK_N=128, num_stages=4),
+    "flat 128x256 bk32 s5": dict(BLOCK_K=32, num_stages=5),
+    # two programs per SM (106 KB of shared memory, 248 registers x 128 threads each)
+    "flat 128x128 s2 w4 2/SM": dict(BLOCK_N=128, num_stages=2, num_warps=4, PER_SM=2),
+    "nested 128x256 s3": dict(FLAT=False),
+    "nested 128x128 s4": dict(FLAT=False, BLOCK_N=128, num_stages=4),
+    "nested 128x128 s2 w4 2/SM": dict(FLAT=False, BLOCK_N=128, num_stages=2, num_warps=4, PER_SM=2),
 }
 
 

@@ -237,19 +237,29 @@ WGRAD_CASES = {  # segment sizes (rows past the last segment: 5), M, N, programs
 }
 
 
+WGRAD_KERNELS = {  # _wgrad_tma's overrides: the nested loop, and the flattened one at two block heights
+    "nested": dict(FLAT=False),
+    "flat": {},  # the default
+    "flat_bk32": dict(FLAT=True, BLOCK_K=32),  # two unrolled 16-row steps in the partial block
+}
+
+
+@pytest.mark.parametrize("kernel", WGRAD_KERNELS)
 @pytest.mark.parametrize("case", WGRAD_CASES)
-def test_wgrad_tma_kernel_equals_per_segment_products(case):
-    """The persistent TMA weight-gradient kernel: C_e = A[seg e]^T B[seg e] for every expert, against
-    float64 products (the interpreter runs the TMA loads, the masked last block and the clipped stores)."""
+def test_wgrad_tma_kernel_equals_per_segment_products(case, kernel):
+    """The persistent TMA weight-gradient kernels: C_e = A[seg e]^T B[seg e] for every expert, against
+    float64 products (the interpreter runs the TMA loads, the masked last block and the clipped stores;
+    the flattened kernel also the programs' iteration counts and tiles with no whole block)."""
     seg, M, N, progs = WGRAD_CASES[case]
     g = torch.Generator().manual_seed(3)
     P = sum(seg) + 5
     a, b = torch.randn(P, M, generator=g), torch.randn(P, N, generator=g)
     cfg = _configs(a)
-    out = _wgrad_tma(a, b, _Segments(torch.tensor(seg), 16), cfg, torch.float32, NUM_PROGS=progs)
+    segs = _Segments(torch.tensor(seg), 16)
+    out = _wgrad_tma(a, b, segs, cfg, torch.float32, NUM_PROGS=progs, **WGRAD_KERNELS[kernel])
     starts = [sum(seg[:e]) for e in range(len(seg))]
     ref = torch.stack([a[s : s + n].double().T @ b[s : s + n].double() for s, n in zip(starts, seg)])
-    assert cfg["wgrad_tma"]["BLOCK_K"] == 16 and out.shape == ref.shape
+    assert cfg["wgrad_tma"]["BLOCK_K"] == 16 and cfg["wgrad_tma"]["FLAT"] and out.shape == ref.shape
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     assert all((out[e] == 0).all() for e, n in enumerate(seg) if n == 0)
 

@@ -18,9 +18,11 @@ Three implementations, chosen at run time by `grouped_swiglu_backend`:
     and the weight grads of experts with no rows are zeroed here.
   * "grouped_mm_tma": "grouped_mm" for the forward and the input gradients; the two weight-gradient GEMMs
     (K = an expert's rows, often a few hundred: CUTLASS's weakest, 59-66 % of the matmul peak at V3 shapes)
-    run in r1core's persistent TMA kernel (`_wgrad_tma_kernel`; a tile's store runs under the next tile's
-    main loop). Chosen by name only: the automatic choice on Hopper stays "grouped_mm" until this one is
-    measured faster (benchmarks/moe_probe.py and bench_moe.py time both).
+    run in r1core's persistent TMA kernel (`_wgrad_flat_kernel`: one software-pipelined loop over every
+    K block of a program's tiles, so a tile's first loads and its store run under the previous / next
+    tile's products; `_wgrad_tma_kernel` is the same work as a loop nest). Chosen by name only: the
+    automatic choice on Hopper stays "grouped_mm" until this one is measured faster (benchmarks/moe_probe.py
+    and bench_moe.py time both).
   * "triton": Triton grouped GEMMs with SwiGLU fused into the gate/up epilogue (forward) and into
     the epilogue of da (backward). Everything else: the CPU interpreter, fp32 / fp16, pre-Hopper GPUs.
 h13 is saved for backward; a is recomputed there rather than kept.
@@ -220,16 +222,22 @@ def _rows_gemm_kernel(
 
 
 @triton.jit
-def _wgrad_rows(acc, a_ptr, b_ptr, start, lo, hi, rm, rn, M, N, STEP: tl.constexpr, PREC: tl.constexpr):
-    """acc += A[start + lo : start + hi, rm]^T @ B[same rows, rn] by masked loads, STEP rows at a time
+def _wgrad_step(acc, a_ptr, b_ptr, start, r0, hi, rk, rm, rn, M, N, PREC: tl.constexpr):
+    """acc += A[start + r0 + rk, rm]^T @ B[same rows, rn] for the rows r0 + rk < hi, by masked loads
     (A: [P, M], B: [P, N], row-major)."""
+    r = (start + r0 + rk).to(tl.int64)
+    r_ok = r0 + rk < hi
+    at = tl.load(a_ptr + r[None, :] * M + rm[:, None], mask=r_ok[None, :] & (rm < M)[:, None], other=0.0)
+    b = tl.load(b_ptr + r[:, None] * N + rn[None, :], mask=r_ok[:, None] & (rn < N)[None, :], other=0.0)
+    return tl.dot(at, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _wgrad_rows(acc, a_ptr, b_ptr, start, lo, hi, rm, rn, M, N, STEP: tl.constexpr, PREC: tl.constexpr):
+    """acc += A[start + lo : start + hi, rm]^T @ B[same rows, rn], STEP rows at a time."""
     rk = tl.arange(0, STEP)
     for r0 in range(lo, hi, STEP):
-        r = (start + r0 + rk).to(tl.int64)
-        r_ok = r0 + rk < hi
-        at = tl.load(a_ptr + r[None, :] * M + rm[:, None], mask=r_ok[None, :] & (rm < M)[:, None], other=0.0)
-        b = tl.load(b_ptr + r[:, None] * N + rn[None, :], mask=r_ok[:, None] & (rn < N)[None, :], other=0.0)
-        acc = tl.dot(at, b, acc, input_precision=PREC)
+        acc = _wgrad_step(acc, a_ptr, b_ptr, start, r0, hi, rk, rm, rn, M, N, PREC)
     return acc
 
 
@@ -309,6 +317,83 @@ def _wgrad_tma_kernel(
 
 
 @triton.jit
+def _wgrad_flat_kernel(
+    a_desc,
+    b_desc,
+    c_desc,
+    a_ptr,
+    b_ptr,
+    seg_start_ptr,
+    seg_ptr,
+    E,
+    M,
+    N,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_PROGS: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """_wgrad_tma_kernel with its loop nest flattened by hand: one loop over all of a program's K blocks,
+    tile after tile, so the software pipeline runs across tiles and the next tile's first TMA loads are in
+    flight while this tile's last products and its epilogue run (at DeepSeek-V3's shapes a tile has only
+    ~8 blocks of 64 rows, so a pipeline fill per tile is a large share). A tile with no whole block takes
+    one iteration, whose product is dropped. The epilogue adds the partial last block (masked loads, in
+    16-row steps, unrolled so that the loop stays innermost and pipelined), stores the tile by TMA, and
+    clears the accumulator.
+    """
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_e = tl.cdiv(M, BLOCK_M) * tiles_n
+    # this program's iterations: its tiles are t = pid, pid + NUM_PROGS, ...; expert e's tiles are
+    # [e * per_e, (e + 1) * per_e), each taking max(1, whole blocks of e) iterations
+    ee = tl.arange(0, BLOCK_E)
+    lo = ee * per_e
+    mine = (tl.maximum(lo + per_e - pid + NUM_PROGS - 1, 0) // NUM_PROGS) - (
+        tl.maximum(lo - pid + NUM_PROGS - 1, 0) // NUM_PROGS
+    )
+    blocks = tl.maximum(tl.load(seg_ptr + ee, mask=ee < E, other=0) // BLOCK_K, 1)
+    total = tl.sum(tl.where(ee < E, mine * blocks, 0))
+    t = pid - NUM_PROGS
+    ki = -1
+    kt = 0
+    e = 0
+    m0 = 0
+    n0 = 0
+    start = 0
+    n_rows = 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    rk = tl.arange(0, 16)
+    # The form of Triton's early persistent matmul tutorial: the tile's coordinates under `if ki == 0`,
+    # the epilogue under `if ki == kt - 1`; Triton 3.6's pipeliner then issues the TMA loads of the next
+    # iterations (of the next tile too) ahead (checked in the TTGIR for sm_90a).
+    for _ in range(total):
+        ki = tl.where(ki == kt - 1, 0, ki + 1)
+        if ki == 0:  # the next tile
+            t += NUM_PROGS
+            e = t // per_e
+            m0 = ((t % per_e) // tiles_n) * BLOCK_M
+            n0 = (t % tiles_n) * BLOCK_N
+            start = tl.load(seg_start_ptr + e)
+            n_rows = tl.load(seg_ptr + e)
+            kt = tl.maximum(n_rows // BLOCK_K, 1)
+        a = a_desc.load([start + ki * BLOCK_K, m0])
+        b = b_desc.load([start + ki * BLOCK_K, n0])
+        acc = tl.dot(a.T, b, acc, input_precision=PREC)
+        if ki == kt - 1:  # the tile's epilogue
+            n_full = (n_rows // BLOCK_K) * BLOCK_K
+            acc = tl.where(n_full > 0, acc, 0.0)  # no whole block: the product read past the segment
+            if n_rows > n_full:
+                rm = m0 + tl.arange(0, BLOCK_M)
+                rn = n0 + tl.arange(0, BLOCK_N)
+                for s in tl.static_range(0, BLOCK_K, 16):
+                    acc = _wgrad_step(acc, a_ptr, b_ptr, start, n_full + s, n_rows, rk, rm, rn, M, N, PREC)
+            c_desc.store([e, m0, n0], acc.to(c_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+
+
+@triton.jit
 def _swiglu_ew_kernel(
     h1_ptr,
     h3_ptr,
@@ -385,20 +470,22 @@ def _configs(x: torch.Tensor) -> dict:
             rows=t,
             swiglu_bwd=t,
             wgrad=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16),
-            wgrad_tma=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16),
+            wgrad_tma=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, FLAT=True),
             prec=prec,
             fit=True,
         )
     if x.dtype == torch.float32:
         t = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
-        return dict(gate_up=t, rows=t, swiglu_bwd=t, wgrad=t, wgrad_tma=t, prec=prec, fit=False)
+        return dict(
+            gate_up=t, rows=t, swiglu_bwd=t, wgrad=t, wgrad_tma=t | dict(FLAT=True), prec=prec, fit=False
+        )
     # bf16 / fp16. Half the N tile where the epilogue holds two more fp32 tiles (gate_up's second
     # accumulator; h1, h3 in the SwiGLU backward): at 128 x 128 the latter spills 1.2 KB (ptxas, sm_90a).
     big = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
     half = dict(big, BLOCK_N=64)
-    # The persistent weight-gradient kernel: one 128 x 256 tile per SM, three 48 KB stages and the 64 KB
-    # epilogue tile in shared memory.
-    wgrad_tma = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)
+    # The persistent weight-gradient kernel, flattened: one 128 x 256 tile per SM, three 48 KB stages, the
+    # 64 KB epilogue tile and the partial block's 12 KB in shared memory (220 KB; ptxas: 206 registers).
+    wgrad_tma = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, FLAT=True)
     return dict(gate_up=half, rows=big, swiglu_bwd=half, wgrad=big, wgrad_tma=wgrad_tma, prec=prec, fit=False)
 
 
@@ -482,9 +569,10 @@ def _wgrad(a, b, segs, cfg, dtype):
 
 
 def _wgrad_tma(a, b, segs, cfg, dtype, **tiles):
-    """_wgrad through _wgrad_tma_kernel: [E, M, N] = a[seg]^T @ b[seg]; a [P, M] and b [P, N] contiguous.
-    `tiles` overrides the tile shape, stages, warps, or PER_SM, the programs per SM (benchmarks: two
-    resident programs of a smaller tile let one's epilogue run beside the other's main loop)."""
+    """_wgrad through a persistent TMA kernel: [E, M, N] = a[seg]^T @ b[seg]; a [P, M] and b [P, N]
+    contiguous. `tiles` overrides the config's tile shape, stages, warps, FLAT (True: _wgrad_flat_kernel,
+    False: _wgrad_tma_kernel, the loop nest), or PER_SM, the programs per SM (benchmarks: two resident
+    programs of a smaller tile let one's epilogue run beside the other's main loop)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, N = a.shape[1], b.shape[1]
@@ -493,10 +581,14 @@ def _wgrad_tma(a, b, segs, cfg, dtype, **tiles):
     t = _fit(cfg, "wgrad_tma", M, N, 0) | tiles
     bm, bn, bk = t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_K"]
     per_sm = t.pop("PER_SM", 1)
+    if t.pop("FLAT"):
+        kernel, t["BLOCK_E"] = _wgrad_flat_kernel, triton.next_power_of_2(E)
+    else:
+        kernel = _wgrad_tma_kernel
     if "NUM_PROGS" not in t:
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 3
         t["NUM_PROGS"] = sms * per_sm
-    _wgrad_tma_kernel[(t["NUM_PROGS"],)](
+    kernel[(t["NUM_PROGS"],)](
         TensorDescriptor.from_tensor(a, [bk, bm]),
         TensorDescriptor.from_tensor(b, [bk, bn]),
         TensorDescriptor.from_tensor(out, [1, bm, bn]),
