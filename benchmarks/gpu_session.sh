@@ -464,8 +464,8 @@ part_s14c() {
   compare_val_seeds ctl fp32,bf16 $pairs
 }
 # Issue 19, the expert FFN's weakest GEMMs (<= 9.5 min with setup): r1core's persistent TMA weight-gradient kernel
-# (backend grouped_mm_tma; flattened by default, the loop nest as a variant) against CUTLASS's. The grouped SwiGLU's GPU tests on all three backends at a V3
-# layer's shapes; moe_probe's per-GEMM table at V3 shapes, uniform and Zipf (CUTLASS's GEMMs, then ours at
+# (backend grouped_mm_tma; the flattened loop by default, the loop nest as a variant) against CUTLASS's. The
+# grouped SwiGLU's GPU tests on all three backends at a V3 layer's shapes; moe_probe's per-GEMM table at V3 shapes, uniform and Zipf (CUTLASS's GEMMs, then ours at
 # several tile shapes, each first checked against CUTLASS's output); bench_moe's expert FFN rows at V3 and small
 # shapes, where both grouped_mm backends run in the same run.
 part_s15a() {
