@@ -476,6 +476,22 @@ part_s15a() {
   run moe_ffn_s15 150 python3 benchmarks/bench_moe.py --shapes v3,small --rows ffn --repeats 6 --skip-loop
   grep -E "^## |^\| (ours|torch|dense)" "$R/moe_ffn_s15.log" >> "$SUMMARY"
 }
+# s15a without the pytest run (<= 7 min with setup), for a short device budget: the probe checks every TMA
+# variant's output against CUTLASS's before timing it.
+part_s15q() {
+  run probe_s15 240 python3 benchmarks/moe_probe.py --skip-dispatch --skip-profile
+  grep -E "wgrad|TMA" "$R/probe_s15.log" >> "$SUMMARY"
+  run moe_ffn_s15 150 python3 benchmarks/bench_moe.py --shapes v3,small --rows ffn --repeats 6 --skip-loop
+  grep -E "^## |^\| (ours|torch|dense)" "$R/moe_ffn_s15.log" >> "$SUMMARY"
+}
+# The shortest s15 (<= 5 min with setup): four TMA variants in the probe, bench_moe's FFN rows at V3 only.
+part_s15r() {
+  run probe_s15 200 python3 benchmarks/moe_probe.py --skip-dispatch --skip-profile \
+    --tma-variants "default,flat 128x256 s2,flat 128x128 s2 w4 2/SM,nested 128x256 s3"
+  grep -E "wgrad|TMA" "$R/probe_s15.log" >> "$SUMMARY"
+  run moe_ffn_s15 90 python3 benchmarks/bench_moe.py --shapes v3 --rows ffn --repeats 5 --skip-loop
+  grep -E "^## |^\| (ours|torch|dense)" "$R/moe_ffn_s15.log" >> "$SUMMARY"
+}
 # Issue 19, the training step with the TMA weight-gradient kernel chosen on Hopper (<= 6.5 min with setup): the
 # graphed small-preset step of this tree, of the previous commit's (carried as _old/, as for s12a), and of this
 # tree again; then the compiled block's and the model's GPU tests.

@@ -115,7 +115,7 @@ TMA_TILES = {
 }
 
 
-def tma_wgrad_cases(seg, x, dy, h, h2, f1):
+def tma_wgrad_cases(seg, x, dy, h, h2, f1, tags):
     from r1core.kernels.grouped_swiglu import _configs, _Segments, _wgrad_tma
 
     cfg = _configs(x)
@@ -123,9 +123,9 @@ def tma_wgrad_cases(seg, x, dy, h, h2, f1):
     gmm = torch._grouped_mm
     E = seg.numel()
     pick = torch.tensor(sorted({0, 1, E // 2, E - 1}), device=x.device)  # compare a few experts: 15 GB each
-    for name, a, b, tags in (("dw13", h2, x, TMA_TILES), ("dw2", dy, h, ["default"])):
+    for name, a, b, names in (("dw13", h2, x, tags), ("dw2", dy, h, ["default"])):
         ref = gmm(a.t(), b, offs=segs.offs)[pick].float()
-        for tag in tags:
+        for tag in names:
             try:
                 ours = _wgrad_tma(a, b, segs, cfg, x.dtype, **TMA_TILES[tag])[pick].float()
                 err = ((ours - ref).abs().max() / ref.abs().max()).item()
@@ -134,16 +134,16 @@ def tma_wgrad_cases(seg, x, dy, h, h2, f1):
                 print(f"  TMA {tag} {name} failed: {type(exc).__name__}: {str(exc)[:300]}")
         del ref
     cases = {}
-    for tag, tiles in TMA_TILES.items():
+    for tag in tags:
         cases[f"wgrad dw13 [E,2I,D] ours TMA {tag}"] = (
-            lambda t=tiles: _wgrad_tma(h2, x, segs, cfg, x.dtype, **t),
+            lambda t=TMA_TILES[tag]: _wgrad_tma(h2, x, segs, cfg, x.dtype, **t),
             2 * f1,
         )
     cases["wgrad dw2 [E,D,I] ours TMA default"] = (lambda: _wgrad_tma(dy, h, segs, cfg, x.dtype), f1)
     return cases
 
 
-def gemms(T, args, dev, ceil, zipf):
+def gemms(T, args, dev, ceil, zipf, tma_tags):
     from bench_moe import segments
 
     E, K, D, I = args.n_routed_experts, args.n_activated_experts, args.dim, args.moe_inter_dim
@@ -168,7 +168,7 @@ def gemms(T, args, dev, ceil, zipf):
         "wgrad dw13 [E,2I,D]      dh13^T x": (lambda: gmm(h2.t(), x, offs=offs), 2 * f1),
         "wgrad dw2 [E,D,I]        dy^T a": (lambda: gmm(dy.t(), h, offs=offs), f1),
         "wgrad dw2^T [E,I,D]      a^T dy": (lambda: gmm(h.t(), dy, offs=offs), f1),
-        **tma_wgrad_cases(seg, x, dy, h, h2, f1),
+        **tma_wgrad_cases(seg, x, dy, h, h2, f1, tma_tags),
         "add dx += (elementwise)": (lambda: x.add_(dy), 0.0),
         "swiglu fwd ew (3 x PxI)": (lambda: torch.nn.functional.silu(h) * h, 0.0),
     }
@@ -240,12 +240,20 @@ def main():
     ap.add_argument("--skip-gemms", action="store_true")
     ap.add_argument("--skip-profile", action="store_true", help="no per-kernel profile of the FFN")
     ap.add_argument(
+        "--tma-variants",
+        default=",".join(TMA_TILES),
+        help=f"comma-separated TMA weight-gradient variants to time (default all: {list(TMA_TILES)})",
+    )
+    ap.add_argument(
         "--layer", action="store_true", help="only the V3 MoE layer step, impl=triton vs impl=cuda"
     )
     ap.add_argument(
         "--zipf", type=float, default=None, help="Zipf exponent of the FFN profile's load (default uniform)"
     )
     opts = ap.parse_args()
+    tma_tags = [t.strip() for t in opts.tma_variants.split(",") if t.strip()]
+    if unknown := [t for t in tma_tags if t not in TMA_TILES]:
+        ap.error(f"unknown --tma-variants {unknown}; known: {list(TMA_TILES)}")
     torch.manual_seed(0)
     dev = torch.device("cuda")
     ceil = Ceilings.measure()
@@ -262,7 +270,7 @@ def main():
         ffn_profile(T, args, dev, opts.zipf)
     if not opts.skip_gemms:
         for zipf in (None, 1.0):
-            gemms(T, args, dev, ceil, zipf)
+            gemms(T, args, dev, ceil, zipf, tma_tags)
 
 
 if __name__ == "__main__":
