@@ -492,6 +492,12 @@ part_s15r() {
   run moe_ffn_s15 90 python3 benchmarks/bench_moe.py --shapes v3 --rows ffn --repeats 5 --skip-loop
   grep -E "^## |^\| (ours|torch|dense)" "$R/moe_ffn_s15.log" >> "$SUMMARY"
 }
+# The least of s15 (<= 4 min with setup): the probe's GEMM table with the two kernels' default tiles only.
+part_s15s() {
+  run probe_s15 170 python3 benchmarks/moe_probe.py --skip-dispatch --skip-profile \
+    --tma-variants "default,nested 128x256 s3"
+  grep -E "wgrad|TMA" "$R/probe_s15.log" >> "$SUMMARY"
+}
 # Issue 19, the training step with the TMA weight-gradient kernel chosen on Hopper (<= 6.5 min with setup): the
 # graphed small-preset step of this tree, of the previous commit's (carried as _old/, as for s12a), and of this
 # tree again; then the compiled block's and the model's GPU tests.
