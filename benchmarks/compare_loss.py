@@ -40,6 +40,21 @@ def read_curve(path: str, key: str) -> dict[int, float]:
     return {r["step"]: float(r[key]) for r in rows if key in r}
 
 
+def common_steps(
+    ref: dict[int, float], cand: dict[int, float], key: str, ref_path: str, cand_path: str
+) -> list:
+    """The steps both curves logged, in order; none is an error naming the two files."""
+    steps = sorted(set(ref) & set(cand))
+    if not steps:
+        raise SystemExit(f"no common steps with {key!r} in {ref_path} and {cand_path}")
+    return steps
+
+
+def last_window(steps: list[int], window: int) -> list[int]:
+    """The steps within `window` of the last one."""
+    return [s for s in steps if s > steps[-1] - window]
+
+
 def paired_rel_diff(ref: dict[int, float], cand: dict[int, float], steps: list[int]) -> tuple[float, float]:
     """Mean of (cand - ref) / ref over `steps` and the half-width of its 95 % normal interval (1.96 standard
     errors, the standard error of r1core.rl.stats)."""
@@ -58,15 +73,15 @@ def t975(df: int) -> float:
     return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.37 / df
 
 
-def seed_floor(refs: list[dict[int, float]], window: int) -> float:
-    """The reference runs among themselves: the rms over pairs of seeds (i < j) of run j's mean relative
-    difference to run i over the last `window` common steps. Two runs that share only the recipe differ by
-    about this much; a candidate whose pairs spread as far moves each seed's trajectory as far as a new seed
-    does, and pairing by seed removes none of the noise."""
+def seed_floor(refs: list[dict[int, float]], paths: list[str], key: str, window: int) -> float:
+    """The reference runs (read from `paths`) among themselves: the rms over pairs of seeds (i < j) of run j's
+    mean relative difference to run i over the last `window` common steps. Two runs that share only the
+    recipe differ by about this much; a candidate whose pairs spread as far moves each seed's trajectory as
+    far as a new seed does, and pairing by seed removes none of the noise."""
     diffs = []
     for i, j in itertools.combinations(range(len(refs)), 2):
-        steps = sorted(set(refs[i]) & set(refs[j]))
-        diffs.append(paired_rel_diff(refs[i], refs[j], [s for s in steps if s > steps[-1] - window])[0])
+        steps = common_steps(refs[i], refs[j], key, paths[i], paths[j])
+        diffs.append(paired_rel_diff(refs[i], refs[j], last_window(steps, window))[0])
     return math.sqrt(sum(d * d for d in diffs) / len(diffs))
 
 
@@ -83,16 +98,14 @@ def across_seeds(paths: list[str], names: list[str], key: str, window: int, targ
     for j in range(0, len(paths), 2):
         ref, cand = read_curve(paths[j], key), read_curve(paths[j + 1], key)
         refs.append(ref)
-        steps = sorted(set(ref) & set(cand))
-        if not steps:
-            raise SystemExit(f"no common steps with {key!r} in {paths[j]} and {paths[j + 1]}")
-        diff, _ = paired_rel_diff(ref, cand, [s for s in steps if s > steps[-1] - window])
+        steps = common_steps(ref, cand, key, paths[j], paths[j + 1])
+        diff, _ = paired_rel_diff(ref, cand, last_window(steps, window))
         per_seed.append(diff)
         table.add(f"{os.path.basename(paths[j])} / {os.path.basename(paths[j + 1])}", steps[-1], 100 * diff)
     mean, se = mean_and_se(per_seed)
     half = t975(len(per_seed) - 1) * se
     sd = se * len(per_seed) ** 0.5
-    floor = seed_floor(refs, window)
+    floor = seed_floor(refs, paths[0::2], key, window)
     record = {
         "key": key,
         "labels": names,
@@ -152,9 +165,7 @@ def main(argv=None) -> dict:
     if not (a.reference and a.candidate):
         p.error("give a reference and a candidate run, or --across-seeds")
     ref, cand = read_curve(a.reference, a.key), read_curve(a.candidate, a.key)
-    steps = sorted(set(ref) & set(cand))
-    if not steps:
-        raise SystemExit(f"no common steps with {a.key!r} in {a.reference} and {a.candidate}")
+    steps = common_steps(ref, cand, a.key, a.reference, a.candidate)
     table = Table(f"{a.key}: {names[1]} against {names[0]}", ["step", names[0], names[1], "rel diff %"])
     every = max(1, len(steps) // 15)
     for s in steps[::every] + ([steps[-1]] if (len(steps) - 1) % every else []):
@@ -163,7 +174,7 @@ def main(argv=None) -> dict:
     ref_tail, cand_tail = sum(ref[s] for s in tail) / len(tail), sum(cand[s] for s in tail) / len(tail)
     late = [s for s in steps if s > a.skip] or steps
     worst = max(abs(cand[s] - ref[s]) / ref[s] for s in late)
-    mean, half = paired_rel_diff(ref, cand, [s for s in steps if s > steps[-1] - a.window])
+    mean, half = paired_rel_diff(ref, cand, last_window(steps, a.window))
     record = {
         "key": a.key,
         "labels": names,
