@@ -463,41 +463,37 @@ part_s14c() {
   done
   compare_val_seeds ctl fp32,bf16 $pairs
 }
-# Issue 19, the expert FFN's weakest GEMMs (<= 9.5 min with setup): r1core's persistent TMA weight-gradient kernel
-# (backend grouped_mm_tma; the flattened loop by default, the loop nest as a variant) against CUTLASS's. The
-# grouped SwiGLU's GPU tests on all three backends at a V3 layer's shapes; moe_probe's per-GEMM table at V3 shapes, uniform and Zipf (CUTLASS's GEMMs, then ours at
-# several tile shapes, each first checked against CUTLASS's output); bench_moe's expert FFN rows at V3 and small
-# shapes, where both grouped_mm backends run in the same run.
+# s15_probe TIMEOUT [ARGS...]: moe_probe's per-GEMM table at V3 shapes, uniform and Zipf (CUTLASS's GEMMs,
+# then r1core's TMA weight-gradient kernels, each variant first checked against CUTLASS's output).
+s15_probe() {
+  local t=$1; shift
+  run probe_s15 "$t" python3 benchmarks/moe_probe.py --skip-dispatch --skip-profile "$@"
+  grep -E "wgrad|TMA" "$R/probe_s15.log" >> "$SUMMARY"
+}
+# s15_ffn TIMEOUT SHAPES REPEATS: bench_moe's expert FFN rows; both grouped_mm backends run in the same run.
+s15_ffn() {
+  run moe_ffn_s15 "$1" python3 benchmarks/bench_moe.py --shapes "$2" --rows ffn --repeats "$3" --skip-loop
+  grep -E "^## |^\| (ours|torch|dense)" "$R/moe_ffn_s15.log" >> "$SUMMARY"
+}
+# Issue 19, the expert FFN's weakest GEMMs: r1core's persistent TMA weight-gradient kernel (backend
+# grouped_mm_tma; the flattened loop by default, the loop nest as a variant) against CUTLASS's, in four sizes
+# for the device time left. s15a (<= 9.5 min with setup): the grouped SwiGLU's GPU tests on all three backends
+# at a V3 layer's shapes, then s15q. s15q (<= 7 min): the probe with every variant, the FFN rows at V3 and
+# small shapes. s15r (<= 5 min): four variants, the FFN rows at V3. s15s (<= 4 min): the two default kernels.
 part_s15a() {
   run s15_tests 100 python3 -m pytest -q -m gpu tests/test_moe_kernels.py -k grouped_swiglu -rfE \
     -p no:cacheprovider -p no:logging
-  run probe_s15 240 python3 benchmarks/moe_probe.py --skip-dispatch --skip-profile
-  grep -E "wgrad|TMA" "$R/probe_s15.log" >> "$SUMMARY"
-  run moe_ffn_s15 150 python3 benchmarks/bench_moe.py --shapes v3,small --rows ffn --repeats 6 --skip-loop
-  grep -E "^## |^\| (ours|torch|dense)" "$R/moe_ffn_s15.log" >> "$SUMMARY"
+  part_s15q
 }
-# s15a without the pytest run (<= 7 min with setup), for a short device budget: the probe checks every TMA
-# variant's output against CUTLASS's before timing it.
 part_s15q() {
-  run probe_s15 240 python3 benchmarks/moe_probe.py --skip-dispatch --skip-profile
-  grep -E "wgrad|TMA" "$R/probe_s15.log" >> "$SUMMARY"
-  run moe_ffn_s15 150 python3 benchmarks/bench_moe.py --shapes v3,small --rows ffn --repeats 6 --skip-loop
-  grep -E "^## |^\| (ours|torch|dense)" "$R/moe_ffn_s15.log" >> "$SUMMARY"
+  s15_probe 240
+  s15_ffn 150 v3,small 6
 }
-# The shortest s15 (<= 5 min with setup): four TMA variants in the probe, bench_moe's FFN rows at V3 only.
 part_s15r() {
-  run probe_s15 200 python3 benchmarks/moe_probe.py --skip-dispatch --skip-profile \
-    --tma-variants "default,flat 128x256 s2,flat 128x128 s2 w4 2/SM,nested 128x256 s3"
-  grep -E "wgrad|TMA" "$R/probe_s15.log" >> "$SUMMARY"
-  run moe_ffn_s15 90 python3 benchmarks/bench_moe.py --shapes v3 --rows ffn --repeats 5 --skip-loop
-  grep -E "^## |^\| (ours|torch|dense)" "$R/moe_ffn_s15.log" >> "$SUMMARY"
+  s15_probe 200 --tma-variants "default,flat 128x256 s2,flat 128x128 s2 w4 2/SM,nested 128x256 s3"
+  s15_ffn 90 v3 5
 }
-# The least of s15 (<= 4 min with setup): the probe's GEMM table with the two kernels' default tiles only.
-part_s15s() {
-  run probe_s15 170 python3 benchmarks/moe_probe.py --skip-dispatch --skip-profile \
-    --tma-variants "default,nested 128x256 s3"
-  grep -E "wgrad|TMA" "$R/probe_s15.log" >> "$SUMMARY"
-}
+part_s15s() { s15_probe 170 --tma-variants "default,nested 128x256 s3"; }
 # Issue 19, the training step with the TMA weight-gradient kernel chosen on Hopper (<= 6.5 min with setup): the
 # graphed small-preset step of this tree, of the previous commit's (carried as _old/, as for s12a), and of this
 # tree again; then the compiled block's and the model's GPU tests.
