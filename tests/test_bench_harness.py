@@ -97,6 +97,16 @@ def test_compare_loss_across_seeds_t_interval_against_hand_values(tmp_path, monk
     assert rec["pairs_for_target"] == 55  # ceil((1.96 * 0.0754983 / 0.02)^2) = ceil(54.74)
     with pytest.raises(SystemExit):
         main(["--across-seeds", *files[:3]])
+    # reference runs of two seeds logged at disjoint steps (each still shares steps with its candidate): the
+    # noise floor cannot compare them, and the error names both reference files
+    disjoint = []
+    for seed, steps in enumerate(((5, 10), (6, 11))):
+        for name in ("ref", "cand"):
+            f = tmp_path / f"d{seed}_{name}.jsonl"
+            f.write_text("".join(json.dumps({"step": s, "ce": 2.0}) + "\n" for s in steps))
+            disjoint.append(str(f))
+    with pytest.raises(SystemExit, match="no common steps with 'ce' in .*d0_ref.jsonl and .*d1_ref.jsonl"):
+        main(["--across-seeds", *disjoint])
 
 
 def test_bench_adamw_names_an_unknown_setting_before_any_work(capsys):
