@@ -476,24 +476,18 @@ s15_ffn() {
   grep -E "^## |^\| (ours|torch|dense)" "$R/moe_ffn_s15.log" >> "$SUMMARY"
 }
 # Issue 19, the expert FFN's weakest GEMMs: r1core's persistent TMA weight-gradient kernel (backend
-# grouped_mm_tma; the flattened loop by default, the loop nest as a variant) against CUTLASS's, in four sizes
-# for the device time left. s15a (<= 9.5 min with setup): the grouped SwiGLU's GPU tests on all three backends
-# at a V3 layer's shapes, then s15q. s15q (<= 7 min): the probe with every variant, the FFN rows at V3 and
-# small shapes. s15r (<= 5 min): four variants, the FFN rows at V3. s15s (<= 4 min): the two default kernels.
-part_s15a() {
-  run s15_tests 100 python3 -m pytest -q -m gpu tests/test_moe_kernels.py -k grouped_swiglu -rfE \
+# grouped_mm_tma) against CUTLASS's. s16a (<= 9 min with setup): the grouped SwiGLU's GPU tests on all three
+# backends at a V3 layer's shapes; the probe with every variant (the partial last block by a masked TMA block,
+# the default, or by masked loads); the FFN's per-kernel profile on both grouped_mm backends, uniform and
+# Zipf (where does the kernel's time go inside the FFN); the FFN rows at V3 and small shapes.
+part_s16a() {
+  run s16_tests 100 python3 -m pytest -q -m gpu tests/test_moe_kernels.py -k grouped_swiglu -rfE \
     -p no:cacheprovider -p no:logging
-  part_s15q
-}
-part_s15q() {
-  s15_probe 240
+  s15_probe 200
+  run ffn_prof_uniform 80 python3 benchmarks/moe_probe.py --skip-dispatch --skip-gemms
+  run ffn_prof_zipf 80 python3 benchmarks/moe_probe.py --skip-dispatch --skip-gemms --zipf 1.0
   s15_ffn 150 v3,small 6
 }
-part_s15r() {
-  s15_probe 200 --tma-variants "default,flat 128x256 s2,flat 128x128 s2 w4 2/SM,nested 128x256 s3"
-  s15_ffn 90 v3 5
-}
-part_s15s() { s15_probe 170 --tma-variants "default,nested 128x256 s3"; }
 # Issue 19, the training step with the TMA weight-gradient kernel chosen on Hopper (<= 6.5 min with setup): the
 # graphed small-preset step of this tree, of the previous commit's (carried as _old/, as for s12a), and of this
 # tree again; then the compiled block's and the model's GPU tests.

@@ -100,18 +100,13 @@ def dispatch(T, args, x, ceil):
             kernel_table(lambda: moe_cuda.moe_unpermute_cuda(y, pos, w), "unpermute cuda")
 
 
-# r1core's persistent TMA weight-gradient kernels at their default tiles and a few others: the flattened loop
-# (the default, pipelined across tiles) and the loop nest (FLAT=False)
+# r1core's persistent TMA weight-gradient kernel at its default tiles and a few others; "masked tail" takes
+# each expert's partial last block by masked loads rather than one masked TMA block
 TMA_TILES = {
-    "default": {},  # flat 128 x 256, BK 64, 3 stages, 8 warps
-    "flat 128x256 s2": dict(num_stages=2),
-    "flat 128x128 s4": dict(BLOCK_N=128, num_stages=4),
-    "flat 128x256 bk32 s5": dict(BLOCK_K=32, num_stages=5),
-    # two programs per SM (106 KB of shared memory, 248 registers x 128 threads each)
-    "flat 128x128 s2 w4 2/SM": dict(BLOCK_N=128, num_stages=2, num_warps=4, PER_SM=2),
-    "nested 128x256 s3": dict(FLAT=False),
-    "nested 128x128 s4": dict(FLAT=False, BLOCK_N=128, num_stages=4),
-    "nested 128x128 s2 w4 2/SM": dict(FLAT=False, BLOCK_N=128, num_stages=2, num_warps=4, PER_SM=2),
+    "default": {},  # 128 x 256, BK 64, 3 stages, 8 warps, TMA tail
+    "masked tail": dict(TMA_TAIL=False),
+    "128x128 s4": dict(BLOCK_N=128, num_stages=4),
+    "128x256 bk32 s5": dict(BLOCK_K=32, num_stages=5),
 }
 
 
@@ -186,8 +181,9 @@ def gemms(T, args, dev, ceil, zipf, tma_tags):
         torch.cuda.empty_cache()
 
 
-def ffn_profile(T, args, dev, zipf):
-    """Kernel breakdown of one expert-FFN fwd+bwd: ours (grouped_swiglu) against plain torch._grouped_mm."""
+def ffn_profile(T, args, dev, zipf, backends=("grouped_mm", "grouped_mm_tma")):
+    """Kernel breakdown of one expert-FFN fwd+bwd: ours (grouped_swiglu) on each of `backends`, against
+    plain torch._grouped_mm."""
     from bench_moe import ffn_grouped_mm, segments
     from r1core.kernels.grouped_swiglu import grouped_swiglu
 
@@ -207,13 +203,16 @@ def ffn_profile(T, args, dev, zipf):
     g = torch.randn_like(x)
     ops = [x, w1, w2, w3]
     load = "uniform" if zipf is None else f"Zipf {zipf}"
-    for rnd in range(2):  # alternate, so clock drift over the run hits both
-        kernel_table(
-            lambda: torch.autograd.grad(grouped_swiglu(x, w13, w2, seg), [x, w13, w2], g),
-            f"FFN ours, {load}, round {rnd}",
-            calls=2,
-            detail=rnd == 1,
-        )
+    for rnd in range(2):  # alternate, so clock drift over the run hits all
+        for backend in backends:
+            kernel_table(
+                lambda b=backend: torch.autograd.grad(
+                    grouped_swiglu(x, w13, w2, seg, backend=b), [x, w13, w2], g
+                ),
+                f"FFN ours ({backend}), {load}, round {rnd}",
+                calls=2,
+                detail=rnd == 1,
+            )
         kernel_table(
             lambda: torch.autograd.grad(ffn_grouped_mm(x, w1, w2, w3, offs), ops, g),
             f"FFN plain, {load}, round {rnd}",

@@ -234,13 +234,16 @@ WGRAD_CASES = {  # segment sizes (rows past the last segment: 5), M, N, programs
     "partial_blocks_empty_expert": ([5, 0, 40, 17], 48, 40, 3),
     "whole_blocks_more_programs_than_tiles": ([16, 32, 0], 32, 32, 8),
     "all_empty": ([0, 0], 32, 16, 3),
+    # fewer rows in all than one 16-row block: the tail's TMA block runs past A's and B's last row
+    "fewer_rows_than_a_block": ([3, 4], 32, 16, 2),
 }
 
 
-WGRAD_KERNELS = {  # _wgrad_tma's overrides: the nested loop, and the flattened one at two block heights
-    "nested": dict(FLAT=False),
-    "flat": {},  # the default
-    "flat_bk32": dict(FLAT=True, BLOCK_K=32),  # two unrolled 16-row steps in the partial block
+WGRAD_KERNELS = {  # _wgrad_tma's overrides: the partial last block by one masked TMA block (the default, at
+    # two block heights) or by masked loads
+    "tma_tail": {},
+    "tma_tail_bk32": dict(BLOCK_K=32),
+    "masked_tail": dict(TMA_TAIL=False),
 }
 
 
@@ -248,8 +251,8 @@ WGRAD_KERNELS = {  # _wgrad_tma's overrides: the nested loop, and the flattened 
 @pytest.mark.parametrize("case", WGRAD_CASES)
 def test_wgrad_tma_kernel_equals_per_segment_products(case, kernel):
     """The persistent TMA weight-gradient kernels: C_e = A[seg e]^T B[seg e] for every expert, against
-    float64 products (the interpreter runs the TMA loads, the masked last block and the clipped stores;
-    the flattened kernel also the programs' iteration counts and tiles with no whole block)."""
+    float64 products (the interpreter runs the TMA loads, the partial last blocks, the TMA block that ends
+    at a segment's end with the rows before it zeroed, and the clipped stores)."""
     seg, M, N, progs = WGRAD_CASES[case]
     g = torch.Generator().manual_seed(3)
     P = sum(seg) + 5
@@ -259,7 +262,7 @@ def test_wgrad_tma_kernel_equals_per_segment_products(case, kernel):
     out = _wgrad_tma(a, b, segs, cfg, torch.float32, NUM_PROGS=progs, **WGRAD_KERNELS[kernel])
     starts = [sum(seg[:e]) for e in range(len(seg))]
     ref = torch.stack([a[s : s + n].double().T @ b[s : s + n].double() for s, n in zip(starts, seg)])
-    assert cfg["wgrad_tma"]["BLOCK_K"] == 16 and cfg["wgrad_tma"]["FLAT"] and out.shape == ref.shape
+    assert cfg["wgrad_tma"]["BLOCK_K"] == 16 and out.shape == ref.shape
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     assert all((out[e] == 0).all() for e, n in enumerate(seg) if n == 0)
 

@@ -18,9 +18,8 @@ Three implementations, chosen at run time by `grouped_swiglu_backend`:
     and the weight grads of experts with no rows are zeroed here.
   * "grouped_mm_tma": "grouped_mm" for the forward and the input gradients; the two weight-gradient GEMMs
     (K = an expert's rows, often a few hundred: CUTLASS's weakest, 59-66 % of the matmul peak at V3 shapes)
-    run in r1core's persistent TMA kernel (`_wgrad_flat_kernel`: one software-pipelined loop over every
-    K block of a program's tiles, so a tile's first loads and its store run under the previous / next
-    tile's products; `_wgrad_tma_kernel` is the same work as a loop nest). Chosen by name only: the
+    run in r1core's persistent TMA kernel (`_wgrad_tma_kernel`: one program per SM walks the output tiles
+    expert by expert; each tile's K loop is software-pipelined TMA loads into wgmma). Chosen by name only: the
     automatic choice on Hopper stays "grouped_mm" until this one is measured faster (benchmarks/moe_probe.py
     and bench_moe.py time both).
   * "triton": Triton grouped GEMMs with SwiGLU fused into the gate/up epilogue (forward) and into
@@ -284,15 +283,22 @@ def _wgrad_tma_kernel(
     BLOCK_K: tl.constexpr,
     NUM_PROGS: tl.constexpr,
     PREC: tl.constexpr,
+    TMA_TAIL: tl.constexpr = True,
 ):
     """_wgrad_kernel's C_e = A[seg e]^T @ B[seg e], persistent, through TMA descriptors.
 
     a_desc: A [P, M] in [BLOCK_K, BLOCK_M] blocks; b_desc: B [P, N] in [BLOCK_K, BLOCK_N]; c_desc: C [E, M, N]
     in [1, BLOCK_M, BLOCK_N]. NUM_PROGS programs (one per SM) walk the E * tiles(M) * tiles(N) output tiles,
     expert by expert, so an expert's rows of A and B stay in L2 while every program works on its tiles. A
-    segment's whole BLOCK_K-row blocks come by TMA, software-pipelined; TMA cannot stop at a segment's end,
-    so the rows of a last partial block come by masked loads. A tile's TMA store runs on under the next
-    tile's main loop. Stores clip at C's edges; empty segments store zeros.
+    segment's whole BLOCK_K-row blocks come by TMA, software-pipelined. TMA cannot stop at a segment's end,
+    so a last partial block is a whole TMA block from the partial block's first row, with A's rows past the
+    segment's end (the next expert's, or zeros past A's end) zeroed in registers: one load, not masked
+    gathers, which made the kernel 30 % slower under a Zipf load than under a uniform one (where no expert
+    has a partial block; H100, RESULTS §10t). Rows of B there are not masked: a non-finite value in the
+    next expert's rows of B would turn this expert's tile into NaN (0 * inf); B is an activation or an output
+    gradient, finite wherever the step is. TMA_TAIL=False takes the partial block by masked loads in 16-row
+    steps (benchmarks). A tile's TMA store runs on under the next tile's main loop. Stores clip at C's
+    edges; empty segments store zeros.
     """
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_e = tl.cdiv(M, BLOCK_M) * tiles_n
@@ -308,89 +314,17 @@ def _wgrad_tma_kernel(
             a = a_desc.load([start + k0, m0])
             b = b_desc.load([start + k0, n0])
             acc = tl.dot(a.T, b, acc, input_precision=PREC)
-        # the partial last block by masked loads, in 16-row steps (a whole BLOCK_K-row block in registers
-        # raises the kernel's register count to ptxas' limit, 255)
-        rm = m0 + tl.arange(0, BLOCK_M)
-        rn = n0 + tl.arange(0, BLOCK_N)
-        acc = _wgrad_rows(acc, a_ptr, b_ptr, start, n_full, n_rows, rm, rn, M, N, 16, PREC)
-        c_desc.store([e, m0, n0], acc.to(c_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
-
-
-@triton.jit
-def _wgrad_flat_kernel(
-    a_desc,
-    b_desc,
-    c_desc,
-    a_ptr,
-    b_ptr,
-    seg_start_ptr,
-    seg_ptr,
-    E,
-    M,
-    N,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    NUM_PROGS: tl.constexpr,
-    PREC: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-):
-    """_wgrad_tma_kernel with its loop nest flattened by hand: one loop over all of a program's K blocks,
-    tile after tile, so the software pipeline runs across tiles and the next tile's first TMA loads are in
-    flight while this tile's last products and its epilogue run (at DeepSeek-V3's shapes a tile has only
-    ~8 blocks of 64 rows, so a pipeline fill per tile is a large share). A tile with no whole block takes
-    one iteration, whose product is dropped. The epilogue adds the partial last block (masked loads, in
-    16-row steps, unrolled so that the loop stays innermost and pipelined), stores the tile by TMA, and
-    clears the accumulator.
-    """
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_e = tl.cdiv(M, BLOCK_M) * tiles_n
-    # this program's iterations: its tiles are t = pid, pid + NUM_PROGS, ...; expert e's tiles are
-    # [e * per_e, (e + 1) * per_e), each taking max(1, whole blocks of e) iterations
-    ee = tl.arange(0, BLOCK_E)
-    lo = ee * per_e
-    mine = (tl.maximum(lo + per_e - pid + NUM_PROGS - 1, 0) // NUM_PROGS) - (
-        tl.maximum(lo - pid + NUM_PROGS - 1, 0) // NUM_PROGS
-    )
-    blocks = tl.maximum(tl.load(seg_ptr + ee, mask=ee < E, other=0) // BLOCK_K, 1)
-    total = tl.sum(tl.where(ee < E, mine * blocks, 0))
-    t = pid - NUM_PROGS
-    ki = -1
-    kt = 0
-    e = 0
-    m0 = 0
-    n0 = 0
-    start = 0
-    n_rows = 0
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    rk = tl.arange(0, 16)
-    # The form of Triton's early persistent matmul tutorial: the tile's coordinates under `if ki == 0`,
-    # the epilogue under `if ki == kt - 1`; Triton 3.6's pipeliner then issues the TMA loads of the next
-    # iterations (of the next tile too) ahead (checked in the TTGIR for sm_90a).
-    for _ in range(total):
-        ki = tl.where(ki == kt - 1, 0, ki + 1)
-        if ki == 0:  # the next tile
-            t += NUM_PROGS
-            e = t // per_e
-            m0 = ((t % per_e) // tiles_n) * BLOCK_M
-            n0 = (t % tiles_n) * BLOCK_N
-            start = tl.load(seg_start_ptr + e)
-            n_rows = tl.load(seg_ptr + e)
-            kt = tl.maximum(n_rows // BLOCK_K, 1)
-        a = a_desc.load([start + ki * BLOCK_K, m0])
-        b = b_desc.load([start + ki * BLOCK_K, n0])
-        acc = tl.dot(a.T, b, acc, input_precision=PREC)
-        if ki == kt - 1:  # the tile's epilogue
-            n_full = (n_rows // BLOCK_K) * BLOCK_K
-            acc = tl.where(n_full > 0, acc, 0.0)  # no whole block: the product read past the segment
+        if TMA_TAIL:
             if n_rows > n_full:
-                rm = m0 + tl.arange(0, BLOCK_M)
-                rn = n0 + tl.arange(0, BLOCK_N)
-                for s in tl.static_range(0, BLOCK_K, 16):
-                    acc = _wgrad_step(acc, a_ptr, b_ptr, start, n_full + s, n_rows, rk, rm, rn, M, N, PREC)
-            c_desc.store([e, m0, n0], acc.to(c_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
-            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                a = a_desc.load([start + n_full, m0])
+                a = tl.where((tl.arange(0, BLOCK_K) < n_rows - n_full)[:, None], a, tl.zeros_like(a))
+                acc = tl.dot(a.T, b_desc.load([start + n_full, n0]), acc, input_precision=PREC)
+        else:  # masked loads in 16-row steps (a whole BLOCK_K-row block of A and B in registers raises the
+            # kernel's register count to ptxas' limit, 255)
+            rm = m0 + tl.arange(0, BLOCK_M)
+            rn = n0 + tl.arange(0, BLOCK_N)
+            acc = _wgrad_rows(acc, a_ptr, b_ptr, start, n_full, n_rows, rm, rn, M, N, 16, PREC)
+        c_desc.store([e, m0, n0], acc.to(c_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
 
 
 @triton.jit
@@ -470,22 +404,26 @@ def _configs(x: torch.Tensor) -> dict:
             rows=t,
             swiglu_bwd=t,
             wgrad=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16),
-            wgrad_tma=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, FLAT=True),
+            wgrad_tma=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16),
             prec=prec,
             fit=True,
         )
     if x.dtype == torch.float32:
         t = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
-        return dict(
-            gate_up=t, rows=t, swiglu_bwd=t, wgrad=t, wgrad_tma=t | dict(FLAT=True), prec=prec, fit=False
-        )
+        return dict(gate_up=t, rows=t, swiglu_bwd=t, wgrad=t, wgrad_tma=t, prec=prec, fit=False)
     # bf16 / fp16. Half the N tile where the epilogue holds two more fp32 tiles (gate_up's second
     # accumulator; h1, h3 in the SwiGLU backward): at 128 x 128 the latter spills 1.2 KB (ptxas, sm_90a).
     big = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
     half = dict(big, BLOCK_N=64)
-    # The persistent weight-gradient kernel, flattened: one 128 x 256 tile per SM, three 48 KB stages, the
-    # 64 KB epilogue tile and the partial block's 12 KB in shared memory (220 KB; ptxas: 207 registers).
-    wgrad_tma = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, FLAT=True)
+    # The persistent weight-gradient kernel: one 128 x 256 tile per SM, three 48 KB stages and the 64 KB
+    # epilogue tile in shared memory (213 KB; ptxas, sm_90a: 174 registers).
+    wgrad_tma = dict(
+        BLOCK_M=128,
+        BLOCK_N=256,
+        BLOCK_K=64,
+        num_warps=8,
+        num_stages=3,
+    )
     return dict(gate_up=half, rows=big, swiglu_bwd=half, wgrad=big, wgrad_tma=wgrad_tma, prec=prec, fit=False)
 
 
@@ -570,9 +508,9 @@ def _wgrad(a, b, segs, cfg, dtype):
 
 def _wgrad_tma(a, b, segs, cfg, dtype, **tiles):
     """_wgrad through a persistent TMA kernel: [E, M, N] = a[seg]^T @ b[seg]; a [P, M] and b [P, N]
-    contiguous. `tiles` overrides the config's tile shape, stages, warps, FLAT (True: _wgrad_flat_kernel,
-    False: _wgrad_tma_kernel, the loop nest), or PER_SM, the programs per SM (benchmarks: two resident
-    programs of a smaller tile let one's epilogue run beside the other's main loop)."""
+    contiguous. `tiles` overrides the config's tile shape, stages, warps, TMA_TAIL (see the kernel), or
+    PER_SM, the programs per SM (benchmarks: two resident programs of a smaller tile let one's epilogue run
+    beside the other's main loop)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, N = a.shape[1], b.shape[1]
@@ -581,14 +519,10 @@ def _wgrad_tma(a, b, segs, cfg, dtype, **tiles):
     t = _fit(cfg, "wgrad_tma", M, N, 0) | tiles
     bm, bn, bk = t["BLOCK_M"], t["BLOCK_N"], t["BLOCK_K"]
     per_sm = t.pop("PER_SM", 1)
-    if t.pop("FLAT"):
-        kernel, t["BLOCK_E"] = _wgrad_flat_kernel, triton.next_power_of_2(E)
-    else:
-        kernel = _wgrad_tma_kernel
     if "NUM_PROGS" not in t:
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 3
         t["NUM_PROGS"] = sms * per_sm
-    kernel[(t["NUM_PROGS"],)](
+    _wgrad_tma_kernel[(t["NUM_PROGS"],)](
         TensorDescriptor.from_tensor(a, [bk, bm]),
         TensorDescriptor.from_tensor(b, [bk, bn]),
         TensorDescriptor.from_tensor(out, [1, bm, bn]),
