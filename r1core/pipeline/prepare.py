@@ -99,11 +99,6 @@ def _task_problems(data, n: int, split: str, seed: int) -> list[Problem]:
     return [g[i] for i in range(max(per)) for g in groups if i < len(g)]
 
 
-def chat_document(fmt: ChatFormat, p: Problem) -> str:
-    """A problem and its worked solution in the chat format the RL stages prompt with."""
-    return fmt.render_prompt(p.prompt) + fmt.strip_think_prefix(worked_solution(p)) + fmt.eos
-
-
 def run_prepare(job, stage_dir: Path, skipped: dict[str, int] | None = None) -> dict:
     """Write everything later stages read; `skipped` receives the bad lines skipped per data setting."""
     d, seed = job.data, job.seed
