@@ -9,12 +9,15 @@ raises a clear error that names the build command.
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 
 def _packages():
-    pkgs = [p for p in find_packages(include=["r1core", "r1core.*"])]
-    pkgs += ["r1core.conf"] + ["r1core.conf." + p for p in find_packages("conf")]
+    """Every folder of r1core/ and conf/ (shipped as r1core.conf), data-only folders too (conf/pipeline,
+    r1core/data/builtin): setuptools ships package data only from listed packages."""
+    skip = ["*__pycache__*"]
+    pkgs = find_namespace_packages(include=["r1core", "r1core.*"], exclude=skip)
+    pkgs += ["r1core.conf"] + ["r1core.conf." + p for p in find_namespace_packages("conf", exclude=skip)]
     return pkgs
 
 
