@@ -459,6 +459,22 @@ def test_infinite_loop_is_killed_at_the_time_limit(strong):
     assert result.reason == "timeout" and time.monotonic() - start < 4
 
 
+def test_exposed_paths_skip_relative_sys_path_entries(monkeypatch, tmp_path):
+    """An editable install of namespace packages puts a relative path-hook key on sys.path (as '' or '.'
+    are); binding paths must skip them, not fail on mixing them with absolute ones (which left the
+    sandbox unavailable)."""
+    from r1core.rewards import _sandbox_runner as runner
+
+    site = tmp_path / "venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    hook = "__editable__.r1core-0.1.0.finder.__path_hook__"
+    monkeypatch.setattr(sys, "path", ["", hook, ".", str(site)])
+    kept = runner._exposed_paths()
+    assert str(site) in kept
+    assert all(os.path.isabs(p) for p in kept)
+
+
 def test_sandbox_deletes_its_input_directory(monkeypatch):
     base = tempfile.mkdtemp()
     monkeypatch.setattr(tempfile, "tempdir", base)

@@ -176,9 +176,13 @@ def _relay(pid):
 def _exposed_paths():
     """Host paths bound read-only: the interpreter's installation, the venv's import directories
     (not the whole venv: it may sit in the run directory), and the system libraries its extension
-    modules link against. A path under another is dropped: it is visible through the outer one."""
+    modules link against. A path under another is dropped: it is visible through the outer one. Relative
+    sys.path entries are not host directories to bind: the working directory ('' or '.'), or the path-hook
+    key an editable install of namespace packages puts there (setuptools' "__editable__.*.__path_hook__")."""
     prefixes = {sys.prefix, sys.exec_prefix} - {sys.base_prefix, sys.base_exec_prefix}
-    venv = [p for p in sys.path if p and any(os.path.commonpath([p, v]) == v for v in prefixes)]
+    venv = [
+        p for p in sys.path if os.path.isabs(p) and any(os.path.commonpath([p, v]) == v for v in prefixes)
+    ]
     candidates = [sys.base_prefix, sys.base_exec_prefix, *venv, *_SYSTEM_LIBS]
     paths = sorted({os.path.normpath(p) for p in candidates if os.path.exists(p)})
     if "/" in paths:
