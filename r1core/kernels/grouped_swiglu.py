@@ -221,22 +221,16 @@ def _rows_gemm_kernel(
 
 
 @triton.jit
-def _wgrad_step(acc, a_ptr, b_ptr, start, r0, hi, rk, rm, rn, M, N, PREC: tl.constexpr):
-    """acc += A[start + r0 + rk, rm]^T @ B[same rows, rn] for the rows r0 + rk < hi, by masked loads
-    (A: [P, M], B: [P, N], row-major)."""
-    r = (start + r0 + rk).to(tl.int64)
-    r_ok = r0 + rk < hi
-    at = tl.load(a_ptr + r[None, :] * M + rm[:, None], mask=r_ok[None, :] & (rm < M)[:, None], other=0.0)
-    b = tl.load(b_ptr + r[:, None] * N + rn[None, :], mask=r_ok[:, None] & (rn < N)[None, :], other=0.0)
-    return tl.dot(at, b, acc, input_precision=PREC)
-
-
-@triton.jit
 def _wgrad_rows(acc, a_ptr, b_ptr, start, lo, hi, rm, rn, M, N, STEP: tl.constexpr, PREC: tl.constexpr):
-    """acc += A[start + lo : start + hi, rm]^T @ B[same rows, rn], STEP rows at a time."""
+    """acc += A[start + lo : start + hi, rm]^T @ B[same rows, rn], STEP rows at a time, by masked loads
+    (A: [P, M], B: [P, N], row-major)."""
     rk = tl.arange(0, STEP)
     for r0 in range(lo, hi, STEP):
-        acc = _wgrad_step(acc, a_ptr, b_ptr, start, r0, hi, rk, rm, rn, M, N, PREC)
+        r = (start + r0 + rk).to(tl.int64)
+        r_ok = r0 + rk < hi
+        at = tl.load(a_ptr + r[None, :] * M + rm[:, None], mask=r_ok[None, :] & (rm < M)[:, None], other=0.0)
+        b = tl.load(b_ptr + r[:, None] * N + rn[None, :], mask=r_ok[:, None] & (rn < N)[None, :], other=0.0)
+        acc = tl.dot(at, b, acc, input_precision=PREC)
     return acc
 
 
@@ -417,13 +411,7 @@ def _configs(x: torch.Tensor) -> dict:
     half = dict(big, BLOCK_N=64)
     # The persistent weight-gradient kernel: one 128 x 256 tile per SM, three 48 KB stages and the 64 KB
     # epilogue tile in shared memory (213 KB; ptxas, sm_90a: 174 registers).
-    wgrad_tma = dict(
-        BLOCK_M=128,
-        BLOCK_N=256,
-        BLOCK_K=64,
-        num_warps=8,
-        num_stages=3,
-    )
+    wgrad_tma = dict(big, BLOCK_N=256)
     return dict(gate_up=half, rows=big, swiglu_bwd=half, wgrad=big, wgrad_tma=wgrad_tma, prec=prec, fit=False)
 
 
